@@ -1,0 +1,97 @@
+//! Identifiers: node ids (ed25519 public keys), content ids and manifest ids (BLAKE3).
+
+use core::fmt;
+use core::str::FromStr;
+use serde::{Deserialize, Serialize};
+
+fn write_hex(f: &mut fmt::Formatter<'_>, bytes: &[u8]) -> fmt::Result {
+    for b in bytes {
+        write!(f, "{b:02x}")?;
+    }
+    Ok(())
+}
+
+/// Parse 64 hex digits into 32 bytes.
+pub fn parse_hex32(s: &str) -> Option<[u8; 32]> {
+    let s = s.trim();
+    if s.len() != 64 || !s.is_ascii() {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok()?;
+    }
+    Some(out)
+}
+
+macro_rules! id32 {
+    ($(#[$m:meta])* $name:ident) => {
+        $(#[$m])*
+        #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+        pub struct $name(pub [u8; 32]);
+
+        impl $name {
+            /// The raw bytes.
+            pub const fn as_bytes(&self) -> &[u8; 32] {
+                &self.0
+            }
+            /// Lowercase hex, 64 digits.
+            pub fn to_hex(&self) -> String {
+                self.to_string()
+            }
+            /// The first 8 hex digits, for logs and tables.
+            pub fn short(&self) -> String {
+                let mut s = self.to_string();
+                s.truncate(8);
+                s
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write_hex(f, &self.0)
+            }
+        }
+
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "{}({})", stringify!($name), self.short())
+            }
+        }
+
+        impl FromStr for $name {
+            type Err = InvalidHex;
+            fn from_str(s: &str) -> Result<Self, InvalidHex> {
+                parse_hex32(s).map($name).ok_or(InvalidHex)
+            }
+        }
+    };
+}
+
+/// The input was not 64 hex digits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("expected 64 hex digits")]
+pub struct InvalidHex;
+
+id32!(
+    /// A node's id: its 32-byte ed25519 public key, the same key as its libp2p identity.
+    NodeId
+);
+id32!(
+    /// A file's content id: the BLAKE3 hash of the whole file (what `b3sum` prints).
+    ContentId
+);
+id32!(
+    /// A manifest's id: the BLAKE3 hash of its signed body bytes.
+    ManifestId
+);
+id32!(
+    /// An ed25519 public key of an operator (root, publisher or fleet key).
+    PublicKey
+);
+
+impl From<NodeId> for PublicKey {
+    fn from(n: NodeId) -> Self {
+        PublicKey(n.0)
+    }
+}

@@ -1,0 +1,54 @@
+//! # pollen-protocol: the sans-IO core of Pollen
+//!
+//! Every protocol decision of a Pollen node lives here, with no IO: no sockets, files,
+//! clocks, threads or OS randomness. The real node (`pollen run`) and the simulator
+//! (`pollen-sim`) drive the very same [`state::Mesh`], so what the simulator reports is
+//! what the mesh does.
+//!
+//! ## Layout (one concept per module)
+//!
+//! * [`time`]: the core's monotonic [`time::Instant`] and wall-clock [`time::UnixTime`].
+//! * [`ids`]: node ids (ed25519 public keys), content ids and manifest ids.
+//! * [`chunking`]: content ids, chunk layout, chaining values, chunk verification.
+//! * [`signing`]: canonical signed envelopes with a domain per kind of object.
+//! * [`manifest`]: version manifests (channel, version, artifact, model, golden checks).
+//! * [`trust`]: trust roots, rotation, node certificates, manifest authorisation.
+//! * [`rollout`]: plans, cohorts, health reports, the bounded report sample, the stage rule.
+//! * [`wire`]: frames and messages with hard size caps.
+//! * [`io`]: inputs, commands, outputs, events of the state machine.
+//! * [`state`]: the mesh state machine (gossip, anti-entropy, chunk scheduling, rollouts).
+//! * `harness` (feature `test-utils`): N state machines over virtual time and seeded links.
+//!
+//! ## Driving it
+//!
+//! ```text
+//! loop {
+//!     mesh.handle(now, input)          // or mesh.handle_timeout(now) at the deadline
+//!     while let Some(out) = mesh.poll_output() { act on it }
+//!     sleep until mesh.poll_timeout()
+//! }
+//! ```
+
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
+
+pub mod chunking;
+pub mod ids;
+pub mod io;
+pub mod manifest;
+pub mod rollout;
+pub mod signing;
+pub mod state;
+pub mod time;
+pub mod trust;
+pub mod wire;
+
+#[cfg(feature = "test-utils")]
+pub mod harness;
+
+pub use ids::{ContentId, ManifestId, NodeId, PublicKey};
+pub use io::{Command, Event, Input, Output, PeerInfo};
+pub use state::{Config, Mesh};
+pub use time::{Instant, Now, UnixTime};
+
+/// Re-exported so drivers use the same signing-key type as the core.
+pub use ed25519_dalek::SigningKey;
