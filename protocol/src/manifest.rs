@@ -241,15 +241,14 @@ impl Artifact {
                 || device.memory_mib >= v.requires.min_memory_mib)
                 && v.requires.cpu_features.iter().all(|f| device.cpu_features.contains(f))
         };
-        if let Some(class) = &device.device_class {
-            if let Some(i) = self
+        if let Some(class) = &device.device_class
+            && let Some(i) = self
                 .variants
                 .iter()
                 .position(|v| v.requires.device_classes.contains(class) && meets(v))
             {
                 return i;
             }
-        }
         self.variants
             .iter()
             .position(|v| v.requires.device_classes.is_empty() && meets(v))

@@ -109,11 +109,10 @@ impl RolloutPlan {
                 return Err("stage shares must strictly increase and stay within 100%".into());
             }
             prev = s.share_ppm;
-            if let Some(g) = s.gate {
-                if g.max_failure_ppm > PPM {
+            if let Some(g) = s.gate
+                && g.max_failure_ppm > PPM {
                     return Err("failure rate above 100%".into());
                 }
-            }
         }
         Ok(())
     }
@@ -210,11 +209,10 @@ pub struct HealthReportBody {
 impl SignedBody for HealthReportBody {
     const DOMAIN: Domain = Domain::HealthReport;
     fn validate(&self) -> Result<(), String> {
-        if let HealthStatus::Failed { detail, .. } = &self.status {
-            if detail.len() > 256 {
+        if let HealthStatus::Failed { detail, .. } = &self.status
+            && detail.len() > 256 {
                 return Err("failure detail too long".into());
             }
-        }
         Ok(())
     }
 }
@@ -302,7 +300,8 @@ impl ReportSample {
         }
         let hash = report.signed.body_hash();
         let ts = body.timestamp;
-        let changed = match self.entries.get_mut(&rank) {
+        
+        match self.entries.get_mut(&rank) {
             None => {
                 let mut e = SampleEntry {
                     node: body.node,
@@ -331,8 +330,7 @@ impl ReportSample {
                 }
                 changed
             }
-        };
-        changed
+        }
     }
 
     /// Entries in rank order.
@@ -565,8 +563,8 @@ pub fn evaluate(
             (StageStart::AfterPreviousMs(ms), p) => p.unwrap_or(anchor).plus(Duration::from_millis(ms)),
         };
         let mut open_at = earliest;
-        if i > 0 {
-            if let Some(g) = plan.stages[i - 1].gate {
+        if i > 0
+            && let Some(g) = plan.stages[i - 1].gate {
                 let need = g.min_healthy;
                 if need > 0 {
                     match ok_times.get(need as usize - 1) {
@@ -581,13 +579,11 @@ pub fn evaluate(
                     }
                 }
             }
-        }
-        if let Some(h) = halt {
-            if open_at >= h {
+        if let Some(h) = halt
+            && open_at >= h {
                 d.waiting = Some(Waiting::Halted);
                 break;
             }
-        }
         if open_at > now {
             d.waiting = Some(Waiting::Until(open_at));
             break;

@@ -67,6 +67,9 @@ pub struct Config {
     pub max_peers: usize,
     /// Chunk requests in flight per peer.
     pub max_inflight_per_peer: usize,
+    /// Chunk requests in flight to a peer that holds the whole file, while other peers hold
+    /// parts of it (seeds should push new chunks, not the same ones to everybody).
+    pub max_inflight_per_seed: usize,
     /// A request unanswered for this long is retried elsewhere.
     pub request_timeout: Duration,
     /// In the endgame, a request older than this is duplicated to another peer.
@@ -101,6 +104,7 @@ impl Default for Config {
             ihave_delay: Duration::from_millis(200),
             max_peers: 512,
             max_inflight_per_peer: 4,
+            max_inflight_per_seed: 1,
             request_timeout: Duration::from_secs(30),
             endgame_after: Duration::from_secs(2),
             anti_entropy_interval: Duration::from_secs(20),
@@ -157,6 +161,8 @@ struct ChannelState {
     previous: Option<(u64, ManifestId)>,
     /// Releases this node failed to activate.
     failed_local: BTreeSet<ManifestId>,
+    /// Releases this node reported healthy at least once.
+    reported_ok: BTreeSet<ManifestId>,
     /// Manifest ids seen per version beyond the kept one (equivocation evidence).
     equivocations: BTreeSet<(u64, ManifestId)>,
 }
@@ -473,11 +479,10 @@ impl<R: Rng> Mesh<R> {
             .collect();
         let mut wants: BTreeMap<NodeId, Vec<ObjectId>> = BTreeMap::new();
         for o in due {
-            if let Some((_, peer)) = self.pending_wants.remove(&o) {
-                if !self.holds(&o) && self.peers.contains_key(&peer) {
+            if let Some((_, peer)) = self.pending_wants.remove(&o)
+                && !self.holds(&o) && self.peers.contains_key(&peer) {
                     wants.entry(peer).or_default().push(o);
                 }
-            }
         }
         for (peer, list) in wants {
             self.send(peer, Message::Want(list));
@@ -650,24 +655,21 @@ impl<R: Rng> Mesh<R> {
             }
             Message::Cancel { id } => self.outputs.push_back(Output::CancelChunk { to: from, id }),
             Message::Reject { id, .. } => {
-                if let Some(r) = self.requests.get(&id) {
-                    if r.peer == from {
+                if let Some(r) = self.requests.get(&id)
+                    && r.peer == from {
                         let r = self.requests.remove(&id).expect("present");
                         self.deadlines.remove(&(r.deadline, id));
                         // The peer does not have it after all: stop asking it for that chunk.
-                        if let Some(p) = self.peers.get_mut(&from) {
-                            if let Some(bits) = p.haves.get_mut(&r.file) {
+                        if let Some(p) = self.peers.get_mut(&from)
+                            && let Some(bits) = p.haves.get_mut(&r.file) {
                                 clear_bit(bits, r.index);
                             }
-                        }
-                        if let Some(f) = self.files.get_mut(&r.file) {
-                            if let Some(a) = f.avail.get_mut(r.index as usize) {
+                        if let Some(f) = self.files.get_mut(&r.file)
+                            && let Some(a) = f.avail.get_mut(r.index as usize) {
                                 *a = a.saturating_sub(1);
                             }
-                        }
                         self.forget_request(id, &r);
                     }
-                }
             }
             Message::Certificate(c) => {
                 let ok = match &self.trust {
@@ -741,11 +743,10 @@ impl<R: Rng> Mesh<R> {
         let my_trust = self.trust.as_ref().map_or(0, |t| t.body.version);
         if d.trust_version > my_trust {
             wants.push(ObjectId::TrustRoot(d.trust_version));
-        } else if d.trust_version < my_trust {
-            if let Some(t) = self.trust.as_ref().map(|t| t.signed.clone()) {
+        } else if d.trust_version < my_trust
+            && let Some(t) = self.trust.as_ref().map(|t| t.signed.clone()) {
                 self.send(from, Message::TrustRoot(t));
             }
-        }
         for cd in &d.channels {
             let mine = self.channels.get(&cd.channel);
             let highest = mine.map_or(0, |c| c.highest);
@@ -771,12 +772,11 @@ impl<R: Rng> Mesh<R> {
         }
         // Reports: push our sample where it differs.
         for (id, dig) in &d.reports {
-            if let Some(s) = self.samples.get(id) {
-                if s.digest() != *dig && !s.is_empty() {
+            if let Some(s) = self.samples.get(id)
+                && s.digest() != *dig && !s.is_empty() {
                     let list = sample_reports(s);
                     self.send(from, Message::Reports(list));
                 }
-            }
         }
         for (id, s) in &self.samples {
             if !s.is_empty() && !d.reports.iter().any(|(i, _)| i == id) {
@@ -847,15 +847,21 @@ impl<R: Rng> Mesh<R> {
                 if body.node != self.id {
                     return Err("a node reports only its own health".into());
                 }
-                if !matches!(body.status, HealthStatus::Ok) {
-                    if let Some(c) = self.channels.get_mut(&body.channel) {
-                        if matches!(body.status, HealthStatus::Failed { .. }) {
+                if let Some(c) = self.channels.get_mut(&body.channel) {
+                    match body.status {
+                        HealthStatus::Ok => {
+                            c.reported_ok.insert(body.manifest);
+                        }
+                        // A failure before any Ok report is a failed activation: the driver
+                        // kept serving what it served before. After an Ok it is a runtime
+                        // failure, which the rollout gate handles.
+                        HealthStatus::Failed { .. } if !c.reported_ok.contains(&body.manifest) => {
                             c.failed_local.insert(body.manifest);
                             if c.active.map(|a| a.1) == Some(body.manifest) {
-                                // The driver kept serving what it served before.
                                 c.active = c.previous.take();
                             }
                         }
+                        _ => {}
                     }
                 }
                 if self.on_report(now, None, r) {
@@ -1067,10 +1073,11 @@ impl<R: Rng> Mesh<R> {
                 inflight: BTreeMap::new(),
                 wanted: false,
             };
-            // Availability from peers that announced this file before we knew it is lost;
-            // anti-entropy and Have messages rebuild it.
-            for p in self.peers.values() {
-                if let Some(b) = p.haves.get(&cid) {
+            for p in self.peers.values_mut() {
+                if let Some(b) = p.haves.get_mut(&cid) {
+                    if b.len() != total {
+                        *b = b.resized(total);
+                    }
                     add_availability(&mut fs, b);
                 }
             }
@@ -1154,11 +1161,10 @@ impl<R: Rng> Mesh<R> {
             // Unknown release: a node that catches up later gets it by anti-entropy.
             return Ok(());
         };
-        if let Some((_, cur)) = self.instructions.get(&mid) {
-            if (cur.issued, 0) >= (body.issued, 0) {
+        if let Some((_, cur)) = self.instructions.get(&mid)
+            && (cur.issued, 0) >= (body.issued, 0) {
                 return Ok(());
             }
-        }
         self.emit(Event::InstructionAccepted {
             channel: body.channel.clone(),
             version: body.version,
@@ -1198,12 +1204,11 @@ impl<R: Rng> Mesh<R> {
             self.reject_report(from, PENALTY_SEVERE, "forged", "not signed by the reporting node".into());
             return false;
         }
-        if let Some(t) = &self.trust {
-            if let Err(e) = t.check_certificate(&body.node, r.cert.as_ref(), now.wall) {
+        if let Some(t) = &self.trust
+            && let Err(e) = t.check_certificate(&body.node, r.cert.as_ref(), now.wall) {
                 self.reject_report(from, PENALTY_MINOR, e.label(), e.to_string());
                 return false;
             }
-        }
         let Some(sample) = self.samples.get_mut(&body.manifest) else {
             return false;
         };
@@ -1283,8 +1288,8 @@ impl<R: Rng> Mesh<R> {
                 });
                 r.announced_stages += 1;
             }
-            if let Some(f) = d.failure {
-                if !r.announced_failure {
+            if let Some(f) = d.failure
+                && !r.announced_failure {
                     r.announced_failure = true;
                     events.push(Event::RolloutFailed {
                         channel: name.clone(),
@@ -1292,7 +1297,6 @@ impl<R: Rng> Mesh<R> {
                         failure: f,
                     });
                 }
-            }
             r.decision = Some(d);
         }
         // The release this node should serve: the highest one that admits it.
@@ -1436,6 +1440,16 @@ impl<R: Rng> Mesh<R> {
             return;
         };
         let Some(f) = self.files.get_mut(&file) else {
+            // A file we do not know yet (its manifest is still on its way): remember the
+            // bit, growing the field up to a bound, so availability is right once we do.
+            const MAX_UNKNOWN_BITS: u32 = 1 << 16;
+            if index < MAX_UNKNOWN_BITS && (peer.haves.contains_key(&file) || peer.haves.len() < self.config.max_files) {
+                let bits = peer.haves.entry(file).or_default();
+                if index >= bits.len() {
+                    *bits = bits.resized(index + 1);
+                }
+                bits.set(index);
+            }
             return;
         };
         if index >= f.total() {
@@ -1457,14 +1471,13 @@ impl<R: Rng> Mesh<R> {
         if let Some(p) = self.peers.get_mut(&r.peer) {
             p.inflight = p.inflight.saturating_sub(1);
         }
-        if let Some(f) = self.files.get_mut(&r.file) {
-            if let Some(list) = f.inflight.get_mut(&r.index) {
+        if let Some(f) = self.files.get_mut(&r.file)
+            && let Some(list) = f.inflight.get_mut(&r.index) {
                 list.retain(|x| *x != id);
                 if list.is_empty() {
                     f.inflight.remove(&r.index);
                 }
             }
-        }
     }
 
     fn on_chunk_stored(&mut self, now: Now, from: Option<NodeId>, file: ContentId, index: u32) {
@@ -1519,13 +1532,11 @@ impl<R: Rng> Mesh<R> {
         match reason {
             ChunkFailure::Corrupt => {
                 // Never ask that peer for this file again.
-                if let Some(p) = self.peers.get_mut(&from) {
-                    if let Some(bits) = p.haves.remove(&file) {
-                        if let Some(f) = self.files.get_mut(&file) {
+                if let Some(p) = self.peers.get_mut(&from)
+                    && let Some(bits) = p.haves.remove(&file)
+                        && let Some(f) = self.files.get_mut(&file) {
                             remove_availability(f, &bits);
                         }
-                    }
-                }
                 self.penalise(from, PENALTY_CORRUPT, format!("corrupt chunk {index} of {}", file.short()));
             }
             ChunkFailure::Store(_) => {}
@@ -1582,6 +1593,10 @@ impl<R: Rng> Mesh<R> {
             return None;
         }
         let is_seed = bits.count() == n;
+        // Keep few requests queued at a seed: what it uploads twice is wasted on its uplink.
+        if is_seed && p.inflight >= self.config.max_inflight_per_seed && f.avail.iter().any(|a| *a > f.seeds) {
+            return None;
+        }
         let start = (self.rng.next_u64() % u64::from(n)) as u32;
         let mut best: Option<(u16, u32)> = None;
         let mut any_free_missing = false;
@@ -1694,5 +1709,23 @@ fn remove_availability(f: &mut FileState, bits: &Bitfield) {
     }
     if bits.count() == bits.len() {
         f.seeds = f.seeds.saturating_sub(1);
+    }
+}
+
+impl<R: Rng> Mesh<R> {
+    /// Debug dump of the exchange state of one file (tests).
+    #[doc(hidden)]
+    pub fn debug_file(&self, file: &ContentId) -> String {
+        let Some(f) = self.files.get(file) else { return "unknown file".into() };
+        let missing: Vec<u32> = (0..f.total()).filter(|i| !f.have.get(*i)).collect();
+        let mut s = format!("wanted {} have {}/{} seeds {} missing {:?} inflight {:?}\n", f.wanted, f.have.count(), f.total(), f.seeds, missing, f.inflight);
+        for i in &missing {
+            s += &format!("  avail[{i}]={}\n", f.avail[*i as usize]);
+        }
+        for (id, p) in &self.peers {
+            let b = p.haves.get(file);
+            s += &format!("  peer {} inflight {} count {:?} has-missing {:?}\n", id.short(), p.inflight, b.map(|b| b.count()), b.map(|b| missing.iter().filter(|i| b.get(**i)).count()));
+        }
+        s
     }
 }

@@ -118,6 +118,17 @@ impl Bitfield {
         }
     }
 
+    /// A copy with `len` bits: bits past the new end are dropped, new bits are clear.
+    pub fn resized(&self, len: u32) -> Bitfield {
+        let mut b = Bitfield::new(len);
+        for i in 0..len.min(self.len) {
+            if self.get(i) {
+                b.set(i);
+            }
+        }
+        b
+    }
+
     /// Number of set bits.
     pub fn count(&self) -> u32 {
         self.bits.iter().map(|b| b.count_ones()).sum()
@@ -320,7 +331,7 @@ pub fn encode_chunk_prefix(header: &ChunkHeader) -> Vec<u8> {
     body(KIND_CHUNK, header)
 }
 
-fn payload<'a, T: Serialize + serde::de::DeserializeOwned>(kind: u8, bytes: &'a [u8]) -> Result<T, WireError> {
+fn payload<T: Serialize + serde::de::DeserializeOwned>(kind: u8, bytes: &[u8]) -> Result<T, WireError> {
     decode_canonical(bytes).map_err(|e| WireError::Malformed {
         kind,
         msg: e.to_string(),

@@ -1,0 +1,266 @@
+//! Mesh behaviour on the deterministic harness: many state machines, virtual time, seeded
+//! links. Each test asserts outcomes, and prints the seed on failure via the harness.
+
+use core::time::Duration;
+use pollen_protocol::chunking::FileSpec;
+use pollen_protocol::harness::{Harness, HealthPlan, LinkModel, Operator, manifest_body, random_file_spec};
+use pollen_protocol::io::{Command, Event, ObjectKind};
+use pollen_protocol::manifest::{Channel, SignedManifest};
+use pollen_protocol::rollout::{ErrorClass, Gate, HealthStatus, RolloutPlan};
+use pollen_protocol::signing::Signed;
+use pollen_protocol::wire::Message;
+use pollen_protocol::{Config, Instant, SigningKey, UnixTime};
+
+const T0: UnixTime = UnixTime::from_secs(1_700_000_000);
+
+fn harness(n: usize, seed: u64) -> (Harness, Operator) {
+    let op = Operator::new(seed, 1, None);
+    let mut h = Harness::new(n, Config::default(), LinkModel::default(), seed, T0);
+    h.install_trust(&op.trust);
+    h.connect_random(6);
+    (h, op)
+}
+
+fn sign(op: &Operator, channel: &str, version: u64, spec: &FileSpec, plan: RolloutPlan, created: UnixTime) -> SignedManifest {
+    Signed::sign(&manifest_body(channel, version, spec.clone(), plan, created), &op.signers(1))
+}
+
+fn vision() -> Channel {
+    Channel::new("vision.defects").unwrap()
+}
+
+#[test]
+fn fifty_nodes_fetch_a_64_chunk_artifact() {
+    for seed in [7, 8, 9] {
+        fifty_nodes(seed);
+    }
+}
+
+fn fifty_nodes(seed: u64) {
+    let (mut h, op) = harness(50, seed);
+    let spec = random_file_spec(64 * 16 * 1024, 16 * 1024, 1);
+    let m = sign(&op, "vision.defects", 1, &spec, RolloutPlan::immediate(), T0);
+    h.publish(0, &m, &[&spec]).unwrap();
+    h.run_for(Duration::from_secs(120));
+    for i in 0..50 {
+        assert_eq!(h.nodes[i].mesh.highest(&vision()), 1, "node {i} accepted the manifest");
+        assert!(h.has_file(i, &spec), "node {i} holds every chunk: {}", h.nodes[i].mesh.debug_file(&spec.content_id));
+        assert_eq!(h.nodes[i].active.get(&vision()).map(|a| a.0), Some(1), "node {i} active");
+    }
+    let s = &h.stats;
+    assert_eq!(s.double_stores, 0, "no node stores a chunk twice");
+    let dup = s.duplicate_transfers as f64 / s.chunk_transfers as f64;
+    let publisher = s.uploaded[0] as f64 / spec.size as f64;
+    eprintln!(
+        "seed {seed}: transfers {} duplicates {} ({:.2}%) publisher uploaded {:.2}x the artifact, {} messages",
+        s.chunk_transfers,
+        s.duplicate_transfers,
+        dup * 100.0,
+        publisher,
+        s.messages
+    );
+    assert!(dup <= 0.02, "duplicates {dup}");
+    assert!(publisher <= 3.0, "publisher uploaded {publisher}x");
+}
+
+#[test]
+fn bad_manifests_are_rejected_everywhere() {
+    let seed = 11;
+    let op = Operator::new(seed, 2, None);
+    let n = 12;
+    let mut h = Harness::new(n, Config::default(), LinkModel::default(), seed, T0);
+    h.install_trust(&op.trust);
+    h.connect_random(4);
+    let spec = random_file_spec(100_000, 16 * 1024, 2);
+    let plan = RolloutPlan::immediate;
+    let both = op.signers(2);
+    // A good v2 first, so that a v1 is a replay.
+    let good = Signed::sign(&manifest_body("vision.defects", 2, spec.clone(), plan(), T0), &both);
+    h.publish(0, &good, &[&spec]).unwrap();
+    h.run_for(Duration::from_secs(30));
+    for i in 0..n {
+        assert_eq!(h.nodes[i].mesh.highest(&vision()), 2);
+    }
+    let stranger = SigningKey::from_bytes(&[42; 32]);
+    let forged = Signed::sign(&manifest_body("vision.defects", 3, spec.clone(), plan(), T0), &[&stranger]);
+    let scoped = Signed::sign(&manifest_body("vision.defects", 4, spec.clone(), plan(), T0), &[&op.publishers[2]]);
+    let mut expired_body = manifest_body("vision.defects", 5, spec.clone(), plan(), T0.minus(Duration::from_secs(100)));
+    expired_body.expires = T0.minus(Duration::from_secs(10));
+    let expired = Signed::sign(&expired_body, &both);
+    let replayed = Signed::sign(&manifest_body("vision.defects", 1, spec.clone(), plan(), T0), &both);
+    let under = Signed::sign(&manifest_body("vision.defects", 6, spec.clone(), plan(), T0), &op.signers(1));
+    let cases = [("forged", forged), ("out_of_scope", scoped), ("expired", expired), ("stale", replayed), ("under_threshold", under)];
+    for (label, m) in &cases {
+        // Through the local API of node 0, and pushed by node 1 to every node.
+        assert!(h.command(0, Command::Publish(m.clone())).is_err(), "{label} refused locally");
+        // Node 1 turns attacker: connected to everyone, it pushes the manifest to all.
+        for to in 0..n {
+            if to != 1 {
+                h.connect(1, to);
+                h.inject(1, to, Message::Manifest(m.clone()));
+            }
+        }
+        h.run_for(Duration::from_secs(5));
+        for i in 0..n {
+            if i == 1 {
+                continue;
+            }
+            let seen = h.nodes[i].events.iter().any(|(_, e)| matches!(e, Event::Rejected { kind: ObjectKind::Manifest, label: l, .. } if l == label));
+            assert!(seen, "node {i} rejected {label}");
+        }
+    }
+    h.run_for(Duration::from_secs(60));
+    for i in 0..n {
+        assert_eq!(h.nodes[i].mesh.highest(&vision()), 2, "node {i}");
+        assert!(h.nodes[i].served.iter().all(|(_, v)| *v == 2), "node {i} served only v2");
+    }
+}
+
+#[test]
+fn corrupt_peers_are_penalised_and_honest_nodes_complete() {
+    let (mut h, op) = harness(20, 23);
+    for bad in [3, 9, 14] {
+        h.nodes[bad].corrupt = true;
+    }
+    let spec = random_file_spec(32 * 16 * 1024, 16 * 1024, 5);
+    let m = sign(&op, "vision.defects", 1, &spec, RolloutPlan::immediate(), T0);
+    h.publish(0, &m, &[&spec]).unwrap();
+    h.run_for(Duration::from_secs(300));
+    assert!(h.stats.corrupt_arrivals > 0, "corrupt peers did serve");
+    for i in 0..20 {
+        if [3, 9, 14].contains(&i) {
+            continue;
+        }
+        assert!(h.has_file(i, &spec), "honest node {i} completed");
+    }
+    let penalised = h
+        .nodes
+        .iter()
+        .flat_map(|n| n.events.iter())
+        .filter(|(_, e)| matches!(e, Event::PeerPenalised { reason, .. } if reason.contains("corrupt")))
+        .count();
+    assert!(penalised > 0);
+}
+
+#[test]
+fn partitioned_node_catches_up_to_the_latest_version() {
+    let (mut h, op) = harness(16, 31);
+    let specs: Vec<FileSpec> = (0..3).map(|v| random_file_spec(50_000 + v * 1000, 16 * 1024, 40 + v as u64)).collect();
+    let m1 = sign(&op, "vision.defects", 1, &specs[0], RolloutPlan::immediate(), T0);
+    h.publish(0, &m1, &[&specs[0]]).unwrap();
+    h.run_for(Duration::from_secs(20));
+    h.partition(5);
+    for v in 2..=3u64 {
+        let spec = &specs[v as usize - 1];
+        let m = sign(&op, "vision.defects", v, spec, RolloutPlan::immediate(), h.wall());
+        h.publish(0, &m, &[spec]).unwrap();
+        h.run_for(Duration::from_secs(20));
+    }
+    assert_eq!(h.nodes[5].mesh.highest(&vision()), 1, "cut off");
+    // Hours offline.
+    h.run_for(Duration::from_secs(3 * 3600));
+    h.heal(5);
+    h.run_for(Duration::from_secs(60));
+    assert_eq!(h.nodes[5].mesh.highest(&vision()), 3);
+    assert_eq!(h.nodes[5].active.get(&vision()).map(|a| a.0), Some(3));
+    assert!(h.has_file(5, &specs[2]));
+}
+
+fn staged_plan() -> RolloutPlan {
+    RolloutPlan::percent(
+        &[20.0, 50.0, 100.0],
+        Duration::from_secs(30),
+        Some(Gate {
+            min_healthy: 1,
+            max_failure_ppm: 200_000,
+        }),
+    )
+}
+
+/// Publish v1 everywhere, then v2 with a 3-stage plan; returns (harness, operator, v2 spec).
+fn staged(seed: u64, policy: impl FnMut(usize, &Channel, u64) -> HealthPlan + 'static) -> (Harness, Operator, SignedManifest) {
+    let (mut h, op) = harness(30, seed);
+    h.set_policy(policy);
+    let s1 = random_file_spec(40_000, 16 * 1024, 61);
+    let s2 = random_file_spec(41_000, 16 * 1024, 62);
+    let m1 = sign(&op, "vision.defects", 1, &s1, RolloutPlan::immediate(), T0);
+    h.publish(0, &m1, &[&s1]).unwrap();
+    h.run_for(Duration::from_secs(20));
+    let m2 = sign(&op, "vision.defects", 2, &s2, staged_plan(), h.wall());
+    h.publish(0, &m2, &[&s2]).unwrap();
+    (h, op, m2)
+}
+
+#[test]
+fn staged_rollout_opens_stages_in_order() {
+    let (mut h, _op, m2) = staged(41, |_, _, _| HealthPlan::ok());
+    let m2 = pollen_protocol::manifest::Manifest::decode(m2).unwrap();
+    let stage_of: Vec<Option<usize>> = h.nodes.iter().map(|n| m2.stage_of(&n.id())).collect();
+    assert!(stage_of.contains(&Some(0)), "seed gives a non-empty canary stage");
+    for (open, t) in [(1usize, 15u64), (2, 45), (3, 75)] {
+        h.run_until(Instant::from_micros(0) + Duration::from_secs(20 + t));
+        for (i, n) in h.nodes.iter().enumerate() {
+            let on_v2 = n.active.get(&vision()).map(|a| a.0) == Some(2);
+            let admitted = stage_of[i].is_some_and(|s| s < open);
+            assert_eq!(on_v2, admitted, "node {i} with {open} stages open (stage {:?})", stage_of[i]);
+            let st = n.mesh.status();
+            let d = st[0].releases.iter().find(|r| r.version == 2).unwrap().decision.clone().unwrap();
+            assert_eq!(d.open_stages(), open, "node {i} agrees on open stages");
+        }
+    }
+}
+
+#[test]
+fn failing_canary_rolls_back_and_later_stages_never_open() {
+    let (mut h, _op, m2) = staged(43, |_, _, v| {
+        if v == 2 {
+            HealthPlan {
+                at_activation: HealthStatus::Ok,
+                later: Some((
+                    Duration::from_secs(5),
+                    HealthStatus::Failed {
+                        class: ErrorClass::RuntimeErrors,
+                        detail: "error rate 40%".into(),
+                    },
+                )),
+            }
+        } else {
+            HealthPlan::ok()
+        }
+    });
+    let m2 = pollen_protocol::manifest::Manifest::decode(m2).unwrap();
+    h.run_for(Duration::from_secs(200));
+    let mut canaries = 0;
+    for (i, n) in h.nodes.iter().enumerate() {
+        let stage = m2.stage_of(&n.id());
+        let served_v2 = n.served.contains(&(vision(), 2));
+        assert_eq!(served_v2, stage == Some(0), "node {i}: only canaries ever served v2");
+        if served_v2 {
+            canaries += 1;
+            assert!(
+                n.events.iter().any(|(_, e)| matches!(e, Event::RollBack { from: 2, to: Some((1, _)), .. })),
+                "canary {i} rolled back: {:#?}",
+                n.events.iter().filter(|(_, e)| !matches!(e, Event::FileProgress { .. } | Event::CommandDone { .. } | Event::PeerPenalised { .. })).collect::<Vec<_>>()
+            );
+        }
+        assert_eq!(n.active.get(&vision()).map(|a| a.0), Some(1), "node {i} back on v1");
+        assert!(!n.events.iter().any(|(_, e)| matches!(e, Event::StageOpened { version: 2, stage: 1.., .. })), "node {i}: no later stage opened");
+        assert!(n.events.iter().any(|(_, e)| matches!(e, Event::RolloutFailed { version: 2, .. })), "node {i} saw the failure");
+    }
+    assert!(canaries > 0);
+}
+
+fn small_run(seed: u64) -> [u8; 32] {
+    let (mut h, op) = harness(12, seed);
+    let spec = random_file_spec(10 * 16 * 1024, 16 * 1024, 3);
+    let m = sign(&op, "vision.defects", 1, &spec, RolloutPlan::immediate(), T0);
+    h.publish(0, &m, &[&spec]).unwrap();
+    h.run_for(Duration::from_secs(30));
+    h.trace_hash()
+}
+
+#[test]
+fn same_seed_same_outputs_different_seed_different() {
+    assert_eq!(small_run(5), small_run(5));
+    assert_ne!(small_run(5), small_run(6));
+}
