@@ -80,6 +80,8 @@ pub struct SimNode {
     pub mesh: Mesh<ChaCha8Rng>,
     /// Serves corrupt chunks.
     pub corrupt: bool,
+    /// The certificate this node shows peers (fleets).
+    pub cert: Option<crate::trust::SignedNodeCert>,
     /// What the node serves now, per channel.
     pub active: BTreeMap<Channel, (u64, ManifestId)>,
     /// Every (channel, version) this node ever served.
@@ -266,6 +268,7 @@ impl Harness {
                 key,
                 mesh: Mesh::new(id, config.clone(), node_rng, now),
                 corrupt: false,
+                cert: None,
                 active: BTreeMap::new(),
                 served: BTreeSet::new(),
                 events: Vec::new(),
@@ -355,7 +358,7 @@ impl Harness {
         let info = PeerInfo {
             site: None,
             rtt: Some(self.link.latency * 2),
-            cert: None,
+            cert: self.nodes[b].cert.clone(),
         };
         self.input(a, Input::PeerUp { peer, info });
     }
@@ -535,7 +538,7 @@ impl Harness {
         };
         HealthReport {
             signed: Signed::sign(&body, &[&self.nodes[i].key]),
-            cert: None,
+            cert: self.nodes[i].cert.clone(),
         }
     }
 

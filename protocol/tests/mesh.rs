@@ -264,3 +264,118 @@ fn same_seed_same_outputs_different_seed_different() {
     assert_eq!(small_run(5), small_run(5));
     assert_ne!(small_run(5), small_run(6));
 }
+
+#[test]
+fn equivocation_converges_on_the_lowest_body_hash() {
+    let (mut h, op) = harness(20, 51);
+    let a = random_file_spec(30_000, 16 * 1024, 71);
+    let b = random_file_spec(30_001, 16 * 1024, 72);
+    let ma = sign(&op, "vision.defects", 1, &a, RolloutPlan::immediate(), T0);
+    let mb = sign(&op, "vision.defects", 1, &b, RolloutPlan::immediate(), T0);
+    h.publish(0, &ma, &[&a]).unwrap();
+    h.publish(10, &mb, &[&b]).unwrap();
+    h.run_for(Duration::from_secs(60));
+    let kept = pollen_protocol::ManifestId(ma.body_hash()).min(pollen_protocol::ManifestId(mb.body_hash()));
+    for (i, n) in h.nodes.iter().enumerate() {
+        assert!(
+            n.events.iter().any(|(_, e)| matches!(e, Event::Equivocation { kept: k, version: 1, .. } if *k == kept)),
+            "node {i} raised the alert"
+        );
+        assert_eq!(n.active.get(&vision()).map(|a| a.1), Some(kept), "node {i} serves the kept manifest");
+    }
+}
+
+#[test]
+fn halt_stops_later_stages_and_forged_halt_is_refused() {
+    use pollen_protocol::rollout::{InstructionBody, RolloutAction};
+    let (mut h, op, m2) = staged(45, |_, _, _| HealthPlan::ok());
+    // Canary stage opens; halt before the second stage.
+    h.run_for(Duration::from_secs(10));
+    let halt = |k: &SigningKey, issued| {
+        Signed::sign(
+            &InstructionBody {
+                channel: vision(),
+                version: 2,
+                action: RolloutAction::Halt,
+                issued,
+            },
+            &[k],
+        )
+    };
+    let forged = halt(&SigningKey::from_bytes(&[77; 32]), h.wall());
+    assert!(h.command(3, Command::Instruct(forged)).is_err(), "forged halt refused");
+    let wall = h.wall();
+    let real = halt(&op.publishers[0], wall);
+    h.command(3, Command::Instruct(real)).unwrap();
+    h.run_for(Duration::from_secs(150));
+    let m2 = pollen_protocol::manifest::Manifest::decode(m2).unwrap();
+    for (i, n) in h.nodes.iter().enumerate() {
+        assert!(n.events.iter().any(|(_, e)| matches!(e, Event::InstructionAccepted { version: 2, .. })), "node {i} got the halt");
+        let on_v2 = n.active.get(&vision()).map(|a| a.0) == Some(2);
+        assert_eq!(on_v2, m2.stage_of(&n.id()) == Some(0), "node {i}: only the canary stage runs v2");
+    }
+}
+
+#[test]
+fn rotated_trust_root_spreads_and_authorises_new_publishers() {
+    use pollen_protocol::trust::{ChannelPattern, Publisher, TrustRootBody};
+    let (mut h, op) = harness(15, 61);
+    let new_publisher = SigningKey::from_bytes(&[99; 32]);
+    let old = op.trust.decode_body().unwrap();
+    let body = TrustRootBody {
+        version: 2,
+        publishers: vec![Publisher {
+            key: pollen_protocol::PublicKey(new_publisher.verifying_key().to_bytes()),
+            name: "new".into(),
+            channels: vec![ChannelPattern("*".into())],
+        }],
+        ..old
+    };
+    let v2 = Signed::sign(&body, &[&op.root]);
+    h.command(4, Command::SetTrustRoot(v2)).unwrap();
+    h.run_for(Duration::from_secs(30));
+    let spec = random_file_spec(20_000, 16 * 1024, 81);
+    let m = Signed::sign(&manifest_body("vision.defects", 1, spec.clone(), RolloutPlan::immediate(), T0), &[&new_publisher]);
+    h.publish(0, &m, &[&spec]).unwrap();
+    let old_signed = sign(&op, "vision.defects", 2, &spec, RolloutPlan::immediate(), T0);
+    assert!(h.command(0, Command::Publish(old_signed)).is_err(), "revoked publisher refused");
+    h.run_for(Duration::from_secs(30));
+    for (i, n) in h.nodes.iter().enumerate() {
+        assert_eq!(n.mesh.trust_root().unwrap().body.version, 2, "node {i}");
+        assert_eq!(n.mesh.highest(&vision()), 1, "node {i}");
+    }
+}
+
+#[test]
+fn uncertified_node_is_refused_and_receives_nothing() {
+    use pollen_protocol::trust::NodeCertBody;
+    let seed = 71;
+    let fleet = SigningKey::from_bytes(&[5; 32]);
+    let op = Operator::new(seed, 1, Some(pollen_protocol::PublicKey(fleet.verifying_key().to_bytes())));
+    let n = 8;
+    let mut h = Harness::new(n, Config::default(), LinkModel::default(), seed, T0);
+    for i in 0..n - 1 {
+        let body = NodeCertBody {
+            node: h.nodes[i].id(),
+            issued: T0,
+            expires: T0.plus(Duration::from_secs(86400)),
+            label: format!("node-{i}"),
+        };
+        h.nodes[i].cert = Some(Signed::sign(&body, &[&fleet]));
+    }
+    h.install_trust(&op.trust);
+    h.connect_random(3);
+    for i in 0..n - 1 {
+        h.connect(n - 1, i);
+    }
+    let spec = random_file_spec(50_000, 16 * 1024, 91);
+    h.publish(0, &sign(&op, "vision.defects", 1, &spec, RolloutPlan::immediate(), T0), &[&spec]).unwrap();
+    h.run_for(Duration::from_secs(60));
+    for i in 0..n - 1 {
+        assert!(h.has_file(i, &spec), "certified node {i} completed");
+    }
+    let stranger = &h.nodes[n - 1];
+    assert_eq!(stranger.mesh.highest(&vision()), 0, "stranger got no manifest");
+    assert!(!h.has_file(n - 1, &spec), "stranger got no chunk");
+    assert!(h.stats.messages > 0);
+}
