@@ -14,7 +14,9 @@
 //! subtrees exactly as BLAKE3 builds its tree.
 
 use crate::ids::ContentId;
-use blake3::hazmat::{ChainingValue, HasherExt, Mode, merge_subtrees_non_root, merge_subtrees_root};
+use blake3::hazmat::{
+    ChainingValue, HasherExt, Mode, merge_subtrees_non_root, merge_subtrees_root,
+};
 use serde::{Deserialize, Serialize};
 
 /// Smallest allowed chunk size: 16 KiB.
@@ -218,7 +220,12 @@ impl FileSpec {
 
     /// Check that the chaining values combine to the content id.
     pub fn check(&self) -> Result<(), ChunkingError> {
-        verify_chaining_values(&self.chaining_values, &self.content_id, self.size, self.chunk_size)
+        verify_chaining_values(
+            &self.chaining_values,
+            &self.content_id,
+            self.size,
+            self.chunk_size,
+        )
     }
 
     /// Verify one chunk: index in range, length, then hash. Never panics.
@@ -362,7 +369,11 @@ mod tests {
         for (i, &size) in sizes.iter().enumerate() {
             let data = random_bytes(size as usize, i as u64);
             let spec = spec_for_bytes(&data, cs());
-            assert_eq!(spec.content_id.0, *blake3::hash(&data).as_bytes(), "size {size}");
+            assert_eq!(
+                spec.content_id.0,
+                *blake3::hash(&data).as_bytes(),
+                "size {size}"
+            );
             spec.check().unwrap();
             for idx in 0..spec.chunk_count() {
                 let off = spec.chunk_offset(idx) as usize;
@@ -397,7 +408,10 @@ mod tests {
         let spec = spec_for_bytes(&data, cs());
         let mut chunk = data[C as usize..2 * C as usize].to_vec();
         chunk[100] ^= 0x04;
-        assert_eq!(spec.verify_chunk(1, &chunk), Err(ChunkingError::HashMismatch));
+        assert_eq!(
+            spec.verify_chunk(1, &chunk),
+            Err(ChunkingError::HashMismatch)
+        );
         // A chunk sent at the wrong index fails too (offset is bound into the hash).
         assert_eq!(
             spec.verify_chunk(0, &data[C as usize..2 * C as usize]),
@@ -408,7 +422,10 @@ mod tests {
         let sspec = spec_for_bytes(&small, cs());
         let mut bad = small.clone();
         bad[0] ^= 1;
-        assert_eq!(sspec.verify_chunk(0, &bad), Err(ChunkingError::HashMismatch));
+        assert_eq!(
+            sspec.verify_chunk(0, &bad),
+            Err(ChunkingError::HashMismatch)
+        );
         sspec.verify_chunk(0, &small).unwrap();
     }
 
@@ -416,7 +433,8 @@ mod tests {
     fn rejects_tampered_chaining_values() {
         let data = random_bytes((7 * C + 5) as usize, 3);
         let spec = spec_for_bytes(&data, cs());
-        let check = |cvs: &[[u8; 32]]| verify_chaining_values(cvs, &spec.content_id, spec.size, cs());
+        let check =
+            |cvs: &[[u8; 32]]| verify_chaining_values(cvs, &spec.content_id, spec.size, cs());
         check(&spec.chaining_values).unwrap();
 
         let mut swapped = spec.chaining_values.clone();
@@ -425,11 +443,17 @@ mod tests {
 
         let mut missing = spec.chaining_values.clone();
         missing.pop();
-        assert!(matches!(check(&missing), Err(ChunkingError::WrongChainingValueCount { .. })));
+        assert!(matches!(
+            check(&missing),
+            Err(ChunkingError::WrongChainingValueCount { .. })
+        ));
 
         let mut extra = spec.chaining_values.clone();
         extra.push([7; 32]);
-        assert!(matches!(check(&extra), Err(ChunkingError::WrongChainingValueCount { .. })));
+        assert!(matches!(
+            check(&extra),
+            Err(ChunkingError::WrongChainingValueCount { .. })
+        ));
 
         let mut flipped = spec.chaining_values.clone();
         flipped[0][0] ^= 1;
@@ -439,7 +463,10 @@ mod tests {
         // nothing in the list, so the list passes, and the short chunk is caught on arrival.
         let mut lying = spec.clone();
         lying.size -= 1;
-        assert!(matches!(lying.verify_chunk(7, &data[(7 * C) as usize..]), Err(ChunkingError::WrongLength { .. })));
+        assert!(matches!(
+            lying.verify_chunk(7, &data[(7 * C) as usize..]),
+            Err(ChunkingError::WrongLength { .. })
+        ));
     }
 
     #[test]
@@ -447,21 +474,48 @@ mod tests {
         let data = random_bytes((2 * C + 10) as usize, 5);
         let spec = spec_for_bytes(&data, cs());
         // Last chunk one byte short / long.
-        assert!(matches!(spec.verify_chunk(2, &data[(2 * C) as usize..data.len() - 1]), Err(ChunkingError::WrongLength { .. })));
+        assert!(matches!(
+            spec.verify_chunk(2, &data[(2 * C) as usize..data.len() - 1]),
+            Err(ChunkingError::WrongLength { .. })
+        ));
         let mut long = data[(2 * C) as usize..].to_vec();
         long.push(0);
-        assert!(matches!(spec.verify_chunk(2, &long), Err(ChunkingError::WrongLength { .. })));
+        assert!(matches!(
+            spec.verify_chunk(2, &long),
+            Err(ChunkingError::WrongLength { .. })
+        ));
         // A chunk longer than C.
         let too_long = vec![0u8; (C + 1) as usize];
-        assert!(matches!(spec.verify_chunk(0, &too_long), Err(ChunkingError::WrongLength { .. })));
-        assert!(matches!(spec.verify_chunk(3, &[]), Err(ChunkingError::IndexOutOfRange { .. })));
-        assert!(matches!(spec.verify_chunk(u64::MAX, &[]), Err(ChunkingError::IndexOutOfRange { .. })));
+        assert!(matches!(
+            spec.verify_chunk(0, &too_long),
+            Err(ChunkingError::WrongLength { .. })
+        ));
+        assert!(matches!(
+            spec.verify_chunk(3, &[]),
+            Err(ChunkingError::IndexOutOfRange { .. })
+        ));
+        assert!(matches!(
+            spec.verify_chunk(u64::MAX, &[]),
+            Err(ChunkingError::IndexOutOfRange { .. })
+        ));
     }
 
     #[test]
     fn chunk_size_rules() {
-        for bad in [0, 1, 1000, 16 * 1024 - 1, 16 * 1024 + 1, 3 * 16 * 1024, 32 * 1024 * 1024, u64::MAX] {
-            assert_eq!(ChunkSize::new(bad), Err(ChunkingError::InvalidChunkSize(bad)));
+        for bad in [
+            0,
+            1,
+            1000,
+            16 * 1024 - 1,
+            16 * 1024 + 1,
+            3 * 16 * 1024,
+            32 * 1024 * 1024,
+            u64::MAX,
+        ] {
+            assert_eq!(
+                ChunkSize::new(bad),
+                Err(ChunkingError::InvalidChunkSize(bad))
+            );
         }
         for good in [16 * 1024, 64 * 1024, 1 << 20, 16 << 20] {
             ChunkSize::new(good).unwrap();

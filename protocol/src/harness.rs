@@ -12,7 +12,9 @@
 use crate::chunking::FileSpec;
 use crate::ids::{ContentId, ManifestId, NodeId, PublicKey};
 use crate::io::{ChunkFailure, Command, Event, Input, Output, PeerInfo};
-use crate::manifest::{Artifact, Channel, FileEntry, ManifestBody, ModelMeta, SignedManifest, Variant};
+use crate::manifest::{
+    Artifact, Channel, FileEntry, ManifestBody, ModelMeta, SignedManifest, Variant,
+};
 use crate::rollout::{HealthReport, HealthReportBody, HealthStatus, RolloutPlan};
 use crate::signing::Signed;
 use crate::state::{Config, Mesh};
@@ -118,10 +120,24 @@ pub struct Stats {
 
 #[derive(Debug)]
 enum Ev {
-    Deliver { to: usize, from: usize, msg: Message },
-    Chunk { to: usize, from: usize, file: ContentId, index: u32 },
-    Timer { node: usize },
-    Report { node: usize, report: HealthReport },
+    Deliver {
+        to: usize,
+        from: usize,
+        msg: Message,
+    },
+    Chunk {
+        to: usize,
+        from: usize,
+        file: ContentId,
+        index: u32,
+    },
+    Timer {
+        node: usize,
+    },
+    Report {
+        node: usize,
+        report: HealthReport,
+    },
 }
 
 /// Operator keys and a trust root for tests.
@@ -160,7 +176,11 @@ impl Operator {
                 .map(|(i, k)| Publisher {
                     key: pk(k),
                     name: format!("publisher-{i}"),
-                    channels: vec![ChannelPattern(if i < 2 { "*".into() } else { "audio.*".into() })],
+                    channels: vec![ChannelPattern(if i < 2 {
+                        "*".into()
+                    } else {
+                        "audio.*".into()
+                    })],
                 })
                 .collect(),
             publish_threshold,
@@ -181,7 +201,13 @@ impl Operator {
 }
 
 /// A manifest body for one file.
-pub fn manifest_body(channel: &str, version: u64, spec: FileSpec, plan: RolloutPlan, created: UnixTime) -> ManifestBody {
+pub fn manifest_body(
+    channel: &str,
+    version: u64,
+    spec: FileSpec,
+    plan: RolloutPlan,
+    created: UnixTime,
+) -> ManifestBody {
     ManifestBody {
         channel: Channel::new(channel).expect("valid channel"),
         version,
@@ -209,7 +235,10 @@ pub fn random_file_spec(size: usize, chunk_size: u64, seed: u64) -> FileSpec {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut data = vec![0u8; size];
     rng.fill_bytes(&mut data);
-    crate::chunking::spec_for_bytes(&data, crate::chunking::ChunkSize::new(chunk_size).expect("valid chunk size"))
+    crate::chunking::spec_for_bytes(
+        &data,
+        crate::chunking::ChunkSize::new(chunk_size).expect("valid chunk size"),
+    )
 }
 
 /// N state machines on virtual time.
@@ -252,7 +281,13 @@ impl core::fmt::Debug for Harness {
 impl Harness {
     /// `n` nodes with `config`, links from `link`, everything seeded from `seed`. Wall-clock
     /// time starts at `wall_origin` when virtual time is zero.
-    pub fn new(n: usize, config: Config, link: LinkModel, seed: u64, wall_origin: UnixTime) -> Self {
+    pub fn new(
+        n: usize,
+        config: Config,
+        link: LinkModel,
+        seed: u64,
+        wall_origin: UnixTime,
+    ) -> Self {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let mut nodes = Vec::with_capacity(n);
         let mut index = BTreeMap::new();
@@ -333,7 +368,14 @@ impl Harness {
         }
         for i in 0..n {
             let mut tries = 0;
-            while self.edges.iter().filter(|(a, b)| *a == i || *b == i).count() < degree && tries < 10 * degree {
+            while self
+                .edges
+                .iter()
+                .filter(|(a, b)| *a == i || *b == i)
+                .count()
+                < degree
+                && tries < 10 * degree
+            {
                 tries += 1;
                 let j = (self.rng.next_u64() % n as u64) as usize;
                 self.connect(i, j);
@@ -367,7 +409,15 @@ impl Harness {
     pub fn neighbours(&self, i: usize) -> Vec<usize> {
         self.edges
             .iter()
-            .filter_map(|&(a, b)| if a == i { Some(b) } else if b == i { Some(a) } else { None })
+            .filter_map(|&(a, b)| {
+                if a == i {
+                    Some(b)
+                } else if b == i {
+                    Some(a)
+                } else {
+                    None
+                }
+            })
             .collect()
     }
 
@@ -421,7 +471,12 @@ impl Harness {
 
     /// Publish on node `i`: inject the manifest, then tell it it holds every chunk of
     /// `files`.
-    pub fn publish(&mut self, i: usize, m: &SignedManifest, files: &[&FileSpec]) -> Result<(), String> {
+    pub fn publish(
+        &mut self,
+        i: usize,
+        m: &SignedManifest,
+        files: &[&FileSpec],
+    ) -> Result<(), String> {
         self.command(i, Command::Publish(m.clone()))?;
         for f in files {
             let chunks = Bitfield::full(f.chunk_count() as u32);
@@ -473,13 +528,28 @@ impl Harness {
             match out {
                 Output::Send { to, msg } => {
                     if let Some(&j) = self.index.get(&to)
-                        && self.linked(i, j) {
-                            let d = self.delay();
-                            self.push(self.now + d, Ev::Deliver { to: j, from: i, msg });
-                        }
+                        && self.linked(i, j)
+                    {
+                        let d = self.delay();
+                        self.push(
+                            self.now + d,
+                            Ev::Deliver {
+                                to: j,
+                                from: i,
+                                msg,
+                            },
+                        );
+                    }
                 }
-                Output::SendChunk { to, id: _, file, index } => {
-                    let Some(&j) = self.index.get(&to) else { continue };
+                Output::SendChunk {
+                    to,
+                    id: _,
+                    file,
+                    index,
+                } => {
+                    let Some(&j) = self.index.get(&to) else {
+                        continue;
+                    };
                     let len = self.nodes[i]
                         .mesh
                         .chunk_spec(&file)
@@ -491,7 +561,15 @@ impl Harness {
                     self.nodes[i].uplink_free = end;
                     self.stats.uploaded[i] += len;
                     let d = self.delay();
-                    self.push(end + d, Ev::Chunk { to: j, from: i, file, index });
+                    self.push(
+                        end + d,
+                        Ev::Chunk {
+                            to: j,
+                            from: i,
+                            file,
+                            index,
+                        },
+                    );
                 }
                 Output::CancelChunk { .. } => {}
                 Output::Disconnect { peer, .. } => {
@@ -523,7 +601,15 @@ impl Harness {
         }
     }
 
-    fn report(&self, i: usize, channel: &Channel, version: u64, manifest: ManifestId, status: HealthStatus, at: UnixTime) -> HealthReport {
+    fn report(
+        &self,
+        i: usize,
+        channel: &Channel,
+        version: u64,
+        manifest: ManifestId,
+        status: HealthStatus,
+        at: UnixTime,
+    ) -> HealthReport {
         let body = HealthReportBody {
             node: self.nodes[i].id(),
             channel: channel.clone(),
@@ -554,12 +640,17 @@ impl Harness {
                 let wall = self.wall();
                 let ok = plan.at_activation == HealthStatus::Ok;
                 if ok {
-                    self.nodes[i].active.insert(channel.clone(), (*version, *manifest));
+                    self.nodes[i]
+                        .active
+                        .insert(channel.clone(), (*version, *manifest));
                     self.nodes[i].served.insert((channel.clone(), *version));
                 }
                 let r = self.report(i, channel, *version, *manifest, plan.at_activation, wall);
                 // The driver reports after loading: a little later, never inside the call.
-                self.push(self.now + Duration::from_millis(1), Ev::Report { node: i, report: r });
+                self.push(
+                    self.now + Duration::from_millis(1),
+                    Ev::Report { node: i, report: r },
+                );
                 if let (true, Some((after, status))) = (ok, plan.later) {
                     let r = self.report(i, channel, *version, *manifest, status, wall.plus(after));
                     self.push(self.now + after, Ev::Report { node: i, report: r });
@@ -579,11 +670,19 @@ impl Harness {
                     .status()
                     .into_iter()
                     .find(|c| &c.channel == channel)
-                    .and_then(|c| c.releases.into_iter().find(|r| r.version == *from).map(|r| r.manifest));
+                    .and_then(|c| {
+                        c.releases
+                            .into_iter()
+                            .find(|r| r.version == *from)
+                            .map(|r| r.manifest)
+                    });
                 if let Some(mid) = from_id {
                     let wall = self.wall();
                     let r = self.report(i, channel, *from, mid, HealthStatus::RolledBack, wall);
-                    self.push(self.now + Duration::from_millis(1), Ev::Report { node: i, report: r });
+                    self.push(
+                        self.now + Duration::from_millis(1),
+                        Ev::Report { node: i, report: r },
+                    );
                 }
             }
             _ => {}
@@ -606,7 +705,9 @@ impl Harness {
             );
             self.queue.pop();
             self.now = self.now.max(t);
-            let Some(ev) = self.pending.remove(&seq) else { continue };
+            let Some(ev) = self.pending.remove(&seq) else {
+                continue;
+            };
             self.step(ev);
         }
         self.now = self.now.max(until);
@@ -628,7 +729,12 @@ impl Harness {
                 let from_id = self.nodes[from].id();
                 self.input(to, Input::Received { from: from_id, msg });
             }
-            Ev::Chunk { to, from, file, index } => {
+            Ev::Chunk {
+                to,
+                from,
+                file,
+                index,
+            } => {
                 if !self.linked(to, from) || !self.edges.contains(&(to.min(from), to.max(from))) {
                     return;
                 }
@@ -636,7 +742,15 @@ impl Harness {
                 if self.nodes[from].corrupt {
                     self.stats.corrupt_arrivals += 1;
                     let reason = ChunkFailure::Corrupt;
-                    self.input(to, Input::ChunkFailed { from: from_id, file, index, reason });
+                    self.input(
+                        to,
+                        Input::ChunkFailed {
+                            from: from_id,
+                            file,
+                            index,
+                            reason,
+                        },
+                    );
                     return;
                 }
                 self.stats.chunk_transfers += 1;
@@ -647,7 +761,14 @@ impl Harness {
                 if !self.stored.insert((to, file, index)) {
                     self.stats.double_stores += 1;
                 }
-                self.input(to, Input::ChunkStored { from: Some(from_id), file, index });
+                self.input(
+                    to,
+                    Input::ChunkStored {
+                        from: Some(from_id),
+                        file,
+                        index,
+                    },
+                );
             }
             Ev::Timer { node } => {
                 if self.nodes[node].timer_at.is_some_and(|t| t <= self.now) {

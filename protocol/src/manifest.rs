@@ -35,7 +35,9 @@ impl Channel {
     pub fn new(s: &str) -> Result<Self, String> {
         let ok_char = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || "._-".contains(c);
         if s.is_empty() || s.len() > MAX_CHANNEL_LEN {
-            return Err(format!("channel name must be 1 to {MAX_CHANNEL_LEN} characters"));
+            return Err(format!(
+                "channel name must be 1 to {MAX_CHANNEL_LEN} characters"
+            ));
         }
         if !s.chars().all(ok_char) {
             return Err(format!(
@@ -43,7 +45,9 @@ impl Channel {
             ));
         }
         if !s.starts_with(|c: char| c.is_ascii_alphanumeric()) {
-            return Err(format!("channel name {s:?} must start with a letter or digit"));
+            return Err(format!(
+                "channel name {s:?} must start with a letter or digit"
+            ));
         }
         Ok(Channel(s.to_string()))
     }
@@ -239,16 +243,19 @@ impl Artifact {
             (v.requires.min_memory_mib == 0
                 || device.memory_mib == 0
                 || device.memory_mib >= v.requires.min_memory_mib)
-                && v.requires.cpu_features.iter().all(|f| device.cpu_features.contains(f))
+                && v.requires
+                    .cpu_features
+                    .iter()
+                    .all(|f| device.cpu_features.contains(f))
         };
         if let Some(class) = &device.device_class
             && let Some(i) = self
                 .variants
                 .iter()
                 .position(|v| v.requires.device_classes.contains(class) && meets(v))
-            {
-                return i;
-            }
+        {
+            return i;
+        }
         self.variants
             .iter()
             .position(|v| v.requires.device_classes.is_empty() && meets(v))
@@ -301,7 +308,10 @@ fn check_tensor(t: &TensorData) -> Result<(), String> {
         .try_fold(1u64, |a, &d| a.checked_mul(d))
         .ok_or("golden tensor shape overflows")?;
     if elems.checked_mul(size as u64) != Some(t.data.len() as u64) {
-        return Err(format!("golden tensor {:?}: data length does not match shape", t.name));
+        return Err(format!(
+            "golden tensor {:?}: data length does not match shape",
+            t.name
+        ));
     }
     Ok(())
 }
@@ -336,7 +346,9 @@ impl SignedBody for ManifestBody {
                 if f.spec.chunk_count() > u64::from(u32::MAX) {
                     return Err(format!("file {:?} has too many chunks", f.name));
                 }
-                f.spec.check().map_err(|e| format!("file {:?}: {e}", f.name))?;
+                f.spec
+                    .check()
+                    .map_err(|e| format!("file {:?}: {e}", f.name))?;
             }
         }
         for t in self.model.inputs.iter().chain(&self.model.outputs) {
@@ -393,8 +405,10 @@ impl Manifest {
 
     /// The stage index this node falls in for this manifest (None: in no stage).
     pub fn stage_of(&self, node: &NodeId) -> Option<usize> {
-        self.body
-            .rollout
-            .stage_of(crate::rollout::cohort_point(node, &self.body.channel, self.body.version))
+        self.body.rollout.stage_of(crate::rollout::cohort_point(
+            node,
+            &self.body.channel,
+            self.body.version,
+        ))
     }
 }

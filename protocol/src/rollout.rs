@@ -86,7 +86,9 @@ impl RolloutPlan {
                 .iter()
                 .enumerate()
                 .map(|(i, s)| Stage {
-                    share_ppm: ((s / 100.0) * f64::from(PPM)).round().clamp(0.0, f64::from(PPM)) as u32,
+                    share_ppm: ((s / 100.0) * f64::from(PPM))
+                        .round()
+                        .clamp(0.0, f64::from(PPM)) as u32,
                     start: if i == 0 {
                         StageStart::Immediately
                     } else {
@@ -110,9 +112,10 @@ impl RolloutPlan {
             }
             prev = s.share_ppm;
             if let Some(g) = s.gate
-                && g.max_failure_ppm > PPM {
-                    return Err("failure rate above 100%".into());
-                }
+                && g.max_failure_ppm > PPM
+            {
+                return Err("failure rate above 100%".into());
+            }
         }
         Ok(())
     }
@@ -210,9 +213,10 @@ impl SignedBody for HealthReportBody {
     const DOMAIN: Domain = Domain::HealthReport;
     fn validate(&self) -> Result<(), String> {
         if let HealthStatus::Failed { detail, .. } = &self.status
-            && detail.len() > 256 {
-                return Err("failure detail too long".into());
-            }
+            && detail.len() > 256
+        {
+            return Err("failure detail too long".into());
+        }
         Ok(())
     }
 }
@@ -300,7 +304,7 @@ impl ReportSample {
         }
         let hash = report.signed.body_hash();
         let ts = body.timestamp;
-        
+
         match self.entries.get_mut(&rank) {
             None => {
                 let mut e = SampleEntry {
@@ -546,7 +550,10 @@ pub fn evaluate(
         }
     }
     ok_times.sort();
-    let class = classes.iter().max_by_key(|(c, n)| (**n, core::cmp::Reverse(**c))).map(|(c, _)| *c);
+    let class = classes
+        .iter()
+        .max_by_key(|(c, n)| (**n, core::cmp::Reverse(**c)))
+        .map(|(c, _)| *c);
 
     let mut d = Decision {
         opened: Vec::new(),
@@ -560,30 +567,34 @@ pub fn evaluate(
             (StageStart::Immediately, None) => anchor,
             (StageStart::Immediately, Some(p)) => p,
             (StageStart::At(t), p) => p.map_or(t, |p| p.max(t)),
-            (StageStart::AfterPreviousMs(ms), p) => p.unwrap_or(anchor).plus(Duration::from_millis(ms)),
+            (StageStart::AfterPreviousMs(ms), p) => {
+                p.unwrap_or(anchor).plus(Duration::from_millis(ms))
+            }
         };
         let mut open_at = earliest;
         if i > 0
-            && let Some(g) = plan.stages[i - 1].gate {
-                let need = g.min_healthy;
-                if need > 0 {
-                    match ok_times.get(need as usize - 1) {
-                        Some(&t) => open_at = open_at.max(t),
-                        None => {
-                            d.waiting = Some(Waiting::Healthy {
-                                have: ok_times.len() as u32,
-                                need,
-                            });
-                            break;
-                        }
+            && let Some(g) = plan.stages[i - 1].gate
+        {
+            let need = g.min_healthy;
+            if need > 0 {
+                match ok_times.get(need as usize - 1) {
+                    Some(&t) => open_at = open_at.max(t),
+                    None => {
+                        d.waiting = Some(Waiting::Healthy {
+                            have: ok_times.len() as u32,
+                            need,
+                        });
+                        break;
                     }
                 }
             }
+        }
         if let Some(h) = halt
-            && open_at >= h {
-                d.waiting = Some(Waiting::Halted);
-                break;
-            }
+            && open_at >= h
+        {
+            d.waiting = Some(Waiting::Halted);
+            break;
+        }
         if open_at > now {
             d.waiting = Some(Waiting::Until(open_at));
             break;
@@ -638,7 +649,12 @@ mod tests {
         }
     }
 
-    fn report(key: &SigningKey, version_id: ManifestId, status: HealthStatus, ts: u64) -> (HealthReport, HealthReportBody) {
+    fn report(
+        key: &SigningKey,
+        version_id: ManifestId,
+        status: HealthStatus,
+        ts: u64,
+    ) -> (HealthReport, HealthReportBody) {
         let body = HealthReportBody {
             node: NodeId(key.verifying_key().to_bytes()),
             channel: ch(),
@@ -701,9 +717,18 @@ mod tests {
 
     #[test]
     fn stages_open_in_time_and_gate_failure_rolls_back() {
-        let plan = RolloutPlan::percent(&[20.0, 50.0, 100.0], Duration::from_secs(10), Some(Gate { min_healthy: 2, max_failure_ppm: 100_000 }));
+        let plan = RolloutPlan::percent(
+            &[20.0, 50.0, 100.0],
+            Duration::from_secs(10),
+            Some(Gate {
+                min_healthy: 2,
+                max_failure_ppm: 100_000,
+            }),
+        );
         let mid = ManifestId([1; 32]);
-        let keys: Vec<SigningKey> = (0..4u8).map(|i| SigningKey::from_bytes(&[i + 1; 32])).collect();
+        let keys: Vec<SigningKey> = (0..4u8)
+            .map(|i| SigningKey::from_bytes(&[i + 1; 32]))
+            .collect();
         let mut s = ReportSample::new(mid, 256);
         let d = evaluate(&plan, UnixTime(0), Some(&s), None, UnixTime(5_000));
         assert_eq!(d.open_stages(), 1);
@@ -715,13 +740,30 @@ mod tests {
         let d = evaluate(&plan, UnixTime(0), Some(&s), None, UnixTime(5_000));
         assert_eq!(d.waiting, Some(Waiting::Until(UnixTime(10_000))));
         let d = evaluate(&plan, UnixTime(0), Some(&s), None, UnixTime(25_000));
-        assert_eq!(d.opened, vec![UnixTime(0), UnixTime(10_000), UnixTime(20_000)]);
+        assert_eq!(
+            d.opened,
+            vec![UnixTime(0), UnixTime(10_000), UnixTime(20_000)]
+        );
         // Halt issued at 15s: the third stage never opens.
-        let d = evaluate(&plan, UnixTime(0), Some(&s), Some(UnixTime(15_000)), UnixTime(25_000));
+        let d = evaluate(
+            &plan,
+            UnixTime(0),
+            Some(&s),
+            Some(UnixTime(15_000)),
+            UnixTime(25_000),
+        );
         assert_eq!(d.open_stages(), 2);
         assert_eq!(d.waiting, Some(Waiting::Halted));
         // A failure: 1 of 3 > 10%.
-        let (r, b) = report(&keys[2], mid, HealthStatus::Failed { class: ErrorClass::LoadError, detail: "bad op".into() }, 2_000);
+        let (r, b) = report(
+            &keys[2],
+            mid,
+            HealthStatus::Failed {
+                class: ErrorClass::LoadError,
+                detail: "bad op".into(),
+            },
+            2_000,
+        );
         s.insert(r, b);
         let d = evaluate(&plan, UnixTime(0), Some(&s), None, UnixTime(25_000));
         assert!(d.rollback());

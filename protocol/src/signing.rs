@@ -71,7 +71,11 @@ pub struct SigBytes(pub [u8; 64]);
 
 impl fmt::Debug for SigBytes {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Sig({:02x}{:02x}{:02x}{:02x}..)", self.0[0], self.0[1], self.0[2], self.0[3])
+        write!(
+            f,
+            "Sig({:02x}{:02x}{:02x}{:02x}..)",
+            self.0[0], self.0[1], self.0[2], self.0[3]
+        )
     }
 }
 
@@ -94,7 +98,10 @@ impl<'de> Deserialize<'de> for SigBytes {
                     .map(SigBytes)
                     .map_err(|_| E::invalid_length(v.len(), &self))
             }
-            fn visit_borrowed_bytes<E: serde::de::Error>(self, v: &'de [u8]) -> Result<SigBytes, E> {
+            fn visit_borrowed_bytes<E: serde::de::Error>(
+                self,
+                v: &'de [u8],
+            ) -> Result<SigBytes, E> {
                 self.visit_bytes(v)
             }
             fn visit_byte_buf<E: serde::de::Error>(self, v: Vec<u8>) -> Result<SigBytes, E> {
@@ -162,7 +169,10 @@ impl<T> Eq for Signed<T> {}
 impl<T> fmt::Debug for Signed<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Signed")
-            .field("body_hash", &crate::ids::ManifestId(*blake3::hash(&self.body).as_bytes()))
+            .field(
+                "body_hash",
+                &crate::ids::ManifestId(*blake3::hash(&self.body).as_bytes()),
+            )
             .field("body_len", &self.body.len())
             .field("signatures", &self.signatures.len())
             .finish()
@@ -286,7 +296,8 @@ pub fn verify(key: &PublicKey, msg: &[u8], sig: &SigBytes) -> bool {
     let Ok(vk) = VerifyingKey::from_bytes(&key.0) else {
         return false;
     };
-    vk.verify_strict(msg, &Signature::from_bytes(&sig.0)).is_ok()
+    vk.verify_strict(msg, &Signature::from_bytes(&sig.0))
+        .is_ok()
 }
 
 /// Sign `domain || body` with one key (for single-signer objects such as health reports).

@@ -378,7 +378,11 @@ impl<R: Rng> Mesh<R> {
                         stages: r.manifest.body.rollout.stages.len(),
                         decision: r.decision.clone(),
                         my_stage: r.manifest.stage_of(&self.id),
-                        counts: self.samples.get(&r.manifest.id).map(|s| s.counts()).unwrap_or_default(),
+                        counts: self
+                            .samples
+                            .get(&r.manifest.id)
+                            .map(|s| s.counts())
+                            .unwrap_or_default(),
                         files: r.manifest.body.artifact.variants[r.variant]
                             .files
                             .iter()
@@ -386,7 +390,9 @@ impl<R: Rng> Mesh<R> {
                                 let (h, t) = self
                                     .files
                                     .get(&f.spec.content_id)
-                                    .map_or((0, f.spec.chunk_count() as u32), |s| (s.have.count(), s.total()));
+                                    .map_or((0, f.spec.chunk_count() as u32), |s| {
+                                        (s.have.count(), s.total())
+                                    });
                                 (f.spec.content_id, h, t)
                             })
                             .collect(),
@@ -440,7 +446,9 @@ impl<R: Rng> Mesh<R> {
             Input::Malformed { from, error } => {
                 self.penalise(from, PENALTY_SEVERE, format!("malformed frame: {error}"));
             }
-            Input::ChunkStored { from, file, index } => self.on_chunk_stored(now, from, file, index),
+            Input::ChunkStored { from, file, index } => {
+                self.on_chunk_stored(now, from, file, index)
+            }
             Input::ChunkFailed {
                 from,
                 file,
@@ -480,9 +488,11 @@ impl<R: Rng> Mesh<R> {
         let mut wants: BTreeMap<NodeId, Vec<ObjectId>> = BTreeMap::new();
         for o in due {
             if let Some((_, peer)) = self.pending_wants.remove(&o)
-                && !self.holds(&o) && self.peers.contains_key(&peer) {
-                    wants.entry(peer).or_default().push(o);
-                }
+                && !self.holds(&o)
+                && self.peers.contains_key(&peer)
+            {
+                wants.entry(peer).or_default().push(o);
+            }
         }
         for (peer, list) in wants {
             self.send(peer, Message::Want(list));
@@ -516,7 +526,9 @@ impl<R: Rng> Mesh<R> {
             return;
         }
         let refused = match &self.trust {
-            Some(t) => t.check_certificate(&peer, info.cert.as_ref(), now.wall).is_err(),
+            Some(t) => t
+                .check_certificate(&peer, info.cert.as_ref(), now.wall)
+                .is_err(),
             None => false,
         };
         let salt = self.rng.next_u64();
@@ -597,7 +609,12 @@ impl<R: Rng> Mesh<R> {
     }
 
     fn random_peers(&mut self, n: usize, exclude: Option<NodeId>) -> Vec<NodeId> {
-        let mut all: Vec<NodeId> = self.peers.keys().filter(|p| Some(**p) != exclude).copied().collect();
+        let mut all: Vec<NodeId> = self
+            .peers
+            .keys()
+            .filter(|p| Some(**p) != exclude)
+            .copied()
+            .collect();
         // Partial Fisher-Yates.
         let n = n.min(all.len());
         for i in 0..n {
@@ -632,7 +649,8 @@ impl<R: Rng> Mesh<R> {
                         && !self.pending_wants.contains_key(&o)
                         && self.pending_wants.len() < self.config.max_pending_wants
                     {
-                        self.pending_wants.insert(o, (now.mono + self.config.ihave_delay, from));
+                        self.pending_wants
+                            .insert(o, (now.mono + self.config.ihave_delay, from));
                     }
                 }
             }
@@ -642,7 +660,12 @@ impl<R: Rng> Mesh<R> {
             Message::HaveChunk { file, index } => self.on_have_chunk(from, file, index),
             Message::Request { id, file, index } => {
                 if self.has_chunk(&file, index) {
-                    self.outputs.push_back(Output::SendChunk { to: from, id, file, index });
+                    self.outputs.push_back(Output::SendChunk {
+                        to: from,
+                        id,
+                        file,
+                        index,
+                    });
                 } else {
                     self.send(
                         from,
@@ -656,20 +679,23 @@ impl<R: Rng> Mesh<R> {
             Message::Cancel { id } => self.outputs.push_back(Output::CancelChunk { to: from, id }),
             Message::Reject { id, .. } => {
                 if let Some(r) = self.requests.get(&id)
-                    && r.peer == from {
-                        let r = self.requests.remove(&id).expect("present");
-                        self.deadlines.remove(&(r.deadline, id));
-                        // The peer does not have it after all: stop asking it for that chunk.
-                        if let Some(p) = self.peers.get_mut(&from)
-                            && let Some(bits) = p.haves.get_mut(&r.file) {
-                                clear_bit(bits, r.index);
-                            }
-                        if let Some(f) = self.files.get_mut(&r.file)
-                            && let Some(a) = f.avail.get_mut(r.index as usize) {
-                                *a = a.saturating_sub(1);
-                            }
-                        self.forget_request(id, &r);
+                    && r.peer == from
+                {
+                    let r = self.requests.remove(&id).expect("present");
+                    self.deadlines.remove(&(r.deadline, id));
+                    // The peer does not have it after all: stop asking it for that chunk.
+                    if let Some(p) = self.peers.get_mut(&from)
+                        && let Some(bits) = p.haves.get_mut(&r.file)
+                    {
+                        clear_bit(bits, r.index);
                     }
+                    if let Some(f) = self.files.get_mut(&r.file)
+                        && let Some(a) = f.avail.get_mut(r.index as usize)
+                    {
+                        *a = a.saturating_sub(1);
+                    }
+                    self.forget_request(id, &r);
+                }
             }
             Message::Certificate(c) => {
                 let ok = match &self.trust {
@@ -680,8 +706,7 @@ impl<R: Rng> Mesh<R> {
                     self.penalise(from, PENALTY_SEVERE, "invalid node certificate".into());
                 }
             }
-            Message::Unknown(_) => {}
-            // `Message` is non_exhaustive for other crates only.
+            Message::Unknown(_) => {} // `Message` is non_exhaustive for other crates only.
         }
     }
 
@@ -689,7 +714,9 @@ impl<R: Rng> Mesh<R> {
         match o {
             ObjectId::Manifest(id) => self.index.contains_key(id),
             ObjectId::TrustRoot(v) => self.trust.as_ref().is_some_and(|t| t.body.version >= *v),
-            ObjectId::Instruction(h) => self.instructions.values().any(|(s, _)| s.body_hash() == *h),
+            ObjectId::Instruction(h) => {
+                self.instructions.values().any(|(s, _)| s.body_hash() == *h)
+            }
         }
     }
 
@@ -729,11 +756,23 @@ impl<R: Rng> Mesh<R> {
                 .map(|(c, s)| ChannelDigest {
                     channel: c.clone(),
                     highest: s.highest,
-                    manifests: s.releases.iter().map(|(v, r)| (*v, r.manifest.id)).collect(),
+                    manifests: s
+                        .releases
+                        .iter()
+                        .map(|(v, r)| (*v, r.manifest.id))
+                        .collect(),
                 })
                 .collect(),
-            reports: self.samples.iter().map(|(id, s)| (*id, s.digest())).collect(),
-            instructions: self.instructions.values().map(|(s, _)| s.body_hash()).collect(),
+            reports: self
+                .samples
+                .iter()
+                .map(|(id, s)| (*id, s.digest()))
+                .collect(),
+            instructions: self
+                .instructions
+                .values()
+                .map(|(s, _)| s.body_hash())
+                .collect(),
             reply,
         }
     }
@@ -744,9 +783,10 @@ impl<R: Rng> Mesh<R> {
         if d.trust_version > my_trust {
             wants.push(ObjectId::TrustRoot(d.trust_version));
         } else if d.trust_version < my_trust
-            && let Some(t) = self.trust.as_ref().map(|t| t.signed.clone()) {
-                self.send(from, Message::TrustRoot(t));
-            }
+            && let Some(t) = self.trust.as_ref().map(|t| t.signed.clone())
+        {
+            self.send(from, Message::TrustRoot(t));
+        }
         for cd in &d.channels {
             let mine = self.channels.get(&cd.channel);
             let highest = mine.map_or(0, |c| c.highest);
@@ -773,10 +813,12 @@ impl<R: Rng> Mesh<R> {
         // Reports: push our sample where it differs.
         for (id, dig) in &d.reports {
             if let Some(s) = self.samples.get(id)
-                && s.digest() != *dig && !s.is_empty() {
-                    let list = sample_reports(s);
-                    self.send(from, Message::Reports(list));
-                }
+                && s.digest() != *dig
+                && !s.is_empty()
+            {
+                let list = sample_reports(s);
+                self.send(from, Message::Reports(list));
+            }
         }
         for (id, s) in &self.samples {
             if !s.is_empty() && !d.reports.iter().any(|(i, _)| i == id) {
@@ -807,8 +849,12 @@ impl<R: Rng> Mesh<R> {
     fn on_command(&mut self, now: Now, cmd: Command) -> Result<(), String> {
         match cmd {
             Command::SetTrustRoot(t) => self.on_trust_root(now, None, t).map_err(|e| e.to_string()),
-            Command::Publish(m) => self.on_manifest(now, None, m, false).map_err(|e| e.to_string()),
-            Command::Restore(m) => self.on_manifest(now, None, m, true).map_err(|e| e.to_string()),
+            Command::Publish(m) => self
+                .on_manifest(now, None, m, false)
+                .map_err(|e| e.to_string()),
+            Command::Restore(m) => self
+                .on_manifest(now, None, m, true)
+                .map_err(|e| e.to_string()),
             Command::SetHighest { channel, version } => {
                 let c = self.channel_entry(&channel)?;
                 c.highest = c.highest.max(version);
@@ -828,7 +874,10 @@ impl<R: Rng> Mesh<R> {
             }
             Command::LocalChunks { file, chunks } => {
                 let Some(f) = self.files.get_mut(&file) else {
-                    return Err(format!("file {} is not in any retained manifest", file.short()));
+                    return Err(format!(
+                        "file {} is not in any retained manifest",
+                        file.short()
+                    ));
                 };
                 if chunks.len() != f.total() || !chunks.is_valid() {
                     return Err("bitfield length does not match the file".into());
@@ -873,7 +922,8 @@ impl<R: Rng> Mesh<R> {
             Command::Instruct(i) => self.on_instruction(now, None, i).map_err(|e| e.to_string()),
             Command::SetCertificate(c) => {
                 if let Some(t) = &self.trust {
-                    t.check_certificate(&self.id, Some(&c), now.wall).map_err(|e| e.to_string())?;
+                    t.check_certificate(&self.id, Some(&c), now.wall)
+                        .map_err(|e| e.to_string())?;
                 }
                 self.cert = Some(c);
                 Ok(())
@@ -902,7 +952,10 @@ impl<R: Rng> Mesh<R> {
             None => return Ok(()),
             Some(cur) => {
                 let Ok(body) = t.decode_body() else {
-                    return self.reject_trust(from, TrustError::Malformed(SignedError::Invalid("bad body".into())));
+                    return self.reject_trust(
+                        from,
+                        TrustError::Malformed(SignedError::Invalid("bad body".into())),
+                    );
                 };
                 if body.version <= cur.body.version {
                     return Ok(());
@@ -915,7 +968,10 @@ impl<R: Rng> Mesh<R> {
                 let version = root.body.version;
                 let signed = root.signed.clone();
                 self.trust = Some(root);
-                self.emit(Event::TrustRootUpdated { version, signed: signed.clone() });
+                self.emit(Event::TrustRootUpdated {
+                    version,
+                    signed: signed.clone(),
+                });
                 for p in self.random_peers(usize::MAX, from) {
                     self.send(p, Message::TrustRoot(signed.clone()));
                 }
@@ -970,7 +1026,9 @@ impl<R: Rng> Mesh<R> {
             Err(e) => return self.reject_manifest(from, TrustError::Malformed(e)),
         };
         let Some(trust) = &self.trust else {
-            return self.reject_manifest(from, TrustError::TrustRootExpired).map(|_| ());
+            return self
+                .reject_manifest(from, TrustError::TrustRootExpired)
+                .map(|_| ());
         };
         let auth = if restore {
             trust.authorise_publisher_signed(&m.signed, &m.body.channel, UnixTime(0))
@@ -984,7 +1042,10 @@ impl<R: Rng> Mesh<R> {
         let version = m.body.version;
         let max_channels = self.config.max_channels;
         if !self.channels.contains_key(&channel) && self.channels.len() >= max_channels {
-            return self.reject_manifest(from, TrustError::Malformed(SignedError::Invalid("too many channels".into())));
+            return self.reject_manifest(
+                from,
+                TrustError::Malformed(SignedError::Invalid("too many channels".into())),
+            );
         }
         let chan = self.channels.entry(channel.clone()).or_default();
         // Same channel and version, different body: equivocation.
@@ -1017,7 +1078,13 @@ impl<R: Rng> Mesh<R> {
         }
         if !restore && version <= chan.highest {
             let highest = chan.highest;
-            return self.reject_manifest(from, TrustError::Stale { got: version, highest });
+            return self.reject_manifest(
+                from,
+                TrustError::Stale {
+                    got: version,
+                    highest,
+                },
+            );
         }
         if chan.equivocations.iter().any(|(v, _)| *v == version) && !restore {
             return Ok(());
@@ -1043,7 +1110,10 @@ impl<R: Rng> Mesh<R> {
         let channel = m.body.channel.clone();
         let version = m.body.version;
         self.index.insert(m.id, (channel.clone(), version));
-        let chan = self.channels.get_mut(&channel).expect("channel entry exists");
+        let chan = self
+            .channels
+            .get_mut(&channel)
+            .expect("channel entry exists");
         chan.releases.insert(
             version,
             Release {
@@ -1093,7 +1163,12 @@ impl<R: Rng> Mesh<R> {
         let Some(c) = self.channels.get_mut(channel) else {
             return;
         };
-        let protected: BTreeSet<u64> = c.active.iter().chain(c.previous.iter()).map(|a| a.0).collect();
+        let protected: BTreeSet<u64> = c
+            .active
+            .iter()
+            .chain(c.previous.iter())
+            .map(|a| a.0)
+            .collect();
         let mut removed = Vec::new();
         while c.releases.len() > keep {
             let Some(v) = c.releases.keys().find(|v| !protected.contains(v)).copied() else {
@@ -1117,7 +1192,12 @@ impl<R: Rng> Mesh<R> {
             .channels
             .values()
             .flat_map(|c| c.releases.values())
-            .flat_map(|r| r.manifest.body.artifact.variants[r.variant].files.iter().map(|f| f.spec.content_id))
+            .flat_map(|r| {
+                r.manifest.body.artifact.variants[r.variant]
+                    .files
+                    .iter()
+                    .map(|f| f.spec.content_id)
+            })
             .collect();
         self.files.retain(|k, _| live.contains(k));
     }
@@ -1137,9 +1217,18 @@ impl<R: Rng> Mesh<R> {
 
     // ----- instructions ----------------------------------------------------------------
 
-    fn on_instruction(&mut self, now: Now, from: Option<NodeId>, s: SignedInstruction) -> Result<(), TrustError> {
+    fn on_instruction(
+        &mut self,
+        now: Now,
+        from: Option<NodeId>,
+        s: SignedInstruction,
+    ) -> Result<(), TrustError> {
         let hash = s.body_hash();
-        if self.instructions.values().any(|(i, _)| i.body_hash() == hash) {
+        if self
+            .instructions
+            .values()
+            .any(|(i, _)| i.body_hash() == hash)
+        {
             return Ok(());
         }
         let body = match s.decode_body() {
@@ -1162,9 +1251,10 @@ impl<R: Rng> Mesh<R> {
             return Ok(());
         };
         if let Some((_, cur)) = self.instructions.get(&mid)
-            && (cur.issued, 0) >= (body.issued, 0) {
-                return Ok(());
-            }
+            && (cur.issued, 0) >= (body.issued, 0)
+        {
+            return Ok(());
+        }
         self.emit(Event::InstructionAccepted {
             channel: body.channel.clone(),
             version: body.version,
@@ -1176,7 +1266,11 @@ impl<R: Rng> Mesh<R> {
         Ok(())
     }
 
-    fn reject_instruction(&mut self, from: Option<NodeId>, e: TrustError) -> Result<(), TrustError> {
+    fn reject_instruction(
+        &mut self,
+        from: Option<NodeId>,
+        e: TrustError,
+    ) -> Result<(), TrustError> {
         self.emit(Event::Rejected {
             kind: ObjectKind::Instruction,
             from,
@@ -1201,14 +1295,20 @@ impl<R: Rng> Mesh<R> {
             }
         };
         if r.signed.valid_signers(|k| k.0 == body.node.0).is_empty() {
-            self.reject_report(from, PENALTY_SEVERE, "forged", "not signed by the reporting node".into());
+            self.reject_report(
+                from,
+                PENALTY_SEVERE,
+                "forged",
+                "not signed by the reporting node".into(),
+            );
             return false;
         }
         if let Some(t) = &self.trust
-            && let Err(e) = t.check_certificate(&body.node, r.cert.as_ref(), now.wall) {
-                self.reject_report(from, PENALTY_MINOR, e.label(), e.to_string());
-                return false;
-            }
+            && let Err(e) = t.check_certificate(&body.node, r.cert.as_ref(), now.wall)
+        {
+            self.reject_report(from, PENALTY_MINOR, e.label(), e.to_string());
+            return false;
+        }
         let Some(sample) = self.samples.get_mut(&body.manifest) else {
             return false;
         };
@@ -1217,7 +1317,12 @@ impl<R: Rng> Mesh<R> {
             .get(&body.manifest)
             .is_some_and(|(c, v)| *c == body.channel && *v == body.version);
         if !ok_release {
-            self.reject_report(from, PENALTY_MINOR, "mismatch", "report names the wrong channel or version".into());
+            self.reject_report(
+                from,
+                PENALTY_MINOR,
+                "mismatch",
+                "report names the wrong channel or version".into(),
+            );
             return false;
         }
         let changed = sample.insert(r.clone(), body);
@@ -1230,7 +1335,13 @@ impl<R: Rng> Mesh<R> {
         changed
     }
 
-    fn reject_report(&mut self, from: Option<NodeId>, penalty: u32, label: &'static str, reason: String) {
+    fn reject_report(
+        &mut self,
+        from: Option<NodeId>,
+        penalty: u32,
+        label: &'static str,
+        reason: String,
+    ) {
         self.emit(Event::Rejected {
             kind: ObjectKind::Report,
             from,
@@ -1268,10 +1379,13 @@ impl<R: Rng> Mesh<R> {
         };
         let mut events = Vec::new();
         for (v, r) in chan.releases.iter_mut() {
-            let halt = self.instructions.get(&r.manifest.id).and_then(|(_, b)| match b.action {
-                RolloutAction::Halt => Some(b.issued),
-                RolloutAction::Resume => None,
-            });
+            let halt = self
+                .instructions
+                .get(&r.manifest.id)
+                .and_then(|(_, b)| match b.action {
+                    RolloutAction::Halt => Some(b.issued),
+                    RolloutAction::Resume => None,
+                });
             let d = evaluate(
                 &r.manifest.body.rollout,
                 r.manifest.body.created,
@@ -1289,14 +1403,15 @@ impl<R: Rng> Mesh<R> {
                 r.announced_stages += 1;
             }
             if let Some(f) = d.failure
-                && !r.announced_failure {
-                    r.announced_failure = true;
-                    events.push(Event::RolloutFailed {
-                        channel: name.clone(),
-                        version: *v,
-                        failure: f,
-                    });
-                }
+                && !r.announced_failure
+            {
+                r.announced_failure = true;
+                events.push(Event::RolloutFailed {
+                    channel: name.clone(),
+                    version: *v,
+                    failure: f,
+                });
+            }
             r.decision = Some(d);
         }
         // The release this node should serve: the highest one that admits it.
@@ -1306,7 +1421,9 @@ impl<R: Rng> Mesh<R> {
             .rev()
             .find(|(_, r)| {
                 !chan.failed_local.contains(&r.manifest.id)
-                    && r.decision.as_ref().is_some_and(|d| d.admits(r.manifest.stage_of(&me)))
+                    && r.decision
+                        .as_ref()
+                        .is_some_and(|d| d.admits(r.manifest.stage_of(&me)))
             })
             .map(|(v, r)| (*v, r.manifest.id, r.variant));
         // Which files to download: the target and, with prefetch, newer releases that are
@@ -1314,7 +1431,8 @@ impl<R: Rng> Mesh<R> {
         let floor = target.map_or(0, |t| t.0);
         let mut wanted: Vec<(ContentId, bool)> = Vec::new();
         for (v, r) in &chan.releases {
-            let failed = r.decision.as_ref().is_some_and(|d| d.rollback()) || chan.failed_local.contains(&r.manifest.id);
+            let failed = r.decision.as_ref().is_some_and(|d| d.rollback())
+                || chan.failed_local.contains(&r.manifest.id);
             let want = !failed && (*v == floor || (*v > floor && self.config.prefetch));
             for f in &r.manifest.body.artifact.variants[r.variant].files {
                 wanted.push((f.spec.content_id, want));
@@ -1322,9 +1440,9 @@ impl<R: Rng> Mesh<R> {
         }
         let active = chan.active;
         let active_rolled_back = active.is_some_and(|(v, id)| {
-            chan.releases
-                .get(&v)
-                .is_some_and(|r| r.manifest.id == id && r.decision.as_ref().is_some_and(|d| d.rollback()))
+            chan.releases.get(&v).is_some_and(|r| {
+                r.manifest.id == id && r.decision.as_ref().is_some_and(|d| d.rollback())
+            })
         });
         for (cid, want) in wanted {
             if let Some(f) = self.files.get_mut(&cid) {
@@ -1406,7 +1524,13 @@ impl<R: Rng> Mesh<R> {
         let chunks = f.have.clone();
         let peers: Vec<NodeId> = self.peers.keys().copied().collect();
         for p in peers {
-            self.send(p, Message::Have { file, chunks: chunks.clone() });
+            self.send(
+                p,
+                Message::Have {
+                    file,
+                    chunks: chunks.clone(),
+                },
+            );
         }
     }
 
@@ -1443,7 +1567,9 @@ impl<R: Rng> Mesh<R> {
             // A file we do not know yet (its manifest is still on its way): remember the
             // bit, growing the field up to a bound, so availability is right once we do.
             const MAX_UNKNOWN_BITS: u32 = 1 << 16;
-            if index < MAX_UNKNOWN_BITS && (peer.haves.contains_key(&file) || peer.haves.len() < self.config.max_files) {
+            if index < MAX_UNKNOWN_BITS
+                && (peer.haves.contains_key(&file) || peer.haves.len() < self.config.max_files)
+            {
                 let bits = peer.haves.entry(file).or_default();
                 if index >= bits.len() {
                     *bits = bits.resized(index + 1);
@@ -1456,7 +1582,10 @@ impl<R: Rng> Mesh<R> {
             self.penalise(from, PENALTY_MINOR, "chunk index out of range".into());
             return;
         }
-        let bits = peer.haves.entry(file).or_insert_with(|| Bitfield::new(f.total()));
+        let bits = peer
+            .haves
+            .entry(file)
+            .or_insert_with(|| Bitfield::new(f.total()));
         if !bits.get(index) {
             let was_seed = bits.count() == bits.len();
             bits.set(index);
@@ -1472,12 +1601,13 @@ impl<R: Rng> Mesh<R> {
             p.inflight = p.inflight.saturating_sub(1);
         }
         if let Some(f) = self.files.get_mut(&r.file)
-            && let Some(list) = f.inflight.get_mut(&r.index) {
-                list.retain(|x| *x != id);
-                if list.is_empty() {
-                    f.inflight.remove(&r.index);
-                }
+            && let Some(list) = f.inflight.get_mut(&r.index)
+        {
+            list.retain(|x| *x != id);
+            if list.is_empty() {
+                f.inflight.remove(&r.index);
             }
+        }
     }
 
     fn on_chunk_stored(&mut self, now: Now, from: Option<NodeId>, file: ContentId, index: u32) {
@@ -1516,7 +1646,14 @@ impl<R: Rng> Mesh<R> {
         }
     }
 
-    fn on_chunk_failed(&mut self, now: Now, from: NodeId, file: ContentId, index: u32, reason: ChunkFailure) {
+    fn on_chunk_failed(
+        &mut self,
+        now: Now,
+        from: NodeId,
+        file: ContentId,
+        index: u32,
+        reason: ChunkFailure,
+    ) {
         let ids: Vec<u64> = self
             .requests
             .iter()
@@ -1534,10 +1671,15 @@ impl<R: Rng> Mesh<R> {
                 // Never ask that peer for this file again.
                 if let Some(p) = self.peers.get_mut(&from)
                     && let Some(bits) = p.haves.remove(&file)
-                        && let Some(f) = self.files.get_mut(&file) {
-                            remove_availability(f, &bits);
-                        }
-                self.penalise(from, PENALTY_CORRUPT, format!("corrupt chunk {index} of {}", file.short()));
+                    && let Some(f) = self.files.get_mut(&file)
+                {
+                    remove_availability(f, &bits);
+                }
+                self.penalise(
+                    from,
+                    PENALTY_CORRUPT,
+                    format!("corrupt chunk {index} of {}", file.short()),
+                );
             }
             ChunkFailure::Store(_) => {}
         }
@@ -1571,7 +1713,10 @@ impl<R: Rng> Mesh<R> {
         for (_, _, _, peer) in order {
             for file in &files {
                 loop {
-                    let slots = self.peers.get(&peer).map_or(0, |p| max.saturating_sub(p.inflight));
+                    let slots = self
+                        .peers
+                        .get(&peer)
+                        .map_or(0, |p| max.saturating_sub(p.inflight));
                     if slots == 0 {
                         break;
                     }
@@ -1594,7 +1739,10 @@ impl<R: Rng> Mesh<R> {
         }
         let is_seed = bits.count() == n;
         // Keep few requests queued at a seed: what it uploads twice is wasted on its uplink.
-        if is_seed && p.inflight >= self.config.max_inflight_per_seed && f.avail.iter().any(|a| *a > f.seeds) {
+        if is_seed
+            && p.inflight >= self.config.max_inflight_per_seed
+            && f.avail.iter().any(|a| *a > f.seeds)
+        {
             return None;
         }
         let start = (self.rng.next_u64() % u64::from(n)) as u32;
@@ -1631,9 +1779,10 @@ impl<R: Rng> Mesh<R> {
                 continue;
             }
             let old = ids.iter().all(|id| {
-                self.requests
-                    .get(id)
-                    .is_some_and(|r| r.peer != *peer && now.mono.saturating_duration_since(r.sent) >= self.config.endgame_after)
+                self.requests.get(id).is_some_and(|r| {
+                    r.peer != *peer
+                        && now.mono.saturating_duration_since(r.sent) >= self.config.endgame_after
+                })
             });
             if old {
                 pick = Some(*i);
@@ -1716,15 +1865,31 @@ impl<R: Rng> Mesh<R> {
     /// Debug dump of the exchange state of one file (tests).
     #[doc(hidden)]
     pub fn debug_file(&self, file: &ContentId) -> String {
-        let Some(f) = self.files.get(file) else { return "unknown file".into() };
+        let Some(f) = self.files.get(file) else {
+            return "unknown file".into();
+        };
         let missing: Vec<u32> = (0..f.total()).filter(|i| !f.have.get(*i)).collect();
-        let mut s = format!("wanted {} have {}/{} seeds {} missing {:?} inflight {:?}\n", f.wanted, f.have.count(), f.total(), f.seeds, missing, f.inflight);
+        let mut s = format!(
+            "wanted {} have {}/{} seeds {} missing {:?} inflight {:?}\n",
+            f.wanted,
+            f.have.count(),
+            f.total(),
+            f.seeds,
+            missing,
+            f.inflight
+        );
         for i in &missing {
             s += &format!("  avail[{i}]={}\n", f.avail[*i as usize]);
         }
         for (id, p) in &self.peers {
             let b = p.haves.get(file);
-            s += &format!("  peer {} inflight {} count {:?} has-missing {:?}\n", id.short(), p.inflight, b.map(|b| b.count()), b.map(|b| missing.iter().filter(|i| b.get(**i)).count()));
+            s += &format!(
+                "  peer {} inflight {} count {:?} has-missing {:?}\n",
+                id.short(),
+                p.inflight,
+                b.map(|b| b.count()),
+                b.map(|b| missing.iter().filter(|i| b.get(**i)).count())
+            );
         }
         s
     }

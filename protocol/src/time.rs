@@ -40,7 +40,10 @@ impl Instant {
 impl Add<Duration> for Instant {
     type Output = Instant;
     fn add(self, d: Duration) -> Instant {
-        Instant(self.0.saturating_add(u64::try_from(d.as_micros()).unwrap_or(u64::MAX)))
+        Instant(
+            self.0
+                .saturating_add(u64::try_from(d.as_micros()).unwrap_or(u64::MAX)),
+        )
     }
 }
 
@@ -58,9 +61,7 @@ impl fmt::Debug for Instant {
 }
 
 /// Wall-clock time: milliseconds since the Unix epoch, as carried in signed objects.
-#[derive(
-    Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
-)]
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize)]
 pub struct UnixTime(pub u64);
 
 impl UnixTime {
@@ -76,12 +77,18 @@ impl UnixTime {
 
     /// `self + d`, saturating.
     pub fn plus(self, d: Duration) -> UnixTime {
-        UnixTime(self.0.saturating_add(u64::try_from(d.as_millis()).unwrap_or(u64::MAX)))
+        UnixTime(
+            self.0
+                .saturating_add(u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+        )
     }
 
     /// `self - d`, saturating at the epoch.
     pub fn minus(self, d: Duration) -> UnixTime {
-        UnixTime(self.0.saturating_sub(u64::try_from(d.as_millis()).unwrap_or(u64::MAX)))
+        UnixTime(
+            self.0
+                .saturating_sub(u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+        )
     }
 }
 

@@ -33,6 +33,13 @@ impl ChannelPattern {
         p == channel.as_str()
     }
 
+    /// A validated pattern.
+    pub fn new(pattern: &str) -> Result<Self, String> {
+        let p = ChannelPattern(pattern.to_string());
+        p.validate()?;
+        Ok(p)
+    }
+
     fn validate(&self) -> Result<(), String> {
         let p = self.0.as_str();
         if p == "*" {
@@ -96,14 +103,16 @@ impl SignedBody for TrustRootBody {
         if self.publishers.len() > MAX_KEYS {
             return Err(format!("at most {MAX_KEYS} publishers"));
         }
-        if !unique(self.root_keys.iter().copied()) || !unique(self.publishers.iter().map(|p| p.key)) {
+        if !unique(self.root_keys.iter().copied()) || !unique(self.publishers.iter().map(|p| p.key))
+        {
             return Err("duplicate key".into());
         }
         if self.root_threshold == 0 || usize::from(self.root_threshold) > self.root_keys.len() {
             return Err("root threshold must be between 1 and the number of root keys".into());
         }
         if self.publish_threshold == 0
-            || (!self.publishers.is_empty() && usize::from(self.publish_threshold) > self.publishers.len())
+            || (!self.publishers.is_empty()
+                && usize::from(self.publish_threshold) > self.publishers.len())
         {
             return Err("publish threshold must be between 1 and the number of publishers".into());
         }
@@ -112,7 +121,8 @@ impl SignedBody for TrustRootBody {
                 return Err("publisher entry too large".into());
             }
             for c in &p.channels {
-                c.validate().map_err(|e| format!("channel pattern {:?}: {e}", c.0))?;
+                c.validate()
+                    .map_err(|e| format!("channel pattern {:?}: {e}", c.0))?;
             }
         }
         Ok(())
@@ -192,21 +202,32 @@ impl TrustRoot {
     /// Accept an initial trust root handed to the node by its operator: it must be signed by
     /// the threshold of its own root keys and not expired.
     pub fn bootstrap(signed: SignedTrustRoot, now: UnixTime) -> Result<Self, TrustError> {
+        let root = Self::verify_self_signed(signed)?;
+        if root.body.expires <= now {
+            return Err(TrustError::Expired);
+        }
+        Ok(root)
+    }
+
+    /// Check that a trust root is signed by the threshold of its own root keys, whatever
+    /// the time (tools that inspect or rotate an expired root).
+    pub fn verify_self_signed(signed: SignedTrustRoot) -> Result<Self, TrustError> {
         signed.check_envelope()?;
         let body = signed.decode_body()?;
         let signers = signed.valid_signers(|k| body.root_keys.contains(k));
         if signers.len() < usize::from(body.root_threshold) {
             return Err(threshold_error(signers.len(), body.root_threshold, &signed));
         }
-        if body.expires <= now {
-            return Err(TrustError::Expired);
-        }
         Ok(TrustRoot { signed, body })
     }
 
     /// Check a successor (rotation): a higher version signed by the threshold of *this*
     /// root's keys. Keys absent from the successor are revoked by omission.
-    pub fn verify_successor(&self, signed: SignedTrustRoot, now: UnixTime) -> Result<TrustRoot, TrustError> {
+    pub fn verify_successor(
+        &self,
+        signed: SignedTrustRoot,
+        now: UnixTime,
+    ) -> Result<TrustRoot, TrustError> {
         signed.check_envelope()?;
         let body = signed.decode_body()?;
         if body.version <= self.body.version {
@@ -217,7 +238,11 @@ impl TrustRoot {
         }
         let signers = signed.valid_signers(|k| self.body.root_keys.contains(k));
         if signers.len() < usize::from(self.body.root_threshold) {
-            return Err(threshold_error(signers.len(), self.body.root_threshold, &signed));
+            return Err(threshold_error(
+                signers.len(),
+                self.body.root_threshold,
+                &signed,
+            ));
         }
         if body.expires <= now {
             return Err(TrustError::Expired);
@@ -283,12 +308,17 @@ impl TrustRoot {
             return Ok(());
         };
         let cert = cert.ok_or_else(|| TrustError::BadCertificate("no certificate".into()))?;
+        cert.check_envelope()?;
         let body = cert.decode_body()?;
         if &body.node != node {
-            return Err(TrustError::BadCertificate("certificate is for another node".into()));
+            return Err(TrustError::BadCertificate(
+                "certificate is for another node".into(),
+            ));
         }
         if cert.valid_signers(|k| *k == fleet).is_empty() {
-            return Err(TrustError::BadCertificate("not signed by the fleet key".into()));
+            return Err(TrustError::BadCertificate(
+                "not signed by the fleet key".into(),
+            ));
         }
         if body.expires <= now {
             return Err(TrustError::BadCertificate("expired".into()));

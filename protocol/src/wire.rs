@@ -331,7 +331,10 @@ pub fn encode_chunk_prefix(header: &ChunkHeader) -> Vec<u8> {
     body(KIND_CHUNK, header)
 }
 
-fn payload<T: Serialize + serde::de::DeserializeOwned>(kind: u8, bytes: &[u8]) -> Result<T, WireError> {
+fn payload<T: Serialize + serde::de::DeserializeOwned>(
+    kind: u8,
+    bytes: &[u8],
+) -> Result<T, WireError> {
     decode_canonical(bytes).map_err(|e| WireError::Malformed {
         kind,
         msg: e.to_string(),
@@ -351,7 +354,10 @@ pub fn decode_frame(frame: &[u8]) -> Result<Frame<'_>, WireError> {
     let (&kind, rest) = frame.split_first().ok_or(WireError::Empty)?;
     let cap = frame_cap(kind);
     if frame.len() > cap {
-        return Err(WireError::TooLarge { len: frame.len(), cap });
+        return Err(WireError::TooLarge {
+            len: frame.len(),
+            cap,
+        });
     }
     let msg = match kind {
         KIND_CHUNK => {
@@ -376,7 +382,11 @@ pub fn decode_frame(frame: &[u8]) -> Result<Frame<'_>, WireError> {
         K_WANT => Message::Want(bounded(payload(kind, rest)?)?),
         K_DIGEST => {
             let d: Digest = payload(kind, rest)?;
-            let n = d.channels.len().max(d.reports.len()).max(d.instructions.len());
+            let n = d
+                .channels
+                .len()
+                .max(d.reports.len())
+                .max(d.instructions.len());
             if n > MAX_LIST {
                 return Err(WireError::ListTooLong(n));
             }
@@ -484,18 +494,38 @@ mod tests {
     #[test]
     fn roundtrip_and_unknown_kinds() {
         let msgs = vec![
-            Message::IHave(vec![ObjectId::TrustRoot(3), ObjectId::Manifest(ManifestId([1; 32]))]),
-            Message::Request { id: 7, file: ContentId([2; 32]), index: 9 },
-            Message::Have { file: ContentId([3; 32]), chunks: Bitfield::full(13) },
+            Message::IHave(vec![
+                ObjectId::TrustRoot(3),
+                ObjectId::Manifest(ManifestId([1; 32])),
+            ]),
+            Message::Request {
+                id: 7,
+                file: ContentId([2; 32]),
+                index: 9,
+            },
+            Message::Have {
+                file: ContentId([3; 32]),
+                chunks: Bitfield::full(13),
+            },
             Message::Digest(Digest::default()),
-            Message::Reject { id: 1, reason: RejectReason::Busy },
+            Message::Reject {
+                id: 1,
+                reason: RejectReason::Busy,
+            },
         ];
         for m in msgs {
             let enc = m.encode();
             assert_eq!(decode_frame(&enc).unwrap(), Frame::Control(m));
         }
-        assert_eq!(decode_frame(&[0x7f, 1, 2, 3]).unwrap(), Frame::Control(Message::Unknown(0x7f)));
-        let h = ChunkHeader { id: 5, file: ContentId([4; 32]), index: 2 };
+        assert_eq!(
+            decode_frame(&[0x7f, 1, 2, 3]).unwrap(),
+            Frame::Control(Message::Unknown(0x7f))
+        );
+        let h = ChunkHeader {
+            id: 5,
+            file: ContentId([4; 32]),
+            index: 2,
+        };
         let f = encode_chunk_frame(&h, b"hello");
         assert_eq!(decode_frame(&f).unwrap(), Frame::Chunk(h, b"hello"));
     }
@@ -514,7 +544,10 @@ mod tests {
         let bad = body(K_HAVE, &(ContentId([0; 32]), (100u32, vec![0u8; 2])));
         assert!(decode_frame(&bad).is_err());
         let big = vec![K_MANIFEST; MAX_CONTROL_FRAME + 1];
-        assert!(matches!(decode_frame(&big), Err(WireError::TooLarge { .. })));
+        assert!(matches!(
+            decode_frame(&big),
+            Err(WireError::TooLarge { .. })
+        ));
         // The stream buffer refuses an oversized control frame from its header alone.
         let mut fb = FrameBuffer::new();
         fb.extend(&((MAX_CONTROL_FRAME as u32 + 1).to_be_bytes()));

@@ -3,7 +3,9 @@
 
 use core::time::Duration;
 use pollen_protocol::chunking::FileSpec;
-use pollen_protocol::harness::{Harness, HealthPlan, LinkModel, Operator, manifest_body, random_file_spec};
+use pollen_protocol::harness::{
+    Harness, HealthPlan, LinkModel, Operator, manifest_body, random_file_spec,
+};
 use pollen_protocol::io::{Command, Event, ObjectKind};
 use pollen_protocol::manifest::{Channel, SignedManifest};
 use pollen_protocol::rollout::{ErrorClass, Gate, HealthStatus, RolloutPlan};
@@ -21,8 +23,18 @@ fn harness(n: usize, seed: u64) -> (Harness, Operator) {
     (h, op)
 }
 
-fn sign(op: &Operator, channel: &str, version: u64, spec: &FileSpec, plan: RolloutPlan, created: UnixTime) -> SignedManifest {
-    Signed::sign(&manifest_body(channel, version, spec.clone(), plan, created), &op.signers(1))
+fn sign(
+    op: &Operator,
+    channel: &str,
+    version: u64,
+    spec: &FileSpec,
+    plan: RolloutPlan,
+    created: UnixTime,
+) -> SignedManifest {
+    Signed::sign(
+        &manifest_body(channel, version, spec.clone(), plan, created),
+        &op.signers(1),
+    )
 }
 
 fn vision() -> Channel {
@@ -39,13 +51,32 @@ fn fifty_nodes_fetch_a_64_chunk_artifact() {
 fn fifty_nodes(seed: u64) {
     let (mut h, op) = harness(50, seed);
     let spec = random_file_spec(64 * 16 * 1024, 16 * 1024, 1);
-    let m = sign(&op, "vision.defects", 1, &spec, RolloutPlan::immediate(), T0);
+    let m = sign(
+        &op,
+        "vision.defects",
+        1,
+        &spec,
+        RolloutPlan::immediate(),
+        T0,
+    );
     h.publish(0, &m, &[&spec]).unwrap();
     h.run_for(Duration::from_secs(120));
     for i in 0..50 {
-        assert_eq!(h.nodes[i].mesh.highest(&vision()), 1, "node {i} accepted the manifest");
-        assert!(h.has_file(i, &spec), "node {i} holds every chunk: {}", h.nodes[i].mesh.debug_file(&spec.content_id));
-        assert_eq!(h.nodes[i].active.get(&vision()).map(|a| a.0), Some(1), "node {i} active");
+        assert_eq!(
+            h.nodes[i].mesh.highest(&vision()),
+            1,
+            "node {i} accepted the manifest"
+        );
+        assert!(
+            h.has_file(i, &spec),
+            "node {i} holds every chunk: {}",
+            h.nodes[i].mesh.debug_file(&spec.content_id)
+        );
+        assert_eq!(
+            h.nodes[i].active.get(&vision()).map(|a| a.0),
+            Some(1),
+            "node {i} active"
+        );
     }
     let s = &h.stats;
     assert_eq!(s.double_stores, 0, "no node stores a chunk twice");
@@ -75,24 +106,54 @@ fn bad_manifests_are_rejected_everywhere() {
     let plan = RolloutPlan::immediate;
     let both = op.signers(2);
     // A good v2 first, so that a v1 is a replay.
-    let good = Signed::sign(&manifest_body("vision.defects", 2, spec.clone(), plan(), T0), &both);
+    let good = Signed::sign(
+        &manifest_body("vision.defects", 2, spec.clone(), plan(), T0),
+        &both,
+    );
     h.publish(0, &good, &[&spec]).unwrap();
     h.run_for(Duration::from_secs(30));
     for i in 0..n {
         assert_eq!(h.nodes[i].mesh.highest(&vision()), 2);
     }
     let stranger = SigningKey::from_bytes(&[42; 32]);
-    let forged = Signed::sign(&manifest_body("vision.defects", 3, spec.clone(), plan(), T0), &[&stranger]);
-    let scoped = Signed::sign(&manifest_body("vision.defects", 4, spec.clone(), plan(), T0), &[&op.publishers[2]]);
-    let mut expired_body = manifest_body("vision.defects", 5, spec.clone(), plan(), T0.minus(Duration::from_secs(100)));
+    let forged = Signed::sign(
+        &manifest_body("vision.defects", 3, spec.clone(), plan(), T0),
+        &[&stranger],
+    );
+    let scoped = Signed::sign(
+        &manifest_body("vision.defects", 4, spec.clone(), plan(), T0),
+        &[&op.publishers[2]],
+    );
+    let mut expired_body = manifest_body(
+        "vision.defects",
+        5,
+        spec.clone(),
+        plan(),
+        T0.minus(Duration::from_secs(100)),
+    );
     expired_body.expires = T0.minus(Duration::from_secs(10));
     let expired = Signed::sign(&expired_body, &both);
-    let replayed = Signed::sign(&manifest_body("vision.defects", 1, spec.clone(), plan(), T0), &both);
-    let under = Signed::sign(&manifest_body("vision.defects", 6, spec.clone(), plan(), T0), &op.signers(1));
-    let cases = [("forged", forged), ("out_of_scope", scoped), ("expired", expired), ("stale", replayed), ("under_threshold", under)];
+    let replayed = Signed::sign(
+        &manifest_body("vision.defects", 1, spec.clone(), plan(), T0),
+        &both,
+    );
+    let under = Signed::sign(
+        &manifest_body("vision.defects", 6, spec.clone(), plan(), T0),
+        &op.signers(1),
+    );
+    let cases = [
+        ("forged", forged),
+        ("out_of_scope", scoped),
+        ("expired", expired),
+        ("stale", replayed),
+        ("under_threshold", under),
+    ];
     for (label, m) in &cases {
         // Through the local API of node 0, and pushed by node 1 to every node.
-        assert!(h.command(0, Command::Publish(m.clone())).is_err(), "{label} refused locally");
+        assert!(
+            h.command(0, Command::Publish(m.clone())).is_err(),
+            "{label} refused locally"
+        );
         // Node 1 turns attacker: connected to everyone, it pushes the manifest to all.
         for to in 0..n {
             if to != 1 {
@@ -112,7 +173,10 @@ fn bad_manifests_are_rejected_everywhere() {
     h.run_for(Duration::from_secs(60));
     for i in 0..n {
         assert_eq!(h.nodes[i].mesh.highest(&vision()), 2, "node {i}");
-        assert!(h.nodes[i].served.iter().all(|(_, v)| *v == 2), "node {i} served only v2");
+        assert!(
+            h.nodes[i].served.iter().all(|(_, v)| *v == 2),
+            "node {i} served only v2"
+        );
     }
 }
 
@@ -123,7 +187,14 @@ fn corrupt_peers_are_penalised_and_honest_nodes_complete() {
         h.nodes[bad].corrupt = true;
     }
     let spec = random_file_spec(32 * 16 * 1024, 16 * 1024, 5);
-    let m = sign(&op, "vision.defects", 1, &spec, RolloutPlan::immediate(), T0);
+    let m = sign(
+        &op,
+        "vision.defects",
+        1,
+        &spec,
+        RolloutPlan::immediate(),
+        T0,
+    );
     h.publish(0, &m, &[&spec]).unwrap();
     h.run_for(Duration::from_secs(300));
     assert!(h.stats.corrupt_arrivals > 0, "corrupt peers did serve");
@@ -137,7 +208,9 @@ fn corrupt_peers_are_penalised_and_honest_nodes_complete() {
         .nodes
         .iter()
         .flat_map(|n| n.events.iter())
-        .filter(|(_, e)| matches!(e, Event::PeerPenalised { reason, .. } if reason.contains("corrupt")))
+        .filter(
+            |(_, e)| matches!(e, Event::PeerPenalised { reason, .. } if reason.contains("corrupt")),
+        )
         .count();
     assert!(penalised > 0);
 }
@@ -145,14 +218,30 @@ fn corrupt_peers_are_penalised_and_honest_nodes_complete() {
 #[test]
 fn partitioned_node_catches_up_to_the_latest_version() {
     let (mut h, op) = harness(16, 31);
-    let specs: Vec<FileSpec> = (0..3).map(|v| random_file_spec(50_000 + v * 1000, 16 * 1024, 40 + v as u64)).collect();
-    let m1 = sign(&op, "vision.defects", 1, &specs[0], RolloutPlan::immediate(), T0);
+    let specs: Vec<FileSpec> = (0..3)
+        .map(|v| random_file_spec(50_000 + v * 1000, 16 * 1024, 40 + v as u64))
+        .collect();
+    let m1 = sign(
+        &op,
+        "vision.defects",
+        1,
+        &specs[0],
+        RolloutPlan::immediate(),
+        T0,
+    );
     h.publish(0, &m1, &[&specs[0]]).unwrap();
     h.run_for(Duration::from_secs(20));
     h.partition(5);
     for v in 2..=3u64 {
         let spec = &specs[v as usize - 1];
-        let m = sign(&op, "vision.defects", v, spec, RolloutPlan::immediate(), h.wall());
+        let m = sign(
+            &op,
+            "vision.defects",
+            v,
+            spec,
+            RolloutPlan::immediate(),
+            h.wall(),
+        );
         h.publish(0, &m, &[spec]).unwrap();
         h.run_for(Duration::from_secs(20));
     }
@@ -178,7 +267,10 @@ fn staged_plan() -> RolloutPlan {
 }
 
 /// Publish v1 everywhere, then v2 with a 3-stage plan; returns (harness, operator, v2 spec).
-fn staged(seed: u64, policy: impl FnMut(usize, &Channel, u64) -> HealthPlan + 'static) -> (Harness, Operator, SignedManifest) {
+fn staged(
+    seed: u64,
+    policy: impl FnMut(usize, &Channel, u64) -> HealthPlan + 'static,
+) -> (Harness, Operator, SignedManifest) {
     let (mut h, op) = harness(30, seed);
     h.set_policy(policy);
     let s1 = random_file_spec(40_000, 16 * 1024, 61);
@@ -196,15 +288,29 @@ fn staged_rollout_opens_stages_in_order() {
     let (mut h, _op, m2) = staged(41, |_, _, _| HealthPlan::ok());
     let m2 = pollen_protocol::manifest::Manifest::decode(m2).unwrap();
     let stage_of: Vec<Option<usize>> = h.nodes.iter().map(|n| m2.stage_of(&n.id())).collect();
-    assert!(stage_of.contains(&Some(0)), "seed gives a non-empty canary stage");
+    assert!(
+        stage_of.contains(&Some(0)),
+        "seed gives a non-empty canary stage"
+    );
     for (open, t) in [(1usize, 15u64), (2, 45), (3, 75)] {
         h.run_until(Instant::from_micros(0) + Duration::from_secs(20 + t));
         for (i, n) in h.nodes.iter().enumerate() {
             let on_v2 = n.active.get(&vision()).map(|a| a.0) == Some(2);
             let admitted = stage_of[i].is_some_and(|s| s < open);
-            assert_eq!(on_v2, admitted, "node {i} with {open} stages open (stage {:?})", stage_of[i]);
+            assert_eq!(
+                on_v2, admitted,
+                "node {i} with {open} stages open (stage {:?})",
+                stage_of[i]
+            );
             let st = n.mesh.status();
-            let d = st[0].releases.iter().find(|r| r.version == 2).unwrap().decision.clone().unwrap();
+            let d = st[0]
+                .releases
+                .iter()
+                .find(|r| r.version == 2)
+                .unwrap()
+                .decision
+                .clone()
+                .unwrap();
             assert_eq!(d.open_stages(), open, "node {i} agrees on open stages");
         }
     }
@@ -234,18 +340,56 @@ fn failing_canary_rolls_back_and_later_stages_never_open() {
     for (i, n) in h.nodes.iter().enumerate() {
         let stage = m2.stage_of(&n.id());
         let served_v2 = n.served.contains(&(vision(), 2));
-        assert_eq!(served_v2, stage == Some(0), "node {i}: only canaries ever served v2");
+        assert_eq!(
+            served_v2,
+            stage == Some(0),
+            "node {i}: only canaries ever served v2"
+        );
         if served_v2 {
             canaries += 1;
             assert!(
-                n.events.iter().any(|(_, e)| matches!(e, Event::RollBack { from: 2, to: Some((1, _)), .. })),
+                n.events.iter().any(|(_, e)| matches!(
+                    e,
+                    Event::RollBack {
+                        from: 2,
+                        to: Some((1, _)),
+                        ..
+                    }
+                )),
                 "canary {i} rolled back: {:#?}",
-                n.events.iter().filter(|(_, e)| !matches!(e, Event::FileProgress { .. } | Event::CommandDone { .. } | Event::PeerPenalised { .. })).collect::<Vec<_>>()
+                n.events
+                    .iter()
+                    .filter(|(_, e)| !matches!(
+                        e,
+                        Event::FileProgress { .. }
+                            | Event::CommandDone { .. }
+                            | Event::PeerPenalised { .. }
+                    ))
+                    .collect::<Vec<_>>()
             );
         }
-        assert_eq!(n.active.get(&vision()).map(|a| a.0), Some(1), "node {i} back on v1");
-        assert!(!n.events.iter().any(|(_, e)| matches!(e, Event::StageOpened { version: 2, stage: 1.., .. })), "node {i}: no later stage opened");
-        assert!(n.events.iter().any(|(_, e)| matches!(e, Event::RolloutFailed { version: 2, .. })), "node {i} saw the failure");
+        assert_eq!(
+            n.active.get(&vision()).map(|a| a.0),
+            Some(1),
+            "node {i} back on v1"
+        );
+        assert!(
+            !n.events.iter().any(|(_, e)| matches!(
+                e,
+                Event::StageOpened {
+                    version: 2,
+                    stage: 1..,
+                    ..
+                }
+            )),
+            "node {i}: no later stage opened"
+        );
+        assert!(
+            n.events
+                .iter()
+                .any(|(_, e)| matches!(e, Event::RolloutFailed { version: 2, .. })),
+            "node {i} saw the failure"
+        );
     }
     assert!(canaries > 0);
 }
@@ -253,7 +397,14 @@ fn failing_canary_rolls_back_and_later_stages_never_open() {
 fn small_run(seed: u64) -> [u8; 32] {
     let (mut h, op) = harness(12, seed);
     let spec = random_file_spec(10 * 16 * 1024, 16 * 1024, 3);
-    let m = sign(&op, "vision.defects", 1, &spec, RolloutPlan::immediate(), T0);
+    let m = sign(
+        &op,
+        "vision.defects",
+        1,
+        &spec,
+        RolloutPlan::immediate(),
+        T0,
+    );
     h.publish(0, &m, &[&spec]).unwrap();
     h.run_for(Duration::from_secs(30));
     h.trace_hash()
@@ -275,13 +426,20 @@ fn equivocation_converges_on_the_lowest_body_hash() {
     h.publish(0, &ma, &[&a]).unwrap();
     h.publish(10, &mb, &[&b]).unwrap();
     h.run_for(Duration::from_secs(60));
-    let kept = pollen_protocol::ManifestId(ma.body_hash()).min(pollen_protocol::ManifestId(mb.body_hash()));
+    let kept = pollen_protocol::ManifestId(ma.body_hash())
+        .min(pollen_protocol::ManifestId(mb.body_hash()));
     for (i, n) in h.nodes.iter().enumerate() {
         assert!(
-            n.events.iter().any(|(_, e)| matches!(e, Event::Equivocation { kept: k, version: 1, .. } if *k == kept)),
+            n.events.iter().any(
+                |(_, e)| matches!(e, Event::Equivocation { kept: k, version: 1, .. } if *k == kept)
+            ),
             "node {i} raised the alert"
         );
-        assert_eq!(n.active.get(&vision()).map(|a| a.1), Some(kept), "node {i} serves the kept manifest");
+        assert_eq!(
+            n.active.get(&vision()).map(|a| a.1),
+            Some(kept),
+            "node {i} serves the kept manifest"
+        );
     }
 }
 
@@ -303,16 +461,28 @@ fn halt_stops_later_stages_and_forged_halt_is_refused() {
         )
     };
     let forged = halt(&SigningKey::from_bytes(&[77; 32]), h.wall());
-    assert!(h.command(3, Command::Instruct(forged)).is_err(), "forged halt refused");
+    assert!(
+        h.command(3, Command::Instruct(forged)).is_err(),
+        "forged halt refused"
+    );
     let wall = h.wall();
     let real = halt(&op.publishers[0], wall);
     h.command(3, Command::Instruct(real)).unwrap();
     h.run_for(Duration::from_secs(150));
     let m2 = pollen_protocol::manifest::Manifest::decode(m2).unwrap();
     for (i, n) in h.nodes.iter().enumerate() {
-        assert!(n.events.iter().any(|(_, e)| matches!(e, Event::InstructionAccepted { version: 2, .. })), "node {i} got the halt");
+        assert!(
+            n.events
+                .iter()
+                .any(|(_, e)| matches!(e, Event::InstructionAccepted { version: 2, .. })),
+            "node {i} got the halt"
+        );
         let on_v2 = n.active.get(&vision()).map(|a| a.0) == Some(2);
-        assert_eq!(on_v2, m2.stage_of(&n.id()) == Some(0), "node {i}: only the canary stage runs v2");
+        assert_eq!(
+            on_v2,
+            m2.stage_of(&n.id()) == Some(0),
+            "node {i}: only the canary stage runs v2"
+        );
     }
 }
 
@@ -335,10 +505,29 @@ fn rotated_trust_root_spreads_and_authorises_new_publishers() {
     h.command(4, Command::SetTrustRoot(v2)).unwrap();
     h.run_for(Duration::from_secs(30));
     let spec = random_file_spec(20_000, 16 * 1024, 81);
-    let m = Signed::sign(&manifest_body("vision.defects", 1, spec.clone(), RolloutPlan::immediate(), T0), &[&new_publisher]);
+    let m = Signed::sign(
+        &manifest_body(
+            "vision.defects",
+            1,
+            spec.clone(),
+            RolloutPlan::immediate(),
+            T0,
+        ),
+        &[&new_publisher],
+    );
     h.publish(0, &m, &[&spec]).unwrap();
-    let old_signed = sign(&op, "vision.defects", 2, &spec, RolloutPlan::immediate(), T0);
-    assert!(h.command(0, Command::Publish(old_signed)).is_err(), "revoked publisher refused");
+    let old_signed = sign(
+        &op,
+        "vision.defects",
+        2,
+        &spec,
+        RolloutPlan::immediate(),
+        T0,
+    );
+    assert!(
+        h.command(0, Command::Publish(old_signed)).is_err(),
+        "revoked publisher refused"
+    );
     h.run_for(Duration::from_secs(30));
     for (i, n) in h.nodes.iter().enumerate() {
         assert_eq!(n.mesh.trust_root().unwrap().body.version, 2, "node {i}");
@@ -351,7 +540,11 @@ fn uncertified_node_is_refused_and_receives_nothing() {
     use pollen_protocol::trust::NodeCertBody;
     let seed = 71;
     let fleet = SigningKey::from_bytes(&[5; 32]);
-    let op = Operator::new(seed, 1, Some(pollen_protocol::PublicKey(fleet.verifying_key().to_bytes())));
+    let op = Operator::new(
+        seed,
+        1,
+        Some(pollen_protocol::PublicKey(fleet.verifying_key().to_bytes())),
+    );
     let n = 8;
     let mut h = Harness::new(n, Config::default(), LinkModel::default(), seed, T0);
     for i in 0..n - 1 {
@@ -369,13 +562,29 @@ fn uncertified_node_is_refused_and_receives_nothing() {
         h.connect(n - 1, i);
     }
     let spec = random_file_spec(50_000, 16 * 1024, 91);
-    h.publish(0, &sign(&op, "vision.defects", 1, &spec, RolloutPlan::immediate(), T0), &[&spec]).unwrap();
+    h.publish(
+        0,
+        &sign(
+            &op,
+            "vision.defects",
+            1,
+            &spec,
+            RolloutPlan::immediate(),
+            T0,
+        ),
+        &[&spec],
+    )
+    .unwrap();
     h.run_for(Duration::from_secs(60));
     for i in 0..n - 1 {
         assert!(h.has_file(i, &spec), "certified node {i} completed");
     }
     let stranger = &h.nodes[n - 1];
-    assert_eq!(stranger.mesh.highest(&vision()), 0, "stranger got no manifest");
+    assert_eq!(
+        stranger.mesh.highest(&vision()),
+        0,
+        "stranger got no manifest"
+    );
     assert!(!h.has_file(n - 1, &spec), "stranger got no chunk");
     assert!(h.stats.messages > 0);
 }
