@@ -31,13 +31,27 @@ pub const DEFAULT_VARIANT: &str = "default";
 /// Hash the file at `path` cut at `chunk_size`: content id (BLAKE3 of the whole file),
 /// size and chaining values. Reads [`READ_LEN`] bytes at a time.
 pub fn hash_file(path: &Path, chunk_size: ChunkSize) -> Result<FileSpec> {
+    hash_file_with_progress(path, chunk_size, &mut |_| {})
+}
+
+/// [`hash_file`], calling `progress` with the bytes hashed so far after each read.
+pub fn hash_file_with_progress(
+    path: &Path,
+    chunk_size: ChunkSize,
+    progress: &mut dyn FnMut(u64),
+) -> Result<FileSpec> {
     let mut file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let mut hasher = FileHasher::new(chunk_size);
     let mut buf = vec![0u8; READ_LEN];
+    let mut done = 0u64;
     loop {
         match file.read(&mut buf) {
             Ok(0) => break,
-            Ok(n) => hasher.update(&buf[..n]),
+            Ok(n) => {
+                hasher.update(&buf[..n]);
+                done += n as u64;
+                progress(done);
+            }
             Err(e) if e.kind() == ErrorKind::Interrupted => {}
             Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
         }
@@ -139,6 +153,14 @@ pub struct NewManifest {
 /// metadata and no golden checks. Errors when a file cannot be read, a name is not UTF-8,
 /// or the body breaks a field rule (duplicate names, too many files, …).
 pub fn build_body(spec: &NewManifest) -> Result<ManifestBody> {
+    build_body_with_progress(spec, &mut |_, _| {})
+}
+
+/// [`build_body`], calling `progress(file, bytes hashed)` while hashing each file.
+pub fn build_body_with_progress(
+    spec: &NewManifest,
+    progress: &mut dyn FnMut(&Path, u64),
+) -> Result<ManifestBody> {
     if spec.files.is_empty() {
         bail!("a manifest needs at least one file");
     }
@@ -151,7 +173,7 @@ pub fn build_body(spec: &NewManifest) -> Result<ManifestBody> {
             .to_string();
         files.push(FileEntry {
             name,
-            spec: hash_file(path, spec.chunk_size)?,
+            spec: hash_file_with_progress(path, spec.chunk_size, &mut |n| progress(path, n))?,
         });
     }
     let body = ManifestBody {

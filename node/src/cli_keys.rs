@@ -213,40 +213,8 @@ enum ManifestCommand {
 
 #[derive(Debug, Args)]
 struct ManifestCreateArgs {
-    /// The files of the release, model graph first; each is named by its file name.
-    #[arg(required = true, value_name = "FILE")]
-    files: Vec<PathBuf>,
-    /// Channel (lowercase letters, digits, '.', '_', '-').
-    #[arg(long, value_name = "C")]
-    channel: String,
-    /// Version: at least 1, above every version already published on the channel.
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
-    version: u64,
-    /// Publisher secret key file(s) to sign with.
-    #[arg(long, value_name = "KEYFILE", required = true, num_args = 1..)]
-    key: Vec<PathBuf>,
-    /// Cumulative stage shares of nodes.
-    #[arg(long, value_name = "5%,25%,100%", default_value = "100%")]
-    stages: String,
-    /// Time between the opening of one stage and the next (ms, s, m, h, d).
-    #[arg(long, value_name = "DURATION", default_value = "1h")]
-    stage_interval: String,
-    /// Health gate on every stage but the last: healthy reports needed to go on.
-    #[arg(long, value_name = "N", requires = "gate_max_failure")]
-    gate_min_healthy: Option<u32>,
-    /// Health gate: largest failure rate tolerated (e.g. 10%).
-    #[arg(long, value_name = "PERCENT", requires = "gate_min_healthy")]
-    gate_max_failure: Option<String>,
-    /// Chunk size: a power of two from 16KiB to 16MiB.
-    #[arg(long, value_name = "SIZE", default_value = "1MiB")]
-    chunk_size: String,
-    /// Days until nodes that have not accepted the manifest refuse it.
-    #[arg(long, value_name = "D", default_value_t = 30,
-          value_parser = clap::value_parser!(u64).range(1..=36_500))]
-    expires_days: u64,
-    /// The manifest file this release replaces.
-    #[arg(long, value_name = "FILE")]
-    replaces: Option<PathBuf>,
+    #[command(flatten)]
+    release: ReleaseArgs,
     /// Check the result against this trust root before writing (refused if a node holding
     /// it would never accept the manifest; fewer signatures than the threshold only warn).
     #[arg(long, value_name = "FILE")]
@@ -254,6 +222,93 @@ struct ManifestCreateArgs {
     /// Where to write the signed manifest.
     #[arg(long, value_name = "FILE")]
     out: PathBuf,
+}
+
+/// What a release is made of: files, channel, version, keys and rollout plan (shared by
+/// `pollen keys manifest create` and `pollen publish`).
+#[derive(Debug, clap::Args)]
+pub struct ReleaseArgs {
+    /// The files of the release, model graph first; each is named by its file name.
+    #[arg(required = true, value_name = "FILE")]
+    pub files: Vec<PathBuf>,
+    /// Channel (lowercase letters, digits, '.', '_', '-').
+    #[arg(long, value_name = "C")]
+    pub channel: String,
+    /// Version: at least 1, above every version already published on the channel.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub version: u64,
+    /// Publisher secret key file(s) to sign with.
+    #[arg(long, value_name = "KEYFILE", required = true, num_args = 1..)]
+    pub key: Vec<PathBuf>,
+    /// Cumulative stage shares of nodes.
+    #[arg(long, value_name = "5%,25%,100%", default_value = "100%")]
+    pub stages: String,
+    /// Time between the opening of one stage and the next (ms, s, m, h, d).
+    #[arg(long, value_name = "DURATION", default_value = "1h")]
+    pub stage_interval: String,
+    /// Health gate on every stage but the last: healthy reports needed to go on.
+    #[arg(long, value_name = "N", requires = "gate_max_failure")]
+    pub gate_min_healthy: Option<u32>,
+    /// Health gate: largest failure rate tolerated (e.g. 10%).
+    #[arg(long, value_name = "PERCENT", requires = "gate_min_healthy")]
+    pub gate_max_failure: Option<String>,
+    /// Chunk size: a power of two from 16KiB to 16MiB.
+    #[arg(long, value_name = "SIZE", default_value = "1MiB")]
+    pub chunk_size: String,
+    /// Days until nodes that have not accepted the manifest refuse it.
+    #[arg(long, value_name = "D", default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(1..=36_500))]
+    pub expires_days: u64,
+    /// The manifest file this release replaces.
+    #[arg(long, value_name = "FILE")]
+    pub replaces: Option<PathBuf>,
+}
+
+/// Hash the files and build and sign the manifest of a release, calling `progress(file,
+/// bytes hashed)` while hashing.
+pub fn build_release(
+    a: &ReleaseArgs,
+    now: UnixTime,
+    progress: &mut dyn FnMut(&Path, u64),
+) -> Result<Manifest> {
+    let channel = Channel::new(&a.channel).map_err(|e| anyhow::anyhow!("--channel: {e}"))?;
+    let interval = parse_duration(&a.stage_interval).context("--stage-interval")?;
+    let gate = match (a.gate_min_healthy, &a.gate_max_failure) {
+        (Some(min_healthy), Some(max)) => Some(Gate {
+            min_healthy,
+            max_failure_ppm: mf::parse_ppm(max).context("--gate-max-failure")?,
+        }),
+        _ => None,
+    };
+    let rollout = mf::parse_stages(&a.stages, interval, gate).context("--stages")?;
+    if rollout
+        .stages
+        .last()
+        .is_some_and(|s| s.share_ppm < pollen_protocol::rollout::PPM)
+    {
+        eprintln!("warning: the last stage is below 100%: some nodes never get it");
+    }
+    let replaces = match &a.replaces {
+        Some(p) => {
+            let (signed, _) = read_signed::<ManifestBody>(p, "manifest")?;
+            Some(ManifestId(signed.body_hash()))
+        }
+        None => None,
+    };
+    let keys = load_keys(&a.key)?;
+    let spec = NewManifest {
+        channel,
+        version: a.version,
+        files: a.files.clone(),
+        chunk_size: mf::parse_chunk_size(&a.chunk_size).context("--chunk-size")?,
+        rollout,
+        created: now,
+        expires: now.plus(days(a.expires_days)),
+        replaces,
+    };
+    let body = mf::build_body_with_progress(&spec, progress)?;
+    let refs: Vec<&SigningKey> = keys.iter().collect();
+    mf::sign(&body, &refs)
 }
 
 /// Run `pollen keys …`, printing results to `out`.
@@ -504,46 +559,8 @@ fn run_manifest(command: ManifestCommand, out: &mut dyn Write) -> Result<()> {
     let now = unix_now()?;
     match command {
         ManifestCommand::Create(a) => {
-            let channel =
-                Channel::new(&a.channel).map_err(|e| anyhow::anyhow!("--channel: {e}"))?;
-            let interval = parse_duration(&a.stage_interval).context("--stage-interval")?;
-            let gate = match (a.gate_min_healthy, &a.gate_max_failure) {
-                (Some(min_healthy), Some(max)) => Some(Gate {
-                    min_healthy,
-                    max_failure_ppm: mf::parse_ppm(max).context("--gate-max-failure")?,
-                }),
-                _ => None,
-            };
-            let rollout = mf::parse_stages(&a.stages, interval, gate).context("--stages")?;
-            if rollout
-                .stages
-                .last()
-                .is_some_and(|s| s.share_ppm < pollen_protocol::rollout::PPM)
-            {
-                eprintln!("warning: the last stage is below 100%: some nodes never get it");
-            }
-            let replaces = match &a.replaces {
-                Some(p) => {
-                    let (signed, _) = read_signed::<ManifestBody>(p, "manifest")?;
-                    Some(ManifestId(signed.body_hash()))
-                }
-                None => None,
-            };
-            let keys = load_keys(&a.key)?;
+            let m = build_release(&a.release, now, &mut |_, _| {})?;
             let trust = a.trust.as_deref().map(load_trust_root).transpose()?;
-            let spec = NewManifest {
-                channel,
-                version: a.version,
-                files: a.files,
-                chunk_size: mf::parse_chunk_size(&a.chunk_size).context("--chunk-size")?,
-                rollout,
-                created: now,
-                expires: now.plus(days(a.expires_days)),
-                replaces,
-            };
-            let body = mf::build_body(&spec)?;
-            let refs: Vec<&SigningKey> = keys.iter().collect();
-            let m = mf::sign(&body, &refs)?;
             if let Some(t) = &trust {
                 check_manifest(&m, t, now)?;
             }

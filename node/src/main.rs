@@ -4,6 +4,7 @@
 //! error as `error: …`), 2 for a usage error.
 
 mod cli_keys;
+mod cli_node;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -18,6 +19,12 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Start a node: find peers, fetch, verify, store and seed models, serve the local API.
+    Run(cli_node::RunArgs),
+    /// Hash and sign files into a release and publish it through a node.
+    Publish(cli_node::PublishArgs),
+    /// What a node knows of itself and the mesh.
+    Status(cli_node::StatusArgs),
     /// Key files, trust roots (create, rotate, co-sign), node certificates, manifests.
     Keys(cli_keys::KeysArgs),
 }
@@ -27,6 +34,12 @@ fn main() -> ExitCode {
     let mut stdout = std::io::stdout().lock();
     let result = match cli.command {
         Command::Keys(args) => cli_keys::run(args, &mut stdout),
+        Command::Run(args) => {
+            drop(stdout);
+            cli_node::run(args)
+        }
+        Command::Publish(args) => cli_node::publish(args, &mut stdout),
+        Command::Status(args) => cli_node::status(args, &mut stdout),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

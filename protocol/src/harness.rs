@@ -82,6 +82,8 @@ pub struct SimNode {
     pub mesh: Mesh<ChaCha8Rng>,
     /// Serves corrupt chunks.
     pub corrupt: bool,
+    /// Upload bandwidth of this node, bytes per second, if not the link model's.
+    pub upload_bytes_per_sec: Option<u64>,
     /// The certificate this node shows peers (fleets).
     pub cert: Option<crate::trust::SignedNodeCert>,
     /// What the node serves now, per channel.
@@ -304,6 +306,7 @@ impl Harness {
                 mesh: Mesh::new(id, config.clone(), node_rng, now),
                 corrupt: false,
                 cert: None,
+                upload_bytes_per_sec: None,
                 active: BTreeMap::new(),
                 served: BTreeSet::new(),
                 events: Vec::new(),
@@ -555,7 +558,10 @@ impl Harness {
                         .chunk_spec(&file)
                         .and_then(|s| s.chunk_len(u64::from(index)).ok())
                         .unwrap_or(0);
-                    let bw = self.link.upload_bytes_per_sec.max(1);
+                    let bw = self.nodes[i]
+                        .upload_bytes_per_sec
+                        .unwrap_or(self.link.upload_bytes_per_sec)
+                        .max(1);
                     let start = self.now.max(self.nodes[i].uplink_free);
                     let end = start + Duration::from_micros(len * 1_000_000 / bw);
                     self.nodes[i].uplink_free = end;

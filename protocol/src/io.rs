@@ -124,6 +124,9 @@ pub enum Command {
     Instruct(SignedInstruction),
     /// This node's certificate, shown to peers on connect.
     SetCertificate(SignedNodeCert),
+    /// Never trim this release (the node an operator published through keeps every
+    /// version it published, so older versions stay fetchable from it).
+    Pin(ManifestId),
 }
 
 /// Kinds of object that can be rejected.

@@ -90,6 +90,8 @@ pub struct Config {
     pub disconnect_score: u32,
     /// Most pending pulls (`IHave`s waiting for their delay).
     pub max_pending_wants: usize,
+    /// Most pinned releases (see [`Command::Pin`]).
+    pub max_pinned: usize,
     /// Download releases this node is not (yet) in the stage for, so it can switch at once
     /// when its stage opens.
     pub prefetch: bool,
@@ -116,6 +118,7 @@ impl Default for Config {
             disconnect_score: 100,
             max_pending_wants: 1024,
             prefetch: true,
+            max_pinned: 256,
         }
     }
 }
@@ -257,6 +260,7 @@ pub struct Mesh<R> {
     instructions: BTreeMap<ManifestId, (SignedInstruction, crate::rollout::InstructionBody)>,
     pending_wants: BTreeMap<ObjectId, (Instant, NodeId)>,
     pending_reports: Vec<HealthReport>,
+    pinned: BTreeSet<ManifestId>,
     outputs: VecDeque<Output>,
     next_anti_entropy: Option<Instant>,
     next_tick: Option<Instant>,
@@ -293,6 +297,7 @@ impl<R: Rng> Mesh<R> {
             instructions: BTreeMap::new(),
             pending_wants: BTreeMap::new(),
             pending_reports: Vec::new(),
+            pinned: BTreeSet::new(),
             outputs: VecDeque::new(),
             next_anti_entropy: None,
             next_tick: Some(now.mono),
@@ -706,7 +711,7 @@ impl<R: Rng> Mesh<R> {
                     self.penalise(from, PENALTY_SEVERE, "invalid node certificate".into());
                 }
             }
-            Message::Unknown(_) => {} // `Message` is non_exhaustive for other crates only.
+            Message::Unknown(_) | Message::Hello(_) => {} // `Message` is non_exhaustive for other crates only.
         }
     }
 
@@ -920,6 +925,16 @@ impl<R: Rng> Mesh<R> {
                 }
             }
             Command::Instruct(i) => self.on_instruction(now, None, i).map_err(|e| e.to_string()),
+            Command::Pin(id) => {
+                if self.pinned.len() >= self.config.max_pinned && !self.pinned.contains(&id) {
+                    return Err(format!(
+                        "at most {} pinned releases",
+                        self.config.max_pinned
+                    ));
+                }
+                self.pinned.insert(id);
+                Ok(())
+            }
             Command::SetCertificate(c) => {
                 if let Some(t) = &self.trust {
                     t.check_certificate(&self.id, Some(&c), now.wall)
@@ -1163,12 +1178,18 @@ impl<R: Rng> Mesh<R> {
         let Some(c) = self.channels.get_mut(channel) else {
             return;
         };
-        let protected: BTreeSet<u64> = c
+        let mut protected: BTreeSet<u64> = c
             .active
             .iter()
             .chain(c.previous.iter())
             .map(|a| a.0)
             .collect();
+        protected.extend(
+            c.releases
+                .iter()
+                .filter(|(_, r)| self.pinned.contains(&r.manifest.id))
+                .map(|(v, _)| *v),
+        );
         let mut removed = Vec::new();
         while c.releases.len() > keep {
             let Some(v) = c.releases.keys().find(|v| !protected.contains(v)).copied() else {

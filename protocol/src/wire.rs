@@ -210,8 +210,20 @@ pub enum Message {
     },
     /// The sender's node certificate (fleets).
     Certificate(SignedNodeCert),
+    /// First frame on a connection's control stream: who the sender is. Drivers consume
+    /// it (the site and certificate go into [`crate::io::PeerInfo`]); the core ignores it.
+    Hello(Hello),
     /// A kind this version does not know: ignored.
     Unknown(u8),
+}
+
+/// What a node says about itself when a connection opens.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// The sender's site (LAN) name, at most 64 bytes.
+    pub site: Option<String>,
+    /// The sender's node certificate, in fleets.
+    pub cert: Option<SignedNodeCert>,
 }
 
 /// The header of a chunk data frame; the chunk bytes follow it.
@@ -275,6 +287,7 @@ const K_REQUEST: u8 = 10;
 const K_CANCEL: u8 = 11;
 const K_REJECT: u8 = 12;
 const K_CERT: u8 = 13;
+const K_HELLO: u8 = 14;
 
 /// The cap for a frame of `kind`.
 pub fn frame_cap(kind: u8) -> usize {
@@ -309,6 +322,7 @@ impl Message {
             Message::Cancel { id } => body(K_CANCEL, id),
             Message::Reject { id, reason } => body(K_REJECT, &(id, reason)),
             Message::Certificate(c) => body(K_CERT, c),
+            Message::Hello(h) => body(K_HELLO, h),
             Message::Unknown(k) => vec![*k],
         }
     }
@@ -418,6 +432,16 @@ pub fn decode_frame(frame: &[u8]) -> Result<Frame<'_>, WireError> {
             Message::Reject { id, reason }
         }
         K_CERT => Message::Certificate(payload(kind, rest)?),
+        K_HELLO => {
+            let h: Hello = payload(kind, rest)?;
+            if h.site.as_ref().is_some_and(|s| s.len() > 64) {
+                return Err(WireError::Malformed {
+                    kind,
+                    msg: "site name longer than 64 bytes".into(),
+                });
+            }
+            Message::Hello(h)
+        }
         other => Message::Unknown(other),
     };
     Ok(Frame::Control(msg))

@@ -588,3 +588,47 @@ fn uncertified_node_is_refused_and_receives_nothing() {
     assert!(!h.has_file(n - 1, &spec), "stranger got no chunk");
     assert!(h.stats.messages > 0);
 }
+
+#[test]
+fn endgame_duplicates_a_request_stuck_on_a_slow_peer() {
+    let (mut h, op) = harness(3, 81);
+    // Node 1 holds the file too but uploads at 1 KiB/s: a 16 KiB chunk takes 16 s.
+    h.nodes[1].upload_bytes_per_sec = Some(1024);
+    h.partition(2);
+    let spec = random_file_spec(8 * 16 * 1024, 16 * 1024, 11);
+    let m = sign(
+        &op,
+        "vision.defects",
+        1,
+        &spec,
+        RolloutPlan::immediate(),
+        T0,
+    );
+    h.publish(0, &m, &[&spec]).unwrap();
+    h.run_for(Duration::from_secs(1));
+    let all = pollen_protocol::wire::Bitfield::full(8);
+    h.command(
+        1,
+        Command::LocalChunks {
+            file: spec.content_id,
+            chunks: all,
+        },
+    )
+    .unwrap();
+    h.heal(2);
+    let start = h.now();
+    while !h.has_file(2, &spec) && h.now() - start < Duration::from_secs(60) {
+        h.run_for(Duration::from_millis(100));
+    }
+    let took = h.now() - start;
+    // Without the endgame, the chunks queued at the slow peer would take 16 s each.
+    assert!(
+        took < Duration::from_secs(5),
+        "node 2 completed in {took:?}: {}",
+        h.nodes[2].mesh.debug_file(&spec.content_id)
+    );
+    assert!(
+        h.stats.uploaded[1] > 0 || took < Duration::from_secs(1),
+        "the slow peer was asked"
+    );
+}

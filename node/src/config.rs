@@ -1,0 +1,203 @@
+//! Node configuration: a TOML file whose every option is documented here, overridden by
+//! command-line flags. The defaults start a working node on a laptop with no file at all.
+//!
+//! ```toml
+//! # Where the identity key, the store and the node state live.
+//! data_dir = "/var/lib/pollen"
+//! # libp2p listen addresses (OS-chosen ports by default).
+//! listen = ["/ip4/0.0.0.0/tcp/0", "/ip4/0.0.0.0/udp/0/quic-v1"]
+//! # Peers to dial at start and to seed Kademlia (multiaddrs ending in /p2p/<peer id>).
+//! bootstrap = []
+//! # The local HTTP API (status, metrics, publishing, inference). Loopback only unless
+//! # `http_public = true`.
+//! http = "127.0.0.1:7411"
+//! http_public = false
+//! # This node's site (LAN) name; peers on the same site are preferred for chunks.
+//! site = "default"
+//! # Trust root file to install (operator-provided; later rotations arrive by gossip).
+//! trust = "/etc/pollen/trust.pollen"
+//! # This node's certificate, when the trust root names a fleet key.
+//! cert = "/etc/pollen/node.cert"
+//! # LAN discovery by multicast DNS.
+//! mdns = true
+//! # Serve as a circuit relay for nodes behind NAT.
+//! relay_server = false
+//! # Listen through these relays (multiaddrs of relay nodes ending in /p2p/<id>) so that
+//! # this node is reachable behind NAT.
+//! relays = []
+//! # Bandwidth limits in bytes per second (0 = unlimited).
+//! upload_limit = 0
+//! download_limit = 0
+//! # Chunk uploads in progress at once, across all peers.
+//! max_concurrent_uploads = 16
+//! # Connections: established in total, and per peer.
+//! max_connections = 256
+//! max_connections_per_peer = 2
+//! # Peers to keep connected to (discovery dials more while below this).
+//! target_peers = 16
+//! # Device class for choosing a model variant (e.g. "weak-cpu").
+//! device_class = "default"
+//! # Seed for the protocol core's RNG (random from the OS when absent).
+//! seed = 42
+//! ```
+
+use anyhow::{Context, Result, bail};
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+/// Default HTTP address.
+pub const DEFAULT_HTTP: &str = "127.0.0.1:7411";
+
+/// Everything `pollen run` needs. See the module doc for the file format.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NodeConfig {
+    /// Data directory.
+    pub data_dir: PathBuf,
+    /// libp2p listen addresses.
+    pub listen: Vec<String>,
+    /// Bootstrap peers.
+    pub bootstrap: Vec<String>,
+    /// HTTP API address.
+    pub http: SocketAddr,
+    /// Allow a non-loopback HTTP address.
+    pub http_public: bool,
+    /// Site name.
+    pub site: Option<String>,
+    /// Trust root file.
+    pub trust: Option<PathBuf>,
+    /// Node certificate file.
+    pub cert: Option<PathBuf>,
+    /// mDNS discovery.
+    pub mdns: bool,
+    /// Act as a relay server.
+    pub relay_server: bool,
+    /// Relays to listen through.
+    pub relays: Vec<String>,
+    /// Upload limit, bytes/s (0 = none).
+    pub upload_limit: u64,
+    /// Download limit, bytes/s (0 = none).
+    pub download_limit: u64,
+    /// Concurrent chunk uploads.
+    pub max_concurrent_uploads: usize,
+    /// Established connections in total.
+    pub max_connections: u32,
+    /// Established connections per peer.
+    pub max_connections_per_peer: u32,
+    /// Peers to keep.
+    pub target_peers: usize,
+    /// Device class.
+    pub device_class: Option<String>,
+    /// RNG seed.
+    pub seed: Option<u64>,
+    /// Test only: serve corrupt chunks (flips a byte of each chunk sent).
+    #[serde(skip)]
+    pub test_corrupt_chunks: bool,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        NodeConfig {
+            data_dir: default_data_dir(),
+            listen: vec![
+                "/ip4/0.0.0.0/tcp/0".into(),
+                "/ip4/0.0.0.0/udp/0/quic-v1".into(),
+            ],
+            bootstrap: Vec::new(),
+            http: DEFAULT_HTTP.parse().expect("valid default address"),
+            http_public: false,
+            site: None,
+            trust: None,
+            cert: None,
+            mdns: true,
+            relay_server: false,
+            relays: Vec::new(),
+            upload_limit: 0,
+            download_limit: 0,
+            max_concurrent_uploads: 16,
+            max_connections: 256,
+            max_connections_per_peer: 2,
+            target_peers: 16,
+            device_class: None,
+            seed: None,
+            test_corrupt_chunks: false,
+        }
+    }
+}
+
+/// `$XDG_DATA_HOME/pollen`, else `~/.local/share/pollen`, else `./pollen-data`.
+pub fn default_data_dir() -> PathBuf {
+    if let Some(x) = std::env::var_os("XDG_DATA_HOME") {
+        return PathBuf::from(x).join("pollen");
+    }
+    if let Some(h) = std::env::var_os("HOME") {
+        return PathBuf::from(h).join(".local/share/pollen");
+    }
+    PathBuf::from("pollen-data")
+}
+
+impl NodeConfig {
+    /// Read a TOML config file.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config {}", path.display()))?;
+        toml::from_str(&text).with_context(|| format!("invalid config {}", path.display()))
+    }
+
+    /// Check the combination of options.
+    pub fn validate(&self) -> Result<()> {
+        if !self.http.ip().is_loopback() && !self.http_public {
+            bail!(
+                "the HTTP API would listen on {}, which is not loopback; set http_public = true (or --http-public) to allow it",
+                self.http
+            );
+        }
+        if let Some(site) = &self.site
+            && (site.is_empty() || site.len() > 64)
+        {
+            bail!("site name must be 1 to 64 bytes");
+        }
+        if self.max_concurrent_uploads == 0 {
+            bail!("max_concurrent_uploads must be at least 1");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_file() {
+        let c = NodeConfig::default();
+        c.validate().unwrap();
+        assert!(c.http.ip().is_loopback());
+        let parsed: NodeConfig =
+            toml::from_str("site = \"a\"\nmdns = false\nupload_limit = 1000\n").unwrap();
+        assert_eq!(parsed.site.as_deref(), Some("a"));
+        assert!(!parsed.mdns);
+        assert!(
+            toml::from_str::<NodeConfig>("nope = 1").is_err(),
+            "unknown keys are errors"
+        );
+        let public: NodeConfig = toml::from_str("http = \"0.0.0.0:80\"").unwrap();
+        assert!(public.validate().is_err());
+    }
+
+    #[test]
+    fn module_doc_example_parses() {
+        let doc = include_str!("config.rs");
+        let toml_text: String = doc
+            .lines()
+            .skip_while(|l| !l.starts_with("//! ```toml"))
+            .skip(1)
+            .take_while(|l| !l.starts_with("//! ```"))
+            .map(|l| l.trim_start_matches("//!").trim_start_matches(' '))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let c: NodeConfig = toml::from_str(&toml_text).unwrap();
+        assert_eq!(c.seed, Some(42));
+    }
+}

@@ -1,0 +1,170 @@
+//! The node's local HTTP API (127.0.0.1 by default).
+//!
+//! * `GET /v1/status`: this node and what it knows of the mesh (JSON, see [`crate::status`]).
+//! * `GET /metrics`: Prometheus text format.
+//! * `PUT /v1/files/{content_id}?chunk_size=N`: upload a file for publishing; the body is
+//!   hashed as it is stored and refused unless its BLAKE3 equals `content_id`.
+//! * `POST /v1/manifests`: inject a signed manifest (envelope bytes); the node checks it as
+//!   any peer would. Its files must have been uploaded first.
+//!
+//! Errors are `{"error": "..."}` with a 4xx or 5xx status.
+
+use crate::actor::{ActorCmd, Handle};
+use crate::store::StoreError;
+use axum::body::{Body, Bytes};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use futures::StreamExt;
+use pollen_protocol::chunking::ChunkSize;
+use pollen_protocol::ids::ContentId;
+use serde::Deserialize;
+use std::io::Read;
+use tokio::sync::oneshot;
+
+/// The API's routes.
+pub fn router(handle: Handle) -> Router {
+    Router::new()
+        .route("/v1/status", get(status))
+        .route("/metrics", get(metrics))
+        .route("/v1/manifests", post(publish))
+        .route("/v1/files/{cid}", put(upload))
+        .layer(DefaultBodyLimit::max(2 * 1024 * 1024))
+        .with_state(handle)
+}
+
+/// An error response: `{"error": msg}`.
+pub fn error(status: StatusCode, msg: impl Into<String>) -> Response {
+    (status, Json(serde_json::json!({ "error": msg.into() }))).into_response()
+}
+
+async fn status(State(h): State<Handle>) -> Response {
+    let (tx, rx) = oneshot::channel();
+    if h.cmds.send(ActorCmd::Status { reply: tx }).await.is_err() {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "node is shutting down");
+    }
+    match rx.await {
+        Ok(s) => Json(s).into_response(),
+        Err(_) => error(StatusCode::SERVICE_UNAVAILABLE, "node is shutting down"),
+    }
+}
+
+async fn metrics(State(h): State<Handle>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        h.metrics.render(),
+    )
+        .into_response()
+}
+
+async fn publish(State(h): State<Handle>, body: Bytes) -> Response {
+    let (tx, rx) = oneshot::channel();
+    let cmd = ActorCmd::Publish {
+        bytes: body.to_vec(),
+        reply: tx,
+    };
+    if h.cmds.send(cmd).await.is_err() {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "node is shutting down");
+    }
+    match rx.await {
+        Ok(Ok(id)) => Json(serde_json::json!({ "manifest": id })).into_response(),
+        Ok(Err(e)) => error(StatusCode::UNPROCESSABLE_ENTITY, e),
+        Err(_) => error(StatusCode::SERVICE_UNAVAILABLE, "node is shutting down"),
+    }
+}
+
+/// Chunks in the largest uploadable file (a manifest's chaining values must fit a 1 MiB
+/// control frame).
+const MAX_UPLOAD_CHUNKS: u64 = 32 * 1024;
+
+#[derive(Deserialize)]
+struct UploadQuery {
+    chunk_size: Option<u64>,
+}
+
+/// A `Read` over body pieces sent from the async side (used on a blocking thread).
+struct ChannelReader {
+    rx: tokio::sync::mpsc::Receiver<Bytes>,
+    cur: Bytes,
+}
+
+impl Read for ChannelReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.cur.is_empty() {
+            match self.rx.blocking_recv() {
+                Some(b) => self.cur = b,
+                None => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.cur.len());
+        buf[..n].copy_from_slice(&self.cur[..n]);
+        self.cur = self.cur.slice(n..);
+        Ok(n)
+    }
+}
+
+async fn upload(
+    State(h): State<Handle>,
+    Path(cid): Path<String>,
+    Query(q): Query<UploadQuery>,
+    body: Body,
+) -> Response {
+    let Ok(expected) = cid.parse::<ContentId>() else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "the path must end in a 64-hex-digit content id",
+        );
+    };
+    let chunk = match ChunkSize::new(
+        q.chunk_size
+            .unwrap_or(u64::from(pollen_protocol::chunking::DEFAULT_CHUNK_SIZE)),
+    ) {
+        Ok(c) => c,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
+    };
+    // Hash and write on a blocking thread; the body streams to it through a small channel.
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(8);
+    let store = h.store.clone();
+    let job = tokio::task::spawn_blocking(move || {
+        // Cap the body: the largest artifact a manifest can describe at this chunk size.
+        let cap = chunk.bytes().saturating_mul(MAX_UPLOAD_CHUNKS);
+        store.import_reader(
+            ChannelReader {
+                rx,
+                cur: Bytes::new(),
+            }
+            .take(cap),
+            chunk,
+            Some(&expected),
+        )
+    });
+    let mut stream = body.into_data_stream();
+    while let Some(piece) = stream.next().await {
+        match piece {
+            Ok(b) => {
+                if tx.send(b).await.is_err() {
+                    break;
+                }
+            }
+            Err(e) => return error(StatusCode::BAD_REQUEST, format!("upload interrupted: {e}")),
+        }
+    }
+    drop(tx);
+    match job.await {
+        Ok(Ok((spec, _))) => {
+            Json(serde_json::json!({ "content_id": spec.content_id.to_hex(), "size": spec.size }))
+                .into_response()
+        }
+        Ok(Err(e @ StoreError::Input(_))) => error(StatusCode::BAD_REQUEST, e.to_string()),
+        Ok(Err(e @ StoreError::DiskFull { .. })) => {
+            error(StatusCode::INSUFFICIENT_STORAGE, e.to_string())
+        }
+        Ok(Err(e @ StoreError::ContentMismatch { .. })) => {
+            error(StatusCode::UNPROCESSABLE_ENTITY, e.to_string())
+        }
+        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}

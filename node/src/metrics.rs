@@ -1,0 +1,214 @@
+//! Node metrics, rendered in the Prometheus text format at `GET /metrics`.
+//!
+//! Counters are atomics, updated from the actor and the per-peer stream tasks; labelled
+//! families use small bounded maps (peers are bounded by the connection limit, reasons by
+//! the protocol's fixed labels).
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Whether a peer is on this node's site.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PeerClass {
+    /// Same site (LAN).
+    SameSite,
+    /// Another site, or unknown.
+    Other,
+}
+
+impl PeerClass {
+    fn label(self) -> &'static str {
+        match self {
+            PeerClass::SameSite => "same_site",
+            PeerClass::Other => "other",
+        }
+    }
+}
+
+/// Most distinct peers kept in per-peer families.
+const MAX_PEER_LABELS: usize = 1024;
+
+/// The node's metrics.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// Connected peers (protocol level).
+    pub peers: AtomicU64,
+    bytes_in_same: AtomicU64,
+    bytes_in_other: AtomicU64,
+    bytes_out_same: AtomicU64,
+    bytes_out_other: AtomicU64,
+    /// Chunks verified and stored.
+    pub chunks_verified: AtomicU64,
+    /// Chunks that failed verification.
+    pub chunks_failed: AtomicU64,
+    /// Chunks received that were already held.
+    pub chunks_duplicate: AtomicU64,
+    /// Chunks uploaded.
+    pub chunks_uploaded: AtomicU64,
+    /// Manifests accepted.
+    pub manifests_accepted: AtomicU64,
+    /// Store errors (disk full, IO).
+    pub store_errors: AtomicU64,
+    rejected: Mutex<BTreeMap<(String, String), u64>>,
+    chunks_from: Mutex<BTreeMap<String, u64>>,
+}
+
+impl Metrics {
+    /// Count bytes received from a peer of `class`.
+    pub fn bytes_in(&self, class: PeerClass, n: u64) {
+        match class {
+            PeerClass::SameSite => &self.bytes_in_same,
+            PeerClass::Other => &self.bytes_in_other,
+        }
+        .fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Count bytes sent to a peer of `class`.
+    pub fn bytes_out(&self, class: PeerClass, n: u64) {
+        match class {
+            PeerClass::SameSite => &self.bytes_out_same,
+            PeerClass::Other => &self.bytes_out_other,
+        }
+        .fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Count a rejected object.
+    pub fn rejected(&self, kind: &str, reason: &str) {
+        let mut m = self.rejected.lock().unwrap_or_else(|e| e.into_inner());
+        if m.len() < 256 || m.contains_key(&(kind.to_string(), reason.to_string())) {
+            *m.entry((kind.to_string(), reason.to_string())).or_default() += 1;
+        }
+    }
+
+    /// Count a chunk stored that came from `peer`.
+    pub fn chunk_from(&self, peer: &str) {
+        let mut m = self.chunks_from.lock().unwrap_or_else(|e| e.into_inner());
+        if m.len() < MAX_PEER_LABELS || m.contains_key(peer) {
+            *m.entry(peer.to_string()).or_default() += 1;
+        }
+    }
+
+    /// Chunks stored per source peer.
+    pub fn chunks_by_peer(&self) -> BTreeMap<String, u64> {
+        self.chunks_from
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Render the Prometheus text exposition format.
+    pub fn render(&self) -> String {
+        let mut s = String::new();
+        let g = |s: &mut String, name: &str, help: &str, kind: &str, v: u64| {
+            let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
+        };
+        g(
+            &mut s,
+            "pollen_peers",
+            "Connected peers.",
+            "gauge",
+            self.peers.load(Ordering::Relaxed),
+        );
+        let _ = writeln!(
+            s,
+            "# HELP pollen_bytes_received_total Bytes received from peers, by peer class."
+        );
+        let _ = writeln!(s, "# TYPE pollen_bytes_received_total counter");
+        for (c, v) in [
+            (PeerClass::SameSite, &self.bytes_in_same),
+            (PeerClass::Other, &self.bytes_in_other),
+        ] {
+            let _ = writeln!(
+                s,
+                "pollen_bytes_received_total{{class=\"{}\"}} {}",
+                c.label(),
+                v.load(Ordering::Relaxed)
+            );
+        }
+        let _ = writeln!(
+            s,
+            "# HELP pollen_bytes_sent_total Bytes sent to peers, by peer class."
+        );
+        let _ = writeln!(s, "# TYPE pollen_bytes_sent_total counter");
+        for (c, v) in [
+            (PeerClass::SameSite, &self.bytes_out_same),
+            (PeerClass::Other, &self.bytes_out_other),
+        ] {
+            let _ = writeln!(
+                s,
+                "pollen_bytes_sent_total{{class=\"{}\"}} {}",
+                c.label(),
+                v.load(Ordering::Relaxed)
+            );
+        }
+        g(
+            &mut s,
+            "pollen_chunks_verified_total",
+            "Chunks verified and stored.",
+            "counter",
+            self.chunks_verified.load(Ordering::Relaxed),
+        );
+        g(
+            &mut s,
+            "pollen_chunks_failed_total",
+            "Chunks that failed verification.",
+            "counter",
+            self.chunks_failed.load(Ordering::Relaxed),
+        );
+        g(
+            &mut s,
+            "pollen_chunks_duplicate_total",
+            "Chunks received that were already held.",
+            "counter",
+            self.chunks_duplicate.load(Ordering::Relaxed),
+        );
+        g(
+            &mut s,
+            "pollen_chunks_uploaded_total",
+            "Chunks sent to peers.",
+            "counter",
+            self.chunks_uploaded.load(Ordering::Relaxed),
+        );
+        g(
+            &mut s,
+            "pollen_manifests_accepted_total",
+            "Manifests accepted.",
+            "counter",
+            self.manifests_accepted.load(Ordering::Relaxed),
+        );
+        g(
+            &mut s,
+            "pollen_store_errors_total",
+            "Store errors (disk full, IO).",
+            "counter",
+            self.store_errors.load(Ordering::Relaxed),
+        );
+        let _ = writeln!(
+            s,
+            "# HELP pollen_rejected_total Objects rejected, by kind and reason."
+        );
+        let _ = writeln!(s, "# TYPE pollen_rejected_total counter");
+        for ((kind, reason), v) in self
+            .rejected
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            let _ = writeln!(
+                s,
+                "pollen_rejected_total{{kind=\"{kind}\",reason=\"{reason}\"}} {v}"
+            );
+        }
+        let _ = writeln!(
+            s,
+            "# HELP pollen_chunks_received_total Chunks stored, by the peer that sent them."
+        );
+        let _ = writeln!(s, "# TYPE pollen_chunks_received_total counter");
+        for (peer, v) in self.chunks_by_peer() {
+            let _ = writeln!(s, "pollen_chunks_received_total{{peer=\"{peer}\"}} {v}");
+        }
+        s
+    }
+}
