@@ -145,6 +145,8 @@ impl std::fmt::Debug for Actor {
 #[derive(Debug)]
 enum Persist {
     Manifest(ManifestId, Vec<u8>),
+    /// Answered once every job before it is done.
+    Flush(oneshot::Sender<()>),
     Trust(u64, Vec<u8>),
     State(NodeState),
     Gc(BTreeSet<ContentId>),
@@ -883,7 +885,13 @@ impl Actor {
                         let _ = self.core_command(Command::Pin(id));
                         self.state.published.insert(id.to_hex());
                         self.save_state();
-                        let _ = reply.send(Ok(id.to_hex()));
+                        // Answer once the manifest and the new highest version are durable.
+                        let (tx, rx) = oneshot::channel();
+                        let _ = self.persist.try_send(Persist::Flush(tx));
+                        tokio::spawn(async move {
+                            let _ = rx.await;
+                            let _ = reply.send(Ok(id.to_hex()));
+                        });
                     }
                     Err(e) => {
                         let _ = reply.send(Err(e));
@@ -1145,6 +1153,9 @@ impl Actor {
                 }
             }
         }
+        // Look ourselves up at once: the answers fill the routing table, and every peer
+        // that enters it is dialled while we have fewer than the target.
+        let _ = self.swarm.behaviour_mut().kad.bootstrap();
     }
 
     /// Run until `shutdown` resolves.
@@ -1223,7 +1234,12 @@ fn spawn_persister(store: Arc<Store>, mut rx: mpsc::Receiver<Persist>) {
                     Persist::Trust(v, b) => store.save_trust_root(*v, b),
                     Persist::State(s) => store.save_state(s),
                     Persist::Gc(keep) => store.gc(keep).map(|_| ()),
+                    Persist::Flush(_) => Ok(()),
                 };
+                if let Persist::Flush(done) = job {
+                    let _ = done.send(());
+                    continue;
+                }
                 if let Err(e) = r {
                     tracing::error!("persisting {job:?}: {e}");
                 }

@@ -231,6 +231,15 @@ impl FileSpec {
     /// Verify one chunk: index in range, length, then hash. Never panics.
     pub fn verify_chunk(&self, index: u64, data: &[u8]) -> Result<(), ChunkingError> {
         let expected = self.chunk_len(index)?;
+        // An unchecked spec may carry a chaining-value list that does not fit its size;
+        // never hash with it (an empty non-root chunk is not a valid BLAKE3 subtree).
+        let want_cvs = expected_chaining_values(self.size, self.chunk_size);
+        if self.chaining_values.len() as u64 != want_cvs {
+            return Err(ChunkingError::WrongChainingValueCount {
+                expected: want_cvs,
+                got: self.chaining_values.len() as u64,
+            });
+        }
         if data.len() as u64 != expected {
             return Err(ChunkingError::WrongLength {
                 expected,
@@ -533,6 +542,22 @@ mod tests {
         assert!(spec.chaining_values.is_empty());
         spec.verify_chunk(0, &[]).unwrap();
         assert!(spec.verify_chunk(0, &[0]).is_err());
+    }
+
+    #[test]
+    fn fuzz_regression_empty_file_with_chaining_values() {
+        // Found by the chunk_verify fuzz target: size 0 with one chaining value made
+        // verify_chunk hash an empty non-root chunk, which blake3 asserts against.
+        let spec = FileSpec {
+            content_id: ContentId([0; 32]),
+            size: 0,
+            chunk_size: cs(),
+            chaining_values: vec![[0; 32]],
+        };
+        assert!(matches!(
+            spec.verify_chunk(0, &[]),
+            Err(ChunkingError::WrongChainingValueCount { .. })
+        ));
     }
 
     proptest::proptest! {

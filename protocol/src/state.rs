@@ -1033,7 +1033,17 @@ impl<R: Rng> Mesh<R> {
         restore: bool,
     ) -> Result<(), TrustError> {
         let id = ManifestId(signed.body_hash());
-        if self.index.contains_key(&id) {
+        if let Some((channel, version)) = self.index.get(&id) {
+            // Gossip duplicates are normal; a local re-publish of an old release is a
+            // replay and is refused like one.
+            let highest = self.channels.get(channel).map_or(0, |c| c.highest);
+            if from.is_none() && !restore && *version < highest {
+                let e = TrustError::Stale {
+                    got: *version,
+                    highest,
+                };
+                return self.reject_manifest(None, e);
+            }
             return Ok(());
         }
         let m = match Manifest::decode(signed) {

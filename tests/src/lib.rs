@@ -155,3 +155,5 @@ impl Pollen {
         Run::from_output(command, out)
     }
 }
+
+pub mod mesh;

@@ -1,0 +1,365 @@
+//! Real `pollen run` processes on loopback (mDNS off), and the operator material they need.
+
+use crate::pollen_bin;
+use pollen_keys::manifest::{self as mf, NewManifest};
+use pollen_node::status::Status;
+use pollen_protocol::chunking::ChunkSize;
+use pollen_protocol::manifest::{Channel, Manifest};
+use pollen_protocol::rollout::RolloutPlan;
+use pollen_protocol::trust::{ChannelPattern, Publisher, TrustRootBody};
+use pollen_protocol::{PublicKey, SigningKey, UnixTime};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Keys and a trust root in a directory.
+#[derive(Debug)]
+pub struct Operator {
+    /// Where the files are.
+    pub dir: PathBuf,
+    /// Root key.
+    pub root: SigningKey,
+    /// Publisher key (allowed on every channel), written to `publisher.key`.
+    pub publisher: SigningKey,
+    /// Fleet key, if the trust root names one.
+    pub fleet: Option<SigningKey>,
+    /// `trust.pollen`.
+    pub trust_file: PathBuf,
+}
+
+fn pk(k: &SigningKey) -> PublicKey {
+    PublicKey(k.verifying_key().to_bytes())
+}
+
+/// Wall-clock now.
+pub fn now() -> UnixTime {
+    pollen_keys::time::unix_now().expect("clock")
+}
+
+impl Operator {
+    /// Generate keys and a trust root (with a fleet key if `fleet`).
+    pub fn new(dir: &Path, fleet: bool) -> Self {
+        std::fs::create_dir_all(dir).expect("operator dir");
+        let root = pollen_keys::generate_key().expect("key");
+        let publisher = pollen_keys::generate_key().expect("key");
+        pollen_keys::write_key_file(&dir.join("publisher.key"), &publisher).expect("write key");
+        let fleet = fleet.then(|| pollen_keys::generate_key().expect("key"));
+        let t = now();
+        let body = TrustRootBody {
+            version: 1,
+            created: t.minus(Duration::from_secs(60)),
+            expires: t.plus(Duration::from_secs(86400 * 30)),
+            root_keys: vec![pk(&root)],
+            root_threshold: 1,
+            publishers: vec![Publisher {
+                key: pk(&publisher),
+                name: "test".into(),
+                channels: vec![ChannelPattern("*".into())],
+            }],
+            publish_threshold: 1,
+            fleet_key: fleet.as_ref().map(pk),
+        };
+        let signed = pollen_protocol::signing::Signed::sign(&body, &[&root]);
+        let trust_file = dir.join("trust.pollen");
+        pollen_keys::files::write_signed(&trust_file, &signed).expect("write trust root");
+        Operator {
+            dir: dir.to_path_buf(),
+            root,
+            publisher,
+            fleet,
+            trust_file,
+        }
+    }
+
+    /// A certificate for a node id (hex), written to `<name>.cert`.
+    pub fn certify(&self, node_hex: &str, name: &str) -> PathBuf {
+        let fleet = self.fleet.as_ref().expect("fleet key");
+        let node =
+            pollen_protocol::NodeId(pollen_protocol::ids::parse_hex32(node_hex).expect("node id"));
+        let cert = pollen_keys::cert::certify(
+            fleet,
+            node,
+            name,
+            now(),
+            now().plus(Duration::from_secs(86400)),
+        )
+        .expect("certify");
+        let path = self.dir.join(format!("{name}.cert"));
+        pollen_keys::files::write_signed(&path, &cert).expect("write cert");
+        path
+    }
+
+    /// Sign a manifest for `files` (1 MiB chunks unless `chunk`), immediate rollout.
+    pub fn manifest(&self, files: &[PathBuf], channel: &str, version: u64, chunk: u64) -> Manifest {
+        let t = now();
+        let spec = NewManifest {
+            channel: Channel::new(channel).expect("channel"),
+            version,
+            files: files.to_vec(),
+            chunk_size: ChunkSize::new(chunk).expect("chunk size"),
+            rollout: RolloutPlan::immediate(),
+            created: t.minus(Duration::from_secs(5)),
+            expires: t.plus(Duration::from_secs(86400)),
+            replaces: None,
+        };
+        let body = mf::build_body(&spec).expect("manifest body");
+        mf::sign(&body, &[&self.publisher]).expect("sign")
+    }
+}
+
+/// Deterministic pseudo-random bytes (xorshift), for test files.
+pub fn test_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// A running `pollen run` process. Killed (SIGKILL) on drop.
+#[derive(Debug)]
+pub struct Node {
+    /// Its data directory.
+    pub dir: PathBuf,
+    /// Extra arguments it was started with.
+    pub args: Vec<String>,
+    child: Option<Child>,
+    /// `127.0.0.1:PORT` of its HTTP API.
+    pub http: String,
+    agent: ureq::Agent,
+}
+
+impl Node {
+    /// Start `pollen run` with a fresh HTTP port and loopback TCP, mDNS off, plus `args`.
+    pub fn start(dir: &Path, args: &[String]) -> Node {
+        let mut n = Node {
+            dir: dir.to_path_buf(),
+            args: args.to_vec(),
+            child: None,
+            http: String::new(),
+            agent: ureq::Agent::config_builder()
+                .timeout_global(Some(Duration::from_secs(30)))
+                .http_status_as_error(false)
+                .build()
+                .into(),
+        };
+        n.restart();
+        n
+    }
+
+    /// (Re)start the process with the same data dir and arguments.
+    pub fn restart(&mut self) {
+        self.kill();
+        std::fs::create_dir_all(&self.dir).expect("data dir");
+        let addr_file = self.dir.join("http.addr");
+        let _ = std::fs::remove_file(&addr_file);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("node.log"))
+            .expect("log file");
+        let child = Command::new(pollen_bin())
+            .arg("run")
+            .arg("--data-dir")
+            .arg(&self.dir)
+            .args([
+                "--listen",
+                "/ip4/127.0.0.1/tcp/0",
+                "--http",
+                "127.0.0.1:0",
+                "--no-mdns",
+            ])
+            .args(&self.args)
+            .env("RUST_LOG", "info,libp2p_mdns=warn")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn pollen run");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(s) = std::fs::read_to_string(&addr_file)
+                && !s.is_empty()
+            {
+                self.http = s.trim().to_string();
+                break;
+            }
+            if let Some(c) = self.child.as_mut()
+                && let Ok(Some(st)) = c.try_wait()
+            {
+                panic!("pollen run exited early ({st}):\n{}", self.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "pollen run did not start:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.wait(Duration::from_secs(30), "listening", |s| {
+            !s.listen.is_empty()
+        });
+    }
+
+    /// The node's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("node.log")).unwrap_or_default()
+    }
+
+    /// SIGKILL the process (no clean shutdown).
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Is the process running?
+    pub fn running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// Base URL of the HTTP API.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.http)
+    }
+
+    /// `GET /v1/status`.
+    pub fn status(&self) -> Status {
+        let mut r = self
+            .agent
+            .get(format!("{}/v1/status", self.url()))
+            .call()
+            .expect("status request");
+        r.body_mut().read_json().expect("status JSON")
+    }
+
+    /// `GET /metrics`.
+    pub fn metrics(&self) -> String {
+        let mut r = self
+            .agent
+            .get(format!("{}/metrics", self.url()))
+            .call()
+            .expect("metrics request");
+        r.body_mut().read_to_string().expect("metrics text")
+    }
+
+    /// A metric's value (first line starting with `name`).
+    pub fn metric(&self, name: &str) -> f64 {
+        self.metrics()
+            .lines()
+            .find(|l| l.starts_with(name) && !l.starts_with('#'))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    }
+
+    /// The first listen address, with `/p2p/<id>`.
+    pub fn addr(&self) -> String {
+        self.status()
+            .listen
+            .into_iter()
+            .next()
+            .expect("a listen address")
+    }
+
+    /// Poll the status until `pred` holds; panics with the log after `timeout`.
+    pub fn wait(&self, timeout: Duration, what: &str, pred: impl Fn(&Status) -> bool) -> Status {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(mut r) = self.agent.get(format!("{}/v1/status", self.url())).call()
+                && let Ok(s) = r.body_mut().read_json::<Status>()
+            {
+                if pred(&s) {
+                    return s;
+                }
+                if Instant::now() > deadline {
+                    panic!(
+                        "node {} never reached '{what}' in {timeout:?}; status:\n{}\nlog tail:\n{}",
+                        self.dir.display(),
+                        serde_json::to_string_pretty(&s).unwrap_or_default(),
+                        tail(&self.log(), 40)
+                    );
+                }
+            }
+            assert!(
+                Instant::now() < deadline + Duration::from_secs(5),
+                "node {} unreachable:\n{}",
+                self.dir.display(),
+                tail(&self.log(), 40)
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Upload files and inject a manifest over the HTTP API; returns the HTTP status and
+    /// body of the manifest post.
+    pub fn publish(&self, m: &Manifest, files: &[PathBuf]) -> (u16, String) {
+        for (path, f) in files.iter().zip(&m.body.artifact.variants[0].files) {
+            let url = format!(
+                "{}/v1/files/{}?chunk_size={}",
+                self.url(),
+                f.spec.content_id,
+                f.spec.chunk_size.get()
+            );
+            let file = std::fs::File::open(path).expect("open file");
+            let mut r = self
+                .agent
+                .put(&url)
+                .send(ureq::SendBody::from_owned_reader(file))
+                .expect("upload");
+            assert_eq!(
+                r.status(),
+                200,
+                "upload refused: {}",
+                r.body_mut().read_to_string().unwrap_or_default()
+            );
+        }
+        self.post_manifest(&m.signed.to_bytes())
+    }
+
+    /// `POST /v1/manifests` with raw bytes.
+    pub fn post_manifest(&self, bytes: &[u8]) -> (u16, String) {
+        let mut r = self
+            .agent
+            .post(format!("{}/v1/manifests", self.url()))
+            .send(bytes)
+            .expect("post manifest");
+        let status = r.status().as_u16();
+        (status, r.body_mut().read_to_string().unwrap_or_default())
+    }
+
+    /// Does the node hold every chunk of `channel`'s release `version`?
+    pub fn has_release(s: &Status, channel: &str, version: u64) -> bool {
+        s.channels.iter().any(|c| {
+            c.channel == channel
+                && c.releases.iter().any(|r| {
+                    r.version == version && r.files.iter().all(|f| f.have == f.total && f.total > 0)
+                })
+        })
+    }
+
+    /// Path of a blob in the node's store.
+    pub fn blob(&self, content_id: &str) -> PathBuf {
+        self.dir.join("blobs").join(content_id)
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn tail(s: &str, n: usize) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
