@@ -72,6 +72,7 @@ enum StoreDone {
 
 struct PeerConn {
     node: NodeId,
+    relayed: bool,
     sender: Option<PeerSender>,
     hello: Option<Hello>,
     up: bool,
@@ -131,6 +132,8 @@ pub struct Actor {
     listen: BTreeSet<Multiaddr>,
     persist: mpsc::Sender<Persist>,
     opened: BTreeSet<ContentId>,
+    /// Relays to listen through: address, and the listener once started.
+    relays: BTreeMap<PeerId, (Multiaddr, Option<libp2p::core::transport::ListenerId>)>,
 }
 
 impl std::fmt::Debug for Actor {
@@ -185,13 +188,22 @@ impl Actor {
                 .listen_on(addr.clone())
                 .with_context(|| format!("cannot listen on {addr}"))?;
         }
+        // Relays: listen through each once connected to it (see `on_swarm`).
+        let mut relays = BTreeMap::new();
         for r in &cfg.relays {
             let addr: Multiaddr = r
                 .parse()
                 .with_context(|| format!("bad relay address {r}"))?;
-            swarm
-                .listen_on(addr.with(Protocol::P2pCircuit))
-                .with_context(|| format!("cannot listen through relay {r}"))?;
+            let Some(Protocol::P2p(peer)) = addr.iter().last() else {
+                anyhow::bail!("relay address {r} must end in /p2p/<peer id>");
+            };
+            relays.insert(peer, (addr, None));
+        }
+        for a in &cfg.external {
+            let addr: Multiaddr = a
+                .parse()
+                .with_context(|| format!("bad external address {a}"))?;
+            swarm.add_external_address(addr);
         }
         let control = swarm.behaviour().stream.new_control();
         let metrics = Arc::new(Metrics::default());
@@ -268,6 +280,7 @@ impl Actor {
             listen: BTreeSet::new(),
             persist: persist_tx,
             opened: BTreeSet::new(),
+            relays,
         };
         actor.restore()?;
         Ok((actor, handle))
@@ -913,7 +926,13 @@ impl Actor {
             listen: self
                 .listen
                 .iter()
-                .map(|a| format!("{a}/p2p/{pid}"))
+                .map(|a| {
+                    if matches!(a.iter().last(), Some(Protocol::P2p(_))) {
+                        a.to_string()
+                    } else {
+                        format!("{a}/p2p/{pid}")
+                    }
+                })
                 .collect(),
             http: self.http.to_string(),
             trust_version: trust.map_or(0, |t| t.body.version),
@@ -927,6 +946,7 @@ impl Actor {
                     peer_id: p.to_string(),
                     site: c.hello.as_ref().and_then(|h| h.site.clone()),
                     chunks_from: by_peer.get(&c.node.to_hex()).copied().unwrap_or(0),
+                    relayed: c.relayed,
                 })
                 .collect(),
             channels: self
@@ -994,10 +1014,30 @@ impl Actor {
         match ev {
             SwarmEvent::NewListenAddr { address, .. } => {
                 println!("listening on {address}/p2p/{}", self.peer_id());
+                // A relay server only serves once it has a confirmed external address; a
+                // node configured as a relay announces the addresses it listens on.
+                if self.cfg.relay_server
+                    && !address.iter().any(|p| matches!(p, Protocol::P2pCircuit))
+                {
+                    self.swarm.add_external_address(address.clone());
+                }
                 self.listen.insert(address);
             }
             SwarmEvent::ExpiredListenAddr { address, .. } => {
                 self.listen.remove(&address);
+            }
+            SwarmEvent::ListenerClosed {
+                listener_id,
+                reason,
+                ..
+            } => {
+                // A relay listener ends with its relay connection: start again on reconnect.
+                for (addr, l) in self.relays.values_mut() {
+                    if *l == Some(listener_id) {
+                        tracing::warn!("listener through relay {addr} closed: {reason:?}");
+                        *l = None;
+                    }
+                }
             }
             SwarmEvent::ConnectionEstablished {
                 peer_id,
@@ -1016,6 +1056,27 @@ impl Actor {
                     let _ = self.swarm.disconnect_peer_id(peer_id);
                     return;
                 };
+                if let Some((addr, listener)) = self.relays.get(&peer_id).cloned()
+                    && listener.is_none()
+                    && !endpoint.is_relayed()
+                {
+                    match self
+                        .swarm
+                        .listen_on(addr.clone().with(Protocol::P2pCircuit))
+                    {
+                        Ok(id) => {
+                            tracing::info!("listening through relay {addr}");
+                            self.relays.insert(peer_id, (addr, Some(id)));
+                        }
+                        Err(e) => self.error(format!("cannot listen through relay {addr}: {e}")),
+                    }
+                }
+                if endpoint.is_relayed() {
+                    self.metrics
+                        .relayed_connections
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::info!("relayed connection with {peer_id}");
+                }
                 if endpoint.is_dialer() {
                     self.swarm
                         .behaviour_mut()
@@ -1027,6 +1088,7 @@ impl Actor {
                         peer_id,
                         PeerConn {
                             node,
+                            relayed: endpoint.is_relayed(),
                             sender: None,
                             hello: None,
                             up: false,
@@ -1110,6 +1172,22 @@ impl Actor {
                     }
                 }
             }
+            SwarmEvent::Behaviour(BehaviourEvent::RelayServer(
+                libp2p::relay::Event::ReservationReqAccepted { src_peer_id, .. },
+            )) => {
+                // Make the reserving node findable through us: its circuit addresses go
+                // into the DHT, so peers that look it up can dial it via this relay.
+                let me = self.peer_id();
+                let addrs: Vec<Multiaddr> = self
+                    .listen
+                    .iter()
+                    .filter(|a| !a.iter().any(|p| matches!(p, Protocol::P2pCircuit)))
+                    .map(|a| a.clone().with(Protocol::P2p(me)).with(Protocol::P2pCircuit))
+                    .collect();
+                for a in addrs {
+                    self.swarm.behaviour_mut().kad.add_address(&src_peer_id, a);
+                }
+            }
             SwarmEvent::Behaviour(BehaviourEvent::Ping(libp2p::ping::Event { .. })) => {}
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
                 tracing::debug!("dial {peer_id:?} failed: {error}");
@@ -1133,8 +1211,17 @@ impl Actor {
             .build();
         let _ = self.swarm.dial(opts);
     }
-
     fn bootstrap(&mut self) {
+        let relays: Vec<(PeerId, Multiaddr)> = self
+            .relays
+            .iter()
+            .map(|(p, (a, _))| (*p, a.clone()))
+            .collect();
+        for (peer, addr) in relays {
+            if !self.swarm.is_connected(&peer) {
+                self.dial(peer, vec![addr]);
+            }
+        }
         for b in self.cfg.bootstrap.clone() {
             let Ok(addr) = b.parse::<Multiaddr>() else {
                 self.error(format!("bad bootstrap address {b}"));

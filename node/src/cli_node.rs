@@ -27,6 +27,9 @@ pub struct RunArgs {
     /// Bootstrap peer (repeatable), e.g. /ip4/10.0.0.2/tcp/4001/p2p/12D3Koo...
     #[arg(long, value_name = "MULTIADDR")]
     bootstrap: Vec<String>,
+    /// An address others can reach this node at (repeatable).
+    #[arg(long, value_name = "MULTIADDR")]
+    external: Vec<String>,
     /// Local HTTP API address (127.0.0.1 only unless --http-public).
     #[arg(long, value_name = "ADDR")]
     http: Option<SocketAddr>,
@@ -78,6 +81,7 @@ pub fn run(a: RunArgs) -> Result<()> {
         cfg.listen = a.listen;
     }
     cfg.bootstrap.extend(a.bootstrap);
+    cfg.external.extend(a.external);
     if let Some(h) = a.http {
         cfg.http = h;
     }

@@ -6,6 +6,9 @@
 //! data_dir = "/var/lib/pollen"
 //! # libp2p listen addresses (OS-chosen ports by default).
 //! listen = ["/ip4/0.0.0.0/tcp/0", "/ip4/0.0.0.0/udp/0/quic-v1"]
+//! # Addresses under which others reach this node, when it knows them (public IP, port
+//! # forward). A relay server also announces the addresses it listens on.
+//! external = []
 //! # Peers to dial at start and to seed Kademlia (multiaddrs ending in /p2p/<peer id>).
 //! bootstrap = []
 //! # The local HTTP API (status, metrics, publishing, inference). Loopback only unless
@@ -20,8 +23,10 @@
 //! cert = "/etc/pollen/node.cert"
 //! # LAN discovery by multicast DNS.
 //! mdns = true
-//! # Serve as a circuit relay for nodes behind NAT.
+//! # Serve as a circuit relay for nodes behind NAT, and the bytes one relayed connection
+//! # may carry (0 = unlimited).
 //! relay_server = false
+//! relay_circuit_bytes = 1073741824
 //! # Listen through these relays (multiaddrs of relay nodes ending in /p2p/<id>) so that
 //! # this node is reachable behind NAT.
 //! relays = []
@@ -59,6 +64,8 @@ pub struct NodeConfig {
     pub listen: Vec<String>,
     /// Bootstrap peers.
     pub bootstrap: Vec<String>,
+    /// Externally reachable addresses to announce.
+    pub external: Vec<String>,
     /// HTTP API address.
     pub http: SocketAddr,
     /// Allow a non-loopback HTTP address.
@@ -73,6 +80,8 @@ pub struct NodeConfig {
     pub mdns: bool,
     /// Act as a relay server.
     pub relay_server: bool,
+    /// Bytes one relayed connection may carry (0 = unlimited).
+    pub relay_circuit_bytes: u64,
     /// Relays to listen through.
     pub relays: Vec<String>,
     /// Upload limit, bytes/s (0 = none).
@@ -105,6 +114,7 @@ impl Default for NodeConfig {
                 "/ip4/0.0.0.0/udp/0/quic-v1".into(),
             ],
             bootstrap: Vec::new(),
+            external: Vec::new(),
             http: DEFAULT_HTTP.parse().expect("valid default address"),
             http_public: false,
             site: None,
@@ -112,6 +122,7 @@ impl Default for NodeConfig {
             cert: None,
             mdns: true,
             relay_server: false,
+            relay_circuit_bytes: 1 << 30,
             relays: Vec::new(),
             upload_limit: 0,
             download_limit: 0,

@@ -51,6 +51,8 @@ pub struct Metrics {
     pub manifests_accepted: AtomicU64,
     /// Store errors (disk full, IO).
     pub store_errors: AtomicU64,
+    /// Connections established through a relay (/p2p-circuit).
+    pub relayed_connections: AtomicU64,
     rejected: Mutex<BTreeMap<(String, String), u64>>,
     chunks_from: Mutex<BTreeMap<String, u64>>,
 }

@@ -91,6 +91,11 @@ pub fn build_swarm(key: Keypair, cfg: &NodeConfig) -> Result<Swarm<Behaviour>> {
     yamux_cfg.set_max_num_streams(64);
     let mdns_on = cfg.mdns;
     let relay_on = cfg.relay_server;
+    let relay_cfg = relay::Config {
+        max_circuit_duration: Duration::from_secs(3600),
+        max_circuit_bytes: cfg.relay_circuit_bytes,
+        ..relay::Config::default()
+    };
     let limits = connection_limits::ConnectionLimits::default()
         .with_max_established(Some(cfg.max_connections))
         .with_max_established_per_peer(Some(cfg.max_connections_per_peer))
@@ -129,7 +134,7 @@ pub fn build_swarm(key: Keypair, cfg: &NodeConfig) -> Result<Swarm<Behaviour>> {
                 kad,
                 autonat: autonat::Behaviour::new(id, autonat::Config::default()),
                 relay_server: relay_on
-                    .then(|| relay::Behaviour::new(id, relay::Config::default()))
+                    .then(|| relay::Behaviour::new(id, relay_cfg))
                     .into(),
                 relay_client,
                 dcutr: dcutr::Behaviour::new(id),

@@ -39,6 +39,8 @@ pub struct PeerStatus {
     pub site: Option<String>,
     /// Chunks received from it.
     pub chunks_from: u64,
+    /// The connection runs through a relay (/p2p-circuit).
+    pub relayed: bool,
 }
 
 /// A channel.

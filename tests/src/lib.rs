@@ -19,8 +19,15 @@ use std::sync::OnceLock;
 /// Panics, failing the test, when the build fails or the binary is not there: an
 /// end-to-end test never skips silently.
 pub fn pollen_bin() -> PathBuf {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(find_or_build).clone()
+}
+
+static BIN: OnceLock<PathBuf> = OnceLock::new();
+
+/// Use `bin` as the binary under test (benchmarks pick the release build next to them).
+/// Has no effect once [`pollen_bin`] was called.
+pub fn set_pollen_bin(bin: PathBuf) {
+    let _ = BIN.set(bin);
 }
 
 fn find_or_build() -> PathBuf {

@@ -131,16 +131,38 @@ pub struct Node {
     child: Option<Child>,
     /// `127.0.0.1:PORT` of its HTTP API.
     pub http: String,
+    /// Network namespace it runs in (None: the test's own).
+    pub netns: Option<String>,
+    /// libp2p listen address (default loopback TCP on an OS-chosen port).
+    pub listen: String,
+    /// Pass `--no-mdns`.
+    pub no_mdns: bool,
     agent: ureq::Agent,
 }
 
 impl Node {
     /// Start `pollen run` with a fresh HTTP port and loopback TCP, mDNS off, plus `args`.
     pub fn start(dir: &Path, args: &[String]) -> Node {
+        Self::start_in(None, "/ip4/127.0.0.1/tcp/0", true, dir, args)
+    }
+
+    /// Start inside network namespace `netns` (via `ip netns exec`), listening on
+    /// `listen`, with mDNS on unless `no_mdns`. The HTTP API stays on the namespace's
+    /// loopback; status is read with `pollen status` run inside the namespace.
+    pub fn start_in(
+        netns: Option<&str>,
+        listen: &str,
+        no_mdns: bool,
+        dir: &Path,
+        args: &[String],
+    ) -> Node {
         let mut n = Node {
             dir: dir.to_path_buf(),
             args: args.to_vec(),
             child: None,
+            netns: netns.map(String::from),
+            listen: listen.to_string(),
+            no_mdns,
             http: String::new(),
             agent: ureq::Agent::config_builder()
                 .timeout_global(Some(Duration::from_secs(30)))
@@ -163,19 +185,29 @@ impl Node {
             .append(true)
             .open(self.dir.join("node.log"))
             .expect("log file");
-        let child = Command::new(pollen_bin())
-            .arg("run")
-            .arg("--data-dir")
-            .arg(&self.dir)
-            .args([
-                "--listen",
-                "/ip4/127.0.0.1/tcp/0",
-                "--http",
-                "127.0.0.1:0",
-                "--no-mdns",
-            ])
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(pollen_bin());
+                c
+            }
+            None => Command::new(pollen_bin()),
+        };
+        cmd.arg("run").arg("--data-dir").arg(&self.dir).args([
+            "--listen",
+            &self.listen,
+            "--http",
+            "127.0.0.1:0",
+        ]);
+        if self.no_mdns {
+            cmd.arg("--no-mdns");
+        }
+        let child = cmd
             .args(&self.args)
-            .env("RUST_LOG", "info,libp2p_mdns=warn")
+            .env(
+                "RUST_LOG",
+                std::env::var("POLLEN_TEST_LOG").unwrap_or_else(|_| "info,libp2p_mdns=warn".into()),
+            )
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
@@ -220,6 +252,11 @@ impl Node {
         }
     }
 
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, |c| c.id())
+    }
+
     /// Is the process running?
     pub fn running(&mut self) -> bool {
         self.child
@@ -234,12 +271,29 @@ impl Node {
 
     /// `GET /v1/status`.
     pub fn status(&self) -> Status {
-        let mut r = self
-            .agent
-            .get(format!("{}/v1/status", self.url()))
-            .call()
-            .expect("status request");
-        r.body_mut().read_json().expect("status JSON")
+        self.try_status().expect("status request")
+    }
+
+    fn try_status(&self) -> Option<Status> {
+        match &self.netns {
+            None => {
+                let mut r = self
+                    .agent
+                    .get(format!("{}/v1/status", self.url()))
+                    .call()
+                    .ok()?;
+                r.body_mut().read_json().ok()
+            }
+            Some(ns) => {
+                let out = Command::new("ip")
+                    .args(["netns", "exec", ns])
+                    .arg(pollen_bin())
+                    .args(["status", "--json", "--node", &self.url()])
+                    .output()
+                    .ok()?;
+                serde_json::from_slice(&out.stdout).ok()
+            }
+        }
     }
 
     /// `GET /metrics`.
@@ -275,27 +329,21 @@ impl Node {
     pub fn wait(&self, timeout: Duration, what: &str, pred: impl Fn(&Status) -> bool) -> Status {
         let deadline = Instant::now() + timeout;
         loop {
-            if let Ok(mut r) = self.agent.get(format!("{}/v1/status", self.url())).call()
-                && let Ok(s) = r.body_mut().read_json::<Status>()
+            let s = self.try_status();
+            if let Some(s) = &s
+                && pred(s)
             {
-                if pred(&s) {
-                    return s;
-                }
-                if Instant::now() > deadline {
-                    panic!(
-                        "node {} never reached '{what}' in {timeout:?}; status:\n{}\nlog tail:\n{}",
-                        self.dir.display(),
-                        serde_json::to_string_pretty(&s).unwrap_or_default(),
-                        tail(&self.log(), 40)
-                    );
-                }
+                return s.clone();
             }
-            assert!(
-                Instant::now() < deadline + Duration::from_secs(5),
-                "node {} unreachable:\n{}",
-                self.dir.display(),
-                tail(&self.log(), 40)
-            );
+            if Instant::now() > deadline {
+                panic!(
+                    "node {} never reached '{what}' in {timeout:?}; status:\n{}\nlog tail:\n{}",
+                    self.dir.display(),
+                    s.map(|s| serde_json::to_string_pretty(&s).unwrap_or_default())
+                        .unwrap_or_else(|| "unreachable".into()),
+                    tail(&self.log(), 40)
+                );
+            }
             std::thread::sleep(Duration::from_millis(100));
         }
     }

@@ -1,0 +1,233 @@
+//! `pollen-bench`: node benchmarks, each against a baseline measured in the same run.
+//!
+//! ```text
+//! cargo run --release -p pollen-tests --bin pollen-bench -- [verify|transfer|all] [--mib N]
+//! ```
+//!
+//! * `verify`: chunk verification (length check + BLAKE3 chaining value at the chunk's
+//!   offset) against raw `blake3::hash` of the same chunks. Goal: ratio >= 0.9.
+//! * `transfer`: a file published on one `pollen run` and fetched by another over
+//!   loopback into its store (verified, written, synced, renamed), against a plain TCP copy
+//!   of the same bytes into a file (written and synced). Median of 3 each; goal: ratio >=
+//!   0.5. Also the peak RSS (VmHWM) of the seeding and the downloading node; goal < 150 MiB.
+//!
+//! Uses the `pollen` binary next to this one (build both with `--release`), or
+//! `POLLEN_BIN`.
+
+use pollen_protocol::chunking::{ChunkSize, spec_for_bytes};
+use pollen_tests::mesh::{Node, Operator, test_bytes};
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn gib_s(bytes: u64, d: Duration) -> f64 {
+    bytes as f64 / d.as_secs_f64() / (1u64 << 30) as f64
+}
+
+fn verify(mib: usize) {
+    let data = test_bytes(mib << 20, 7);
+    println!("\n== chunk verification, {mib} MiB in memory, one thread");
+    println!(
+        "{:<10} {:>14} {:>14} {:>8}",
+        "chunk", "raw blake3", "verify_chunk", "ratio"
+    );
+    for chunk in [16 * 1024u64, 1 << 20, 4 << 20] {
+        let cs = ChunkSize::new(chunk).expect("chunk size");
+        let spec = spec_for_bytes(&data, cs);
+        let mut raw = vec![];
+        let mut ver = vec![];
+        for _ in 0..5 {
+            let t = Instant::now();
+            let mut x = 0u8;
+            for c in data.chunks(chunk as usize) {
+                x ^= blake3::hash(c).as_bytes()[0];
+            }
+            std::hint::black_box(x);
+            raw.push(gib_s(data.len() as u64, t.elapsed()));
+            let t = Instant::now();
+            for (i, c) in data.chunks(chunk as usize).enumerate() {
+                spec.verify_chunk(i as u64, c).expect("valid chunk");
+            }
+            ver.push(gib_s(data.len() as u64, t.elapsed()));
+        }
+        let (r, v) = (median(raw), median(ver));
+        println!(
+            "{:<10} {:>9.2} GiB/s {:>9.2} GiB/s {:>8.3}",
+            format!("{} KiB", chunk / 1024),
+            r,
+            v,
+            v / r
+        );
+    }
+}
+
+fn tcp_copy(src: &Path, dst: &Path) -> Duration {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let dst = dst.to_path_buf();
+    let t = Instant::now();
+    let rx = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().expect("accept");
+        let mut f = std::fs::File::create(&dst).expect("create");
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = s.read(&mut buf).expect("read");
+            if n == 0 {
+                break;
+            }
+            f.write_all(&buf[..n]).expect("write");
+        }
+        f.sync_all().expect("sync");
+    });
+    let mut s = TcpStream::connect(addr).expect("connect");
+    let mut f = std::fs::File::open(src).expect("open");
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).expect("read");
+        if n == 0 {
+            break;
+        }
+        s.write_all(&buf[..n]).expect("send");
+    }
+    drop(s);
+    rx.join().expect("receiver");
+    t.elapsed()
+}
+
+fn vm_hwm_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn transfer(mib: usize) {
+    let tmp = tempfile::tempdir_in(
+        std::env::var_os("BENCH_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(std::env::temp_dir),
+    )
+    .expect("tmp");
+    let op = Operator::new(&tmp.path().join("op"), false);
+    let src = tmp.path().join("model.bin");
+    {
+        let mut f = std::fs::File::create(&src).expect("create");
+        for i in 0..mib {
+            f.write_all(&test_bytes(1 << 20, i as u64)).expect("write");
+        }
+    }
+    let size = (mib as u64) << 20;
+    println!("\n== transfer of {mib} MiB over loopback (median of 3)");
+    let mut tcp = vec![];
+    let mut p2p = vec![];
+    let mut seed_rss = 0;
+    let mut dl_rss = 0;
+    for round in 0..3 {
+        let dst = tmp.path().join(format!("copy{round}"));
+        tcp.push(gib_s(size, tcp_copy(&src, &dst)));
+        let _ = std::fs::remove_file(&dst);
+
+        let trust = vec!["--trust".to_string(), op.trust_file.display().to_string()];
+        let seeder = Node::start(&tmp.path().join(format!("s{round}")), &trust);
+        let m = op.manifest(std::slice::from_ref(&src), "bench.model", 1, 1 << 20);
+        let (code, body) = seeder.publish(&m, std::slice::from_ref(&src));
+        assert_eq!(code, 200, "{body}");
+        let mut args = trust.clone();
+        args.extend(["--bootstrap".to_string(), seeder.addr()]);
+        let t = Instant::now();
+        let dl = Node::start(&tmp.path().join(format!("d{round}")), &args);
+        dl.wait(Duration::from_secs(600), "complete", |s| {
+            Node::has_release(s, "bench.model", 1)
+        });
+        let d = t.elapsed();
+        p2p.push(gib_s(size, d));
+        seed_rss = seed_rss.max(vm_hwm_kib(seeder.pid()));
+        dl_rss = dl_rss.max(vm_hwm_kib(dl.pid()));
+        let cid = m.body.artifact.variants[0].files[0]
+            .spec
+            .content_id
+            .to_hex();
+        assert_eq!(
+            std::fs::metadata(dl.blob(&cid))
+                .map(|m| m.len())
+                .unwrap_or(0),
+            size,
+            "complete blob"
+        );
+        drop(dl);
+        drop(seeder);
+        let _ = std::fs::remove_dir_all(tmp.path().join(format!("s{round}")));
+        let _ = std::fs::remove_dir_all(tmp.path().join(format!("d{round}")));
+    }
+    let (t, p) = (median(tcp.clone()), median(p2p.clone()));
+    println!("{:<36} {:>10}", "what", "GiB/s");
+    println!(
+        "{:<36} {:>10.3}   runs {:?}",
+        "plain TCP copy into a file",
+        t,
+        tcp.iter()
+            .map(|x| (x * 1000.0).round() / 1000.0)
+            .collect::<Vec<_>>()
+    );
+    println!(
+        "{:<36} {:>10.3}   runs {:?}",
+        "pollen node to node, into the store",
+        p,
+        p2p.iter()
+            .map(|x| (x * 1000.0).round() / 1000.0)
+            .collect::<Vec<_>>()
+    );
+    println!("{:<36} {:>10.3}", "ratio (goal >= 0.5)", p / t);
+    println!(
+        "{:<36} {:>7} MiB",
+        "peak RSS of the seeding node",
+        seed_rss / 1024
+    );
+    println!(
+        "{:<36} {:>7} MiB",
+        "peak RSS of the downloading node",
+        dl_rss / 1024
+    );
+    println!("(the downloading time includes process start and peer discovery)");
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let what = args.first().map(String::as_str).unwrap_or("all");
+    let mib = args
+        .iter()
+        .position(|a| a == "--mib")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok());
+    if std::env::var_os("POLLEN_BIN").is_none()
+        && let Ok(me) = std::env::current_exe()
+    {
+        let sibling = me.with_file_name("pollen");
+        if sibling.is_file() {
+            pollen_tests::set_pollen_bin(sibling);
+        }
+    }
+    match what {
+        "verify" => verify(mib.unwrap_or(256)),
+        "transfer" => transfer(mib.unwrap_or(1024)),
+        "all" => {
+            verify(256);
+            transfer(mib.unwrap_or(1024));
+        }
+        other => {
+            eprintln!("unknown benchmark {other:?}: verify, transfer or all");
+            std::process::exit(2);
+        }
+    }
+}
