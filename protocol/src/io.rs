@@ -66,6 +66,17 @@ pub enum Input {
         /// Chunk index.
         index: u32,
     },
+    /// The driver verified a chunk from `from` and wrote it, but it is not durable yet:
+    /// the request is done and the chunk is not asked for again. [`Input::ChunkStored`]
+    /// follows once a sync covers it (or [`Input::ChunkFailed`] with a store error).
+    ChunkReceived {
+        /// Sender.
+        from: NodeId,
+        /// File.
+        file: ContentId,
+        /// Chunk index.
+        index: u32,
+    },
     /// A chunk from `from` was not stored.
     ChunkFailed {
         /// Sender.

@@ -183,6 +183,8 @@ struct FileState {
     /// Request ids in flight per chunk.
     inflight: BTreeMap<u32, Vec<u64>>,
     wanted: bool,
+    /// Received and written, waiting for the sync that makes them durable.
+    pending: BTreeSet<u32>,
 }
 
 impl FileState {
@@ -336,7 +338,7 @@ impl<R: Rng> Mesh<R> {
     pub fn needs_chunk(&self, file: &ContentId, index: u32) -> bool {
         self.files
             .get(file)
-            .is_some_and(|f| index < f.total() && !f.have.get(index))
+            .is_some_and(|f| index < f.total() && !f.have.get(index) && !f.pending.contains(&index))
     }
 
     /// Does this node hold the chunk?
@@ -453,6 +455,15 @@ impl<R: Rng> Mesh<R> {
             }
             Input::ChunkStored { from, file, index } => {
                 self.on_chunk_stored(now, from, file, index)
+            }
+            Input::ChunkReceived { from, file, index } => {
+                self.finish_requests(Some(from), file, index);
+                if let Some(f) = self.files.get_mut(&file)
+                    && index < f.total()
+                    && !f.have.get(index)
+                {
+                    f.pending.insert(index);
+                }
             }
             Input::ChunkFailed {
                 from,
@@ -1167,6 +1178,7 @@ impl<R: Rng> Mesh<R> {
                 seeds: 0,
                 inflight: BTreeMap::new(),
                 wanted: false,
+                pending: BTreeSet::new(),
             };
             for p in self.peers.values_mut() {
                 if let Some(b) = p.haves.get_mut(&cid) {
@@ -1641,8 +1653,8 @@ impl<R: Rng> Mesh<R> {
         }
     }
 
-    fn on_chunk_stored(&mut self, now: Now, from: Option<NodeId>, file: ContentId, index: u32) {
-        // Clear every request for this chunk; cancel the ones still running elsewhere.
+    /// Clear every request for this chunk; cancel the ones still running elsewhere.
+    fn finish_requests(&mut self, from: Option<NodeId>, file: ContentId, index: u32) {
         let ids: Vec<u64> = self
             .files
             .get(&file)
@@ -1658,9 +1670,14 @@ impl<R: Rng> Mesh<R> {
                 }
             }
         }
+    }
+
+    fn on_chunk_stored(&mut self, now: Now, from: Option<NodeId>, file: ContentId, index: u32) {
+        self.finish_requests(from, file, index);
         let Some(f) = self.files.get_mut(&file) else {
             return;
         };
+        f.pending.remove(&index);
         if index >= f.total() || f.have.get(index) {
             return;
         }
@@ -1712,7 +1729,11 @@ impl<R: Rng> Mesh<R> {
                     format!("corrupt chunk {index} of {}", file.short()),
                 );
             }
-            ChunkFailure::Store(_) => {}
+            ChunkFailure::Store(_) => {
+                if let Some(f) = self.files.get_mut(&file) {
+                    f.pending.remove(&index);
+                }
+            }
         }
         let _ = now;
     }
@@ -1781,7 +1802,7 @@ impl<R: Rng> Mesh<R> {
         let mut any_free_missing = false;
         for k in 0..n {
             let i = (start + k) % n;
-            if f.have.get(i) || f.inflight.contains_key(&i) {
+            if f.have.get(i) || f.inflight.contains_key(&i) || f.pending.contains(&i) {
                 continue;
             }
             any_free_missing = true;

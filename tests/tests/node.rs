@@ -202,11 +202,11 @@ fn restarted_node_rejects_a_replayed_older_version() {
 fn late_joiner_finds_peers_through_kademlia() {
     let tmp = tempfile::tempdir().unwrap();
     let op = Operator::new(&tmp.path().join("op"), false);
-    // 4 MiB/s uploads (a WAN-like uplink): one source alone would need 4 s.
+    // 4 MiB/s uploads (a WAN-like uplink): one source alone would need 12 s.
     let slow = ["--upload-limit", "4194304"];
     let publisher = Node::start(&tmp.path().join("pub"), &args(&op, &slow));
     let boot = publisher.addr();
-    let (file, _) = write_file(tmp.path(), "model.onnx", 16 * MIB, 4);
+    let (file, _) = write_file(tmp.path(), "model.onnx", 48 * MIB, 4);
     let m = op.manifest(std::slice::from_ref(&file), "vision.defects", 1, MIB as u64);
     assert_eq!(publisher.publish(&m, &[file]).0, 200);
     let mut early = vec![];

@@ -112,6 +112,17 @@ fn vm_hwm_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// User and system CPU seconds of a process so far.
+fn cpu_secs(pid: u32) -> (f64, f64) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which ends with ')'): utime is the 12th, stime the 13th.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let tick = 100.0; // USER_HZ on Linux
+    let get = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0) / tick;
+    (get(11), get(12))
+}
+
 fn transfer(mib: usize) {
     let tmp = tempfile::tempdir_in(
         std::env::var_os("BENCH_DIR")
@@ -154,6 +165,12 @@ fn transfer(mib: usize) {
         p2p.push(gib_s(size, d));
         seed_rss = seed_rss.max(vm_hwm_kib(seeder.pid()));
         dl_rss = dl_rss.max(vm_hwm_kib(dl.pid()));
+        let (su, ss) = cpu_secs(seeder.pid());
+        let (du, ds) = cpu_secs(dl.pid());
+        println!(
+            "  round {round}: {:.2} s; cpu seeder user {su:.2} s sys {ss:.2} s, downloader user {du:.2} s sys {ds:.2} s",
+            d.as_secs_f64()
+        );
         let cid = m.body.artifact.variants[0].files[0]
             .spec
             .content_id
