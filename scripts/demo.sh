@@ -1,40 +1,76 @@
 #!/usr/bin/env bash
-# The main job until `pollen demo` exists: an operator's whole key flow with the real
-# `pollen` binary (keys, trust root, node certificate, a signed staged manifest for a
-# generated model file), then the protocol core distributing an artifact across a
-# 50-node mesh on the deterministic harness (`pollen-sim harness`).
+# The main job until `pollen demo` exists: a real local mesh on loopback.
+# Generates an operator key and a trust root, starts four `pollen run` nodes in two sites
+# (mDNS off, bootstrap on loopback), publishes a generated 24 MiB model file through one
+# node, shows the spread live until every node holds it, prints one node's status, and
+# stops the nodes. Then runs the protocol core for 50 nodes on the in-memory harness.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build -q -p pollen-node --bin pollen -p pollen-sim
-pollen=target/debug/pollen
-sim=target/debug/pollen-sim
+pollen=$PWD/target/debug/pollen
+sim=$PWD/target/debug/pollen-sim
 dir=$(mktemp -d)
-trap 'rm -rf "$dir"' EXIT
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$dir"
+}
+trap cleanup EXIT INT TERM
 
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
-say "operator keys"
-$pollen keys generate "$dir/root.key"
-$pollen keys generate "$dir/publisher.key"
-$pollen keys generate "$dir/fleet.key"
-$pollen keys generate "$dir/node.key"
+say "operator: keys and a trust root (publisher may sign demo.*)"
+$pollen keys generate "$dir/root.key" >/dev/null
+$pollen keys generate "$dir/publisher.key" >/dev/null
+$pollen keys trust create --root "$dir/root.key" --publisher "$dir/publisher.key=demo.*" \
+  --sign "$dir/root.key" --out "$dir/trust.pollen"
 
-say "trust root: one root key, one publisher for vision.*, a fleet key"
-$pollen keys trust create --root "$dir/root.key" --publisher "$dir/publisher.key=vision.*" \
-  --fleet-key "$dir/fleet.key" --sign "$dir/root.key" --out "$dir/trust.pollen"
-$pollen keys trust show "$dir/trust.pollen"
+start() { # name site [bootstrap]
+  local name=$1 site=$2 boot=${3:-}
+  local args=(run --data-dir "$dir/$name" --listen /ip4/127.0.0.1/tcp/0 --http 127.0.0.1:0
+    --no-mdns --site "$site" --trust "$dir/trust.pollen")
+  [ -n "$boot" ] && args+=(--bootstrap "$boot")
+  RUST_LOG=warn $pollen "${args[@]}" >"$dir/$name.out" 2>"$dir/$name.log" &
+  pids+=($!)
+  for _ in $(seq 100); do [ -s "$dir/$name/http.addr" ] && grep -q listening "$dir/$name.out" && break; sleep 0.1; done
+}
+addr() { grep -m1 listening "$dir/$1.out" | awk '{print $3}'; }
+http() { echo "http://$(cat "$dir/$1/http.addr")"; }
 
-say "node certificate"
-$pollen keys certify --fleet "$dir/fleet.key" --node "$dir/node.key" --label site-a \
-  --trust "$dir/trust.pollen" --out "$dir/node.cert"
+say "four nodes: two in site 'north', two in site 'south'"
+start n1 north
+start n2 north "$(addr n1)"
+start s1 south "$(addr n1)"
+start s2 south "$(addr s1)"
+for n in n1 n2 s1 s2; do echo "$n: $(http $n)  $(addr $n)"; done
 
-say "signed manifest for a 5 MiB model file, staged 5% / 25% / 100%"
-head -c $((5 * 1024 * 1024 + 123)) /dev/urandom > "$dir/model.onnx"
-$pollen keys manifest create "$dir/model.onnx" --channel vision.defects --version 1 \
-  --key "$dir/publisher.key" --stages 5%,25%,100% --stage-interval 10m \
-  --trust "$dir/trust.pollen" --out "$dir/v1.manifest"
-$pollen keys manifest show "$dir/v1.manifest" --trust "$dir/trust.pollen"
-if command -v b3sum >/dev/null; then b3sum "$dir/model.onnx"; fi
+say "publish a 24 MiB model through n1"
+head -c $((24 * 1024 * 1024)) /dev/urandom >"$dir/model.onnx"
+$pollen publish "$dir/model.onnx" --channel demo.model --version 1 --key "$dir/publisher.key" --node "$(http n1)"
 
-say "protocol core: 50 nodes fetch a 64-chunk artifact (virtual time, seed 1)"
+say "spread (chunks held per node)"
+for _ in $(seq 300); do
+  line=""
+  done_all=1
+  for n in n1 n2 s1 s2; do
+    st=$($pollen status --node "$(http $n)" --json 2>/dev/null || echo '{}')
+    have=$(printf '%s' "$st" | python3 -c 'import json,sys
+try:
+    s=json.load(sys.stdin); f=s["channels"][0]["releases"][-1]["files"][0]; print(str(f["have"]) + "/" + str(f["total"]))
+except Exception: print("0/?")')
+    line="$line  $n $have"
+    case $have in */?|0/*) done_all=0;; esac
+    [ "${have%/*}" = "${have#*/}" ] || done_all=0
+  done
+  printf '\r%s' "$line"
+  [ $done_all = 1 ] && break
+  sleep 0.2
+done
+echo
+
+say "status of s2 (what it knows of the mesh)"
+$pollen status --node "$(http s2)"
+
+say "protocol core: 50 nodes fetch a 64-chunk artifact on the harness (virtual time, seed 1)"
 $sim harness --nodes 50 --seed 1

@@ -96,6 +96,9 @@ fn harness(
         h.run_for(step);
         let done = (0..nodes).filter(|&i| h.has_file(i, &spec)).count();
         if done != last {
+            if std::env::var_os("SIM_DEBUG").is_some() {
+                eprintln!("{:?} {done}", h.now());
+            }
             coverage.push((h.now(), done));
             last = done;
         }
