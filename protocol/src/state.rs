@@ -90,6 +90,8 @@ pub struct Config {
     pub disconnect_score: u32,
     /// Most pending pulls (`IHave`s waiting for their delay).
     pub max_pending_wants: usize,
+    /// After the local store fails to keep a chunk (full disk), downloads pause this long.
+    pub store_retry: Duration,
     /// Most pinned releases (see [`Command::Pin`]).
     pub max_pinned: usize,
     /// Download releases this node is not (yet) in the stage for, so it can switch at once
@@ -119,6 +121,7 @@ impl Default for Config {
             max_pending_wants: 1024,
             prefetch: true,
             max_pinned: 256,
+            store_retry: Duration::from_secs(5),
         }
     }
 }
@@ -263,6 +266,7 @@ pub struct Mesh<R> {
     pending_wants: BTreeMap<ObjectId, (Instant, NodeId)>,
     pending_reports: Vec<HealthReport>,
     pinned: BTreeSet<ManifestId>,
+    store_backoff: Option<Instant>,
     outputs: VecDeque<Output>,
     next_anti_entropy: Option<Instant>,
     next_tick: Option<Instant>,
@@ -300,6 +304,7 @@ impl<R: Rng> Mesh<R> {
             pending_wants: BTreeMap::new(),
             pending_reports: Vec::new(),
             pinned: BTreeSet::new(),
+            store_backoff: None,
             outputs: VecDeque::new(),
             next_anti_entropy: None,
             next_tick: Some(now.mono),
@@ -423,6 +428,7 @@ impl<R: Rng> Mesh<R> {
             self.next_tick,
             self.deadlines.first().map(|(t, _)| *t),
             self.pending_wants.values().map(|(t, _)| *t).min(),
+            self.store_backoff,
         ]
         .into_iter()
         .flatten()
@@ -1733,13 +1739,19 @@ impl<R: Rng> Mesh<R> {
                 if let Some(f) = self.files.get_mut(&file) {
                     f.pending.remove(&index);
                 }
+                // A full or failing disk: pause downloads rather than fetch bytes that
+                // cannot be kept.
+                self.store_backoff = Some(now.mono + self.config.store_retry);
             }
         }
-        let _ = now;
     }
 
     /// Issue chunk requests to peers with free slots.
     fn schedule(&mut self, now: Now) {
+        if self.store_backoff.is_some_and(|t| now.mono < t) {
+            return;
+        }
+        self.store_backoff = None;
         let max = self.config.max_inflight_per_peer;
         if self.files.values().all(|f| !f.wanted || f.complete()) {
             return;

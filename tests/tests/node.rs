@@ -292,3 +292,87 @@ fn uncertified_node_connects_and_receives_nothing() {
             == 0
     );
 }
+
+#[test]
+fn publish_explains_what_is_wrong() {
+    let tmp = tempfile::tempdir().unwrap();
+    let op = Operator::new(&tmp.path().join("op"), false);
+    let node = Node::start(&tmp.path().join("a"), &args(&op, &[]));
+    let (file, _) = write_file(tmp.path(), "model.onnx", 50_000, 6);
+    let stranger = tmp.path().join("stranger.key");
+    pollen_keys::generate_key_file(&stranger).unwrap();
+    let publisher = op.dir.join("publisher.key");
+    let pollen = Pollen::in_dir(tmp.path());
+    let publish = |key: &std::path::Path, channel: &str, version: &str, url: &str| {
+        pollen.run([
+            "publish",
+            file.to_str().unwrap(),
+            "--channel",
+            channel,
+            "--version",
+            version,
+            "--key",
+            key.to_str().unwrap(),
+            "--node",
+            url,
+        ])
+    };
+    let e = publish(&stranger, "vision.defects", "1", &node.url()).failure();
+    assert!(e.contains("unknown key"), "{e}");
+    publish(&publisher, "vision.defects", "2", &node.url()).success();
+    let e = publish(&publisher, "vision.defects", "2", &node.url()).failure();
+    assert!(e.contains("not above the current version 2"), "{e}");
+    let e = publish(&publisher, "vision.defects", "3", "http://127.0.0.1:9").failure();
+    assert!(e.contains("cannot reach the node"), "{e}");
+    let e = pollen
+        .run(["keys", "generate", stranger.to_str().unwrap()])
+        .failure();
+    assert!(e.contains("refusing to overwrite"), "{e}");
+}
+
+#[test]
+fn channel_not_allowed_for_the_key_is_explained() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let pollen = Pollen::in_dir(dir);
+    pollen.run(["keys", "generate", "root.key"]).success();
+    pollen.run(["keys", "generate", "pub.key"]).success();
+    pollen
+        .run([
+            "keys",
+            "trust",
+            "create",
+            "--root",
+            "root.key",
+            "--publisher",
+            "pub.key=audio.*",
+            "--sign",
+            "root.key",
+            "--out",
+            "trust.pollen",
+        ])
+        .success();
+    let node = Node::start(
+        &dir.join("a"),
+        &[
+            "--trust".to_string(),
+            dir.join("trust.pollen").display().to_string(),
+        ],
+    );
+    let (file, _) = write_file(dir, "model.onnx", 20_000, 7);
+    let e = pollen
+        .run([
+            "publish",
+            file.to_str().unwrap(),
+            "--channel",
+            "vision.defects",
+            "--version",
+            "1",
+            "--key",
+            "pub.key",
+            "--node",
+            &node.url(),
+        ])
+        .failure();
+    assert!(e.contains("channel not allowed for that key"), "{e}");
+}
