@@ -351,6 +351,12 @@ impl Node {
     /// Upload files and inject a manifest over the HTTP API; returns the HTTP status and
     /// body of the manifest post.
     pub fn publish(&self, m: &Manifest, files: &[PathBuf]) -> (u16, String) {
+        self.upload(m, files);
+        self.post_manifest(&m.signed.to_bytes())
+    }
+
+    /// Upload the files of a manifest (`PUT /v1/files/...`), panicking on refusal.
+    pub fn upload(&self, m: &Manifest, files: &[PathBuf]) {
         for (path, f) in files.iter().zip(&m.body.artifact.variants[0].files) {
             let url = format!(
                 "{}/v1/files/{}?chunk_size={}",
@@ -371,7 +377,6 @@ impl Node {
                 r.body_mut().read_to_string().unwrap_or_default()
             );
         }
-        self.post_manifest(&m.signed.to_bytes())
     }
 
     /// `POST /v1/manifests` with raw bytes.
