@@ -135,6 +135,7 @@ pub struct Actor {
     /// Relays to listen through: address, and the listener once started.
     relays: BTreeMap<PeerId, (Multiaddr, Option<libp2p::core::transport::ListenerId>)>,
     write_lock: Arc<std::sync::Mutex<()>>,
+    restoring: bool,
 }
 
 impl std::fmt::Debug for Actor {
@@ -154,6 +155,8 @@ enum Persist {
     Trust(u64, Vec<u8>),
     State(NodeState),
     Gc(BTreeSet<ContentId>),
+    /// Delete stored manifests not in the set (releases the core no longer keeps).
+    PruneManifests(BTreeSet<ManifestId>),
 }
 
 fn wall() -> UnixTime {
@@ -285,8 +288,11 @@ impl Actor {
             opened: BTreeSet::new(),
             relays,
             write_lock: Arc::new(std::sync::Mutex::new(())),
+            restoring: true,
         };
         actor.restore()?;
+        actor.restoring = false;
+        actor.gc();
         Ok((actor, handle))
     }
 
@@ -656,6 +662,10 @@ impl Actor {
 
     /// Delete files that no retained or published release refers to.
     fn gc(&mut self) {
+        // While restoring, the core holds only part of what is on disk.
+        if self.restoring {
+            return;
+        }
         let mut keep = BTreeSet::new();
         for c in self.mesh.status() {
             for r in c.releases {
@@ -665,6 +675,19 @@ impl Actor {
             }
         }
         let _ = self.persist.try_send(Persist::Gc(keep));
+        let mut manifests: BTreeSet<ManifestId> = self
+            .mesh
+            .status()
+            .iter()
+            .flat_map(|c| c.releases.iter().map(|r| r.manifest))
+            .collect();
+        manifests.extend(
+            self.state
+                .published
+                .iter()
+                .filter_map(|h| h.parse::<ManifestId>().ok()),
+        );
+        let _ = self.persist.try_send(Persist::PruneManifests(manifests));
     }
 
     fn on_net(&mut self, ev: NetEvent) {
@@ -1332,6 +1355,14 @@ fn spawn_persister(store: Arc<Store>, mut rx: mpsc::Receiver<Persist>) {
                     Persist::State(s) => store.save_state(s),
                     Persist::Gc(keep) => store.gc(keep).map(|_| ()),
                     Persist::Flush(_) => Ok(()),
+                    Persist::PruneManifests(keep) => store.manifests().and_then(|all| {
+                        for (id, _) in all {
+                            if !keep.contains(&id) {
+                                store.remove_manifest(&id)?;
+                            }
+                        }
+                        Ok(())
+                    }),
                 };
                 if let Persist::Flush(done) = job {
                     let _ = done.send(());

@@ -126,6 +126,9 @@ impl Default for Config {
     }
 }
 
+/// Most equivocating manifests remembered per channel.
+const MAX_EQUIVOCATIONS: usize = 64;
+
 /// Penalty for a message that does not decode or is forged: disconnect at once.
 const PENALTY_SEVERE: u32 = 100;
 /// Penalty for a corrupt chunk.
@@ -1094,7 +1097,10 @@ impl<R: Rng> Mesh<R> {
         if let Some(existing) = chan.releases.get(&version) {
             let existing_signed = existing.manifest.signed.clone();
             let existing_id = existing.manifest.id;
-            if chan.equivocations.contains(&(version, id)) {
+            // Bounded: a leaked key could sign any number of bodies for one version.
+            if chan.equivocations.contains(&(version, id))
+                || chan.equivocations.len() >= MAX_EQUIVOCATIONS
+            {
                 return Ok(());
             }
             chan.equivocations.insert((version, id));

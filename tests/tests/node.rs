@@ -195,6 +195,18 @@ fn restarted_node_rejects_a_replayed_older_version() {
         assert!(body.contains("not above the highest"), "{body}");
     }
     assert!(node.metrics().contains("reason=\"stale\""));
+    // The files of every release kept across the restart are still in the store.
+    for m in &manifests {
+        let cid = m.body.artifact.variants[0].files[0]
+            .spec
+            .content_id
+            .to_hex();
+        assert!(
+            node.blob(&cid).is_file(),
+            "blob of v{} kept",
+            m.body.version
+        );
+    }
     assert_eq!(node.status().channels[0].active_version, Some(4));
 }
 
