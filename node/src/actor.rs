@@ -80,6 +80,11 @@ struct PeerConn {
 
 /// Capacity of the channel from stream tasks to the actor.
 const NET_QUEUE: usize = 1024;
+/// Persistence jobs queued (manifests, trust roots and flushes are never dropped in
+/// practice: state, GC and pruning are coalesced by the persister).
+const PERSIST_QUEUE: usize = 1 << 16;
+/// Files younger than this are never garbage-collected (a publish may be uploading them).
+const GC_GRACE: Duration = Duration::from_secs(600);
 /// Capacity of the HTTP command channel.
 const CMD_QUEUE: usize = 64;
 /// Most recent errors kept for the status.
@@ -136,6 +141,8 @@ pub struct Actor {
     relays: BTreeMap<PeerId, (Multiaddr, Option<libp2p::core::transport::ListenerId>)>,
     write_lock: Arc<std::sync::Mutex<()>>,
     restoring: bool,
+    /// Something on disk could not be restored: no garbage collection in this run.
+    restore_incomplete: bool,
 }
 
 impl std::fmt::Debug for Actor {
@@ -236,7 +243,7 @@ impl Actor {
         let (net_tx, net_rx) = mpsc::channel(NET_QUEUE);
         let (store_tx, store_rx) = mpsc::channel(NET_QUEUE);
         let (cmd_tx, cmd_rx) = mpsc::channel(CMD_QUEUE);
-        let (persist_tx, persist_rx) = mpsc::channel(1024);
+        let (persist_tx, persist_rx) = mpsc::channel(PERSIST_QUEUE);
         spawn_persister(store.clone(), persist_rx);
         let writer = WriterShared {
             store: store.clone(),
@@ -289,6 +296,7 @@ impl Actor {
             relays,
             write_lock: Arc::new(std::sync::Mutex::new(())),
             restoring: true,
+            restore_incomplete: false,
         };
         actor.restore()?;
         actor.restoring = false;
@@ -341,23 +349,36 @@ impl Actor {
     /// Load the trust root chain, the configured trust root, manifests, versions and
     /// durable chunks from disk into the core.
     fn restore(&mut self) -> Result<()> {
+        // Stored roots are restored whatever the time: a site offline past its root's
+        // expiry keeps serving what it has.
         for bytes in self.store.trust_roots()? {
             match Signed::from_bytes(&bytes) {
                 Ok((s, _)) => {
-                    if let Err(e) = self.core_command(Command::SetTrustRoot(s)) {
+                    if let Err(e) = self.core_command(Command::RestoreTrustRoot(s)) {
+                        self.restore_incomplete = true;
                         tracing::warn!("stored trust root not usable: {e}");
                     }
                 }
-                Err(e) => tracing::warn!("stored trust root unreadable: {e}"),
+                Err(e) => {
+                    self.restore_incomplete = true;
+                    tracing::warn!("stored trust root unreadable: {e}");
+                }
             }
         }
         if let Some(p) = self.cfg.trust.clone() {
             let (s, body): (SignedTrustRoot, _) =
                 pollen_keys::files::read_signed(&p, "trust root")?;
             let current = self.mesh.trust_root().map_or(0, |t| t.body.version);
-            if body.version > current {
-                self.core_command(Command::SetTrustRoot(s))
-                    .map_err(|e| anyhow::anyhow!("trust root {}: {e}", p.display()))?;
+            if body.version > current
+                && let Err(e) = self.core_command(Command::SetTrustRoot(s))
+            {
+                if current == 0 {
+                    anyhow::bail!("trust root {}: {e}", p.display());
+                }
+                self.error(format!(
+                    "configured trust root {} not installed: {e}",
+                    p.display()
+                ));
             }
         }
         if let Some(c) = self.cert.clone()
@@ -373,20 +394,22 @@ impl Actor {
             }
         }
         manifests.sort_by_key(|m| m.body.version);
+        // Pins first: restored releases are trimmed only once the active one is marked.
+        for id in self.state.published.clone() {
+            if let Ok(id) = id.parse::<ManifestId>() {
+                let _ = self.core_command(Command::Pin(id));
+            }
+        }
         for m in manifests {
             let id = m.id;
             if let Err(e) = self.core_command(Command::Restore(m.signed)) {
+                self.restore_incomplete = true;
                 tracing::warn!("stored manifest {} not restored: {e}", id.short());
             }
         }
         for (channel, version) in self.state.highest.clone() {
             if let Ok(channel) = pollen_protocol::manifest::Channel::new(&channel) {
                 let _ = self.core_command(Command::SetHighest { channel, version });
-            }
-        }
-        for id in self.state.published.clone() {
-            if let Ok(id) = id.parse::<ManifestId>() {
-                let _ = self.core_command(Command::Pin(id));
             }
         }
         for (channel, id) in self.state.active.clone() {
@@ -443,6 +466,19 @@ impl Actor {
     fn on_opened(&mut self, file: ContentId, r: Result<Bitfield, StoreError>) {
         match r {
             Ok(bits) => {
+                // Every chunk durable but no blob: killed between the last sync and the
+                // rename. Finish it now.
+                if bits.count() == bits.len()
+                    && !self.store.has_blob(&file)
+                    && let Some(spec) = self.spec(&file)
+                {
+                    let store = self.store.clone();
+                    let tx = self.store_tx.clone();
+                    tokio::task::spawn_blocking(move || {
+                        let r = store.finish(&spec);
+                        let _ = tx.blocking_send(StoreDone::Finished(file, r));
+                    });
+                }
                 if bits.count() > 0 {
                     let _ = self.core_command(Command::LocalChunks { file, chunks: bits });
                 }
@@ -662,8 +698,9 @@ impl Actor {
 
     /// Delete files that no retained or published release refers to.
     fn gc(&mut self) {
-        // While restoring, the core holds only part of what is on disk.
-        if self.restoring {
+        // While restoring, the core holds only part of what is on disk; and if anything on
+        // disk could not be restored, the core does not know all that must be kept.
+        if self.restoring || self.restore_incomplete {
             return;
         }
         let mut keep = BTreeSet::new();
@@ -856,6 +893,16 @@ impl Actor {
                 self.syncing = false;
                 match result {
                     Ok(done) => {
+                        // Chunks of files the core dropped meanwhile will never be reported.
+                        let dropped: Vec<(ContentId, u32)> = self
+                            .pending_sync
+                            .keys()
+                            .filter(|(f, _)| self.mesh.chunk_spec(f).is_none())
+                            .copied()
+                            .collect();
+                        for k in dropped {
+                            self.pending_sync.remove(&k);
+                        }
                         for (file, indices) in done {
                             for index in indices {
                                 let from = self.pending_sync.remove(&(file, index));
@@ -1348,28 +1395,62 @@ fn spawn_persister(store: Arc<Store>, mut rx: mpsc::Receiver<Persist>) {
     std::thread::Builder::new()
         .name("pollen-persist".into())
         .spawn(move || {
-            while let Some(job) = rx.blocking_recv() {
-                let r = match &job {
-                    Persist::Manifest(id, b) => store.save_manifest(id, b),
-                    Persist::Trust(v, b) => store.save_trust_root(*v, b),
-                    Persist::State(s) => store.save_state(s),
-                    Persist::Gc(keep) => store.gc(keep).map(|_| ()),
-                    Persist::Flush(_) => Ok(()),
-                    Persist::PruneManifests(keep) => store.manifests().and_then(|all| {
-                        for (id, _) in all {
-                            if !keep.contains(&id) {
-                                store.remove_manifest(&id)?;
-                            }
-                        }
-                        Ok(())
-                    }),
-                };
-                if let Persist::Flush(done) = job {
-                    let _ = done.send(());
-                    continue;
+            while let Some(first) = rx.blocking_recv() {
+                // Take everything queued: keep every manifest, trust root and flush in
+                // order, but only the last state, GC and prune (later ones supersede).
+                let mut batch = vec![first];
+                while let Ok(j) = rx.try_recv() {
+                    batch.push(j);
                 }
-                if let Err(e) = r {
-                    tracing::error!("persisting {job:?}: {e}");
+                let last_of =
+                    |pred: fn(&Persist) -> bool, batch: &[Persist]| batch.iter().rposition(pred);
+                let last_state = last_of(|j| matches!(j, Persist::State(_)), &batch);
+                let last_gc = last_of(|j| matches!(j, Persist::Gc(_)), &batch);
+                let last_prune = last_of(|j| matches!(j, Persist::PruneManifests(_)), &batch);
+                // A flush answers only when the newest state is durable too.
+                let newest_state = last_state.and_then(|j| match &batch[j] {
+                    Persist::State(st) => Some(st.clone()),
+                    _ => None,
+                });
+                for (i, job) in batch.into_iter().enumerate() {
+                    if let (Persist::Flush(_), Some(j), Some(st)) =
+                        (&job, last_state, &newest_state)
+                        && j > i
+                        && let Err(e) = store.save_state(st)
+                    {
+                        tracing::error!("persisting state: {e}");
+                    }
+                    let superseded = match &job {
+                        Persist::State(_) => Some(i) != last_state,
+                        Persist::Gc(_) => Some(i) != last_gc,
+                        Persist::PruneManifests(_) => Some(i) != last_prune,
+                        _ => false,
+                    };
+                    if superseded {
+                        continue;
+                    }
+                    let r = match &job {
+                        Persist::Manifest(id, b) => store.save_manifest(id, b),
+                        Persist::Trust(v, b) => store.save_trust_root(*v, b),
+                        Persist::State(s) => store.save_state(s),
+                        Persist::Gc(keep) => store.gc(keep, GC_GRACE).map(|_| ()),
+                        Persist::Flush(_) => Ok(()),
+                        Persist::PruneManifests(keep) => store.manifests().and_then(|all| {
+                            for (id, _) in all {
+                                if !keep.contains(&id) {
+                                    store.remove_manifest(&id)?;
+                                }
+                            }
+                            Ok(())
+                        }),
+                    };
+                    if let Persist::Flush(done) = job {
+                        let _ = done.send(());
+                        continue;
+                    }
+                    if let Err(e) = r {
+                        tracing::error!("persisting {job:?}: {e}");
+                    }
                 }
             }
         })

@@ -286,7 +286,21 @@ fn class(same: &AtomicBool) -> PeerClass {
     }
 }
 
+/// A frame not written within this long means the peer stopped reading: the stream is
+/// closed (so it cannot hold an upload slot or the control queue forever).
+const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
+
 async fn write_frame(stream: &mut libp2p::Stream, parts: &[&[u8]]) -> std::io::Result<usize> {
+    match tokio::time::timeout(WRITE_TIMEOUT, write_frame_inner(stream, parts)).await {
+        Ok(r) => r,
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "peer stopped reading",
+        )),
+    }
+}
+
+async fn write_frame_inner(stream: &mut libp2p::Stream, parts: &[&[u8]]) -> std::io::Result<usize> {
     let len: usize = parts.iter().map(|p| p.len()).sum();
     stream.write_all(&(len as u32).to_be_bytes()).await?;
     for p in parts {

@@ -1217,11 +1217,22 @@ impl Store {
     /// writes to them give [`StoreError::UnknownFile`]. Imports in progress (temporary
     /// files) and files with foreign names are left alone. Deletions are not fsynced: a
     /// crash may bring back a deleted file, never a damaged one.
-    pub fn gc(&self, keep: &BTreeSet<ContentId>) -> Result<u64> {
+    pub fn gc(&self, keep: &BTreeSet<ContentId>, grace: std::time::Duration) -> Result<u64> {
+        // Files written within `grace` are spared: the keep set was computed a moment ago
+        // and may not know a file imported or registered since (a publish in progress).
+        let fresh = |path: &Path| {
+            std::fs::metadata(path)
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age < grace)
+        };
+        let keep_partial = |cid: &ContentId| keep.contains(cid) || fresh(&self.part_path(cid));
         let mut freed = 0;
         for (name, path) in list_dir(&self.blobs)? {
             if let Ok(cid) = name.parse::<ContentId>()
                 && !keep.contains(&cid)
+                && !fresh(&path)
             {
                 freed += remove_counting(&path);
             }
@@ -1231,7 +1242,7 @@ impl Store {
         let _g = lock(&self.open_lock);
         let doomed: Vec<ContentId> = lock(&self.partials)
             .keys()
-            .filter(|c| !keep.contains(c))
+            .filter(|c| !keep_partial(c))
             .copied()
             .collect();
         for cid in &doomed {
@@ -1239,7 +1250,7 @@ impl Store {
         }
         for (name, path) in list_dir(&self.partial)? {
             if let Some((cid, _)) = parse_partial_name(&name)
-                && !keep.contains(&cid)
+                && !keep_partial(&cid)
             {
                 freed += remove_counting(&path);
             }
@@ -1752,7 +1763,7 @@ mod tests {
         assert!(usage >= (a.len() + b.len() + C) as u64, "{usage}");
 
         let keep = BTreeSet::from([sa.content_id]);
-        let freed = store.gc(&keep).unwrap();
+        let freed = store.gc(&keep, std::time::Duration::ZERO).unwrap();
         assert!(freed >= (b.len() + C) as u64, "{freed}");
         assert!(store.has_blob(&sa.content_id));
         assert!(!store.has_blob(&sb.content_id));
@@ -1761,7 +1772,12 @@ mod tests {
         store.write_chunk(&sc, 1, chunk(&c, 1)).unwrap();
         assert_eq!(store.open_file(&sc).unwrap().count(), 0);
         assert!(store.disk_usage().unwrap() < usage);
-        assert!(store.gc(&BTreeSet::new()).unwrap() > 0);
+        assert!(
+            store
+                .gc(&BTreeSet::new(), std::time::Duration::ZERO)
+                .unwrap()
+                > 0
+        );
         assert!(matches!(
             store.read_chunk(&sa, 0),
             Err(StoreError::UnknownFile(_))

@@ -103,6 +103,10 @@ pub enum Command {
     /// Install a trust root: the first is checked as self-signed by its root keys, later
     /// ones as a rotation of the current one.
     SetTrustRoot(SignedTrustRoot),
+    /// Restore a trust root persisted before a restart (the chain in version order):
+    /// signatures are checked as for [`Command::SetTrustRoot`] but not expiry, so a node
+    /// offline past its root's expiry still restores what it serves.
+    RestoreTrustRoot(SignedTrustRoot),
     /// Inject a manifest (checked exactly as one from a peer).
     Publish(SignedManifest),
     /// Restore a manifest accepted before a restart: signatures are checked again, but not
@@ -115,7 +119,9 @@ pub enum Command {
         /// Highest version accepted before.
         version: u64,
     },
-    /// Restore the version active before a restart.
+    /// Restore the version active before a restart. Send after every [`Command::Restore`]:
+    /// restored releases are only trimmed to the retention bound from here on, so the
+    /// active one cannot be evicted before it is marked.
     SetActive {
         /// Channel.
         channel: Channel,

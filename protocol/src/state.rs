@@ -746,7 +746,11 @@ impl<R: Rng> Mesh<R> {
     }
 
     fn on_want(&mut self, from: NodeId, ids: Vec<ObjectId>) {
-        for o in ids.into_iter().take(crate::wire::MAX_LIST) {
+        // Each object once, and a bounded number per message: a Want repeating one large
+        // manifest must not make us queue it thousands of times.
+        const MAX_ANSWERS: usize = 64;
+        let ids: BTreeSet<ObjectId> = ids.into_iter().take(crate::wire::MAX_LIST).collect();
+        for o in ids.into_iter().take(MAX_ANSWERS) {
             match o {
                 ObjectId::Manifest(id) => {
                     if let Some(m) = self.manifest(&id).map(|m| m.signed.clone()) {
@@ -836,7 +840,8 @@ impl<R: Rng> Mesh<R> {
             self.send(from, Message::Want(wants));
         }
         // Reports: push our sample where it differs.
-        for (id, dig) in &d.reports {
+        let reported: BTreeMap<ManifestId, [u8; 32]> = d.reports.iter().copied().collect();
+        for (id, dig) in &reported {
             if let Some(s) = self.samples.get(id)
                 && s.digest() != *dig
                 && !s.is_empty()
@@ -874,6 +879,19 @@ impl<R: Rng> Mesh<R> {
     fn on_command(&mut self, now: Now, cmd: Command) -> Result<(), String> {
         match cmd {
             Command::SetTrustRoot(t) => self.on_trust_root(now, None, t).map_err(|e| e.to_string()),
+            Command::RestoreTrustRoot(t) => {
+                let restored = match &self.trust {
+                    None => TrustRoot::verify_self_signed(t),
+                    Some(cur) => cur.verify_successor(t, UnixTime(0)),
+                };
+                match restored {
+                    Ok(root) => {
+                        self.trust = Some(root);
+                        Ok(())
+                    }
+                    Err(e) => Err(e.to_string()),
+                }
+            }
             Command::Publish(m) => self
                 .on_manifest(now, None, m, false)
                 .map_err(|e| e.to_string()),
@@ -894,6 +912,7 @@ impl<R: Rng> Mesh<R> {
                     .map(|(v, _)| *v)
                     .ok_or("unknown manifest")?;
                 c.active = Some((v, manifest));
+                self.trim_channel(&channel);
                 self.refresh_all(now);
                 Ok(())
             }
@@ -1119,8 +1138,16 @@ impl<R: Rng> Mesh<R> {
                 self.send(p, Message::Manifest(new_signed.clone()));
             }
             if id < existing_id {
+                let signed = m.signed.clone();
                 self.insert_release(now, m);
                 self.index.remove(&existing_id);
+                // The kept manifest replaces the other one: persist it like an accepted one.
+                self.emit(Event::ManifestAccepted {
+                    id,
+                    channel: channel.clone(),
+                    version,
+                    signed,
+                });
             }
             return Ok(());
         }
@@ -1147,7 +1174,10 @@ impl<R: Rng> Mesh<R> {
             signed: signed.clone(),
         });
         self.push_object(from, Message::Manifest(signed), ObjectId::Manifest(id));
-        self.trim_channel(&channel);
+        // While restoring, the active release is not marked yet: trim after SetActive.
+        if !restore {
+            self.trim_channel(&channel);
+        }
         self.refresh_all(now);
         Ok(())
     }
@@ -1349,6 +1379,10 @@ impl<R: Rng> Mesh<R> {
                 return false;
             }
         };
+        // Cheap checks before the signature: only releases we keep have a sample.
+        if !self.samples.contains_key(&body.manifest) {
+            return false;
+        }
         if r.signed.valid_signers(|k| k.0 == body.node.0).is_empty() {
             self.reject_report(
                 from,

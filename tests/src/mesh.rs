@@ -37,8 +37,13 @@ pub fn now() -> UnixTime {
 }
 
 impl Operator {
-    /// Generate keys and a trust root (with a fleet key if `fleet`).
+    /// Generate keys and a trust root (with a fleet key if `fleet`), valid for 30 days.
     pub fn new(dir: &Path, fleet: bool) -> Self {
+        Self::with_validity(dir, fleet, Duration::from_secs(86400 * 30))
+    }
+
+    /// Like [`Operator::new`], with a trust root that expires `validity` from now.
+    pub fn with_validity(dir: &Path, fleet: bool, validity: Duration) -> Self {
         std::fs::create_dir_all(dir).expect("operator dir");
         let root = pollen_keys::generate_key().expect("key");
         let publisher = pollen_keys::generate_key().expect("key");
@@ -48,7 +53,7 @@ impl Operator {
         let body = TrustRootBody {
             version: 1,
             created: t.minus(Duration::from_secs(60)),
-            expires: t.plus(Duration::from_secs(86400 * 30)),
+            expires: t.plus(validity),
             root_keys: vec![pk(&root)],
             root_threshold: 1,
             publishers: vec![Publisher {

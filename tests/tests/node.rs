@@ -388,3 +388,26 @@ fn channel_not_allowed_for_the_key_is_explained() {
         .failure();
     assert!(e.contains("channel not allowed for that key"), "{e}");
 }
+
+#[test]
+fn offline_past_the_trust_roots_expiry_keeps_serving_after_a_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let op = Operator::with_validity(&tmp.path().join("op"), false, Duration::from_secs(4));
+    let mut node = Node::start(&tmp.path().join("a"), &args(&op, &[]));
+    let (file, data) = write_file(tmp.path(), "model.onnx", 300_000, 21);
+    let m = op.manifest(std::slice::from_ref(&file), "vision.defects", 1, 64 * 1024);
+    assert_eq!(node.publish(&m, std::slice::from_ref(&file)).0, 200);
+    std::thread::sleep(Duration::from_secs(5));
+    node.kill();
+    // Restarted after the trust root (and --trust file) expired: what it had stays.
+    node.restart();
+    let s = node.wait(Duration::from_secs(20), "restored", |s| {
+        s.channels.first().and_then(|c| c.active_version) == Some(1)
+    });
+    assert_eq!(s.trust_version, 1, "the expired root is still known");
+    let cid = blake3::hash(&data).to_hex().to_string();
+    assert!(
+        std::fs::read(node.blob(&cid)).unwrap() == data,
+        "the model file is kept"
+    );
+}
