@@ -351,6 +351,49 @@ fn format_size(bytes: u64) -> String {
     format!("{bytes} B")
 }
 
+/// Read golden checks from a JSON file of the form
+/// `{"input_name": "input", "output_name": "probabilities", "inputs": [[f32...], ...],
+/// "expected": [[f32...], ...], "tolerance": 1e-4}`: one check per row, each a batch of one
+/// (shapes `[1, len]`), FP32.
+pub fn golden_from_json(path: &Path) -> Result<Vec<pollen_protocol::manifest::GoldenCheck>> {
+    use pollen_protocol::manifest::{DType, GoldenCheck, TensorData};
+    #[derive(serde::Deserialize)]
+    struct Golden {
+        input_name: String,
+        output_name: String,
+        inputs: Vec<Vec<f32>>,
+        expected: Vec<Vec<f32>>,
+        tolerance: f32,
+    }
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let g: Golden = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not a golden-check file", path.display()))?;
+    if g.inputs.len() != g.expected.len() {
+        bail!(
+            "{}: {} inputs but {} expected outputs",
+            path.display(),
+            g.inputs.len(),
+            g.expected.len()
+        );
+    }
+    let tensor = |name: &str, row: &[f32]| TensorData {
+        name: name.to_string(),
+        dtype: DType::F32,
+        shape: vec![1, row.len() as u64],
+        data: row.iter().flat_map(|v| v.to_le_bytes()).collect(),
+    };
+    Ok(g.inputs
+        .iter()
+        .zip(&g.expected)
+        .map(|(i, e)| GoldenCheck {
+            inputs: vec![tensor(&g.input_name, i)],
+            expected: vec![tensor(&g.output_name, e)],
+            tolerance: g.tolerance,
+        })
+        .collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -12,6 +12,7 @@ use crate::metrics::Metrics;
 use crate::net::{
     self, Behaviour, BehaviourEvent, ChunkJob, NetEvent, Out, PeerSender, RateLimiter, WriterShared,
 };
+use crate::serving::{LoadedModel, Registry};
 use crate::status::{ChannelStatus, FileStatus, PeerStatus, ReleaseStatus, Status};
 use crate::store::{NodeState, Store, StoreError};
 use anyhow::{Context, Result};
@@ -24,6 +25,7 @@ use pollen_protocol::ids::{ContentId, ManifestId, NodeId};
 use pollen_protocol::io::{ChunkFailure, Command, Event, Input, ObjectKind, Output, PeerInfo};
 use pollen_protocol::manifest::{DeviceProfile, Manifest, SignedManifest};
 use pollen_protocol::rollout::Waiting;
+use pollen_protocol::rollout::{ErrorClass, HealthReport, HealthReportBody, HealthStatus};
 use pollen_protocol::signing::Signed;
 use pollen_protocol::trust::{SignedNodeCert, SignedTrustRoot};
 use pollen_protocol::wire::{Bitfield, Hello};
@@ -66,6 +68,14 @@ enum StoreDone {
     Synced(Result<Vec<(ContentId, Vec<u32>)>, StoreError>),
     Finished(ContentId, Result<std::path::PathBuf, StoreError>),
     Opened(ContentId, Result<Bitfield, StoreError>),
+    /// A model finished loading and its golden checks (or failed to).
+    Activated {
+        channel: pollen_protocol::manifest::Channel,
+        version: u64,
+        manifest: ManifestId,
+        report: bool,
+        result: Result<Arc<LoadedModel>, (ErrorClass, String)>,
+    },
     /// The back-off after a failed sync is over.
     RetrySync,
 }
@@ -103,6 +113,10 @@ pub struct Handle {
     pub metrics: Arc<Metrics>,
     /// The store.
     pub store: Arc<Store>,
+    /// Models being served.
+    pub registry: Arc<Registry>,
+    /// The bounded inference pool.
+    pub inference: Arc<crate::inference::Pool>,
 }
 
 /// The actor's state.
@@ -143,6 +157,8 @@ pub struct Actor {
     restoring: bool,
     /// Something on disk could not be restored: no garbage collection in this run.
     restore_incomplete: bool,
+    registry: Arc<Registry>,
+    secret: pollen_protocol::SigningKey,
 }
 
 impl std::fmt::Debug for Actor {
@@ -257,10 +273,16 @@ impl Actor {
             Some(p) => Some(pollen_keys::files::read_signed(p, "node certificate")?.0),
             None => None,
         };
+        let registry = Arc::new(Registry::default());
         let handle = Handle {
             cmds: cmd_tx,
             metrics: metrics.clone(),
             store: store.clone(),
+            registry: registry.clone(),
+            inference: Arc::new(crate::inference::Pool::new(
+                cfg.inference_threads,
+                cfg.inference_queue,
+            )),
         };
         let mut actor = Actor {
             cfg,
@@ -297,10 +319,18 @@ impl Actor {
             write_lock: Arc::new(std::sync::Mutex::new(())),
             restoring: true,
             restore_incomplete: false,
+            registry: registry.clone(),
+            secret: secret.clone(),
         };
         actor.restore()?;
         actor.restoring = false;
         actor.gc();
+        // Serve again what was active before the restart.
+        for c in actor.mesh.status() {
+            if let Some((version, manifest)) = c.active {
+                actor.start_activation(c.channel.clone(), version, manifest, false);
+            }
+        }
         Ok((actor, handle))
     }
 
@@ -645,6 +675,7 @@ impl Actor {
                 manifest,
                 ..
             } => {
+                self.start_activation(channel.clone(), version, manifest, true);
                 tracing::info!(
                     "{channel}: version {version} ({}) is complete and active",
                     manifest.short()
@@ -656,6 +687,7 @@ impl Actor {
                 self.gc();
             }
             Event::RollBack { channel, from, to } => {
+                self.roll_back(&channel, from, to);
                 tracing::warn!("{channel}: rolling back from version {from} to {to:?}");
                 match to {
                     Some((_, m)) => {
@@ -693,6 +725,136 @@ impl Actor {
                 tracing::warn!("peer {} penalised ({score}): {reason}", peer.short());
             }
             _ => {}
+        }
+    }
+    /// Load a release's model and run its golden checks on the blocking pool; the result
+    /// comes back as [`StoreDone::Activated`].
+    fn start_activation(
+        &mut self,
+        channel: pollen_protocol::manifest::Channel,
+        version: u64,
+        manifest: ManifestId,
+        report: bool,
+    ) {
+        let Some(m) = self.mesh.manifest(&manifest).cloned() else {
+            return;
+        };
+        let variant = m.body.artifact.choose(&self.mesh.config().device);
+        let Some(file) = m.body.artifact.variants[variant].files.first() else {
+            return;
+        };
+        let spec = file.spec.clone();
+        let golden = m.body.golden.clone();
+        let store = self.store.clone();
+        let tx = self.store_tx.clone();
+        tokio::task::spawn_blocking(move || {
+            let result = (|| {
+                let path = store.finish(&spec).map_err(|e| {
+                    (
+                        ErrorClass::Unavailable,
+                        format!("model file not in the store: {e}"),
+                    )
+                })?;
+                let loaded = LoadedModel::load(&path, channel.as_str(), version, manifest)?;
+                loaded
+                    .golden(&golden)
+                    .map_err(|e| (ErrorClass::GoldenMismatch, e))?;
+                Ok(Arc::new(loaded))
+            })();
+            let _ = tx.blocking_send(StoreDone::Activated {
+                channel,
+                version,
+                manifest,
+                report,
+                result,
+            });
+        });
+    }
+
+    fn on_activated(
+        &mut self,
+        channel: pollen_protocol::manifest::Channel,
+        version: u64,
+        manifest: ManifestId,
+        report: bool,
+        result: Result<Arc<LoadedModel>, (ErrorClass, String)>,
+    ) {
+        match result {
+            Ok(model) => {
+                tracing::info!("{channel} version {version} passed its checks and serves");
+                self.registry.activate(model);
+                if report {
+                    self.report(&channel, version, manifest, HealthStatus::Ok);
+                }
+            }
+            Err((class, detail)) => {
+                self.error(format!(
+                    "{channel} version {version} failed to activate ({class:?}): {detail}"
+                ));
+                let detail: String = detail.chars().take(240).collect();
+                self.report(
+                    &channel,
+                    version,
+                    manifest,
+                    HealthStatus::Failed { class, detail },
+                );
+            }
+        }
+    }
+
+    /// Serve the warm previous version again (or load it), and report the rollback.
+    fn roll_back(
+        &mut self,
+        channel: &pollen_protocol::manifest::Channel,
+        from: u64,
+        to: Option<(u64, ManifestId)>,
+    ) {
+        match to {
+            Some((v, id)) => {
+                if !self.registry.roll_back_to(channel.as_str(), &id) {
+                    self.start_activation(channel.clone(), v, id, false);
+                }
+            }
+            None => self.registry.remove(channel.as_str()),
+        }
+        let from_id = self
+            .mesh
+            .status()
+            .into_iter()
+            .find(|c| &c.channel == channel)
+            .and_then(|c| c.releases.into_iter().find(|r| r.version == from))
+            .map(|r| r.manifest);
+        if let Some(m) = from_id {
+            self.report(channel, from, m, HealthStatus::RolledBack);
+        }
+    }
+
+    /// Sign a health report with the node key and hand it to the core, which gossips it.
+    fn report(
+        &mut self,
+        channel: &pollen_protocol::manifest::Channel,
+        version: u64,
+        manifest: ManifestId,
+        status: HealthStatus,
+    ) {
+        let body = HealthReportBody {
+            node: self.me,
+            channel: channel.clone(),
+            version,
+            manifest,
+            status,
+            requests: 0,
+            errors: 0,
+            latency_p50_us: 0,
+            latency_p99_us: 0,
+            timestamp: wall(),
+        };
+        let report = HealthReport {
+            signed: Signed::sign(&body, &[&self.secret]),
+            cert: self.cert.clone(),
+        };
+        if let Err(e) = self.core_command(Command::ReportHealth(report)) {
+            tracing::debug!("health report not taken: {e}");
         }
     }
 
@@ -936,6 +1098,13 @@ impl Actor {
                 }
             }
             StoreDone::Opened(file, r) => self.on_opened(file, r),
+            StoreDone::Activated {
+                channel,
+                version,
+                manifest,
+                report,
+                result,
+            } => self.on_activated(channel, version, manifest, report, result),
             StoreDone::RetrySync => {
                 self.syncing = false;
                 self.maybe_sync();

@@ -189,7 +189,7 @@ enum CertCommand {
 #[derive(Debug, Subcommand)]
 enum ManifestCommand {
     /// Hash files into a manifest (one variant, "default") and sign it.
-    Create(ManifestCreateArgs),
+    Create(Box<ManifestCreateArgs>),
     /// Add signatures to a manifest file in place (offline, for thresholds above one).
     Sign {
         /// The manifest file to sign.
@@ -262,6 +262,10 @@ pub struct ReleaseArgs {
     /// The manifest file this release replaces.
     #[arg(long, value_name = "FILE")]
     pub replaces: Option<PathBuf>,
+    /// Golden checks (JSON: input_name, output_name, inputs, expected, tolerance) every node
+    /// runs before it serves the release.
+    #[arg(long, value_name = "FILE")]
+    pub golden: Option<PathBuf>,
 }
 
 /// Hash the files and build and sign the manifest of a release, calling `progress(file,
@@ -306,7 +310,10 @@ pub fn build_release(
         expires: now.plus(days(a.expires_days)),
         replaces,
     };
-    let body = mf::build_body_with_progress(&spec, progress)?;
+    let mut body = mf::build_body_with_progress(&spec, progress)?;
+    if let Some(g) = &a.golden {
+        body.golden = mf::golden_from_json(g)?;
+    }
     let refs: Vec<&SigningKey> = keys.iter().collect();
     mf::sign(&body, &refs)
 }

@@ -40,6 +40,10 @@
 //! max_connections_per_peer = 2
 //! # Peers to keep connected to (discovery dials more while below this).
 //! target_peers = 16
+//! # Inference: concurrent runs (0 = one per CPU) and requests allowed to wait; past
+//! # that the API answers 503 at once.
+//! inference_threads = 0
+//! inference_queue = 64
 //! # Device class for choosing a model variant (e.g. "weak-cpu").
 //! device_class = "default"
 //! # Seed for the protocol core's RNG (random from the OS when absent).
@@ -96,6 +100,10 @@ pub struct NodeConfig {
     pub max_connections_per_peer: u32,
     /// Peers to keep.
     pub target_peers: usize,
+    /// Concurrent inferences (0: one per CPU).
+    pub inference_threads: usize,
+    /// Inference requests allowed to wait.
+    pub inference_queue: usize,
     /// Device class.
     pub device_class: Option<String>,
     /// RNG seed.
@@ -130,6 +138,8 @@ impl Default for NodeConfig {
             max_connections: 256,
             max_connections_per_peer: 2,
             target_peers: 16,
+            inference_threads: 0,
+            inference_queue: 64,
             device_class: None,
             seed: None,
             test_corrupt_chunks: false,

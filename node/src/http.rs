@@ -32,6 +32,7 @@ pub fn router(handle: Handle) -> Router {
         .route("/v1/manifests", post(publish))
         .route("/v1/files/{cid}", put(upload))
         .layer(DefaultBodyLimit::max(2 * 1024 * 1024))
+        .merge(crate::v2::routes())
         .with_state(handle)
 }
 

@@ -11,10 +11,14 @@
 pub mod actor;
 pub mod config;
 pub mod http;
+pub mod inference;
+pub mod kserve;
 pub mod metrics;
 pub mod net;
+pub mod serving;
 pub mod status;
 pub mod store;
+pub mod v2;
 
 use anyhow::{Context, Result};
 

@@ -27,6 +27,19 @@ impl PeerClass {
     }
 }
 
+/// Upper bounds (seconds) of the inference latency histogram buckets.
+const LATENCY_BUCKETS: [f64; 12] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+];
+
+#[derive(Debug, Default, Clone)]
+struct InferStats {
+    requests: u64,
+    errors: u64,
+    buckets: [u64; LATENCY_BUCKETS.len()],
+    sum: f64,
+}
+
 /// Most distinct peers kept in per-peer families.
 const MAX_PEER_LABELS: usize = 1024;
 
@@ -54,6 +67,7 @@ pub struct Metrics {
     /// Connections established through a relay (/p2p-circuit).
     pub relayed_connections: AtomicU64,
     rejected: Mutex<BTreeMap<(String, String), u64>>,
+    inference: Mutex<BTreeMap<(String, u64), InferStats>>,
     chunks_from: Mutex<BTreeMap<String, u64>>,
 }
 
@@ -89,6 +103,24 @@ impl Metrics {
         let mut m = self.chunks_from.lock().unwrap_or_else(|e| e.into_inner());
         if m.len() < MAX_PEER_LABELS || m.contains_key(peer) {
             *m.entry(peer.to_string()).or_default() += 1;
+        }
+    }
+
+    /// Count an inference request for (model, version): its latency and whether it failed.
+    pub fn inference(&self, model: &str, version: u64, seconds: f64, error: bool) {
+        let mut m = self.inference.lock().unwrap_or_else(|e| e.into_inner());
+        let key = (model.to_string(), version);
+        if m.len() >= 256 && !m.contains_key(&key) {
+            return;
+        }
+        let st = m.entry(key).or_default();
+        st.requests += 1;
+        st.errors += u64::from(error);
+        st.sum += seconds;
+        for (i, le) in LATENCY_BUCKETS.iter().enumerate() {
+            if seconds <= *le {
+                st.buckets[i] += 1;
+            }
         }
     }
 
