@@ -235,6 +235,64 @@ impl Metrics {
                 "pollen_rejected_total{{kind=\"{kind}\",reason=\"{reason}\"}} {v}"
             );
         }
+        let inf = self
+            .inference
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let _ = writeln!(
+            s,
+            "# HELP pollen_inference_requests_total Inference requests, by model and version."
+        );
+        let _ = writeln!(s, "# TYPE pollen_inference_requests_total counter");
+        for ((m, v), st) in &inf {
+            let _ = writeln!(
+                s,
+                "pollen_inference_requests_total{{model=\"{m}\",version=\"{v}\"}} {}",
+                st.requests
+            );
+        }
+        let _ = writeln!(
+            s,
+            "# HELP pollen_inference_errors_total Failed inference requests, by model and version."
+        );
+        let _ = writeln!(s, "# TYPE pollen_inference_errors_total counter");
+        for ((m, v), st) in &inf {
+            let _ = writeln!(
+                s,
+                "pollen_inference_errors_total{{model=\"{m}\",version=\"{v}\"}} {}",
+                st.errors
+            );
+        }
+        let _ = writeln!(
+            s,
+            "# HELP pollen_inference_latency_seconds Inference latency, by model and version."
+        );
+        let _ = writeln!(s, "# TYPE pollen_inference_latency_seconds histogram");
+        for ((m, v), st) in &inf {
+            for (i, le) in LATENCY_BUCKETS.iter().enumerate() {
+                let _ = writeln!(
+                    s,
+                    "pollen_inference_latency_seconds_bucket{{model=\"{m}\",version=\"{v}\",le=\"{le}\"}} {}",
+                    st.buckets[i]
+                );
+            }
+            let _ = writeln!(
+                s,
+                "pollen_inference_latency_seconds_bucket{{model=\"{m}\",version=\"{v}\",le=\"+Inf\"}} {}",
+                st.requests
+            );
+            let _ = writeln!(
+                s,
+                "pollen_inference_latency_seconds_sum{{model=\"{m}\",version=\"{v}\"}} {}",
+                st.sum
+            );
+            let _ = writeln!(
+                s,
+                "pollen_inference_latency_seconds_count{{model=\"{m}\",version=\"{v}\"}} {}",
+                st.requests
+            );
+        }
         let _ = writeln!(
             s,
             "# HELP pollen_chunks_received_total Chunks stored, by the peer that sent them."

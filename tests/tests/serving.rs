@@ -1,0 +1,293 @@
+//! End-to-end serving: real `pollen run` processes serving the bundled digits model over
+//! KServe v2, version swaps under load, a version whose golden check fails, bad requests.
+
+use pollen_tests::Pollen;
+use pollen_tests::mesh::{Node, Operator};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+fn models() -> PathBuf {
+    pollen_tests::workspace_dir().join("models")
+}
+
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_secs(20)))
+        .http_status_as_error(false)
+        .build()
+        .into()
+}
+
+fn golden() -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(models().join("golden-v1.json")).unwrap()).unwrap()
+}
+
+/// POST a JSON body; returns (status, body JSON).
+fn post(url: &str, body: &serde_json::Value) -> (u16, serde_json::Value) {
+    let mut r = agent().post(url).send_json(body).expect("request");
+    let status = r.status().as_u16();
+    let text = r.body_mut().read_to_string().unwrap_or_default();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)),
+    )
+}
+
+fn infer_body(row: &serde_json::Value) -> serde_json::Value {
+    serde_json::json!({"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": row}]})
+}
+
+fn argmax(v: &serde_json::Value) -> usize {
+    let d = v["outputs"][0]["data"].as_array().expect("output data");
+    d.iter()
+        .enumerate()
+        .max_by(|a, b| a.1.as_f64().unwrap().total_cmp(&b.1.as_f64().unwrap()))
+        .map(|(i, _)| i)
+        .unwrap()
+}
+
+fn publish(
+    tmp: &std::path::Path,
+    op: &Operator,
+    node: &Node,
+    model: &str,
+    golden: &str,
+    version: u64,
+) {
+    Pollen::in_dir(tmp)
+        .run([
+            "publish",
+            models().join(model).to_str().unwrap(),
+            "--channel",
+            "digits",
+            "--version",
+            &version.to_string(),
+            "--golden",
+            models().join(golden).to_str().unwrap(),
+            "--key",
+            op.dir.join("publisher.key").to_str().unwrap(),
+            "--node",
+            &node.url(),
+        ])
+        .success();
+}
+
+fn serving(n: &Node, version: u64) -> bool {
+    let mut r = agent()
+        .get(format!(
+            "{}/v2/models/digits/versions/{version}/ready",
+            n.url()
+        ))
+        .call()
+        .expect("ready");
+    r.status() == 200
+        && agent()
+            .get(format!("{}/v2/models/digits", n.url()))
+            .call()
+            .is_ok_and(|mut r| {
+                r.body_mut()
+                    .read_json::<serde_json::Value>()
+                    .is_ok_and(|v| v["versions"][0] == serde_json::json!(version.to_string()))
+            })
+}
+
+fn wait_serving(n: &Node, version: u64) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !serving(n, version) {
+        assert!(
+            Instant::now() < deadline,
+            "v{version} never served on {}:\n{}",
+            n.url(),
+            n.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn serves_swaps_under_load_and_refuses_a_failing_version() {
+    let tmp = tempfile::tempdir().unwrap();
+    let op = Operator::new(&tmp.path().join("op"), false);
+    let trust = vec!["--trust".to_string(), op.trust_file.display().to_string()];
+    let a = Node::start(&tmp.path().join("a"), &trust);
+    let mut args = trust.clone();
+    args.extend(["--bootstrap".to_string(), a.addr()]);
+    let b = Node::start(&tmp.path().join("b"), &args);
+    b.wait(Duration::from_secs(20), "connected", |s| {
+        !s.peers.is_empty()
+    });
+
+    publish(tmp.path(), &op, &a, "digits-v1.onnx", "golden-v1.json", 1);
+    for n in [&a, &b] {
+        wait_serving(n, 1);
+        let g = golden();
+        for (row, class) in g["inputs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .zip(g["expected_class"].as_array().unwrap())
+        {
+            let (status, out) = post(
+                &format!("{}/v2/models/digits/infer", n.url()),
+                &infer_body(row),
+            );
+            assert_eq!(status, 200, "{out}");
+            assert_eq!(out["model_version"], "1");
+            assert_eq!(
+                argmax(&out) as u64,
+                class.as_u64().unwrap(),
+                "golden class on {}",
+                n.url()
+            );
+        }
+    }
+
+    // v2 while a bounded loop of requests runs against b: every request succeeds.
+    let url = format!("{}/v2/models/digits/infer", b.url());
+    let row = golden()["inputs"][2].clone();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let workers: Vec<_> = (0..2)
+        .map(|_| {
+            let (url, row, stop) = (url.clone(), row.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut seen = Vec::new();
+                let start = Instant::now();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed)
+                    && start.elapsed() < Duration::from_secs(60)
+                {
+                    let (status, out) = post(&url, &infer_body(&row));
+                    assert_eq!(status, 200, "request during the swap: {out}");
+                    seen.push(out["model_version"].as_str().unwrap().to_string());
+                }
+                seen
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    publish(tmp.path(), &op, &a, "digits-v2.onnx", "golden-v2.json", 2);
+    wait_serving(&b, 2);
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut versions = Vec::new();
+    for w in workers {
+        versions.extend(w.join().expect("worker"));
+    }
+    assert!(
+        versions.len() > 10,
+        "the loop ran ({} requests)",
+        versions.len()
+    );
+    assert_eq!(versions.first().map(String::as_str), Some("1"));
+    assert_eq!(versions.last().map(String::as_str), Some("2"));
+
+    // v3: the v2 graph with v1's golden outputs: the check fails, v2 keeps serving.
+    publish(tmp.path(), &op, &a, "digits-v2.onnx", "golden-v1.json", 3);
+    b.wait(Duration::from_secs(30), "v3 refused", |s| {
+        s.errors
+            .iter()
+            .any(|e| e.contains("version 3 failed to activate"))
+    });
+    for n in [&a, &b] {
+        let (status, out) = post(
+            &format!("{}/v2/models/digits/infer", n.url()),
+            &infer_body(&row),
+        );
+        assert_eq!(status, 200);
+        assert_eq!(out["model_version"], "2", "v3 never serves on {}", n.url());
+        let mut r = agent()
+            .get(format!("{}/v2/models/digits/versions/3", n.url()))
+            .call()
+            .unwrap();
+        assert_eq!(
+            r.status(),
+            404,
+            "{}",
+            r.body_mut().read_to_string().unwrap_or_default()
+        );
+    }
+    let metrics = b.metrics();
+    assert!(
+        metrics.contains("pollen_inference_requests_total{model=\"digits\",version=\"2\"}"),
+        "{metrics}"
+    );
+}
+
+#[test]
+fn bad_requests_get_clear_4xx_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let op = Operator::new(&tmp.path().join("op"), false);
+    let a = Node::start(
+        &tmp.path().join("a"),
+        &["--trust".to_string(), op.trust_file.display().to_string()],
+    );
+    publish(tmp.path(), &op, &a, "digits-v1.onnx", "golden-v1.json", 1);
+    wait_serving(&a, 1);
+    let url = format!("{}/v2/models/digits/infer", a.url());
+    let ones: Vec<f32> = vec![1.0; 64];
+    let cases = [
+        (
+            "unknown model",
+            format!("{}/v2/models/nope/infer", a.url()),
+            infer_body(&serde_json::json!(ones)),
+            404,
+        ),
+        (
+            "wrong input name",
+            url.clone(),
+            serde_json::json!({"inputs": [{"name": "x", "shape": [1, 64], "datatype": "FP32", "data": ones}]}),
+            400,
+        ),
+        (
+            "wrong dtype",
+            url.clone(),
+            serde_json::json!({"inputs": [{"name": "input", "shape": [1, 64], "datatype": "INT32", "data": vec![1; 64]}]}),
+            400,
+        ),
+        (
+            "wrong shape",
+            url.clone(),
+            serde_json::json!({"inputs": [{"name": "input", "shape": [1, 32], "datatype": "FP32", "data": vec![1.0; 32]}]}),
+            400,
+        ),
+        (
+            "data length not matching the shape",
+            url.clone(),
+            serde_json::json!({"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": vec![1.0; 63]}]}),
+            400,
+        ),
+        (
+            "unknown version",
+            format!("{}/v2/models/digits/versions/9/infer", a.url()),
+            infer_body(&serde_json::json!(ones)),
+            404,
+        ),
+    ];
+    for (what, url, body, want) in cases {
+        let (status, out) = post(&url, &body);
+        assert_eq!(status, want, "{what}: {out}");
+        assert!(
+            out["error"].as_str().is_some_and(|e| !e.is_empty()),
+            "{what}: error message in {out}"
+        );
+    }
+    // Malformed JSON.
+    let mut r = agent().post(&url).send("{not json").unwrap();
+    assert_eq!(r.status(), 400);
+    assert!(r.body_mut().read_to_string().unwrap().contains("\"error\""));
+    // Body too large.
+    let big = vec![b' '; 65 * 1024 * 1024];
+    let mut r = agent().post(&url).send(&big[..]).unwrap();
+    assert_eq!(r.status(), 413);
+    assert!(r.body_mut().read_to_string().unwrap().contains("\"error\""));
+    // Server metadata and health.
+    for path in [
+        "/v2",
+        "/v2/health/live",
+        "/v2/health/ready",
+        "/v2/models/digits",
+        "/v2/models/digits/ready",
+    ] {
+        let r = agent().get(format!("{}{path}", a.url())).call().unwrap();
+        assert_eq!(r.status(), 200, "{path}");
+    }
+}
