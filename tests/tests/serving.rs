@@ -73,7 +73,7 @@ fn publish(
 }
 
 fn serving(n: &Node, version: u64) -> bool {
-    let mut r = agent()
+    let r = agent()
         .get(format!(
             "{}/v2/models/digits/versions/{version}/ready",
             n.url()
