@@ -291,3 +291,42 @@ fn bad_requests_get_clear_4xx_errors() {
         assert_eq!(r.status(), 200, "{path}");
     }
 }
+
+/// Triton's own Python HTTP client, unchanged, in JSON and binary modes (`.ci/run`
+/// installs `tritonclient[http]`; without it this test fails and says how to install it).
+#[test]
+fn tritonclient_works_unchanged() {
+    let probe = std::process::Command::new("python3")
+        .args(["-c", "import tritonclient.http, numpy"])
+        .output();
+    let installed = probe.as_ref().is_ok_and(|o| o.status.success());
+    assert!(
+        installed,
+        "python3 with tritonclient[http] is needed: pip install 'tritonclient[http]' ({:?})",
+        probe.map(|o| String::from_utf8_lossy(&o.stderr).into_owned())
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let op = Operator::new(&tmp.path().join("op"), false);
+    let a = Node::start(
+        &tmp.path().join("a"),
+        &["--trust".to_string(), op.trust_file.display().to_string()],
+    );
+    publish(tmp.path(), &op, &a, "digits-v1.onnx", "golden-v1.json", 1);
+    wait_serving(&a, 1);
+    let script = pollen_tests::workspace_dir().join("tests/python/triton_client_check.py");
+    let out = std::process::Command::new("python3")
+        .arg(&script)
+        .arg(&a.http)
+        .arg("digits")
+        .arg(models().join("golden-v1.json"))
+        .output()
+        .expect("run python3");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "tritonclient check failed:\n{text}");
+    assert!(text.contains("binary mode: 5 golden inputs ok"), "{text}");
+    eprintln!("{text}");
+}
