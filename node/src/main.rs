@@ -3,6 +3,7 @@
 //! Exit status: 0 on success, 1 when the command fails (the reason is printed to standard
 //! error as `error: …`), 2 for a usage error.
 
+mod cli_demo;
 mod cli_keys;
 mod cli_node;
 
@@ -27,6 +28,8 @@ enum Command {
     Status(cli_node::StatusArgs),
     /// Key files, trust roots (create, rotate, co-sign), node certificates, manifests.
     Keys(cli_keys::KeysArgs),
+    /// A whole local mesh on loopback, one command: publish, spread, serve, swap.
+    Demo,
 }
 
 fn main() -> ExitCode {
@@ -40,6 +43,7 @@ fn main() -> ExitCode {
         }
         Command::Publish(args) => cli_node::publish(args, &mut stdout),
         Command::Status(args) => cli_node::status(args, &mut stdout),
+        Command::Demo => cli_demo::run(&mut stdout),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -330,3 +330,25 @@ fn tritonclient_works_unchanged() {
     assert!(text.contains("binary mode: 5 golden inputs ok"), "{text}");
     eprintln!("{text}");
 }
+
+/// `pollen demo`, the README's main command, end to end (it exits after its tour here).
+#[test]
+fn demo_runs_its_whole_tour() {
+    let out = std::process::Command::new(pollen_tests::pollen_bin())
+        .arg("demo")
+        .env("POLLEN_DEMO_EXIT", "1")
+        .output()
+        .expect("run pollen demo");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "pollen demo failed:\n{text}");
+    assert!(text.contains("answered with model_version \"1\""), "{text}");
+    assert!(text.contains("answered with model_version \"2\""), "{text}");
+    assert!(
+        text.contains("stopped 5 nodes; removed"),
+        "cleans up:\n{text}"
+    );
+}
