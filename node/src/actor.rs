@@ -1238,6 +1238,12 @@ impl Actor {
                                     rolled_back: d.is_some_and(|d| d.rollback()),
                                     halted: d.is_some_and(|d| d.halted),
                                     my_stage: r.my_stage,
+                                    variant: self
+                                        .mesh
+                                        .manifest(&r.manifest)
+                                        .and_then(|m| m.body.artifact.variants.get(r.variant))
+                                        .map(|v| v.name.clone())
+                                        .unwrap_or_default(),
                                     healthy: r.counts.healthy,
                                     failed: r.counts.failed,
                                     files: r

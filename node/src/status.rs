@@ -81,6 +81,8 @@ pub struct ReleaseStatus {
     pub halted: bool,
     /// This node's stage (None: not in any stage).
     pub my_stage: Option<usize>,
+    /// The model variant this node chose for its device.
+    pub variant: String,
     /// Healthy nodes in the report sample.
     pub healthy: u32,
     /// Failed nodes in the report sample.

@@ -227,6 +227,8 @@ pub struct ReleaseStatus {
     pub decision: Option<Decision>,
     /// This node's stage.
     pub my_stage: Option<usize>,
+    /// The variant this node chose for its device (index into the artifact's variants).
+    pub variant: usize,
     /// Healthy/failed/rolled-back in the sample.
     pub counts: crate::rollout::SampleCounts,
     /// Files: (content id, chunks held, chunks total).
@@ -393,6 +395,7 @@ impl<R: Rng> Mesh<R> {
                         stages: r.manifest.body.rollout.stages.len(),
                         decision: r.decision.clone(),
                         my_stage: r.manifest.stage_of(&self.id),
+                        variant: r.variant,
                         counts: self
                             .samples
                             .get(&r.manifest.id)

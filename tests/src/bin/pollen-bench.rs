@@ -227,6 +227,122 @@ fn transfer(mib: usize) {
     );
 }
 
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+/// POST /infer over loopback against calling tract directly on the same input.
+fn serve() {
+    let models = pollen_tests::workspace_dir().join("models");
+    let tmp = tempfile::tempdir().expect("tmp");
+    let op = Operator::new(&tmp.path().join("op"), false);
+    let node = Node::start(
+        &tmp.path().join("n"),
+        &["--trust".to_string(), op.trust_file.display().to_string()],
+    );
+    let model = models.join("digits-v1.onnx");
+    let m = op.manifest(std::slice::from_ref(&model), "digits", 1, 16 * 1024);
+    let (code, body) = node.publish(&m, std::slice::from_ref(&model));
+    assert_eq!(code, 200, "{body}");
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let url = format!("{}/v2/models/digits/infer", node.url());
+    let row: Vec<f32> = (0..64).map(|i| (i % 17) as f32).collect();
+    let body = serde_json::json!({"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": row}]});
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while agent
+        .post(&url)
+        .send_json(&body)
+        .map(|r| r.status() != 200)
+        .unwrap_or(true)
+    {
+        assert!(Instant::now() < deadline, "model never served");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // tract directly, same model and input, in this process.
+    let direct = pollen_node::serving::LoadedModel::load(
+        &model,
+        "digits",
+        1,
+        pollen_protocol::ManifestId([0; 32]),
+    )
+    .expect("load");
+    let input = pollen_node::kserve::Tensor {
+        name: "input".into(),
+        datatype: pollen_node::kserve::DataType::F32,
+        shape: vec![1, 64],
+        data: row.iter().flat_map(|v| v.to_le_bytes()).collect(),
+    };
+    let n = 2000;
+    let mut d = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        std::hint::black_box(direct.run(std::slice::from_ref(&input)).expect("run"));
+        d.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    let mut h = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        let mut r = agent.post(&url).send_json(&body).expect("infer");
+        let _ = r.body_mut().read_to_vec();
+        h.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    d.sort_by(|a, b| a.total_cmp(b));
+    h.sort_by(|a, b| a.total_cmp(b));
+    println!("\n== inference, digits v1, one [1,64] FP32 input, {n} requests each");
+    println!("{:<32} {:>10} {:>10}", "", "p50 ms", "p99 ms");
+    println!(
+        "{:<32} {:>10.4} {:>10.4}",
+        "tract directly",
+        percentile(&d, 0.5),
+        percentile(&d, 0.99)
+    );
+    println!(
+        "{:<32} {:>10.4} {:>10.4}",
+        "POST /infer over loopback (JSON)",
+        percentile(&h, 0.5),
+        percentile(&h, 0.99)
+    );
+    println!(
+        "{:<32} {:>10.4}   (goal < 0.2 ms)",
+        "added cost at p50",
+        percentile(&h, 0.5) - percentile(&d, 0.5)
+    );
+    let throughput = |clients: usize| {
+        let stop = Instant::now() + Duration::from_secs(3);
+        let handles: Vec<_> = (0..clients)
+            .map(|_| {
+                let (agent, url, body) = (agent.clone(), url.clone(), body.clone());
+                std::thread::spawn(move || {
+                    let mut k = 0u64;
+                    while Instant::now() < stop {
+                        let mut r = agent.post(&url).send_json(&body).expect("infer");
+                        let _ = r.body_mut().read_to_vec();
+                        k += 1;
+                    }
+                    k
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("client"))
+            .sum::<u64>() as f64
+            / 3.0
+    };
+    let one = throughput(1);
+    let four = throughput(4);
+    println!("{:<32} {:>10.0} req/s", "1 client", one);
+    println!("{:<32} {:>10.0} req/s", "4 clients", four);
+    println!(
+        "{:<32} {:>10.2}   (goal >= 1.6 on 2 cores)",
+        "ratio",
+        four / one
+    );
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let what = args.first().map(String::as_str).unwrap_or("all");
@@ -246,12 +362,14 @@ fn main() {
     match what {
         "verify" => verify(mib.unwrap_or(256)),
         "transfer" => transfer(mib.unwrap_or(1024)),
+        "serve" => serve(),
         "all" => {
             verify(256);
+            serve();
             transfer(mib.unwrap_or(1024));
         }
         other => {
-            eprintln!("unknown benchmark {other:?}: verify, transfer or all");
+            eprintln!("unknown benchmark {other:?}: verify, serve, transfer or all");
             std::process::exit(2);
         }
     }

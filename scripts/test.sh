@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The tests, on a fresh machine: installs what they need, builds the pollen binary the
+# end-to-end tests run, then runs every test of the workspace.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+# The NAT test builds network namespaces with a masquerading router (iproute2, iptables).
+if ! command -v iptables >/dev/null || ! command -v ip >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get update -qq >/dev/null 2>&1 || true
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2 iptables >/dev/null 2>&1 \
+      || echo "warning: could not install iproute2/iptables; the namespace tests will say why they skip"
+  fi
+fi
+# The serving test drives a node with Triton's own HTTP client.
+if ! python3 -c "import tritonclient.http, numpy" 2>/dev/null; then
+  python3 -m pip install -q --disable-pip-version-check 'tritonclient[http]'
+fi
+cargo build -p pollen-node --bin pollen
+POLLEN_BIN="$PWD/target/debug/pollen" cargo test --workspace --all-features "$@"
