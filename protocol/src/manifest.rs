@@ -412,3 +412,52 @@ impl Manifest {
         ))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn variant(name: &str, classes: &[&str], mem: u32, cpu: &[&str]) -> Variant {
+        Variant {
+            name: name.into(),
+            requires: DeviceRequirements {
+                device_classes: classes.iter().map(|s| s.to_string()).collect(),
+                min_memory_mib: mem,
+                cpu_features: cpu.iter().map(|s| s.to_string()).collect(),
+            },
+            files: vec![],
+        }
+    }
+
+    #[test]
+    fn variant_choice_follows_device_requirements() {
+        let a = Artifact {
+            variants: vec![
+                variant("fp32", &[], 2048, &["avx2"]),
+                variant("int8", &["weak-cpu"], 0, &[]),
+                variant("fp32-small", &[], 0, &[]),
+            ],
+        };
+        let dev = |class: Option<&str>, mem: u32, cpu: &[&str]| DeviceProfile {
+            device_class: class.map(String::from),
+            memory_mib: mem,
+            cpu_features: cpu.iter().map(|s| s.to_string()).collect(),
+        };
+        assert_eq!(
+            a.choose(&dev(Some("weak-cpu"), 512, &[])),
+            1,
+            "the class's own variant"
+        );
+        assert_eq!(
+            a.choose(&dev(None, 4096, &["avx2"])),
+            0,
+            "strong device: the default"
+        );
+        assert_eq!(
+            a.choose(&dev(None, 1024, &["avx2"])),
+            2,
+            "too little memory for fp32"
+        );
+        assert_eq!(a.choose(&dev(None, 4096, &[])), 2, "no avx2");
+    }
+}
