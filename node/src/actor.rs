@@ -81,6 +81,8 @@ enum StoreDone {
 }
 
 struct PeerConn {
+    /// When the connection came up (a peer that never says Hello is dropped).
+    since: std::time::Instant,
     node: NodeId,
     relayed: bool,
     sender: Option<PeerSender>,
@@ -99,6 +101,8 @@ const GC_GRACE: Duration = Duration::from_secs(600);
 const CMD_QUEUE: usize = 64;
 /// Most recent errors kept for the status.
 const MAX_ERRORS: usize = 32;
+/// A connection whose pollen streams are not up by then is closed.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a disconnected misbehaving peer is refused.
 const BAN: Duration = Duration::from_secs(600);
 /// Most banned peers remembered.
@@ -1342,6 +1346,7 @@ impl Actor {
                     self.peers.insert(
                         peer_id,
                         PeerConn {
+                            since: std::time::Instant::now(),
                             node,
                             relayed: endpoint.is_relayed(),
                             sender: None,
@@ -1537,6 +1542,17 @@ impl Actor {
                     self.drain();
                 }
                 _ = discovery.tick() => {
+                    // Connections whose pollen streams never came up hold a slot for nothing.
+                    let stale: Vec<PeerId> = self
+                        .peers
+                        .iter()
+                        .filter(|(_, c)| !c.up && c.since.elapsed() > HELLO_TIMEOUT)
+                        .map(|(p, _)| *p)
+                        .collect();
+                    for p in stale {
+                        tracing::debug!("{p}: no pollen handshake in {HELLO_TIMEOUT:?}; disconnecting");
+                        let _ = self.swarm.disconnect_peer_id(p);
+                    }
                     if self.peers.len() < self.cfg.target_peers && self.swarm.connected_peers().count() > 0 {
                         self.swarm.behaviour_mut().kad.get_closest_peers(PeerId::random());
                     }
