@@ -81,6 +81,8 @@ enum StoreDone {
 }
 
 struct PeerConn {
+    /// Distinguishes this record from earlier ones of the same peer.
+    generation: u64,
     /// When the connection came up (a peer that never says Hello is dropped).
     since: std::time::Instant,
     node: NodeId,
@@ -161,6 +163,7 @@ pub struct Actor {
     restoring: bool,
     /// Something on disk could not be restored: no garbage collection in this run.
     restore_incomplete: bool,
+    next_gen: u64,
     registry: Arc<Registry>,
     secret: pollen_protocol::SigningKey,
 }
@@ -323,6 +326,7 @@ impl Actor {
             write_lock: Arc::new(std::sync::Mutex::new(())),
             restoring: true,
             restore_incomplete: false,
+            next_gen: 1,
             registry: registry.clone(),
             secret: secret.clone(),
         };
@@ -895,8 +899,14 @@ impl Actor {
 
     fn on_net(&mut self, ev: NetEvent) {
         match ev {
-            NetEvent::OutboundReady { peer, sender } => {
-                if let Some(c) = self.peers.get_mut(&peer) {
+            NetEvent::OutboundReady {
+                peer,
+                sender,
+                generation,
+            } => {
+                if let Some(c) = self.peers.get_mut(&peer)
+                    && c.generation == generation
+                {
                     c.sender = Some(sender);
                     self.maybe_up(peer);
                 }
@@ -927,7 +937,13 @@ impl Actor {
                     self.handle(Input::Malformed { from, error });
                 }
             }
-            NetEvent::StreamClosed { peer } => {
+            NetEvent::StreamClosed { peer, writer_gen } => {
+                // The writer of an older connection record: nothing to do with this one.
+                if writer_gen
+                    .is_some_and(|g| self.peers.get(&peer).is_some_and(|c| c.generation != g))
+                {
+                    return;
+                }
                 if self.peers.contains_key(&peer) && self.swarm.is_connected(&peer) {
                     // One direction broke: drop the connection, discovery reconnects.
                     let _ = self.swarm.disconnect_peer_id(peer);
@@ -1346,6 +1362,7 @@ impl Actor {
                     self.peers.insert(
                         peer_id,
                         PeerConn {
+                            generation: self.next_gen,
                             since: std::time::Instant::now(),
                             node,
                             relayed: endpoint.is_relayed(),
@@ -1365,7 +1382,9 @@ impl Actor {
                         hello,
                         self.writer.clone(),
                         self.net_tx.clone(),
+                        self.next_gen,
                     ));
+                    self.next_gen += 1;
                 }
             }
             SwarmEvent::ConnectionClosed {

@@ -224,11 +224,16 @@ pub enum NetEvent {
         peer: PeerId,
         /// Its sender.
         sender: PeerSender,
+        /// Generation of the connection record it was opened for.
+        generation: u64,
     },
     /// A stream ended.
     StreamClosed {
         /// Peer.
         peer: PeerId,
+        /// For our outbound stream: the generation of the connection record it served
+        /// (a stale writer's close must not tear down a newer connection).
+        writer_gen: Option<u64>,
     },
 }
 
@@ -318,6 +323,7 @@ pub async fn run_writer(
     hello: Hello,
     shared: WriterShared,
     events: mpsc::Sender<NetEvent>,
+    generation: u64,
 ) {
     let mut stream = match tokio::time::timeout(
         Duration::from_secs(20),
@@ -328,12 +334,22 @@ pub async fn run_writer(
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             tracing::debug!(%peer, "cannot open pollen stream: {e}");
-            let _ = events.send(NetEvent::StreamClosed { peer }).await;
+            let _ = events
+                .send(NetEvent::StreamClosed {
+                    peer,
+                    writer_gen: Some(generation),
+                })
+                .await;
             return;
         }
         Err(_) => {
             tracing::debug!(%peer, "opening pollen stream timed out");
-            let _ = events.send(NetEvent::StreamClosed { peer }).await;
+            let _ = events
+                .send(NetEvent::StreamClosed {
+                    peer,
+                    writer_gen: Some(generation),
+                })
+                .await;
             return;
         }
     };
@@ -341,7 +357,12 @@ pub async fn run_writer(
         .await
         .is_err()
     {
-        let _ = events.send(NetEvent::StreamClosed { peer }).await;
+        let _ = events
+            .send(NetEvent::StreamClosed {
+                peer,
+                writer_gen: Some(generation),
+            })
+            .await;
         return;
     }
     let (ctx, mut crx) = mpsc::channel(CONTROL_QUEUE);
@@ -353,7 +374,11 @@ pub async fn run_writer(
         same_site: same_site.clone(),
     };
     if events
-        .send(NetEvent::OutboundReady { peer, sender })
+        .send(NetEvent::OutboundReady {
+            peer,
+            sender,
+            generation,
+        })
         .await
         .is_err()
     {
@@ -420,7 +445,12 @@ pub async fn run_writer(
         tracing::debug!(%peer, "pollen stream write failed: {e}");
     }
     let _ = stream.close().await;
-    let _ = events.send(NetEvent::StreamClosed { peer }).await;
+    let _ = events
+        .send(NetEvent::StreamClosed {
+            peer,
+            writer_gen: Some(generation),
+        })
+        .await;
 }
 
 /// Read frames from a peer's stream until it ends or breaks the protocol.
@@ -490,7 +520,12 @@ pub async fn run_reader(
         }
     }
     let _ = stream.close().await;
-    let _ = events.send(NetEvent::StreamClosed { peer }).await;
+    let _ = events
+        .send(NetEvent::StreamClosed {
+            peer,
+            writer_gen: None,
+        })
+        .await;
 }
 
 /// Accept inbound pollen streams and start a reader for each.
