@@ -874,20 +874,14 @@ impl Actor {
             return;
         }
         let mut keep = BTreeSet::new();
+        let mut manifests: BTreeSet<ManifestId> = BTreeSet::new();
         for c in self.mesh.status() {
             for r in c.releases {
-                for (cid, _, _) in r.files {
-                    keep.insert(cid);
-                }
+                manifests.insert(r.manifest);
+                keep.extend(r.files.into_iter().map(|(cid, _, _)| cid));
             }
         }
         let _ = self.persist.try_send(Persist::Gc(keep));
-        let mut manifests: BTreeSet<ManifestId> = self
-            .mesh
-            .status()
-            .iter()
-            .flat_map(|c| c.releases.iter().map(|r| r.manifest))
-            .collect();
         manifests.extend(
             self.state
                 .published

@@ -315,6 +315,16 @@ async fn write_frame_inner(stream: &mut libp2p::Stream, parts: &[&[u8]]) -> std:
     Ok(4 + len)
 }
 
+/// Tell the actor that the writer of connection record `generation` ended.
+async fn closed(events: &mpsc::Sender<NetEvent>, peer: PeerId, generation: u64) {
+    let _ = events
+        .send(NetEvent::StreamClosed {
+            peer,
+            writer_gen: Some(generation),
+        })
+        .await;
+}
+
 /// Open our stream to `peer`, send `hello`, and run the writer until the actor drops the
 /// sender or the stream fails. Reports `OutboundReady` then `StreamClosed`.
 pub async fn run_writer(
@@ -334,22 +344,12 @@ pub async fn run_writer(
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             tracing::debug!(%peer, "cannot open pollen stream: {e}");
-            let _ = events
-                .send(NetEvent::StreamClosed {
-                    peer,
-                    writer_gen: Some(generation),
-                })
-                .await;
+            closed(&events, peer, generation).await;
             return;
         }
         Err(_) => {
             tracing::debug!(%peer, "opening pollen stream timed out");
-            let _ = events
-                .send(NetEvent::StreamClosed {
-                    peer,
-                    writer_gen: Some(generation),
-                })
-                .await;
+            closed(&events, peer, generation).await;
             return;
         }
     };
@@ -357,12 +357,7 @@ pub async fn run_writer(
         .await
         .is_err()
     {
-        let _ = events
-            .send(NetEvent::StreamClosed {
-                peer,
-                writer_gen: Some(generation),
-            })
-            .await;
+        closed(&events, peer, generation).await;
         return;
     }
     let (ctx, mut crx) = mpsc::channel(CONTROL_QUEUE);
@@ -445,12 +440,7 @@ pub async fn run_writer(
         tracing::debug!(%peer, "pollen stream write failed: {e}");
     }
     let _ = stream.close().await;
-    let _ = events
-        .send(NetEvent::StreamClosed {
-            peer,
-            writer_gen: Some(generation),
-        })
-        .await;
+    closed(&events, peer, generation).await;
 }
 
 /// Read frames from a peer's stream until it ends or breaks the protocol.

@@ -150,7 +150,10 @@ impl LoadedModel {
         let path = path.to_path_buf();
         let result = std::panic::catch_unwind(move || -> Result<Loaded, (ErrorClass, String)> {
             let load = |e: anyhow::Error| (ErrorClass::LoadError, format!("{e:#}"));
-            let inference = onnx().map_err(load)?.load(&path).map_err(load)?;
+            // Read once: tract loads from the buffer, and the graph's output names come from it.
+            let bytes = std::fs::read(&path)
+                .map_err(|e| (ErrorClass::Unavailable, format!("{}: {e}", path.display())))?;
+            let inference = onnx().map_err(load)?.load_buffer(&bytes).map_err(load)?;
             let model = inference.into_model().map_err(|e| {
                 let msg = format!("{e:#}");
                 let class = if msg.contains("Unimplemented")
@@ -176,8 +179,7 @@ impl LoadedModel {
                 outputs.push(io_spec(name, &fact).map_err(|e| (ErrorClass::UnsupportedOp, e))?);
             }
             // tract names outputs by their node; clients use the graph's output names.
-            if let Ok(bytes) = std::fs::read(&path)
-                && let Some(names) = onnx_graph_outputs(&bytes)
+            if let Some(names) = onnx_graph_outputs(&bytes)
                 && names.len() == outputs.len()
             {
                 for (o, n) in outputs.iter_mut().zip(names) {
