@@ -200,6 +200,49 @@ fn publish(http: &str, m: &Manifest, file: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Build a release whose canary stage is gated on one healthy report, if any node falls
+/// in it. Cohort points depend on the version, so each release is checked on its own: a
+/// gate on an empty canary stage would wait forever. Returns the nodes in the canary.
+fn gated_release(
+    mesh: &Mesh,
+    key: &SigningKey,
+    version: u64,
+    model: &[u8],
+    golden: &str,
+) -> Result<(Manifest, PathBuf, Vec<String>)> {
+    let (probe, _) = release(mesh.dir.path(), key, version, model, golden, false)?;
+    let canaries: Vec<String> = mesh
+        .nodes
+        .iter()
+        .filter(|n| {
+            status(&n.http)
+                .and_then(|s| s.node_id.parse::<pollen_protocol::NodeId>().ok())
+                .is_some_and(|id| probe.stage_of(&id) == Some(0))
+        })
+        .map(|n| n.name.clone())
+        .collect();
+    let (m, file) = release(
+        mesh.dir.path(),
+        key,
+        version,
+        model,
+        golden,
+        !canaries.is_empty(),
+    )?;
+    Ok((m, file, canaries))
+}
+
+fn gate_text(canaries: &[String]) -> String {
+    if canaries.is_empty() {
+        " (no node fell in the canary stage this time: no gate)".to_string()
+    } else {
+        format!(
+            ", gated on one healthy report; canary nodes: {}",
+            canaries.join(", ")
+        )
+    }
+}
+
 /// Print one line per node until every node serves `version`.
 fn watch(mesh: &Mesh, version: u64, stop: &AtomicBool) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -373,31 +416,11 @@ pub fn run(out: &mut dyn Write) -> Result<()> {
         std::thread::sleep(Duration::from_millis(100));
     }
 
-    // Which nodes fall in the 40% canary stage of v1 (cohort points are public math).
-    let (probe, _) = release(mesh.dir.path(), &publisher, 1, MODEL_V1, GOLDEN_V1, false)?;
-    let canaries: Vec<String> = mesh
-        .nodes
-        .iter()
-        .filter(|n| {
-            status(&n.http)
-                .and_then(|s| s.node_id.parse::<pollen_protocol::NodeId>().ok())
-                .is_some_and(|id| probe.stage_of(&id) == Some(0))
-        })
-        .map(|n| n.name.clone())
-        .collect();
-    let gated = !canaries.is_empty();
-    let (m1, file1) = release(mesh.dir.path(), &publisher, 1, MODEL_V1, GOLDEN_V1, gated)?;
+    let (m1, file1, canaries1) = gated_release(&mesh, &publisher, 1, MODEL_V1, GOLDEN_V1)?;
     writeln!(
         out,
         "\n== publish the bundled digits model v1 through n1: stages 40% then 100% six seconds later{}",
-        if gated {
-            format!(
-                ", gated on one healthy report; canary nodes: {}",
-                canaries.join(", ")
-            )
-        } else {
-            " (no node fell in the canary stage this time: no gate)".to_string()
-        }
+        gate_text(&canaries1)
     )?;
     publish(&mesh.nodes[0].http, &m1, &file1)?;
     watch(&mesh, 1, &stop)?;
@@ -411,10 +434,11 @@ pub fn run(out: &mut dyn Write) -> Result<()> {
     )?;
     show_answer(&mesh.nodes[4], &infer(&mesh.nodes[4].http, &row)?, label);
 
-    let (m2, file2) = release(mesh.dir.path(), &publisher, 2, MODEL_V2, GOLDEN_V2, gated)?;
+    let (m2, file2, canaries2) = gated_release(&mesh, &publisher, 2, MODEL_V2, GOLDEN_V2)?;
     writeln!(
         out,
-        "\n== publish v2 (64 hidden units instead of 32) through s1 and watch the swap"
+        "\n== publish v2 (64 hidden units instead of 32) through s1 and watch the swap{}",
+        gate_text(&canaries2)
     )?;
     publish(&mesh.nodes[3].http, &m2, &file2)?;
     watch(&mesh, 2, &stop)?;
