@@ -409,6 +409,23 @@ impl Node {
     pub fn blob(&self, content_id: &str) -> PathBuf {
         self.dir.join("blobs").join(content_id)
     }
+
+    /// The bytes of a blob, once it is there: a file whose chunks are all durable is
+    /// renamed into `blobs/` right after, not in the same step. Panics after `timeout`.
+    pub fn wait_blob(&self, content_id: &str, timeout: Duration) -> Vec<u8> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(b) = std::fs::read(self.blob(content_id)) {
+                return b;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "blob {content_id} never appeared in {}",
+                self.dir.display()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
 }
 
 impl Drop for Node {

@@ -61,7 +61,7 @@ fn five_nodes_share_a_40_mib_file_mostly_peer_to_peer() {
         });
         // These files are random bytes, not models: distribution completes, serving (tested
         // in serving.rs) refuses them.
-        let got = std::fs::read(n.blob(&cid)).expect("blob in the store");
+        let got = n.wait_blob(&cid, Duration::from_secs(10));
         assert!(got == data, "byte-identical copy");
         let total: u64 = s.peers.iter().map(|p| p.chunks_from).sum();
         let from_publisher = s
@@ -124,7 +124,7 @@ fn killed_mid_download_resumes_to_an_identical_file() {
     node.wait(Duration::from_secs(120), "complete after restarts", |s| {
         Node::has_release(s, "vision.defects", 1)
     });
-    let got = std::fs::read(node.blob(&cid)).expect("blob");
+    let got = node.wait_blob(&cid, Duration::from_secs(10));
     assert!(got == data, "byte-identical after {} kills", progress.len());
     eprintln!("chunks held at each kill: {progress:?}");
 }
@@ -155,7 +155,7 @@ fn corrupt_peer_is_refused_and_honest_download_completes() {
     });
     let cid = blake3::hash(&data).to_hex().to_string();
     assert!(
-        std::fs::read(newcomer.blob(&cid)).unwrap() == data,
+        newcomer.wait_blob(&cid, Duration::from_secs(10)) == data,
         "no corrupt byte stored"
     );
     let failed = newcomer.metric("pollen_chunks_failed_total");
