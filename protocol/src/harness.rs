@@ -92,6 +92,8 @@ pub struct SimNode {
     pub served: BTreeSet<(Channel, u64)>,
     /// Every event the node emitted, with the time.
     pub events: Vec<(Instant, Event)>,
+    /// How far this node's wall clock is off the harness's, in milliseconds (clock skew).
+    pub clock_offset_ms: i64,
     uplink_free: Instant,
     timer_at: Option<Instant>,
 }
@@ -310,6 +312,7 @@ impl Harness {
                 active: BTreeMap::new(),
                 served: BTreeSet::new(),
                 events: Vec::new(),
+                clock_offset_ms: 0,
                 uplink_free: Instant::ZERO,
                 timer_at: None,
             });
@@ -349,8 +352,19 @@ impl Harness {
         self.wall_origin.plus(self.now - Instant::ZERO)
     }
 
-    fn clocks(&self) -> Now {
-        Now::new(self.now, self.wall())
+    /// Node `i`'s wall clock: the harness's, off by the node's `clock_offset_ms`.
+    pub fn wall_of(&self, i: usize) -> UnixTime {
+        let w = self.wall();
+        let off = self.nodes[i].clock_offset_ms;
+        if off >= 0 {
+            w.plus(Duration::from_millis(off as u64))
+        } else {
+            w.minus(Duration::from_millis(off.unsigned_abs()))
+        }
+    }
+
+    fn clocks(&self, i: usize) -> Now {
+        Now::new(self.now, self.wall_of(i))
     }
 
     /// Set the health policy: what node `i` reports for (channel, version).
@@ -502,7 +516,7 @@ impl Harness {
 
     /// Feed an input to node `i` and process its outputs.
     pub fn input(&mut self, i: usize, input: Input) {
-        let now = self.clocks();
+        let now = self.clocks(i);
         self.nodes[i].mesh.handle(now, input);
         self.drain(i);
     }
@@ -582,7 +596,7 @@ impl Harness {
                     if let Some(&j) = self.index.get(&peer) {
                         // Closing the connection: the other side sees it go down.
                         let me = self.nodes[i].id();
-                        let now = self.clocks();
+                        let now = self.clocks(j);
                         self.nodes[j].mesh.handle(now, Input::PeerDown { peer: me });
                         self.drain(j);
                         self.edges.remove(&(i.min(j), i.max(j)));
@@ -643,7 +657,7 @@ impl Harness {
                 ..
             } => {
                 let plan = (self.policy)(i, channel, *version);
-                let wall = self.wall();
+                let wall = self.wall_of(i);
                 let ok = plan.at_activation == HealthStatus::Ok;
                 if ok {
                     self.nodes[i]
@@ -683,7 +697,7 @@ impl Harness {
                             .map(|r| r.manifest)
                     });
                 if let Some(mid) = from_id {
-                    let wall = self.wall();
+                    let wall = self.wall_of(i);
                     let r = self.report(i, channel, *from, mid, HealthStatus::RolledBack, wall);
                     self.push(
                         self.now + Duration::from_millis(1),
@@ -780,7 +794,7 @@ impl Harness {
                 if self.nodes[node].timer_at.is_some_and(|t| t <= self.now) {
                     self.nodes[node].timer_at = None;
                 }
-                let now = self.clocks();
+                let now = self.clocks(node);
                 self.nodes[node].mesh.handle_timeout(now);
                 self.drain(node);
             }

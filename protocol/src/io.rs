@@ -141,6 +141,16 @@ pub enum Command {
     Instruct(SignedInstruction),
     /// This node's certificate, shown to peers on connect.
     SetCertificate(SignedNodeCert),
+    /// Pin this node's channel to a version (None: follow the rollouts again). While
+    /// pinned, the node serves that version as soon as it holds it, ignoring stages, gates
+    /// and rollbacks, and never drops it; until it holds it, it keeps what it serves.
+    /// Persisting the pin is the driver's job.
+    PinVersion {
+        /// Channel.
+        channel: Channel,
+        /// Version to stay on.
+        version: Option<u64>,
+    },
     /// Never trim this release (the node an operator published through keeps every
     /// version it published, so older versions stay fetchable from it).
     Pin(ManifestId),

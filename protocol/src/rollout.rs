@@ -59,11 +59,34 @@ pub struct Stage {
     pub gate: Option<Gate>,
 }
 
-/// A rollout plan: a list of nested stages.
+/// Limits on a version while it serves: a node whose inference error rate over a report
+/// window exceeds `max_error_ppm` (with at least `min_requests` requests in the window)
+/// reports a runtime failure, which counts against the stage gates like a failed golden
+/// check.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RuntimeLimit {
+    /// Largest tolerated share of failed inferences, parts per million.
+    pub max_error_ppm: u32,
+    /// Fewer requests than this in a window prove nothing either way.
+    pub min_requests: u32,
+}
+
+impl RuntimeLimit {
+    /// Does a window of `requests` with `errors` break the limit?
+    pub fn broken(&self, requests: u64, errors: u64) -> bool {
+        requests >= u64::from(self.min_requests.max(1))
+            && u128::from(errors) * u128::from(PPM)
+                > u128::from(self.max_error_ppm) * u128::from(requests)
+    }
+}
+
+/// A rollout plan: a list of nested stages, and the runtime limit nodes hold the version to.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RolloutPlan {
     /// Stages in order; shares strictly increase.
     pub stages: Vec<Stage>,
+    /// Inference error limit while serving (None: only load and golden failures count).
+    pub runtime: Option<RuntimeLimit>,
 }
 
 impl RolloutPlan {
@@ -75,6 +98,7 @@ impl RolloutPlan {
                 start: StageStart::Immediately,
                 gate: None,
             }],
+            runtime: None,
         }
     }
 
@@ -97,6 +121,7 @@ impl RolloutPlan {
                     gate: if i + 1 < n { gate } else { None },
                 })
                 .collect(),
+            runtime: None,
         }
     }
 
@@ -116,6 +141,9 @@ impl RolloutPlan {
             {
                 return Err("failure rate above 100%".into());
             }
+        }
+        if self.runtime.is_some_and(|r| r.max_error_ppm > PPM) {
+            return Err("runtime error rate above 100%".into());
         }
         Ok(())
     }
@@ -335,6 +363,46 @@ impl ReportSample {
                 changed
             }
         }
+    }
+
+    /// Does the sample hold a report of `node`?
+    pub fn contains(&self, node: &NodeId) -> bool {
+        self.entries.contains_key(&sample_rank(node, &self.manifest))
+    }
+
+    /// Would a report of `node` enter the sample (it has room, or `node` ranks above the
+    /// worst entry)?
+    pub fn would_keep(&self, node: &NodeId) -> bool {
+        self.entries.len() < self.k
+            || self
+                .entries
+                .last_key_value()
+                .is_some_and(|(worst, _)| sample_rank(node, &self.manifest) < *worst)
+    }
+
+    /// The failure classes in the sample, most frequent first, each with its count and the
+    /// detail of one failure (the lowest-ranked node's).
+    pub fn failures(&self) -> Vec<(ErrorClass, u32, String)> {
+        let mut by: BTreeMap<ErrorClass, (u32, String)> = BTreeMap::new();
+        for e in self.entries.values() {
+            let Some((_, class)) = e.first_failure else {
+                continue;
+            };
+            let detail = e
+                .failure_report
+                .as_ref()
+                .and_then(|r| r.signed.decode_body().ok())
+                .and_then(|b| match b.status {
+                    HealthStatus::Failed { detail, .. } => Some(detail),
+                    _ => None,
+                })
+                .unwrap_or_default();
+            by.entry(class).or_insert((0, detail)).0 += 1;
+        }
+        let mut v: Vec<(ErrorClass, u32, String)> =
+            by.into_iter().map(|(c, (n, d))| (c, n, d)).collect();
+        v.sort_by_key(|(c, n, _)| (core::cmp::Reverse(*n), *c));
+        v
     }
 
     /// Entries in rank order.

@@ -94,6 +94,13 @@ pub struct Config {
     pub store_retry: Duration,
     /// Most pinned releases (see [`Command::Pin`]).
     pub max_pinned: usize,
+    /// How far ahead of this node's clock a signed timestamp (health report, instruction)
+    /// may be. Later ones are refused for now, without penalty: anti-entropy offers them
+    /// again once this clock has caught up.
+    pub max_clock_skew: Duration,
+    /// A node whose latest report for a release is older than this counts as stale (not
+    /// heard from lately) in the status; gate decisions do not depend on it.
+    pub report_ttl: Duration,
     /// Download releases this node is not (yet) in the stage for, so it can switch at once
     /// when its stage opens.
     pub prefetch: bool,
@@ -121,10 +128,15 @@ impl Default for Config {
             max_pending_wants: 1024,
             prefetch: true,
             max_pinned: 256,
+            max_clock_skew: Duration::from_secs(10 * 60),
+            report_ttl: Duration::from_secs(5 * 60),
             store_retry: Duration::from_secs(5),
         }
     }
 }
+
+/// Most instructions held for releases not known yet.
+const MAX_PENDING_INSTRUCTIONS: usize = 64;
 
 /// Most equivocating manifests remembered per channel.
 const MAX_EQUIVOCATIONS: usize = 64;
@@ -174,6 +186,9 @@ struct ChannelState {
     reported_ok: BTreeSet<ManifestId>,
     /// Manifest ids seen per version beyond the kept one (equivocation evidence).
     equivocations: BTreeSet<(u64, ManifestId)>,
+    /// Local pin: serve this version whatever the rollouts say (see
+    /// [`Command::PinVersion`]).
+    pinned_version: Option<u64>,
 }
 
 #[derive(Debug)]
@@ -231,6 +246,14 @@ pub struct ReleaseStatus {
     pub variant: usize,
     /// Healthy/failed/rolled-back in the sample.
     pub counts: crate::rollout::SampleCounts,
+    /// Nodes this node knows (itself and its peers) that the open stages admit, that
+    /// would enter the sample, and that have not reported yet.
+    pub pending: u32,
+    /// Nodes in the sample whose latest report is older than `report_ttl`.
+    pub stale: u32,
+    /// Failure classes in the sample: (class, nodes, one node's detail), most frequent
+    /// first.
+    pub failures: Vec<(crate::rollout::ErrorClass, u32, String)>,
     /// Files: (content id, chunks held, chunks total).
     pub files: Vec<(ContentId, u32, u32)>,
 }
@@ -248,6 +271,8 @@ pub struct ChannelStatus {
     pub releases: Vec<ReleaseStatus>,
     /// Versions with equivocation evidence.
     pub equivocations: Vec<u64>,
+    /// The local pin, if any (see [`Command::PinVersion`]).
+    pub pinned: Option<u64>,
 }
 
 /// The state machine of one node. `R` is the RNG (seeded in the simulator).
@@ -268,6 +293,10 @@ pub struct Mesh<R> {
     next_request: u64,
     samples: BTreeMap<ManifestId, ReportSample>,
     instructions: BTreeMap<ManifestId, (SignedInstruction, crate::rollout::InstructionBody)>,
+    /// Authorised instructions for releases not known yet (they can arrive before the
+    /// manifest when a node catches up), at most [`MAX_PENDING_INSTRUCTIONS`].
+    pending_instructions:
+        BTreeMap<(Channel, u64), (SignedInstruction, crate::rollout::InstructionBody)>,
     pending_wants: BTreeMap<ObjectId, (Instant, NodeId)>,
     pending_reports: Vec<HealthReport>,
     pinned: BTreeSet<ManifestId>,
@@ -284,7 +313,10 @@ fn penalty_for(e: &TrustError) -> u32 {
         TrustError::UnderThreshold { .. } => PENALTY_SEVERE,
         TrustError::BadCertificate(_) => PENALTY_SEVERE,
         // An honest peer with a skewed clock or an old view may send these.
-        TrustError::Expired | TrustError::TrustRootExpired | TrustError::Stale { .. } => 0,
+        TrustError::Expired
+        | TrustError::TrustRootExpired
+        | TrustError::Stale { .. }
+        | TrustError::Future { .. } => 0,
     }
 }
 
@@ -306,6 +338,7 @@ impl<R: Rng> Mesh<R> {
             next_request: 1,
             samples: BTreeMap::new(),
             instructions: BTreeMap::new(),
+            pending_instructions: BTreeMap::new(),
             pending_wants: BTreeMap::new(),
             pending_reports: Vec::new(),
             pinned: BTreeSet::new(),
@@ -385,6 +418,7 @@ impl<R: Rng> Mesh<R> {
                 channel: name.clone(),
                 highest: c.highest,
                 active: c.active,
+                pinned: c.pinned_version,
                 equivocations: c.equivocations.iter().map(|(v, _)| *v).collect(),
                 releases: c
                     .releases
@@ -400,6 +434,18 @@ impl<R: Rng> Mesh<R> {
                             .samples
                             .get(&r.manifest.id)
                             .map(|s| s.counts())
+                            .unwrap_or_default(),
+                        pending: self.pending_reporters(r),
+                        stale: self.samples.get(&r.manifest.id).map_or(0, |s| {
+                            let cutoff = self.last_wall.minus(self.config.report_ttl);
+                            s.entries()
+                                .filter(|e| e.latest_body.timestamp < cutoff)
+                                .count() as u32
+                        }),
+                        failures: self
+                            .samples
+                            .get(&r.manifest.id)
+                            .map(|s| s.failures())
                             .unwrap_or_default(),
                         files: r.manifest.body.artifact.variants[r.variant]
                             .files
@@ -418,6 +464,18 @@ impl<R: Rng> Mesh<R> {
                     .collect(),
             })
             .collect()
+    }
+
+    fn pending_reporters(&self, r: &Release) -> u32 {
+        let (Some(d), Some(sample)) = (&r.decision, self.samples.get(&r.manifest.id)) else {
+            return 0;
+        };
+        core::iter::once(&self.id)
+            .chain(self.peers.keys())
+            .filter(|n| {
+                d.admits(r.manifest.stage_of(n)) && !sample.contains(n) && sample.would_keep(n)
+            })
+            .count() as u32
     }
 
     // ----- outputs ---------------------------------------------------------------------
@@ -742,9 +800,11 @@ impl<R: Rng> Mesh<R> {
         match o {
             ObjectId::Manifest(id) => self.index.contains_key(id),
             ObjectId::TrustRoot(v) => self.trust.as_ref().is_some_and(|t| t.body.version >= *v),
-            ObjectId::Instruction(h) => {
-                self.instructions.values().any(|(s, _)| s.body_hash() == *h)
-            }
+            ObjectId::Instruction(h) => self
+                .instructions
+                .values()
+                .chain(self.pending_instructions.values())
+                .any(|(s, _)| s.body_hash() == *h),
         }
     }
 
@@ -803,6 +863,7 @@ impl<R: Rng> Mesh<R> {
             instructions: self
                 .instructions
                 .values()
+                .chain(self.pending_instructions.values())
                 .map(|(s, _)| s.body_hash())
                 .collect(),
             reply,
@@ -967,6 +1028,13 @@ impl<R: Rng> Mesh<R> {
                 }
             }
             Command::Instruct(i) => self.on_instruction(now, None, i).map_err(|e| e.to_string()),
+            Command::PinVersion { channel, version } => {
+                let c = self.channel_entry(&channel)?;
+                c.pinned_version = version;
+                self.trim_channel(&channel);
+                self.refresh_all(now);
+                Ok(())
+            }
             Command::Pin(id) => {
                 if self.pinned.len() >= self.config.max_pinned && !self.pinned.contains(&id) {
                     return Err(format!(
@@ -1235,7 +1303,9 @@ impl<R: Rng> Mesh<R> {
             }
             self.files.insert(cid, fs);
         }
-        let _ = now;
+        if let Some((s, body)) = self.pending_instructions.remove(&(channel, version)) {
+            self.apply_instruction(now, None, m.id, s, body);
+        }
     }
 
     /// Keep at most `retained_versions` releases per channel, never the active or the
@@ -1250,6 +1320,7 @@ impl<R: Rng> Mesh<R> {
             .iter()
             .chain(c.previous.iter())
             .map(|a| a.0)
+            .chain(c.pinned_version)
             .collect();
         protected.extend(
             c.releases
@@ -1312,11 +1383,7 @@ impl<R: Rng> Mesh<R> {
         s: SignedInstruction,
     ) -> Result<(), TrustError> {
         let hash = s.body_hash();
-        if self
-            .instructions
-            .values()
-            .any(|(i, _)| i.body_hash() == hash)
-        {
+        if self.holds(&ObjectId::Instruction(hash)) {
             return Ok(());
         }
         let body = match s.decode_body() {
@@ -1329,19 +1396,54 @@ impl<R: Rng> Mesh<R> {
         if let Err(e) = trust.authorise_publisher_signed(&s, &body.channel, now.wall) {
             return self.reject_instruction(from, e);
         }
+        if body.issued > now.wall.plus(self.config.max_clock_skew) {
+            let ahead_ms = body.issued.0 - now.wall.0;
+            return self.reject_instruction(from, TrustError::Future { ahead_ms });
+        }
         let Some(mid) = self
             .channels
             .get(&body.channel)
             .and_then(|c| c.releases.get(&body.version))
             .map(|r| r.manifest.id)
         else {
-            // Unknown release: a node that catches up later gets it by anti-entropy.
+            // Unknown release (the manifest may still be on its way): hold the latest
+            // instruction per release, bounded, and apply it when the manifest arrives.
+            let key = (body.channel.clone(), body.version);
+            let newer = self
+                .pending_instructions
+                .get(&key)
+                .is_none_or(|(cs, cb)| (cb.issued, cs.body_hash()) < (body.issued, hash));
+            let room = self.pending_instructions.len() < MAX_PENDING_INSTRUCTIONS
+                || self.pending_instructions.contains_key(&key);
+            let plausible = self
+                .channels
+                .get(&body.channel)
+                .is_none_or(|c| body.version > c.highest);
+            if newer && room && plausible {
+                self.pending_instructions.insert(key, (s.clone(), body));
+                self.push_object(from, Message::Instruction(s), ObjectId::Instruction(hash));
+            }
             return Ok(());
         };
-        if let Some((_, cur)) = self.instructions.get(&mid)
-            && (cur.issued, 0) >= (body.issued, 0)
+        self.apply_instruction(now, from, mid, s, body);
+        Ok(())
+    }
+
+    /// Make an authorised instruction for the known release `mid` take effect, if it is
+    /// the latest one for it (by issue time, then body hash, so every node keeps the same).
+    fn apply_instruction(
+        &mut self,
+        now: Now,
+        from: Option<NodeId>,
+        mid: ManifestId,
+        s: SignedInstruction,
+        body: crate::rollout::InstructionBody,
+    ) {
+        let hash = s.body_hash();
+        if let Some((cs, cur)) = self.instructions.get(&mid)
+            && (cur.issued, cs.body_hash()) >= (body.issued, hash)
         {
-            return Ok(());
+            return;
         }
         self.emit(Event::InstructionAccepted {
             channel: body.channel.clone(),
@@ -1351,7 +1453,6 @@ impl<R: Rng> Mesh<R> {
         self.instructions.insert(mid, (s.clone(), body));
         self.push_object(from, Message::Instruction(s), ObjectId::Instruction(hash));
         self.refresh_all(now);
-        Ok(())
     }
 
     fn reject_instruction(
@@ -1384,6 +1485,20 @@ impl<R: Rng> Mesh<R> {
         };
         // Cheap checks before the signature: only releases we keep have a sample.
         if !self.samples.contains_key(&body.manifest) {
+            return false;
+        }
+        if body.timestamp > now.wall.plus(self.config.max_clock_skew) {
+            // An honest node with a fast clock: no penalty, anti-entropy offers it again.
+            self.reject_report(
+                from,
+                0,
+                "future",
+                format!(
+                    "timestamp {} ms ahead of this clock (tolerance {} s)",
+                    body.timestamp.0 - now.wall.0,
+                    self.config.max_clock_skew.as_secs()
+                ),
+            );
             return false;
         }
         if r.signed.valid_signers(|k| k.0 == body.node.0).is_empty() {
@@ -1518,6 +1633,19 @@ impl<R: Rng> Mesh<R> {
                         .is_some_and(|d| d.admits(r.manifest.stage_of(&me)))
             })
             .map(|(v, r)| (*v, r.manifest.id, r.variant));
+        // A local pin overrides the rollouts: the pinned version if this node has it, else
+        // whatever it serves now.
+        let target = match chan.pinned_version {
+            None => target,
+            Some(pv) => match chan.releases.get(&pv) {
+                Some(r) if !chan.failed_local.contains(&r.manifest.id) => {
+                    Some((pv, r.manifest.id, r.variant))
+                }
+                _ => chan.active.and_then(|(v, id)| {
+                    chan.releases.get(&v).map(|r| (v, id, r.variant))
+                }),
+            },
+        };
         // Which files to download: the target and, with prefetch, newer releases that are
         // not failed.
         let floor = target.map_or(0, |t| t.0);

@@ -168,6 +168,12 @@ pub enum TrustError {
         /// Highest accepted.
         highest: u64,
     },
+    /// A signed timestamp further ahead of this node's clock than the skew tolerance.
+    #[error("signed {ahead_ms} ms ahead of this clock (beyond the skew tolerance)")]
+    Future {
+        /// How far ahead.
+        ahead_ms: u64,
+    },
     /// A node certificate that does not check out.
     #[error("bad node certificate: {0}")]
     BadCertificate(String),
@@ -184,6 +190,7 @@ impl TrustError {
             TrustError::Expired => "expired",
             TrustError::TrustRootExpired => "trust_root_expired",
             TrustError::Stale { .. } => "stale",
+            TrustError::Future { .. } => "future",
             TrustError::BadCertificate(_) => "bad_certificate",
         }
     }

@@ -632,3 +632,233 @@ fn endgame_duplicates_a_request_stuck_on_a_slow_peer() {
         "the slow peer was asked"
     );
 }
+
+/// Clocks off by up to ±150 s: every node reaches the same decision (stage opening times
+/// derive from signed timestamps, not from when a node heard something), none refuses a
+/// peer's report as too far ahead, nobody rolls back, and each node opens a stage when its
+/// own clock says so: no earlier than the harness time minus its offset.
+#[test]
+fn clock_skew_of_minutes_keeps_one_decision() {
+    let seed = 47;
+    let op = Operator::new(seed, 1, None);
+    let mut h = Harness::new(30, Config::default(), LinkModel::default(), seed, T0);
+    for i in 0..30 {
+        // Deterministic offsets spread over [-150 s, +150 s].
+        h.nodes[i].clock_offset_ms = (i as i64 * 10_343 % 300_001) - 150_000;
+    }
+    h.install_trust(&op.trust);
+    h.connect_random(6);
+    let s1 = random_file_spec(40_000, 16 * 1024, 61);
+    let s2 = random_file_spec(41_000, 16 * 1024, 62);
+    let m1 = sign(&op, "vision.defects", 1, &s1, RolloutPlan::immediate(), T0);
+    h.publish(0, &m1, &[&s1]).unwrap();
+    h.run_for(Duration::from_secs(20));
+    let plan = RolloutPlan::percent(
+        &[20.0, 50.0, 100.0],
+        Duration::from_secs(60),
+        Some(Gate {
+            min_healthy: 2,
+            max_failure_ppm: 200_000,
+        }),
+    );
+    let m2 = sign(&op, "vision.defects", 2, &s2, plan, h.wall());
+    h.publish(0, &m2, &[&s2]).unwrap();
+    h.run_for(Duration::from_secs(600));
+    let m2 = pollen_protocol::manifest::Manifest::decode(m2).unwrap();
+    let decisions: Vec<_> = h
+        .nodes
+        .iter()
+        .map(|n| {
+            n.mesh.status()[0]
+                .releases
+                .iter()
+                .find(|r| r.version == 2)
+                .and_then(|r| r.decision.clone())
+                .expect("decision on v2")
+        })
+        .collect();
+    assert_eq!(decisions[0].open_stages(), 3, "{:?}", decisions[0]);
+    for (i, n) in h.nodes.iter().enumerate() {
+        assert_eq!(decisions[i].opened, decisions[0].opened, "node {i} opened times");
+        assert_eq!(n.active.get(&vision()).map(|a| a.0), Some(2), "node {i} on v2");
+        for (t, e) in &n.events {
+            assert!(
+                !matches!(e, Event::RollBack { .. } | Event::RolloutFailed { .. }),
+                "node {i}: {e:?}"
+            );
+            assert!(
+                !matches!(e, Event::Rejected { label: "future", .. }),
+                "node {i} refused a report of a skewed peer: {e:?}"
+            );
+            if let Event::StageOpened { stage, at, .. } = e {
+                // Harness wall time when this node saw the stage open, on its own clock.
+                let local = T0.as_millis() as i64
+                    + (*t - Instant::ZERO).as_millis() as i64
+                    + n.clock_offset_ms;
+                assert!(
+                    local >= at.as_millis() as i64,
+                    "node {i} opened stage {stage} before its clock reached it"
+                );
+            }
+        }
+        // Nodes switched when their own stage was open on their own clock.
+        let stage = m2.stage_of(&n.id()).expect("100% plan");
+        let activated = n.events.iter().find_map(|(t, e)| match e {
+            Event::Activate { version: 2, .. } => Some(*t),
+            _ => None,
+        });
+        let t = activated.expect("activated v2");
+        let local = T0.as_millis() as i64 + (t - Instant::ZERO).as_millis() as i64 + n.clock_offset_ms;
+        assert!(
+            local >= decisions[0].opened[stage].as_millis() as i64,
+            "node {i} in stage {stage} switched early"
+        );
+    }
+}
+
+/// 2,000 reports from 2,000 nodes, injected into different nodes of a 20-node mesh in
+/// different orders: every node ends with the same sample of exactly K reports, equal to
+/// the sample built from all 2,000 at once, and decides alike.
+#[test]
+fn two_thousand_reports_give_every_node_the_same_sample_and_decision() {
+    use pollen_protocol::NodeId;
+    use pollen_protocol::rollout::{
+        HealthReport, HealthReportBody, ReportSample, evaluate,
+    };
+    const K: usize = 64;
+    let seed = 49;
+    let op = Operator::new(seed, 1, None);
+    let cfg = Config {
+        report_sample_size: K,
+        ..Config::default()
+    };
+    let mut h = Harness::new(20, cfg, LinkModel::default(), seed, T0);
+    h.install_trust(&op.trust);
+    h.connect_random(4);
+    let s1 = random_file_spec(20_000, 16 * 1024, 63);
+    let plan = RolloutPlan::percent(
+        &[5.0, 30.0, 100.0],
+        Duration::from_secs(60),
+        Some(Gate {
+            min_healthy: 20,
+            max_failure_ppm: 150_000,
+        }),
+    );
+    let m1 = sign(&op, "vision.defects", 1, &s1, plan.clone(), T0);
+    let mid = pollen_protocol::ManifestId(m1.body_hash());
+    h.publish(0, &m1, &[&s1]).unwrap();
+    h.run_for(Duration::from_secs(10));
+    let mut reports = Vec::new();
+    for i in 0..2000u32 {
+        let mut sk = [0u8; 32];
+        sk[..4].copy_from_slice(&i.to_le_bytes());
+        sk[4] = 0xA5;
+        let key = SigningKey::from_bytes(&sk);
+        let status = if i % 9 == 0 {
+            HealthStatus::Failed {
+                class: ErrorClass::GoldenMismatch,
+                detail: "golden check 0: off by 0.3".into(),
+            }
+        } else {
+            HealthStatus::Ok
+        };
+        let body = HealthReportBody {
+            node: NodeId(key.verifying_key().to_bytes()),
+            channel: vision(),
+            version: 1,
+            manifest: mid,
+            status,
+            requests: u64::from(i % 50),
+            errors: 0,
+            latency_p50_us: 300,
+            latency_p99_us: 900,
+            timestamp: T0.plus(Duration::from_millis(1_000 + u64::from(i) * 7 % 5_000)),
+        };
+        reports.push((
+            HealthReport {
+                signed: Signed::sign(&body, &[&key]),
+                cert: None,
+            },
+            body,
+        ));
+    }
+    let mut reference = ReportSample::new(mid, K);
+    for (r, b) in reports.iter().cloned() {
+        reference.insert(r, b);
+    }
+    // Each report enters at one node, through one of its peers, in batches of 40.
+    let mut batches: Vec<(usize, Vec<HealthReport>)> = Vec::new();
+    for (j, chunk) in reports.chunks(40).enumerate() {
+        let node = (j * 7) % 20;
+        batches.push((node, chunk.iter().map(|(r, _)| r.clone()).collect()));
+    }
+    for (node, list) in batches {
+        let from = h.nodes[h.neighbours(node)[0]].id();
+        h.input(
+            node,
+            pollen_protocol::io::Input::Received {
+                from,
+                msg: Message::Reports(list),
+            },
+        );
+        h.run_for(Duration::from_millis(300));
+    }
+    h.run_for(Duration::from_secs(120));
+    let at = [T0, T0.plus(Duration::from_secs(61)), T0.plus(Duration::from_secs(200))];
+    for (i, n) in h.nodes.iter().enumerate() {
+        let s = n.mesh.sample(&mid).expect("sample");
+        assert_eq!(s.len(), K, "node {i} keeps K");
+        assert_eq!(s.digest(), reference.digest(), "node {i} holds the reference sample");
+        for now in at {
+            assert_eq!(
+                evaluate(&plan, T0, Some(s), None, now),
+                evaluate(&plan, T0, Some(&reference), None, now),
+                "node {i} decides like the reference at {now:?}"
+            );
+        }
+    }
+    let d = evaluate(&plan, T0, Some(&reference), None, at[2]);
+    let c = reference.counts();
+    eprintln!(
+        "sample of {K} of 2000: {} healthy, {} failed; decision at +200 s: {:?}",
+        c.healthy, c.failed, d
+    );
+}
+
+/// A node pinned to v1 stays on it while v2 rolls out to everybody else, keeps v1 even
+/// after the channel moves on, and follows the rollout again once unpinned.
+#[test]
+fn pinned_node_stays_on_its_version_until_unpinned() {
+    let (mut h, op) = harness(10, 51);
+    let s1 = random_file_spec(40_000, 16 * 1024, 64);
+    let s2 = random_file_spec(41_000, 16 * 1024, 65);
+    let m1 = sign(&op, "vision.defects", 1, &s1, RolloutPlan::immediate(), T0);
+    h.publish(0, &m1, &[&s1]).unwrap();
+    h.run_for(Duration::from_secs(20));
+    h.command(
+        4,
+        Command::PinVersion {
+            channel: vision(),
+            version: Some(1),
+        },
+    )
+    .unwrap();
+    let m2 = sign(&op, "vision.defects", 2, &s2, RolloutPlan::immediate(), h.wall());
+    h.publish(0, &m2, &[&s2]).unwrap();
+    h.run_for(Duration::from_secs(30));
+    for (i, n) in h.nodes.iter().enumerate() {
+        let want = if i == 4 { 1 } else { 2 };
+        assert_eq!(n.active.get(&vision()).map(|a| a.0), Some(want), "node {i}");
+    }
+    assert_eq!(h.nodes[4].mesh.status()[0].pinned, Some(1));
+    h.command(
+        4,
+        Command::PinVersion {
+            channel: vision(),
+            version: None,
+        },
+    )
+    .unwrap();
+    h.run_for(Duration::from_secs(30));
+    assert_eq!(h.nodes[4].active.get(&vision()).map(|a| a.0), Some(2));
+}
