@@ -302,6 +302,14 @@ pub fn describe(m: &Manifest, now: UnixTime, trust: Option<&TrustRoot>) -> Strin
             format_ppm(st.share_ppm)
         );
     }
+    if let Some(l) = b.rollout.runtime {
+        let _ = writeln!(
+            s,
+            "  runtime limit: at most {} failed inferences per health window of at least {} requests",
+            format_ppm(l.max_error_ppm),
+            l.min_requests
+        );
+    }
     let valid = valid_signers(m);
     let _ = writeln!(s, "  signatures ({}):", m.signed.signatures().len());
     for e in m.signed.signatures() {
@@ -330,7 +338,7 @@ pub fn describe(m: &Manifest, now: UnixTime, trust: Option<&TrustRoot>) -> Strin
 }
 
 /// Parts per million as a percentage without needless decimals: `5%`, `12.5%`.
-fn format_ppm(ppm: u32) -> String {
+pub fn format_ppm(ppm: u32) -> String {
     let whole = ppm / (PPM / 100);
     let frac = ppm % (PPM / 100);
     if frac == 0 {

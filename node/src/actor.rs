@@ -12,8 +12,10 @@ use crate::metrics::Metrics;
 use crate::net::{
     self, Behaviour, BehaviourEvent, ChunkJob, NetEvent, Out, PeerSender, RateLimiter, WriterShared,
 };
-use crate::serving::{LoadedModel, Registry};
-use crate::status::{ChannelStatus, FileStatus, PeerStatus, ReleaseStatus, Status};
+use crate::serving::{LoadedModel, Registry, WindowStats};
+use crate::status::{
+    ChannelStatus, FailureStatus, FileStatus, PeerStatus, ReleaseStatus, StageStatus, Status,
+};
 use crate::store::{NodeState, Store, StoreError};
 use anyhow::{Context, Result};
 use futures::StreamExt;
@@ -24,7 +26,7 @@ use pollen_protocol::chunking::FileSpec;
 use pollen_protocol::ids::{ContentId, ManifestId, NodeId};
 use pollen_protocol::io::{ChunkFailure, Command, Event, Input, ObjectKind, Output, PeerInfo};
 use pollen_protocol::manifest::{DeviceProfile, Manifest, SignedManifest};
-use pollen_protocol::rollout::Waiting;
+use pollen_protocol::rollout::{RolloutAction, Waiting};
 use pollen_protocol::rollout::{ErrorClass, HealthReport, HealthReportBody, HealthStatus};
 use pollen_protocol::signing::Signed;
 use pollen_protocol::trust::{SignedNodeCert, SignedTrustRoot};
@@ -53,6 +55,31 @@ pub enum ActorCmd {
     Status {
         /// The snapshot.
         reply: oneshot::Sender<Status>,
+    },
+    /// Inject a signed rollout instruction (halt / resume).
+    Instruct {
+        /// Envelope bytes.
+        bytes: Vec<u8>,
+        /// Outcome.
+        reply: oneshot::Sender<Result<String, String>>,
+    },
+    /// Pin a channel to a version (None: unpin); persisted.
+    Pin {
+        /// Channel.
+        channel: String,
+        /// Version.
+        version: Option<u64>,
+        /// Outcome.
+        reply: oneshot::Sender<Result<String, String>>,
+    },
+    /// The signed manifest of a retained release.
+    Manifest {
+        /// Channel.
+        channel: String,
+        /// Version.
+        version: u64,
+        /// Envelope bytes, if the node keeps the release.
+        reply: oneshot::Sender<Option<Vec<u8>>>,
     },
 }
 
@@ -432,7 +459,19 @@ impl Actor {
             }
         }
         manifests.sort_by_key(|m| m.body.version);
-        // Pins first: restored releases are trimmed only once the active one is marked.
+        // Version pins (the config file's win over those set at run time), then release
+        // pins: restored releases are trimmed only once the active one is marked.
+        let mut pins = self.state.pins.clone();
+        pins.extend(self.cfg.pins.clone());
+        self.state.pins = pins.clone();
+        for (channel, version) in pins {
+            if let Ok(channel) = pollen_protocol::manifest::Channel::new(&channel) {
+                let _ = self.core_command(Command::PinVersion {
+                    channel,
+                    version: Some(version),
+                });
+            }
+        }
         for id in self.state.published.clone() {
             if let Ok(id) = id.parse::<ManifestId>() {
                 let _ = self.core_command(Command::Pin(id));
@@ -456,6 +495,19 @@ impl Actor {
                 id.parse::<ManifestId>(),
             ) {
                 let _ = self.core_command(Command::SetActive { channel, manifest });
+            }
+        }
+        for hex in self.state.instructions.values().cloned().collect::<Vec<_>>() {
+            let parsed = hex::decode(&hex)
+                .ok()
+                .and_then(|b| Signed::from_bytes(&b).ok());
+            match parsed {
+                Some((s, _)) => {
+                    if let Err(e) = self.core_command(Command::Instruct(s)) {
+                        tracing::warn!("stored rollout instruction not restored: {e}");
+                    }
+                }
+                None => tracing::warn!("stored rollout instruction unreadable"),
             }
         }
         // Durable chunks of every tracked file.
@@ -722,8 +774,26 @@ impl Actor {
                 channel,
                 version,
                 action,
+                signed,
             } => {
                 tracing::info!("{channel} version {version}: operator instruction {action:?}");
+                self.state.instructions.insert(
+                    format!("{channel}@{version}"),
+                    hex::encode(signed.to_bytes()),
+                );
+                // Keep only instructions for releases the core still holds.
+                let kept: BTreeSet<String> = self
+                    .mesh
+                    .status()
+                    .iter()
+                    .flat_map(|c| {
+                        c.releases
+                            .iter()
+                            .map(move |r| format!("{}@{}", c.channel, r.version))
+                    })
+                    .collect();
+                self.state.instructions.retain(|k, _| kept.contains(k));
+                self.save_state();
             }
             Event::PeerPenalised {
                 peer,
@@ -845,16 +915,28 @@ impl Actor {
         manifest: ManifestId,
         status: HealthStatus,
     ) {
+        self.report_with(channel, version, manifest, status, WindowStats::default());
+    }
+
+    /// [`Actor::report`] with the figures of a serving window.
+    fn report_with(
+        &mut self,
+        channel: &pollen_protocol::manifest::Channel,
+        version: u64,
+        manifest: ManifestId,
+        status: HealthStatus,
+        w: WindowStats,
+    ) {
         let body = HealthReportBody {
             node: self.me,
             channel: channel.clone(),
             version,
             manifest,
             status,
-            requests: 0,
-            errors: 0,
-            latency_p50_us: 0,
-            latency_p99_us: 0,
+            requests: w.requests,
+            errors: w.errors,
+            latency_p50_us: w.p50_us,
+            latency_p99_us: w.p99_us,
             timestamp: wall(),
         };
         let report = HealthReport {
@@ -1146,6 +1228,56 @@ impl Actor {
             ActorCmd::Status { reply } => {
                 let _ = reply.send(self.status());
             }
+            ActorCmd::Instruct { bytes, reply } => {
+                let result = match Signed::from_bytes(&bytes) {
+                    Ok((s, _)) => self.core_command(Command::Instruct(s)),
+                    Err(e) => Err(format!("malformed instruction: {e}")),
+                };
+                let _ = reply.send(result.map(|_| "accepted".into()));
+            }
+            ActorCmd::Pin {
+                channel,
+                version,
+                reply,
+            } => {
+                let result = pollen_protocol::manifest::Channel::new(&channel)
+                    .map_err(|e| e.to_string())
+                    .and_then(|c| {
+                        self.core_command(Command::PinVersion {
+                            channel: c,
+                            version,
+                        })
+                    });
+                if result.is_ok() {
+                    match version {
+                        Some(v) => {
+                            tracing::info!("{channel}: pinned to version {v}");
+                            self.state.pins.insert(channel, v);
+                        }
+                        None => {
+                            tracing::info!("{channel}: unpinned");
+                            self.state.pins.remove(&channel);
+                        }
+                    }
+                    self.save_state();
+                }
+                let _ = reply.send(result.map(|_| "ok".into()));
+            }
+            ActorCmd::Manifest {
+                channel,
+                version,
+                reply,
+            } => {
+                let bytes = self
+                    .mesh
+                    .status()
+                    .into_iter()
+                    .find(|c| c.channel.as_str() == channel)
+                    .and_then(|c| c.releases.into_iter().find(|r| r.version == version))
+                    .and_then(|r| self.mesh.manifest(&r.manifest))
+                    .map(|m| m.signed.to_bytes());
+                let _ = reply.send(bytes);
+            }
             ActorCmd::Publish { bytes, reply } => {
                 let signed: SignedManifest = match Manifest::from_bytes(&bytes) {
                     Ok(m) => m.signed,
@@ -1229,6 +1361,7 @@ impl Actor {
                         active_manifest: active.map(|a| a.1.to_hex()),
                         equivocations: c.equivocations.clone(),
                         serving_expired,
+                        pinned: c.pinned,
                         releases: c
                             .releases
                             .iter()
@@ -1260,6 +1393,39 @@ impl Actor {
                                         .unwrap_or_default(),
                                     healthy: r.counts.healthy,
                                     failed: r.counts.failed,
+                                    rolled_back_nodes: r.counts.rolled_back,
+                                    pending: r.pending,
+                                    stale: r.stale,
+                                    failures: r
+                                        .failures
+                                        .iter()
+                                        .map(|(class, nodes, detail)| FailureStatus {
+                                            class: format!("{class:?}"),
+                                            nodes: *nodes,
+                                            detail: detail.clone(),
+                                        })
+                                        .collect(),
+                                    stage_list: self.stage_list(r),
+                                    runtime_limit: self
+                                        .mesh
+                                        .manifest(&r.manifest)
+                                        .and_then(|m| m.body.rollout.runtime)
+                                        .map(|l| {
+                                            format!(
+                                                "{} of ≥{} requests",
+                                                pollen_keys::manifest::format_ppm(l.max_error_ppm),
+                                                l.min_requests
+                                            )
+                                        }),
+                                    instruction: self.mesh.instruction(&r.manifest).map(|i| {
+                                        (
+                                            match i.action {
+                                                RolloutAction::Halt => "halt".to_string(),
+                                                RolloutAction::Resume => "resume".to_string(),
+                                            },
+                                            i.issued.as_millis(),
+                                        )
+                                    }),
                                     files: r
                                         .files
                                         .iter()
@@ -1276,6 +1442,98 @@ impl Actor {
                 })
                 .collect(),
             errors: self.errors.iter().cloned().collect(),
+        }
+    }
+
+    /// Each stage of a release's plan and where it stands on this node.
+    fn stage_list(&self, r: &pollen_protocol::state::ReleaseStatus) -> Vec<StageStatus> {
+        let Some(m) = self.mesh.manifest(&r.manifest) else {
+            return Vec::new();
+        };
+        let d = r.decision.as_ref();
+        let open = d.map_or(0, |d| d.open_stages());
+        m.body
+            .rollout
+            .stages
+            .iter()
+            .enumerate()
+            .map(|(i, st)| {
+                let why = if i < open {
+                    "open".to_string()
+                } else if i == open {
+                    match d.and_then(|d| d.waiting) {
+                        Some(Waiting::Until(t)) => {
+                            format!("opens at {}", pollen_keys::time::format_unix(t))
+                        }
+                        Some(Waiting::Healthy { have, need }) => {
+                            format!("gate: {have} of {need} healthy reports")
+                        }
+                        Some(Waiting::Halted) => "halted by the operator".into(),
+                        Some(Waiting::Failed) => "closed: the rollout failed its gate".into(),
+                        None => "not evaluated yet".into(),
+                    }
+                } else if d.is_some_and(|d| d.rollback()) {
+                    "closed: the rollout failed its gate".into()
+                } else {
+                    format!("after stage {i}")
+                };
+                StageStatus {
+                    share_percent: f64::from(st.share_ppm) / 10_000.0,
+                    open: i < open,
+                    opened_at_ms: d.and_then(|d| d.opened.get(i)).map(|t| t.as_millis()),
+                    why,
+                    gate: st.gate.map(|g| {
+                        format!(
+                            "{} healthy, at most {} failed",
+                            g.min_healthy,
+                            pollen_keys::manifest::format_ppm(g.max_failure_ppm)
+                        )
+                    }),
+                }
+            })
+            .collect()
+    }
+
+    /// Every `health_interval`: report each served release's requests, errors and latency
+    /// over the window, as a failure when the window broke the plan's runtime limit or the
+    /// runtime panicked `crash_loop_panics` times.
+    fn health_tick(&mut self) {
+        for c in self.mesh.status() {
+            let Some((version, id)) = c.active else {
+                continue;
+            };
+            let Some(model) = self
+                .registry
+                .current(c.channel.as_str())
+                .filter(|m| m.manifest == id)
+            else {
+                continue;
+            };
+            let w = model.health.take();
+            let limit = self.mesh.manifest(&id).and_then(|m| m.body.rollout.runtime);
+            let status = if w.panics >= self.cfg.crash_loop_panics {
+                HealthStatus::Failed {
+                    class: ErrorClass::CrashLoop,
+                    detail: format!(
+                        "the runtime panicked {} times in {} requests over the last window",
+                        w.panics, w.requests
+                    ),
+                }
+            } else if limit.is_some_and(|l| l.broken(w.requests, w.errors)) {
+                HealthStatus::Failed {
+                    class: ErrorClass::RuntimeErrors,
+                    detail: format!(
+                        "{} of {} inferences failed over the last window",
+                        w.errors, w.requests
+                    ),
+                }
+            } else {
+                HealthStatus::Ok
+            };
+            if let HealthStatus::Failed { detail, .. } = &status {
+                self.error(format!("{} version {version}: {detail}", c.channel));
+            }
+            self.report_with(&c.channel, version, id, status, w);
         }
     }
 
@@ -1530,6 +1788,8 @@ impl Actor {
         self.bootstrap();
         let mut discovery = tokio::time::interval(Duration::from_secs(5));
         let mut redial = tokio::time::interval(Duration::from_secs(30));
+        let mut health = tokio::time::interval(self.cfg.health_interval()?);
+        health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tokio::pin!(shutdown);
         loop {
             let deadline = self.mesh.poll_timeout().map(|t| {
@@ -1569,6 +1829,10 @@ impl Actor {
                     if self.peers.len() < self.cfg.target_peers && self.swarm.connected_peers().count() > 0 {
                         self.swarm.behaviour_mut().kad.get_closest_peers(PeerId::random());
                     }
+                }
+                _ = health.tick() => {
+                    self.health_tick();
+                    self.drain();
                 }
                 _ = redial.tick() => {
                     if self.peers.is_empty() {

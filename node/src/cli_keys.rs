@@ -252,6 +252,13 @@ pub struct ReleaseArgs {
     /// Health gate: largest failure rate tolerated (e.g. 10%).
     #[arg(long, value_name = "PERCENT", requires = "gate_min_healthy")]
     pub gate_max_failure: Option<String>,
+    /// Runtime limit: a node whose inference error rate over a health window exceeds this
+    /// (e.g. 5%) reports the release as failed, which counts against the stage gates.
+    #[arg(long, value_name = "PERCENT")]
+    pub max_error_rate: Option<String>,
+    /// Runtime limit: fewer requests than this in a window prove nothing.
+    #[arg(long, value_name = "N", default_value_t = 20, requires = "max_error_rate")]
+    pub min_requests: u32,
     /// Chunk size: a power of two from 16KiB to 16MiB.
     #[arg(long, value_name = "SIZE", default_value = "1MiB")]
     pub chunk_size: String,
@@ -284,7 +291,13 @@ pub fn build_release(
         }),
         _ => None,
     };
-    let rollout = mf::parse_stages(&a.stages, interval, gate).context("--stages")?;
+    let mut rollout = mf::parse_stages(&a.stages, interval, gate).context("--stages")?;
+    if let Some(rate) = &a.max_error_rate {
+        rollout.runtime = Some(pollen_protocol::rollout::RuntimeLimit {
+            max_error_ppm: mf::parse_ppm(rate).context("--max-error-rate")?,
+            min_requests: a.min_requests,
+        });
+    }
     if rollout
         .stages
         .last()
@@ -355,7 +368,7 @@ pub fn run(args: KeysArgs, out: &mut dyn Write) -> Result<()> {
     Ok(())
 }
 
-fn load_keys(paths: &[PathBuf]) -> Result<Vec<SigningKey>> {
+pub fn load_keys(paths: &[PathBuf]) -> Result<Vec<SigningKey>> {
     paths.iter().map(|p| load_key_file(p)).collect()
 }
 

@@ -135,7 +135,7 @@ pub struct PublishArgs {
     node: String,
 }
 
-fn agent() -> ureq::Agent {
+pub(crate) fn agent() -> ureq::Agent {
     ureq::Agent::config_builder()
         .timeout_global(Some(Duration::from_secs(3600)))
         .http_status_as_error(false)
@@ -143,7 +143,7 @@ fn agent() -> ureq::Agent {
         .into()
 }
 
-fn get_status(agent: &ureq::Agent, node: &str) -> Result<Status> {
+pub(crate) fn get_status(agent: &ureq::Agent, node: &str) -> Result<Status> {
     let url = format!("{}/v1/status", node.trim_end_matches('/'));
     let mut resp = agent.get(&url).call().with_context(|| {
         format!("cannot reach the node at {node} (is `pollen run` running there?)")
@@ -156,7 +156,7 @@ fn get_status(agent: &ureq::Agent, node: &str) -> Result<Status> {
         .context("the node's status is not valid JSON")
 }
 
-fn error_of(resp: &mut ureq::http::Response<ureq::Body>) -> String {
+pub(crate) fn error_of(resp: &mut ureq::http::Response<ureq::Body>) -> String {
     let text = resp.body_mut().read_to_string().unwrap_or_default();
     serde_json::from_str::<serde_json::Value>(&text)
         .ok()
@@ -318,10 +318,13 @@ pub fn status(a: StatusArgs, out: &mut dyn Write) -> Result<()> {
     for c in &s.channels {
         writeln!(
             out,
-            "  {}  highest {}  active {}{}",
+            "  {}  highest {}  active {}{}{}",
             c.channel,
             c.highest,
             c.active_version.map_or("-".to_string(), |v| v.to_string()),
+            c.pinned
+                .map(|v| format!("  PINNED to {v} (rollouts ignored)"))
+                .unwrap_or_default(),
             if c.serving_expired {
                 "  (manifest expired; still serving the last verified model)"
             } else {
@@ -329,25 +332,7 @@ pub fn status(a: StatusArgs, out: &mut dyn Write) -> Result<()> {
             }
         )?;
         for r in &c.releases {
-            let have: u32 = r.files.iter().map(|f| f.have).sum();
-            let total: u32 = r.files.iter().map(|f| f.total).sum();
-            writeln!(
-                out,
-                "    v{:<5} {}  chunks {have}/{total}  stages {}/{} open{}{}  my stage {}  healthy {} failed {}",
-                r.version,
-                &r.manifest[..16],
-                r.open_stages,
-                r.stages,
-                if r.rolled_back { "  ROLLED BACK" } else { "" },
-                r.waiting
-                    .as_ref()
-                    .map(|w| format!("  ({w})"))
-                    .unwrap_or_default(),
-                r.my_stage
-                    .map_or("none".to_string(), |s| (s + 1).to_string()),
-                r.healthy,
-                r.failed
-            )?;
+            write_release(out, r)?;
         }
         if !c.equivocations.is_empty() {
             writeln!(out, "    equivocation on versions {:?}", c.equivocations)?;
@@ -358,6 +343,76 @@ pub fn status(a: StatusArgs, out: &mut dyn Write) -> Result<()> {
         for e in &s.errors {
             writeln!(out, "  {e}")?;
         }
+    }
+    Ok(())
+}
+
+/// One release of `pollen status`: download, this node's stage, the stages mesh-wide and
+/// the health picture of the report sample.
+fn write_release(out: &mut dyn Write, r: &pollen_node::status::ReleaseStatus) -> Result<()> {
+    let have: u32 = r.files.iter().map(|f| f.have).sum();
+    let total: u32 = r.files.iter().map(|f| f.total).sum();
+    let state = if r.rolled_back {
+        "  ROLLED BACK (failed its gate)"
+    } else if r.halted {
+        "  HALTED"
+    } else {
+        ""
+    };
+    writeln!(
+        out,
+        "    v{:<5} {}  chunks {have}/{total}  variant {}  my stage {}{state}",
+        r.version,
+        &r.manifest[..16.min(r.manifest.len())],
+        if r.variant.is_empty() { "-" } else { &r.variant },
+        r.my_stage
+            .map_or("none".to_string(), |s| (s + 1).to_string()),
+    )?;
+    for (i, st) in r.stage_list.iter().enumerate() {
+        writeln!(
+            out,
+            "           stage {} {:>6.1}%  {:<6} {}{}",
+            i + 1,
+            st.share_percent,
+            if st.open { "open" } else { "closed" },
+            match (st.open, st.opened_at_ms) {
+                (true, Some(t)) => format!(
+                    "since {}",
+                    pollen_keys::time::format_unix(pollen_protocol::UnixTime(t))
+                ),
+                _ => st.why.clone(),
+            },
+            st.gate
+                .as_ref()
+                .map(|g| format!("  [gate: {g}]"))
+                .unwrap_or_default()
+        )?;
+    }
+    writeln!(
+        out,
+        "           nodes: {} healthy, {} failed, {} rolled back, {} pending{}",
+        r.healthy,
+        r.failed,
+        r.rolled_back_nodes,
+        r.pending,
+        if r.stale > 0 {
+            format!(", {} not heard from lately", r.stale)
+        } else {
+            String::new()
+        }
+    )?;
+    for f in &r.failures {
+        writeln!(out, "           failure {} x{}: {}", f.class, f.nodes, f.detail)?;
+    }
+    if let Some(l) = &r.runtime_limit {
+        writeln!(out, "           runtime limit: {l}")?;
+    }
+    if let Some((action, at)) = &r.instruction {
+        writeln!(
+            out,
+            "           operator: {action} at {}",
+            pollen_keys::time::format_unix(pollen_protocol::UnixTime(*at))
+        )?;
     }
     Ok(())
 }

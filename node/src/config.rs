@@ -46,6 +46,17 @@
 //! inference_queue = 64
 //! # Device class for choosing a model variant (e.g. "weak-cpu").
 //! device_class = "default"
+//! # Health reports: how often a serving node reports its requests, errors and latency
+//! # (it also reports at once on activation, failure and rollback).
+//! health_interval = "30s"
+//! # Panics of the model runtime within one health window that make a crash loop.
+//! crash_loop_panics = 3
+//! # Local pins: channel = version. A pinned channel serves that version whatever the
+//! # rollouts say (an edge site that must not change during its working hours); give
+//! # every node of a site the same pins to pin the site. `pollen pin` sets them at run
+//! # time too; pins in this file win at start.
+//! [pins]
+//! "vision.defects" = 3
 //! # Seed for the protocol core's RNG (random from the OS when absent).
 //! seed = 42
 //! ```
@@ -108,6 +119,12 @@ pub struct NodeConfig {
     pub device_class: Option<String>,
     /// RNG seed.
     pub seed: Option<u64>,
+    /// Health report interval (a duration such as "30s").
+    pub health_interval: String,
+    /// Runtime panics in one window that count as a crash loop.
+    pub crash_loop_panics: u64,
+    /// Local version pins per channel.
+    pub pins: std::collections::BTreeMap<String, u64>,
     /// Test only: serve corrupt chunks (flips a byte of each chunk sent).
     #[serde(skip)]
     pub test_corrupt_chunks: bool,
@@ -142,6 +159,9 @@ impl Default for NodeConfig {
             inference_queue: 64,
             device_class: None,
             seed: None,
+            health_interval: "30s".into(),
+            crash_loop_panics: 3,
+            pins: std::collections::BTreeMap::new(),
             test_corrupt_chunks: false,
         }
     }
@@ -182,7 +202,27 @@ impl NodeConfig {
         if self.max_concurrent_uploads == 0 {
             bail!("max_concurrent_uploads must be at least 1");
         }
+        let h = self.health_interval()?;
+        if h < std::time::Duration::from_millis(100) || h > std::time::Duration::from_secs(3600) {
+            bail!("health_interval must be from 100ms to 1h");
+        }
+        if self.crash_loop_panics == 0 {
+            bail!("crash_loop_panics must be at least 1");
+        }
+        for (c, v) in &self.pins {
+            pollen_protocol::manifest::Channel::new(c)
+                .map_err(|e| anyhow::anyhow!("pins: channel {c:?}: {e}"))?;
+            if *v == 0 {
+                bail!("pins: {c} = 0: versions start at 1");
+            }
+        }
         Ok(())
+    }
+
+    /// The health report interval.
+    pub fn health_interval(&self) -> Result<std::time::Duration> {
+        pollen_keys::time::parse_duration(&self.health_interval)
+            .with_context(|| format!("health_interval {:?}", self.health_interval))
     }
 }
 

@@ -6,6 +6,12 @@
 //!   hashed as it is stored and refused unless its BLAKE3 equals `content_id`.
 //! * `POST /v1/manifests`: inject a signed manifest (envelope bytes); the node checks it as
 //!   any peer would. Its files must have been uploaded first.
+//! * `GET /v1/manifests/{channel}/{version}`: the signed manifest of a release this node
+//!   keeps (envelope bytes), e.g. for `pollen rollout rollback`.
+//! * `POST /v1/instructions`: inject a signed rollout instruction (halt / resume); checked
+//!   against the trust root like one from a peer, then gossiped.
+//! * `PUT /v1/pins/{channel}` with a version number as the body: pin this node's channel
+//!   to that version; `DELETE /v1/pins/{channel}` unpins. Local only, persisted.
 //!
 //! Errors are `{"error": "..."}` with a 4xx or 5xx status.
 
@@ -31,6 +37,9 @@ pub fn router(handle: Handle) -> Router {
         .route("/metrics", get(metrics))
         .route("/v1/manifests", post(publish))
         .route("/v1/files/{cid}", put(upload))
+        .route("/v1/manifests/{channel}/{version}", get(manifest))
+        .route("/v1/instructions", post(instruct))
+        .route("/v1/pins/{channel}", put(pin).delete(unpin))
         .layer(DefaultBodyLimit::max(2 * 1024 * 1024))
         .merge(crate::v2::routes())
         .with_state(handle)
@@ -73,6 +82,81 @@ async fn publish(State(h): State<Handle>, body: Bytes) -> Response {
         Ok(Ok(id)) => Json(serde_json::json!({ "manifest": id })).into_response(),
         Ok(Err(e)) => error(StatusCode::UNPROCESSABLE_ENTITY, e),
         Err(_) => error(StatusCode::SERVICE_UNAVAILABLE, "node is shutting down"),
+    }
+}
+
+/// Send a command to the actor and wait for its answer.
+async fn ask<T>(h: &Handle, cmd: impl FnOnce(oneshot::Sender<T>) -> ActorCmd) -> Result<T, Response> {
+    let (tx, rx) = oneshot::channel();
+    if h.cmds.send(cmd(tx)).await.is_err() {
+        return Err(error(StatusCode::SERVICE_UNAVAILABLE, "node is shutting down"));
+    }
+    rx.await
+        .map_err(|_| error(StatusCode::SERVICE_UNAVAILABLE, "node is shutting down"))
+}
+
+async fn manifest(State(h): State<Handle>, Path((channel, version)): Path<(String, u64)>) -> Response {
+    let ch = channel.clone();
+    match ask(&h, |reply| ActorCmd::Manifest {
+        channel: ch,
+        version,
+        reply,
+    })
+    .await
+    {
+        Ok(Some(bytes)) => (
+            [(header::CONTENT_TYPE, "application/octet-stream")],
+            bytes,
+        )
+            .into_response(),
+        Ok(None) => error(
+            StatusCode::NOT_FOUND,
+            format!("this node keeps no release {version} of {channel}"),
+        ),
+        Err(r) => r,
+    }
+}
+
+async fn instruct(State(h): State<Handle>, body: Bytes) -> Response {
+    match ask(&h, |reply| ActorCmd::Instruct {
+        bytes: body.to_vec(),
+        reply,
+    })
+    .await
+    {
+        Ok(Ok(_)) => Json(serde_json::json!({ "result": "accepted" })).into_response(),
+        Ok(Err(e)) => error(StatusCode::UNPROCESSABLE_ENTITY, e),
+        Err(r) => r,
+    }
+}
+
+async fn pin(State(h): State<Handle>, Path(channel): Path<String>, body: Bytes) -> Response {
+    let Some(version) = std::str::from_utf8(&body)
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .filter(|v| *v > 0)
+    else {
+        return error(StatusCode::BAD_REQUEST, "the body must be a version number (at least 1)");
+    };
+    set_pin(h, channel, Some(version)).await
+}
+
+async fn unpin(State(h): State<Handle>, Path(channel): Path<String>) -> Response {
+    set_pin(h, channel, None).await
+}
+
+async fn set_pin(h: Handle, channel: String, version: Option<u64>) -> Response {
+    let ch = channel.clone();
+    match ask(&h, |reply| ActorCmd::Pin {
+        channel: ch,
+        version,
+        reply,
+    })
+    .await
+    {
+        Ok(Ok(_)) => Json(serde_json::json!({ "channel": channel, "pinned": version })).into_response(),
+        Ok(Err(e)) => error(StatusCode::BAD_REQUEST, e),
+        Err(r) => r,
     }
 }
 

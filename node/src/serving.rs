@@ -36,6 +36,113 @@ pub enum ServeError {
     /// The model failed while running (a 500).
     #[error("inference failed: {0}")]
     Runtime(String),
+    /// The runtime panicked (a 500; repeated panics are a crash loop).
+    #[error("inference failed: the runtime panicked")]
+    Panicked,
+}
+
+/// How one inference ended, for the health window.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Answered.
+    Ok,
+    /// The request did not fit the model: the client's fault, not counted as an error.
+    BadInput,
+    /// The model failed.
+    Error,
+    /// The runtime panicked.
+    Panic,
+}
+
+/// Latency buckets of the health window: bucket `i` holds latencies up to `1.25^i` µs
+/// (about 25% resolution from 1 µs to over 100 s).
+const LATENCY_BUCKETS: usize = 84;
+
+/// What a model did over one report window.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WindowStats {
+    /// Requests that reached the model (bad input included).
+    pub requests: u64,
+    /// Requests the model failed (panics included).
+    pub errors: u64,
+    /// Runtime panics.
+    pub panics: u64,
+    /// Median latency of answered requests, µs (bucket upper bound; 0 when none).
+    pub p50_us: u32,
+    /// 99th percentile, µs.
+    pub p99_us: u32,
+}
+
+/// Counters of the current report window of a served model: fixed size, lock held for a
+/// few increments only.
+#[derive(Debug)]
+pub struct HealthWindow {
+    inner: std::sync::Mutex<([u64; LATENCY_BUCKETS], u64, u64, u64)>,
+}
+
+impl Default for HealthWindow {
+    fn default() -> Self {
+        HealthWindow {
+            inner: std::sync::Mutex::new(([0; LATENCY_BUCKETS], 0, 0, 0)),
+        }
+    }
+}
+
+fn bucket_of(us: f64) -> usize {
+    if us <= 1.0 {
+        return 0;
+    }
+    ((us.ln() / 1.25f64.ln()).ceil() as usize).min(LATENCY_BUCKETS - 1)
+}
+
+fn bucket_upper_us(i: usize) -> u32 {
+    1.25f64.powi(i as i32).ceil().min(f64::from(u32::MAX)) as u32
+}
+
+impl HealthWindow {
+    /// Count one request that took `elapsed`.
+    pub fn record(&self, elapsed: std::time::Duration, outcome: Outcome) {
+        let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        g.1 += 1;
+        match outcome {
+            Outcome::Ok => g.0[bucket_of(elapsed.as_secs_f64() * 1e6)] += 1,
+            Outcome::BadInput => {}
+            Outcome::Error => g.2 += 1,
+            Outcome::Panic => {
+                g.2 += 1;
+                g.3 += 1;
+            }
+        }
+    }
+
+    /// The window's figures; the window starts again empty.
+    pub fn take(&self) -> WindowStats {
+        let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let (buckets, requests, errors, panics) = std::mem::replace(&mut *g, ([0; LATENCY_BUCKETS], 0, 0, 0));
+        drop(g);
+        let answered: u64 = buckets.iter().sum();
+        let pct = |q: f64| -> u32 {
+            if answered == 0 {
+                return 0;
+            }
+            let rank = ((answered as f64) * q).ceil().max(1.0) as u64;
+            let mut seen = 0;
+            for (i, n) in buckets.iter().enumerate() {
+                seen += n;
+                if seen >= rank {
+                    return bucket_upper_us(i);
+                }
+            }
+            bucket_upper_us(LATENCY_BUCKETS - 1)
+        };
+        WindowStats {
+            requests,
+            errors,
+            panics,
+            p50_us: pct(0.5),
+            p99_us: pct(0.99),
+        }
+    }
 }
 
 /// What loading produces: the runnable and its inputs and outputs.
@@ -53,6 +160,8 @@ pub struct LoadedModel {
     pub inputs: Vec<IoSpec>,
     /// Outputs, in graph order.
     pub outputs: Vec<IoSpec>,
+    /// Requests, errors and latency since the last health report.
+    pub health: HealthWindow,
     runnable: Runnable,
 }
 
@@ -204,6 +313,7 @@ impl LoadedModel {
             manifest,
             inputs,
             outputs,
+            health: HealthWindow::default(),
             runnable,
         };
         m.warm()
@@ -289,7 +399,7 @@ impl LoadedModel {
         let outs = match result {
             Ok(Ok(o)) => o,
             Ok(Err(e)) => return Err(ServeError::Runtime(format!("{e:#}"))),
-            Err(_) => return Err(ServeError::Runtime("tract panicked".into())),
+            Err(_) => return Err(ServeError::Panicked),
         };
         outs.into_iter()
             .zip(&self.outputs)
@@ -553,5 +663,29 @@ impl Registry {
             .filter(|(_, s)| s.current.is_some())
             .map(|(c, _)| c.clone())
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn health_window_counts_and_percentiles() {
+        let w = HealthWindow::default();
+        for i in 0..98u64 {
+            w.record(std::time::Duration::from_micros(100 + i), Outcome::Ok);
+        }
+        w.record(std::time::Duration::from_millis(50), Outcome::Ok);
+        w.record(std::time::Duration::from_millis(50), Outcome::Ok);
+        w.record(std::time::Duration::from_micros(10), Outcome::BadInput);
+        w.record(std::time::Duration::from_micros(10), Outcome::Error);
+        w.record(std::time::Duration::from_micros(10), Outcome::Panic);
+        let s = w.take();
+        assert_eq!((s.requests, s.errors, s.panics), (103, 2, 1));
+        // Bucket bounds are within 25% above the true value.
+        assert!((100..=186).contains(&s.p50_us), "p50 {}", s.p50_us);
+        assert!((50_000..=62_500).contains(&s.p99_us), "p99 {}", s.p99_us);
+        assert_eq!(w.take(), WindowStats::default(), "taking empties the window");
     }
 }

@@ -60,6 +60,8 @@ pub struct ChannelStatus {
     pub equivocations: Vec<u64>,
     /// Expired manifest still served because no newer one could be fetched.
     pub serving_expired: bool,
+    /// Local pin: the version this node stays on whatever the rollouts say.
+    pub pinned: Option<u64>,
 }
 
 /// A release of a channel.
@@ -87,8 +89,50 @@ pub struct ReleaseStatus {
     pub healthy: u32,
     /// Failed nodes in the report sample.
     pub failed: u32,
+    /// Nodes in the sample that went back to an older version after a gate failure.
+    pub rolled_back_nodes: u32,
+    /// Nodes this node knows of that the open stages admit and that have not reported.
+    pub pending: u32,
+    /// Nodes whose latest report is older than the report time-to-live.
+    pub stale: u32,
+    /// Failure reasons in the report sample, most frequent first.
+    pub failures: Vec<FailureStatus>,
+    /// The plan's stages and where each stands.
+    pub stage_list: Vec<StageStatus>,
+    /// The plan's runtime error limit, if any (e.g. "5% of ≥20 requests").
+    pub runtime_limit: Option<String>,
+    /// Latest operator instruction: "halt" or "resume", with its issue time (unix ms).
+    pub instruction: Option<(String, u64)>,
     /// Files.
     pub files: Vec<FileStatus>,
+}
+
+/// One stage of a release's rollout plan.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct StageStatus {
+    /// Cumulative share of nodes, percent.
+    pub share_percent: f64,
+    /// Is it open?
+    pub open: bool,
+    /// When it opened (unix ms; derived from signed times, equal on every node).
+    pub opened_at_ms: Option<u64>,
+    /// Why it is open or not: "open", "opens at <time>", "gate: 1 of 2 healthy
+    /// reports", "halted by the operator", "closed: the rollout failed its gate", or
+    /// "after stage N".
+    pub why: String,
+    /// Its gate, if any (e.g. "2 healthy, at most 10% failed").
+    pub gate: Option<String>,
+}
+
+/// One failure class in a release's report sample.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct FailureStatus {
+    /// Error class (e.g. "GoldenMismatch").
+    pub class: String,
+    /// Nodes in the sample that reported it.
+    pub nodes: u32,
+    /// One node's detail.
+    pub detail: String,
 }
 
 /// Download progress of a file.

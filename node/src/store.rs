@@ -208,6 +208,11 @@ pub struct NodeState {
     pub active: BTreeMap<String, String>,
     /// Manifest ids (hex) this node published.
     pub published: BTreeSet<String>,
+    /// Local version pins set at run time (`pollen pin`): channel to version.
+    pub pins: BTreeMap<String, u64>,
+    /// The latest rollout instruction per release ("channel@version"), as hex envelopes,
+    /// so a restart does not forget a halt (bounded by the releases kept).
+    pub instructions: BTreeMap<String, String>,
 }
 
 const BLOBS: &str = "blobs";

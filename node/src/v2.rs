@@ -17,7 +17,7 @@
 use crate::actor::Handle;
 use crate::http::error;
 use crate::kserve;
-use crate::serving::{IoSpec, LoadedModel, ServeError};
+use crate::serving::{IoSpec, LoadedModel, Outcome, ServeError};
 use axum::Json;
 use axum::Router;
 use axum::body::Body;
@@ -214,7 +214,16 @@ async fn run_infer(
                     e.to_string(),
                 )
             })?;
-            let outputs = model2.run(&req.inputs).map_err(|e| match e {
+            let run_started = Instant::now();
+            let ran = model2.run(&req.inputs);
+            let outcome = match &ran {
+                Ok(_) => Outcome::Ok,
+                Err(ServeError::BadInput(_)) => Outcome::BadInput,
+                Err(ServeError::Panicked) => Outcome::Panic,
+                Err(_) => Outcome::Error,
+            };
+            model2.health.record(run_started.elapsed(), outcome);
+            let outputs = ran.map_err(|e| match e {
                 ServeError::BadInput(m) => error(StatusCode::BAD_REQUEST, m),
                 other => error(StatusCode::INTERNAL_SERVER_ERROR, other.to_string()),
             })?;

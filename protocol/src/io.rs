@@ -279,7 +279,8 @@ pub enum Event {
         /// File.
         file: ContentId,
     },
-    /// A rollout instruction took effect.
+    /// A rollout instruction took effect (persist it: peers also offer it again by
+    /// anti-entropy, but a node restarted alone should not forget a halt).
     InstructionAccepted {
         /// Channel.
         channel: Channel,
@@ -287,6 +288,8 @@ pub enum Event {
         version: u64,
         /// Action.
         action: RolloutAction,
+        /// The signed instruction.
+        signed: Box<SignedInstruction>,
     },
     /// A peer was penalised.
     PeerPenalised {

@@ -410,6 +410,11 @@ impl<R: Rng> Mesh<R> {
         self.samples.get(id)
     }
 
+    /// The latest operator instruction for a release.
+    pub fn instruction(&self, id: &ManifestId) -> Option<&crate::rollout::InstructionBody> {
+        self.instructions.get(id).map(|(_, b)| b)
+    }
+
     /// Status of every channel.
     pub fn status(&self) -> Vec<ChannelStatus> {
         self.channels
@@ -1449,6 +1454,7 @@ impl<R: Rng> Mesh<R> {
             channel: body.channel.clone(),
             version: body.version,
             action: body.action,
+            signed: Box::new(s.clone()),
         });
         self.instructions.insert(mid, (s.clone(), body));
         self.push_object(from, Message::Instruction(s), ObjectId::Instruction(hash));
