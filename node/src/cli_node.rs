@@ -63,6 +63,12 @@ pub struct RunArgs {
     /// Seed for the protocol core's RNG.
     #[arg(long)]
     seed: Option<u64>,
+    /// Device class, for choosing a model variant (e.g. weak-cpu).
+    #[arg(long, value_name = "CLASS")]
+    device_class: Option<String>,
+    /// How often a serving node sends a health report (e.g. 30s).
+    #[arg(long, value_name = "DURATION")]
+    health_interval: Option<String>,
     /// Test only: serve corrupt chunks.
     #[arg(long, hide = true)]
     test_corrupt_chunks: bool,
@@ -108,6 +114,12 @@ pub fn run(a: RunArgs) -> Result<()> {
     }
     if a.seed.is_some() {
         cfg.seed = a.seed;
+    }
+    if a.device_class.is_some() {
+        cfg.device_class = a.device_class;
+    }
+    if let Some(h) = a.health_interval {
+        cfg.health_interval = h;
     }
     cfg.test_corrupt_chunks = a.test_corrupt_chunks;
     cfg.validate()?;

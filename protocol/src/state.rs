@@ -101,6 +101,10 @@ pub struct Config {
     /// A node whose latest report for a release is older than this counts as stale (not
     /// heard from lately) in the status; gate decisions do not depend on it.
     pub report_ttl: Duration,
+    /// After start, a node switches to a newer version only once it has caught up with a
+    /// peer (received the answer to its digest, and with it any halt it missed while
+    /// offline), or after this long without one. Rollbacks never wait.
+    pub catch_up: Duration,
     /// Download releases this node is not (yet) in the stage for, so it can switch at once
     /// when its stage opens.
     pub prefetch: bool,
@@ -130,6 +134,7 @@ impl Default for Config {
             max_pinned: 256,
             max_clock_skew: Duration::from_secs(10 * 60),
             report_ttl: Duration::from_secs(5 * 60),
+            catch_up: Duration::from_secs(10),
             store_retry: Duration::from_secs(5),
         }
     }
@@ -304,6 +309,9 @@ pub struct Mesh<R> {
     outputs: VecDeque<Output>,
     next_anti_entropy: Option<Instant>,
     next_tick: Option<Instant>,
+    /// Until then, no promotion to a newer version (see [`Config::catch_up`]); None once
+    /// caught up.
+    catch_up_until: Option<Instant>,
     last_wall: UnixTime,
 }
 
@@ -323,6 +331,7 @@ fn penalty_for(e: &TrustError) -> u32 {
 impl<R: Rng> Mesh<R> {
     /// A node with id `id` (its ed25519 public key), `config`, and randomness from `rng`.
     pub fn new(id: NodeId, config: Config, rng: R, now: Now) -> Self {
+        let catch_up_until = Some(now.mono + config.catch_up);
         Mesh {
             id,
             config,
@@ -346,6 +355,7 @@ impl<R: Rng> Mesh<R> {
             outputs: VecDeque::new(),
             next_anti_entropy: None,
             next_tick: Some(now.mono),
+            catch_up_until,
             last_wall: now.wall,
         }
     }
@@ -597,6 +607,9 @@ impl<R: Rng> Mesh<R> {
         }
         if self.next_tick.is_some_and(|t| t <= now.mono) {
             self.next_tick = Some(now.mono + self.config.rollout_tick);
+            if self.catch_up_until.is_some_and(|t| t <= now.mono) {
+                self.catch_up_until = None;
+            }
             self.flush_reports();
             self.refresh_all(now);
         }
@@ -746,7 +759,13 @@ impl<R: Rng> Mesh<R> {
                 }
             }
             Message::Want(ids) => self.on_want(from, ids),
-            Message::Digest(d) => self.on_digest(from, d),
+            Message::Digest(d) => {
+                let reply = d.reply;
+                self.on_digest(from, d);
+                if reply && self.catch_up_until.take().is_some() {
+                    self.refresh_all(now);
+                }
+            }
             Message::Have { file, chunks } => self.on_have(from, file, chunks),
             Message::HaveChunk { file, index } => self.on_have_chunk(from, file, index),
             Message::Request { id, file, index } => {
@@ -1587,6 +1606,7 @@ impl<R: Rng> Mesh<R> {
 
     fn refresh_channel(&mut self, now: Now, name: &Channel) {
         let me = self.id;
+        let catching_up = self.catch_up_until.is_some();
         let Some(chan) = self.channels.get_mut(name) else {
             return;
         };
@@ -1687,13 +1707,16 @@ impl<R: Rng> Mesh<R> {
                 let m = chan.releases[&v].manifest.clone();
                 if complete(&self.files, &m, variant) {
                     let rolling_back = active.is_some_and(|(av, _)| av > v) || active_rolled_back;
-                    if rolling_back {
+                    if !rolling_back && catching_up {
+                        // Promotions wait until this node has heard a peer's view.
+                    } else if rolling_back {
                         events.push(Event::RollBack {
                             channel: name.clone(),
                             from: active.map_or(0, |a| a.0),
                             to: Some((v, id)),
                         });
                         chan.previous = None;
+                        chan.active = Some((v, id));
                     } else {
                         events.push(Event::Activate {
                             channel: name.clone(),
@@ -1703,8 +1726,8 @@ impl<R: Rng> Mesh<R> {
                             previous: active.map(|a| a.0),
                         });
                         chan.previous = active;
+                        chan.active = Some((v, id));
                     }
-                    chan.active = Some((v, id));
                 } else if active_rolled_back {
                     events.push(Event::RollBack {
                         channel: name.clone(),
