@@ -26,8 +26,8 @@ use pollen_protocol::chunking::FileSpec;
 use pollen_protocol::ids::{ContentId, ManifestId, NodeId};
 use pollen_protocol::io::{ChunkFailure, Command, Event, Input, ObjectKind, Output, PeerInfo};
 use pollen_protocol::manifest::{DeviceProfile, Manifest, SignedManifest};
-use pollen_protocol::rollout::{RolloutAction, Waiting};
 use pollen_protocol::rollout::{ErrorClass, HealthReport, HealthReportBody, HealthStatus};
+use pollen_protocol::rollout::{RolloutAction, Waiting};
 use pollen_protocol::signing::Signed;
 use pollen_protocol::trust::{SignedNodeCert, SignedTrustRoot};
 use pollen_protocol::wire::{Bitfield, Hello};
@@ -399,7 +399,10 @@ impl Actor {
         let now = self.now();
         self.mesh.handle(now, Input::Command { id, cmd });
         let mut result = Err("no result".to_string());
-        while let Some(out) = self.mesh.poll_output() {
+        // Take every output first: handling one may issue a nested command (an activation's
+        // health report), which must not swallow this command's result.
+        let outs: Vec<Output> = std::iter::from_fn(|| self.mesh.poll_output()).collect();
+        for out in outs {
             if let Output::Event(Event::CommandDone { id: x, result: r }) = &out
                 && *x == id
             {
@@ -497,7 +500,13 @@ impl Actor {
                 let _ = self.core_command(Command::SetActive { channel, manifest });
             }
         }
-        for hex in self.state.instructions.values().cloned().collect::<Vec<_>>() {
+        for hex in self
+            .state
+            .instructions
+            .values()
+            .cloned()
+            .collect::<Vec<_>>()
+        {
             let parsed = hex::decode(&hex)
                 .ok()
                 .and_then(|b| Signed::from_bytes(&b).ok());

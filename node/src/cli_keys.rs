@@ -257,7 +257,12 @@ pub struct ReleaseArgs {
     #[arg(long, value_name = "PERCENT")]
     pub max_error_rate: Option<String>,
     /// Runtime limit: fewer requests than this in a window prove nothing.
-    #[arg(long, value_name = "N", default_value_t = 20, requires = "max_error_rate")]
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 20,
+        requires = "max_error_rate"
+    )]
     pub min_requests: u32,
     /// Chunk size: a power of two from 16KiB to 16MiB.
     #[arg(long, value_name = "SIZE", default_value = "1MiB")]

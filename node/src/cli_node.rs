@@ -376,7 +376,11 @@ fn write_release(out: &mut dyn Write, r: &pollen_node::status::ReleaseStatus) ->
         "    v{:<5} {}  chunks {have}/{total}  variant {}  my stage {}{state}",
         r.version,
         &r.manifest[..16.min(r.manifest.len())],
-        if r.variant.is_empty() { "-" } else { &r.variant },
+        if r.variant.is_empty() {
+            "-"
+        } else {
+            &r.variant
+        },
         r.my_stage
             .map_or("none".to_string(), |s| (s + 1).to_string()),
     )?;
@@ -414,7 +418,11 @@ fn write_release(out: &mut dyn Write, r: &pollen_node::status::ReleaseStatus) ->
         }
     )?;
     for f in &r.failures {
-        writeln!(out, "           failure {} x{}: {}", f.class, f.nodes, f.detail)?;
+        writeln!(
+            out,
+            "           failure {} x{}: {}",
+            f.class, f.nodes, f.detail
+        )?;
     }
     if let Some(l) = &r.runtime_limit {
         writeln!(out, "           runtime limit: {l}")?;

@@ -270,7 +270,10 @@ fn rollback(
         .send(&m.signed.to_bytes()[..])
         .with_context(|| format!("cannot reach the node at {node}"))?;
     if resp.status() != 200 {
-        bail!("the node refused the rollback release: {}", error_of(&mut resp));
+        bail!(
+            "the node refused the rollback release: {}",
+            error_of(&mut resp)
+        );
     }
     writeln!(
         out,
@@ -312,13 +315,21 @@ pub fn pin(a: PinArgs, out: &mut dyn Write) -> Result<()> {
         }
     };
     put_pin(&a.node, &a.channel, Some(version))?;
-    writeln!(out, "pinned {} to version {version} on {}", a.channel, a.node)?;
+    writeln!(
+        out,
+        "pinned {} to version {version} on {}",
+        a.channel, a.node
+    )?;
     Ok(())
 }
 
 /// `pollen unpin`.
 pub fn unpin(a: UnpinArgs, out: &mut dyn Write) -> Result<()> {
     put_pin(&a.node, &a.channel, None)?;
-    writeln!(out, "{} follows the rollouts again on {}", a.channel, a.node)?;
+    writeln!(
+        out,
+        "{} follows the rollouts again on {}",
+        a.channel, a.node
+    )?;
     Ok(())
 }

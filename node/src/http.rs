@@ -86,16 +86,25 @@ async fn publish(State(h): State<Handle>, body: Bytes) -> Response {
 }
 
 /// Send a command to the actor and wait for its answer.
-async fn ask<T>(h: &Handle, cmd: impl FnOnce(oneshot::Sender<T>) -> ActorCmd) -> Result<T, Response> {
+async fn ask<T>(
+    h: &Handle,
+    cmd: impl FnOnce(oneshot::Sender<T>) -> ActorCmd,
+) -> Result<T, Response> {
     let (tx, rx) = oneshot::channel();
     if h.cmds.send(cmd(tx)).await.is_err() {
-        return Err(error(StatusCode::SERVICE_UNAVAILABLE, "node is shutting down"));
+        return Err(error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "node is shutting down",
+        ));
     }
     rx.await
         .map_err(|_| error(StatusCode::SERVICE_UNAVAILABLE, "node is shutting down"))
 }
 
-async fn manifest(State(h): State<Handle>, Path((channel, version)): Path<(String, u64)>) -> Response {
+async fn manifest(
+    State(h): State<Handle>,
+    Path((channel, version)): Path<(String, u64)>,
+) -> Response {
     let ch = channel.clone();
     match ask(&h, |reply| ActorCmd::Manifest {
         channel: ch,
@@ -104,11 +113,9 @@ async fn manifest(State(h): State<Handle>, Path((channel, version)): Path<(Strin
     })
     .await
     {
-        Ok(Some(bytes)) => (
-            [(header::CONTENT_TYPE, "application/octet-stream")],
-            bytes,
-        )
-            .into_response(),
+        Ok(Some(bytes)) => {
+            ([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response()
+        }
         Ok(None) => error(
             StatusCode::NOT_FOUND,
             format!("this node keeps no release {version} of {channel}"),
@@ -136,7 +143,10 @@ async fn pin(State(h): State<Handle>, Path(channel): Path<String>, body: Bytes) 
         .and_then(|s| s.trim().parse::<u64>().ok())
         .filter(|v| *v > 0)
     else {
-        return error(StatusCode::BAD_REQUEST, "the body must be a version number (at least 1)");
+        return error(
+            StatusCode::BAD_REQUEST,
+            "the body must be a version number (at least 1)",
+        );
     };
     set_pin(h, channel, Some(version)).await
 }
@@ -154,7 +164,9 @@ async fn set_pin(h: Handle, channel: String, version: Option<u64>) -> Response {
     })
     .await
     {
-        Ok(Ok(_)) => Json(serde_json::json!({ "channel": channel, "pinned": version })).into_response(),
+        Ok(Ok(_)) => {
+            Json(serde_json::json!({ "channel": channel, "pinned": version })).into_response()
+        }
         Ok(Err(e)) => error(StatusCode::BAD_REQUEST, e),
         Err(r) => r,
     }

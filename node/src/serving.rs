@@ -118,7 +118,8 @@ impl HealthWindow {
     /// The window's figures; the window starts again empty.
     pub fn take(&self) -> WindowStats {
         let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        let (buckets, requests, errors, panics) = std::mem::replace(&mut *g, ([0; LATENCY_BUCKETS], 0, 0, 0));
+        let (buckets, requests, errors, panics) =
+            std::mem::replace(&mut *g, ([0; LATENCY_BUCKETS], 0, 0, 0));
         drop(g);
         let answered: u64 = buckets.iter().sum();
         let pct = |q: f64| -> u32 {
@@ -686,6 +687,10 @@ mod tests {
         // Bucket bounds are within 25% above the true value.
         assert!((100..=186).contains(&s.p50_us), "p50 {}", s.p50_us);
         assert!((50_000..=62_500).contains(&s.p99_us), "p99 {}", s.p99_us);
-        assert_eq!(w.take(), WindowStats::default(), "taking empties the window");
+        assert_eq!(
+            w.take(),
+            WindowStats::default(),
+            "taking empties the window"
+        );
     }
 }

@@ -367,7 +367,8 @@ impl ReportSample {
 
     /// Does the sample hold a report of `node`?
     pub fn contains(&self, node: &NodeId) -> bool {
-        self.entries.contains_key(&sample_rank(node, &self.manifest))
+        self.entries
+            .contains_key(&sample_rank(node, &self.manifest))
     }
 
     /// Would a report of `node` enter the sample (it has room, or `node` ranks above the

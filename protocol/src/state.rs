@@ -1667,9 +1667,9 @@ impl<R: Rng> Mesh<R> {
                 Some(r) if !chan.failed_local.contains(&r.manifest.id) => {
                     Some((pv, r.manifest.id, r.variant))
                 }
-                _ => chan.active.and_then(|(v, id)| {
-                    chan.releases.get(&v).map(|r| (v, id, r.variant))
-                }),
+                _ => chan
+                    .active
+                    .and_then(|(v, id)| chan.releases.get(&v).map(|r| (v, id, r.variant))),
             },
         };
         // Which files to download: the target and, with prefetch, newer releases that are

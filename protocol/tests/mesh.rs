@@ -679,15 +679,28 @@ fn clock_skew_of_minutes_keeps_one_decision() {
         .collect();
     assert_eq!(decisions[0].open_stages(), 3, "{:?}", decisions[0]);
     for (i, n) in h.nodes.iter().enumerate() {
-        assert_eq!(decisions[i].opened, decisions[0].opened, "node {i} opened times");
-        assert_eq!(n.active.get(&vision()).map(|a| a.0), Some(2), "node {i} on v2");
+        assert_eq!(
+            decisions[i].opened, decisions[0].opened,
+            "node {i} opened times"
+        );
+        assert_eq!(
+            n.active.get(&vision()).map(|a| a.0),
+            Some(2),
+            "node {i} on v2"
+        );
         for (t, e) in &n.events {
             assert!(
                 !matches!(e, Event::RollBack { .. } | Event::RolloutFailed { .. }),
                 "node {i}: {e:?}"
             );
             assert!(
-                !matches!(e, Event::Rejected { label: "future", .. }),
+                !matches!(
+                    e,
+                    Event::Rejected {
+                        label: "future",
+                        ..
+                    }
+                ),
                 "node {i} refused a report of a skewed peer: {e:?}"
             );
             if let Event::StageOpened { stage, at, .. } = e {
@@ -708,7 +721,8 @@ fn clock_skew_of_minutes_keeps_one_decision() {
             _ => None,
         });
         let t = activated.expect("activated v2");
-        let local = T0.as_millis() as i64 + (t - Instant::ZERO).as_millis() as i64 + n.clock_offset_ms;
+        let local =
+            T0.as_millis() as i64 + (t - Instant::ZERO).as_millis() as i64 + n.clock_offset_ms;
         assert!(
             local >= decisions[0].opened[stage].as_millis() as i64,
             "node {i} in stage {stage} switched early"
@@ -722,9 +736,7 @@ fn clock_skew_of_minutes_keeps_one_decision() {
 #[test]
 fn two_thousand_reports_give_every_node_the_same_sample_and_decision() {
     use pollen_protocol::NodeId;
-    use pollen_protocol::rollout::{
-        HealthReport, HealthReportBody, ReportSample, evaluate,
-    };
+    use pollen_protocol::rollout::{HealthReport, HealthReportBody, ReportSample, evaluate};
     const K: usize = 64;
     let seed = 49;
     let op = Operator::new(seed, 1, None);
@@ -804,11 +816,19 @@ fn two_thousand_reports_give_every_node_the_same_sample_and_decision() {
         h.run_for(Duration::from_millis(300));
     }
     h.run_for(Duration::from_secs(120));
-    let at = [T0, T0.plus(Duration::from_secs(61)), T0.plus(Duration::from_secs(200))];
+    let at = [
+        T0,
+        T0.plus(Duration::from_secs(61)),
+        T0.plus(Duration::from_secs(200)),
+    ];
     for (i, n) in h.nodes.iter().enumerate() {
         let s = n.mesh.sample(&mid).expect("sample");
         assert_eq!(s.len(), K, "node {i} keeps K");
-        assert_eq!(s.digest(), reference.digest(), "node {i} holds the reference sample");
+        assert_eq!(
+            s.digest(),
+            reference.digest(),
+            "node {i} holds the reference sample"
+        );
         for now in at {
             assert_eq!(
                 evaluate(&plan, T0, Some(s), None, now),
@@ -843,7 +863,14 @@ fn pinned_node_stays_on_its_version_until_unpinned() {
         },
     )
     .unwrap();
-    let m2 = sign(&op, "vision.defects", 2, &s2, RolloutPlan::immediate(), h.wall());
+    let m2 = sign(
+        &op,
+        "vision.defects",
+        2,
+        &s2,
+        RolloutPlan::immediate(),
+        h.wall(),
+    );
     h.publish(0, &m2, &[&s2]).unwrap();
     h.run_for(Duration::from_secs(30));
     for (i, n) in h.nodes.iter().enumerate() {
