@@ -1802,6 +1802,8 @@ mod tests {
             highest: BTreeMap::from([("vision.defects".to_string(), 7)]),
             active: BTreeMap::from([("vision.defects".to_string(), m1.to_hex())]),
             published: BTreeSet::from([m2.to_hex()]),
+            pins: BTreeMap::from([("vision.defects".to_string(), 6)]),
+            instructions: BTreeMap::from([("vision.defects@7".to_string(), "00ff".to_string())]),
         };
         {
             let store = open(&dir);

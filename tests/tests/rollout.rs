@@ -177,7 +177,7 @@ fn ten_nodes_follow_a_staged_rollout_and_a_failing_canary_rolls_back() {
     let v = (2..500u64)
         .find(|&v| {
             let st = stages(&ids, &plan, v);
-            (0..3).all(|k| st.iter().any(|&s| s == k))
+            (0..3).all(|k| st.contains(&k))
         })
         .expect("a version with every stage populated");
     let stage_of = stages(&ids, &plan, v);
