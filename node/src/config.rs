@@ -51,14 +51,14 @@
 //! health_interval = "30s"
 //! # Panics of the model runtime within one health window that make a crash loop.
 //! crash_loop_panics = 3
+//! # Seed for the protocol core's RNG (random from the OS when absent).
+//! seed = 42
 //! # Local pins: channel = version. A pinned channel serves that version whatever the
 //! # rollouts say (an edge site that must not change during its working hours); give
 //! # every node of a site the same pins to pin the site. `pollen pin` sets them at run
 //! # time too; pins in this file win at start.
 //! [pins]
 //! "vision.defects" = 3
-//! # Seed for the protocol core's RNG (random from the OS when absent).
-//! seed = 42
 //! ```
 
 use anyhow::{Context, Result, bail};
@@ -260,5 +260,8 @@ mod tests {
             .join("\n");
         let c: NodeConfig = toml::from_str(&toml_text).unwrap();
         assert_eq!(c.seed, Some(42));
+        assert_eq!(c.pins.get("vision.defects"), Some(&3));
+        assert_eq!(c.health_interval().unwrap(), std::time::Duration::from_secs(30));
+        c.validate().unwrap();
     }
 }
