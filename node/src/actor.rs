@@ -1520,25 +1520,7 @@ impl Actor {
             };
             let w = model.health.take();
             let limit = self.mesh.manifest(&id).and_then(|m| m.body.rollout.runtime);
-            let status = if w.panics >= self.cfg.crash_loop_panics {
-                HealthStatus::Failed {
-                    class: ErrorClass::CrashLoop,
-                    detail: format!(
-                        "the runtime panicked {} times in {} requests over the last window",
-                        w.panics, w.requests
-                    ),
-                }
-            } else if limit.is_some_and(|l| l.broken(w.requests, w.errors)) {
-                HealthStatus::Failed {
-                    class: ErrorClass::RuntimeErrors,
-                    detail: format!(
-                        "{} of {} inferences failed over the last window",
-                        w.errors, w.requests
-                    ),
-                }
-            } else {
-                HealthStatus::Ok
-            };
+            let status = crate::serving::window_status(&w, limit, self.cfg.crash_loop_panics);
             if let HealthStatus::Failed { detail, .. } = &status {
                 self.error(format!("{} version {version}: {detail}", c.channel));
             }

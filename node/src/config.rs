@@ -261,7 +261,10 @@ mod tests {
         let c: NodeConfig = toml::from_str(&toml_text).unwrap();
         assert_eq!(c.seed, Some(42));
         assert_eq!(c.pins.get("vision.defects"), Some(&3));
-        assert_eq!(c.health_interval().unwrap(), std::time::Duration::from_secs(30));
+        assert_eq!(
+            c.health_interval().unwrap(),
+            std::time::Duration::from_secs(30)
+        );
         c.validate().unwrap();
     }
 }

@@ -73,6 +73,36 @@ pub struct WindowStats {
     pub p99_us: u32,
 }
 
+/// The health a serving window amounts to: a crash loop when the runtime panicked
+/// `crash_loop_panics` times, runtime errors when the window broke the plan's `limit`,
+/// else healthy.
+pub fn window_status(
+    w: &WindowStats,
+    limit: Option<pollen_protocol::rollout::RuntimeLimit>,
+    crash_loop_panics: u64,
+) -> pollen_protocol::rollout::HealthStatus {
+    use pollen_protocol::rollout::HealthStatus;
+    if w.panics >= crash_loop_panics.max(1) {
+        HealthStatus::Failed {
+            class: ErrorClass::CrashLoop,
+            detail: format!(
+                "the runtime panicked {} times in {} requests over the last window",
+                w.panics, w.requests
+            ),
+        }
+    } else if limit.is_some_and(|l| l.broken(w.requests, w.errors)) {
+        HealthStatus::Failed {
+            class: ErrorClass::RuntimeErrors,
+            detail: format!(
+                "{} of {} inferences failed over the last window",
+                w.errors, w.requests
+            ),
+        }
+    } else {
+        HealthStatus::Ok
+    }
+}
+
 /// Counters of the current report window of a served model: fixed size, lock held for a
 /// few increments only.
 #[derive(Debug)]
@@ -692,5 +722,38 @@ mod tests {
             WindowStats::default(),
             "taking empties the window"
         );
+    }
+
+    #[test]
+    fn windows_become_runtime_and_crash_loop_failures() {
+        use pollen_protocol::rollout::{HealthStatus, RuntimeLimit};
+        let limit = Some(RuntimeLimit {
+            max_error_ppm: 50_000,
+            min_requests: 20,
+        });
+        let w = |requests, errors, panics| WindowStats {
+            requests,
+            errors,
+            panics,
+            ..WindowStats::default()
+        };
+        let class = |s: HealthStatus| match s {
+            HealthStatus::Failed { class, .. } => Some(class),
+            _ => None,
+        };
+        // 5% of 100 is within the limit, 6% is not; 19 requests prove nothing.
+        assert_eq!(class(window_status(&w(100, 5, 0), limit, 3)), None);
+        assert_eq!(
+            class(window_status(&w(100, 6, 0), limit, 3)),
+            Some(ErrorClass::RuntimeErrors)
+        );
+        assert_eq!(class(window_status(&w(19, 19, 0), limit, 3)), None);
+        // Without a limit in the plan errors alone never fail; panics still do.
+        assert_eq!(class(window_status(&w(100, 90, 0), None, 3)), None);
+        assert_eq!(
+            class(window_status(&w(10, 3, 3), None, 3)),
+            Some(ErrorClass::CrashLoop)
+        );
+        assert_eq!(class(window_status(&w(10, 2, 2), None, 3)), None);
     }
 }

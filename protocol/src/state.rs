@@ -101,9 +101,10 @@ pub struct Config {
     /// A node whose latest report for a release is older than this counts as stale (not
     /// heard from lately) in the status; gate decisions do not depend on it.
     pub report_ttl: Duration,
-    /// After start, a node switches to a newer version only once it has caught up with a
-    /// peer (received the answer to its digest, and with it any halt it missed while
-    /// offline), or after this long without one. Rollbacks never wait.
+    /// After restoring releases from disk ([`Command::Restore`]), a node switches to a newer
+    /// version only once it has caught up with a peer (received the answer to its digest,
+    /// and with it any halt it missed while offline), or after this long without one.
+    /// Rollbacks never wait; a fresh node has nothing stale and does not wait.
     pub catch_up: Duration,
     /// Download releases this node is not (yet) in the stage for, so it can switch at once
     /// when its stage opens.
@@ -331,7 +332,6 @@ fn penalty_for(e: &TrustError) -> u32 {
 impl<R: Rng> Mesh<R> {
     /// A node with id `id` (its ed25519 public key), `config`, and randomness from `rng`.
     pub fn new(id: NodeId, config: Config, rng: R, now: Now) -> Self {
-        let catch_up_until = Some(now.mono + config.catch_up);
         Mesh {
             id,
             config,
@@ -355,7 +355,7 @@ impl<R: Rng> Mesh<R> {
             outputs: VecDeque::new(),
             next_anti_entropy: None,
             next_tick: Some(now.mono),
-            catch_up_until,
+            catch_up_until: None,
             last_wall: now.wall,
         }
     }
@@ -983,9 +983,13 @@ impl<R: Rng> Mesh<R> {
             Command::Publish(m) => self
                 .on_manifest(now, None, m, false)
                 .map_err(|e| e.to_string()),
-            Command::Restore(m) => self
-                .on_manifest(now, None, m, true)
-                .map_err(|e| e.to_string()),
+            Command::Restore(m) => {
+                // What was restored may be stale: hold promotions until caught up.
+                self.catch_up_until
+                    .get_or_insert(now.mono + self.config.catch_up);
+                self.on_manifest(now, None, m, true)
+                    .map_err(|e| e.to_string())
+            }
             Command::SetHighest { channel, version } => {
                 let c = self.channel_entry(&channel)?;
                 c.highest = c.highest.max(version);

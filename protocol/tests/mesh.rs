@@ -587,6 +587,62 @@ fn uncertified_node_is_refused_and_receives_nothing() {
     );
     assert!(!h.has_file(n - 1, &spec), "stranger got no chunk");
     assert!(h.stats.messages > 0);
+    // A health report of an uncertified node, relayed by a certified peer, is ignored;
+    // the certified nodes' own reports fill the sample.
+    use pollen_protocol::rollout::{HealthReport, HealthReportBody};
+    let mid = pollen_protocol::ManifestId(
+        sign(
+            &op,
+            "vision.defects",
+            1,
+            &spec,
+            RolloutPlan::immediate(),
+            T0,
+        )
+        .body_hash(),
+    );
+    let outsider = SigningKey::from_bytes(&[42; 32]);
+    let body = HealthReportBody {
+        node: pollen_protocol::NodeId(outsider.verifying_key().to_bytes()),
+        channel: vision(),
+        version: 1,
+        manifest: mid,
+        status: HealthStatus::Failed {
+            class: ErrorClass::LoadError,
+            detail: "not a fleet member".into(),
+        },
+        requests: 0,
+        errors: 0,
+        latency_p50_us: 0,
+        latency_p99_us: 0,
+        timestamp: h.wall(),
+    };
+    let report = HealthReport {
+        signed: Signed::sign(&body, &[&outsider]),
+        cert: None,
+    };
+    let from = h.nodes[1].id();
+    h.input(
+        0,
+        pollen_protocol::io::Input::Received {
+            from,
+            msg: Message::Reports(vec![report]),
+        },
+    );
+    h.run_for(Duration::from_secs(10));
+    for i in 0..n - 1 {
+        let s = h.nodes[i].mesh.sample(&mid).expect("sample");
+        assert_eq!(
+            s.counts().failed,
+            0,
+            "node {i} ignored the uncertified report"
+        );
+        assert_eq!(
+            s.len(),
+            n - 1,
+            "node {i}: a report from every certified node"
+        );
+    }
 }
 
 #[test]
