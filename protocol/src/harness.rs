@@ -94,6 +94,8 @@ pub struct SimNode {
     pub events: Vec<(Instant, Event)>,
     /// How far this node's wall clock is off the harness's, in milliseconds (clock skew).
     pub clock_offset_ms: i64,
+    /// Stopped (see [`Harness::stop`]): its timers do not run.
+    pub down: bool,
     uplink_free: Instant,
     timer_at: Option<Instant>,
 }
@@ -313,6 +315,7 @@ impl Harness {
                 served: BTreeSet::new(),
                 events: Vec::new(),
                 clock_offset_ms: 0,
+                down: false,
                 uplink_free: Instant::ZERO,
                 timer_at: None,
             });
@@ -460,6 +463,84 @@ impl Harness {
                 self.peer_up(i, j);
                 self.peer_up(j, i);
             }
+        }
+    }
+
+    /// Stop node `i` (a process killed): it is partitioned and its timers stop; what its
+    /// state machine holds now is what [`Harness::restart`] finds "on disk".
+    pub fn stop(&mut self, i: usize) {
+        self.partition(i);
+        self.nodes[i].down = true;
+    }
+
+    /// Restart partitioned or stopped node `i`: a new state machine restores what a driver
+    /// keeps on disk (trust root, retained manifests, highest versions, the active
+    /// release, the latest instructions, held chunks) and nothing else; `heal` reconnects
+    /// it.
+    pub fn restart(&mut self, i: usize) {
+        assert!(self.cut.contains(&i), "restart a partitioned node");
+        self.nodes[i].down = false;
+        let old = &self.nodes[i].mesh;
+        let trust = old.trust_root().map(|t| t.signed.clone());
+        let status = old.status();
+        let mut manifests = Vec::new();
+        let mut instructions = Vec::new();
+        let mut chunks = Vec::new();
+        for c in &status {
+            for r in &c.releases {
+                if let Some(m) = old.manifest(&r.manifest) {
+                    manifests.push((m.body.version, m.signed.clone()));
+                }
+                if let Some(s) = old.signed_instruction(&r.manifest) {
+                    instructions.push(s.clone());
+                }
+                for (cid, _, total) in &r.files {
+                    let mut bits = Bitfield::new(*total);
+                    for k in 0..*total {
+                        if old.has_chunk(cid, k) {
+                            bits.set(k);
+                        }
+                    }
+                    chunks.push((*cid, bits));
+                }
+            }
+        }
+        manifests.sort_by_key(|(v, _)| *v);
+        let config = old.config().clone();
+        let id = old.id();
+        let rng = ChaCha8Rng::seed_from_u64(self.rng.next_u64());
+        let now = self.clocks(i);
+        self.nodes[i].mesh = Mesh::new(id, config, rng, now);
+        self.nodes[i].timer_at = None;
+        if let Some(t) = trust {
+            let _ = self.command(i, Command::RestoreTrustRoot(t));
+        }
+        for (_, m) in manifests {
+            let _ = self.command(i, Command::Restore(m));
+        }
+        for c in &status {
+            let _ = self.command(
+                i,
+                Command::SetHighest {
+                    channel: c.channel.clone(),
+                    version: c.highest,
+                },
+            );
+            if let Some((_, manifest)) = c.active {
+                let _ = self.command(
+                    i,
+                    Command::SetActive {
+                        channel: c.channel.clone(),
+                        manifest,
+                    },
+                );
+            }
+        }
+        for s in instructions {
+            let _ = self.command(i, Command::Instruct(s));
+        }
+        for (file, bits) in chunks {
+            let _ = self.command(i, Command::LocalChunks { file, chunks: bits });
         }
     }
 
@@ -793,6 +874,9 @@ impl Harness {
             Ev::Timer { node } => {
                 if self.nodes[node].timer_at.is_some_and(|t| t <= self.now) {
                     self.nodes[node].timer_at = None;
+                }
+                if self.nodes[node].down {
+                    return;
                 }
                 let now = self.clocks(node);
                 self.nodes[node].mesh.handle_timeout(now);

@@ -420,6 +420,11 @@ impl<R: Rng> Mesh<R> {
         self.samples.get(id)
     }
 
+    /// The signed latest operator instruction for a release (what a driver persists).
+    pub fn signed_instruction(&self, id: &ManifestId) -> Option<&SignedInstruction> {
+        self.instructions.get(id).map(|(s, _)| s)
+    }
+
     /// The latest operator instruction for a release.
     pub fn instruction(&self, id: &ManifestId) -> Option<&crate::rollout::InstructionBody> {
         self.instructions.get(id).map(|(_, b)| b)

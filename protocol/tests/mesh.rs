@@ -945,3 +945,65 @@ fn pinned_node_stays_on_its_version_until_unpinned() {
     h.run_for(Duration::from_secs(30));
     assert_eq!(h.nodes[4].active.get(&vision()).map(|a| a.0), Some(2));
 }
+
+/// A node down while a halt is issued, restarted after the next stage's time: it restores
+/// a release it would now be admitted to, but learns the halt from its first peer before
+/// it switches, so it never serves the halted version.
+#[test]
+fn node_restarted_after_a_halt_learns_it_before_switching() {
+    use pollen_protocol::rollout::{InstructionBody, RolloutAction};
+    // No gate: on restart the node is admitted by time alone, before it hears anybody.
+    let (mut h, op) = harness(30, 53);
+    let s1 = random_file_spec(40_000, 16 * 1024, 61);
+    let s2 = random_file_spec(41_000, 16 * 1024, 62);
+    let m1 = sign(&op, "vision.defects", 1, &s1, RolloutPlan::immediate(), T0);
+    h.publish(0, &m1, &[&s1]).unwrap();
+    h.run_for(Duration::from_secs(20));
+    let plan = RolloutPlan::percent(&[20.0, 50.0, 100.0], Duration::from_secs(30), None);
+    let m2 = sign(&op, "vision.defects", 2, &s2, plan, h.wall());
+    h.publish(0, &m2, &[&s2]).unwrap();
+    let m2d = pollen_protocol::manifest::Manifest::decode(m2).unwrap();
+    let k = (0..h.nodes.len())
+        .find(|&i| m2d.stage_of(&h.nodes[i].id()) == Some(1))
+        .expect("a node in the second stage");
+    h.run_for(Duration::from_secs(10));
+    assert!(
+        h.has_file(k, &m2d.body.artifact.variants[0].files[0].spec),
+        "prefetched"
+    );
+    h.stop(k);
+    let halt = Signed::sign(
+        &InstructionBody {
+            channel: vision(),
+            version: 2,
+            action: RolloutAction::Halt,
+            issued: h.wall(),
+        },
+        &[&op.publishers[0]],
+    );
+    let issuer = (k + 1) % h.nodes.len();
+    h.command(issuer, Command::Instruct(halt)).unwrap();
+    h.run_for(Duration::from_secs(60));
+    assert!(
+        h.nodes[k].mesh.signed_instruction(&m2d.id).is_none(),
+        "the halt did not reach the partitioned node"
+    );
+    let before = h.nodes[k].events.len();
+    h.restart(k);
+    h.heal(k);
+    h.run_for(Duration::from_secs(30));
+    let after: Vec<&Event> = h.nodes[k].events[before..].iter().map(|(_, e)| e).collect();
+    assert!(
+        !after
+            .iter()
+            .any(|e| matches!(e, Event::Activate { version: 2, .. })),
+        "node {k} switched to the halted release: {after:?}"
+    );
+    assert!(
+        after
+            .iter()
+            .any(|e| matches!(e, Event::InstructionAccepted { version: 2, .. })),
+        "node {k} learned the halt"
+    );
+    assert_eq!(h.nodes[k].active.get(&vision()).map(|a| a.0), Some(1));
+}
