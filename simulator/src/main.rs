@@ -1,17 +1,21 @@
-//! `pollen-sim`: drives the pollen-protocol state machine over simulated networks.
+//! `pollen-sim`: a discrete-event simulator that drives the pollen protocol core (the same
+//! `Mesh` state machine every node runs, built with the same features) over simulated
+//! sites, links, churn and adversaries.
 //!
-//! This first version runs the protocol core's deterministic harness (`harness`
-//! subcommand): N nodes on virtual time distribute one artifact from one publisher, and it
-//! prints what happened. The full scenario-driven simulator (sites, churn, attackers, TOML
-//! scenarios, reports) grows from here.
+//! ```text
+//! pollen-sim run SCENARIO.toml [--seed N | --seeds A..B] [--out DIR] [--quiet]
+//! pollen-sim compare A/summary.json B/summary.json
+//! ```
 
-use anyhow::{Result, bail};
+mod engine;
+mod net;
+mod report;
+mod scenario;
+mod units;
+
+use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
-use core::time::Duration;
-use pollen_protocol::harness::{Harness, LinkModel, Operator, manifest_body, random_file_spec};
-use pollen_protocol::rollout::RolloutPlan;
-use pollen_protocol::signing::Signed;
-use pollen_protocol::{Config, Instant, UnixTime};
+use std::path::{Path, PathBuf};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -26,134 +30,189 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
-    /// One publisher, N nodes, one artifact: run the real protocol core on the in-memory
-    /// harness and report dissemination.
-    Harness {
-        /// Nodes in the mesh.
-        #[arg(long, default_value_t = 50)]
-        nodes: usize,
-        /// Random peers per node.
-        #[arg(long, default_value_t = 6)]
-        degree: usize,
-        /// Chunks in the artifact.
-        #[arg(long, default_value_t = 64)]
-        chunks: usize,
-        /// Chunk size in KiB (a power of two, 16 to 16384).
-        #[arg(long, default_value_t = 16)]
-        chunk_kib: u64,
-        /// Upload bandwidth per node, MiB/s.
-        #[arg(long, default_value_t = 10)]
-        upload_mib: u64,
-        /// Master seed: the same seed gives the same run.
-        #[arg(long, default_value_t = 1)]
-        seed: u64,
+    /// Run a scenario: a summary table on stdout; summary.json, timeseries.csv,
+    /// coverage.svg, bytes.svg and perf.json in --out.
+    Run {
+        /// Scenario file (TOML; see scenarios/).
+        scenario: PathBuf,
+        /// Master seed (default: the scenario's).
+        #[arg(long, conflicts_with = "seeds")]
+        seed: Option<u64>,
+        /// Several seeds, A..B inclusive: mean / min / max per figure.
+        #[arg(long, value_name = "A..B")]
+        seeds: Option<String>,
+        /// Output directory (default: sim-out/<scenario name>).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// No progress bar.
+        #[arg(long)]
+        quiet: bool,
+        /// Multiply every site's node count by this (0 measures the engine's baseline
+        /// memory: the run then has the publisher site's first node and one more).
+        #[arg(long, hide = true)]
+        scale: Option<f64>,
+    },
+    /// Compare two summary.json files figure by figure.
+    Compare {
+        /// Baseline.
+        a: PathBuf,
+        /// Candidate.
+        b: PathBuf,
     },
 }
 
 fn main() -> Result<()> {
     match Cli::parse().cmd {
-        Cmd::Harness {
-            nodes,
-            degree,
-            chunks,
-            chunk_kib,
-            upload_mib,
+        Cmd::Run {
+            scenario,
             seed,
-        } => harness(nodes, degree, chunks, chunk_kib, upload_mib, seed),
+            seeds,
+            out,
+            quiet,
+            scale,
+        } => run(&scenario, seed, seeds.as_deref(), out, quiet, scale),
+        Cmd::Compare { a, b } => {
+            print!("{}", report::compare(&a, &b)?);
+            Ok(())
+        }
     }
 }
 
-fn harness(
-    nodes: usize,
-    degree: usize,
-    chunks: usize,
-    chunk_kib: u64,
-    upload_mib: u64,
-    seed: u64,
+fn parse_seeds(s: &str) -> Result<Vec<u64>> {
+    let (a, b) = s
+        .split_once("..")
+        .context("--seeds takes A..B (inclusive), e.g. 1..8")?;
+    let (a, b): (u64, u64) = (
+        a.trim().parse().context("--seeds: A")?,
+        b.trim()
+            .trim_start_matches('=')
+            .parse()
+            .context("--seeds: B")?,
+    );
+    if b < a || b - a >= 1000 {
+        bail!("--seeds A..B needs A <= B and at most 1000 seeds");
+    }
+    Ok((a..=b).collect())
+}
+
+/// Peak resident set size of this process, KiB (Linux; 0 elsewhere).
+fn peak_rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn run(
+    path: &Path,
+    seed: Option<u64>,
+    seeds: Option<&str>,
+    out: Option<PathBuf>,
+    quiet: bool,
+    scale: Option<f64>,
 ) -> Result<()> {
-    if nodes < 2 {
-        bail!("need at least 2 nodes");
-    }
-    let t0 = UnixTime::from_secs(1_700_000_000);
-    let link = LinkModel {
-        upload_bytes_per_sec: upload_mib * 1024 * 1024,
-        ..LinkModel::default()
-    };
-    let op = Operator::new(seed, 1, None);
-    let mut h = Harness::new(nodes, Config::default(), link, seed, t0);
-    h.install_trust(&op.trust);
-    h.connect_random(degree);
-    let chunk = chunk_kib * 1024;
-    let spec = random_file_spec(chunks * chunk as usize, chunk, seed);
-    let body = manifest_body("demo.model", 1, spec.clone(), RolloutPlan::immediate(), t0);
-    let m = Signed::sign(&body, &op.signers(1));
-    h.publish(0, &m, &[&spec]).map_err(anyhow::Error::msg)?;
-    let step = Duration::from_millis(10);
-    let limit = Instant::ZERO + Duration::from_secs(3600);
-    let mut coverage = Vec::new();
-    let mut last = 0;
-    while h.now() < limit {
-        h.run_for(step);
-        let done = (0..nodes).filter(|&i| h.has_file(i, &spec)).count();
-        if done != last {
-            if std::env::var_os("SIM_DEBUG").is_some() {
-                eprintln!("{:?} {done}", h.now());
+    let mut sc = scenario::Scenario::load(path)?;
+    if let Some(k) = scale {
+        for s in &mut sc.sites {
+            s.nodes = ((s.nodes as f64) * k).round().max(1.0) as usize;
+            if k == 0.0 {
+                s.count = 1;
             }
-            coverage.push((h.now(), done));
-            last = done;
         }
-        if done == nodes {
-            break;
+        if k == 0.0 {
+            sc.sites.truncate(1);
+            sc.sites[0].nodes = 2;
         }
     }
-    let s = &h.stats;
-    let size = spec.size as f64;
-    let lower_bound = size / link.upload_bytes_per_sec as f64;
-    println!(
-        "pollen-sim harness: {nodes} nodes, degree {degree}, {chunks} x {chunk_kib} KiB, seed {seed}"
-    );
-    println!("{:<44} {:>12}", "figure", "value");
-    let at = |frac: f64| {
-        coverage
-            .iter()
-            .find(|(_, d)| *d as f64 >= frac * nodes as f64)
-            .map_or("never".to_string(), |(t, _)| {
-                format!("{:.3} s", t.as_micros() as f64 / 1e6)
-            })
+    let seeds = match (seed, seeds) {
+        (_, Some(s)) => parse_seeds(s)?,
+        (Some(s), None) => vec![s],
+        (None, None) => vec![sc.seed],
     };
-    for (label, f) in [
-        ("time to 50% of nodes", 0.5),
-        ("time to 90% of nodes", 0.9),
-        ("time to 100% of nodes", 1.0),
-    ] {
-        println!("{label:<44} {:>12}", at(f));
+    let out = out.unwrap_or_else(|| PathBuf::from("sim-out").join(&sc.name));
+    std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
+    let progress = !quiet && std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let mut summaries = Vec::new();
+    let mut perf = Vec::new();
+    for &s in &seeds {
+        let dir = if seeds.len() > 1 {
+            out.join(format!("seed-{s}"))
+        } else {
+            out.clone()
+        };
+        std::fs::create_dir_all(&dir)?;
+        let rss_before = rss_kib();
+        let started = std::time::Instant::now();
+        let mut sim = engine::Sim::new(sc.clone(), s, progress);
+        let built = started.elapsed().as_secs_f64();
+        sim.run();
+        let wall = started.elapsed().as_secs_f64();
+        let summary = report::summarize(&sim);
+        report::write_series(&sim, &dir)?;
+        std::fs::write(
+            dir.join("summary.json"),
+            serde_json::to_string_pretty(&summary)? + "\n",
+        )?;
+        let peak = peak_rss_kib();
+        let p = serde_json::json!({
+            "seed": s,
+            "nodes": sim.node_count(),
+            "wall_s": wall,
+            "build_s": built,
+            "virtual_s": sim.now as f64 / 1e6,
+            "events": sim.stats.events,
+            "events_per_s": sim.stats.events as f64 / wall.max(1e-9),
+            "peak_rss_kib": peak,
+            "rss_before_build_kib": rss_before,
+            "kib_per_node_over_start": (peak.saturating_sub(rss_before)) as f64 / sim.node_count() as f64,
+            "peak_flows": sim.stats.peak_flows,
+        });
+        std::fs::write(
+            dir.join("perf.json"),
+            serde_json::to_string_pretty(&p)? + "\n",
+        )?;
+        perf.push(p);
+        if seeds.len() > 1 {
+            eprintln!(
+                "seed {s}: {:.1} s wall, {} events, trace {}",
+                wall, sim.stats.events, summary.trace_hash
+            );
+        }
+        summaries.push(summary);
     }
-    println!(
-        "{:<44} {:>12.3}",
-        "publisher upload / artifact",
-        s.uploaded[0] as f64 / size
-    );
-    println!(
-        "{:<44} {:>12.3} s",
-        "one artifact over one uplink (F/u)", lower_bound
-    );
-    println!("{:<44} {:>12}", "chunk transfers", s.chunk_transfers);
-    println!(
-        "{:<44} {:>12}",
-        "duplicate transfers", s.duplicate_transfers
-    );
-    println!("{:<44} {:>12}", "control messages", s.messages);
-    println!(
-        "{:<44} {:>12}",
-        "trace hash (same seed, same hash)",
-        hex8(&h.trace_hash())
-    );
-    if last != nodes {
-        bail!("only {last} of {nodes} nodes completed within an hour of virtual time");
-    }
+    let summary = if summaries.len() > 1 {
+        let agg = report::aggregate(&summaries);
+        std::fs::write(
+            out.join("summary.json"),
+            serde_json::to_string_pretty(&agg)? + "\n",
+        )?;
+        std::fs::write(
+            out.join("perf.json"),
+            serde_json::to_string_pretty(&perf)? + "\n",
+        )?;
+        agg
+    } else {
+        summaries.remove(0)
+    };
+    print!("{}", report::table(&summary));
+    std::io::Write::flush(&mut std::io::stdout())?;
+    eprintln!("wrote {}", out.display());
     Ok(())
-}
-
-fn hex8(b: &[u8; 32]) -> String {
-    b[..8].iter().map(|x| format!("{x:02x}")).collect()
 }

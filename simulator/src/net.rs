@@ -1,0 +1,257 @@
+//! The flow-level network model.
+//!
+//! A chunk transfer is one flow over a set of resources: the sender's uplink, the
+//! receiver's downlink and, between sites, the sender site's WAN uplink and the receiver
+//! site's WAN downlink. Each resource splits its capacity equally among the flows on it,
+//! and a flow runs at the smallest share along its path. When a flow starts or ends, the
+//! flows sharing a resource with it are brought up to date and their completion times
+//! moved. This is not packet-level: no slow start, no queueing delay, no loss on bulk
+//! flows (see the README's researcher section for what that leaves out).
+
+/// Index of a resource.
+pub type ResId = u32;
+/// Index of a flow.
+pub type FlowId = u32;
+
+/// A link with a capacity.
+#[derive(Debug)]
+pub struct Resource {
+    /// Capacity, bytes per microsecond.
+    pub cap: f64,
+    /// Flows on it.
+    pub flows: Vec<FlowId>,
+}
+
+/// One chunk transfer in progress.
+#[derive(Debug, Clone)]
+pub struct Flow {
+    /// Sender node.
+    pub from: u32,
+    /// Receiver node.
+    pub to: u32,
+    /// Request id (from the sender's `SendChunk`).
+    pub req: u64,
+    /// File and chunk.
+    pub file: pollen_protocol::ContentId,
+    /// Chunk index.
+    pub index: u32,
+    /// Bytes in the transfer (chunk plus frame header).
+    pub total: f64,
+    /// Bytes moved so far (as of `last`).
+    pub done: f64,
+    /// Current rate, bytes per microsecond.
+    pub rate: f64,
+    /// Time of the last update, µs.
+    pub last: u64,
+    /// Resources on its path.
+    pub res: [ResId; 4],
+    /// How many of `res` are used.
+    pub nres: u8,
+    /// Bumped on every reschedule: older completion events are stale.
+    pub ver: u32,
+    /// One-way latency added to the completion.
+    pub latency: u64,
+    /// The sender serves corrupt data.
+    pub corrupt: bool,
+}
+
+/// Resources and the flows on them.
+#[derive(Debug, Default)]
+pub struct Net {
+    /// Every resource.
+    pub res: Vec<Resource>,
+    /// Flow slots (None: free).
+    pub flows: Vec<Option<Flow>>,
+    free: Vec<FlowId>,
+    stamp: Vec<u32>,
+    epoch: u32,
+}
+
+/// A completion to (re)schedule: flow, version, time.
+pub type Reschedule = (FlowId, u32, u64);
+
+impl Net {
+    /// A resource of `bytes_per_sec`.
+    pub fn add_resource(&mut self, bytes_per_sec: f64) -> ResId {
+        self.res.push(Resource {
+            cap: bytes_per_sec / 1e6,
+            flows: Vec::new(),
+        });
+        (self.res.len() - 1) as ResId
+    }
+
+    /// Flows in progress.
+    pub fn active(&self) -> usize {
+        self.flows.len() - self.free.len()
+    }
+
+    fn rate_of(&self, f: &Flow) -> f64 {
+        f.res[..f.nres as usize]
+            .iter()
+            .map(|&r| {
+                let r = &self.res[r as usize];
+                r.cap / r.flows.len().max(1) as f64
+            })
+            .fold(f64::INFINITY, f64::min)
+    }
+
+    /// Start a flow at `now`; returns its id and the completions to schedule.
+    pub fn start(&mut self, now: u64, mut flow: Flow, out: &mut Vec<Reschedule>) -> FlowId {
+        flow.last = now;
+        flow.done = 0.0;
+        let id = match self.free.pop() {
+            Some(id) => id,
+            None => {
+                self.flows.push(None);
+                self.stamp.push(0);
+                (self.flows.len() - 1) as FlowId
+            }
+        };
+        for &r in &flow.res[..flow.nres as usize] {
+            self.res[r as usize].flows.push(id);
+        }
+        let res = flow.res;
+        let n = flow.nres;
+        self.flows[id as usize] = Some(flow);
+        self.update_around(now, &res[..n as usize], out);
+        id
+    }
+
+    /// Remove a flow (finished or cancelled) at `now`; returns it with `done` up to date.
+    pub fn finish(&mut self, now: u64, id: FlowId, out: &mut Vec<Reschedule>) -> Option<Flow> {
+        let mut flow = self.flows.get_mut(id as usize)?.take()?;
+        flow.done = (flow.done + flow.rate * (now - flow.last) as f64).min(flow.total);
+        flow.last = now;
+        for &r in &flow.res[..flow.nres as usize] {
+            let v = &mut self.res[r as usize].flows;
+            if let Some(p) = v.iter().position(|&x| x == id) {
+                v.swap_remove(p);
+            }
+        }
+        self.free.push(id);
+        self.update_around(now, &flow.res[..flow.nres as usize], out);
+        Some(flow)
+    }
+
+    /// Bring every flow on `res` up to date and give it its new rate.
+    fn update_around(&mut self, now: u64, res: &[ResId], out: &mut Vec<Reschedule>) {
+        self.epoch = self.epoch.wrapping_add(1);
+        let epoch = self.epoch;
+        for &r in res {
+            for i in 0..self.res[r as usize].flows.len() {
+                let id = self.res[r as usize].flows[i];
+                if self.stamp[id as usize] == epoch {
+                    continue;
+                }
+                self.stamp[id as usize] = epoch;
+                let Some(f) = self.flows[id as usize].as_ref() else {
+                    continue;
+                };
+                let rate = self.rate_of(f);
+                let f = self.flows[id as usize].as_mut().expect("present");
+                f.done = (f.done + f.rate * (now - f.last) as f64).min(f.total);
+                f.last = now;
+                if rate == f.rate && f.ver > 0 {
+                    continue;
+                }
+                f.rate = rate;
+                f.ver = f.ver.wrapping_add(1);
+                let left = (f.total - f.done).max(0.0);
+                let at = now + (left / rate).ceil() as u64 + f.latency;
+                out.push((id, f.ver, at));
+            }
+        }
+    }
+
+    /// Flows between `a` and `b` (either direction); `via` are `a`'s uplink and downlink,
+    /// which every such flow crosses.
+    pub fn between(&self, a: u32, b: u32, via: [ResId; 2]) -> Vec<FlowId> {
+        let mut v: Vec<FlowId> = via
+            .iter()
+            .flat_map(|r| self.res[*r as usize].flows.iter().copied())
+            .filter(|id| {
+                self.flows[*id as usize]
+                    .as_ref()
+                    .is_some_and(|f| (f.from == a && f.to == b) || (f.from == b && f.to == a))
+            })
+            .collect();
+        v.sort_unstable();
+        v.dedup();
+        v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn flow(res: &[ResId]) -> Flow {
+        let mut r = [0; 4];
+        r[..res.len()].copy_from_slice(res);
+        Flow {
+            from: 0,
+            to: 1,
+            req: 0,
+            file: pollen_protocol::ContentId([0; 32]),
+            index: 0,
+            total: 1e6,
+            done: 0.0,
+            rate: 0.0,
+            last: 0,
+            res: r,
+            nres: res.len() as u8,
+            ver: 0,
+            latency: 0,
+            corrupt: false,
+        }
+    }
+
+    /// k flows on one bottleneck each get 1/k of it (within 1%), and the finish times
+    /// follow: with a 1 MB/s link and k flows of 1 MB, each ends at k seconds.
+    #[test]
+    fn k_flows_share_a_bottleneck_fairly() {
+        for k in [1usize, 2, 3, 7, 50] {
+            let mut net = Net::default();
+            let bottleneck = net.add_resource(1e6);
+            let wide = net.add_resource(1e9);
+            let mut out = Vec::new();
+            for _ in 0..k {
+                net.start(0, flow(&[wide, bottleneck]), &mut out);
+            }
+            let rates: Vec<f64> = net.flows.iter().flatten().map(|f| f.rate * 1e6).collect();
+            for r in &rates {
+                assert!(((r * k as f64) / 1e6 - 1.0).abs() < 0.01, "k={k}: rate {r}");
+            }
+            let mut latest = std::collections::BTreeMap::new();
+            for (id, ver, at) in out {
+                latest.insert(id, (ver, at));
+            }
+            for (_, (_, at)) in latest {
+                let secs = at as f64 / 1e6;
+                assert!(
+                    (secs / k as f64 - 1.0).abs() < 0.01,
+                    "k={k}: ends at {secs}"
+                );
+            }
+        }
+    }
+
+    /// When one of two flows ends, the other speeds up, and its end moves earlier.
+    #[test]
+    fn a_finished_flow_frees_its_share() {
+        let mut net = Net::default();
+        let link = net.add_resource(1e6);
+        let mut out = Vec::new();
+        let a = net.start(0, flow(&[link]), &mut out);
+        let mut short = flow(&[link]);
+        short.total = 2e5;
+        let b = net.start(0, short, &mut out);
+        out.clear();
+        // b (200 kB at 0.5 MB/s) ends at 0.4 s; a has 200 kB done, 800 kB left at 1 MB/s.
+        let fb = net.finish(400_000, b, &mut out).unwrap();
+        assert!((fb.done - 2e5).abs() < 1.0);
+        let (id, _, at) = out[0];
+        assert_eq!(id, a);
+        assert!((at as f64 / 1e6 - 1.2).abs() < 1e-3, "{at}");
+    }
+}
