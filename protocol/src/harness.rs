@@ -272,6 +272,8 @@ pub struct Harness {
     policy: Policy,
     trace: blake3::Hasher,
     next_cmd: u64,
+    /// Latest delivery time per directed link (control messages keep their order).
+    fifo: BTreeMap<(usize, usize), Instant>,
 }
 
 impl core::fmt::Debug for Harness {
@@ -342,6 +344,7 @@ impl Harness {
             policy: Box::new(|_, _, _| HealthPlan::ok()),
             trace: blake3::Hasher::new(),
             next_cmd: 1,
+            fifo: BTreeMap::new(),
         }
     }
 
@@ -628,9 +631,13 @@ impl Harness {
                     if let Some(&j) = self.index.get(&to)
                         && self.linked(i, j)
                     {
+                        // One stream per direction: control messages arrive in order.
                         let d = self.delay();
+                        let at = (self.now + d)
+                            .max(self.fifo.get(&(i, j)).copied().unwrap_or(Instant::ZERO));
+                        self.fifo.insert((i, j), at);
                         self.push(
-                            self.now + d,
+                            at,
                             Ev::Deliver {
                                 to: j,
                                 from: i,

@@ -532,6 +532,13 @@ impl<R: Rng> Mesh<R> {
     /// Feed one input. Drain [`Mesh::poll_output`] afterwards.
     pub fn handle(&mut self, now: Now, input: Input) {
         self.last_wall = now.wall;
+        let hint = match &input {
+            Input::Received {
+                from,
+                msg: Message::HaveChunk { file, index },
+            } => Some((*from, *file, *index)),
+            _ => None,
+        };
         match input {
             Input::PeerUp { peer, info } => self.on_peer_up(now, peer, info),
             Input::PeerDown { peer } => self.on_peer_down(now, peer),
@@ -566,7 +573,43 @@ impl<R: Rng> Mesh<R> {
                 self.emit(Event::CommandDone { id, result });
             }
         }
-        self.schedule(now);
+        match hint {
+            // A peer announcing one chunk can only make that chunk requestable from it:
+            // no need to rescan everything (the most frequent message by far).
+            Some((peer, file, index)) => self.schedule_one(now, peer, file, index),
+            None => self.schedule(now),
+        }
+    }
+
+    /// Request chunk `index` of `file` from `peer` if it is free, wanted and the peer has
+    /// room (the rules of [`Mesh::pick_chunk`], for one chunk).
+    fn schedule_one(&mut self, now: Now, peer: NodeId, file: ContentId, index: u32) {
+        if self.store_backoff.is_some_and(|t| now.mono < t) {
+            return;
+        }
+        let Some(p) = self.peers.get(&peer) else {
+            return;
+        };
+        if p.inflight >= self.config.max_inflight_per_peer || p.refused {
+            return;
+        }
+        let (Some(bits), Some(f)) = (p.haves.get(&file), self.files.get(&file)) else {
+            return;
+        };
+        if !f.wanted
+            || f.have.get(index)
+            || !bits.get(index)
+            || f.inflight.contains_key(&index)
+            || f.pending.contains(&index)
+        {
+            return;
+        }
+        let avail = f.avail.get(index as usize).copied().unwrap_or(0);
+        if bits.count() == f.total() && avail > f.seeds {
+            // A seed serves only chunks no other peer can (see pick_chunk).
+            return;
+        }
+        self.request(now, peer, file, index);
     }
 
     /// Run timers that are due. Calling it early does nothing.
@@ -2018,16 +2061,23 @@ impl<R: Rng> Mesh<R> {
         {
             return None;
         }
+        // Chunk order from a random start, as before, but a byte (8 chunks) where the peer
+        // has nothing this node lacks is skipped at once.
+        let (pb, hb) = (bits.as_bytes(), f.have.as_bytes());
         let start = (self.rng.next_u64() % u64::from(n)) as u32;
         let mut best: Option<(u16, u32)> = None;
-        let mut any_free_missing = false;
-        for k in 0..n {
+        let mut k = 0u32;
+        while k < n {
             let i = (start + k) % n;
-            if f.have.get(i) || f.inflight.contains_key(&i) || f.pending.contains(&i) {
+            let b = (i / 8) as usize;
+            let cand = pb.get(b).copied().unwrap_or(0) & !hb.get(b).copied().unwrap_or(0xff);
+            if cand == 0 {
+                // Next byte boundary (or the wrap to chunk 0).
+                k += (8 - i % 8).min(n - i);
                 continue;
             }
-            any_free_missing = true;
-            if !bits.get(i) {
+            k += 1;
+            if cand & (1 << (i % 8)) == 0 || f.inflight.contains_key(&i) || f.pending.contains(&i) {
                 continue;
             }
             let avail = f.avail[i as usize];
@@ -2042,6 +2092,17 @@ impl<R: Rng> Mesh<R> {
         if let Some((_, i)) = best {
             return Some(i);
         }
+        let any_free_missing = hb.iter().enumerate().any(|(b, byte)| {
+            let missing = !byte;
+            missing != 0
+                && (0..8u32).any(|bit| {
+                    let i = b as u32 * 8 + bit;
+                    missing & (1 << bit) != 0
+                        && i < n
+                        && !f.inflight.contains_key(&i)
+                        && !f.pending.contains(&i)
+                })
+        });
         if any_free_missing {
             return None;
         }

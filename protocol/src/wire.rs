@@ -129,6 +129,12 @@ impl Bitfield {
         b
     }
 
+    /// The bits as bytes, bit `i` in byte `i / 8` at position `i % 8` (bits past `len`
+    /// are clear).
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bits
+    }
+
     /// Number of set bits.
     pub fn count(&self) -> u32 {
         self.bits.iter().map(|b| b.count_ones()).sum()
