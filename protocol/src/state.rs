@@ -2055,10 +2055,7 @@ impl<R: Rng> Mesh<R> {
         }
         let is_seed = bits.count() == n;
         // Keep few requests queued at a seed: what it uploads twice is wasted on its uplink.
-        if is_seed
-            && p.inflight >= self.config.max_inflight_per_seed
-            && f.avail.iter().any(|a| *a > f.seeds)
-        {
+        if is_seed && p.inflight >= self.config.max_inflight_per_seed {
             return None;
         }
         // Chunk order from a random start, as before, but a byte (8 chunks) where the peer

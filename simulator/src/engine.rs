@@ -80,6 +80,8 @@ pub struct Stats {
     pub equivocations: u64,
     /// Peak flows in progress at once.
     pub peak_flows: usize,
+    /// Chunk bytes the publisher uploaded.
+    pub publisher_upload: u64,
 }
 
 /// Per-release results.
@@ -134,6 +136,10 @@ struct SimNode {
     adj: Vec<(u32, bool, bool)>,
     /// What it serves now: version.
     serving: Option<u64>,
+    /// Chunk uploads in progress.
+    uploads: u32,
+    /// Chunk sends waiting for an upload slot: (to, request id, file, index).
+    upload_queue: std::collections::VecDeque<(u32, u64, ContentId, u32)>,
 }
 
 #[derive(Debug)]
@@ -157,7 +163,11 @@ struct SiteRt {
 
 #[derive(Debug)]
 enum Ev {
-    Deliver { to: u32, from: u32, msg: Message },
+    Deliver {
+        to: u32,
+        from: u32,
+        msg: Box<Message>,
+    },
     FlowDone { id: FlowId, ver: u32 },
     Timer { node: u32, at: u64 },
     Publish { release: usize },
@@ -240,6 +250,7 @@ pub struct Sim {
     /// Time series.
     pub rows: Vec<Row>,
     sample_every: u64,
+    upload_slots: u32,
     cur_hop: Option<(usize, u16)>,
     progress: Option<indicatif::ProgressBar>,
     /// Nodes that started late.
@@ -360,6 +371,8 @@ impl Sim {
                         timer_at: None,
                         adj: Vec::new(),
                         serving: None,
+                        uploads: 0,
+                        upload_queue: Default::default(),
                     });
                 }
                 sites.push(SiteRt {
@@ -483,6 +496,7 @@ impl Sim {
             trace: blake3::Hasher::new(),
             rows: Vec::new(),
             sample_every,
+            upload_slots: sc.protocol.upload_slots.unwrap_or(16).max(1) as u32,
             cur_hop: None,
             progress: bar,
             late,
@@ -744,13 +758,20 @@ impl Sim {
                 } => {
                     self.trace(i, 2);
                     if let Some(&j) = self.ids.get(&to) {
-                        self.start_flow(i, j, id, file, index);
+                        let node = &mut self.nodes[i as usize];
+                        if node.uploads < self.upload_slots {
+                            self.start_flow(i, j, id, file, index);
+                        } else if node.upload_queue.len() < 4096 {
+                            node.upload_queue.push_back((j, id, file, index));
+                        }
                     }
                 }
                 Output::CancelChunk { id, .. } => {
                     self.trace(i, 3);
                     if let Some(f) = self.by_req.get(&(i, id)).copied() {
                         self.cancel_flow(f);
+                    } else {
+                        self.nodes[i as usize].upload_queue.retain(|q| q.1 != id);
                     }
                 }
                 Output::Disconnect { peer, .. } => {
@@ -828,7 +849,14 @@ impl Sim {
             self.count_bytes(from, to, len, false);
             delay += RTO_US;
         }
-        self.push(self.now + delay, Ev::Deliver { to, from, msg });
+        self.push(
+            self.now + delay,
+            Ev::Deliver {
+                to,
+                from,
+                msg: Box::new(msg),
+            },
+        );
     }
 
     fn start_flow(&mut self, from: u32, to: u32, req: u64, file: ContentId, index: u32) {
@@ -869,6 +897,7 @@ impl Sim {
         };
         let mut out = Vec::new();
         let id = self.net.start(self.now, flow, &mut out);
+        self.nodes[from as usize].uploads += 1;
         self.by_req.insert((from, req), id);
         self.stats.peak_flows = self.stats.peak_flows.max(self.net.active());
         self.reschedule(out);
@@ -880,12 +909,28 @@ impl Sim {
         }
     }
 
+    /// An upload slot of `node` freed: start its next queued send that can still go.
+    fn next_upload(&mut self, node: u32) {
+        let x = &mut self.nodes[node as usize];
+        x.uploads = x.uploads.saturating_sub(1);
+        while let Some((to, req, file, index)) = self.nodes[node as usize].upload_queue.pop_front() {
+            if self.linked(node, to) {
+                self.start_flow(node, to, req, file, index);
+                break;
+            }
+        }
+    }
+
     fn cancel_flow(&mut self, id: FlowId) {
         let mut out = Vec::new();
         if let Some(f) = self.net.finish(self.now, id, &mut out) {
+            self.next_upload(f.from);
             self.by_req.remove(&(f.from, f.req));
             self.stats.cancelled += 1;
             self.count_bytes(f.from, f.to, f.done as u64, true);
+            if f.from == self.publisher {
+                self.stats.publisher_upload += f.done as u64;
+            }
         }
         self.reschedule(out);
     }
@@ -900,8 +945,12 @@ impl Sim {
             return;
         };
         self.reschedule(out);
+        self.next_upload(f.from);
         self.by_req.remove(&(f.from, f.req));
         self.count_bytes(f.from, f.to, f.total as u64, true);
+        if f.from == self.publisher {
+            self.stats.publisher_upload += f.total as u64;
+        }
         self.stats.chunks += 1;
         let from = self.nodes[f.from as usize].mesh.id();
         if f.corrupt {
@@ -1308,7 +1357,7 @@ impl Sim {
             self.now = self.now.max(item.t);
             self.stats.events += 1;
             match item.ev {
-                Ev::Deliver { to, from, msg } => self.deliver(to, from, msg),
+                Ev::Deliver { to, from, msg } => self.deliver(to, from, *msg),
                 Ev::FlowDone { id, ver } => self.flow_done(id, ver),
                 Ev::Timer { node, at } => {
                     if self.nodes[node as usize].timer_at == Some(at) {

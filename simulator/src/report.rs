@@ -246,6 +246,12 @@ pub fn summarize(sim: &Sim) -> Summary {
     f.insert("bytes.wan_control".into(), b.wan_ctrl as f64);
     f.insert("bytes.wan_chunk".into(), b.wan_chunk as f64);
     f.insert("chunks.transfers".into(), sim.stats.chunks as f64);
+    if total_bytes > 0 {
+        f.insert(
+            "publisher_upload_over_artifact".into(),
+            sim.stats.publisher_upload as f64 / total_bytes as f64,
+        );
+    }
     f.insert(
         "chunks.duplicates".into(),
         sim.stats.duplicate_chunks as f64,
@@ -328,6 +334,7 @@ fn headline(name: &str) -> bool {
         || name.contains("served_outside")
         || name.starts_with("rejected.")
         || name.starts_with("chunks.")
+        || name.starts_with("publisher_upload")
         || name == "equivocations_seen"
         || name == "end_s"
 }

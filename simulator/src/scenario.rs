@@ -251,6 +251,10 @@ pub struct ProtocolSpec {
     /// Download releases before the node's stage opens.
     #[serde(default)]
     pub prefetch: Option<bool>,
+    /// Chunk uploads a node runs at once; more requests wait in order (the node's
+    /// `max_concurrent_uploads`, default 16).
+    #[serde(default)]
+    pub upload_slots: Option<usize>,
 }
 
 impl Scenario {
