@@ -167,6 +167,8 @@ struct Peer {
     inflight: usize,
     /// Refused by fleet rules: nothing is sent to or accepted from it.
     refused: bool,
+    /// Pruned from the gossip tree: objects go to it as `IHave`s only.
+    lazy: bool,
 }
 
 #[derive(Debug)]
@@ -692,6 +694,7 @@ impl<R: Rng> Mesh<R> {
             haves: BTreeMap::new(),
             inflight: 0,
             refused,
+            lazy: false,
         });
         entry.site = info.site;
         entry.rtt = info.rtt;
@@ -782,10 +785,17 @@ impl<R: Rng> Mesh<R> {
     fn on_message(&mut self, now: Now, from: NodeId, msg: Message) {
         match msg {
             Message::Manifest(m) => {
+                let known = self.index.contains_key(&ManifestId(m.body_hash()));
+                self.tree_update(from, known);
                 let _ = self.on_manifest(now, Some(from), m, false);
             }
             Message::TrustRoot(t) => {
                 let _ = self.on_trust_root(now, Some(from), t);
+            }
+            Message::Prune => {
+                if let Some(p) = self.peers.get_mut(&from) {
+                    p.lazy = true;
+                }
             }
             Message::Reports(list) => {
                 for r in list.into_iter().take(crate::wire::MAX_LIST) {
@@ -793,6 +803,8 @@ impl<R: Rng> Mesh<R> {
                 }
             }
             Message::Instruction(i) => {
+                let known = self.holds(&ObjectId::Instruction(i.body_hash()));
+                self.tree_update(from, known);
                 let _ = self.on_instruction(now, Some(from), i);
             }
             Message::IHave(ids) => {
@@ -806,7 +818,13 @@ impl<R: Rng> Mesh<R> {
                     }
                 }
             }
-            Message::Want(ids) => self.on_want(from, ids),
+            Message::Want(ids) => {
+                // A pull grafts the link back onto the tree.
+                if let Some(p) = self.peers.get_mut(&from) {
+                    p.lazy = false;
+                }
+                self.on_want(from, ids)
+            }
             Message::Digest(d) => {
                 let reply = d.reply;
                 self.on_digest(from, d);
@@ -1438,15 +1456,34 @@ impl<R: Rng> Mesh<R> {
     }
 
     /// Eager push to a few random peers, lazy IHave to the rest.
+    /// Plumtree-style push: the payload to every peer still on the gossip tree (a peer
+    /// that receives a duplicate prunes the link, one that pulls grafts it back), an
+    /// `IHave` to the others so a lost branch is repaired by a pull. The first object
+    /// floods; the duplicates it causes leave a spanning tree for the next ones.
     fn push_object(&mut self, from: Option<NodeId>, msg: Message, oid: ObjectId) {
         let peers = self.random_peers(usize::MAX, from);
-        let n = self.config.eager_fanout.min(peers.len());
-        for (i, p) in peers.into_iter().enumerate() {
-            if i < n {
+        for p in peers {
+            if self.peers.get(&p).is_some_and(|x| !x.lazy) {
                 self.send(p, msg.clone());
             } else {
                 self.send(p, Message::IHave(vec![oid]));
             }
+        }
+    }
+
+    /// A gossip payload arrived from `from`: a duplicate prunes the link, a new one keeps
+    /// (or puts) it on the tree.
+    fn tree_update(&mut self, from: NodeId, duplicate: bool) {
+        let Some(p) = self.peers.get_mut(&from) else {
+            return;
+        };
+        if duplicate {
+            if !p.lazy {
+                p.lazy = true;
+                self.send(from, Message::Prune);
+            }
+        } else {
+            p.lazy = false;
         }
     }
 

@@ -219,6 +219,9 @@ pub enum Message {
     /// First frame on a connection's control stream: who the sender is. Drivers consume
     /// it (the site and certificate go into [`crate::io::PeerInfo`]); the core ignores it.
     Hello(Hello),
+    /// Gossip tree repair (plumtree): the sender got a payload from us that it already
+    /// had, so we send it only `IHave`s from now on (until it pulls with `Want`).
+    Prune,
     /// A kind this version does not know: ignored.
     Unknown(u8),
 }
@@ -294,6 +297,7 @@ const K_CANCEL: u8 = 11;
 const K_REJECT: u8 = 12;
 const K_CERT: u8 = 13;
 const K_HELLO: u8 = 14;
+const K_PRUNE: u8 = 15;
 
 /// The cap for a frame of `kind`.
 pub fn frame_cap(kind: u8) -> usize {
@@ -329,6 +333,7 @@ impl Message {
             Message::Reject { id, reason } => body(K_REJECT, &(id, reason)),
             Message::Certificate(c) => body(K_CERT, c),
             Message::Hello(h) => body(K_HELLO, h),
+            Message::Prune => vec![K_PRUNE],
             Message::Unknown(k) => vec![*k],
         }
     }
@@ -395,6 +400,7 @@ pub fn decode_frame(frame: &[u8]) -> Result<Frame<'_>, WireError> {
             return Ok(Frame::Chunk(header, data));
         }
         K_MANIFEST => Message::Manifest(payload(kind, rest)?),
+        K_PRUNE => Message::Prune,
         K_TRUST => Message::TrustRoot(payload(kind, rest)?),
         K_REPORTS => Message::Reports(bounded(payload(kind, rest)?)?),
         K_INSTRUCTION => Message::Instruction(payload(kind, rest)?),

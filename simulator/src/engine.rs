@@ -168,13 +168,35 @@ enum Ev {
         from: u32,
         msg: Box<Message>,
     },
-    FlowDone { id: FlowId, ver: u32 },
-    Timer { node: u32, at: u64 },
-    Publish { release: usize },
-    NodeOnline { node: u32, on: bool, churn: bool },
-    SiteWan { site: u32, on: bool, churn: bool },
-    SitePower { site: u32, on: bool },
-    SiteCut { site: u32, on: bool },
+    FlowDone {
+        id: FlowId,
+        ver: u32,
+    },
+    Timer {
+        node: u32,
+        at: u64,
+    },
+    Publish {
+        release: usize,
+    },
+    NodeOnline {
+        node: u32,
+        on: bool,
+        churn: bool,
+    },
+    SiteWan {
+        site: u32,
+        on: bool,
+        churn: bool,
+    },
+    SitePower {
+        site: u32,
+        on: bool,
+    },
+    SiteCut {
+        site: u32,
+        on: bool,
+    },
     Attack,
     Equivocate,
     Sample,
@@ -913,7 +935,8 @@ impl Sim {
     fn next_upload(&mut self, node: u32) {
         let x = &mut self.nodes[node as usize];
         x.uploads = x.uploads.saturating_sub(1);
-        while let Some((to, req, file, index)) = self.nodes[node as usize].upload_queue.pop_front() {
+        while let Some((to, req, file, index)) = self.nodes[node as usize].upload_queue.pop_front()
+        {
             if self.linked(node, to) {
                 self.start_flow(node, to, req, file, index);
                 break;
