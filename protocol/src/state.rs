@@ -611,6 +611,18 @@ impl<R: Rng> Mesh<R> {
             // A seed serves only chunks no other peer can (see pick_chunk).
             return;
         }
+        // Across a WAN link: one at a time, and only what no peer on this site has.
+        let remote = self.config.site.is_some() && p.site.is_some() && p.site != self.config.site;
+        if remote
+            && (p.inflight >= self.config.max_inflight_per_seed
+                || self.peers.values().any(|q| {
+                    q.site == self.config.site
+                        && !q.refused
+                        && q.haves.get(&file).is_some_and(|b| b.get(index))
+                }))
+        {
+            return;
+        }
         self.request(now, peer, file, index);
     }
 
@@ -2095,6 +2107,28 @@ impl<R: Rng> Mesh<R> {
         if is_seed && p.inflight >= self.config.max_inflight_per_seed {
             return None;
         }
+        // A peer on another site is behind a WAN link: ask it only for chunks no peer on
+        // this site has (those come over the LAN), one at a time.
+        let remote = self.config.site.is_some() && p.site.is_some() && p.site != self.config.site;
+        if remote && p.inflight >= self.config.max_inflight_per_seed {
+            return None;
+        }
+        let local: Vec<u8> = if remote {
+            let mut u = vec![0u8; f.have.as_bytes().len()];
+            for q in self.peers.values() {
+                if q.site == self.config.site
+                    && !q.refused
+                    && let Some(b) = q.haves.get(file)
+                {
+                    for (x, y) in u.iter_mut().zip(b.as_bytes()) {
+                        *x |= *y;
+                    }
+                }
+            }
+            u
+        } else {
+            Vec::new()
+        };
         // Chunk order from a random start, as before, but a byte (8 chunks) where the peer
         // has nothing this node lacks is skipped at once.
         let (pb, hb) = (bits.as_bytes(), f.have.as_bytes());
@@ -2104,7 +2138,9 @@ impl<R: Rng> Mesh<R> {
         while k < n {
             let i = (start + k) % n;
             let b = (i / 8) as usize;
-            let cand = pb.get(b).copied().unwrap_or(0) & !hb.get(b).copied().unwrap_or(0xff);
+            let cand = pb.get(b).copied().unwrap_or(0)
+                & !hb.get(b).copied().unwrap_or(0xff)
+                & !local.get(b).copied().unwrap_or(0);
             if cand == 0 {
                 // Next byte boundary (or the wrap to chunk 0).
                 k += (8 - i % 8).min(n - i);

@@ -20,7 +20,15 @@ pub struct Resource {
     pub cap: f64,
     /// Flows on it.
     pub flows: Vec<FlowId>,
+    /// Flow count when its flows' rates were last recomputed.
+    n_ref: usize,
 }
+
+/// Rates on a resource are recomputed when its flow count moved by more than this share
+/// since the last time (always for small counts): on a WAN link with hundreds of flows,
+/// one more or one less changes each share by well under this, and rescheduling them all
+/// on every start and end would cost O(flows) heap events each time.
+const RATE_SLACK: f64 = 0.02;
 
 /// One chunk transfer in progress.
 #[derive(Debug, Clone)]
@@ -76,6 +84,7 @@ impl Net {
         self.res.push(Resource {
             cap: bytes_per_sec / 1e6,
             flows: Vec::new(),
+            n_ref: 0,
         });
         (self.res.len() - 1) as ResId
     }
@@ -114,6 +123,15 @@ impl Net {
         let n = flow.nres;
         self.flows[id as usize] = Some(flow);
         self.update_around(now, &res[..n as usize], out);
+        // The new flow itself always gets a rate (its resources may have skipped).
+        let f = self.flows[id as usize].as_ref().expect("present");
+        if f.ver == 0 {
+            let rate = self.rate_of(f);
+            let f = self.flows[id as usize].as_mut().expect("present");
+            f.rate = rate;
+            f.ver = 1;
+            out.push((id, 1, now + (f.total / rate).ceil() as u64 + f.latency));
+        }
         id
     }
 
@@ -138,7 +156,13 @@ impl Net {
         self.epoch = self.epoch.wrapping_add(1);
         let epoch = self.epoch;
         for &r in res {
-            for i in 0..self.res[r as usize].flows.len() {
+            let n = self.res[r as usize].flows.len();
+            let n_ref = self.res[r as usize].n_ref;
+            if n_ref > 0 && n > 0 && (n as f64 - n_ref as f64).abs() <= RATE_SLACK * n_ref as f64 {
+                continue;
+            }
+            self.res[r as usize].n_ref = n;
+            for i in 0..n {
                 let id = self.res[r as usize].flows[i];
                 if self.stamp[id as usize] == epoch {
                     continue;
