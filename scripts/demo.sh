@@ -72,5 +72,5 @@ echo
 say "status of s2 (what it knows of the mesh)"
 $pollen status --node "$(http s2)"
 
-say "protocol core: 50 nodes fetch a 64-chunk artifact on the harness (virtual time, seed 1)"
-$sim harness --nodes 50 --seed 1
+say "pollen-sim: 40 simulated nodes on two sites, v1 everywhere, then a staged v2 that fails on weak devices (virtual time, seed 3)"
+$sim run scenarios/ci-small.toml --quiet --out "${TMPDIR:-/tmp}/pollen-demo-sim"
