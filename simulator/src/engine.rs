@@ -422,6 +422,28 @@ impl Sim {
             let r = nodes[publisher as usize].up;
             net.res[r as usize].cap = up.0 / 1e6;
         }
+        // Which nodes reach the WAN: every node, or each site's first `gateways`.
+        let mut gateway = vec![true; n];
+        let mut gateways: Vec<u32> = Vec::new();
+        {
+            let mut k = 0;
+            for spec in &sc.sites {
+                for _ in 0..spec.count {
+                    for j in 0..spec.nodes {
+                        if let Some(g) = spec.gateways {
+                            gateway[k] = j < g.max(1);
+                            if gateway[k] {
+                                gateways.push(k as u32);
+                            }
+                        }
+                        k += 1;
+                    }
+                }
+            }
+            if gateways.len() == n {
+                gateways.clear();
+            }
+        }
         // Peer graph: lan_degree random peers on the node's site, wan_degree elsewhere.
         let mut edges: std::collections::BTreeSet<(u32, u32)> = Default::default();
         for i in 0..n as u32 {
@@ -435,8 +457,16 @@ impl Sim {
                 }
             }
             if sites.len() > 1 {
+                if !gateway[i as usize] {
+                    continue;
+                }
                 for _ in 0..sc.peers.wan_degree {
-                    let j = pick(&mut rng, n) as u32;
+                    // A WAN peer: any node of another site, or one of its gateways.
+                    let j = if gateways.is_empty() {
+                        pick(&mut rng, n) as u32
+                    } else {
+                        gateways[pick(&mut rng, gateways.len())]
+                    };
                     if nodes[j as usize].site != nodes[i as usize].site {
                         edges.insert((i.min(j), i.max(j)));
                     }

@@ -86,6 +86,10 @@ pub struct SiteSpec {
     /// Share of the site's nodes that are weak devices (device class "weak").
     #[serde(default)]
     pub weak_fraction: f64,
+    /// Nodes of the site that reach the WAN (its first ones); the others have LAN peers
+    /// only, as behind a site gateway. Default: every node dials `wan_degree` WAN peers.
+    #[serde(default)]
+    pub gateways: Option<usize>,
 }
 
 fn one_usize() -> usize {
