@@ -283,9 +283,21 @@ pub struct ChannelStatus {
     pub pinned: Option<u64>,
 }
 
+/// Maps a freshly decoded manifest to the copy to keep (see [`Mesh::set_interner`]).
+pub type InternFn = Box<dyn Fn(Arc<Manifest>) -> Arc<Manifest> + Send>;
+
+struct Interner(InternFn);
+
+impl core::fmt::Debug for Interner {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str("Interner")
+    }
+}
+
 /// The state machine of one node. `R` is the RNG (seeded in the simulator).
 #[derive(Debug)]
 pub struct Mesh<R> {
+    interner: Option<Interner>,
     id: NodeId,
     config: Config,
     rng: R,
@@ -335,6 +347,7 @@ impl<R: Rng> Mesh<R> {
     /// A node with id `id` (its ed25519 public key), `config`, and randomness from `rng`.
     pub fn new(id: NodeId, config: Config, rng: R, now: Now) -> Self {
         Mesh {
+            interner: None,
             id,
             config,
             rng,
@@ -363,6 +376,13 @@ impl<R: Rng> Mesh<R> {
     }
 
     // ----- getters ---------------------------------------------------------------------
+
+    /// Keep manifests through `f`, which may return an equal copy already held elsewhere
+    /// (a simulator running many nodes in one process shares one copy of each manifest).
+    /// `f` must return a manifest with the same id and content.
+    pub fn set_interner(&mut self, f: InternFn) {
+        self.interner = Some(Interner(f));
+    }
 
     /// This node's id.
     pub fn id(&self) -> NodeId {
@@ -1360,7 +1380,10 @@ impl<R: Rng> Mesh<R> {
     }
 
     fn insert_release(&mut self, now: Now, m: Manifest) {
-        let m = Arc::new(m);
+        let m = match &self.interner {
+            Some(Interner(f)) => f(Arc::new(m)),
+            None => Arc::new(m),
+        };
         let variant = m.body.artifact.choose(&self.config.device);
         let channel = m.body.channel.clone();
         let version = m.body.version;

@@ -358,6 +358,8 @@ impl Sim {
             cfg.prefetch = v;
         }
         let now0 = Now::new(Instant::ZERO, T0);
+        // One copy of each manifest for all nodes (the core lets a driver intern them).
+        let interned: Arc<std::sync::Mutex<BTreeMap<ManifestId, Arc<Manifest>>>> = Arc::default();
         for spec in &sc.sites {
             for c in 0..spec.count {
                 let name = if spec.count > 1 {
@@ -378,8 +380,14 @@ impl Sim {
                     }
                     let node_rng = ChaCha8Rng::seed_from_u64(rng.next_u64());
                     ids.insert(id, nodes.len() as u32);
+                    let mut mesh = Mesh::new(id, ncfg, node_rng, now0);
+                    let shared = interned.clone();
+                    mesh.set_interner(Box::new(move |m: Arc<Manifest>| {
+                        let mut t = shared.lock().unwrap_or_else(|e| e.into_inner());
+                        t.entry(m.id).or_insert(m).clone()
+                    }));
                     nodes.push(SimNode {
-                        mesh: Mesh::new(id, ncfg, node_rng, now0),
+                        mesh,
                         key,
                         site,
                         up: net.add_resource(spec.node_up.0),
@@ -1381,6 +1389,19 @@ impl Sim {
     /// honest online node serving the last release (or failed on it, or out of its plan,
     /// or the release failed its gate and the node went back)?
     fn settled(&self) -> bool {
+        let sc = &self.sc;
+        let scripted = sc
+            .releases
+            .iter()
+            .map(|r| r.at.0)
+            .chain(sc.adversaries.equivocate_at.map(|d| d.0))
+            .chain(sc.outages.iter().chain(&sc.partitions).map(|o| o.until.0))
+            .chain(sc.late_joiners.iter().map(|l| l.at.0))
+            .max()
+            .unwrap_or(0);
+        if self.now < scripted {
+            return false;
+        }
         let Some(last) = self.releases.last() else {
             return true;
         };

@@ -247,6 +247,54 @@ mod tests {
         }
     }
 
+    /// A canary that fails on weak devices: the gate fails, no node outside the canary
+    /// stage ever serves the release, and every honest node ends on v1.
+    #[test]
+    fn failing_canary_stays_in_its_stage() {
+        let mut sc = scenario("staged-canary-fail.toml");
+        sc.sites[0].count = 2;
+        sc.sites[0].nodes = 60;
+        // Every device weak: whichever nodes the canary stage holds, it fails.
+        sc.sites[0].weak_fraction = 1.0;
+        let mut sim = engine::Sim::new(sc, 2, false);
+        sim.run();
+        let s = report::summarize(&sim);
+        assert!(
+            s.figures.contains_key("v2.gate_failed_s"),
+            "{:?}",
+            s.figures
+        );
+        assert_eq!(s.figures["v2.served_outside_canary"], 0.0);
+        assert!(!s.figures.contains_key("v2.stage1.t50_s"));
+        assert!(s.figures["v2.failed_nodes"] >= 1.0);
+    }
+
+    /// The attack mix: forged and replayed manifests are refused, the equivocation is
+    /// seen, corrupt chunks are caught, and honest online nodes still complete.
+    #[test]
+    fn attack_mix_is_contained() {
+        let mut sc = scenario("attack-mix.toml");
+        sc.sites[0].nodes = 30;
+        sc.adversaries.corrupt = 0.1;
+        sc.adversaries.forge = 0.05;
+        sc.adversaries.replay = 0.05;
+        sc.duration = units::Dur(20 * 60 * 1_000_000);
+        let mut sim = engine::Sim::new(sc, 2, false);
+        sim.run();
+        let s = report::summarize(&sim);
+        let f = |k: &str| s.figures.get(k).copied().unwrap_or(0.0);
+        assert!(f("rejected.forged") > 0.0, "{:?}", s.figures);
+        assert!(f("equivocations_seen") > 0.0);
+        assert!(f("chunks.corrupt") > 0.0);
+        let unfinished: u64 = s
+            .never_completed
+            .iter()
+            .filter(|(k, _)| k.as_str() != "offline at the end")
+            .map(|(_, v)| *v)
+            .sum();
+        assert_eq!(unfinished, 0, "{:?}", s.never_completed);
+    }
+
     /// The same seed gives the same summary and trace; another seed a different trace.
     #[test]
     fn same_seed_same_bytes() {
