@@ -214,7 +214,26 @@ struct FileState {
     wanted: bool,
     /// Received and written, waiting for the sync that makes them durable.
     pending: BTreeSet<u32>,
+    /// Initial seeding of a file nobody else has (see [`SuperSeed`]).
+    superseed: Option<SuperSeed>,
 }
+
+/// Super-seeding: the first holder of a file (the node it was published through) shows
+/// each peer only its own share of the chunks not yet uploaded, so every chunk leaves the
+/// seed once before any leaves twice; once each was uploaded (or uploads stall, or a peer
+/// with a share leaves) it announces the whole file.
+#[derive(Debug)]
+struct SuperSeed {
+    /// Chunks uploaded at least once.
+    served: Bitfield,
+    /// Next chunk to hand out in a share.
+    cursor: u32,
+    /// Last time a chunk was uploaded for the first time.
+    progress: Instant,
+}
+
+/// Without a first upload for this long, a super-seed announces everything.
+const SUPERSEED_STALL: Duration = Duration::from_secs(5);
 
 impl FileState {
     fn spec(&self) -> &FileSpec {
@@ -689,6 +708,19 @@ impl<R: Rng> Mesh<R> {
         }
         if self.next_tick.is_some_and(|t| t <= now.mono) {
             self.next_tick = Some(now.mono + self.config.rollout_tick);
+            let stalled: Vec<ContentId> = self
+                .files
+                .iter()
+                .filter(|(_, f)| {
+                    f.superseed.as_ref().is_some_and(|s| {
+                        now.mono.saturating_duration_since(s.progress) >= SUPERSEED_STALL
+                    })
+                })
+                .map(|(k, _)| *k)
+                .collect();
+            for file in stalled {
+                self.reveal(file);
+            }
             if self.catch_up_until.is_some_and(|t| t <= now.mono) {
                 self.catch_up_until = None;
             }
@@ -867,6 +899,17 @@ impl<R: Rng> Mesh<R> {
             Message::Have { file, chunks } => self.on_have(from, file, chunks),
             Message::HaveChunk { file, index } => self.on_have_chunk(from, file, index),
             Message::Request { id, file, index } => {
+                if let Some(f) = self.files.get_mut(&file)
+                    && let Some(ss) = f.superseed.as_mut()
+                    && f.have.get(index)
+                    && !ss.served.get(index)
+                {
+                    ss.served.set(index);
+                    ss.progress = now.mono;
+                    if ss.served.count() == f.total() {
+                        self.reveal(file);
+                    }
+                }
                 if self.has_chunk(&file, index) {
                     self.outputs.push_back(Output::SendChunk {
                         to: from,
@@ -1116,10 +1159,31 @@ impl<R: Rng> Mesh<R> {
                 if chunks.len() != f.total() || !chunks.is_valid() {
                     return Err("bitfield length does not match the file".into());
                 }
+                let was_complete = f.complete();
                 for i in 0..chunks.len() {
                     if chunks.get(i) {
                         f.have.set(i);
                     }
+                }
+                if !was_complete && f.complete() && f.total() > 1 && f.avail.iter().all(|a| *a == 0)
+                {
+                    // Nobody we know has any of it: we are its first seed.
+                    f.superseed = Some(SuperSeed {
+                        served: Bitfield::new(f.total()),
+                        cursor: 0,
+                        progress: now.mono,
+                    });
+                    let mut peers: Vec<NodeId> = self.peers.keys().copied().collect();
+                    // A random order, so who gets the first chunks differs between files.
+                    for i in (1..peers.len()).rev() {
+                        let j = (self.rng.next_u64() % (i as u64 + 1)) as usize;
+                        peers.swap(i, j);
+                    }
+                    for p in peers {
+                        self.announce_share(p, file);
+                    }
+                    self.refresh_all(now);
+                    return Ok(());
                 }
                 self.announce_file(file);
                 self.refresh_all(now);
@@ -1421,6 +1485,7 @@ impl<R: Rng> Mesh<R> {
                 inflight: BTreeMap::new(),
                 wanted: false,
                 pending: BTreeSet::new(),
+                superseed: None,
             };
             for p in self.peers.values_mut() {
                 if let Some(b) = p.haves.get_mut(&cid) {
@@ -1882,11 +1947,57 @@ impl<R: Rng> Mesh<R> {
         let list: Vec<(ContentId, Bitfield)> = self
             .files
             .iter()
-            .filter(|(_, f)| f.have.count() > 0)
+            .filter(|(_, f)| f.have.count() > 0 && f.superseed.is_none())
             .map(|(k, f)| (*k, f.have.clone()))
             .collect();
         for (file, chunks) in list {
             self.send(peer, Message::Have { file, chunks });
+        }
+        let seeding: Vec<ContentId> = self
+            .files
+            .iter()
+            .filter(|(_, f)| f.superseed.is_some())
+            .map(|(k, _)| *k)
+            .collect();
+        for file in seeding {
+            self.announce_share(peer, file);
+        }
+    }
+
+    /// Super-seeding: show `peer` the next share of the chunks not uploaded yet (an equal
+    /// part for each current peer).
+    fn announce_share(&mut self, peer: NodeId, file: ContentId) {
+        let npeers = self.peers.len().max(1) as u32;
+        let Some(f) = self.files.get_mut(&file) else {
+            return;
+        };
+        let total = f.total();
+        let Some(ss) = f.superseed.as_mut() else {
+            return;
+        };
+        let unserved = total - ss.served.count();
+        let share = unserved.div_ceil(npeers).max(1);
+        let mut bits = Bitfield::new(total);
+        let mut given = 0;
+        let mut k = 0;
+        while given < share && k < total {
+            let i = (ss.cursor + k) % total;
+            k += 1;
+            if !ss.served.get(i) {
+                bits.set(i);
+                given += 1;
+            }
+        }
+        ss.cursor = (ss.cursor + k) % total;
+        self.send(peer, Message::Have { file, chunks: bits });
+    }
+
+    /// Stop super-seeding `file`: announce all of it.
+    fn reveal(&mut self, file: ContentId) {
+        if let Some(f) = self.files.get_mut(&file)
+            && f.superseed.take().is_some()
+        {
+            self.announce_file(file);
         }
     }
 
