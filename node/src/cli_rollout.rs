@@ -123,6 +123,19 @@ fn highest(agent: &ureq::Agent, node: &str, c: &str) -> Result<u64> {
     }
 }
 
+/// POST signed envelope bytes to the node; the node's error message on refusal.
+fn post(agent: &ureq::Agent, node: &str, path: &str, bytes: &[u8]) -> Result<(), String> {
+    let mut resp = agent
+        .post(format!("{node}{path}"))
+        .header("content-type", "application/octet-stream")
+        .send(bytes)
+        .map_err(|e| format!("cannot reach the node at {node}: {e}"))?;
+    if resp.status() != 200 {
+        return Err(error_of(&mut resp));
+    }
+    Ok(())
+}
+
 /// `pollen rollout …`.
 pub fn run(a: RolloutArgs, out: &mut dyn Write) -> Result<()> {
     match a.command {
@@ -180,14 +193,8 @@ fn instruct(
     };
     let refs: Vec<&SigningKey> = keys.iter().collect();
     let signed = Signed::sign(&body, &refs);
-    let mut resp = agent
-        .post(format!("{node}/v1/instructions"))
-        .header("content-type", "application/octet-stream")
-        .send(&signed.to_bytes()[..])
-        .with_context(|| format!("cannot reach the node at {node}"))?;
-    if resp.status() != 200 {
-        bail!("the node refused the instruction: {}", error_of(&mut resp));
-    }
+    post(&agent, node, "/v1/instructions", &signed.to_bytes())
+        .map_err(|e| anyhow::anyhow!("the node refused the instruction: {e}"))?;
     let verb = match action {
         RolloutAction::Halt => "halted",
         RolloutAction::Resume => "resumed",
@@ -264,17 +271,8 @@ fn rollback(
     };
     let refs: Vec<&SigningKey> = keys.iter().collect();
     let m = mf::sign(&body, &refs)?;
-    let mut resp = agent
-        .post(format!("{node}/v1/manifests"))
-        .header("content-type", "application/octet-stream")
-        .send(&m.signed.to_bytes()[..])
-        .with_context(|| format!("cannot reach the node at {node}"))?;
-    if resp.status() != 200 {
-        bail!(
-            "the node refused the rollback release: {}",
-            error_of(&mut resp)
-        );
-    }
+    post(&agent, node, "/v1/manifests", &m.signed.to_bytes())
+        .map_err(|e| anyhow::anyhow!("the node refused the rollback release: {e}"))?;
     writeln!(
         out,
         "rolled {c} back to the artifact of version {to}, published as version {version} (manifest {})",

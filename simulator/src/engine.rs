@@ -1268,12 +1268,7 @@ impl Sim {
             if !(replay || forge || flood) || !self.nodes[i as usize].online {
                 continue;
             }
-            let peers: Vec<u32> = self.nodes[i as usize]
-                .adj
-                .iter()
-                .filter(|e| e.1)
-                .map(|e| e.0)
-                .collect();
+            let peers = self.up_peers(i);
             let minute = self.now % 60_000_000 < 1_000_000;
             if replay
                 && minute
@@ -1309,6 +1304,16 @@ impl Sim {
         self.push(self.now + 1_000_000, Ev::Attack);
     }
 
+    /// Neighbours node `i` is connected to now.
+    fn up_peers(&self, i: u32) -> Vec<u32> {
+        self.nodes[i as usize]
+            .adj
+            .iter()
+            .filter(|e| e.1)
+            .map(|e| e.0)
+            .collect()
+    }
+
     fn equivocate(&mut self) {
         let Some(r) = self.releases.iter().rposition(|r| r.manifest.is_some()) else {
             return;
@@ -1321,12 +1326,7 @@ impl Sim {
                 x.corrupt || x.replay || x.forge || x.flood
             })
             .unwrap_or((self.publisher + 1) % self.nodes.len() as u32);
-        let peers: Vec<u32> = self.nodes[i as usize]
-            .adj
-            .iter()
-            .filter(|e| e.1)
-            .map(|e| e.0)
-            .collect();
+        let peers = self.up_peers(i);
         for j in peers {
             self.send(i, j, Message::Manifest(signed.clone()));
         }

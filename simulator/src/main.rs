@@ -95,25 +95,14 @@ fn parse_seeds(s: &str) -> Result<Vec<u64>> {
     Ok((a..=b).collect())
 }
 
-/// Peak resident set size of this process, KiB (Linux; 0 elsewhere).
-fn peak_rss_kib() -> u64 {
+/// A `/proc/self/status` figure in KiB (`VmHWM:` peak resident set, `VmRSS:` now);
+/// 0 where there is no such file.
+fn proc_kib(key: &str) -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
             s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
-fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
+                .find(|l| l.starts_with(key))
                 .and_then(|l| l.split_whitespace().nth(1))
                 .and_then(|v| v.parse().ok())
         })
@@ -158,7 +147,7 @@ fn run(
             out.clone()
         };
         std::fs::create_dir_all(&dir)?;
-        let rss_before = rss_kib();
+        let rss_before = proc_kib("VmRSS:");
         let started = std::time::Instant::now();
         let mut sim = engine::Sim::new(sc.clone(), s, progress);
         let built = started.elapsed().as_secs_f64();
@@ -170,7 +159,7 @@ fn run(
             dir.join("summary.json"),
             serde_json::to_string_pretty(&summary)? + "\n",
         )?;
-        let peak = peak_rss_kib();
+        let peak = proc_kib("VmHWM:");
         let p = serde_json::json!({
             "seed": s,
             "nodes": sim.node_count(),

@@ -128,6 +128,24 @@ fn wait_all(nodes: &[Node], timeout: Duration, what: &str, pred: impl Fn(usize, 
     }
 }
 
+/// Publish v1 (immediate) through the first node, wait until every node serves it, and
+/// return the node ids.
+fn v1_everywhere(tmp: &Path, op: &Operator, nodes: &[Node]) -> Vec<NodeId> {
+    publish_cli(
+        tmp,
+        op,
+        &nodes[0],
+        "digits-v1.onnx",
+        "golden-v1.json",
+        1,
+        &[],
+    );
+    wait_all(nodes, Duration::from_secs(60), "serving v1", |_, s| {
+        active(s) == Some(1)
+    });
+    statuses(nodes).iter().map(node_id).collect()
+}
+
 fn log_has(n: &Node, needle: &str) -> bool {
     n.log().contains(needle)
 }
@@ -152,19 +170,7 @@ fn ten_nodes_follow_a_staged_rollout_and_a_failing_canary_rolls_back() {
             Vec::new()
         }
     });
-    publish_cli(
-        tmp.path(),
-        &op,
-        &nodes[0],
-        "digits-v1.onnx",
-        "golden-v1.json",
-        1,
-        &[],
-    );
-    wait_all(&nodes, Duration::from_secs(60), "serving v1", |_, s| {
-        active(s) == Some(1)
-    });
-    let ids: Vec<NodeId> = statuses(&nodes).iter().map(node_id).collect();
+    let ids = v1_everywhere(tmp.path(), &op, &nodes);
 
     // ---- phase 1: 20% / 50% / 100%, 8 s apart, gate: 1 healthy, at most 20% failed.
     let interval = Duration::from_secs(8);
@@ -404,19 +410,7 @@ fn halt_resume_rollback_reach_a_node_that_was_away_and_forged_halts_fail() {
     let mut nodes = mesh(tmp.path(), &op, 4, |_| Vec::new());
     let pollen = Pollen::in_dir(tmp.path());
     let key = op.dir.join("publisher.key").display().to_string();
-    publish_cli(
-        tmp.path(),
-        &op,
-        &nodes[0],
-        "digits-v1.onnx",
-        "golden-v1.json",
-        1,
-        &[],
-    );
-    wait_all(&nodes, Duration::from_secs(60), "serving v1", |_, s| {
-        active(s) == Some(1)
-    });
-    let ids: Vec<NodeId> = statuses(&nodes).iter().map(node_id).collect();
+    let ids = v1_everywhere(tmp.path(), &op, &nodes);
     let plan = RolloutPlan::percent(&[25.0, 100.0], Duration::from_secs(12), None);
     // Node 3 (the one that will be away) outside the canary stage, some other node in it.
     let v = (2..500u64)
