@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# The main job until `pollen demo` exists: a real local mesh on loopback.
+# A second tour besides `pollen demo`: a real local mesh on loopback.
 # Generates an operator key and a trust root, starts four `pollen run` nodes in two sites
 # (mDNS off, bootstrap on loopback), publishes a generated 24 MiB model file through one
 # node, shows the spread live until every node holds it, prints one node's status, and
-# stops the nodes. Then runs the protocol core for 50 nodes on the in-memory harness.
+# stops the nodes. Then runs a small pollen-sim scenario (40 simulated nodes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build -q -p pollen-node --bin pollen -p pollen-sim
