@@ -163,12 +163,68 @@ struct Peer {
     score: u32,
     /// Random tie-break among otherwise equal peers.
     salt: u64,
-    haves: BTreeMap<ContentId, Bitfield>,
+    haves: Haves,
     inflight: usize,
     /// Refused by fleet rules: nothing is sent to or accepted from it.
     refused: bool,
     /// Pruned from the gossip tree: objects go to it as `IHave`s only.
     lazy: bool,
+}
+
+/// A peer's chunks per file: a few files per peer, so a sorted vector (a `BTreeMap` node
+/// costs ~700 bytes even for one entry, per peer, per node of a large simulation).
+#[derive(Debug, Default)]
+struct Haves(Vec<(ContentId, Bitfield)>);
+
+impl Haves {
+    fn find(&self, k: &ContentId) -> Result<usize, usize> {
+        self.0.binary_search_by(|(x, _)| x.cmp(k))
+    }
+    fn get(&self, k: &ContentId) -> Option<&Bitfield> {
+        self.find(k).ok().map(|i| &self.0[i].1)
+    }
+    fn get_mut(&mut self, k: &ContentId) -> Option<&mut Bitfield> {
+        self.find(k).ok().map(|i| &mut self.0[i].1)
+    }
+    fn contains_key(&self, k: &ContentId) -> bool {
+        self.find(k).is_ok()
+    }
+    fn insert(&mut self, k: ContentId, v: Bitfield) {
+        match self.find(&k) {
+            Ok(i) => self.0[i].1 = v,
+            Err(i) => self.0.insert(i, (k, v)),
+        }
+    }
+    fn remove(&mut self, k: &ContentId) -> Option<Bitfield> {
+        self.find(k).ok().map(|i| self.0.remove(i).1)
+    }
+    fn get_or_insert_with(&mut self, k: ContentId, f: impl FnOnce() -> Bitfield) -> &mut Bitfield {
+        let i = match self.find(&k) {
+            Ok(i) => i,
+            Err(i) => {
+                self.0.insert(i, (k, f()));
+                i
+            }
+        };
+        &mut self.0[i].1
+    }
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl<'a> IntoIterator for &'a Haves {
+    type Item = (&'a ContentId, &'a Bitfield);
+    type IntoIter = core::iter::Map<
+        core::slice::Iter<'a, (ContentId, Bitfield)>,
+        fn(&'a (ContentId, Bitfield)) -> (&'a ContentId, &'a Bitfield),
+    >;
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter().map(|(k, v)| (k, v))
+    }
 }
 
 #[derive(Debug)]
@@ -755,7 +811,7 @@ impl<R: Rng> Mesh<R> {
             rtt: None,
             score: 0,
             salt,
-            haves: BTreeMap::new(),
+            haves: Haves::default(),
             inflight: 0,
             refused,
             lazy: false,
@@ -2054,7 +2110,7 @@ impl<R: Rng> Mesh<R> {
             if index < MAX_UNKNOWN_BITS
                 && (peer.haves.contains_key(&file) || peer.haves.len() < self.config.max_files)
             {
-                let bits = peer.haves.entry(file).or_default();
+                let bits = peer.haves.get_or_insert_with(file, Bitfield::default);
                 if index >= bits.len() {
                     *bits = bits.resized(index + 1);
                 }
@@ -2066,10 +2122,8 @@ impl<R: Rng> Mesh<R> {
             self.penalise(from, PENALTY_MINOR, "chunk index out of range".into());
             return;
         }
-        let bits = peer
-            .haves
-            .entry(file)
-            .or_insert_with(|| Bitfield::new(f.total()));
+        let total = f.total();
+        let bits = peer.haves.get_or_insert_with(file, || Bitfield::new(total));
         if !bits.get(index) {
             let was_seed = bits.count() == bits.len();
             bits.set(index);
