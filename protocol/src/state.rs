@@ -678,6 +678,16 @@ impl<R: Rng> Mesh<R> {
         }
     }
 
+    /// Is `p` on another site (behind a WAN link)? Unknown sites count as local.
+    fn remote(&self, p: &Peer) -> bool {
+        self.config.site.is_some() && p.site.is_some() && p.site != self.config.site
+    }
+
+    /// Is `q` a usable peer on this node's site?
+    fn on_site(&self, q: &Peer) -> bool {
+        q.site == self.config.site && !q.refused
+    }
+
     /// Request chunk `index` of `file` from `peer` if it is free, wanted and the peer has
     /// room (the rules of [`Mesh::pick_chunk`], for one chunk).
     fn schedule_one(&mut self, now: Now, peer: NodeId, file: ContentId, index: u32) {
@@ -707,14 +717,12 @@ impl<R: Rng> Mesh<R> {
             return;
         }
         // Across a WAN link: one at a time, and only what no peer on this site has.
-        let remote = self.config.site.is_some() && p.site.is_some() && p.site != self.config.site;
-        if remote
+        if self.remote(p)
             && (p.inflight >= self.config.max_inflight_per_seed
-                || self.peers.values().any(|q| {
-                    q.site == self.config.site
-                        && !q.refused
-                        && q.haves.get(&file).is_some_and(|b| b.get(index))
-                }))
+                || self
+                    .peers
+                    .values()
+                    .any(|q| self.on_site(q) && q.haves.get(&file).is_some_and(|b| b.get(index))))
         {
             return;
         }
@@ -2297,15 +2305,14 @@ impl<R: Rng> Mesh<R> {
         }
         // A peer on another site is behind a WAN link: ask it only for chunks no peer on
         // this site has (those come over the LAN), one at a time.
-        let remote = self.config.site.is_some() && p.site.is_some() && p.site != self.config.site;
+        let remote = self.remote(p);
         if remote && p.inflight >= self.config.max_inflight_per_seed {
             return None;
         }
         let local: Vec<u8> = if remote {
             let mut u = vec![0u8; f.have.as_bytes().len()];
             for q in self.peers.values() {
-                if q.site == self.config.site
-                    && !q.refused
+                if self.on_site(q)
                     && let Some(b) = q.haves.get(file)
                 {
                     for (x, y) in u.iter_mut().zip(b.as_bytes()) {
