@@ -112,6 +112,39 @@ impl Operator {
     }
 }
 
+impl Operator {
+    /// `pollen publish` of a bundled model (`models/<model>`) on channel `digits` with the
+    /// golden checks in `models/<golden>`, through `node`, signed with this operator's
+    /// publisher key; `extra` flags (stages, gates) are appended. Panics if it fails.
+    pub fn publish_digits(
+        &self,
+        tmp: &Path,
+        node: &Node,
+        model: &str,
+        golden: &str,
+        version: u64,
+        extra: &[&str],
+    ) {
+        let models = crate::workspace_dir().join("models");
+        let mut args: Vec<String> = vec![
+            "publish".into(),
+            models.join(model).display().to_string(),
+            "--channel".into(),
+            "digits".into(),
+            "--version".into(),
+            version.to_string(),
+            "--golden".into(),
+            models.join(golden).display().to_string(),
+            "--key".into(),
+            self.dir.join("publisher.key").display().to_string(),
+            "--node".into(),
+            node.url(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        crate::Pollen::in_dir(tmp).run(args).success();
+    }
+}
+
 /// Deterministic pseudo-random bytes (xorshift), for test files.
 pub fn test_bytes(len: usize, seed: u64) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;

@@ -92,36 +92,6 @@ fn mesh(tmp: &Path, op: &Operator, n: usize, extra: impl Fn(usize) -> Vec<String
     nodes
 }
 
-fn publish_cli(
-    tmp: &Path,
-    op: &Operator,
-    node: &Node,
-    model: &str,
-    golden: &str,
-    version: u64,
-    extra: &[&str],
-) {
-    let mut args: Vec<String> = [
-        "publish",
-        models().join(model).to_str().unwrap(),
-        "--channel",
-        CHANNEL,
-        "--version",
-        &version.to_string(),
-        "--golden",
-        models().join(golden).to_str().unwrap(),
-        "--key",
-        op.dir.join("publisher.key").to_str().unwrap(),
-        "--node",
-        &node.url(),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    args.extend(extra.iter().map(|s| s.to_string()));
-    Pollen::in_dir(tmp).run(args).success();
-}
-
 fn wait_all(nodes: &[Node], timeout: Duration, what: &str, pred: impl Fn(usize, &Status) -> bool) {
     for (i, n) in nodes.iter().enumerate() {
         n.wait(timeout, what, |s| pred(i, s));
@@ -131,15 +101,7 @@ fn wait_all(nodes: &[Node], timeout: Duration, what: &str, pred: impl Fn(usize, 
 /// Publish v1 (immediate) through the first node, wait until every node serves it, and
 /// return the node ids.
 fn v1_everywhere(tmp: &Path, op: &Operator, nodes: &[Node]) -> Vec<NodeId> {
-    publish_cli(
-        tmp,
-        op,
-        &nodes[0],
-        "digits-v1.onnx",
-        "golden-v1.json",
-        1,
-        &[],
-    );
+    op.publish_digits(tmp, &nodes[0], "digits-v1.onnx", "golden-v1.json", 1, &[]);
     wait_all(nodes, Duration::from_secs(60), "serving v1", |_, s| {
         active(s) == Some(1)
     });
@@ -189,9 +151,8 @@ fn ten_nodes_follow_a_staged_rollout_and_a_failing_canary_rolls_back() {
     let stage_of = stages(&ids, &plan, v);
     eprintln!("v{v}: stages of the ten nodes {stage_of:?}");
     let published = Instant::now();
-    publish_cli(
+    op.publish_digits(
         tmp.path(),
-        &op,
         &nodes[0],
         "digits-v2.onnx",
         "golden-v2.json",
@@ -448,9 +409,8 @@ fn halt_resume_rollback_reach_a_node_that_was_away_and_forged_halts_fail() {
     );
 
     let published = Instant::now();
-    publish_cli(
+    op.publish_digits(
         tmp.path(),
-        &op,
         &nodes[0],
         "digits-v2.onnx",
         "golden-v2.json",

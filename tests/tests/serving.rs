@@ -1,7 +1,6 @@
 //! End-to-end serving: real `pollen run` processes serving the bundled digits model over
 //! KServe v2, version swaps under load, a version whose golden check fails, bad requests.
 
-use pollen_tests::Pollen;
 use pollen_tests::mesh::{Node, Operator};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -44,32 +43,6 @@ fn argmax(v: &serde_json::Value) -> usize {
         .max_by(|a, b| a.1.as_f64().unwrap().total_cmp(&b.1.as_f64().unwrap()))
         .map(|(i, _)| i)
         .unwrap()
-}
-
-fn publish(
-    tmp: &std::path::Path,
-    op: &Operator,
-    node: &Node,
-    model: &str,
-    golden: &str,
-    version: u64,
-) {
-    Pollen::in_dir(tmp)
-        .run([
-            "publish",
-            models().join(model).to_str().unwrap(),
-            "--channel",
-            "digits",
-            "--version",
-            &version.to_string(),
-            "--golden",
-            models().join(golden).to_str().unwrap(),
-            "--key",
-            op.dir.join("publisher.key").to_str().unwrap(),
-            "--node",
-            &node.url(),
-        ])
-        .success();
 }
 
 fn serving(n: &Node, version: u64) -> bool {
@@ -117,7 +90,7 @@ fn serves_swaps_under_load_and_refuses_a_failing_version() {
         !s.peers.is_empty()
     });
 
-    publish(tmp.path(), &op, &a, "digits-v1.onnx", "golden-v1.json", 1);
+    op.publish_digits(tmp.path(), &a, "digits-v1.onnx", "golden-v1.json", 1, &[]);
     for n in [&a, &b] {
         wait_serving(n, 1);
         let g = golden();
@@ -164,7 +137,7 @@ fn serves_swaps_under_load_and_refuses_a_failing_version() {
         })
         .collect();
     std::thread::sleep(Duration::from_millis(300));
-    publish(tmp.path(), &op, &a, "digits-v2.onnx", "golden-v2.json", 2);
+    op.publish_digits(tmp.path(), &a, "digits-v2.onnx", "golden-v2.json", 2, &[]);
     wait_serving(&b, 2);
     std::thread::sleep(Duration::from_millis(300));
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -181,7 +154,7 @@ fn serves_swaps_under_load_and_refuses_a_failing_version() {
     assert_eq!(versions.last().map(String::as_str), Some("2"));
 
     // v3: the v2 graph with v1's golden outputs: the check fails, v2 keeps serving.
-    publish(tmp.path(), &op, &a, "digits-v2.onnx", "golden-v1.json", 3);
+    op.publish_digits(tmp.path(), &a, "digits-v2.onnx", "golden-v1.json", 3, &[]);
     b.wait(Duration::from_secs(30), "v3 refused", |s| {
         s.errors
             .iter()
@@ -220,7 +193,7 @@ fn bad_requests_get_clear_4xx_errors() {
         &tmp.path().join("a"),
         &["--trust".to_string(), op.trust_file.display().to_string()],
     );
-    publish(tmp.path(), &op, &a, "digits-v1.onnx", "golden-v1.json", 1);
+    op.publish_digits(tmp.path(), &a, "digits-v1.onnx", "golden-v1.json", 1, &[]);
     wait_serving(&a, 1);
     let url = format!("{}/v2/models/digits/infer", a.url());
     let ones: Vec<f32> = vec![1.0; 64];
@@ -311,7 +284,7 @@ fn tritonclient_works_unchanged() {
         &tmp.path().join("a"),
         &["--trust".to_string(), op.trust_file.display().to_string()],
     );
-    publish(tmp.path(), &op, &a, "digits-v1.onnx", "golden-v1.json", 1);
+    op.publish_digits(tmp.path(), &a, "digits-v1.onnx", "golden-v1.json", 1, &[]);
     wait_serving(&a, 1);
     let script = pollen_tests::workspace_dir().join("tests/python/triton_client_check.py");
     let out = std::process::Command::new("python3")
