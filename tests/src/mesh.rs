@@ -419,11 +419,21 @@ impl Node {
 
     /// `POST /v1/manifests` with raw bytes.
     pub fn post_manifest(&self, bytes: &[u8]) -> (u16, String) {
-        let mut r = self
-            .agent
-            .post(format!("{}/v1/manifests", self.url()))
-            .send(bytes)
-            .expect("post manifest");
+        self.http("POST", "/v1/manifests", bytes)
+    }
+
+    /// An HTTP request to the node's API (`GET`, `POST`, `PUT` or `DELETE`); returns the
+    /// status and body.
+    pub fn http(&self, method: &str, path: &str, body: &[u8]) -> (u16, String) {
+        let url = format!("{}{path}", self.url());
+        let r = match method {
+            "GET" => self.agent.get(&url).call(),
+            "DELETE" => self.agent.delete(&url).call(),
+            "PUT" => self.agent.put(&url).send(body),
+            "POST" => self.agent.post(&url).send(body),
+            other => panic!("unsupported method {other}"),
+        };
+        let mut r = r.unwrap_or_else(|e| panic!("{method} {path}: {e}"));
         let status = r.status().as_u16();
         (status, r.body_mut().read_to_string().unwrap_or_default())
     }
