@@ -153,10 +153,7 @@ fn run(
         let wall = started.elapsed().as_secs_f64();
         let summary = report::summarize(&sim);
         report::write_series(&sim, &dir)?;
-        std::fs::write(
-            dir.join("summary.json"),
-            serde_json::to_string_pretty(&summary)? + "\n",
-        )?;
+        report::write_summary(&dir, &summary)?;
         let peak = proc_kib("VmHWM:");
         let p = serde_json::json!({
             "seed": s,
@@ -171,10 +168,7 @@ fn run(
             "kib_per_node_over_start": (peak.saturating_sub(rss_before)) as f64 / sim.node_count() as f64,
             "peak_flows": sim.stats.peak_flows,
         });
-        std::fs::write(
-            dir.join("perf.json"),
-            serde_json::to_string_pretty(&p)? + "\n",
-        )?;
+        report::write_perf(&dir, &p)?;
         perf.push(p);
         if seeds.len() > 1 {
             eprintln!(
@@ -186,14 +180,8 @@ fn run(
     }
     let summary = if summaries.len() > 1 {
         let agg = report::aggregate(&summaries);
-        std::fs::write(
-            out.join("summary.json"),
-            serde_json::to_string_pretty(&agg)? + "\n",
-        )?;
-        std::fs::write(
-            out.join("perf.json"),
-            serde_json::to_string_pretty(&perf)? + "\n",
-        )?;
+        report::write_summary(&out, &agg)?;
+        report::write_perf(&out, &perf)?;
         agg
     } else {
         summaries.remove(0)

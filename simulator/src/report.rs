@@ -1,6 +1,7 @@
-//! Figures of a run, and the files they are written to: `summary.json`, `timeseries.csv`,
-//! `coverage.svg`, `bytes.svg`, plus a table on stdout. Wall-clock figures go to
-//! `perf.json` only, so `summary.json` is identical for the same scenario and seed.
+//! Figures of a run, and every file a run writes: `summary.json`, `timeseries.csv`,
+//! `coverage.svg`, `bytes.svg` and `perf.json`, plus a table on stdout. Wall-clock figures
+//! go to `perf.json` only (the command line measures them), so every other output is
+//! identical for the same scenario and seed.
 
 use crate::engine::{LinkBytes, NEVER, NodeFacts, Sim};
 use anyhow::{Context, Result};
@@ -380,6 +381,23 @@ pub fn table(s: &Summary) -> String {
         }
     }
     out
+}
+
+/// Write `value` to `path` as pretty JSON with a final newline.
+fn write_json(path: &Path, value: &impl Serialize) -> Result<()> {
+    std::fs::write(path, serde_json::to_string_pretty(value)? + "\n")?;
+    Ok(())
+}
+
+/// Write `summary.json` (one run's figures, or the aggregate over several seeds) into `dir`.
+pub fn write_summary(dir: &Path, summary: &Summary) -> Result<()> {
+    write_json(&dir.join("summary.json"), summary)
+}
+
+/// Write `perf.json` (one run's wall-clock and memory figures, or a list of them, one per
+/// seed) into `dir`.
+pub fn write_perf(dir: &Path, perf: &impl Serialize) -> Result<()> {
+    write_json(&dir.join("perf.json"), perf)
 }
 
 /// Write `timeseries.csv`, `coverage.svg` and `bytes.svg` for one run.
