@@ -8,11 +8,13 @@
 //! give the same outputs and the same trace hash.
 //!
 //! The contract: [`Sim::new`] builds the world of a scenario and a seed, [`Sim::run`] runs
-//! it to the end (or until every node settled), and the report reads the result through
-//! the pub fields and [`Sim::node_facts`] / [`Sim::site_facts`]. Nothing else is public.
+//! it to the end (or until every node settled), and the report reads the result, read
+//! only, through the pub fields ([`Sim::releases`], [`Sim::rows`], [`Sim::stats`], ...)
+//! and the getters ([`Sim::node_facts`], [`Sim::site_facts`], [`Sim::release_spec`],
+//! [`Sim::trace_hash`]). Nodes, sites and the event queue are private to the engine.
 //!
-//! Layout. This file is the driver: [`Sim`], the events ([`Ev`]) and their queue
-//! ([`TimedQueue`]), the run loop, and the only path into a node's core (`input`,
+//! Layout. This file is the driver: [`Sim`], the events (`Ev`) and their queue
+//! (`TimedQueue`), the run loop, and the only path into a node's core (`input`,
 //! `command`, `drain`, `arm_timer`). The other files add `impl Sim` blocks and call back
 //! into the driver, never into each other in a circle:
 //! - `world`: building the world (sites, nodes, peer graph, adversaries), scheduling its
@@ -358,5 +360,26 @@ impl Sim {
     /// The publisher's index.
     pub fn publisher(&self) -> u32 {
         self.publisher
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::TimedQueue;
+
+    /// Earliest time first; at the same time, the order of pushing.
+    #[test]
+    fn timed_queue_orders_by_time_then_push_order() {
+        let mut q = TimedQueue::new();
+        q.push(5, "c");
+        q.push(1, "a");
+        q.push(5, "d");
+        q.push(1, "b");
+        q.push(0, "first");
+        let order: Vec<_> = std::iter::from_fn(|| q.pop()).collect();
+        assert_eq!(
+            order,
+            [(0, "first"), (1, "a"), (1, "b"), (5, "c"), (5, "d")]
+        );
     }
 }
