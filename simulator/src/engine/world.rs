@@ -413,9 +413,21 @@ impl Sim {
     }
 
     /// Give every node the trust root, bring up the links, and schedule the scenario's
-    /// events: releases, churn, intermittent WAN links, outages, partitions, late joiners,
-    /// attacks and the first sample.
+    /// events. The steps run in this order: it fixes both the engine's RNG draws and the
+    /// order of events scheduled for the same time.
     fn schedule_world(&mut self) {
+        self.start_nodes();
+        self.schedule_releases();
+        self.schedule_churn();
+        self.schedule_intermittent_sites();
+        self.schedule_outages_and_partitions();
+        self.schedule_late_joiners();
+        self.schedule_attacks();
+        self.push(0, Ev::Sample);
+    }
+
+    /// Every node gets the trust root; every edge whose both ends are online comes up.
+    fn start_nodes(&mut self) {
         let n = self.nodes.len();
         for i in 0..n {
             let t = self.trust.clone();
@@ -425,11 +437,22 @@ impl Sim {
         for i in 0..n as u32 {
             self.refresh_links(i);
         }
+    }
+
+    /// A track per release, and its publication at its time.
+    fn schedule_releases(&mut self) {
+        let n = self.nodes.len();
         let specs = self.scenario.releases.clone();
         for (r, spec) in specs.iter().enumerate() {
             self.releases.push(ReleaseTrack::new(r, spec, n));
             self.push(spec.at.0, Ev::Publish { release: r });
         }
+    }
+
+    /// Churn: a share of the nodes (not the publisher, not late joiners) go off line after
+    /// an exponential up time, and keep switching.
+    fn schedule_churn(&mut self) {
+        let n = self.nodes.len();
         if let Some(c) = self.scenario.churn.clone() {
             for i in 0..n {
                 if i as u32 != self.publisher && !self.late[i] && chance(&mut self.rng, c.fraction)
@@ -447,6 +470,11 @@ impl Sim {
                 }
             }
         }
+    }
+
+    /// Intermittent sites: a share of the sites (not the publisher's) switch their WAN
+    /// link, starting in the steady state.
+    fn schedule_intermittent_sites(&mut self) {
         if let Some(c) = self.scenario.intermittent_sites.clone() {
             let pub_site = self.nodes[self.publisher as usize].site;
             for s in 0..self.sites.len() as u32 {
@@ -478,6 +506,11 @@ impl Sim {
                 }
             }
         }
+    }
+
+    /// Outages (sites lose power) and partitions (sites cut from the others), each from
+    /// its start to its end.
+    fn schedule_outages_and_partitions(&mut self) {
         for o in self.scenario.outages.clone() {
             for s in self.chosen_sites(&o.sites, o.fraction) {
                 self.push(o.from.0, Ev::SitePower { site: s, on: false });
@@ -490,6 +523,11 @@ impl Sim {
                 self.push(o.until.0, Ev::SiteCut { site: s, on: false });
             }
         }
+    }
+
+    /// Late joiners come on line at the scenario's time.
+    fn schedule_late_joiners(&mut self) {
+        let n = self.nodes.len();
         if let Some(l) = self.scenario.late_joiners.clone() {
             for i in 0..n {
                 if self.late[i] {
@@ -504,6 +542,11 @@ impl Sim {
                 }
             }
         }
+    }
+
+    /// The adversaries' first round at 1 s (if any replay, forge or flood), and the
+    /// equivocation.
+    fn schedule_attacks(&mut self) {
         let a = self.scenario.adversaries.clone();
         if a.replay > 0.0 || a.forge > 0.0 || a.flood > 0.0 {
             self.push(1_000_000, Ev::Attack);
@@ -511,7 +554,6 @@ impl Sim {
         if let Some(t) = a.equivocate_at {
             self.push(t.0, Ev::Equivocate);
         }
-        self.push(0, Ev::Sample);
     }
 
     /// The sites an outage or partition hits: those named, or else each site but the
