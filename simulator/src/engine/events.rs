@@ -3,7 +3,7 @@
 //! report Ok or Failed; on RollBack, report RolledBack"), with a weak device failing a
 //! release marked `fail_on_weak`.
 
-use super::{NEVER, Sim, T0};
+use super::{NEVER, PublishedFile, Sim, T0};
 use pollen_protocol::rollout::{ErrorClass, HealthReport, HealthReportBody, HealthStatus};
 use pollen_protocol::signing::Signed;
 use pollen_protocol::{Command, Event};
@@ -52,7 +52,7 @@ impl Sim {
                 }
             }
             Event::FileComplete { file } => {
-                if let Some(&(_, _, r)) = self.files.get(&file)
+                if let Some(&PublishedFile { release: r, .. }) = self.files.get(&file)
                     && self.releases[r].complete[iu] == NEVER
                 {
                     self.releases[r].complete[iu] = self.now;

@@ -146,6 +146,17 @@ impl<E> TimedQueue<E> {
     }
 }
 
+/// A file the publisher has published: what a chunk transfer needs to know of it.
+#[derive(Clone, Copy, Debug)]
+struct PublishedFile {
+    /// Size, bytes.
+    size: u64,
+    /// Chunk size, bytes.
+    chunk: u32,
+    /// Index of its release.
+    release: usize,
+}
+
 /// A simulation run.
 pub struct Sim {
     /// The scenario.
@@ -170,8 +181,8 @@ pub struct Sim {
     ids: HashMap<NodeId, u32>,
     /// Releases, in scenario order.
     pub releases: Vec<ReleaseTrack>,
-    /// Published files: (size, chunk size, release index).
-    files: HashMap<ContentId, (u64, u32, usize)>,
+    /// Published files by content id.
+    files: HashMap<ContentId, PublishedFile>,
     /// The publisher's node index.
     publisher: u32,
     /// The key the publisher signs manifests with.

@@ -2,7 +2,7 @@
 //! manifests the publisher signs (with synthetic chunk hashes but the real size and layout)
 //! and publishing them.
 
-use super::{NEVER, Sim, T0};
+use super::{NEVER, PublishedFile, Sim, T0};
 use crate::scenario::ReleaseSpec;
 use pollen_protocol::chunking::{ChunkSize, FileSpec, root_from_chaining_values};
 use pollen_protocol::manifest::{
@@ -156,8 +156,14 @@ impl Sim {
         let signed = self.manifest_for(r, version, 0);
         let m = Arc::new(Manifest::decode(signed.clone()).expect("own manifest decodes"));
         let spec = &m.body.artifact.variants[0].files[0].spec;
-        self.files
-            .insert(spec.content_id, (spec.size, spec.chunk_size.get(), r));
+        self.files.insert(
+            spec.content_id,
+            PublishedFile {
+                size: spec.size,
+                chunk: spec.chunk_size.get(),
+                release: r,
+            },
+        );
         let n = self.nodes.len();
         let rel = &mut self.releases[r];
         rel.published = self.now;

@@ -5,9 +5,9 @@
 //!
 //! Everything a transfer changes in a node's core goes through the driver's `input`.
 
-use super::Ev;
-use super::Sim;
 use super::rand::chance;
+use super::world::Edge;
+use super::{Ev, PublishedFile, Sim};
 use crate::net::{Flow, FlowId, Reschedule};
 use pollen_protocol::io::ChunkFailure;
 use pollen_protocol::wire::Message;
@@ -50,7 +50,11 @@ impl Sim {
     /// ends, and transfers over links that went down are cut.
     pub(super) fn refresh_links(&mut self, i: u32) {
         for k in 0..self.nodes[i as usize].adj.len() {
-            let (j, was, banned) = self.nodes[i as usize].adj[k];
+            let Edge {
+                peer: j,
+                up: was,
+                banned,
+            } = self.nodes[i as usize].adj[k];
             let now_up = !banned && self.linked(i, j);
             if now_up == was {
                 continue;
@@ -84,8 +88,8 @@ impl Sim {
     /// Mark the edge `i`–`j` up or down on both ends.
     fn set_edge(&mut self, i: u32, j: u32, up: bool) {
         for (a, b) in [(i, j), (j, i)] {
-            if let Some(e) = self.nodes[a as usize].adj.iter_mut().find(|e| e.0 == b) {
-                e.1 = up;
+            if let Some(e) = self.nodes[a as usize].adj.iter_mut().find(|e| e.peer == b) {
+                e.up = up;
             }
         }
     }
@@ -105,11 +109,14 @@ impl Sim {
     /// down, cut its transfers and tell `j`.
     pub(super) fn ban(&mut self, i: u32, j: u32) {
         for (a, b) in [(i, j), (j, i)] {
-            if let Some(e) = self.nodes[a as usize].adj.iter_mut().find(|e| e.0 == b) {
-                e.2 = true;
+            if let Some(e) = self.nodes[a as usize].adj.iter_mut().find(|e| e.peer == b) {
+                e.banned = true;
             }
         }
-        let was_up = self.nodes[i as usize].adj.iter().any(|e| e.0 == j && e.1);
+        let was_up = self.nodes[i as usize]
+            .adj
+            .iter()
+            .any(|e| e.peer == j && e.up);
         if was_up {
             self.set_edge(i, j, false);
             self.cancel_flows_between(i, j);
@@ -123,8 +130,8 @@ impl Sim {
         self.nodes[i as usize]
             .adj
             .iter()
-            .filter(|e| e.1)
-            .map(|e| e.0)
+            .filter(|e| e.up)
+            .map(|e| e.peer)
             .collect()
     }
 
@@ -210,7 +217,7 @@ impl Sim {
         if !self.linked(from, to) {
             return;
         }
-        let Some(&(size, chunk, _)) = self.files.get(&file) else {
+        let Some(&PublishedFile { size, chunk, .. }) = self.files.get(&file) else {
             return;
         };
         let start = u64::from(index) * u64::from(chunk);

@@ -51,14 +51,36 @@ pub(super) struct NodeState {
     pub(super) flood: bool,
     /// The time its core's timer is armed for.
     pub(super) timer_at: Option<u64>,
-    /// Its neighbours in the peer graph: (neighbour, link up, banned).
-    pub(super) adj: Vec<(u32, bool, bool)>,
+    /// Its neighbours in the peer graph.
+    pub(super) adj: Vec<Edge>,
     /// What it serves now: version.
     pub(super) serving: Option<u64>,
     /// Chunk uploads in progress.
     pub(super) uploads: u32,
     /// Chunk sends waiting for an upload slot: (to, request id, file, index).
     pub(super) upload_queue: VecDeque<(u32, u64, ContentId, u32)>,
+}
+
+/// One end of an edge of the peer graph (each edge is stored at both ends).
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Edge {
+    /// The neighbour's node index.
+    pub(super) peer: u32,
+    /// The link is up (both cores were told PeerUp).
+    pub(super) up: bool,
+    /// One end disconnected the other: the link never comes up again.
+    pub(super) banned: bool,
+}
+
+impl Edge {
+    /// A new edge to `peer`: down, not banned.
+    fn to(peer: u32) -> Edge {
+        Edge {
+            peer,
+            up: false,
+            banned: false,
+        }
+    }
 }
 
 impl NodeState {
@@ -371,8 +393,8 @@ impl Sim {
             net.res[r as usize].cap = up.0 / 1e6;
         }
         for (a, b) in peer_graph(&sc, &sites, &nodes, &mut rng) {
-            nodes[a as usize].adj.push((b, false, false));
-            nodes[b as usize].adj.push((a, false, false));
+            nodes[a as usize].adj.push(Edge::to(b));
+            nodes[b as usize].adj.push(Edge::to(a));
         }
         let late = adversaries_and_late_joiners(&sc, &mut nodes, publisher, &mut rng);
         let churned = vec![false; n];
