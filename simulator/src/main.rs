@@ -6,15 +6,13 @@
 //! pollen-sim run SCENARIO.toml [--seed N | --seeds A..B] [--out DIR] [--quiet]
 //! pollen-sim compare A/summary.json B/summary.json
 //! ```
-
-mod engine;
-mod net;
-mod report;
-mod scenario;
-mod units;
+//!
+//! This file is the command line only; the engine and the report are the library
+//! (`src/lib.rs`), which the tests in `tests/` drive directly.
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
+use pollen_sim::{engine, report, scenario};
 use std::path::{Path, PathBuf};
 
 #[derive(Parser, Debug)]
@@ -155,10 +153,7 @@ fn run(
         let wall = started.elapsed().as_secs_f64();
         let summary = report::summarize(&sim);
         report::write_series(&sim, &dir)?;
-        std::fs::write(
-            dir.join("summary.json"),
-            serde_json::to_string_pretty(&summary)? + "\n",
-        )?;
+        report::write_summary(&dir, &summary)?;
         let peak = proc_kib("VmHWM:");
         let p = serde_json::json!({
             "seed": s,
@@ -173,10 +168,7 @@ fn run(
             "kib_per_node_over_start": (peak.saturating_sub(rss_before)) as f64 / sim.node_count() as f64,
             "peak_flows": sim.stats.peak_flows,
         });
-        std::fs::write(
-            dir.join("perf.json"),
-            serde_json::to_string_pretty(&p)? + "\n",
-        )?;
+        report::write_perf(&dir, &p)?;
         perf.push(p);
         if seeds.len() > 1 {
             eprintln!(
@@ -188,14 +180,8 @@ fn run(
     }
     let summary = if summaries.len() > 1 {
         let agg = report::aggregate(&summaries);
-        std::fs::write(
-            out.join("summary.json"),
-            serde_json::to_string_pretty(&agg)? + "\n",
-        )?;
-        std::fs::write(
-            out.join("perf.json"),
-            serde_json::to_string_pretty(&perf)? + "\n",
-        )?;
+        report::write_summary(&out, &agg)?;
+        report::write_perf(&out, &perf)?;
         agg
     } else {
         summaries.remove(0)
@@ -204,131 +190,4 @@ fn run(
     std::io::Write::flush(&mut std::io::stdout())?;
     eprintln!("wrote {}", out.display());
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn scenario(name: &str) -> scenario::Scenario {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../scenarios")
-            .join(name);
-        scenario::Scenario::load(&path).expect("scenario loads")
-    }
-
-    /// Manifest gossip over 300 nodes: once the first manifest has formed the gossip tree,
-    /// manifests 2..10 reach everybody with redundancy at most 0.3 and a last delivery hop
-    /// at most 1.5 log2 N.
-    #[test]
-    fn gossip_targets_hold_on_a_small_mesh() {
-        let mut sc = scenario("gossip-1k.toml");
-        sc.sites[0].nodes = 300;
-        let mut sim = engine::Sim::new(sc, 5, false);
-        sim.run();
-        let s = report::summarize(&sim);
-        let red = s.figures["gossip_2_10.redundancy_mean"];
-        let hop = s.figures["gossip_2_10.last_hop_max"];
-        assert!(red <= 0.3, "redundancy {red}");
-        assert!(hop <= 1.5 * 300f64.log2(), "last hop {hop}");
-        for v in 1..=10 {
-            assert_eq!(s.figures[&format!("v{v}.gossip.reached")], 300.0, "v{v}");
-        }
-    }
-
-    /// A canary that fails on weak devices: the gate fails, no node outside the canary
-    /// stage ever serves the release, and every honest node ends on v1.
-    #[test]
-    fn failing_canary_stays_in_its_stage() {
-        let mut sc = scenario("staged-canary-fail.toml");
-        sc.sites[0].count = 2;
-        sc.sites[0].nodes = 60;
-        // Every device weak: whichever nodes the canary stage holds, it fails.
-        sc.sites[0].weak_fraction = 1.0;
-        let mut sim = engine::Sim::new(sc, 2, false);
-        sim.run();
-        let s = report::summarize(&sim);
-        assert!(
-            s.figures.contains_key("v2.gate_failed_s"),
-            "{:?}",
-            s.figures
-        );
-        assert_eq!(s.figures["v2.served_outside_canary"], 0.0);
-        assert!(!s.figures.contains_key("v2.stage1.t50_s"));
-        assert!(s.figures["v2.failed_nodes"] >= 1.0);
-    }
-
-    /// The attack mix: forged and replayed manifests are refused, the equivocation is
-    /// seen, corrupt chunks are caught, and honest online nodes still complete.
-    #[test]
-    fn attack_mix_is_contained() {
-        let mut sc = scenario("attack-mix.toml");
-        sc.sites[0].nodes = 30;
-        sc.adversaries.corrupt = 0.1;
-        sc.adversaries.forge = 0.05;
-        sc.adversaries.replay = 0.05;
-        sc.duration = units::Dur(20 * 60 * 1_000_000);
-        let mut sim = engine::Sim::new(sc, 2, false);
-        sim.run();
-        let s = report::summarize(&sim);
-        let f = |k: &str| s.figures.get(k).copied().unwrap_or(0.0);
-        assert!(f("rejected.forged") > 0.0, "{:?}", s.figures);
-        assert!(f("equivocations_seen") > 0.0);
-        assert!(f("chunks.corrupt") > 0.0);
-        let unfinished: u64 = s
-            .never_completed
-            .iter()
-            .filter(|(k, _)| k.as_str() != "offline at the end")
-            .map(|(_, v)| *v)
-            .sum();
-        assert_eq!(unfinished, 0, "{:?}", s.never_completed);
-    }
-
-    /// Scenario mistakes are errors that name the problem, not silent defaults.
-    #[test]
-    fn bad_scenarios_are_refused_clearly() {
-        let base = std::fs::read_to_string(
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../scenarios/ci-small.toml"),
-        )
-        .unwrap();
-        let check = |text: String, want: &str| {
-            let dir = tempfile_dir();
-            let p = dir.join("s.toml");
-            std::fs::write(&p, text).unwrap();
-            let e = format!("{:#}", scenario::Scenario::load(&p).unwrap_err());
-            assert!(e.contains(want), "{want:?} not in {e:?}");
-        };
-        check(
-            base.replace("name = \"ci-small\"", "name = \"x\"\nnodez = 3"),
-            "nodez",
-        );
-        check(base.replace("\"100Mbit\"", "\"100 furlongs\""), "furlongs");
-        check(
-            base.replace("version = 2", "version = 1"),
-            "strictly increase",
-        );
-        check(base.replace("\"256KiB\"", "\"1000B\""), "chunk");
-        check(
-            base.replace("corrupt = 0.05", "corrupt = 0.9"),
-            "adversary shares",
-        );
-    }
-
-    fn tempfile_dir() -> std::path::PathBuf {
-        let d = std::env::temp_dir().join(format!("pollen-sim-test-{}", std::process::id()));
-        std::fs::create_dir_all(&d).unwrap();
-        d
-    }
-
-    /// The same seed gives the same summary and trace; another seed a different trace.
-    #[test]
-    fn same_seed_same_bytes() {
-        let run = |seed| {
-            let mut sim = engine::Sim::new(scenario("ci-small.toml"), seed, false);
-            sim.run();
-            serde_json::to_string(&report::summarize(&sim)).unwrap()
-        };
-        assert_eq!(run(3), run(3));
-        assert_ne!(run(3), run(4));
-    }
 }

@@ -1,8 +1,9 @@
-//! Figures of a run, and the files they are written to: `summary.json`, `timeseries.csv`,
-//! `coverage.svg`, `bytes.svg`, plus a table on stdout. Wall-clock figures go to
-//! `perf.json` only, so `summary.json` is identical for the same scenario and seed.
+//! Figures of a run, and every file a run writes: `summary.json`, `timeseries.csv`,
+//! `coverage.svg`, `bytes.svg` and `perf.json`, plus a table on stdout. Wall-clock figures
+//! go to `perf.json` only (the command line measures them), so every other output is
+//! identical for the same scenario and seed.
 
-use crate::engine::{NEVER, Sim};
+use crate::engine::{LinkBytes, NEVER, NodeFacts, Sim};
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -47,18 +48,19 @@ pub fn summarize(sim: &Sim) -> Summary {
     let n = sim.node_count();
     let p = sim.publisher() as usize;
     let facts: Vec<_> = (0..n).map(|k| sim.node_facts(k)).collect();
-    let honest: Vec<bool> = facts.iter().map(|x| !x.3).collect();
+    let honest: Vec<bool> = facts.iter().map(|x| !x.adversary).collect();
+    let sites = sim.site_facts();
     let mut never = BTreeMap::new();
     let total_bytes: u64 = sim
         .releases
         .iter()
         .filter(|r| r.manifest.is_some())
-        .map(|r| sim.sc.releases[r.spec].size.0)
+        .map(|r| sim.release_spec(r).size.0)
         .sum();
     for (ri, r) in sim.releases.iter().enumerate() {
         let Some(m) = &r.manifest else { continue };
         let v = r.version;
-        let spec = &sim.sc.releases[r.spec];
+        let spec = sim.release_spec(r);
         let size = spec.size.0 as f64;
         // Activation coverage per stage, timed from publish.
         for s in 0..spec.stages.len() {
@@ -100,18 +102,18 @@ pub fn summarize(sim: &Sim) -> Summary {
             }
         }
         let nn = receivers.len() as f64;
-        let u_s = facts[p].4;
+        let u_s = facts[p].up_bps;
         let d_min = receivers
             .iter()
-            .map(|&k| facts[k].5)
+            .map(|&k| facts[k].down_bps)
             .fold(f64::INFINITY, f64::min);
-        let sum_u: f64 = receivers.iter().map(|&k| facts[k].4).sum();
+        let sum_u: f64 = receivers.iter().map(|&k| facts[k].up_bps).sum();
         let mut lower = (size / u_s)
             .max(size / d_min)
             .max(nn * size / (u_s + sum_u));
-        for (_, _, wan_down, has_seed) in sim.site_facts() {
-            if !has_seed && sim.site_facts().len() > 1 {
-                lower = lower.max(size / wan_down);
+        for site in &sites {
+            if !site.has_publisher && sites.len() > 1 {
+                lower = lower.max(size / site.wan_down_bps);
             }
         }
         let client_server = (nn * size / u_s).max(size / d_min);
@@ -178,7 +180,7 @@ pub fn summarize(sim: &Sim) -> Summary {
                 if r.complete[k] != NEVER {
                     continue;
                 }
-                let (_, online, weak, _, _, _) = facts[k];
+                let NodeFacts { online, weak, .. } = facts[k];
                 let reason = if sim.late[k] && !online {
                     "late joiner not yet online"
                 } else if !online {
@@ -222,12 +224,11 @@ pub fn summarize(sim: &Sim) -> Summary {
         }
     }
     // WAN bytes per site over the artifact bytes published.
-    let sites = sim.site_facts();
     if sites.len() > 1 && total_bytes > 0 {
         let ratios: Vec<f64> = sites
             .iter()
-            .filter(|s| !s.3)
-            .map(|s| s.1 as f64 / total_bytes as f64)
+            .filter(|s| !s.has_publisher)
+            .map(|s| s.wan_in as f64 / total_bytes as f64)
             .collect();
         if !ratios.is_empty() {
             f.insert(
@@ -268,7 +269,7 @@ pub fn summarize(sim: &Sim) -> Summary {
     f.insert("events".into(), sim.stats.events as f64);
     f.insert("end_s".into(), sim.now as f64 / 1e6);
     Summary {
-        scenario: sim.sc.name.clone(),
+        scenario: sim.scenario.name.clone(),
         seeds: vec![sim.seed],
         nodes: n,
         figures: f,
@@ -382,11 +383,28 @@ pub fn table(s: &Summary) -> String {
     out
 }
 
+/// Write `value` to `path` as pretty JSON with a final newline.
+fn write_json(path: &Path, value: &impl Serialize) -> Result<()> {
+    std::fs::write(path, serde_json::to_string_pretty(value)? + "\n")?;
+    Ok(())
+}
+
+/// Write `summary.json` (one run's figures, or the aggregate over several seeds) into `dir`.
+pub fn write_summary(dir: &Path, summary: &Summary) -> Result<()> {
+    write_json(&dir.join("summary.json"), summary)
+}
+
+/// Write `perf.json` (one run's wall-clock and memory figures, or a list of them, one per
+/// seed) into `dir`.
+pub fn write_perf(dir: &Path, perf: &impl Serialize) -> Result<()> {
+    write_json(&dir.join("perf.json"), perf)
+}
+
 /// Write `timeseries.csv`, `coverage.svg` and `bytes.svg` for one run.
 pub fn write_series(sim: &Sim, dir: &Path) -> Result<()> {
     let mut csv = String::from("t_s");
     for r in &sim.releases {
-        for s in 0..sim.sc.releases[r.spec].stages.len() {
+        for s in 0..sim.release_spec(r).stages.len() {
             let _ = write!(csv, ",v{}_stage{s}_serving_pct", r.version);
         }
         let _ = write!(csv, ",v{}_complete_pct", r.version);
@@ -401,7 +419,7 @@ pub fn write_series(sim: &Sim, dir: &Path) -> Result<()> {
         .releases
         .iter()
         .map(|r| {
-            (0..sim.sc.releases[r.spec].stages.len())
+            (0..sim.release_spec(r).stages.len())
                 .map(|s| (0..n).filter(|&k| r.stage[k] as usize == s).count().max(1))
                 .collect()
         })
@@ -454,13 +472,13 @@ pub fn write_series(sim: &Sim, dir: &Path) -> Result<()> {
     std::fs::write(
         dir.join("coverage.svg"),
         svg(
-            &format!("{}: nodes serving, % of stage", sim.sc.name),
+            &format!("{}: nodes serving, % of stage", sim.scenario.name),
             "%",
             &lines,
             Some(100.0),
         ),
     )?;
-    type Get = fn(&crate::engine::Bytes) -> u64;
+    type Get = fn(&LinkBytes) -> u64;
     let classes: [(&str, Get); 4] = [
         ("LAN chunks", |b| b.lan_chunk),
         ("LAN control", |b| b.lan_ctrl),
@@ -487,7 +505,7 @@ pub fn write_series(sim: &Sim, dir: &Path) -> Result<()> {
     std::fs::write(
         dir.join("bytes.svg"),
         svg(
-            &format!("{}: bytes per link class (cumulative)", sim.sc.name),
+            &format!("{}: bytes per link class (cumulative)", sim.scenario.name),
             "MiB",
             &lines,
             None,
