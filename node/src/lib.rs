@@ -10,15 +10,16 @@
 
 pub mod actor;
 pub mod config;
+pub mod handle;
 pub mod http;
 pub mod inference;
 pub mod kserve;
 pub mod metrics;
 pub mod net;
 pub mod serving;
+pub mod shutdown;
 pub mod status;
 pub mod store;
-pub mod v2;
 
 use anyhow::{Context, Result};
 
@@ -45,27 +46,5 @@ pub async fn run(cfg: config::NodeConfig) -> Result<()> {
             tracing::error!("http server: {e}");
         }
     });
-    actor.run(shutdown_signal()).await
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => futures::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = futures::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = term => {},
-    }
-    tracing::info!("shutting down");
+    actor.run(shutdown::shutdown_signal()).await
 }

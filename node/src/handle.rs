@@ -1,0 +1,69 @@
+//! What the HTTP layer holds: [`AppState`], the shared parts of a running node, and
+//! [`ActorCmd`], the commands the control routes send to the actor.
+//!
+//! The inference routes use only the registry, the pool and the metrics; only the `/v1`
+//! control routes talk to the actor, through `cmds`.
+
+use crate::metrics::Metrics;
+use crate::serving::Registry;
+use crate::status::Status;
+use crate::store::Store;
+use std::sync::Arc;
+use tokio::sync::{mpsc, oneshot};
+
+/// Commands from the HTTP API.
+#[derive(Debug)]
+pub enum ActorCmd {
+    /// Inject a signed manifest (its files must already be in the store).
+    Publish {
+        /// Envelope bytes.
+        bytes: Vec<u8>,
+        /// Outcome.
+        reply: oneshot::Sender<Result<String, String>>,
+    },
+    /// A snapshot of the status.
+    Status {
+        /// The snapshot.
+        reply: oneshot::Sender<Status>,
+    },
+    /// Inject a signed rollout instruction (halt / resume).
+    Instruct {
+        /// Envelope bytes.
+        bytes: Vec<u8>,
+        /// Outcome.
+        reply: oneshot::Sender<Result<String, String>>,
+    },
+    /// Pin a channel to a version (None: unpin); persisted.
+    Pin {
+        /// Channel.
+        channel: String,
+        /// Version.
+        version: Option<u64>,
+        /// Outcome.
+        reply: oneshot::Sender<Result<String, String>>,
+    },
+    /// The signed manifest of a retained release.
+    Manifest {
+        /// Channel.
+        channel: String,
+        /// Version.
+        version: u64,
+        /// Envelope bytes, if the node keeps the release.
+        reply: oneshot::Sender<Option<Vec<u8>>>,
+    },
+}
+
+/// The HTTP server's state: cheap to clone (every field is shared).
+#[derive(Clone, Debug)]
+pub struct AppState {
+    /// Commands to the actor.
+    pub cmds: mpsc::Sender<ActorCmd>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// The store.
+    pub store: Arc<Store>,
+    /// Models being served.
+    pub registry: Arc<Registry>,
+    /// The bounded inference pool.
+    pub inference: Arc<crate::inference::Pool>,
+}
