@@ -65,5 +65,5 @@ pub struct AppState {
     /// Models being served.
     pub registry: Arc<Registry>,
     /// The bounded inference pool.
-    pub inference: Arc<crate::inference::Pool>,
+    pub inference: Arc<crate::serving::pool::Pool>,
 }

@@ -12,8 +12,6 @@ pub mod actor;
 pub mod config;
 pub mod handle;
 pub mod http;
-pub mod inference;
-pub mod kserve;
 pub mod metrics;
 pub mod net;
 pub mod serving;

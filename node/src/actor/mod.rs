@@ -261,7 +261,7 @@ impl Actor {
             metrics: metrics.clone(),
             store: store.clone(),
             registry: registry.clone(),
-            inference: Arc::new(crate::inference::Pool::new(
+            inference: Arc::new(crate::serving::pool::Pool::new(
                 cfg.inference_threads,
                 cfg.inference_queue,
             )),

@@ -16,7 +16,7 @@
 
 use super::error;
 use crate::handle::AppState;
-use crate::kserve;
+use crate::serving::kserve;
 use crate::serving::{IoSpec, LoadedModel, Outcome, ServeError};
 use axum::Json;
 use axum::Router;
@@ -97,7 +97,7 @@ fn lookup(h: &AppState, name: &str, version: Option<&str>) -> Result<Arc<LoadedM
 }
 
 fn io_json(s: &IoSpec) -> serde_json::Value {
-    serde_json::json!({ "name": s.name, "datatype": s.datatype.name(), "shape": s.shape })
+    serde_json::json!({ "name": s.name, "datatype": kserve::kserve_name(s.datatype), "shape": s.shape })
 }
 
 fn meta(h: &AppState, m: &LoadedModel) -> Response {

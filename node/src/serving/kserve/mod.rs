@@ -27,11 +27,11 @@
 //! exactly the declared sizes, and nested `data` arrays are flattened without recursion
 //! (serde_json itself refuses JSON nested deeper than 128 levels).
 
+use pollen_protocol::manifest::DType;
 use serde::Deserialize;
 use serde::ser::{Serialize, SerializeSeq, Serializer};
 use serde_json::{Map, Value};
 use std::collections::HashSet;
-use std::fmt;
 
 /// The largest element count of one tensor, and the largest single dimension (64 Mi).
 pub const MAX_ELEMENTS: usize = 64 * 1024 * 1024;
@@ -46,95 +46,31 @@ pub const CONTENT_TYPE_JSON: &str = "application/json";
 /// Content-Type of a response with binary outputs (JSON header + raw tensor bytes).
 pub const CONTENT_TYPE_BINARY: &str = "application/octet-stream";
 
-/// A tensor element type, named as in the protocol (`"FP32"`, `"INT64"`, ...).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum DataType {
-    /// `BOOL`: one byte, 0 or 1.
-    Bool,
-    /// `UINT8`.
-    U8,
-    /// `UINT16`.
-    U16,
-    /// `UINT32`.
-    U32,
-    /// `UINT64`.
-    U64,
-    /// `INT8`.
-    I8,
-    /// `INT16`.
-    I16,
-    /// `INT32`.
-    I32,
-    /// `INT64`.
-    I64,
-    /// `FP16`: IEEE 754 binary16, stored as its 16 bits.
-    F16,
-    /// `FP32`.
-    F32,
-    /// `FP64`.
-    F64,
-    /// `BYTES`: variable-length byte strings.
-    Bytes,
+/// Every data type of the protocol, in protocol order.
+pub const DATATYPES: [DType; 13] = [
+    DType::Bool,
+    DType::U8,
+    DType::U16,
+    DType::U32,
+    DType::U64,
+    DType::I8,
+    DType::I16,
+    DType::I32,
+    DType::I64,
+    DType::F16,
+    DType::F32,
+    DType::F64,
+    DType::Bytes,
+];
+
+/// The protocol name of a data type, e.g. `"FP32"`.
+pub fn kserve_name(d: DType) -> &'static str {
+    d.kserve_name()
 }
 
-impl DataType {
-    /// Every data type, in protocol order.
-    pub const ALL: [DataType; 13] = [
-        DataType::Bool,
-        DataType::U8,
-        DataType::U16,
-        DataType::U32,
-        DataType::U64,
-        DataType::I8,
-        DataType::I16,
-        DataType::I32,
-        DataType::I64,
-        DataType::F16,
-        DataType::F32,
-        DataType::F64,
-        DataType::Bytes,
-    ];
-
-    /// The data type named `s` (exact, uppercase protocol name), or `None`.
-    pub fn parse(s: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|d| d.name() == s)
-    }
-
-    /// The protocol name, e.g. `"FP32"`.
-    pub fn name(&self) -> &'static str {
-        match self {
-            DataType::Bool => "BOOL",
-            DataType::U8 => "UINT8",
-            DataType::U16 => "UINT16",
-            DataType::U32 => "UINT32",
-            DataType::U64 => "UINT64",
-            DataType::I8 => "INT8",
-            DataType::I16 => "INT16",
-            DataType::I32 => "INT32",
-            DataType::I64 => "INT64",
-            DataType::F16 => "FP16",
-            DataType::F32 => "FP32",
-            DataType::F64 => "FP64",
-            DataType::Bytes => "BYTES",
-        }
-    }
-
-    /// Bytes per element in the raw encoding; `None` for BYTES (variable length).
-    pub fn size(&self) -> Option<usize> {
-        match self {
-            DataType::Bool | DataType::U8 | DataType::I8 => Some(1),
-            DataType::U16 | DataType::I16 | DataType::F16 => Some(2),
-            DataType::U32 | DataType::I32 | DataType::F32 => Some(4),
-            DataType::U64 | DataType::I64 | DataType::F64 => Some(8),
-            DataType::Bytes => None,
-        }
-    }
-}
-
-impl fmt::Display for DataType {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
+/// The data type named `s` (exact, uppercase protocol name), or `None`.
+pub fn parse_datatype(s: &str) -> Option<DType> {
+    DATATYPES.into_iter().find(|d| d.kserve_name() == s)
 }
 
 /// A tensor in its raw encoding.
@@ -142,14 +78,14 @@ impl fmt::Display for DataType {
 /// Invariants (guaranteed for tensors from [`parse_request`], checked by
 /// [`encode_response`]): the element count is the product of `shape` (1 for `[]`) and at
 /// most [`MAX_ELEMENTS`]; for fixed-size types `data.len()` is that count times
-/// [`DataType::size`], little-endian, row-major, BOOL bytes being 0 or 1; for BYTES, `data`
+/// [`DType::size`], little-endian, row-major, BOOL bytes being 0 or 1; for BYTES, `data`
 /// is exactly that many elements, each a 4-byte little-endian length followed by the bytes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Tensor {
     /// The input or output name.
     pub name: String,
     /// The element type.
-    pub datatype: DataType,
+    pub datatype: DType,
     /// Dimensions, outermost first.
     pub shape: Vec<usize>,
     /// Raw little-endian bytes (BYTES: length-prefixed concatenation).
@@ -272,7 +208,8 @@ pub enum KserveError {
     },
     /// A fixed-size input's `binary_data_size` differs from its shape's byte size.
     #[error(
-        "input '{input}': shape {shape} of {datatype} needs {expected} bytes, binary_data_size is {got}"
+        "input '{input}': shape {shape} of {} needs {expected} bytes, binary_data_size is {got}",
+        kserve_name(*.datatype)
     )]
     BinarySize {
         /// The input name.
@@ -280,7 +217,7 @@ pub enum KserveError {
         /// The shape.
         shape: String,
         /// The datatype.
-        datatype: DataType,
+        datatype: DType,
         /// The shape's byte size.
         expected: usize,
         /// The declared `binary_data_size`.
@@ -454,7 +391,7 @@ pub fn parse_request(body: &[u8], header_len: Option<usize>) -> Result<InferRequ
         }
         let name = input.name;
         let datatype =
-            DataType::parse(&input.datatype).ok_or_else(|| KserveError::UnknownDatatype {
+            parse_datatype(&input.datatype).ok_or_else(|| KserveError::UnknownDatatype {
                 input: name.clone(),
                 datatype: truncate(&input.datatype, 40),
             })?;
@@ -522,8 +459,8 @@ pub fn parse_request(body: &[u8], header_len: Option<usize>) -> Result<InferRequ
                 let (chunk, tail) = rest.split_at_checked(size).ok_or_else(section_error)?;
                 rest = tail;
                 match datatype {
-                    DataType::Bool => chunk.iter().map(|&b| u8::from(b != 0)).collect(),
-                    DataType::Bytes => {
+                    DType::Bool => chunk.iter().map(|&b| u8::from(b != 0)).collect(),
+                    DType::Bytes => {
                         let got = count_bytes_elements(chunk).map_err(|msg| {
                             KserveError::MalformedBytes {
                                 input: name.clone(),
@@ -677,7 +614,7 @@ pub fn encode_response(
         }
         json_outputs.push(OutputJson {
             name: &t.name,
-            datatype: t.datatype.name(),
+            datatype: kserve_name(t.datatype),
             shape: &t.shape,
             parameters: binary.then_some(BinaryParams {
                 binary_data_size: t.data.len(),
@@ -899,7 +836,7 @@ fn show(v: &Value) -> String {
 /// Decode an input's JSON `data` into raw bytes, checking the element count first.
 fn decode_json_data(
     name: &str,
-    dt: DataType,
+    dt: DType,
     shape: &[usize],
     count: usize,
     data: &Value,
@@ -934,10 +871,17 @@ fn decode_json_data(
 /// An integer JSON value converted to `T`, or an error message.
 fn json_integer<T: TryFrom<i64> + TryFrom<u64>>(
     v: &Value,
-    dt: DataType,
+    dt: DType,
     range: impl Fn() -> String,
 ) -> Result<T, String> {
-    let err = |what: &str| format!("expected {what} in {} ({dt}), got {}", range(), show(v));
+    let err = |what: &str| {
+        format!(
+            "expected {what} in {} ({}), got {}",
+            range(),
+            kserve_name(dt),
+            show(v)
+        )
+    };
     let Value::Number(n) = v else {
         return Err(err("an integer"));
     };
@@ -951,17 +895,21 @@ fn json_integer<T: TryFrom<i64> + TryFrom<u64>>(
 }
 
 /// A JSON number as `f64`, or an error message.
-fn json_float(v: &Value, dt: DataType) -> Result<f64, String> {
+fn json_float(v: &Value, dt: DType) -> Result<f64, String> {
     match v {
         Value::Number(n) => n
             .as_f64()
-            .ok_or_else(|| format!("expected a number ({dt}), got {}", show(v))),
-        _ => Err(format!("expected a number ({dt}), got {}", show(v))),
+            .ok_or_else(|| format!("expected a number ({}), got {}", kserve_name(dt), show(v))),
+        _ => Err(format!(
+            "expected a number ({}), got {}",
+            kserve_name(dt),
+            show(v)
+        )),
     }
 }
 
 /// Append the raw encoding of one JSON element of type `dt` to `out`.
-fn encode_element(dt: DataType, v: &Value, out: &mut Vec<u8>) -> Result<(), String> {
+fn encode_element(dt: DType, v: &Value, out: &mut Vec<u8>) -> Result<(), String> {
     macro_rules! int {
         ($t:ty) => {{
             let range = || format!("{}..={}", <$t>::MIN, <$t>::MAX);
@@ -969,19 +917,19 @@ fn encode_element(dt: DataType, v: &Value, out: &mut Vec<u8>) -> Result<(), Stri
         }};
     }
     match dt {
-        DataType::Bool => match v {
+        DType::Bool => match v {
             Value::Bool(b) => out.push(u8::from(*b)),
             _ => return Err(format!("expected true or false (BOOL), got {}", show(v))),
         },
-        DataType::U8 => int!(u8),
-        DataType::U16 => int!(u16),
-        DataType::U32 => int!(u32),
-        DataType::U64 => int!(u64),
-        DataType::I8 => int!(i8),
-        DataType::I16 => int!(i16),
-        DataType::I32 => int!(i32),
-        DataType::I64 => int!(i64),
-        DataType::F16 => {
+        DType::U8 => int!(u8),
+        DType::U16 => int!(u16),
+        DType::U32 => int!(u32),
+        DType::U64 => int!(u64),
+        DType::I8 => int!(i8),
+        DType::I16 => int!(i16),
+        DType::I32 => int!(i32),
+        DType::I64 => int!(i64),
+        DType::F16 => {
             let h = f64_to_f16_bits(json_float(v, dt)?);
             if h & 0x7fff == 0x7c00 {
                 return Err(format!(
@@ -991,15 +939,15 @@ fn encode_element(dt: DataType, v: &Value, out: &mut Vec<u8>) -> Result<(), Stri
             }
             out.extend_from_slice(&h.to_le_bytes());
         }
-        DataType::F32 => {
+        DType::F32 => {
             let x = json_float(v, dt)? as f32;
             if x.is_infinite() {
                 return Err(format!("{} is out of range for FP32", show(v)));
             }
             out.extend_from_slice(&x.to_le_bytes());
         }
-        DataType::F64 => out.extend_from_slice(&json_float(v, dt)?.to_le_bytes()),
-        DataType::Bytes => match v {
+        DType::F64 => out.extend_from_slice(&json_float(v, dt)?.to_le_bytes()),
+        DType::Bytes => match v {
             Value::String(s) => {
                 let len = u32::try_from(s.len())
                     .map_err(|_| "string longer than 4 GiB (BYTES)".to_string())?;
@@ -1008,6 +956,8 @@ fn encode_element(dt: DataType, v: &Value, out: &mut Vec<u8>) -> Result<(), Stri
             }
             _ => return Err(format!("expected a string (BYTES), got {}", show(v))),
         },
+        // DType is non-exhaustive; the codec parses only the types above.
+        _ => return Err(format!("datatype {} is not supported", kserve_name(dt))),
     }
     Ok(())
 }
@@ -1089,7 +1039,7 @@ fn check_output(t: &Tensor, as_json: bool) -> Result<(), KserveError> {
                 return Err(invalid(format!(
                     "shape {} of {} needs {} bytes, data is {}",
                     fmt_shape(&t.shape),
-                    t.datatype,
+                    kserve_name(t.datatype),
                     count * size,
                     t.data.len()
                 )));
@@ -1145,22 +1095,22 @@ impl Serialize for JsonData<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let d = &self.0.data;
         match self.0.datatype {
-            DataType::Bool => serialize_all(s, d.iter().map(|&b| b != 0)),
-            DataType::U8 => serialize_all(s, d.iter().copied()),
-            DataType::I8 => serialize_all(s, d.iter().map(|&b| i8::from_le_bytes([b]))),
-            DataType::U16 => serialize_all(s, le_chunks(d).map(u16::from_le_bytes)),
-            DataType::I16 => serialize_all(s, le_chunks(d).map(i16::from_le_bytes)),
-            DataType::U32 => serialize_all(s, le_chunks(d).map(u32::from_le_bytes)),
-            DataType::I32 => serialize_all(s, le_chunks(d).map(i32::from_le_bytes)),
-            DataType::U64 => serialize_all(s, le_chunks(d).map(u64::from_le_bytes)),
-            DataType::I64 => serialize_all(s, le_chunks(d).map(i64::from_le_bytes)),
-            DataType::F16 => serialize_all(
+            DType::Bool => serialize_all(s, d.iter().map(|&b| b != 0)),
+            DType::U8 => serialize_all(s, d.iter().copied()),
+            DType::I8 => serialize_all(s, d.iter().map(|&b| i8::from_le_bytes([b]))),
+            DType::U16 => serialize_all(s, le_chunks(d).map(u16::from_le_bytes)),
+            DType::I16 => serialize_all(s, le_chunks(d).map(i16::from_le_bytes)),
+            DType::U32 => serialize_all(s, le_chunks(d).map(u32::from_le_bytes)),
+            DType::I32 => serialize_all(s, le_chunks(d).map(i32::from_le_bytes)),
+            DType::U64 => serialize_all(s, le_chunks(d).map(u64::from_le_bytes)),
+            DType::I64 => serialize_all(s, le_chunks(d).map(i64::from_le_bytes)),
+            DType::F16 => serialize_all(
                 s,
                 le_chunks(d).map(|a| f16_bits_to_f32(u16::from_le_bytes(a))),
             ),
-            DataType::F32 => serialize_all(s, le_chunks(d).map(f32::from_le_bytes)),
-            DataType::F64 => serialize_all(s, le_chunks(d).map(f64::from_le_bytes)),
-            DataType::Bytes => {
+            DType::F32 => serialize_all(s, le_chunks(d).map(f32::from_le_bytes)),
+            DType::F64 => serialize_all(s, le_chunks(d).map(f64::from_le_bytes)),
+            DType::Bytes => {
                 let mut seq = s.serialize_seq(None)?;
                 for e in BytesElements::new(d) {
                     let Ok(e) = e else { break };
@@ -1171,6 +1121,8 @@ impl Serialize for JsonData<'_> {
                 }
                 seq.end()
             }
+            // DType is non-exhaustive; the codec parses only the types above.
+            _ => s.serialize_none(),
         }
     }
 }
@@ -1193,7 +1145,7 @@ mod tests {
         serde_json::from_slice(&r.body[..n]).expect("response JSON")
     }
 
-    fn tensor(name: &str, datatype: DataType, shape: &[usize], data: Vec<u8>) -> Tensor {
+    fn tensor(name: &str, datatype: DType, shape: &[usize], data: Vec<u8>) -> Tensor {
         Tensor {
             name: name.into(),
             datatype,
@@ -1230,18 +1182,17 @@ mod tests {
             "BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",
             "FP16", "FP32", "FP64", "BYTES",
         ];
-        for (dt, name) in DataType::ALL.iter().zip(names) {
-            assert_eq!(dt.name(), name);
-            assert_eq!(DataType::parse(name), Some(*dt));
-            assert_eq!(dt.to_string(), name);
+        for (dt, name) in DATATYPES.iter().zip(names) {
+            assert_eq!(kserve_name(*dt), name);
+            assert_eq!(parse_datatype(name), Some(*dt));
         }
-        assert_eq!(DataType::parse("fp32"), None);
-        assert_eq!(DataType::parse("FLOAT32"), None);
-        assert_eq!(DataType::Bool.size(), Some(1));
-        assert_eq!(DataType::F16.size(), Some(2));
-        assert_eq!(DataType::I32.size(), Some(4));
-        assert_eq!(DataType::F64.size(), Some(8));
-        assert_eq!(DataType::Bytes.size(), None);
+        assert_eq!(parse_datatype("fp32"), None);
+        assert_eq!(parse_datatype("FLOAT32"), None);
+        assert_eq!(DType::Bool.size(), Some(1));
+        assert_eq!(DType::F16.size(), Some(2));
+        assert_eq!(DType::I32.size(), Some(4));
+        assert_eq!(DType::F64.size(), Some(8));
+        assert_eq!(DType::Bytes.size(), None);
     }
 
     #[test]
@@ -1370,7 +1321,7 @@ mod tests {
         for (dt, shape, data, raw, out) in cases {
             let req = parse_json(&one_input(dt, shape.clone(), data)).expect(dt);
             let t = &req.inputs[0];
-            assert_eq!(t.datatype.name(), dt);
+            assert_eq!(kserve_name(t.datatype), dt);
             assert_eq!(json!(t.shape), shape, "{dt}");
             assert_eq!(t.data, raw, "{dt}");
             assert_eq!(tensor_to_json_data(t), out, "{dt}");
@@ -1432,7 +1383,7 @@ mod tests {
         for _ in 0..1000 {
             v = Value::Array(vec![v]);
         }
-        let data = decode_json_data("x", DataType::U8, &[1], 1, &v).expect("deep value");
+        let data = decode_json_data("x", DType::U8, &[1], 1, &v).expect("deep value");
         assert_eq!(data, vec![9]);
     }
 
@@ -1469,14 +1420,14 @@ mod tests {
         assert_eq!(r.inputs.len(), 4);
         assert_eq!(
             r.inputs[0],
-            tensor("a", DataType::F32, &[2], f32s(&[1.5, -2.0]))
+            tensor("a", DType::F32, &[2], f32s(&[1.5, -2.0]))
         );
-        assert_eq!(r.inputs[1], tensor("b", DataType::I16, &[3], b_raw));
-        assert_eq!(r.inputs[2], tensor("c", DataType::Bytes, &[2], c_raw));
+        assert_eq!(r.inputs[1], tensor("b", DType::I16, &[3], b_raw));
+        assert_eq!(r.inputs[2], tensor("c", DType::Bytes, &[2], c_raw));
         // BOOL bytes are normalised to 0/1.
         assert_eq!(
             r.inputs[3],
-            tensor("d", DataType::Bool, &[2, 2], vec![0, 1, 1, 1])
+            tensor("d", DType::Bool, &[2, 2], vec![0, 1, 1, 1])
         );
         assert_eq!(
             r.outputs,
@@ -1506,7 +1457,7 @@ mod tests {
         }))
         .expect("parse");
         assert!(req.binary_output_default);
-        let y = tensor("y", DataType::F32, &[2], f32s(&[1.0, -2.0]));
+        let y = tensor("y", DType::F32, &[2], f32s(&[1.0, -2.0]));
         let resp = encode_response("m", "1", req.id.as_deref(), &[y], &req).expect("encode");
         let json = br#"{"model_name":"m","model_version":"1","id":"r1","outputs":[{"name":"y","datatype":"FP32","shape":[2],"parameters":{"binary_data_size":8}}]}"#;
         let mut expect = json.to_vec();
@@ -1518,9 +1469,9 @@ mod tests {
 
     #[test]
     fn mixed_binary_and_json_outputs() {
-        let a = tensor("a", DataType::I32, &[2], vec![1, 0, 0, 0, 2, 0, 0, 0]);
-        let b = tensor("b", DataType::U8, &[3], vec![7, 8, 9]);
-        let c = tensor("c", DataType::Bytes, &[1], bytes_elems(&[b"xyz"]));
+        let a = tensor("a", DType::I32, &[2], vec![1, 0, 0, 0, 2, 0, 0, 0]);
+        let b = tensor("b", DType::U8, &[3], vec![7, 8, 9]);
+        let c = tensor("c", DType::Bytes, &[1], bytes_elems(&[b"xyz"]));
         let outputs = [a.clone(), b.clone(), c.clone()];
 
         // Per-output flags, request order, default JSON.
@@ -1564,8 +1515,8 @@ mod tests {
 
     #[test]
     fn all_outputs_when_none_requested() {
-        let a = tensor("a", DataType::F64, &[1], 2.5f64.to_le_bytes().to_vec());
-        let b = tensor("b", DataType::Bool, &[2], vec![1, 0]);
+        let a = tensor("a", DType::F64, &[1], 2.5f64.to_le_bytes().to_vec());
+        let b = tensor("b", DType::Bool, &[2], vec![1, 0]);
         let resp = encode_response(
             "net",
             "",
@@ -1590,7 +1541,7 @@ mod tests {
 
     #[test]
     fn output_errors() {
-        let y = tensor("y", DataType::F32, &[2], f32s(&[1.0, 2.0]));
+        let y = tensor("y", DType::F32, &[2], f32s(&[1.0, 2.0]));
         let req = parse_json(&json!({"inputs": [], "outputs": [{"name": "nope"}]})).expect("p");
         let e = encode_response("m", "1", None, std::slice::from_ref(&y), &req).expect_err("unk");
         assert_eq!(
@@ -1598,7 +1549,7 @@ mod tests {
             (400, "unknown output 'nope'".into())
         );
 
-        let bad = tensor("y", DataType::F32, &[3], f32s(&[1.0, 2.0]));
+        let bad = tensor("y", DType::F32, &[3], f32s(&[1.0, 2.0]));
         let e = encode_response("m", "1", None, &[bad], &no_outputs_requested()).expect_err("len");
         assert_eq!(e.status(), 500);
         assert_eq!(
@@ -1606,7 +1557,7 @@ mod tests {
             "output 'y': shape [3] of FP32 needs 12 bytes, data is 8"
         );
 
-        let bad = tensor("s", DataType::Bytes, &[2], bytes_elems(&[b"a"]));
+        let bad = tensor("s", DType::Bytes, &[2], bytes_elems(&[b"a"]));
         let e = encode_response("m", "1", None, &[bad], &no_outputs_requested()).expect_err("n");
         assert_eq!(e.status(), 500);
         assert_eq!(
@@ -1614,7 +1565,7 @@ mod tests {
             "output 's': shape [2] needs 2 elements, BYTES data has 1"
         );
 
-        let bad = tensor("s", DataType::Bytes, &[1], vec![9, 0, 0, 0, 1]);
+        let bad = tensor("s", DType::Bytes, &[1], vec![9, 0, 0, 0, 1]);
         let e = encode_response("m", "1", None, &[bad], &no_outputs_requested()).expect_err("m");
         assert_eq!(e.status(), 500);
         assert_eq!(
@@ -1622,12 +1573,12 @@ mod tests {
             "output 's': malformed BYTES data: element 0: length 9 exceeds the 1 remaining bytes"
         );
 
-        let bad = tensor("h", DataType::U8, &[MAX_ELEMENTS, 2], vec![]);
+        let bad = tensor("h", DType::U8, &[MAX_ELEMENTS, 2], vec![]);
         let e = encode_response("m", "1", None, &[bad], &no_outputs_requested()).expect_err("big");
         assert_eq!(e.status(), 500);
 
         // Non-UTF-8 BYTES: refused as JSON, fine as binary.
-        let s = tensor("s", DataType::Bytes, &[2], bytes_elems(&[b"ok", &[0xff]]));
+        let s = tensor("s", DType::Bytes, &[2], bytes_elems(&[b"ok", &[0xff]]));
         let e = encode_response(
             "m",
             "1",
@@ -1653,7 +1604,7 @@ mod tests {
     fn non_finite_floats_become_null() {
         let t = tensor(
             "f",
-            DataType::F32,
+            DType::F32,
             &[3],
             f32s(&[f32::NAN, f32::NEG_INFINITY, 1.0]),
         );
@@ -1662,27 +1613,22 @@ mod tests {
             .iter()
             .flat_map(|x| x.to_le_bytes())
             .collect();
-        let t = tensor("h", DataType::F16, &[3], h);
+        let t = tensor("h", DType::F16, &[3], h);
         assert_eq!(tensor_to_json_data(&t), json!([null, null, 0.5]));
-        let t = tensor(
-            "d",
-            DataType::F64,
-            &[1],
-            f64::INFINITY.to_le_bytes().to_vec(),
-        );
+        let t = tensor("d", DType::F64, &[1], f64::INFINITY.to_le_bytes().to_vec());
         let resp = encode_response("m", "1", None, &[t], &no_outputs_requested()).expect("enc");
         assert_eq!(body_json(&resp)["outputs"][0]["data"], json!([null]));
     }
 
     #[test]
     fn tensor_to_json_data_tolerates_malformed_tensors() {
-        let t = tensor("f", DataType::F32, &[2], vec![0, 0, 128, 63, 1, 2]);
+        let t = tensor("f", DType::F32, &[2], vec![0, 0, 128, 63, 1, 2]);
         assert_eq!(tensor_to_json_data(&t), json!([1.0]));
         let mut data = bytes_elems(&[b"ab"]);
         data.extend_from_slice(&[200, 0, 0, 0, 1]);
-        let t = tensor("s", DataType::Bytes, &[2], data);
+        let t = tensor("s", DType::Bytes, &[2], data);
         assert_eq!(tensor_to_json_data(&t), json!(["ab"]));
-        let t = tensor("s", DataType::Bytes, &[2], vec![1, 0]);
+        let t = tensor("s", DType::Bytes, &[2], vec![1, 0]);
         assert_eq!(tensor_to_json_data(&t), json!([]));
     }
 
