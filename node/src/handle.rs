@@ -18,8 +18,8 @@ pub enum ActorCmd {
     Publish {
         /// Envelope bytes.
         bytes: Vec<u8>,
-        /// Outcome.
-        reply: oneshot::Sender<Result<String, String>>,
+        /// The manifest id (hex), or why it was refused.
+        reply: oneshot::Sender<Result<String, Refusal>>,
     },
     /// A snapshot of the status.
     Status {
@@ -30,8 +30,8 @@ pub enum ActorCmd {
     Instruct {
         /// Envelope bytes.
         bytes: Vec<u8>,
-        /// Outcome.
-        reply: oneshot::Sender<Result<String, String>>,
+        /// "accepted", or why it was refused.
+        reply: oneshot::Sender<Result<String, Refusal>>,
     },
     /// Pin a channel to a version (None: unpin); persisted.
     Pin {
@@ -66,4 +66,24 @@ pub struct AppState {
     pub registry: Arc<Registry>,
     /// The bounded inference pool.
     pub inference: Arc<crate::serving::pool::Pool>,
+}
+
+/// Why the node refused a manifest or an instruction.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    /// The reason, for people (the `error` of the JSON answer).
+    pub message: String,
+    /// The stable label of the refusal (`TrustError::label()`, e.g. `"forged"`), when the
+    /// core gave one: the `code` of the JSON answer, for programs.
+    pub code: Option<&'static str>,
+}
+
+impl Refusal {
+    /// A refusal without a label (e.g. bytes that do not decode).
+    pub fn new(message: String) -> Self {
+        Refusal {
+            message,
+            code: None,
+        }
+    }
 }

@@ -9,6 +9,7 @@
 //! * [`metrics`], [`status`]: what the node reports.
 
 pub mod actor;
+pub mod client;
 pub mod config;
 pub mod handle;
 pub mod http;

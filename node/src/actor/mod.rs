@@ -17,7 +17,7 @@ mod swarm;
 use self::peers::PeerConn;
 use self::persist::{Persist, spawn_persister};
 use crate::config::NodeConfig;
-use crate::handle::{ActorCmd, AppState};
+use crate::handle::{ActorCmd, AppState, Refusal};
 use crate::metrics::Metrics;
 use crate::net::{self, Behaviour, ChunkJob, NetEvent, Out, RateLimiter, WriterShared};
 use crate::serving::{LoadedModel, Registry};
@@ -341,11 +341,18 @@ impl Actor {
 
     /// Run a core command now, returning its result.
     fn core_command(&mut self, cmd: Command) -> Result<(), String> {
+        self.run_command(cmd).map_err(|r| r.message)
+    }
+
+    /// Run a core command now; a refusal carries the stable label of the core's
+    /// `Rejected` event, if it emitted one for this command.
+    fn run_command(&mut self, cmd: Command) -> Result<(), Refusal> {
         let id = self.next_cmd;
         self.next_cmd += 1;
         let now = self.now();
         self.mesh.handle(now, Input::Command { id, cmd });
         let mut result = Err("no result".to_string());
+        let mut code = None;
         // Take every output first: handling one may issue a nested command (an activation's
         // health report), which must not swallow this command's result.
         let outs: Vec<Output> = std::iter::from_fn(|| self.mesh.poll_output()).collect();
@@ -356,9 +363,15 @@ impl Actor {
                 result = r.clone();
                 continue;
             }
+            if let Output::Event(Event::Rejected {
+                from: None, label, ..
+            }) = &out
+            {
+                code = Some(*label);
+            }
             self.on_output(out);
         }
-        result
+        result.map_err(|message| Refusal { message, code })
     }
 
     fn handle(&mut self, input: Input) {
@@ -603,8 +616,8 @@ impl Actor {
             }
             ActorCmd::Instruct { bytes, reply } => {
                 let result = match Signed::from_bytes(&bytes) {
-                    Ok((s, _)) => self.core_command(Command::Instruct(s)),
-                    Err(e) => Err(format!("malformed instruction: {e}")),
+                    Ok((s, _)) => self.run_command(Command::Instruct(s)),
+                    Err(e) => Err(Refusal::new(format!("malformed instruction: {e}"))),
                 };
                 let _ = reply.send(result.map(|_| "accepted".into()));
             }
@@ -655,12 +668,12 @@ impl Actor {
                 let signed: SignedManifest = match Manifest::from_bytes(&bytes) {
                     Ok(m) => m.signed,
                     Err(e) => {
-                        let _ = reply.send(Err(format!("malformed manifest: {e}")));
+                        let _ = reply.send(Err(Refusal::new(format!("malformed manifest: {e}"))));
                         return;
                     }
                 };
                 let id = ManifestId(signed.body_hash());
-                let result = self.core_command(Command::Publish(signed));
+                let result = self.run_command(Command::Publish(signed));
                 match result {
                     Ok(()) => {
                         let _ = self.core_command(Command::Pin(id));

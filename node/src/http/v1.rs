@@ -16,7 +16,7 @@
 //!   to that version; `DELETE /v1/pins/{channel}` unpins. Local only, persisted.
 
 use super::{ask, error};
-use crate::handle::{ActorCmd, AppState};
+use crate::handle::{ActorCmd, AppState, Refusal};
 use crate::store::StoreError;
 use axum::body::{Body, Bytes};
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
@@ -69,7 +69,7 @@ async fn publish(State(h): State<AppState>, body: Bytes) -> Response {
     .await
     {
         Ok(Ok(id)) => Json(serde_json::json!({ "manifest": id })).into_response(),
-        Ok(Err(e)) => error(StatusCode::UNPROCESSABLE_ENTITY, e),
+        Ok(Err(r)) => refused(r),
         Err(r) => r,
     }
 }
@@ -105,7 +105,7 @@ async fn instruct(State(h): State<AppState>, body: Bytes) -> Response {
     .await
     {
         Ok(Ok(_)) => Json(serde_json::json!({ "result": "accepted" })).into_response(),
-        Ok(Err(e)) => error(StatusCode::UNPROCESSABLE_ENTITY, e),
+        Ok(Err(r)) => refused(r),
         Err(r) => r,
     }
 }
@@ -237,4 +237,14 @@ async fn upload(
         Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
+}
+
+/// A refused manifest or instruction: 422 with `{"error": message}`, plus `"code": label`
+/// when the core labelled the refusal.
+fn refused(r: Refusal) -> Response {
+    let mut body = serde_json::json!({ "error": r.message });
+    if let Some(code) = r.code {
+        body["code"] = code.into();
+    }
+    (StatusCode::UNPROCESSABLE_ENTITY, Json(body)).into_response()
 }
