@@ -123,7 +123,7 @@ pub struct StageStatus {
     pub open: bool,
     /// When it opened (unix ms; derived from signed times, equal on every node).
     pub opened_at_ms: Option<u64>,
-    /// Why it is open or not: "open", "opens at <time>", "gate: 1 of 2 healthy
+    /// Why it is open or not: "open", "opens at `<time>`", "gate: 1 of 2 healthy
     /// reports", "halted by the operator", "closed: the rollout failed its gate", or
     /// "after stage N".
     pub why: String,
