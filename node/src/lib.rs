@@ -1,24 +1,39 @@
 //! # pollen-node: the parts of the `pollen` binary
 //!
-//! * [`config`]: the TOML config and its defaults.
+//! [`run`] binds the HTTP API, starts the [`actor`] and serves until a
+//! [`shutdown`] signal. The binary's command line (`src/cli/`) is not part of this library;
+//! it reaches nodes through [`client`].
+//!
+//! ## Layout
+//!
+//! * [`config`]: the TOML config, its defaults and the flags that override it.
 //! * [`store`]: the on-disk store (content-addressed files, partial downloads with durable
-//!   chunk records, persisted manifests, trust root and node state).
+//!   chunk records, persisted manifests, trust roots and node state).
 //! * [`net`]: libp2p behaviours and the per-peer stream tasks of Pollen's protocol.
-//! * [`actor`]: the one task that owns the protocol state machine and the swarm.
-//! * [`http`]: the local HTTP API.
-//! * [`metrics`], [`status`]: what the node reports.
+//! * [`actor`]: the one task that owns the protocol core and the swarm (restore, persister,
+//!   peers, swarm, chunk pipeline, activation and health reports).
+//! * [`handle`]: [`handle::AppState`], what the HTTP server holds, and the commands it sends
+//!   the actor.
+//! * [`http`]: the local HTTP API: `/v1` control routes and `/v2` KServe inference.
+//! * [`serving`]: models in tract, golden checks, the health window, the registry of
+//!   served versions, the inference pool and the KServe codec.
+//! * [`status`]: the `GET /v1/status` JSON and its conversion from the core's views.
+//! * [`metrics`]: counters rendered in the Prometheus text format.
+//! * [`client`]: [`client::NodeClient`], the one HTTP client of a node's API (CLI, demo,
+//!   tests).
+//! * [`shutdown`]: the Ctrl-C / SIGTERM future.
 
 pub mod actor;
+pub mod client;
 pub mod config;
+pub mod handle;
 pub mod http;
-pub mod inference;
-pub mod kserve;
 pub mod metrics;
 pub mod net;
 pub mod serving;
+pub mod shutdown;
 pub mod status;
 pub mod store;
-pub mod v2;
 
 use anyhow::{Context, Result};
 
@@ -45,27 +60,5 @@ pub async fn run(cfg: config::NodeConfig) -> Result<()> {
             tracing::error!("http server: {e}");
         }
     });
-    actor.run(shutdown_signal()).await
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => futures::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = futures::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = term => {},
-    }
-    tracing::info!("shutting down");
+    actor.run(shutdown::shutdown_signal()).await
 }

@@ -1,6 +1,13 @@
 //! The JSON of `GET /v1/status`, shared by the node (which builds it) and `pollen status`
-//! (which reads it).
+//! (which reads it), and the conversions from the core's channel and release views.
+//!
+//! The conversions read the core ([`Mesh`]) only for the signed manifest and the latest
+//! instruction of a release; they never change it.
 
+use pollen_keys::manifest::format_ppm;
+use pollen_protocol::rollout::{RolloutAction, Waiting};
+use pollen_protocol::{Mesh, UnixTime, state};
+use rand_core::Rng;
 use serde::{Deserialize, Serialize};
 
 /// This node and what it knows of the mesh.
@@ -116,7 +123,7 @@ pub struct StageStatus {
     pub open: bool,
     /// When it opened (unix ms; derived from signed times, equal on every node).
     pub opened_at_ms: Option<u64>,
-    /// Why it is open or not: "open", "opens at <time>", "gate: 1 of 2 healthy
+    /// Why it is open or not: "open", "opens at `<time>`", "gate: 1 of 2 healthy
     /// reports", "halted by the operator", "closed: the rollout failed its gate", or
     /// "after stage N".
     pub why: String,
@@ -144,4 +151,156 @@ pub struct FileStatus {
     pub have: u32,
     /// Chunks in the file.
     pub total: u32,
+}
+
+/// Where a [`Waiting`] is shown: the two places word it differently.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WaitingIn {
+    /// A release's `waiting` field (a line of `pollen status`).
+    Release,
+    /// The `why` of the next stage in a release's `stage_list`.
+    Stage,
+}
+
+/// Why the next stage of a release is not open, as text.
+pub fn waiting_text(w: Waiting, place: WaitingIn) -> String {
+    match (w, place) {
+        (Waiting::Until(t), WaitingIn::Release) => {
+            format!("stage time at unix {} ms", t.as_millis())
+        }
+        (Waiting::Until(t), WaitingIn::Stage) => {
+            format!("opens at {}", pollen_keys::time::format_unix(t))
+        }
+        (Waiting::Healthy { have, need }, _) => format!("gate: {have} of {need} healthy reports"),
+        (Waiting::Halted, _) => "halted by the operator".into(),
+        (Waiting::Failed, WaitingIn::Release) => "failed its gate".into(),
+        (Waiting::Failed, WaitingIn::Stage) => ROLLOUT_FAILED.into(),
+    }
+}
+
+/// The `why` of a stage that will not open because the rollout failed.
+const ROLLOUT_FAILED: &str = "closed: the rollout failed its gate";
+
+/// A channel of the core's view, as shown. `now` decides whether the active release's
+/// manifest has expired.
+pub fn channel<R: Rng>(c: state::ChannelStatus, mesh: &Mesh<R>, now: UnixTime) -> ChannelStatus {
+    let active = c.active;
+    let serving_expired = active
+        .and_then(|(v, _)| c.releases.iter().find(|r| r.version == v))
+        .and_then(|r| mesh.manifest(&r.manifest))
+        .is_some_and(|m| m.body.expires <= now);
+    ChannelStatus {
+        channel: c.channel.to_string(),
+        highest: c.highest,
+        active_version: active.map(|a| a.0),
+        active_manifest: active.map(|a| a.1.to_hex()),
+        equivocations: c.equivocations.clone(),
+        serving_expired,
+        pinned: c.pinned,
+        releases: c.releases.iter().map(|r| release(r, mesh)).collect(),
+    }
+}
+
+/// A release of the core's view, as shown.
+pub fn release<R: Rng>(r: &state::ReleaseStatus, mesh: &Mesh<R>) -> ReleaseStatus {
+    let d = r.decision.as_ref();
+    let manifest = mesh.manifest(&r.manifest);
+    ReleaseStatus {
+        version: r.version,
+        manifest: r.manifest.to_hex(),
+        stages: r.stages,
+        open_stages: d.map_or(0, |d| d.open_stages()),
+        waiting: d
+            .and_then(|d| d.waiting)
+            .map(|w| waiting_text(w, WaitingIn::Release)),
+        rolled_back: d.is_some_and(|d| d.rollback()),
+        halted: d.is_some_and(|d| d.halted),
+        my_stage: r.my_stage,
+        variant: manifest
+            .and_then(|m| m.body.artifact.variants.get(r.variant))
+            .map(|v| v.name.clone())
+            .unwrap_or_default(),
+        healthy: r.counts.healthy,
+        failed: r.counts.failed,
+        rolled_back_nodes: r.counts.rolled_back,
+        pending: r.pending,
+        stale: r.stale,
+        failures: r
+            .failures
+            .iter()
+            .map(|(class, nodes, detail)| FailureStatus {
+                class: format!("{class:?}"),
+                nodes: *nodes,
+                detail: detail.clone(),
+            })
+            .collect(),
+        stage_list: stage_list(r, mesh),
+        runtime_limit: manifest.and_then(|m| m.body.rollout.runtime).map(|l| {
+            format!(
+                "{} of ≥{} requests",
+                format_ppm(l.max_error_ppm),
+                l.min_requests
+            )
+        }),
+        instruction: mesh.instruction(&r.manifest).map(|i| {
+            (
+                match i.action {
+                    RolloutAction::Halt => "halt".to_string(),
+                    RolloutAction::Resume => "resume".to_string(),
+                },
+                i.issued.as_millis(),
+            )
+        }),
+        files: r
+            .files
+            .iter()
+            .map(|(cid, have, total)| FileStatus {
+                content_id: cid.to_hex(),
+                have: *have,
+                total: *total,
+            })
+            .collect(),
+    }
+}
+
+/// Each stage of a release's plan and where it stands on this node.
+pub fn stage_list<R: Rng>(r: &state::ReleaseStatus, mesh: &Mesh<R>) -> Vec<StageStatus> {
+    let Some(m) = mesh.manifest(&r.manifest) else {
+        return Vec::new();
+    };
+    let d = r.decision.as_ref();
+    let open = d.map_or(0, |d| d.open_stages());
+    m.body
+        .rollout
+        .stages
+        .iter()
+        .enumerate()
+        .map(|(i, st)| {
+            let why = if i < open {
+                "open".to_string()
+            } else if i == open {
+                match d.and_then(|d| d.waiting) {
+                    Some(w) => waiting_text(w, WaitingIn::Stage),
+                    None => "not evaluated yet".into(),
+                }
+            } else if d.is_some_and(|d| d.rollback()) {
+                ROLLOUT_FAILED.into()
+            } else {
+                format!("after stage {i}")
+            };
+            StageStatus {
+                share_percent: f64::from(st.share_ppm) / 10_000.0,
+                open: i < open,
+                opened_at_ms: d.and_then(|d| d.opened.get(i)).map(|t| t.as_millis()),
+                why,
+                gate: st.gate.map(|g| {
+                    format!(
+                        "{} healthy, at most {} failed",
+                        g.min_healthy,
+                        format_ppm(g.max_failure_ppm)
+                    )
+                }),
+            }
+        })
+        .collect()
 }

@@ -2,6 +2,7 @@
 
 use crate::pollen_bin;
 use pollen_keys::manifest::{self as mf, NewManifest};
+use pollen_node::client::{ApiError, NodeClient};
 use pollen_node::status::Status;
 use pollen_protocol::chunking::ChunkSize;
 use pollen_protocol::manifest::{Channel, Manifest};
@@ -314,14 +315,7 @@ impl Node {
 
     fn try_status(&self) -> Option<Status> {
         match &self.netns {
-            None => {
-                let mut r = self
-                    .agent
-                    .get(format!("{}/v1/status", self.url()))
-                    .call()
-                    .ok()?;
-                r.body_mut().read_json().ok()
-            }
+            None => self.client().try_status(),
             Some(ns) => {
                 let out = Command::new("ip")
                     .args(["netns", "exec", ns])
@@ -396,25 +390,21 @@ impl Node {
     /// Upload the files of a manifest (`PUT /v1/files/...`), panicking on refusal.
     pub fn upload(&self, m: &Manifest, files: &[PathBuf]) {
         for (path, f) in files.iter().zip(&m.body.artifact.variants[0].files) {
-            let url = format!(
-                "{}/v1/files/{}?chunk_size={}",
-                self.url(),
-                f.spec.content_id,
-                f.spec.chunk_size.get()
-            );
             let file = std::fs::File::open(path).expect("open file");
-            let mut r = self
-                .agent
-                .put(&url)
-                .send(ureq::SendBody::from_owned_reader(file))
-                .expect("upload");
-            assert_eq!(
-                r.status(),
-                200,
-                "upload refused: {}",
-                r.body_mut().read_to_string().unwrap_or_default()
-            );
+            match self
+                .client()
+                .put_file(&f.spec.content_id, f.spec.chunk_size.get(), file)
+            {
+                Ok(()) => {}
+                Err(ApiError::Transport(e)) => panic!("upload: {e}"),
+                Err(e) => panic!("upload refused: {e}"),
+            }
         }
+    }
+
+    /// A client of the node's API (the test's own namespace only).
+    pub fn client(&self) -> NodeClient {
+        NodeClient::new(&self.url(), Duration::from_secs(30))
     }
 
     /// `POST /v1/manifests` with raw bytes.

@@ -150,25 +150,7 @@ fn ten_nodes_follow_a_staged_rollout_and_a_failing_canary_rolls_back() {
         .expect("a version with every stage populated");
     let stage_of = stages(&ids, &plan, v);
     eprintln!("v{v}: stages of the ten nodes {stage_of:?}");
-    // Bad input on the new endpoints: a clear 4xx each, and nothing changes.
-    let n0 = &nodes[0];
-    let (code, body) = n0.http("POST", "/v1/instructions", b"not an envelope");
-    assert_eq!(code, 422, "{body}");
-    assert!(body.contains("malformed instruction"), "{body}");
-    for bad in ["abc", "0", "-3", ""] {
-        let (code, body) = n0.http("PUT", &format!("/v1/pins/{CHANNEL}"), bad.as_bytes());
-        assert_eq!(code, 400, "pin body {bad:?}: {body}");
-        assert!(body.contains("version number"), "{body}");
-    }
-    let (code, body) = n0.http("PUT", "/v1/pins/Not%20A%20Channel", b"1");
-    assert_eq!(code, 400, "{body}");
-    let (code, body) = n0.http("GET", &format!("/v1/manifests/{CHANNEL}/99"), b"");
-    assert_eq!(code, 404, "{body}");
-    assert!(body.contains("keeps no release 99"), "{body}");
-    let s = n0.status();
-    assert_eq!(s.channels[0].pinned, None, "no pin was set");
-    assert_eq!(active(&s), Some(1), "still serving v1");
-    assert!(release(&s, 1).is_some_and(|r| r.instruction.is_none()));
+    assert_bad_input_changes_nothing(&nodes[0]);
 
     let published = Instant::now();
     op.publish_digits(
@@ -428,25 +410,7 @@ fn halt_resume_rollback_reach_a_node_that_was_away_and_forged_halts_fail() {
         nodes[0].log()
     );
 
-    // Bad input on the new endpoints: a clear 4xx each, and nothing changes.
-    let n0 = &nodes[0];
-    let (code, body) = n0.http("POST", "/v1/instructions", b"not an envelope");
-    assert_eq!(code, 422, "{body}");
-    assert!(body.contains("malformed instruction"), "{body}");
-    for bad in ["abc", "0", "-3", ""] {
-        let (code, body) = n0.http("PUT", &format!("/v1/pins/{CHANNEL}"), bad.as_bytes());
-        assert_eq!(code, 400, "pin body {bad:?}: {body}");
-        assert!(body.contains("version number"), "{body}");
-    }
-    let (code, body) = n0.http("PUT", "/v1/pins/Not%20A%20Channel", b"1");
-    assert_eq!(code, 400, "{body}");
-    let (code, body) = n0.http("GET", &format!("/v1/manifests/{CHANNEL}/99"), b"");
-    assert_eq!(code, 404, "{body}");
-    assert!(body.contains("keeps no release 99"), "{body}");
-    let s = n0.status();
-    assert_eq!(s.channels[0].pinned, None, "no pin was set");
-    assert_eq!(active(&s), Some(1), "still serving v1");
-    assert!(release(&s, 1).is_some_and(|r| r.instruction.is_none()));
+    assert_bad_input_changes_nothing(&nodes[0]);
 
     let published = Instant::now();
     op.publish_digits(
@@ -581,4 +545,27 @@ fn halt_resume_rollback_reach_a_node_that_was_away_and_forged_halts_fail() {
     nodes[1].wait(Duration::from_secs(15), "unpinned", |s| {
         active(s) == Some(rb)
     });
+}
+
+/// Bad input on the control endpoints (a malformed instruction, bad pin bodies and
+/// channels, an unknown manifest): a clear 4xx each, and nothing changes on a node that
+/// serves version 1 unpinned.
+fn assert_bad_input_changes_nothing(n0: &Node) {
+    let (code, body) = n0.http("POST", "/v1/instructions", b"not an envelope");
+    assert_eq!(code, 422, "{body}");
+    assert!(body.contains("malformed instruction"), "{body}");
+    for bad in ["abc", "0", "-3", ""] {
+        let (code, body) = n0.http("PUT", &format!("/v1/pins/{CHANNEL}"), bad.as_bytes());
+        assert_eq!(code, 400, "pin body {bad:?}: {body}");
+        assert!(body.contains("version number"), "{body}");
+    }
+    let (code, body) = n0.http("PUT", "/v1/pins/Not%20A%20Channel", b"1");
+    assert_eq!(code, 400, "{body}");
+    let (code, body) = n0.http("GET", &format!("/v1/manifests/{CHANNEL}/99"), b"");
+    assert_eq!(code, 404, "{body}");
+    assert!(body.contains("keeps no release 99"), "{body}");
+    let s = n0.status();
+    assert_eq!(s.channels[0].pinned, None, "no pin was set");
+    assert_eq!(active(&s), Some(1), "still serving v1");
+    assert!(release(&s, 1).is_some_and(|r| r.instruction.is_none()));
 }

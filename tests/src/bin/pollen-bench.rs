@@ -269,9 +269,9 @@ fn serve() {
         pollen_protocol::ManifestId([0; 32]),
     )
     .expect("load");
-    let input = pollen_node::kserve::Tensor {
+    let input = pollen_node::serving::kserve::Tensor {
         name: "input".into(),
-        datatype: pollen_node::kserve::DataType::F32,
+        datatype: pollen_protocol::manifest::DType::F32,
         shape: vec![1, 64],
         data: row.iter().flat_map(|v| v.to_le_bytes()).collect(),
     };

@@ -14,9 +14,9 @@
 // Handlers return ready-made error responses; their size does not matter here.
 #![allow(clippy::result_large_err)]
 
-use crate::actor::Handle;
-use crate::http::error;
-use crate::kserve;
+use super::error;
+use crate::handle::AppState;
+use crate::serving::kserve;
 use crate::serving::{IoSpec, LoadedModel, Outcome, ServeError};
 use axum::Json;
 use axum::Router;
@@ -30,11 +30,9 @@ use std::time::Instant;
 
 /// Largest inference request body.
 pub const MAX_INFER_BODY: usize = 64 * 1024 * 1024;
-/// The binary tensor data extension's header.
-pub const HEADER_LEN: &str = "inference-header-content-length";
 
 /// The v2 routes.
-pub fn routes() -> Router<Handle> {
+pub fn routes() -> Router<AppState> {
     Router::new()
         .route("/v2", get(server_meta))
         .route("/v2/health/live", get(live))
@@ -70,7 +68,7 @@ async fn ready() -> Response {
     Json(serde_json::json!({ "ready": true })).into_response()
 }
 
-fn lookup(h: &Handle, name: &str, version: Option<&str>) -> Result<Arc<LoadedModel>, Response> {
+fn lookup(h: &AppState, name: &str, version: Option<&str>) -> Result<Arc<LoadedModel>, Response> {
     match version {
         None => h.registry.current(name).ok_or_else(|| {
             error(
@@ -99,10 +97,10 @@ fn lookup(h: &Handle, name: &str, version: Option<&str>) -> Result<Arc<LoadedMod
 }
 
 fn io_json(s: &IoSpec) -> serde_json::Value {
-    serde_json::json!({ "name": s.name, "datatype": s.datatype.name(), "shape": s.shape })
+    serde_json::json!({ "name": s.name, "datatype": kserve::kserve_name(s.datatype), "shape": s.shape })
 }
 
-fn meta(h: &Handle, m: &LoadedModel) -> Response {
+fn meta(h: &AppState, m: &LoadedModel) -> Response {
     Json(serde_json::json!({
         "name": m.channel,
         "versions": h.registry.versions(&m.channel).iter().map(|v| v.to_string()).collect::<Vec<_>>(),
@@ -113,7 +111,7 @@ fn meta(h: &Handle, m: &LoadedModel) -> Response {
     .into_response()
 }
 
-async fn model_meta(State(h): State<Handle>, Path(name): Path<String>) -> Response {
+async fn model_meta(State(h): State<AppState>, Path(name): Path<String>) -> Response {
     match lookup(&h, &name, None) {
         Ok(m) => meta(&h, &m),
         Err(r) => r,
@@ -121,7 +119,7 @@ async fn model_meta(State(h): State<Handle>, Path(name): Path<String>) -> Respon
 }
 
 async fn version_meta(
-    State(h): State<Handle>,
+    State(h): State<AppState>,
     Path((name, version)): Path<(String, String)>,
 ) -> Response {
     match lookup(&h, &name, Some(&version)) {
@@ -130,7 +128,7 @@ async fn version_meta(
     }
 }
 
-async fn model_ready(State(h): State<Handle>, Path(name): Path<String>) -> Response {
+async fn model_ready(State(h): State<AppState>, Path(name): Path<String>) -> Response {
     match lookup(&h, &name, None) {
         Ok(m) => Json(
             serde_json::json!({ "name": name, "ready": true, "version": m.version.to_string() }),
@@ -141,7 +139,7 @@ async fn model_ready(State(h): State<Handle>, Path(name): Path<String>) -> Respo
 }
 
 async fn version_ready(
-    State(h): State<Handle>,
+    State(h): State<AppState>,
     Path((name, version)): Path<(String, String)>,
 ) -> Response {
     match lookup(&h, &name, Some(&version)) {
@@ -152,7 +150,7 @@ async fn version_ready(
 }
 
 async fn infer(
-    State(h): State<Handle>,
+    State(h): State<AppState>,
     Path(name): Path<String>,
     headers: HeaderMap,
     body: Body,
@@ -161,7 +159,7 @@ async fn infer(
 }
 
 async fn infer_version(
-    State(h): State<Handle>,
+    State(h): State<AppState>,
     Path((name, version)): Path<(String, String)>,
     headers: HeaderMap,
     body: Body,
@@ -170,7 +168,7 @@ async fn infer_version(
 }
 
 async fn run_infer(
-    h: Handle,
+    h: AppState,
     name: String,
     version: Option<String>,
     headers: HeaderMap,
@@ -180,14 +178,17 @@ async fn run_infer(
         Ok(m) => m,
         Err(r) => return r,
     };
-    let header_len = match headers.get(HEADER_LEN) {
+    let header_len = match headers.get(kserve::HEADER_CONTENT_LENGTH) {
         None => None,
-        Some(v) => match v.to_str().ok().and_then(|s| s.trim().parse::<usize>().ok()) {
-            Some(n) => Some(n),
-            None => {
+        Some(v) => match v.to_str().ok().map(kserve::parse_header_len) {
+            Some(Ok(n)) => Some(n),
+            _ => {
                 return error(
                     StatusCode::BAD_REQUEST,
-                    format!("{HEADER_LEN} must be a number of bytes"),
+                    format!(
+                        "{} must be a number of bytes",
+                        kserve::HEADER_CONTENT_LENGTH
+                    ),
                 );
             }
         },
@@ -257,24 +258,14 @@ async fn run_infer(
         Ok(Ok(enc)) => {
             h2.metrics
                 .inference(&model.channel, model.version, elapsed, false);
+            let content_type = enc.content_type();
             let mut resp = enc.body.into_response();
             let hs = resp.headers_mut();
-            match enc.header_len {
-                Some(n) => {
-                    hs.insert(
-                        header::CONTENT_TYPE,
-                        HeaderValue::from_static("application/octet-stream"),
-                    );
-                    if let Ok(v) = HeaderValue::from_str(&n.to_string()) {
-                        hs.insert(HEADER_LEN, v);
-                    }
-                }
-                None => {
-                    hs.insert(
-                        header::CONTENT_TYPE,
-                        HeaderValue::from_static("application/json"),
-                    );
-                }
+            hs.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+            if let Some(n) = enc.header_len
+                && let Ok(v) = HeaderValue::from_str(&n.to_string())
+            {
+                hs.insert(kserve::HEADER_CONTENT_LENGTH, v);
             }
             resp
         }

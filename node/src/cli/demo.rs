@@ -9,6 +9,7 @@
 
 use anyhow::{Context, Result, bail};
 use pollen_keys::manifest::{self as mf, NewManifest};
+use pollen_node::client::{ApiError, NodeClient};
 use pollen_node::status::Status;
 use pollen_protocol::chunking::ChunkSize;
 use pollen_protocol::manifest::{Channel, Manifest};
@@ -23,13 +24,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-const MODEL_V1: &[u8] = include_bytes!("../../models/digits-v1.onnx");
-const MODEL_V2: &[u8] = include_bytes!("../../models/digits-v2.onnx");
-const GOLDEN_V1: &str = include_str!("../../models/golden-v1.json");
-const GOLDEN_V2: &str = include_str!("../../models/golden-v2.json");
+const MODEL_V1: &[u8] = include_bytes!("../../../models/digits-v1.onnx");
+const MODEL_V2: &[u8] = include_bytes!("../../../models/digits-v2.onnx");
+const GOLDEN_V1: &str = include_str!("../../../models/golden-v1.json");
+const GOLDEN_V2: &str = include_str!("../../../models/golden-v2.json");
 const CHANNEL: &str = "digits";
 
-struct Mesh {
+struct DemoNodes {
     dir: tempfile::TempDir,
     nodes: Vec<DemoNode>,
 }
@@ -42,7 +43,7 @@ struct DemoNode {
     addr: String,
 }
 
-impl Drop for Mesh {
+impl Drop for DemoNodes {
     fn drop(&mut self) {
         for n in &mut self.nodes {
             let _ = n.child.kill();
@@ -56,22 +57,13 @@ impl Drop for Mesh {
     }
 }
 
-fn agent() -> ureq::Agent {
-    ureq::Agent::config_builder()
-        .timeout_global(Some(Duration::from_secs(30)))
-        .http_status_as_error(false)
-        .build()
-        .into()
+/// A client of the demo node whose HTTP API is at `http` (host:port).
+fn client(http: &str) -> NodeClient {
+    NodeClient::new(&format!("http://{http}"), Duration::from_secs(30))
 }
 
 fn status(http: &str) -> Option<Status> {
-    agent()
-        .get(format!("http://{http}/v1/status"))
-        .call()
-        .ok()?
-        .body_mut()
-        .read_json()
-        .ok()
+    client(http).try_status()
 }
 
 fn pk(k: &SigningKey) -> PublicKey {
@@ -175,27 +167,15 @@ fn release(
 
 fn publish(http: &str, m: &Manifest, file: &Path) -> Result<()> {
     let f = &m.body.artifact.variants[0].files[0];
-    let mut r = agent()
-        .put(format!(
-            "http://{http}/v1/files/{}?chunk_size={}",
-            f.spec.content_id,
-            f.spec.chunk_size.get()
-        ))
-        .send(&std::fs::read(file)?[..])?;
-    if r.status() != 200 {
-        bail!(
-            "upload refused: {}",
-            r.body_mut().read_to_string().unwrap_or_default()
-        );
+    let client = client(http);
+    let bytes = std::io::Cursor::new(std::fs::read(file)?);
+    match client.put_file(&f.spec.content_id, f.spec.chunk_size.get(), bytes) {
+        Err(ApiError::Refused { error, .. }) => bail!("upload refused: {error}"),
+        r => r?,
     }
-    let mut r = agent()
-        .post(format!("http://{http}/v1/manifests"))
-        .send(&m.signed.to_bytes()[..])?;
-    if r.status() != 200 {
-        bail!(
-            "manifest refused: {}",
-            r.body_mut().read_to_string().unwrap_or_default()
-        );
+    match client.post_manifest(&m.signed.to_bytes()) {
+        Err(ApiError::Refused { error, .. }) => bail!("manifest refused: {error}"),
+        r => r.map(|_| ())?,
     }
     Ok(())
 }
@@ -204,7 +184,7 @@ fn publish(http: &str, m: &Manifest, file: &Path) -> Result<()> {
 /// in it. Cohort points depend on the version, so each release is checked on its own: a
 /// gate on an empty canary stage would wait forever. Returns the nodes in the canary.
 fn gated_release(
-    mesh: &Mesh,
+    mesh: &DemoNodes,
     key: &SigningKey,
     version: u64,
     model: &[u8],
@@ -244,7 +224,7 @@ fn gate_text(canaries: &[String]) -> String {
 }
 
 /// Print one line per node until every node serves `version`.
-fn watch(mesh: &Mesh, version: u64, stop: &AtomicBool) -> Result<()> {
+fn watch(mesh: &DemoNodes, version: u64, stop: &AtomicBool) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(120);
     let mut last = String::new();
     loop {
@@ -299,11 +279,7 @@ fn watch(mesh: &Mesh, version: u64, stop: &AtomicBool) -> Result<()> {
 
 fn infer(http: &str, row: &serde_json::Value) -> Result<serde_json::Value> {
     let body = serde_json::json!({"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": row}]});
-    let mut r = agent()
-        .post(format!("http://{http}/v2/models/{CHANNEL}/infer"))
-        .send_json(&body)?;
-    let v: serde_json::Value = r.body_mut().read_json()?;
-    Ok(v)
+    Ok(client(http).infer(CHANNEL, &body)?)
 }
 
 fn show_answer(node: &DemoNode, v: &serde_json::Value, label: u64) {
@@ -371,7 +347,7 @@ pub fn run(out: &mut dyn Write) -> Result<()> {
         out,
         "\n== five nodes on loopback: three in site 'north', two in site 'south'"
     )?;
-    let mut mesh = Mesh {
+    let mut mesh = DemoNodes {
         dir,
         nodes: Vec::new(),
     };

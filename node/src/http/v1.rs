@@ -1,4 +1,6 @@
-//! The node's local HTTP API (127.0.0.1 by default).
+//! The node's control API, `/v1/…` and `/metrics`: status, metrics, file uploads,
+//! manifests, rollout instructions and pins. Mutations go to the actor as
+//! [`ActorCmd`]s; uploads go straight to the store on a blocking thread.
 //!
 //! * `GET /v1/status`: this node and what it knows of the mesh (JSON, see [`crate::status`]).
 //! * `GET /metrics`: Prometheus text format.
@@ -12,10 +14,9 @@
 //!   against the trust root like one from a peer, then gossiped.
 //! * `PUT /v1/pins/{channel}` with a version number as the body: pin this node's channel
 //!   to that version; `DELETE /v1/pins/{channel}` unpins. Local only, persisted.
-//!
-//! Errors are `{"error": "..."}` with a 4xx or 5xx status.
 
-use crate::actor::{ActorCmd, Handle};
+use super::{ask, error};
+use crate::handle::{ActorCmd, AppState, Refusal};
 use crate::store::StoreError;
 use axum::body::{Body, Bytes};
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
@@ -28,10 +29,12 @@ use pollen_protocol::chunking::ChunkSize;
 use pollen_protocol::ids::ContentId;
 use serde::Deserialize;
 use std::io::Read;
-use tokio::sync::oneshot;
 
-/// The API's routes.
-pub fn router(handle: Handle) -> Router {
+/// Largest body of a control request (manifests, instructions, pins; uploads stream).
+const MAX_CONTROL_BODY: usize = 2 * 1024 * 1024;
+
+/// The control routes.
+pub fn routes() -> Router<AppState> {
     Router::new()
         .route("/v1/status", get(status))
         .route("/metrics", get(metrics))
@@ -40,28 +43,17 @@ pub fn router(handle: Handle) -> Router {
         .route("/v1/manifests/{channel}/{version}", get(manifest))
         .route("/v1/instructions", post(instruct))
         .route("/v1/pins/{channel}", put(pin).delete(unpin))
-        .layer(DefaultBodyLimit::max(2 * 1024 * 1024))
-        .merge(crate::v2::routes())
-        .with_state(handle)
+        .layer(DefaultBodyLimit::max(MAX_CONTROL_BODY))
 }
 
-/// An error response: `{"error": msg}`.
-pub fn error(status: StatusCode, msg: impl Into<String>) -> Response {
-    (status, Json(serde_json::json!({ "error": msg.into() }))).into_response()
-}
-
-async fn status(State(h): State<Handle>) -> Response {
-    let (tx, rx) = oneshot::channel();
-    if h.cmds.send(ActorCmd::Status { reply: tx }).await.is_err() {
-        return error(StatusCode::SERVICE_UNAVAILABLE, "node is shutting down");
-    }
-    match rx.await {
+async fn status(State(h): State<AppState>) -> Response {
+    match ask(&h, |reply| ActorCmd::Status { reply }).await {
         Ok(s) => Json(s).into_response(),
-        Err(_) => error(StatusCode::SERVICE_UNAVAILABLE, "node is shutting down"),
+        Err(r) => r,
     }
 }
 
-async fn metrics(State(h): State<Handle>) -> Response {
+async fn metrics(State(h): State<AppState>) -> Response {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         h.metrics.render(),
@@ -69,40 +61,21 @@ async fn metrics(State(h): State<Handle>) -> Response {
         .into_response()
 }
 
-async fn publish(State(h): State<Handle>, body: Bytes) -> Response {
-    let (tx, rx) = oneshot::channel();
-    let cmd = ActorCmd::Publish {
+async fn publish(State(h): State<AppState>, body: Bytes) -> Response {
+    match ask(&h, |reply| ActorCmd::Publish {
         bytes: body.to_vec(),
-        reply: tx,
-    };
-    if h.cmds.send(cmd).await.is_err() {
-        return error(StatusCode::SERVICE_UNAVAILABLE, "node is shutting down");
-    }
-    match rx.await {
+        reply,
+    })
+    .await
+    {
         Ok(Ok(id)) => Json(serde_json::json!({ "manifest": id })).into_response(),
-        Ok(Err(e)) => error(StatusCode::UNPROCESSABLE_ENTITY, e),
-        Err(_) => error(StatusCode::SERVICE_UNAVAILABLE, "node is shutting down"),
+        Ok(Err(r)) => refused(r),
+        Err(r) => r,
     }
-}
-
-/// Send a command to the actor and wait for its answer.
-async fn ask<T>(
-    h: &Handle,
-    cmd: impl FnOnce(oneshot::Sender<T>) -> ActorCmd,
-) -> Result<T, Response> {
-    let (tx, rx) = oneshot::channel();
-    if h.cmds.send(cmd(tx)).await.is_err() {
-        return Err(error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "node is shutting down",
-        ));
-    }
-    rx.await
-        .map_err(|_| error(StatusCode::SERVICE_UNAVAILABLE, "node is shutting down"))
 }
 
 async fn manifest(
-    State(h): State<Handle>,
+    State(h): State<AppState>,
     Path((channel, version)): Path<(String, u64)>,
 ) -> Response {
     let ch = channel.clone();
@@ -124,7 +97,7 @@ async fn manifest(
     }
 }
 
-async fn instruct(State(h): State<Handle>, body: Bytes) -> Response {
+async fn instruct(State(h): State<AppState>, body: Bytes) -> Response {
     match ask(&h, |reply| ActorCmd::Instruct {
         bytes: body.to_vec(),
         reply,
@@ -132,12 +105,12 @@ async fn instruct(State(h): State<Handle>, body: Bytes) -> Response {
     .await
     {
         Ok(Ok(_)) => Json(serde_json::json!({ "result": "accepted" })).into_response(),
-        Ok(Err(e)) => error(StatusCode::UNPROCESSABLE_ENTITY, e),
+        Ok(Err(r)) => refused(r),
         Err(r) => r,
     }
 }
 
-async fn pin(State(h): State<Handle>, Path(channel): Path<String>, body: Bytes) -> Response {
+async fn pin(State(h): State<AppState>, Path(channel): Path<String>, body: Bytes) -> Response {
     let Some(version) = std::str::from_utf8(&body)
         .ok()
         .and_then(|s| s.trim().parse::<u64>().ok())
@@ -151,11 +124,11 @@ async fn pin(State(h): State<Handle>, Path(channel): Path<String>, body: Bytes) 
     set_pin(h, channel, Some(version)).await
 }
 
-async fn unpin(State(h): State<Handle>, Path(channel): Path<String>) -> Response {
+async fn unpin(State(h): State<AppState>, Path(channel): Path<String>) -> Response {
     set_pin(h, channel, None).await
 }
 
-async fn set_pin(h: Handle, channel: String, version: Option<u64>) -> Response {
+async fn set_pin(h: AppState, channel: String, version: Option<u64>) -> Response {
     let ch = channel.clone();
     match ask(&h, |reply| ActorCmd::Pin {
         channel: ch,
@@ -203,7 +176,7 @@ impl Read for ChannelReader {
 }
 
 async fn upload(
-    State(h): State<Handle>,
+    State(h): State<AppState>,
     Path(cid): Path<String>,
     Query(q): Query<UploadQuery>,
     body: Body,
@@ -264,4 +237,14 @@ async fn upload(
         Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
+}
+
+/// A refused manifest or instruction: 422 with `{"error": message}`, plus `"code": label`
+/// when the core labelled the refusal.
+fn refused(r: Refusal) -> Response {
+    let mut body = serde_json::json!({ "error": r.message });
+    if let Some(code) = r.code {
+        body["code"] = code.into();
+    }
+    (StatusCode::UNPROCESSABLE_ENTITY, Json(body)).into_response()
 }

@@ -5,13 +5,14 @@
 //! them against its trust root. A rollback is a new, higher version that points to an older
 //! artifact, so version numbers only grow and rollback protection stays intact.
 
-use crate::cli_keys::load_keys;
-use crate::cli_node::{agent, error_of, get_status};
+use super::client;
+use super::release::load_keys;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 use pollen_keys::files::read_signed;
 use pollen_keys::manifest as mf;
 use pollen_keys::time::{days, parse_duration, unix_now};
+use pollen_node::client::{ApiError, NodeClient};
 use pollen_protocol::SigningKey;
 use pollen_protocol::ids::ManifestId;
 use pollen_protocol::manifest::{Channel, ManifestBody};
@@ -115,25 +116,21 @@ fn channel(c: &str) -> Result<Channel> {
 }
 
 /// The highest version of `c` the node knows, or an error naming what it knows.
-fn highest(agent: &ureq::Agent, node: &str, c: &str) -> Result<u64> {
-    let s = get_status(agent, node)?;
+fn highest(client: &NodeClient, c: &str) -> Result<u64> {
+    let s = client.status()?;
+    let node = client.base();
     match s.channels.iter().find(|ch| ch.channel == c) {
         Some(ch) if ch.highest > 0 => Ok(ch.highest),
         _ => bail!("the node at {node} knows no release of channel {c}"),
     }
 }
 
-/// POST signed envelope bytes to the node; the node's error message on refusal.
-fn post(agent: &ureq::Agent, node: &str, path: &str, bytes: &[u8]) -> Result<(), String> {
-    let mut resp = agent
-        .post(format!("{node}{path}"))
-        .header("content-type", "application/octet-stream")
-        .send(bytes)
-        .map_err(|e| format!("cannot reach the node at {node}: {e}"))?;
-    if resp.status() != 200 {
-        return Err(error_of(&mut resp));
+/// The node's refusal as a message; a transport failure names the node.
+fn refusal(node: &str, e: ApiError) -> String {
+    match e {
+        ApiError::Transport(e) => format!("cannot reach the node at {node}: {e}"),
+        ApiError::Refused { error, .. } => error,
     }
-    Ok(())
 }
 
 /// `pollen rollout …`.
@@ -179,11 +176,11 @@ fn instruct(
 ) -> Result<()> {
     let ch = channel(c)?;
     let keys = load_keys(&signer.key)?;
-    let agent = agent();
-    let node = signer.node.trim_end_matches('/');
+    let client = client(&signer.node);
+    let node = client.base();
     let version = match version {
         Some(v) => v,
-        None => highest(&agent, node, c)?,
+        None => highest(&client, c)?,
     };
     let body = InstructionBody {
         channel: ch,
@@ -193,7 +190,9 @@ fn instruct(
     };
     let refs: Vec<&SigningKey> = keys.iter().collect();
     let signed = Signed::sign(&body, &refs);
-    post(&agent, node, "/v1/instructions", &signed.to_bytes())
+    client
+        .post_instruction(&signed.to_bytes())
+        .map_err(|e| refusal(node, e))
         .map_err(|e| anyhow::anyhow!("the node refused the instruction: {e}"))?;
     let verb = match action {
         RolloutAction::Halt => "halted",
@@ -216,32 +215,25 @@ fn rollback(
 ) -> Result<()> {
     let ch = channel(c)?;
     let keys = load_keys(&signer.key)?;
-    let agent = agent();
-    let node = signer.node.trim_end_matches('/');
-    let current = highest(&agent, node, c)?;
+    let client = client(&signer.node);
+    let node = client.base();
+    let current = highest(&client, c)?;
     if to >= current {
         bail!("--to {to} must be below the current version {current} of {c}");
     }
     let (old, old_body): (_, ManifestBody) = match &manifest {
         Some(p) => read_signed(p, "manifest")?,
         None => {
-            let url = format!("{node}/v1/manifests/{c}/{to}");
-            let mut resp = agent
-                .get(&url)
-                .call()
-                .with_context(|| format!("cannot reach the node at {node}"))?;
-            if resp.status() != 200 {
-                bail!(
-                    "{}; pass the manifest file of version {to} with --manifest",
-                    error_of(&mut resp)
-                );
-            }
-            let bytes = resp
-                .body_mut()
-                .with_config()
-                .limit(2 << 20)
-                .read_to_vec()
-                .context("reading the manifest")?;
+            let bytes = match client.manifest(c, to) {
+                Ok(b) => b,
+                Err(ApiError::Transport(e)) => {
+                    return Err(anyhow::Error::new(ApiError::Transport(e)))
+                        .with_context(|| format!("cannot reach the node at {node}"));
+                }
+                Err(ApiError::Refused { error, .. }) => {
+                    bail!("{error}; pass the manifest file of version {to} with --manifest")
+                }
+            };
             let (s, _) = Signed::<ManifestBody>::from_bytes(&bytes)
                 .map_err(|e| anyhow::anyhow!("the node sent a malformed manifest: {e}"))?;
             let body = s
@@ -271,7 +263,9 @@ fn rollback(
     };
     let refs: Vec<&SigningKey> = keys.iter().collect();
     let m = mf::sign(&body, &refs)?;
-    post(&agent, node, "/v1/manifests", &m.signed.to_bytes())
+    client
+        .post_manifest(&m.signed.to_bytes())
+        .map_err(|e| refusal(node, e))
         .map_err(|e| anyhow::anyhow!("the node refused the rollback release: {e}"))?;
     writeln!(
         out,
@@ -283,18 +277,14 @@ fn rollback(
 
 fn put_pin(node: &str, c: &str, version: Option<u64>) -> Result<()> {
     channel(c)?;
-    let agent = agent();
-    let node = node.trim_end_matches('/');
-    let url = format!("{node}/v1/pins/{c}");
-    let mut resp = match version {
-        Some(v) => agent.put(&url).send(v.to_string().as_bytes()),
-        None => agent.delete(&url).call(),
+    let client = client(node);
+    let node = client.base();
+    match client.pin(c, version) {
+        Ok(()) => Ok(()),
+        Err(ApiError::Transport(e)) => Err(anyhow::Error::new(ApiError::Transport(e)))
+            .with_context(|| format!("cannot reach the node at {node}")),
+        Err(ApiError::Refused { error, .. }) => bail!("the node refused: {error}"),
     }
-    .with_context(|| format!("cannot reach the node at {node}"))?;
-    if resp.status() != 200 {
-        bail!("the node refused: {}", error_of(&mut resp));
-    }
-    Ok(())
 }
 
 /// `pollen pin`.
@@ -302,7 +292,7 @@ pub fn pin(a: PinArgs, out: &mut dyn Write) -> Result<()> {
     let version = match a.version {
         Some(v) => v,
         None => {
-            let s = get_status(&agent(), a.node.trim_end_matches('/'))?;
+            let s = client(&a.node).status()?;
             s.channels
                 .iter()
                 .find(|c| c.channel == a.channel)

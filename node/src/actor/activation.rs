@@ -1,0 +1,182 @@
+//! Activation and health: load a release's model and run its golden checks off the actor,
+//! put it in the registry, roll back, and sign the health reports the rollout gates count.
+
+use super::{Actor, Done};
+use crate::serving::{LoadedModel, WindowStats};
+use anyhow::Result;
+use pollen_keys::time::unix_now;
+use pollen_protocol::ids::ManifestId;
+use pollen_protocol::io::Command;
+use pollen_protocol::rollout::{ErrorClass, HealthReport, HealthReportBody, HealthStatus};
+use pollen_protocol::signing::Signed;
+use std::sync::Arc;
+
+impl Actor {
+    /// Load a release's model and run its golden checks on the blocking pool; the result
+    /// comes back as [`Done::Activated`].
+    pub(super) fn start_activation(
+        &mut self,
+        channel: pollen_protocol::manifest::Channel,
+        version: u64,
+        manifest: ManifestId,
+        report: bool,
+    ) {
+        let Some(m) = self.mesh.manifest(&manifest).cloned() else {
+            return;
+        };
+        let variant = m.body.artifact.choose(&self.mesh.config().device);
+        let Some(file) = m.body.artifact.variants[variant].files.first() else {
+            return;
+        };
+        let spec = file.spec.clone();
+        let golden = m.body.golden.clone();
+        let store = self.store.clone();
+        let tx = self.done_tx.clone();
+        tokio::task::spawn_blocking(move || {
+            let result = (|| {
+                let path = store.finish(&spec).map_err(|e| {
+                    (
+                        ErrorClass::Unavailable,
+                        format!("model file not in the store: {e}"),
+                    )
+                })?;
+                let loaded = LoadedModel::load(&path, channel.as_str(), version, manifest)?;
+                loaded
+                    .golden(&golden)
+                    .map_err(|e| (ErrorClass::GoldenMismatch, e))?;
+                Ok(Arc::new(loaded))
+            })();
+            let _ = tx.blocking_send(Done::Activated {
+                channel,
+                version,
+                manifest,
+                report,
+                result,
+            });
+        });
+    }
+
+    pub(super) fn on_activated(
+        &mut self,
+        channel: pollen_protocol::manifest::Channel,
+        version: u64,
+        manifest: ManifestId,
+        report: bool,
+        result: Result<Arc<LoadedModel>, (ErrorClass, String)>,
+    ) {
+        match result {
+            Ok(model) => {
+                tracing::info!("{channel} version {version} passed its checks and serves");
+                self.registry.activate(model);
+                if report {
+                    self.report(&channel, version, manifest, HealthStatus::Ok);
+                }
+            }
+            Err((class, detail)) => {
+                self.error(format!(
+                    "{channel} version {version} failed to activate ({class:?}): {detail}"
+                ));
+                let detail: String = detail.chars().take(240).collect();
+                self.report(
+                    &channel,
+                    version,
+                    manifest,
+                    HealthStatus::Failed { class, detail },
+                );
+            }
+        }
+    }
+
+    /// Serve the warm previous version again (or load it), and report the rollback.
+    pub(super) fn roll_back(
+        &mut self,
+        channel: &pollen_protocol::manifest::Channel,
+        from: u64,
+        to: Option<(u64, ManifestId)>,
+    ) {
+        match to {
+            Some((v, id)) => {
+                if !self.registry.roll_back_to(channel.as_str(), &id) {
+                    self.start_activation(channel.clone(), v, id, false);
+                }
+            }
+            None => self.registry.remove(channel.as_str()),
+        }
+        let from_id = self
+            .mesh
+            .status()
+            .into_iter()
+            .find(|c| &c.channel == channel)
+            .and_then(|c| c.releases.into_iter().find(|r| r.version == from))
+            .map(|r| r.manifest);
+        if let Some(m) = from_id {
+            self.report(channel, from, m, HealthStatus::RolledBack);
+        }
+    }
+
+    /// Sign a health report with the node key and hand it to the core, which gossips it.
+    pub(super) fn report(
+        &mut self,
+        channel: &pollen_protocol::manifest::Channel,
+        version: u64,
+        manifest: ManifestId,
+        status: HealthStatus,
+    ) {
+        self.report_with(channel, version, manifest, status, WindowStats::default());
+    }
+
+    /// [`Actor::report`] with the figures of a serving window.
+    pub(super) fn report_with(
+        &mut self,
+        channel: &pollen_protocol::manifest::Channel,
+        version: u64,
+        manifest: ManifestId,
+        status: HealthStatus,
+        w: WindowStats,
+    ) {
+        let body = HealthReportBody {
+            node: self.me,
+            channel: channel.clone(),
+            version,
+            manifest,
+            status,
+            requests: w.requests,
+            errors: w.errors,
+            latency_p50_us: w.p50_us,
+            latency_p99_us: w.p99_us,
+            timestamp: unix_now().unwrap_or_default(),
+        };
+        let report = HealthReport {
+            signed: Signed::sign(&body, &[&self.secret]),
+            cert: self.cert.clone(),
+        };
+        if let Err(e) = self.core_command(Command::ReportHealth(report)) {
+            tracing::debug!("health report not taken: {e}");
+        }
+    }
+
+    /// Every `health_interval`: report each served release's requests, errors and latency
+    /// over the window, as a failure when the window broke the plan's runtime limit or the
+    /// runtime panicked `crash_loop_panics` times.
+    pub(super) fn health_tick(&mut self) {
+        for c in self.mesh.status() {
+            let Some((version, id)) = c.active else {
+                continue;
+            };
+            let Some(model) = self
+                .registry
+                .current(c.channel.as_str())
+                .filter(|m| m.manifest == id)
+            else {
+                continue;
+            };
+            let w = model.health.take();
+            let limit = self.mesh.manifest(&id).and_then(|m| m.body.rollout.runtime);
+            let status = crate::serving::window_status(&w, limit, self.cfg.crash_loop_panics);
+            if let HealthStatus::Failed { detail, .. } = &status {
+                self.error(format!("{} version {version}: {detail}", c.channel));
+            }
+            self.report_with(&c.channel, version, id, status, w);
+        }
+    }
+}

@@ -1,0 +1,123 @@
+//! Per-peer connection records: a connection is "up" once its outbound stream is ready
+//! and the peer's Hello arrived; then the core hears `PeerUp`. Frames from the stream
+//! tasks enter the core here.
+
+use super::Actor;
+use crate::net::{NetEvent, PeerSender};
+use libp2p::PeerId;
+use pollen_protocol::ids::NodeId;
+use pollen_protocol::io::{Input, PeerInfo};
+use pollen_protocol::wire::Hello;
+use std::sync::atomic::Ordering;
+
+/// One connected peer (however many libp2p connections it has).
+pub(super) struct PeerConn {
+    /// Distinguishes this record from earlier ones of the same peer.
+    pub(super) generation: u64,
+    /// When the connection came up (a peer that never says Hello is dropped).
+    pub(super) since: std::time::Instant,
+    /// The peer's node id (from its ed25519 peer id).
+    pub(super) node: NodeId,
+    /// The connection runs through a relay.
+    pub(super) relayed: bool,
+    /// Queues to the peer's writer task, once its outbound stream is open.
+    pub(super) sender: Option<PeerSender>,
+    /// The peer's Hello, once received.
+    pub(super) hello: Option<Hello>,
+    /// Both of the above arrived and the core heard `PeerUp`.
+    pub(super) up: bool,
+}
+
+impl Actor {
+    pub(super) fn on_net(&mut self, ev: NetEvent) {
+        match ev {
+            NetEvent::OutboundReady {
+                peer,
+                sender,
+                generation,
+            } => {
+                if let Some(c) = self.peers.get_mut(&peer)
+                    && c.generation == generation
+                {
+                    c.sender = Some(sender);
+                    self.maybe_up(peer);
+                }
+            }
+            NetEvent::Hello { peer, hello } => {
+                if let Some(c) = self.peers.get_mut(&peer) {
+                    c.hello = Some(hello);
+                    self.maybe_up(peer);
+                }
+            }
+            NetEvent::Message { peer, msg } => {
+                if let Some(c) = self.peers.get(&peer)
+                    && c.up
+                {
+                    let from = c.node;
+                    self.handle(Input::Received { from, msg });
+                }
+            }
+            NetEvent::Chunk {
+                peer,
+                header,
+                frame,
+                offset,
+            } => self.on_chunk(peer, header, frame, offset),
+            NetEvent::Malformed { peer, error } => {
+                if let Some(c) = self.peers.get(&peer) {
+                    let from = c.node;
+                    self.handle(Input::Malformed { from, error });
+                }
+            }
+            NetEvent::StreamClosed { peer, writer_gen } => {
+                // The writer of an older connection record: nothing to do with this one.
+                if writer_gen
+                    .is_some_and(|g| self.peers.get(&peer).is_some_and(|c| c.generation != g))
+                {
+                    return;
+                }
+                if self.peers.contains_key(&peer) && self.swarm.is_connected(&peer) {
+                    // One direction broke: drop the connection, discovery reconnects.
+                    let _ = self.swarm.disconnect_peer_id(peer);
+                }
+            }
+        }
+    }
+
+    pub(super) fn maybe_up(&mut self, peer: PeerId) {
+        let Some(c) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        if c.up || c.sender.is_none() || c.hello.is_none() {
+            return;
+        }
+        c.up = true;
+        let hello = c.hello.clone().unwrap_or(Hello {
+            site: None,
+            cert: None,
+        });
+        let same = self.cfg.site.is_some() && hello.site == self.cfg.site;
+        if let Some(s) = &c.sender {
+            s.same_site.store(same, Ordering::Relaxed);
+        }
+        let node = c.node;
+        self.metrics.peers.store(
+            self.peers.values().filter(|p| p.up).count() as u64,
+            Ordering::Relaxed,
+        );
+        let rtt = None;
+        self.handle(Input::PeerUp {
+            peer: node,
+            info: PeerInfo {
+                site: hello.site,
+                rtt,
+                cert: hello.cert,
+            },
+        });
+    }
+
+    pub(super) fn sender(&self, node: &NodeId) -> Option<PeerSender> {
+        let p = self.by_node.get(node)?;
+        self.peers.get(p)?.sender.clone()
+    }
+}

@@ -1,0 +1,83 @@
+//! The operator's command line: one module per command, plus what they share.
+//!
+//! * [`run`]: `pollen run`, a node.
+//! * [`publish`]: `pollen publish`, a release through a node.
+//! * [`status`]: `pollen status`.
+//! * [`rollout`]: `pollen rollout halt|resume|rollback`, `pollen pin`, `pollen unpin`.
+//! * [`keys`]: `pollen keys …`, key files, trust roots, certificates, manifests.
+//! * [`demo`]: `pollen demo`, a whole local mesh of child processes.
+//! * [`release`]: release arguments and building, shared by publish, keys and rollout.
+//!
+//! Every command talks to a node through [`pollen_node::client::NodeClient`].
+
+mod demo;
+mod keys;
+mod publish;
+mod release;
+mod rollout;
+mod run;
+mod status;
+
+use clap::{Parser, Subcommand};
+use pollen_node::client::NodeClient;
+use std::process::ExitCode;
+use std::time::Duration;
+
+/// A client of the node at `node` for a command (generous timeout: uploads take long).
+fn client(node: &str) -> NodeClient {
+    NodeClient::new(node, Duration::from_secs(3600))
+}
+
+/// Pollen: a peer-to-peer mesh that distributes and serves signed ML models.
+#[derive(Debug, Parser)]
+#[command(name = "pollen", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Start a node: find peers, fetch, verify, store and seed models, serve the local API.
+    Run(run::RunArgs),
+    /// Hash and sign files into a release and publish it through a node.
+    Publish(publish::PublishArgs),
+    /// What a node knows of itself and the mesh, with the rollout picture per channel.
+    Status(status::StatusArgs),
+    /// Halt, resume or roll back a rollout (signed instructions / a rollback release).
+    Rollout(rollout::RolloutArgs),
+    /// Pin a node's channel to a version, whatever the rollouts say.
+    Pin(rollout::PinArgs),
+    /// Let a pinned channel follow the rollouts again.
+    Unpin(rollout::UnpinArgs),
+    /// Key files, trust roots (create, rotate, co-sign), node certificates, manifests.
+    Keys(keys::KeysArgs),
+    /// A whole local mesh on loopback, one command: publish, spread, serve, swap.
+    Demo,
+}
+
+/// Parse the command line, run the command, print an error and choose the exit status.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let mut stdout = std::io::stdout().lock();
+    let result = match cli.command {
+        Command::Keys(args) => keys::run(args, &mut stdout),
+        Command::Run(args) => {
+            drop(stdout);
+            run::run(args)
+        }
+        Command::Publish(args) => publish::publish(args, &mut stdout),
+        Command::Status(args) => status::status(args, &mut stdout),
+        Command::Rollout(args) => rollout::run(args, &mut stdout),
+        Command::Pin(args) => rollout::pin(args, &mut stdout),
+        Command::Unpin(args) => rollout::unpin(args, &mut stdout),
+        Command::Demo => demo::run(&mut stdout),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

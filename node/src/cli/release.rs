@@ -1,0 +1,129 @@
+//! What `pollen publish`, `pollen keys manifest create` and `pollen rollout rollback` share:
+//! the release arguments, building and signing a release from files, and loading keys.
+
+use anyhow::{Context, Result};
+use pollen_keys::files::read_signed;
+use pollen_keys::load_key_file;
+use pollen_keys::manifest::{self as mf, NewManifest};
+use pollen_keys::time::{days, parse_duration};
+use pollen_protocol::manifest::{Channel, Manifest, ManifestBody};
+use pollen_protocol::rollout::Gate;
+use pollen_protocol::{ManifestId, SigningKey, UnixTime};
+use std::path::{Path, PathBuf};
+
+/// What a release is made of: files, channel, version, keys and rollout plan (shared by
+/// `pollen keys manifest create` and `pollen publish`).
+#[derive(Debug, clap::Args)]
+pub struct ReleaseArgs {
+    /// The files of the release, model graph first; each is named by its file name.
+    #[arg(required = true, value_name = "FILE")]
+    pub files: Vec<PathBuf>,
+    /// Channel (lowercase letters, digits, '.', '_', '-').
+    #[arg(long, value_name = "C")]
+    pub channel: String,
+    /// Version: at least 1, above every version already published on the channel.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub version: u64,
+    /// Publisher secret key file(s) to sign with.
+    #[arg(long, value_name = "KEYFILE", required = true, num_args = 1..)]
+    pub key: Vec<PathBuf>,
+    /// Cumulative stage shares of nodes.
+    #[arg(long, value_name = "5%,25%,100%", default_value = "100%")]
+    pub stages: String,
+    /// Time between the opening of one stage and the next (ms, s, m, h, d).
+    #[arg(long, value_name = "DURATION", default_value = "1h")]
+    pub stage_interval: String,
+    /// Health gate on every stage but the last: healthy reports needed to go on.
+    #[arg(long, value_name = "N", requires = "gate_max_failure")]
+    pub gate_min_healthy: Option<u32>,
+    /// Health gate: largest failure rate tolerated (e.g. 10%).
+    #[arg(long, value_name = "PERCENT", requires = "gate_min_healthy")]
+    pub gate_max_failure: Option<String>,
+    /// Runtime limit: a node whose inference error rate over a health window exceeds this
+    /// (e.g. 5%) reports the release as failed, which counts against the stage gates.
+    #[arg(long, value_name = "PERCENT")]
+    pub max_error_rate: Option<String>,
+    /// Runtime limit: fewer requests than this in a window prove nothing.
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 20,
+        requires = "max_error_rate"
+    )]
+    pub min_requests: u32,
+    /// Chunk size: a power of two from 16KiB to 16MiB.
+    #[arg(long, value_name = "SIZE", default_value = "1MiB")]
+    pub chunk_size: String,
+    /// Days until nodes that have not accepted the manifest refuse it.
+    #[arg(long, value_name = "D", default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(1..=36_500))]
+    pub expires_days: u64,
+    /// The manifest file this release replaces.
+    #[arg(long, value_name = "FILE")]
+    pub replaces: Option<PathBuf>,
+    /// Golden checks (JSON: input_name, output_name, inputs, expected, tolerance) every node
+    /// runs before it serves the release.
+    #[arg(long, value_name = "FILE")]
+    pub golden: Option<PathBuf>,
+}
+
+/// Hash the files and build and sign the manifest of a release, calling `progress(file,
+/// bytes hashed)` while hashing.
+pub fn build_release(
+    a: &ReleaseArgs,
+    now: UnixTime,
+    progress: &mut dyn FnMut(&Path, u64),
+) -> Result<Manifest> {
+    let channel = Channel::new(&a.channel).map_err(|e| anyhow::anyhow!("--channel: {e}"))?;
+    let interval = parse_duration(&a.stage_interval).context("--stage-interval")?;
+    let gate = match (a.gate_min_healthy, &a.gate_max_failure) {
+        (Some(min_healthy), Some(max)) => Some(Gate {
+            min_healthy,
+            max_failure_ppm: mf::parse_ppm(max).context("--gate-max-failure")?,
+        }),
+        _ => None,
+    };
+    let mut rollout = mf::parse_stages(&a.stages, interval, gate).context("--stages")?;
+    if let Some(rate) = &a.max_error_rate {
+        rollout.runtime = Some(pollen_protocol::rollout::RuntimeLimit {
+            max_error_ppm: mf::parse_ppm(rate).context("--max-error-rate")?,
+            min_requests: a.min_requests,
+        });
+    }
+    if rollout
+        .stages
+        .last()
+        .is_some_and(|s| s.share_ppm < pollen_protocol::rollout::PPM)
+    {
+        eprintln!("warning: the last stage is below 100%: some nodes never get it");
+    }
+    let replaces = match &a.replaces {
+        Some(p) => {
+            let (signed, _) = read_signed::<ManifestBody>(p, "manifest")?;
+            Some(ManifestId(signed.body_hash()))
+        }
+        None => None,
+    };
+    let keys = load_keys(&a.key)?;
+    let spec = NewManifest {
+        channel,
+        version: a.version,
+        files: a.files.clone(),
+        chunk_size: mf::parse_chunk_size(&a.chunk_size).context("--chunk-size")?,
+        rollout,
+        created: now,
+        expires: now.plus(days(a.expires_days)),
+        replaces,
+    };
+    let mut body = mf::build_body_with_progress(&spec, progress)?;
+    if let Some(g) = &a.golden {
+        body.golden = mf::golden_from_json(g)?;
+    }
+    let refs: Vec<&SigningKey> = keys.iter().collect();
+    mf::sign(&body, &refs)
+}
+
+/// Read signing keys from key files.
+pub fn load_keys(paths: &[PathBuf]) -> Result<Vec<SigningKey>> {
+    paths.iter().map(|p| load_key_file(p)).collect()
+}

@@ -1,0 +1,89 @@
+//! What the HTTP layer holds: [`AppState`], the shared parts of a running node, and
+//! [`ActorCmd`], the commands the control routes send to the actor.
+//!
+//! The inference routes use only the registry, the pool and the metrics; only the `/v1`
+//! control routes talk to the actor, through `cmds`.
+
+use crate::metrics::Metrics;
+use crate::serving::Registry;
+use crate::status::Status;
+use crate::store::Store;
+use std::sync::Arc;
+use tokio::sync::{mpsc, oneshot};
+
+/// Commands from the HTTP API.
+#[derive(Debug)]
+pub enum ActorCmd {
+    /// Inject a signed manifest (its files must already be in the store).
+    Publish {
+        /// Envelope bytes.
+        bytes: Vec<u8>,
+        /// The manifest id (hex), or why it was refused.
+        reply: oneshot::Sender<Result<String, Refusal>>,
+    },
+    /// A snapshot of the status.
+    Status {
+        /// The snapshot.
+        reply: oneshot::Sender<Status>,
+    },
+    /// Inject a signed rollout instruction (halt / resume).
+    Instruct {
+        /// Envelope bytes.
+        bytes: Vec<u8>,
+        /// "accepted", or why it was refused.
+        reply: oneshot::Sender<Result<String, Refusal>>,
+    },
+    /// Pin a channel to a version (None: unpin); persisted.
+    Pin {
+        /// Channel.
+        channel: String,
+        /// Version.
+        version: Option<u64>,
+        /// Outcome.
+        reply: oneshot::Sender<Result<String, String>>,
+    },
+    /// The signed manifest of a retained release.
+    Manifest {
+        /// Channel.
+        channel: String,
+        /// Version.
+        version: u64,
+        /// Envelope bytes, if the node keeps the release.
+        reply: oneshot::Sender<Option<Vec<u8>>>,
+    },
+}
+
+/// The HTTP server's state: cheap to clone (every field is shared).
+#[derive(Clone, Debug)]
+pub struct AppState {
+    /// Commands to the actor.
+    pub cmds: mpsc::Sender<ActorCmd>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// The store.
+    pub store: Arc<Store>,
+    /// Models being served.
+    pub registry: Arc<Registry>,
+    /// The bounded inference pool.
+    pub inference: Arc<crate::serving::pool::Pool>,
+}
+
+/// Why the node refused a manifest or an instruction.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    /// The reason, for people (the `error` of the JSON answer).
+    pub message: String,
+    /// The stable label of the refusal (`TrustError::label()`, e.g. `"forged"`), when the
+    /// core gave one: the `code` of the JSON answer, for programs.
+    pub code: Option<&'static str>,
+}
+
+impl Refusal {
+    /// A refusal without a label (e.g. bytes that do not decode).
+    pub fn new(message: String) -> Self {
+        Refusal {
+            message,
+            code: None,
+        }
+    }
+}

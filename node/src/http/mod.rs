@@ -1,0 +1,45 @@
+//! The node's local HTTP API (127.0.0.1 by default): the router, and what its two halves
+//! share.
+//!
+//! * [`v1`]: the control API (`/v1/…`, `/metrics`), which talks to the actor.
+//! * [`v2`]: KServe v2 inference (`/v2/…`), which uses only the registry and the pool.
+//!
+//! Errors are `{"error": "..."}` with a 4xx or 5xx status.
+
+pub mod v1;
+pub mod v2;
+
+use crate::handle::{ActorCmd, AppState};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::{Json, Router};
+use tokio::sync::oneshot;
+
+/// The API's routes.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .merge(v1::routes())
+        .merge(v2::routes())
+        .with_state(state)
+}
+
+/// An error response: `{"error": msg}`.
+pub fn error(status: StatusCode, msg: impl Into<String>) -> Response {
+    (status, Json(serde_json::json!({ "error": msg.into() }))).into_response()
+}
+
+/// Send a command to the actor and wait for its answer; 503 if the actor is gone.
+pub(crate) async fn ask<T>(
+    h: &AppState,
+    cmd: impl FnOnce(oneshot::Sender<T>) -> ActorCmd,
+) -> Result<T, Response> {
+    let (tx, rx) = oneshot::channel();
+    if h.cmds.send(cmd(tx)).await.is_err() {
+        return Err(error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "node is shutting down",
+        ));
+    }
+    rx.await
+        .map_err(|_| error(StatusCode::SERVICE_UNAVAILABLE, "node is shutting down"))
+}

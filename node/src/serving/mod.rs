@@ -1,0 +1,37 @@
+//! Serving: models loaded in tract, checked, swapped in and out, and answered over KServe.
+//!
+//! The activation story: when the core says a release is complete and active here, the
+//! actor loads it on a blocking thread ([`LoadedModel::load`]: read, optimise, warm up on
+//! zeros, all under `catch_unwind`), then runs the manifest's golden checks
+//! ([`golden`]). Only a model that passed goes into the [`Registry`], atomically: new
+//! requests see the new version, requests that hold the old `Arc` finish on it, and the old
+//! version stays loaded (warm) as the previous one for an instant rollback. A failure at
+//! any step becomes a signed `Failed` health report, and the previous version keeps
+//! serving.
+//!
+//! While it serves, every request runs on the bounded [`pool`] (a full queue answers 503,
+//! never hangs), is parsed and encoded by the [`kserve`] codec, and its [`Outcome`] is
+//! counted in the model's [`HealthWindow`]. Every report interval the actor turns the
+//! window into a health report ([`window_status`]); the rollout gates count those.
+//!
+//! * [`model`]: [`LoadedModel`] (load, warm, run), [`IoSpec`], [`ServeError`], the one
+//!   data type ↔ tract mapping.
+//! * [`golden`]: the golden checks.
+//! * [`onnx`]: the graph's output names from the ONNX bytes.
+//! * [`health`]: [`Outcome`], [`WindowStats`], [`HealthWindow`], [`window_status`].
+//! * [`registry`]: [`Registry`], current and previous version per channel.
+//! * [`pool`]: the bounded inference pool.
+//! * [`kserve`]: the KServe v2 codec (JSON and binary tensor data).
+
+pub mod golden;
+pub mod health;
+pub mod kserve;
+pub mod model;
+pub mod onnx;
+pub mod pool;
+pub mod registry;
+
+pub use health::{HealthWindow, Outcome, WindowStats, window_status};
+pub use model::{IoSpec, LoadedModel, ServeError};
+pub use onnx::onnx_graph_outputs;
+pub use registry::Registry;

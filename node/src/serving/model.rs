@@ -1,0 +1,283 @@
+//! A model version loaded in tract: load, optimise and warm it ([`LoadedModel::load`],
+//! blocking), and run it on KServe tensors ([`LoadedModel::run`]), checking names, data
+//! types and shapes first.
+
+use super::health::HealthWindow;
+use super::kserve::{DATATYPES, Tensor};
+use super::onnx::onnx_graph_outputs;
+use pollen_protocol::ids::ManifestId;
+use pollen_protocol::manifest::DType;
+use pollen_protocol::rollout::ErrorClass;
+use std::path::Path;
+use tract::prelude::*;
+
+/// An input or output of a loaded model.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IoSpec {
+    /// Name in the graph.
+    pub name: String,
+    /// Element type.
+    pub datatype: DType,
+    /// Dimensions, -1 for a symbolic one.
+    pub shape: Vec<i64>,
+}
+
+/// Why serving a request failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServeError {
+    /// The request does not fit the model (a 400).
+    #[error("{0}")]
+    BadInput(String),
+    /// The model failed while running (a 500).
+    #[error("inference failed: {0}")]
+    Runtime(String),
+    /// The runtime panicked (a 500; repeated panics are a crash loop).
+    #[error("inference failed: the runtime panicked")]
+    Panicked,
+}
+
+/// What loading produces: the runnable and its inputs and outputs.
+type Loaded = (Runnable, Vec<IoSpec>, Vec<IoSpec>);
+
+/// A model version ready to serve.
+pub struct LoadedModel {
+    /// Channel (the model name).
+    pub channel: String,
+    /// Manifest version.
+    pub version: u64,
+    /// Manifest id.
+    pub manifest: ManifestId,
+    /// Inputs, in graph order.
+    pub inputs: Vec<IoSpec>,
+    /// Outputs, in graph order.
+    pub outputs: Vec<IoSpec>,
+    /// Requests, errors and latency since the last health report.
+    pub health: HealthWindow,
+    runnable: Runnable,
+}
+
+impl std::fmt::Debug for LoadedModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoadedModel")
+            .field("channel", &self.channel)
+            .field("version", &self.version)
+            .field("inputs", &self.inputs)
+            .field("outputs", &self.outputs)
+            .finish()
+    }
+}
+
+/// The tract element type of a data type; `None` for BYTES, which tract models do not take.
+fn to_tract(d: DType) -> Option<DatumType> {
+    Some(match d {
+        DType::Bool => DatumType::Bool,
+        DType::U8 => DatumType::U8,
+        DType::U16 => DatumType::U16,
+        DType::U32 => DatumType::U32,
+        DType::U64 => DatumType::U64,
+        DType::I8 => DatumType::I8,
+        DType::I16 => DatumType::I16,
+        DType::I32 => DatumType::I32,
+        DType::I64 => DatumType::I64,
+        DType::F16 => DatumType::F16,
+        DType::F32 => DatumType::F32,
+        DType::F64 => DatumType::F64,
+        _ => return None,
+    })
+}
+
+/// The data type of a tract element type, if the protocol has one.
+fn from_tract(dt: DatumType) -> Option<DType> {
+    DATATYPES.into_iter().find(|d| to_tract(*d) == Some(dt))
+}
+
+fn io_spec(name: String, fact: &Fact) -> Result<IoSpec, String> {
+    let dt = fact.datum_type().map_err(|e| e.to_string())?;
+    let datatype =
+        from_tract(dt).ok_or_else(|| format!("{name}: unsupported element type {dt:?}"))?;
+    let shape = fact
+        .dims()
+        .map_err(|e| e.to_string())?
+        .map(|d| d.to_int64().unwrap_or(-1))
+        .collect();
+    Ok(IoSpec {
+        name,
+        datatype,
+        shape,
+    })
+}
+
+impl LoadedModel {
+    /// Load, optimise and warm an ONNX model. Blocking and CPU-bound: call it on a blocking
+    /// thread. A panic inside tract is caught and reported as [`ErrorClass::Panic`].
+    pub fn load(
+        path: &Path,
+        channel: &str,
+        version: u64,
+        manifest: ManifestId,
+    ) -> Result<Self, (ErrorClass, String)> {
+        let path = path.to_path_buf();
+        let result = std::panic::catch_unwind(move || -> Result<Loaded, (ErrorClass, String)> {
+            let load = |e: anyhow::Error| (ErrorClass::LoadError, format!("{e:#}"));
+            // Read once: tract loads from the buffer, and the graph's output names come from it.
+            let bytes = std::fs::read(&path)
+                .map_err(|e| (ErrorClass::Unavailable, format!("{}: {e}", path.display())))?;
+            let inference = onnx().map_err(load)?.load_buffer(&bytes).map_err(load)?;
+            let model = inference.into_model().map_err(|e| {
+                let msg = format!("{e:#}");
+                let class = if msg.contains("Unimplemented")
+                    || msg.contains("not supported")
+                    || msg.contains("unsupported")
+                {
+                    ErrorClass::UnsupportedOp
+                } else {
+                    ErrorClass::LoadError
+                };
+                (class, msg)
+            })?;
+            let mut inputs = Vec::new();
+            for i in 0..model.input_count().map_err(load)? {
+                let name = model.input_name(i).map_err(load)?;
+                let fact = model.input_fact(i).map_err(load)?;
+                inputs.push(io_spec(name, &fact).map_err(|e| (ErrorClass::UnsupportedOp, e))?);
+            }
+            let mut outputs = Vec::new();
+            for i in 0..model.output_count().map_err(load)? {
+                let name = model.output_name(i).map_err(load)?;
+                let fact = model.output_fact(i).map_err(load)?;
+                outputs.push(io_spec(name, &fact).map_err(|e| (ErrorClass::UnsupportedOp, e))?);
+            }
+            // tract names outputs by their node; clients use the graph's output names.
+            if let Some(names) = onnx_graph_outputs(&bytes)
+                && names.len() == outputs.len()
+            {
+                for (o, n) in outputs.iter_mut().zip(names) {
+                    o.name = n;
+                }
+            }
+            let runnable = model.into_runnable().map_err(load)?;
+            Ok((runnable, inputs, outputs))
+        });
+        let (runnable, inputs, outputs) = match result {
+            Ok(r) => r?,
+            Err(_) => {
+                return Err((
+                    ErrorClass::Panic,
+                    "tract panicked while loading the model".into(),
+                ));
+            }
+        };
+        let m = LoadedModel {
+            channel: channel.to_string(),
+            version,
+            manifest,
+            inputs,
+            outputs,
+            health: HealthWindow::default(),
+            runnable,
+        };
+        m.warm()
+            .map_err(|e| (ErrorClass::LoadError, format!("warm-up run failed: {e}")))?;
+        Ok(m)
+    }
+
+    /// One run on zeros with every symbolic dimension at 1, so the first request does not
+    /// pay for lazy initialisation.
+    fn warm(&self) -> Result<(), ServeError> {
+        let inputs: Vec<Tensor> = self
+            .inputs
+            .iter()
+            .map(|s| {
+                let shape: Vec<usize> = s
+                    .shape
+                    .iter()
+                    .map(|d| if *d < 0 { 1 } else { *d as usize })
+                    .collect();
+                let n: usize = shape.iter().product();
+                Tensor {
+                    name: s.name.clone(),
+                    datatype: s.datatype,
+                    shape,
+                    data: vec![0u8; n * s.datatype.size().unwrap_or(1)],
+                }
+            })
+            .collect();
+        self.run(&inputs).map(|_| ())
+    }
+
+    /// Check `inputs` against the model (names, types, shapes) and run it. Outputs are in
+    /// graph order. A panic inside tract is caught and returned as a runtime error.
+    pub fn run(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>, ServeError> {
+        if let Some(extra) = inputs
+            .iter()
+            .find(|t| !self.inputs.iter().any(|s| s.name == t.name))
+        {
+            return Err(ServeError::BadInput(format!(
+                "unknown input '{}': the model takes {}",
+                extra.name,
+                self.inputs
+                    .iter()
+                    .map(|s| format!("'{}'", s.name))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+        let mut ordered = Vec::with_capacity(self.inputs.len());
+        for spec in &self.inputs {
+            let t = inputs
+                .iter()
+                .find(|t| t.name == spec.name)
+                .ok_or_else(|| ServeError::BadInput(format!("missing input '{}'", spec.name)))?;
+            if t.datatype != spec.datatype {
+                return Err(ServeError::BadInput(format!(
+                    "input '{}' has datatype {}, the model takes {}",
+                    t.name,
+                    t.datatype.kserve_name(),
+                    spec.datatype.kserve_name()
+                )));
+            }
+            let fits = t.shape.len() == spec.shape.len()
+                && t.shape
+                    .iter()
+                    .zip(&spec.shape)
+                    .all(|(got, want)| *want < 0 || *got as i64 == *want);
+            if !fits {
+                return Err(ServeError::BadInput(format!(
+                    "input '{}' has shape {:?}, the model takes {:?} (-1: any)",
+                    t.name, t.shape, spec.shape
+                )));
+            }
+            let dt = to_tract(t.datatype).ok_or_else(|| {
+                ServeError::BadInput(format!("input '{}': BYTES is not supported", t.name))
+            })?;
+            let tensor = tract::prelude::Tensor::from_bytes(dt, &t.shape, &t.data)
+                .map_err(|e| ServeError::BadInput(format!("input '{}': {e}", t.name)))?;
+            ordered.push(tensor);
+        }
+        let result =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.runnable.run(ordered)));
+        let outs = match result {
+            Ok(Ok(o)) => o,
+            Ok(Err(e)) => return Err(ServeError::Runtime(format!("{e:#}"))),
+            Err(_) => return Err(ServeError::Panicked),
+        };
+        outs.into_iter()
+            .zip(&self.outputs)
+            .map(|(o, spec)| {
+                let (dt, shape, bytes) = o
+                    .as_bytes()
+                    .map_err(|e| ServeError::Runtime(e.to_string()))?;
+                let datatype = from_tract(dt).ok_or_else(|| {
+                    ServeError::Runtime(format!("output '{}' has an unsupported type", spec.name))
+                })?;
+                Ok(Tensor {
+                    name: spec.name.clone(),
+                    datatype,
+                    shape: shape.to_vec(),
+                    data: bytes.to_vec(),
+                })
+            })
+            .collect()
+    }
+}
