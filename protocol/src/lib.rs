@@ -31,6 +31,8 @@
 
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
+extern crate alloc;
+
 pub mod chunking;
 pub mod ids;
 pub mod io;

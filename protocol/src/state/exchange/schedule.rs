@@ -1,0 +1,241 @@
+//! The chunk scheduler: which chunk to ask which peer for.
+
+use crate::ids::{ContentId, NodeId};
+use crate::state::Mesh;
+use crate::state::exchange::Request;
+use crate::time::Now;
+use crate::wire::Message;
+use core::time::Duration;
+use rand_core::Rng;
+
+impl<R: Rng> Mesh<R> {
+    /// Request chunk `index` of `file` from `peer` if it is free, wanted and the peer has
+    /// room (the rules of [`Mesh::pick_chunk`], for one chunk).
+    pub(in crate::state) fn schedule_one(
+        &mut self,
+        now: Now,
+        peer: NodeId,
+        file: ContentId,
+        index: u32,
+    ) {
+        if self.store_backoff.is_some_and(|t| now.mono < t) {
+            return;
+        }
+        let Some(p) = self.peers.get(&peer) else {
+            return;
+        };
+        if p.inflight >= self.config.max_inflight_per_peer || p.refused {
+            return;
+        }
+        let (Some(bits), Some(f)) = (p.haves.get(&file), self.files.get(&file)) else {
+            return;
+        };
+        if !f.wanted
+            || f.have.get(index)
+            || !bits.get(index)
+            || f.inflight.contains_key(&index)
+            || f.pending.contains(&index)
+        {
+            return;
+        }
+        let avail = f.avail.get(index as usize).copied().unwrap_or(0);
+        if bits.count() == f.total() && avail > f.seeds {
+            // A seed serves only chunks no other peer can (see pick_chunk).
+            return;
+        }
+        // Across a WAN link: one at a time, and only what no peer on this site has.
+        if self.remote(p)
+            && (p.inflight >= self.config.max_inflight_per_seed
+                || self
+                    .peers
+                    .values()
+                    .any(|q| self.on_site(q) && q.haves.get(&file).is_some_and(|b| b.get(index))))
+        {
+            return;
+        }
+        self.request(now, peer, file, index);
+    }
+
+    /// Issue chunk requests to peers with free slots.
+    pub(in crate::state) fn schedule(&mut self, now: Now) {
+        if self.store_backoff.is_some_and(|t| now.mono < t) {
+            return;
+        }
+        self.store_backoff = None;
+        let max = self.config.max_inflight_per_peer;
+        if self.files.values().all(|f| !f.wanted || f.complete()) {
+            return;
+        }
+        let my_site = self.config.site.clone();
+        // Peers with free slots, best first: same site, lower RTT, random salt.
+        let mut order: Vec<(bool, Duration, u64, NodeId)> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| p.inflight < max && !p.haves.is_empty())
+            .map(|(id, p)| {
+                let same = my_site.is_some() && p.site == my_site;
+                (!same, p.rtt.unwrap_or(Duration::from_secs(1)), p.salt, *id)
+            })
+            .collect();
+        order.sort();
+        let files: Vec<ContentId> = self
+            .files
+            .iter()
+            .filter(|(_, f)| f.wanted && !f.complete())
+            .map(|(k, _)| *k)
+            .collect();
+        for (_, _, _, peer) in order {
+            for file in &files {
+                loop {
+                    let slots = self
+                        .peers
+                        .get(&peer)
+                        .map_or(0, |p| max.saturating_sub(p.inflight));
+                    if slots == 0 {
+                        break;
+                    }
+                    let Some(index) = self.pick_chunk(now, &peer, file) else {
+                        break;
+                    };
+                    self.request(now, peer, *file, index);
+                }
+            }
+        }
+    }
+
+    pub(in crate::state) fn pick_chunk(
+        &mut self,
+        now: Now,
+        peer: &NodeId,
+        file: &ContentId,
+    ) -> Option<u32> {
+        let p = self.peers.get(peer)?;
+        let bits = p.haves.get(file)?;
+        let f = self.files.get(file)?;
+        let n = f.total();
+        if n == 0 {
+            return None;
+        }
+        let is_seed = bits.count() == n;
+        // Keep few requests queued at a seed: what it uploads twice is wasted on its uplink.
+        if is_seed && p.inflight >= self.config.max_inflight_per_seed {
+            return None;
+        }
+        // A peer on another site is behind a WAN link: ask it only for chunks no peer on
+        // this site has (those come over the LAN), one at a time.
+        let remote = self.remote(p);
+        if remote && p.inflight >= self.config.max_inflight_per_seed {
+            return None;
+        }
+        let local: Vec<u8> = if remote {
+            let mut u = vec![0u8; f.have.as_bytes().len()];
+            for q in self.peers.values() {
+                if self.on_site(q)
+                    && let Some(b) = q.haves.get(file)
+                {
+                    for (x, y) in u.iter_mut().zip(b.as_bytes()) {
+                        *x |= *y;
+                    }
+                }
+            }
+            u
+        } else {
+            Vec::new()
+        };
+        // Chunk order from a random start, as before, but a byte (8 chunks) where the peer
+        // has nothing this node lacks is skipped at once.
+        let (pb, hb) = (bits.as_bytes(), f.have.as_bytes());
+        let start = (self.rng.next_u64() % u64::from(n)) as u32;
+        let mut best: Option<(u16, u32)> = None;
+        let mut k = 0u32;
+        while k < n {
+            let i = (start + k) % n;
+            let b = (i / 8) as usize;
+            let cand = pb.get(b).copied().unwrap_or(0)
+                & !hb.get(b).copied().unwrap_or(0xff)
+                & !local.get(b).copied().unwrap_or(0);
+            if cand == 0 {
+                // Next byte boundary (or the wrap to chunk 0).
+                k += (8 - i % 8).min(n - i);
+                continue;
+            }
+            k += 1;
+            if cand & (1 << (i % 8)) == 0 || f.inflight.contains_key(&i) || f.pending.contains(&i) {
+                continue;
+            }
+            let avail = f.avail[i as usize];
+            // Seeds serve only chunks no non-seed peer can.
+            if is_seed && avail.saturating_sub(f.seeds) > 0 {
+                continue;
+            }
+            if best.is_none_or(|(a, _)| avail < a) {
+                best = Some((avail, i));
+            }
+        }
+        if let Some((_, i)) = best {
+            return Some(i);
+        }
+        let any_free_missing = hb.iter().enumerate().any(|(b, byte)| {
+            let missing = !byte;
+            missing != 0
+                && (0..8u32).any(|bit| {
+                    let i = b as u32 * 8 + bit;
+                    missing & (1 << bit) != 0
+                        && i < n
+                        && !f.inflight.contains_key(&i)
+                        && !f.pending.contains(&i)
+                })
+        });
+        if any_free_missing {
+            return None;
+        }
+        // Endgame: every missing chunk is in flight; duplicate old requests.
+        let mut pick = None;
+        for (i, ids) in &f.inflight {
+            if !bits.get(*i) || ids.len() >= 2 {
+                continue;
+            }
+            let old = ids.iter().all(|id| {
+                self.requests.get(id).is_some_and(|r| {
+                    r.peer != *peer
+                        && now.mono.saturating_duration_since(r.sent) >= self.config.endgame_after
+                })
+            });
+            if old {
+                pick = Some(*i);
+                break;
+            }
+        }
+        pick
+    }
+
+    pub(in crate::state) fn request(
+        &mut self,
+        now: Now,
+        peer: NodeId,
+        file: ContentId,
+        index: u32,
+    ) {
+        let id = self.next_request;
+        self.next_request += 1;
+        let deadline = now.mono + self.config.request_timeout;
+        self.requests.insert(
+            id,
+            Request {
+                peer,
+                file,
+                index,
+                sent: now.mono,
+                deadline,
+            },
+        );
+        self.deadlines.insert((deadline, id));
+        if let Some(p) = self.peers.get_mut(&peer) {
+            p.inflight += 1;
+        }
+        if let Some(f) = self.files.get_mut(&file) {
+            f.inflight.entry(index).or_default().push(id);
+        }
+        self.send(peer, Message::Request { id, file, index });
+    }
+}
