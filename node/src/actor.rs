@@ -755,7 +755,9 @@ impl Actor {
                 self.save_state();
                 self.gc();
             }
-            Event::RollBack { channel, from, to } => {
+            Event::RollBack {
+                channel, from, to, ..
+            } => {
                 self.roll_back(&channel, from, to);
                 tracing::warn!("{channel}: rolling back from version {from} to {to:?}");
                 match to {
@@ -1455,7 +1457,7 @@ impl Actor {
     }
 
     /// Each stage of a release's plan and where it stands on this node.
-    fn stage_list(&self, r: &pollen_protocol::state::ReleaseStatus) -> Vec<StageStatus> {
+    fn stage_list(&self, r: &pollen_protocol::state::ReleaseView) -> Vec<StageStatus> {
         let Some(m) = self.mesh.manifest(&r.manifest) else {
             return Vec::new();
         };

@@ -485,29 +485,29 @@ impl Harness {
         self.nodes[i].down = false;
         let old = &self.nodes[i].mesh;
         let trust = old.trust_root().map(|t| t.signed.clone());
-        let status = old.status();
         let mut manifests = Vec::new();
         let mut instructions = Vec::new();
         let mut chunks = Vec::new();
-        for c in &status {
-            for r in &c.releases {
-                if let Some(m) = old.manifest(&r.manifest) {
-                    manifests.push((m.body.version, m.signed.clone()));
-                }
-                if let Some(s) = old.signed_instruction(&r.manifest) {
-                    instructions.push(s.clone());
-                }
-                for (cid, _, total) in &r.files {
-                    let mut bits = Bitfield::new(*total);
-                    for k in 0..*total {
-                        if old.has_chunk(cid, k) {
-                            bits.set(k);
-                        }
+        for (_, r) in old.releases() {
+            manifests.push((r.version, r.manifest.signed.clone()));
+            if let Some(s) = old.signed_instruction(&r.id()) {
+                instructions.push(s.clone());
+            }
+            for f in r.files() {
+                let (cid, total) = (f.spec.content_id, f.spec.chunk_count() as u32);
+                let mut bits = Bitfield::new(total);
+                for k in 0..total {
+                    if old.has_chunk(&cid, k) {
+                        bits.set(k);
                     }
-                    chunks.push((*cid, bits));
                 }
+                chunks.push((cid, bits));
             }
         }
+        let channels: Vec<(Channel, u64, Option<ManifestId>)> = old
+            .channels()
+            .map(|c| (c.clone(), old.highest(c), old.active(c).map(|a| a.1)))
+            .collect();
         manifests.sort_by_key(|(v, _)| *v);
         let config = old.config().clone();
         let id = old.id();
@@ -521,22 +521,16 @@ impl Harness {
         for (_, m) in manifests {
             let _ = self.command(i, Command::Restore(m));
         }
-        for c in &status {
+        for (channel, version, active) in channels {
             let _ = self.command(
                 i,
                 Command::SetHighest {
-                    channel: c.channel.clone(),
-                    version: c.highest,
+                    channel: channel.clone(),
+                    version,
                 },
             );
-            if let Some((_, manifest)) = c.active {
-                let _ = self.command(
-                    i,
-                    Command::SetActive {
-                        channel: c.channel.clone(),
-                        manifest,
-                    },
-                );
+            if let Some(manifest) = active {
+                let _ = self.command(i, Command::SetActive { channel, manifest });
             }
         }
         for s in instructions {
@@ -764,7 +758,12 @@ impl Harness {
                     self.push(self.now + after, Ev::Report { node: i, report: r });
                 }
             }
-            Event::RollBack { channel, from, to } => {
+            Event::RollBack {
+                channel,
+                from,
+                from_manifest,
+                to,
+            } => {
                 match to {
                     Some((v, m)) => {
                         self.nodes[i].active.insert(channel.clone(), (*v, *m));
@@ -773,25 +772,19 @@ impl Harness {
                         self.nodes[i].active.remove(channel);
                     }
                 }
-                let from_id = self.nodes[i]
-                    .mesh
-                    .status()
-                    .into_iter()
-                    .find(|c| &c.channel == channel)
-                    .and_then(|c| {
-                        c.releases
-                            .into_iter()
-                            .find(|r| r.version == *from)
-                            .map(|r| r.manifest)
-                    });
-                if let Some(mid) = from_id {
-                    let wall = self.wall_of(i);
-                    let r = self.report(i, channel, *from, mid, HealthStatus::RolledBack, wall);
-                    self.push(
-                        self.now + Duration::from_millis(1),
-                        Ev::Report { node: i, report: r },
-                    );
-                }
+                let wall = self.wall_of(i);
+                let r = self.report(
+                    i,
+                    channel,
+                    *from,
+                    *from_manifest,
+                    HealthStatus::RolledBack,
+                    wall,
+                );
+                self.push(
+                    self.now + Duration::from_millis(1),
+                    Ev::Report { node: i, report: r },
+                );
             }
             _ => {}
         }

@@ -171,6 +171,19 @@ pub enum ObjectKind {
     Certificate,
 }
 
+impl ObjectKind {
+    /// A stable snake_case name, for metrics and logs.
+    pub fn label(self) -> &'static str {
+        match self {
+            ObjectKind::Manifest => "manifest",
+            ObjectKind::TrustRoot => "trust_root",
+            ObjectKind::Report => "health_report",
+            ObjectKind::Instruction => "instruction",
+            ObjectKind::Certificate => "certificate",
+        }
+    }
+}
+
 /// Something the application should know.
 #[derive(Clone, Debug, PartialEq)]
 #[non_exhaustive]
@@ -262,6 +275,8 @@ pub enum Event {
         channel: Channel,
         /// Version being left.
         from: u64,
+        /// Manifest being left: the release a driver reports `RolledBack` for.
+        from_manifest: ManifestId,
         /// Version to serve again (None: serve nothing for this channel).
         to: Option<(u64, ManifestId)>,
     },

@@ -54,7 +54,7 @@ mod releases;
 mod status;
 
 pub use config::Config;
-pub use status::{ChannelStatus, ReleaseStatus};
+pub use status::{ChannelView, ReleaseRef, ReleaseView};
 
 use config::{PENALTY_SEVERE, PENALTY_TIMEOUT};
 use exchange::{FileState, Request, SUPERSEED_STALL, SuperSeed, clear_bit};
@@ -138,6 +138,15 @@ impl<R: Rng> Mesh<R> {
             catch_up_until: None,
             last_wall: now.wall,
         }
+    }
+
+    // ----- setters ---------------------------------------------------------------------
+
+    /// Keep manifests through `f`, which may return an equal copy already held elsewhere
+    /// (a simulator running many nodes in one process shares one copy of each manifest).
+    /// `f` must return a manifest with the same id and content.
+    pub fn set_interner(&mut self, f: InternFn) {
+        self.interner = Some(Interner(f));
     }
 
     // ----- outputs ---------------------------------------------------------------------

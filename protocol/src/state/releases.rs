@@ -147,17 +147,7 @@ impl<R: Rng> Mesh<R> {
 
     /// Drop file state no retained release refers to.
     pub(super) fn gc_files(&mut self) {
-        let live: BTreeSet<ContentId> = self
-            .channels
-            .values()
-            .flat_map(|c| c.releases.values())
-            .flat_map(|r| {
-                r.manifest.body.artifact.variants[r.variant]
-                    .files
-                    .iter()
-                    .map(|f| f.spec.content_id)
-            })
-            .collect();
+        let live = self.live_files();
         self.files.retain(|k, _| live.contains(k));
     }
     // ----- rollout ---------------------------------------------------------------------
@@ -267,6 +257,15 @@ impl<R: Rng> Mesh<R> {
                 .all(|f| files.get(&f.spec.content_id).is_some_and(|s| s.complete()))
         };
         let chan = self.channels.get_mut(name).expect("present");
+        // Every rollback leaves the active release: `active` is Some wherever this is used.
+        let rollback = |to: Option<(u64, ManifestId)>| {
+            active.map(|(from, from_manifest)| Event::RollBack {
+                channel: name.clone(),
+                from,
+                from_manifest,
+                to,
+            })
+        };
         match target {
             Some((v, id, variant)) if Some((v, id)) != active => {
                 let m = chan.releases[&v].manifest.clone();
@@ -275,11 +274,7 @@ impl<R: Rng> Mesh<R> {
                     if !rolling_back && catching_up {
                         // Promotions wait until this node has heard a peer's view.
                     } else if rolling_back {
-                        events.push(Event::RollBack {
-                            channel: name.clone(),
-                            from: active.map_or(0, |a| a.0),
-                            to: Some((v, id)),
-                        });
+                        events.extend(rollback(Some((v, id))));
                         chan.previous = None;
                         chan.active = Some((v, id));
                     } else {
@@ -294,20 +289,12 @@ impl<R: Rng> Mesh<R> {
                         chan.active = Some((v, id));
                     }
                 } else if active_rolled_back {
-                    events.push(Event::RollBack {
-                        channel: name.clone(),
-                        from: active.map_or(0, |a| a.0),
-                        to: None,
-                    });
+                    events.extend(rollback(None));
                     chan.active = None;
                 }
             }
             None if active_rolled_back => {
-                events.push(Event::RollBack {
-                    channel: name.clone(),
-                    from: active.map_or(0, |a| a.0),
-                    to: None,
-                });
+                events.extend(rollback(None));
                 chan.active = None;
             }
             _ => {}

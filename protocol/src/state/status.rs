@@ -1,19 +1,56 @@
 //! Queries: cheap narrow getters, and the status view for displays.
 
+use super::Mesh;
 use super::config::Config;
 use super::releases::Release;
-use super::{InternFn, Interner, Mesh};
 use crate::chunking::FileSpec;
 use crate::ids::{ContentId, ManifestId, NodeId};
 use crate::manifest::{Channel, Manifest};
 use crate::rollout::{Decision, ReportSample, SignedInstruction};
 use crate::trust::TrustRoot;
+use alloc::collections::BTreeSet;
 use alloc::sync::Arc;
 use rand_core::Rng;
 
+/// One retained release, borrowed from the core (see [`Mesh::release`]).
+#[derive(Clone, Copy, Debug)]
+pub struct ReleaseRef<'a> {
+    /// Its version.
+    pub version: u64,
+    /// The manifest.
+    pub manifest: &'a Arc<Manifest>,
+    /// The variant this node chose for its device (index into the artifact's variants).
+    pub variant: usize,
+    /// The latest rollout decision, once evaluated.
+    pub decision: Option<&'a Decision>,
+}
+
+impl<'a> ReleaseRef<'a> {
+    fn of(r: &'a Release) -> Self {
+        ReleaseRef {
+            version: r.manifest.body.version,
+            manifest: &r.manifest,
+            variant: r.variant,
+            decision: r.decision.as_ref(),
+        }
+    }
+
+    /// The manifest id.
+    pub fn id(&self) -> ManifestId {
+        self.manifest.id
+    }
+
+    /// The files of the chosen variant.
+    pub fn files(&self) -> impl Iterator<Item = &'a crate::manifest::FileEntry> + 'a {
+        self.manifest.body.artifact.variants[self.variant]
+            .files
+            .iter()
+    }
+}
+
 /// A summary of a release for status displays.
 #[derive(Clone, Debug, PartialEq)]
-pub struct ReleaseStatus {
+pub struct ReleaseView {
     /// Version.
     pub version: u64,
     /// Manifest id.
@@ -42,7 +79,7 @@ pub struct ReleaseStatus {
 
 /// A summary of a channel for status displays.
 #[derive(Clone, Debug, PartialEq)]
-pub struct ChannelStatus {
+pub struct ChannelView {
     /// Channel.
     pub channel: Channel,
     /// Highest version accepted.
@@ -50,7 +87,7 @@ pub struct ChannelStatus {
     /// Active (version, manifest).
     pub active: Option<(u64, ManifestId)>,
     /// Retained releases.
-    pub releases: Vec<ReleaseStatus>,
+    pub releases: Vec<ReleaseView>,
     /// Versions with equivocation evidence.
     pub equivocations: Vec<u64>,
     /// The local pin, if any (see [`Command::PinVersion`]).
@@ -58,15 +95,6 @@ pub struct ChannelStatus {
 }
 
 impl<R: Rng> Mesh<R> {
-    // ----- getters ---------------------------------------------------------------------
-
-    /// Keep manifests through `f`, which may return an equal copy already held elsewhere
-    /// (a simulator running many nodes in one process shares one copy of each manifest).
-    /// `f` must return a manifest with the same id and content.
-    pub fn set_interner(&mut self, f: InternFn) {
-        self.interner = Some(Interner(f));
-    }
-
     /// This node's id.
     pub fn id(&self) -> NodeId {
         self.id
@@ -135,11 +163,55 @@ impl<R: Rng> Mesh<R> {
         self.instructions.get(id).map(|(_, b)| b)
     }
 
-    /// Status of every channel.
-    pub fn status(&self) -> Vec<ChannelStatus> {
+    /// One retained release of a channel.
+    pub fn release(&self, channel: &Channel, version: u64) -> Option<ReleaseRef<'_>> {
+        self.channels
+            .get(channel)?
+            .releases
+            .get(&version)
+            .map(ReleaseRef::of)
+    }
+
+    /// Every retained release, by channel then version.
+    pub fn releases(&self) -> impl Iterator<Item = (&Channel, ReleaseRef<'_>)> {
         self.channels
             .iter()
-            .map(|(name, c)| ChannelStatus {
+            .flat_map(|(c, s)| s.releases.values().map(move |r| (c, ReleaseRef::of(r))))
+    }
+
+    /// Every channel followed (with or without retained releases).
+    pub fn channels(&self) -> impl Iterator<Item = &Channel> {
+        self.channels.keys()
+    }
+
+    /// The (channel, version, manifest) of every channel with an active release.
+    pub fn actives(&self) -> impl Iterator<Item = (&Channel, u64, ManifestId)> {
+        self.channels
+            .iter()
+            .filter_map(|(c, s)| s.active.map(|(v, id)| (c, v, id)))
+    }
+
+    /// The files of every retained release (the variant this node chose): what a driver
+    /// must keep on disk.
+    pub fn live_files(&self) -> BTreeSet<ContentId> {
+        self.channels
+            .values()
+            .flat_map(|c| c.releases.values())
+            .flat_map(|r| {
+                r.manifest.body.artifact.variants[r.variant]
+                    .files
+                    .iter()
+                    .map(|f| f.spec.content_id)
+            })
+            .collect()
+    }
+
+    /// Status of every channel: a display view that counts samples and pending reporters
+    /// of every release. Use the narrow queries above for anything else.
+    pub fn status(&self) -> Vec<ChannelView> {
+        self.channels
+            .iter()
+            .map(|(name, c)| ChannelView {
                 channel: name.clone(),
                 highest: c.highest,
                 active: c.active,
@@ -148,7 +220,7 @@ impl<R: Rng> Mesh<R> {
                 releases: c
                     .releases
                     .values()
-                    .map(|r| ReleaseStatus {
+                    .map(|r| ReleaseView {
                         version: r.manifest.body.version,
                         manifest: r.manifest.id,
                         stages: r.manifest.body.rollout.stages.len(),
