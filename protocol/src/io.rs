@@ -135,7 +135,10 @@ pub enum Command {
         /// Chunks present.
         chunks: Bitfield,
     },
-    /// A health report signed by this node (activation result or periodic).
+    /// A health report signed by this node (activation result or periodic). It has a
+    /// second meaning: a `Failed` report before any `Ok` for that release says its
+    /// activation failed, so the core never chooses it again and makes the previous release
+    /// active again (the driver kept serving it).
     ReportHealth(HealthReport),
     /// A signed rollout instruction (halt / resume).
     Instruct(SignedInstruction),

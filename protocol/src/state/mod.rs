@@ -37,7 +37,7 @@
 use crate::ids::{ContentId, ManifestId, NodeId};
 use crate::io::{Command, Event, Input, Output};
 use crate::manifest::{Channel, Manifest};
-use crate::rollout::{HealthReport, HealthStatus, ReportSample, SignedInstruction};
+use crate::rollout::{HealthReport, ReportSample, SignedInstruction};
 use crate::time::{Instant, Now, UnixTime};
 use crate::trust::{SignedNodeCert, TrustRoot};
 use crate::wire::{Bitfield, Message, ObjectId, RejectReason};
@@ -504,23 +504,7 @@ impl<R: Rng> Mesh<R> {
                 if body.node != self.id {
                     return Err("a node reports only its own health".into());
                 }
-                if let Some(c) = self.channels.get_mut(&body.channel) {
-                    match body.status {
-                        HealthStatus::Ok => {
-                            c.reported_ok.insert(body.manifest);
-                        }
-                        // A failure before any Ok report is a failed activation: the driver
-                        // kept serving what it served before. After an Ok it is a runtime
-                        // failure, which the rollout gate handles.
-                        HealthStatus::Failed { .. } if !c.reported_ok.contains(&body.manifest) => {
-                            c.failed_local.insert(body.manifest);
-                            if c.active.map(|a| a.1) == Some(body.manifest) {
-                                c.active = c.previous.take();
-                            }
-                        }
-                        _ => {}
-                    }
-                }
+                self.note_own_report(&body);
                 if self.on_report(now, None, r) {
                     Ok(())
                 } else {

@@ -41,7 +41,8 @@ impl<R: Rng> Mesh<R> {
             None => return Ok(()),
             Some(cur) => {
                 let Ok(body) = t.decode_body() else {
-                    return self.reject_trust(
+                    return self.refuse(
+                        ObjectKind::TrustRoot,
                         from,
                         TrustError::Malformed(SignedError::Invalid("bad body".into())),
                     );
@@ -66,45 +67,11 @@ impl<R: Rng> Mesh<R> {
                 }
                 Ok(())
             }
-            Err(e) => self.reject_trust(from, e),
+            Err(e) => self.refuse(ObjectKind::TrustRoot, from, e),
         }
-    }
-
-    pub(super) fn reject_trust(
-        &mut self,
-        from: Option<NodeId>,
-        e: TrustError,
-    ) -> Result<(), TrustError> {
-        self.emit(Event::Rejected {
-            kind: ObjectKind::TrustRoot,
-            from,
-            label: e.label(),
-            reason: e.to_string(),
-        });
-        if let Some(p) = from {
-            self.penalise(p, penalty_for(&e), format!("trust root: {e}"));
-        }
-        Err(e)
     }
 
     // ----- manifests -------------------------------------------------------------------
-
-    pub(super) fn reject_manifest(
-        &mut self,
-        from: Option<NodeId>,
-        e: TrustError,
-    ) -> Result<(), TrustError> {
-        self.emit(Event::Rejected {
-            kind: ObjectKind::Manifest,
-            from,
-            label: e.label(),
-            reason: e.to_string(),
-        });
-        if let Some(p) = from {
-            self.penalise(p, penalty_for(&e), format!("manifest: {e}"));
-        }
-        Err(e)
-    }
 
     /// Accept or refuse a manifest. `restore`: re-accepting one persisted before a restart.
     pub(super) fn on_manifest(
@@ -124,17 +91,17 @@ impl<R: Rng> Mesh<R> {
                     got: *version,
                     highest,
                 };
-                return self.reject_manifest(None, e);
+                return self.refuse(ObjectKind::Manifest, None, e);
             }
             return Ok(());
         }
         let m = match Manifest::decode(signed) {
             Ok(m) => m,
-            Err(e) => return self.reject_manifest(from, TrustError::Malformed(e)),
+            Err(e) => return self.refuse(ObjectKind::Manifest, from, TrustError::Malformed(e)),
         };
         let Some(trust) = &self.trust else {
             return self
-                .reject_manifest(from, TrustError::TrustRootExpired)
+                .refuse(ObjectKind::Manifest, from, TrustError::TrustRootExpired)
                 .map(|_| ());
         };
         let auth = if restore {
@@ -143,13 +110,14 @@ impl<R: Rng> Mesh<R> {
             trust.authorise_manifest(&m, now.wall)
         };
         if let Err(e) = auth {
-            return self.reject_manifest(from, e);
+            return self.refuse(ObjectKind::Manifest, from, e);
         }
         let channel = m.body.channel.clone();
         let version = m.body.version;
         let max_channels = self.config.max_channels;
         if !self.channels.contains_key(&channel) && self.channels.len() >= max_channels {
-            return self.reject_manifest(
+            return self.refuse(
+                ObjectKind::Manifest,
                 from,
                 TrustError::Malformed(SignedError::Invalid("too many channels".into())),
             );
@@ -196,7 +164,8 @@ impl<R: Rng> Mesh<R> {
         }
         if !restore && version <= chan.highest {
             let highest = chan.highest;
-            return self.reject_manifest(
+            return self.refuse(
+                ObjectKind::Manifest,
                 from,
                 TrustError::Stale {
                     got: version,
@@ -238,17 +207,21 @@ impl<R: Rng> Mesh<R> {
         }
         let body = match s.decode_body() {
             Ok(b) => b,
-            Err(e) => return self.reject_instruction(from, TrustError::Malformed(e)),
+            Err(e) => return self.refuse(ObjectKind::Instruction, from, TrustError::Malformed(e)),
         };
         let Some(trust) = &self.trust else {
             return Ok(());
         };
         if let Err(e) = trust.authorise_publisher_signed(&s, &body.channel, now.wall) {
-            return self.reject_instruction(from, e);
+            return self.refuse(ObjectKind::Instruction, from, e);
         }
         if body.issued > now.wall.plus(self.config.max_clock_skew) {
             let ahead_ms = body.issued.0 - now.wall.0;
-            return self.reject_instruction(from, TrustError::Future { ahead_ms });
+            return self.refuse(
+                ObjectKind::Instruction,
+                from,
+                TrustError::Future { ahead_ms },
+            );
         }
         let Some(mid) = self
             .channels
@@ -306,23 +279,6 @@ impl<R: Rng> Mesh<R> {
         self.refresh_all(now);
     }
 
-    pub(super) fn reject_instruction(
-        &mut self,
-        from: Option<NodeId>,
-        e: TrustError,
-    ) -> Result<(), TrustError> {
-        self.emit(Event::Rejected {
-            kind: ObjectKind::Instruction,
-            from,
-            label: e.label(),
-            reason: e.to_string(),
-        });
-        if let Some(p) = from {
-            self.penalise(p, penalty_for(&e), format!("instruction: {e}"));
-        }
-        Err(e)
-    }
-
     // ----- health reports --------------------------------------------------------------
 
     /// Returns true when the report entered or changed the sample.
@@ -330,7 +286,13 @@ impl<R: Rng> Mesh<R> {
         let body = match r.signed.decode_body() {
             Ok(b) => b,
             Err(e) => {
-                self.reject_report(from, PENALTY_SEVERE, "malformed", e.to_string());
+                self.reject(
+                    ObjectKind::Report,
+                    from,
+                    PENALTY_SEVERE,
+                    "malformed",
+                    e.to_string(),
+                );
                 return false;
             }
         };
@@ -340,7 +302,8 @@ impl<R: Rng> Mesh<R> {
         }
         if body.timestamp > now.wall.plus(self.config.max_clock_skew) {
             // An honest node with a fast clock: no penalty, anti-entropy offers it again.
-            self.reject_report(
+            self.reject(
+                ObjectKind::Report,
                 from,
                 0,
                 "future",
@@ -353,7 +316,8 @@ impl<R: Rng> Mesh<R> {
             return false;
         }
         if r.signed.valid_signers(|k| k.0 == body.node.0).is_empty() {
-            self.reject_report(
+            self.reject(
+                ObjectKind::Report,
                 from,
                 PENALTY_SEVERE,
                 "forged",
@@ -364,7 +328,13 @@ impl<R: Rng> Mesh<R> {
         if let Some(t) = &self.trust
             && let Err(e) = t.check_certificate(&body.node, r.cert.as_ref(), now.wall)
         {
-            self.reject_report(from, PENALTY_MINOR, e.label(), e.to_string());
+            self.reject(
+                ObjectKind::Report,
+                from,
+                PENALTY_MINOR,
+                e.label(),
+                e.to_string(),
+            );
             return false;
         }
         let Some(sample) = self.samples.get_mut(&body.manifest) else {
@@ -375,7 +345,8 @@ impl<R: Rng> Mesh<R> {
             .get(&body.manifest)
             .is_some_and(|(c, v)| *c == body.channel && *v == body.version);
         if !ok_release {
-            self.reject_report(
+            self.reject(
+                ObjectKind::Report,
                 from,
                 PENALTY_MINOR,
                 "mismatch",
@@ -393,21 +364,44 @@ impl<R: Rng> Mesh<R> {
         changed
     }
 
-    pub(super) fn reject_report(
+    // ----- rejection -------------------------------------------------------------------
+
+    /// Refuse an object of `kind`: tell the driver ([`Event::Rejected`]) and, if a peer sent
+    /// it, penalise that peer by `penalty` points.
+    pub(super) fn reject(
         &mut self,
+        kind: ObjectKind,
         from: Option<NodeId>,
         penalty: u32,
         label: &'static str,
         reason: String,
     ) {
         self.emit(Event::Rejected {
-            kind: ObjectKind::Report,
+            kind,
             from,
             label,
             reason: reason.clone(),
         });
         if let Some(p) = from {
-            self.penalise(p, penalty, format!("health report: {reason}"));
+            let what = match kind {
+                ObjectKind::TrustRoot => "trust root",
+                ObjectKind::Manifest => "manifest",
+                ObjectKind::Instruction => "instruction",
+                ObjectKind::Report => "health report",
+                ObjectKind::Certificate => "certificate",
+            };
+            self.penalise(p, penalty, format!("{what}: {reason}"));
         }
+    }
+
+    /// [`Mesh::reject`] for a [`TrustError`], with its label and penalty; returns it.
+    fn refuse(
+        &mut self,
+        kind: ObjectKind,
+        from: Option<NodeId>,
+        e: TrustError,
+    ) -> Result<(), TrustError> {
+        self.reject(kind, from, penalty_for(&e), e.label(), e.to_string());
+        Err(e)
     }
 }

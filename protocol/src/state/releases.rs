@@ -6,7 +6,9 @@ use super::{Interner, Mesh};
 use crate::ids::{ContentId, ManifestId};
 use crate::io::Event;
 use crate::manifest::{Channel, Manifest};
-use crate::rollout::{Decision, ReportSample, RolloutAction, evaluate};
+use crate::rollout::{
+    Decision, HealthReportBody, HealthStatus, ReportSample, RolloutAction, evaluate,
+};
 use crate::time::Now;
 use crate::wire::Bitfield;
 use alloc::collections::{BTreeMap, BTreeSet};
@@ -105,6 +107,28 @@ impl<R: Rng> Mesh<R> {
         }
         if let Some((s, body)) = self.pending_instructions.remove(&(channel, version)) {
             self.apply_instruction(now, None, m.id, s, body);
+        }
+    }
+
+    /// This node reports on its own release: a `Failed` before any `Ok` is a failed
+    /// activation (the driver kept serving what it served before), so the release is
+    /// never chosen again here and the previous one is active again. After an `Ok`, a
+    /// failure is a runtime failure, which the rollout gate handles.
+    pub(super) fn note_own_report(&mut self, body: &HealthReportBody) {
+        let Some(c) = self.channels.get_mut(&body.channel) else {
+            return;
+        };
+        match body.status {
+            HealthStatus::Ok => {
+                c.reported_ok.insert(body.manifest);
+            }
+            HealthStatus::Failed { .. } if !c.reported_ok.contains(&body.manifest) => {
+                c.failed_local.insert(body.manifest);
+                if c.active.map(|a| a.1) == Some(body.manifest) {
+                    c.active = c.previous.take();
+                }
+            }
+            _ => {}
         }
     }
 
