@@ -52,6 +52,7 @@ mod objects;
 mod peers;
 mod releases;
 mod status;
+mod timers;
 
 pub use config::Config;
 pub use status::{ChannelView, ReleaseRef, ReleaseView};
@@ -60,6 +61,7 @@ use config::{PENALTY_SEVERE, PENALTY_TIMEOUT};
 use exchange::{FileState, Request, SUPERSEED_STALL, SuperSeed, clear_bit};
 use peers::Peer;
 use releases::ChannelState;
+use timers::{Timer, TimerTable};
 
 /// Maps a freshly decoded manifest to the copy to keep (see [`Mesh::set_interner`]).
 pub type InternFn = Box<dyn Fn(Arc<Manifest>) -> Arc<Manifest> + Send>;
@@ -87,7 +89,6 @@ pub struct Mesh<R> {
     files: BTreeMap<ContentId, FileState>,
     peers: BTreeMap<NodeId, Peer>,
     requests: BTreeMap<u64, Request>,
-    deadlines: BTreeSet<(Instant, u64)>,
     next_request: u64,
     samples: BTreeMap<ManifestId, ReportSample>,
     instructions: BTreeMap<ManifestId, (SignedInstruction, crate::rollout::InstructionBody)>,
@@ -98,10 +99,8 @@ pub struct Mesh<R> {
     pending_wants: BTreeMap<ObjectId, (Instant, NodeId)>,
     pending_reports: Vec<HealthReport>,
     pinned: BTreeSet<ManifestId>,
-    store_backoff: Option<Instant>,
     outputs: VecDeque<Output>,
-    next_anti_entropy: Option<Instant>,
-    next_tick: Option<Instant>,
+    timers: TimerTable,
     /// Until then, no promotion to a newer version (see [`Config::catch_up`]); None once
     /// caught up.
     catch_up_until: Option<Instant>,
@@ -123,7 +122,6 @@ impl<R: Rng> Mesh<R> {
             files: BTreeMap::new(),
             peers: BTreeMap::new(),
             requests: BTreeMap::new(),
-            deadlines: BTreeSet::new(),
             next_request: 1,
             samples: BTreeMap::new(),
             instructions: BTreeMap::new(),
@@ -131,10 +129,12 @@ impl<R: Rng> Mesh<R> {
             pending_wants: BTreeMap::new(),
             pending_reports: Vec::new(),
             pinned: BTreeSet::new(),
-            store_backoff: None,
             outputs: VecDeque::new(),
-            next_anti_entropy: None,
-            next_tick: Some(now.mono),
+            timers: {
+                let mut t = TimerTable::default();
+                t.set(Timer::Tick, now.mono);
+                t
+            },
             catch_up_until: None,
             last_wall: now.wall,
         }
@@ -158,16 +158,8 @@ impl<R: Rng> Mesh<R> {
 
     /// The next deadline at which [`Mesh::handle_timeout`] wants to run.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        [
-            self.next_anti_entropy,
-            self.next_tick,
-            self.deadlines.first().map(|(t, _)| *t),
-            self.pending_wants.values().map(|(t, _)| *t).min(),
-            self.store_backoff,
-        ]
-        .into_iter()
-        .flatten()
-        .min()
+        let wants = self.pending_wants.values().map(|(t, _)| *t).min();
+        self.timers.next_timeout().into_iter().chain(wants).min()
     }
 
     fn emit(&mut self, e: Event) {
@@ -236,11 +228,7 @@ impl<R: Rng> Mesh<R> {
     pub fn handle_timeout(&mut self, now: Now) {
         self.last_wall = now.wall;
         // Request timeouts.
-        while let Some(&(t, id)) = self.deadlines.first() {
-            if t > now.mono {
-                break;
-            }
-            self.deadlines.pop_first();
+        while let Some(id) = self.timers.pop_due_request(now.mono) {
             if let Some(req) = self.requests.remove(&id) {
                 self.forget_request(id, &req);
                 self.send(req.peer, Message::Cancel { id });
@@ -266,15 +254,19 @@ impl<R: Rng> Mesh<R> {
         for (peer, list) in wants {
             self.send(peer, Message::Want(list));
         }
-        if self.next_anti_entropy.is_some_and(|t| t <= now.mono) {
-            self.next_anti_entropy = Some(now.mono + self.config.anti_entropy_interval);
+        if self.timers.is_due(Timer::AntiEntropy, now.mono) {
+            self.timers.set(
+                Timer::AntiEntropy,
+                now.mono + self.config.anti_entropy_interval,
+            );
             if let Some(peer) = self.random_peers(1, None).first().copied() {
                 let d = self.digest(false);
                 self.send(peer, Message::Digest(d));
             }
         }
-        if self.next_tick.is_some_and(|t| t <= now.mono) {
-            self.next_tick = Some(now.mono + self.config.rollout_tick);
+        if self.timers.is_due(Timer::Tick, now.mono) {
+            self.timers
+                .set(Timer::Tick, now.mono + self.config.rollout_tick);
             let stalled: Vec<ContentId> = self
                 .files
                 .iter()
@@ -386,7 +378,7 @@ impl<R: Rng> Mesh<R> {
                     && r.peer == from
                 {
                     let r = self.requests.remove(&id).expect("present");
-                    self.deadlines.remove(&(r.deadline, id));
+                    self.timers.stop_request(r.deadline, id);
                     // The peer does not have it after all: stop asking it for that chunk.
                     if let Some(p) = self.peers.get_mut(&from)
                         && let Some(bits) = p.haves.get_mut(&r.file)

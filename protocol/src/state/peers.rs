@@ -2,6 +2,7 @@
 
 use super::Mesh;
 use super::exchange::remove_availability;
+use super::timers::Timer;
 use crate::ids::{ContentId, NodeId};
 use crate::io::{Event, Output, PeerInfo};
 use crate::time::{Instant, Now};
@@ -135,8 +136,11 @@ impl<R: Rng> Mesh<R> {
             self.peers.remove(&peer);
             return;
         }
-        if self.next_anti_entropy.is_none() {
-            self.next_anti_entropy = Some(now.mono + self.config.anti_entropy_interval);
+        if self.timers.get(Timer::AntiEntropy).is_none() {
+            self.timers.set(
+                Timer::AntiEntropy,
+                now.mono + self.config.anti_entropy_interval,
+            );
         }
         if let Some(c) = self.cert.clone() {
             self.send(peer, Message::Certificate(c));
@@ -163,7 +167,7 @@ impl<R: Rng> Mesh<R> {
             .collect();
         for id in ids {
             if let Some(r) = self.requests.remove(&id) {
-                self.deadlines.remove(&(r.deadline, id));
+                self.timers.stop_request(r.deadline, id);
                 self.forget_request(id, &r);
             }
         }

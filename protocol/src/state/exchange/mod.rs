@@ -7,6 +7,7 @@ pub(super) use superseed::{SUPERSEED_STALL, SuperSeed};
 
 use super::Mesh;
 use super::config::{PENALTY_CORRUPT, PENALTY_MINOR};
+use super::timers::Timer;
 use crate::chunking::FileSpec;
 use crate::ids::{ContentId, NodeId};
 use crate::io::{ChunkFailure, Event};
@@ -182,7 +183,7 @@ impl<R: Rng> Mesh<R> {
             .unwrap_or_default();
         for id in ids {
             if let Some(r) = self.requests.remove(&id) {
-                self.deadlines.remove(&(r.deadline, id));
+                self.timers.stop_request(r.deadline, id);
                 self.forget_request(id, &r);
                 if Some(r.peer) != from {
                     self.send(r.peer, Message::Cancel { id });
@@ -235,7 +236,7 @@ impl<R: Rng> Mesh<R> {
             .collect();
         for id in ids {
             if let Some(r) = self.requests.remove(&id) {
-                self.deadlines.remove(&(r.deadline, id));
+                self.timers.stop_request(r.deadline, id);
                 self.forget_request(id, &r);
             }
         }
@@ -260,7 +261,8 @@ impl<R: Rng> Mesh<R> {
                 }
                 // A full or failing disk: pause downloads rather than fetch bytes that
                 // cannot be kept.
-                self.store_backoff = Some(now.mono + self.config.store_retry);
+                self.timers
+                    .set(Timer::StoreBackoff, now.mono + self.config.store_retry);
             }
         }
     }

@@ -3,6 +3,7 @@
 use crate::ids::{ContentId, NodeId};
 use crate::state::Mesh;
 use crate::state::exchange::Request;
+use crate::state::timers::Timer;
 use crate::time::Now;
 use crate::wire::Message;
 use core::time::Duration;
@@ -18,7 +19,11 @@ impl<R: Rng> Mesh<R> {
         file: ContentId,
         index: u32,
     ) {
-        if self.store_backoff.is_some_and(|t| now.mono < t) {
+        if self
+            .timers
+            .get(Timer::StoreBackoff)
+            .is_some_and(|t| now.mono < t)
+        {
             return;
         }
         let Some(p) = self.peers.get(&peer) else {
@@ -58,10 +63,14 @@ impl<R: Rng> Mesh<R> {
 
     /// Issue chunk requests to peers with free slots.
     pub(in crate::state) fn schedule(&mut self, now: Now) {
-        if self.store_backoff.is_some_and(|t| now.mono < t) {
+        if self
+            .timers
+            .get(Timer::StoreBackoff)
+            .is_some_and(|t| now.mono < t)
+        {
             return;
         }
-        self.store_backoff = None;
+        self.timers.stop(Timer::StoreBackoff);
         let max = self.config.max_inflight_per_peer;
         if self.files.values().all(|f| !f.wanted || f.complete()) {
             return;
@@ -229,7 +238,7 @@ impl<R: Rng> Mesh<R> {
                 deadline,
             },
         );
-        self.deadlines.insert((deadline, id));
+        self.timers.set_request(deadline, id);
         if let Some(p) = self.peers.get_mut(&peer) {
             p.inflight += 1;
         }
