@@ -12,9 +12,7 @@
 use crate::chunking::FileSpec;
 use crate::ids::{ContentId, ManifestId, NodeId, PublicKey};
 use crate::io::{ChunkFailure, Command, Event, Input, Output, PeerInfo};
-use crate::manifest::{
-    Artifact, Channel, FileEntry, ManifestBody, ModelMeta, SignedManifest, Variant,
-};
+use crate::manifest::{Channel, ManifestBody, SignedManifest};
 use crate::rollout::{HealthReport, HealthReportBody, HealthStatus, RolloutPlan};
 use crate::signing::Signed;
 use crate::state::{Config, Mesh};
@@ -169,13 +167,8 @@ impl Operator {
         };
         let root = key();
         let publishers: Vec<SigningKey> = (0..3).map(|_| key()).collect();
-        let pk = |k: &SigningKey| PublicKey(k.verifying_key().to_bytes());
+        let pk = |k: &SigningKey| PublicKey::from(k);
         let body = TrustRootBody {
-            version: 1,
-            created: UnixTime::from_secs(1_000),
-            expires: UnixTime::from_secs(10_000_000_000),
-            root_keys: vec![pk(&root)],
-            root_threshold: 1,
             publishers: publishers
                 .iter()
                 .enumerate()
@@ -191,6 +184,13 @@ impl Operator {
                 .collect(),
             publish_threshold,
             fleet_key,
+            ..TrustRootBody::single_publisher(
+                pk(&root),
+                pk(&publishers[0]),
+                ChannelPattern("*".into()),
+                UnixTime::from_secs(1_000),
+                UnixTime::from_secs(10_000_000_000),
+            )
         };
         let trust = Signed::sign(&body, &[&root]);
         Operator {
@@ -214,26 +214,13 @@ pub fn manifest_body(
     plan: RolloutPlan,
     created: UnixTime,
 ) -> ManifestBody {
-    ManifestBody {
-        channel: Channel::new(channel).expect("valid channel"),
+    ManifestBody::single_file(
+        Channel::new(channel).expect("valid channel"),
         version,
-        artifact: Artifact {
-            variants: vec![Variant {
-                name: "default".into(),
-                requires: Default::default(),
-                files: vec![FileEntry {
-                    name: "model.onnx".into(),
-                    spec,
-                }],
-            }],
-        },
-        model: ModelMeta::default(),
-        golden: vec![],
-        rollout: plan,
+        spec,
+        plan,
         created,
-        expires: created.plus(Duration::from_secs(30 * 24 * 3600)),
-        replaces: None,
-    }
+    )
 }
 
 /// A file spec of `size` seeded random bytes cut at `chunk_size`.
@@ -304,7 +291,7 @@ impl Harness {
             let mut b = [0u8; 32];
             rng.fill_bytes(&mut b);
             let key = SigningKey::from_bytes(&b);
-            let id = NodeId(key.verifying_key().to_bytes());
+            let id = NodeId::from(&key);
             let node_rng = ChaCha8Rng::seed_from_u64(rng.next_u64());
             index.insert(id, i);
             nodes.push(SimNode {

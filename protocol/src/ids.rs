@@ -95,3 +95,28 @@ impl From<NodeId> for PublicKey {
         PublicKey(n.0)
     }
 }
+
+impl From<&ed25519_dalek::VerifyingKey> for PublicKey {
+    fn from(k: &ed25519_dalek::VerifyingKey) -> Self {
+        PublicKey(k.to_bytes())
+    }
+}
+
+impl From<&ed25519_dalek::SigningKey> for PublicKey {
+    fn from(k: &ed25519_dalek::SigningKey) -> Self {
+        PublicKey::from(&k.verifying_key())
+    }
+}
+
+impl From<&ed25519_dalek::VerifyingKey> for NodeId {
+    fn from(k: &ed25519_dalek::VerifyingKey) -> Self {
+        NodeId(k.to_bytes())
+    }
+}
+
+/// A node's id is its ed25519 public key.
+impl From<&ed25519_dalek::SigningKey> for NodeId {
+    fn from(k: &ed25519_dalek::SigningKey) -> Self {
+        NodeId::from(&k.verifying_key())
+    }
+}

@@ -287,6 +287,40 @@ pub struct ManifestBody {
     pub replaces: Option<ManifestId>,
 }
 
+impl ManifestBody {
+    /// A release of one file (`model.onnx` in a variant `default` with no requirements),
+    /// with no model metadata or golden checks, expiring 30 days after `created`: the
+    /// shape of most test and demo releases.
+    pub fn single_file(
+        channel: Channel,
+        version: u64,
+        spec: FileSpec,
+        rollout: RolloutPlan,
+        created: UnixTime,
+    ) -> ManifestBody {
+        ManifestBody {
+            channel,
+            version,
+            artifact: Artifact {
+                variants: vec![Variant {
+                    name: "default".into(),
+                    requires: Default::default(),
+                    files: vec![FileEntry {
+                        name: "model.onnx".into(),
+                        spec,
+                    }],
+                }],
+            },
+            model: ModelMeta::default(),
+            golden: vec![],
+            rollout,
+            created,
+            expires: created.plus(core::time::Duration::from_secs(30 * 24 * 3600)),
+            replaces: None,
+        }
+    }
+}
+
 fn check_name(what: &str, s: &str) -> Result<(), String> {
     if s.is_empty() || s.len() > MAX_NAME_LEN {
         return Err(format!("{what} must be 1 to {MAX_NAME_LEN} bytes"));

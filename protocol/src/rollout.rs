@@ -725,7 +725,7 @@ mod tests {
         ts: u64,
     ) -> (HealthReport, HealthReportBody) {
         let body = HealthReportBody {
-            node: NodeId(key.verifying_key().to_bytes()),
+            node: NodeId::from(key),
             channel: ch(),
             version: 2,
             manifest: version_id,

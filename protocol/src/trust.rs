@@ -82,6 +82,34 @@ pub struct TrustRootBody {
     pub fleet_key: Option<PublicKey>,
 }
 
+impl TrustRootBody {
+    /// A version-1 trust root with one root key and one publisher (named `publisher`,
+    /// allowed on the channels matching `channels`), both thresholds 1, no fleet key,
+    /// valid from `created` to `expires`. Sign it with the root key.
+    pub fn single_publisher(
+        root: PublicKey,
+        publisher: PublicKey,
+        channels: ChannelPattern,
+        created: UnixTime,
+        expires: UnixTime,
+    ) -> TrustRootBody {
+        TrustRootBody {
+            version: 1,
+            created,
+            expires,
+            root_keys: vec![root],
+            root_threshold: 1,
+            publishers: vec![Publisher {
+                key: publisher,
+                name: "publisher".into(),
+                channels: vec![channels],
+            }],
+            publish_threshold: 1,
+            fleet_key: None,
+        }
+    }
+}
+
 fn unique(keys: impl Iterator<Item = PublicKey>) -> bool {
     let v: Vec<_> = keys.collect();
     v.iter().enumerate().all(|(i, k)| !v[..i].contains(k))
