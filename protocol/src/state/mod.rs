@@ -54,6 +54,9 @@ mod releases;
 mod status;
 mod timers;
 
+#[cfg(test)]
+mod testkit;
+
 pub use config::Config;
 pub use status::{ChannelView, ReleaseRef, ReleaseView};
 

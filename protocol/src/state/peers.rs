@@ -212,3 +212,55 @@ impl<R: Rng> Mesh<R> {
         all
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::io::{Event, Output};
+    use crate::state::testkit::{add_peer, mesh, peer};
+
+    #[test]
+    fn penalties_add_up_and_disconnect_at_the_threshold() {
+        let (mut m, f) = mesh(4, None);
+        add_peer(&mut m, 1, None, f, &[0, 1]);
+        m.penalise(peer(1), 0, "nothing".into());
+        assert!(m.poll_output().is_none(), "zero points: no event");
+        m.penalise(peer(1), 60, "bad".into());
+        assert_eq!(m.peers[&peer(1)].score, 60);
+        assert!(matches!(
+            m.poll_output(),
+            Some(Output::Event(Event::PeerPenalised { score: 60, .. }))
+        ));
+        m.penalise(peer(1), 40, "worse".into());
+        let out: Vec<Output> = core::iter::from_fn(|| m.poll_output()).collect();
+        assert!(matches!(out[1], Output::Disconnect { peer: p, .. } if p == peer(1)));
+        assert!(!m.peers.contains_key(&peer(1)), "forgotten at once");
+        assert_eq!(m.files[&f].avail, vec![0; 4], "its chunks no longer count");
+    }
+
+    #[test]
+    fn random_peers_is_a_bounded_sample_without_the_excluded_peer() {
+        let (mut m, f) = mesh(1, None);
+        for i in 1..=5 {
+            add_peer(&mut m, i, None, f, &[]);
+        }
+        let some = m.random_peers(3, Some(peer(2)));
+        assert_eq!(some.len(), 3);
+        assert!(!some.contains(&peer(2)));
+        let all = m.random_peers(usize::MAX, None);
+        assert_eq!(all.len(), 5);
+    }
+
+    #[test]
+    fn wan_and_site_predicates() {
+        let (mut m, f) = mesh(1, Some("lan"));
+        add_peer(&mut m, 1, Some("lan"), f, &[]);
+        add_peer(&mut m, 2, Some("far"), f, &[]);
+        add_peer(&mut m, 3, None, f, &[]);
+        assert!(!m.remote(&m.peers[&peer(1)]) && m.on_site(&m.peers[&peer(1)]));
+        assert!(m.remote(&m.peers[&peer(2)]) && !m.on_site(&m.peers[&peer(2)]));
+        assert!(
+            !m.remote(&m.peers[&peer(3)]),
+            "an unknown site counts as local"
+        );
+    }
+}

@@ -248,3 +248,122 @@ impl<R: Rng> Mesh<R> {
         self.send(peer, Message::Request { id, file, index });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::state::testkit::{add_peer, at, mesh, peer, requests};
+
+    #[test]
+    fn pick_chunk_takes_the_rarest_chunk_the_peer_has() {
+        let (mut m, f) = mesh(8, None);
+        add_peer(&mut m, 1, None, f, &[0, 1, 2, 3]);
+        add_peer(&mut m, 2, None, f, &[0, 1, 3]);
+        add_peer(&mut m, 3, None, f, &[0, 1, 3]);
+        // Chunk 2 is held by peer 1 only: it goes first, whatever the random start.
+        for _ in 0..20 {
+            assert_eq!(m.pick_chunk(at(0), &peer(1), &f), Some(2));
+        }
+    }
+
+    #[test]
+    fn pick_chunk_skips_chunks_held_pending_or_in_flight() {
+        let (mut m, f) = mesh(4, None);
+        add_peer(&mut m, 1, None, f, &[0, 1, 2]);
+        m.files.get_mut(&f).unwrap().have.set(0);
+        m.files.get_mut(&f).unwrap().pending.insert(1);
+        assert_eq!(m.pick_chunk(at(0), &peer(1), &f), Some(2));
+        m.request(at(0), peer(1), f, 2);
+        // Chunk 3 is missing and free but peer 1 lacks it: no endgame yet, nothing to ask.
+        assert_eq!(m.pick_chunk(at(0), &peer(1), &f), None);
+    }
+
+    #[test]
+    fn a_seed_is_asked_only_for_chunks_no_other_peer_has_and_one_at_a_time() {
+        let (mut m, f) = mesh(6, None);
+        add_peer(&mut m, 1, None, f, &[0, 1, 2, 3, 4, 5]); // the seed
+        add_peer(&mut m, 2, None, f, &[0, 1, 2, 3]);
+        for _ in 0..20 {
+            let c = m.pick_chunk(at(0), &peer(1), &f).unwrap();
+            assert!(c == 4 || c == 5, "seed asked for {c}");
+        }
+        m.request(at(0), peer(1), f, 4);
+        assert_eq!(
+            m.pick_chunk(at(0), &peer(1), &f),
+            None,
+            "one request at a seed"
+        );
+    }
+
+    #[test]
+    fn a_peer_across_the_wan_is_asked_only_for_what_this_site_lacks_one_at_a_time() {
+        let (mut m, f) = mesh(8, Some("lan"));
+        add_peer(&mut m, 1, Some("lan"), f, &[0, 1, 2, 3]);
+        add_peer(&mut m, 2, Some("far"), f, &[0, 1, 2, 3, 4, 5]);
+        for _ in 0..20 {
+            let c = m.pick_chunk(at(0), &peer(2), &f).unwrap();
+            assert!(
+                c == 4 || c == 5,
+                "WAN peer asked for {c}, which the LAN has"
+            );
+        }
+        m.request(at(0), peer(2), f, 4);
+        assert_eq!(
+            m.pick_chunk(at(0), &peer(2), &f),
+            None,
+            "one at a time over the WAN"
+        );
+        // The same rule for a single announced chunk.
+        m.schedule_one(at(0), peer(2), f, 5);
+        assert!(requests(&mut m).iter().all(|r| r.1 == 4));
+    }
+
+    #[test]
+    fn schedule_asks_the_same_site_first_and_bounds_requests_per_peer() {
+        let (mut m, f) = mesh(16, Some("lan"));
+        let all: Vec<u32> = (0..15).collect(); // not seeds: nobody has chunk 15
+        add_peer(&mut m, 1, Some("far"), f, &all);
+        add_peer(&mut m, 2, Some("lan"), f, &all);
+        m.schedule(at(0));
+        let sent = requests(&mut m);
+        let max = m.config.max_inflight_per_peer;
+        let local: Vec<_> = sent.iter().filter(|r| r.0 == peer(2)).collect();
+        assert_eq!(local.len(), max, "the LAN peer's slots are filled");
+        assert_eq!(
+            sent[..max].iter().filter(|r| r.0 == peer(2)).count(),
+            max,
+            "LAN first"
+        );
+        assert!(
+            sent.iter().all(|r| r.0 != peer(1)),
+            "the WAN peer holds nothing the LAN lacks: {sent:?}"
+        );
+        assert_eq!(m.peers[&peer(2)].inflight, max);
+        m.schedule(at(1));
+        assert!(requests(&mut m).is_empty(), "no slot left");
+    }
+
+    #[test]
+    fn endgame_duplicates_old_requests_to_another_peer() {
+        let (mut m, f) = mesh(2, None);
+        m.config.max_inflight_per_seed = 2;
+        add_peer(&mut m, 1, None, f, &[0, 1]);
+        add_peer(&mut m, 2, None, f, &[0, 1]);
+        m.request(at(0), peer(1), f, 0);
+        m.request(at(0), peer(1), f, 1);
+        assert_eq!(m.pick_chunk(at(100), &peer(2), &f), None, "too early");
+        let late = at(m.config.endgame_after.as_millis() as u64);
+        let c = m.pick_chunk(late, &peer(2), &f).unwrap();
+        assert!(c < 2);
+        assert_eq!(
+            m.pick_chunk(late, &peer(1), &f),
+            None,
+            "never to the same peer"
+        );
+        m.request(late, peer(2), f, c);
+        assert_eq!(m.pick_chunk(late, &peer(2), &f), Some(1 - c));
+        m.request(late, peer(2), f, 1 - c);
+        // Two requests per chunk are the most: a third peer gets nothing.
+        add_peer(&mut m, 3, None, f, &[0, 1]);
+        assert_eq!(m.pick_chunk(late, &peer(3), &f), None);
+    }
+}

@@ -62,3 +62,75 @@ impl<R: Rng> Mesh<R> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::SuperSeed;
+    use crate::io::Output;
+    use crate::state::testkit::{add_peer, at, mesh, peer};
+    use crate::wire::{Bitfield, Message};
+
+    #[test]
+    fn shares_split_the_unserved_chunks_between_peers() {
+        let (mut m, f) = mesh(10, None);
+        add_peer(&mut m, 1, None, f, &[]);
+        add_peer(&mut m, 2, None, f, &[]);
+        let fs = m.files.get_mut(&f).unwrap();
+        fs.superseed = Some(SuperSeed {
+            served: Bitfield::new(10),
+            cursor: 0,
+            progress: at(0).mono,
+        });
+        m.announce_share(peer(1), f);
+        m.announce_share(peer(2), f);
+        let shares: Vec<Bitfield> = core::iter::from_fn(|| m.poll_output())
+            .filter_map(|o| match o {
+                Output::Send {
+                    msg: Message::Have { chunks, .. },
+                    ..
+                } => Some(chunks),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(shares.len(), 2);
+        assert_eq!((shares[0].count(), shares[1].count()), (5, 5));
+        assert!(
+            (0..10).all(|i| shares[0].get(i) != shares[1].get(i)),
+            "disjoint"
+        );
+        // Once served, a chunk is in no share.
+        let ss = m.files.get_mut(&f).unwrap().superseed.as_mut().unwrap();
+        for i in 0..9 {
+            ss.served.set(i);
+        }
+        m.announce_share(peer(1), f);
+        match m.poll_output() {
+            Some(Output::Send {
+                msg: Message::Have { chunks, .. },
+                ..
+            }) => assert_eq!((chunks.count(), chunks.get(9)), (1, true)),
+            o => panic!("{o:?}"),
+        }
+    }
+
+    #[test]
+    fn reveal_announces_the_whole_file_and_ends_superseeding() {
+        let (mut m, f) = mesh(4, None);
+        add_peer(&mut m, 1, None, f, &[]);
+        let fs = m.files.get_mut(&f).unwrap();
+        for i in 0..4 {
+            fs.have.set(i);
+        }
+        fs.superseed = Some(SuperSeed {
+            served: Bitfield::new(4),
+            cursor: 0,
+            progress: at(0).mono,
+        });
+        m.reveal(f);
+        assert!(m.files[&f].superseed.is_none());
+        assert!(matches!(
+            m.poll_output(),
+            Some(Output::Send { msg: Message::Have { chunks, .. }, .. }) if chunks.count() == 4
+        ));
+    }
+}
