@@ -33,6 +33,8 @@
 
 extern crate alloc;
 
+pub mod bitfield;
+pub mod cert;
 pub mod chunking;
 pub mod ids;
 pub mod io;

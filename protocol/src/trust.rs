@@ -6,8 +6,9 @@
 //! certificate of its node key signed by the fleet key to join the mesh, and only
 //! certified nodes' health reports count.
 
-use crate::ids::{NodeId, PublicKey};
-use crate::manifest::{Channel, Manifest};
+pub use crate::cert::{NodeCertBody, SignedNodeCert};
+use crate::ids::{Channel, NodeId, PublicKey};
+use crate::manifest::Manifest;
 use crate::signing::{Domain, Signed, SignedBody, SignedError};
 use crate::time::UnixTime;
 use serde::{Deserialize, Serialize};
@@ -377,32 +378,3 @@ fn threshold_error<T>(have: usize, need: u8, signed: &Signed<T>) -> TrustError {
         }
     }
 }
-
-/// The signed body of a node certificate: the fleet key vouches for a node key.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct NodeCertBody {
-    /// The certified node key.
-    pub node: NodeId,
-    /// Issue time.
-    pub issued: UnixTime,
-    /// Expiry.
-    pub expires: UnixTime,
-    /// Optional label (site, device class) for humans.
-    pub label: String,
-}
-
-impl SignedBody for NodeCertBody {
-    const DOMAIN: Domain = Domain::NodeCertificate;
-    fn validate(&self) -> Result<(), String> {
-        if self.expires <= self.issued {
-            return Err("expires must be after issued".into());
-        }
-        if self.label.len() > 128 {
-            return Err("label too long".into());
-        }
-        Ok(())
-    }
-}
-
-/// A signed node certificate.
-pub type SignedNodeCert = Signed<NodeCertBody>;

@@ -34,13 +34,15 @@
 //! trade the rest. When every missing chunk is in flight, requests older than
 //! `endgame_after` are duplicated to another peer (endgame) and the loser is cancelled.
 
+use crate::bitfield::Bitfield;
+use crate::ids::Channel;
 use crate::ids::{ContentId, ManifestId, NodeId};
 use crate::io::{Command, Event, Input, Output};
-use crate::manifest::{Channel, Manifest};
+use crate::manifest::Manifest;
 use crate::rollout::{HealthReport, ReportSample, SignedInstruction};
 use crate::time::{Instant, Now, UnixTime};
 use crate::trust::{SignedNodeCert, TrustRoot};
-use crate::wire::{Bitfield, Message, ObjectId, RejectReason};
+use crate::wire::{Message, ObjectId, RejectReason};
 use alloc::collections::{BTreeMap, BTreeSet, VecDeque};
 use alloc::sync::Arc;
 use rand_core::Rng;

@@ -3,10 +3,11 @@
 use super::Mesh;
 use super::exchange::remove_availability;
 use super::timers::Timer;
+use crate::bitfield::Bitfield;
 use crate::ids::{ContentId, NodeId};
 use crate::io::{Event, Output, PeerInfo};
 use crate::time::{Instant, Now};
-use crate::wire::{Bitfield, Message};
+use crate::wire::Message;
 use core::time::Duration;
 use rand_core::Rng;
 

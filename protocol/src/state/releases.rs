@@ -3,14 +3,15 @@
 
 use super::exchange::{FileState, add_availability};
 use super::{Interner, Mesh};
+use crate::bitfield::Bitfield;
+use crate::ids::Channel;
 use crate::ids::{ContentId, ManifestId};
 use crate::io::Event;
-use crate::manifest::{Channel, Manifest};
+use crate::manifest::Manifest;
 use crate::rollout::{
     Decision, HealthReportBody, HealthStatus, ReportSample, RolloutAction, evaluate,
 };
 use crate::time::Now;
-use crate::wire::Bitfield;
 use alloc::collections::{BTreeMap, BTreeSet};
 use alloc::sync::Arc;
 use rand_core::Rng;

@@ -1,9 +1,10 @@
 //! Super-seeding of a file nobody else has.
 
+use crate::bitfield::Bitfield;
 use crate::ids::{ContentId, NodeId};
 use crate::state::Mesh;
 use crate::time::Instant;
-use crate::wire::{Bitfield, Message};
+use crate::wire::Message;
 use core::time::Duration;
 use rand_core::Rng;
 
@@ -66,9 +67,10 @@ impl<R: Rng> Mesh<R> {
 #[cfg(test)]
 mod tests {
     use super::SuperSeed;
+    use crate::bitfield::Bitfield;
     use crate::io::Output;
     use crate::state::testkit::{add_peer, at, mesh, peer};
-    use crate::wire::{Bitfield, Message};
+    use crate::wire::Message;
 
     #[test]
     fn shares_split_the_unserved_chunks_between_peers() {
