@@ -183,7 +183,7 @@ const ROLLOUT_FAILED: &str = "closed: the rollout failed its gate";
 
 /// A channel of the core's view, as shown. `now` decides whether the active release's
 /// manifest has expired.
-pub fn channel<R: Rng>(c: state::ChannelStatus, mesh: &Mesh<R>, now: UnixTime) -> ChannelStatus {
+pub fn channel<R: Rng>(c: state::ChannelView, mesh: &Mesh<R>, now: UnixTime) -> ChannelStatus {
     let active = c.active;
     let serving_expired = active
         .and_then(|(v, _)| c.releases.iter().find(|r| r.version == v))
@@ -202,7 +202,7 @@ pub fn channel<R: Rng>(c: state::ChannelStatus, mesh: &Mesh<R>, now: UnixTime) -
 }
 
 /// A release of the core's view, as shown.
-pub fn release<R: Rng>(r: &state::ReleaseStatus, mesh: &Mesh<R>) -> ReleaseStatus {
+pub fn release<R: Rng>(r: &state::ReleaseView, mesh: &Mesh<R>) -> ReleaseStatus {
     let d = r.decision.as_ref();
     let manifest = mesh.manifest(&r.manifest);
     ReleaseStatus {
@@ -264,7 +264,7 @@ pub fn release<R: Rng>(r: &state::ReleaseStatus, mesh: &Mesh<R>) -> ReleaseStatu
 }
 
 /// Each stage of a release's plan and where it stands on this node.
-pub fn stage_list<R: Rng>(r: &state::ReleaseStatus, mesh: &Mesh<R>) -> Vec<StageStatus> {
+pub fn stage_list<R: Rng>(r: &state::ReleaseView, mesh: &Mesh<R>) -> Vec<StageStatus> {
     let Some(m) = mesh.manifest(&r.manifest) else {
         return Vec::new();
     };

@@ -12,9 +12,7 @@
 use crate::chunking::FileSpec;
 use crate::ids::{ContentId, ManifestId, NodeId, PublicKey};
 use crate::io::{ChunkFailure, Command, Event, Input, Output, PeerInfo};
-use crate::manifest::{
-    Artifact, Channel, FileEntry, ManifestBody, ModelMeta, SignedManifest, Variant,
-};
+use crate::manifest::{Channel, ManifestBody, SignedManifest};
 use crate::rollout::{HealthReport, HealthReportBody, HealthStatus, RolloutPlan};
 use crate::signing::Signed;
 use crate::state::{Config, Mesh};
@@ -169,13 +167,8 @@ impl Operator {
         };
         let root = key();
         let publishers: Vec<SigningKey> = (0..3).map(|_| key()).collect();
-        let pk = |k: &SigningKey| PublicKey(k.verifying_key().to_bytes());
+        let pk = |k: &SigningKey| PublicKey::from(k);
         let body = TrustRootBody {
-            version: 1,
-            created: UnixTime::from_secs(1_000),
-            expires: UnixTime::from_secs(10_000_000_000),
-            root_keys: vec![pk(&root)],
-            root_threshold: 1,
             publishers: publishers
                 .iter()
                 .enumerate()
@@ -191,6 +184,13 @@ impl Operator {
                 .collect(),
             publish_threshold,
             fleet_key,
+            ..TrustRootBody::single_publisher(
+                pk(&root),
+                pk(&publishers[0]),
+                ChannelPattern("*".into()),
+                UnixTime::from_secs(1_000),
+                UnixTime::from_secs(10_000_000_000),
+            )
         };
         let trust = Signed::sign(&body, &[&root]);
         Operator {
@@ -214,26 +214,13 @@ pub fn manifest_body(
     plan: RolloutPlan,
     created: UnixTime,
 ) -> ManifestBody {
-    ManifestBody {
-        channel: Channel::new(channel).expect("valid channel"),
+    ManifestBody::single_file(
+        Channel::new(channel).expect("valid channel"),
         version,
-        artifact: Artifact {
-            variants: vec![Variant {
-                name: "default".into(),
-                requires: Default::default(),
-                files: vec![FileEntry {
-                    name: "model.onnx".into(),
-                    spec,
-                }],
-            }],
-        },
-        model: ModelMeta::default(),
-        golden: vec![],
-        rollout: plan,
+        spec,
+        plan,
         created,
-        expires: created.plus(Duration::from_secs(30 * 24 * 3600)),
-        replaces: None,
-    }
+    )
 }
 
 /// A file spec of `size` seeded random bytes cut at `chunk_size`.
@@ -304,7 +291,7 @@ impl Harness {
             let mut b = [0u8; 32];
             rng.fill_bytes(&mut b);
             let key = SigningKey::from_bytes(&b);
-            let id = NodeId(key.verifying_key().to_bytes());
+            let id = NodeId::from(&key);
             let node_rng = ChaCha8Rng::seed_from_u64(rng.next_u64());
             index.insert(id, i);
             nodes.push(SimNode {
@@ -485,29 +472,29 @@ impl Harness {
         self.nodes[i].down = false;
         let old = &self.nodes[i].mesh;
         let trust = old.trust_root().map(|t| t.signed.clone());
-        let status = old.status();
         let mut manifests = Vec::new();
         let mut instructions = Vec::new();
         let mut chunks = Vec::new();
-        for c in &status {
-            for r in &c.releases {
-                if let Some(m) = old.manifest(&r.manifest) {
-                    manifests.push((m.body.version, m.signed.clone()));
-                }
-                if let Some(s) = old.signed_instruction(&r.manifest) {
-                    instructions.push(s.clone());
-                }
-                for (cid, _, total) in &r.files {
-                    let mut bits = Bitfield::new(*total);
-                    for k in 0..*total {
-                        if old.has_chunk(cid, k) {
-                            bits.set(k);
-                        }
+        for (_, r) in old.releases() {
+            manifests.push((r.version, r.manifest.signed.clone()));
+            if let Some(s) = old.signed_instruction(&r.id()) {
+                instructions.push(s.clone());
+            }
+            for f in r.files() {
+                let (cid, total) = (f.spec.content_id, f.spec.chunk_count() as u32);
+                let mut bits = Bitfield::new(total);
+                for k in 0..total {
+                    if old.has_chunk(&cid, k) {
+                        bits.set(k);
                     }
-                    chunks.push((*cid, bits));
                 }
+                chunks.push((cid, bits));
             }
         }
+        let channels: Vec<(Channel, u64, Option<ManifestId>)> = old
+            .channels()
+            .map(|c| (c.clone(), old.highest(c), old.active(c).map(|a| a.1)))
+            .collect();
         manifests.sort_by_key(|(v, _)| *v);
         let config = old.config().clone();
         let id = old.id();
@@ -521,22 +508,16 @@ impl Harness {
         for (_, m) in manifests {
             let _ = self.command(i, Command::Restore(m));
         }
-        for c in &status {
+        for (channel, version, active) in channels {
             let _ = self.command(
                 i,
                 Command::SetHighest {
-                    channel: c.channel.clone(),
-                    version: c.highest,
+                    channel: channel.clone(),
+                    version,
                 },
             );
-            if let Some((_, manifest)) = c.active {
-                let _ = self.command(
-                    i,
-                    Command::SetActive {
-                        channel: c.channel.clone(),
-                        manifest,
-                    },
-                );
+            if let Some(manifest) = active {
+                let _ = self.command(i, Command::SetActive { channel, manifest });
             }
         }
         for s in instructions {
@@ -764,7 +745,12 @@ impl Harness {
                     self.push(self.now + after, Ev::Report { node: i, report: r });
                 }
             }
-            Event::RollBack { channel, from, to } => {
+            Event::RollBack {
+                channel,
+                from,
+                from_manifest,
+                to,
+            } => {
                 match to {
                     Some((v, m)) => {
                         self.nodes[i].active.insert(channel.clone(), (*v, *m));
@@ -773,25 +759,19 @@ impl Harness {
                         self.nodes[i].active.remove(channel);
                     }
                 }
-                let from_id = self.nodes[i]
-                    .mesh
-                    .status()
-                    .into_iter()
-                    .find(|c| &c.channel == channel)
-                    .and_then(|c| {
-                        c.releases
-                            .into_iter()
-                            .find(|r| r.version == *from)
-                            .map(|r| r.manifest)
-                    });
-                if let Some(mid) = from_id {
-                    let wall = self.wall_of(i);
-                    let r = self.report(i, channel, *from, mid, HealthStatus::RolledBack, wall);
-                    self.push(
-                        self.now + Duration::from_millis(1),
-                        Ev::Report { node: i, report: r },
-                    );
-                }
+                let wall = self.wall_of(i);
+                let r = self.report(
+                    i,
+                    channel,
+                    *from,
+                    *from_manifest,
+                    HealthStatus::RolledBack,
+                    wall,
+                );
+                self.push(
+                    self.now + Duration::from_millis(1),
+                    Ev::Report { node: i, report: r },
+                );
             }
             _ => {}
         }

@@ -1,4 +1,5 @@
-//! Identifiers: node ids (ed25519 public keys), content ids and manifest ids (BLAKE3).
+//! Identifiers: node ids (ed25519 public keys), content ids and manifest ids (BLAKE3),
+//! and channel names.
 
 use core::fmt;
 use core::str::FromStr;
@@ -93,5 +94,85 @@ id32!(
 impl From<NodeId> for PublicKey {
     fn from(n: NodeId) -> Self {
         PublicKey(n.0)
+    }
+}
+
+impl From<&ed25519_dalek::VerifyingKey> for PublicKey {
+    fn from(k: &ed25519_dalek::VerifyingKey) -> Self {
+        PublicKey(k.to_bytes())
+    }
+}
+
+impl From<&ed25519_dalek::SigningKey> for PublicKey {
+    fn from(k: &ed25519_dalek::SigningKey) -> Self {
+        PublicKey::from(&k.verifying_key())
+    }
+}
+
+impl From<&ed25519_dalek::VerifyingKey> for NodeId {
+    fn from(k: &ed25519_dalek::VerifyingKey) -> Self {
+        NodeId(k.to_bytes())
+    }
+}
+
+/// A node's id is its ed25519 public key.
+impl From<&ed25519_dalek::SigningKey> for NodeId {
+    fn from(k: &ed25519_dalek::SigningKey) -> Self {
+        NodeId::from(&k.verifying_key())
+    }
+}
+
+/// Longest channel name.
+pub const MAX_CHANNEL_LEN: usize = 64;
+
+/// A channel name: 1 to 64 of lowercase ASCII letters, digits, `.`, `_` and `-`, starting
+/// with a letter or digit (valid as a model name in every serving client).
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct Channel(String);
+
+impl Channel {
+    /// Validate a channel name.
+    pub fn new(s: &str) -> Result<Self, String> {
+        let ok_char = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || "._-".contains(c);
+        if s.is_empty() || s.len() > MAX_CHANNEL_LEN {
+            return Err(format!(
+                "channel name must be 1 to {MAX_CHANNEL_LEN} characters"
+            ));
+        }
+        if !s.chars().all(ok_char) {
+            return Err(format!(
+                "channel name {s:?} may only hold lowercase letters, digits, '.', '_' and '-'"
+            ));
+        }
+        if !s.starts_with(|c: char| c.is_ascii_alphanumeric()) {
+            return Err(format!(
+                "channel name {s:?} must start with a letter or digit"
+            ));
+        }
+        Ok(Channel(s.to_string()))
+    }
+
+    /// The name.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl<'de> Deserialize<'de> for Channel {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Channel::new(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+impl fmt::Display for Channel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for Channel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.0)
     }
 }

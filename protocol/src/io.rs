@@ -135,7 +135,10 @@ pub enum Command {
         /// Chunks present.
         chunks: Bitfield,
     },
-    /// A health report signed by this node (activation result or periodic).
+    /// A health report signed by this node (activation result or periodic). It has a
+    /// second meaning: a `Failed` report before any `Ok` for that release says its
+    /// activation failed, so the core never chooses it again and makes the previous release
+    /// active again (the driver kept serving it).
     ReportHealth(HealthReport),
     /// A signed rollout instruction (halt / resume).
     Instruct(SignedInstruction),
@@ -169,6 +172,19 @@ pub enum ObjectKind {
     Instruction,
     /// A node certificate.
     Certificate,
+}
+
+impl ObjectKind {
+    /// A stable snake_case name, for metrics and logs.
+    pub fn label(self) -> &'static str {
+        match self {
+            ObjectKind::Manifest => "manifest",
+            ObjectKind::TrustRoot => "trust_root",
+            ObjectKind::Report => "health_report",
+            ObjectKind::Instruction => "instruction",
+            ObjectKind::Certificate => "certificate",
+        }
+    }
 }
 
 /// Something the application should know.
@@ -262,6 +278,8 @@ pub enum Event {
         channel: Channel,
         /// Version being left.
         from: u64,
+        /// Manifest being left: the release a driver reports `RolledBack` for.
+        from_manifest: ManifestId,
         /// Version to serve again (None: serve nothing for this channel).
         to: Option<(u64, ManifestId)>,
     },

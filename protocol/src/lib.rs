@@ -31,6 +31,10 @@
 
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
+extern crate alloc;
+
+pub mod bitfield;
+pub mod cert;
 pub mod chunking;
 pub mod ids;
 pub mod io;

@@ -7,15 +7,13 @@
 //! body bytes.
 
 use crate::chunking::FileSpec;
+pub use crate::ids::{Channel, MAX_CHANNEL_LEN};
 use crate::ids::{ManifestId, NodeId};
 use crate::rollout::RolloutPlan;
 use crate::signing::{Domain, Signed, SignedBody, SignedError};
 use crate::time::UnixTime;
-use core::fmt;
 use serde::{Deserialize, Serialize};
 
-/// Longest channel name.
-pub const MAX_CHANNEL_LEN: usize = 64;
 /// Most variants in one artifact.
 pub const MAX_VARIANTS: usize = 8;
 /// Most files in one variant.
@@ -24,58 +22,6 @@ pub const MAX_FILES: usize = 32;
 pub const MAX_GOLDEN: usize = 16;
 /// Longest short string (file names, variant names, tensor names).
 pub const MAX_NAME_LEN: usize = 128;
-
-/// A channel name: 1 to 64 of lowercase ASCII letters, digits, `.`, `_` and `-`, starting
-/// with a letter or digit (valid as a model name in every serving client).
-#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
-pub struct Channel(String);
-
-impl Channel {
-    /// Validate a channel name.
-    pub fn new(s: &str) -> Result<Self, String> {
-        let ok_char = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || "._-".contains(c);
-        if s.is_empty() || s.len() > MAX_CHANNEL_LEN {
-            return Err(format!(
-                "channel name must be 1 to {MAX_CHANNEL_LEN} characters"
-            ));
-        }
-        if !s.chars().all(ok_char) {
-            return Err(format!(
-                "channel name {s:?} may only hold lowercase letters, digits, '.', '_' and '-'"
-            ));
-        }
-        if !s.starts_with(|c: char| c.is_ascii_alphanumeric()) {
-            return Err(format!(
-                "channel name {s:?} must start with a letter or digit"
-            ));
-        }
-        Ok(Channel(s.to_string()))
-    }
-
-    /// The name.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl<'de> Deserialize<'de> for Channel {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        Channel::new(&s).map_err(serde::de::Error::custom)
-    }
-}
-
-impl fmt::Display for Channel {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl fmt::Debug for Channel {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:?}", self.0)
-    }
-}
 
 /// Tensor element types (the KServe v2 datatypes that ONNX models use).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -285,6 +231,40 @@ pub struct ManifestBody {
     pub expires: UnixTime,
     /// The manifest this one replaces, if any.
     pub replaces: Option<ManifestId>,
+}
+
+impl ManifestBody {
+    /// A release of one file (`model.onnx` in a variant `default` with no requirements),
+    /// with no model metadata or golden checks, expiring 30 days after `created`: the
+    /// shape of most test and demo releases.
+    pub fn single_file(
+        channel: Channel,
+        version: u64,
+        spec: FileSpec,
+        rollout: RolloutPlan,
+        created: UnixTime,
+    ) -> ManifestBody {
+        ManifestBody {
+            channel,
+            version,
+            artifact: Artifact {
+                variants: vec![Variant {
+                    name: "default".into(),
+                    requires: Default::default(),
+                    files: vec![FileEntry {
+                        name: "model.onnx".into(),
+                        spec,
+                    }],
+                }],
+            },
+            model: ModelMeta::default(),
+            golden: vec![],
+            rollout,
+            created,
+            expires: created.plus(core::time::Duration::from_secs(30 * 24 * 3600)),
+            replaces: None,
+        }
+    }
 }
 
 fn check_name(what: &str, s: &str) -> Result<(), String> {

@@ -8,11 +8,10 @@
 //! from those signed timestamps, not from when a node heard something, so nodes converge on
 //! the same decision without a coordinator.
 
-use crate::ids::{ManifestId, NodeId};
-use crate::manifest::Channel;
+use crate::cert::SignedNodeCert;
+use crate::ids::{Channel, ManifestId, NodeId};
 use crate::signing::{Domain, Signed, SignedBody};
 use crate::time::UnixTime;
-use crate::trust::SignedNodeCert;
 use alloc::collections::BTreeMap;
 use core::time::Duration;
 use serde::{Deserialize, Serialize};
@@ -725,7 +724,7 @@ mod tests {
         ts: u64,
     ) -> (HealthReport, HealthReportBody) {
         let body = HealthReportBody {
-            node: NodeId(key.verifying_key().to_bytes()),
+            node: NodeId::from(key),
             channel: ch(),
             version: 2,
             manifest: version_id,

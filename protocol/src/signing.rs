@@ -197,7 +197,7 @@ impl<T: SignedBody> Signed<T> {
 
     /// Add (or replace) the signature of `key`, for offline multi-party signing.
     pub fn add_signature(&mut self, key: &SigningKey) {
-        let pk = PublicKey(key.verifying_key().to_bytes());
+        let pk = PublicKey::from(key);
         let sig = key.sign(&signing_message(T::DOMAIN, &self.body));
         self.signatures.retain(|e| e.key != pk);
         self.signatures.push(SignatureEntry {
@@ -307,5 +307,5 @@ pub fn sign_raw(domain: Domain, body: &[u8], key: &SigningKey) -> SigBytes {
 
 /// The public key of a signing key.
 pub fn public_key(key: &SigningKey) -> PublicKey {
-    PublicKey(key.verifying_key().to_bytes())
+    PublicKey::from(key)
 }

@@ -6,8 +6,9 @@
 //! certificate of its node key signed by the fleet key to join the mesh, and only
 //! certified nodes' health reports count.
 
-use crate::ids::{NodeId, PublicKey};
-use crate::manifest::{Channel, Manifest};
+pub use crate::cert::{NodeCertBody, SignedNodeCert};
+use crate::ids::{Channel, NodeId, PublicKey};
+use crate::manifest::Manifest;
 use crate::signing::{Domain, Signed, SignedBody, SignedError};
 use crate::time::UnixTime;
 use serde::{Deserialize, Serialize};
@@ -80,6 +81,34 @@ pub struct TrustRootBody {
     pub publish_threshold: u8,
     /// If present, nodes need a certificate from this key.
     pub fleet_key: Option<PublicKey>,
+}
+
+impl TrustRootBody {
+    /// A version-1 trust root with one root key and one publisher (named `publisher`,
+    /// allowed on the channels matching `channels`), both thresholds 1, no fleet key,
+    /// valid from `created` to `expires`. Sign it with the root key.
+    pub fn single_publisher(
+        root: PublicKey,
+        publisher: PublicKey,
+        channels: ChannelPattern,
+        created: UnixTime,
+        expires: UnixTime,
+    ) -> TrustRootBody {
+        TrustRootBody {
+            version: 1,
+            created,
+            expires,
+            root_keys: vec![root],
+            root_threshold: 1,
+            publishers: vec![Publisher {
+                key: publisher,
+                name: "publisher".into(),
+                channels: vec![channels],
+            }],
+            publish_threshold: 1,
+            fleet_key: None,
+        }
+    }
 }
 
 fn unique(keys: impl Iterator<Item = PublicKey>) -> bool {
@@ -349,32 +378,3 @@ fn threshold_error<T>(have: usize, need: u8, signed: &Signed<T>) -> TrustError {
         }
     }
 }
-
-/// The signed body of a node certificate: the fleet key vouches for a node key.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct NodeCertBody {
-    /// The certified node key.
-    pub node: NodeId,
-    /// Issue time.
-    pub issued: UnixTime,
-    /// Expiry.
-    pub expires: UnixTime,
-    /// Optional label (site, device class) for humans.
-    pub label: String,
-}
-
-impl SignedBody for NodeCertBody {
-    const DOMAIN: Domain = Domain::NodeCertificate;
-    fn validate(&self) -> Result<(), String> {
-        if self.expires <= self.issued {
-            return Err("expires must be after issued".into());
-        }
-        if self.label.len() > 128 {
-            return Err("label too long".into());
-        }
-        Ok(())
-    }
-}
-
-/// A signed node certificate.
-pub type SignedNodeCert = Signed<NodeCertBody>;

@@ -495,7 +495,7 @@ fn rotated_trust_root_spreads_and_authorises_new_publishers() {
     let body = TrustRootBody {
         version: 2,
         publishers: vec![Publisher {
-            key: pollen_protocol::PublicKey(new_publisher.verifying_key().to_bytes()),
+            key: pollen_protocol::PublicKey::from(&new_publisher),
             name: "new".into(),
             channels: vec![ChannelPattern("*".into())],
         }],
@@ -540,11 +540,7 @@ fn uncertified_node_is_refused_and_receives_nothing() {
     use pollen_protocol::trust::NodeCertBody;
     let seed = 71;
     let fleet = SigningKey::from_bytes(&[5; 32]);
-    let op = Operator::new(
-        seed,
-        1,
-        Some(pollen_protocol::PublicKey(fleet.verifying_key().to_bytes())),
-    );
+    let op = Operator::new(seed, 1, Some(pollen_protocol::PublicKey::from(&fleet)));
     let n = 8;
     let mut h = Harness::new(n, Config::default(), LinkModel::default(), seed, T0);
     for i in 0..n - 1 {
@@ -603,7 +599,7 @@ fn uncertified_node_is_refused_and_receives_nothing() {
     );
     let outsider = SigningKey::from_bytes(&[42; 32]);
     let body = HealthReportBody {
-        node: pollen_protocol::NodeId(outsider.verifying_key().to_bytes()),
+        node: pollen_protocol::NodeId::from(&outsider),
         channel: vision(),
         version: 1,
         manifest: mid,
@@ -831,7 +827,7 @@ fn two_thousand_reports_give_every_node_the_same_sample_and_decision() {
             HealthStatus::Ok
         };
         let body = HealthReportBody {
-            node: NodeId(key.verifying_key().to_bytes()),
+            node: NodeId::from(&key),
             channel: vision(),
             version: 1,
             manifest: mid,

@@ -4,9 +4,7 @@
 use core::time::Duration;
 use pollen_protocol::chunking::{ChunkSize, FileSpec, root_from_chaining_values};
 use pollen_protocol::ids::{ContentId, NodeId, PublicKey};
-use pollen_protocol::manifest::{
-    Artifact, Channel, FileEntry, Manifest, ManifestBody, ModelMeta, Variant,
-};
+use pollen_protocol::manifest::{Channel, Manifest, ManifestBody};
 use pollen_protocol::rollout::RolloutPlan;
 use pollen_protocol::signing::{Domain, Signed, SignedError, signing_message, verify};
 use pollen_protocol::trust::{
@@ -22,7 +20,7 @@ fn key(i: u8) -> SigningKey {
 }
 
 fn pk(k: &SigningKey) -> PublicKey {
-    PublicKey(k.verifying_key().to_bytes())
+    PublicKey::from(k)
 }
 
 fn root_body(
@@ -55,30 +53,21 @@ fn body(channel: &str, version: u64, cvs: usize) -> ManifestBody {
         .map(|i| *blake3::hash(&(i as u64).to_le_bytes()).as_bytes())
         .collect();
     let content_id = root_from_chaining_values(&chaining_values).unwrap();
+    let spec = FileSpec {
+        content_id,
+        size: cvs as u64 * (1 << 20),
+        chunk_size: ChunkSize::DEFAULT,
+        chaining_values,
+    };
     ManifestBody {
-        channel: Channel::new(channel).unwrap(),
-        version,
-        artifact: Artifact {
-            variants: vec![Variant {
-                name: "default".into(),
-                requires: Default::default(),
-                files: vec![FileEntry {
-                    name: "model.onnx".into(),
-                    spec: FileSpec {
-                        content_id,
-                        size: cvs as u64 * (1 << 20),
-                        chunk_size: ChunkSize::DEFAULT,
-                        chaining_values,
-                    },
-                }],
-            }],
-        },
-        model: ModelMeta::default(),
-        golden: vec![],
-        rollout: RolloutPlan::percent(&[5.0, 25.0, 100.0], Duration::from_secs(600), None),
-        created: NOW,
         expires: NOW.plus(Duration::from_secs(86400)),
-        replaces: None,
+        ..ManifestBody::single_file(
+            Channel::new(channel).unwrap(),
+            version,
+            spec,
+            RolloutPlan::percent(&[5.0, 25.0, 100.0], Duration::from_secs(600), None),
+            NOW,
+        )
     }
 }
 

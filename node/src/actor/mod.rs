@@ -519,7 +519,9 @@ impl Actor {
                 self.save_state();
                 self.gc();
             }
-            Event::RollBack { channel, from, to } => {
+            Event::RollBack {
+                channel, from, to, ..
+            } => {
                 self.roll_back(&channel, from, to);
                 tracing::warn!("{channel}: rolling back from version {from} to {to:?}");
                 match to {

@@ -1,0 +1,107 @@
+//! Tunables ([`Config`]) and the fixed bounds and penalties of the core.
+
+use crate::manifest::DeviceProfile;
+use core::time::Duration;
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// This node's site (LAN), preferred for chunk exchange.
+    pub site: Option<String>,
+    /// What this device offers, for choosing a variant.
+    pub device: DeviceProfile,
+    /// Peers that get an eager push of each new object.
+    pub eager_fanout: usize,
+    /// Wait after an `IHave` before pulling (lets the eager push arrive first).
+    pub ihave_delay: Duration,
+    /// Most peers tracked; further `PeerUp`s are disconnected.
+    pub max_peers: usize,
+    /// Chunk requests in flight per peer.
+    pub max_inflight_per_peer: usize,
+    /// Chunk requests in flight to a peer that holds the whole file, while other peers hold
+    /// parts of it (seeds should push new chunks, not the same ones to everybody).
+    pub max_inflight_per_seed: usize,
+    /// A request unanswered for this long is retried elsewhere.
+    pub request_timeout: Duration,
+    /// In the endgame, a request older than this is duplicated to another peer.
+    pub endgame_after: Duration,
+    /// Anti-entropy period (one random peer per period).
+    pub anti_entropy_interval: Duration,
+    /// Rollout evaluation period while a rollout is in progress.
+    pub rollout_tick: Duration,
+    /// Reports kept per release (K of the deterministic sample).
+    pub report_sample_size: usize,
+    /// Manifests kept per channel (the active one is always kept).
+    pub retained_versions: usize,
+    /// Most channels followed.
+    pub max_channels: usize,
+    /// Most files tracked.
+    pub max_files: usize,
+    /// Penalty score at which a peer is disconnected.
+    pub disconnect_score: u32,
+    /// Most pending pulls (`IHave`s waiting for their delay).
+    pub max_pending_wants: usize,
+    /// After the local store fails to keep a chunk (full disk), downloads pause this long.
+    pub store_retry: Duration,
+    /// Most pinned releases (see [`Command::Pin`]).
+    pub max_pinned: usize,
+    /// How far ahead of this node's clock a signed timestamp (health report, instruction)
+    /// may be. Later ones are refused for now, without penalty: anti-entropy offers them
+    /// again once this clock has caught up.
+    pub max_clock_skew: Duration,
+    /// A node whose latest report for a release is older than this counts as stale (not
+    /// heard from lately) in the status; gate decisions do not depend on it.
+    pub report_ttl: Duration,
+    /// After restoring releases from disk ([`Command::Restore`]), a node switches to a newer
+    /// version only once it has caught up with a peer (received the answer to its digest,
+    /// and with it any halt it missed while offline), or after this long without one.
+    /// Rollbacks never wait; a fresh node has nothing stale and does not wait.
+    pub catch_up: Duration,
+    /// Download releases this node is not (yet) in the stage for, so it can switch at once
+    /// when its stage opens.
+    pub prefetch: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            site: None,
+            device: DeviceProfile::default(),
+            eager_fanout: 4,
+            ihave_delay: Duration::from_millis(200),
+            max_peers: 512,
+            max_inflight_per_peer: 4,
+            max_inflight_per_seed: 1,
+            request_timeout: Duration::from_secs(30),
+            endgame_after: Duration::from_secs(2),
+            anti_entropy_interval: Duration::from_secs(20),
+            rollout_tick: Duration::from_secs(1),
+            report_sample_size: 256,
+            retained_versions: 4,
+            max_channels: 256,
+            max_files: 1024,
+            disconnect_score: 100,
+            max_pending_wants: 1024,
+            prefetch: true,
+            max_pinned: 256,
+            max_clock_skew: Duration::from_secs(10 * 60),
+            report_ttl: Duration::from_secs(5 * 60),
+            catch_up: Duration::from_secs(10),
+            store_retry: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Most instructions held for releases not known yet.
+pub(super) const MAX_PENDING_INSTRUCTIONS: usize = 64;
+
+/// Most equivocating manifests remembered per channel.
+pub(super) const MAX_EQUIVOCATIONS: usize = 64;
+
+/// Penalty for a message that does not decode or is forged: disconnect at once.
+pub(super) const PENALTY_SEVERE: u32 = 100;
+/// Penalty for a corrupt chunk.
+pub(super) const PENALTY_CORRUPT: u32 = 40;
+/// Penalty for a protocol misstep an honest but confused peer could make.
+pub(super) const PENALTY_MINOR: u32 = 5;
+/// Penalty for a request that timed out.
+pub(super) const PENALTY_TIMEOUT: u32 = 2;

@@ -1,0 +1,138 @@
+//! Super-seeding of a file nobody else has.
+
+use crate::bitfield::Bitfield;
+use crate::ids::{ContentId, NodeId};
+use crate::state::Mesh;
+use crate::time::Instant;
+use crate::wire::Message;
+use core::time::Duration;
+use rand_core::Rng;
+
+/// Super-seeding: the first holder of a file (the node it was published through) shows
+/// each peer only its own share of the chunks not yet uploaded, so every chunk leaves the
+/// seed once before any leaves twice; once each was uploaded (or uploads stall, or a peer
+/// with a share leaves) it announces the whole file.
+#[derive(Debug)]
+pub(in crate::state) struct SuperSeed {
+    /// Chunks uploaded at least once.
+    pub(in crate::state) served: Bitfield,
+    /// Next chunk to hand out in a share.
+    pub(in crate::state) cursor: u32,
+    /// Last time a chunk was uploaded for the first time.
+    pub(in crate::state) progress: Instant,
+}
+
+/// Without a first upload for this long, a super-seed announces everything.
+pub(in crate::state) const SUPERSEED_STALL: Duration = Duration::from_secs(5);
+
+impl<R: Rng> Mesh<R> {
+    /// Super-seeding: show `peer` the next share of the chunks not uploaded yet (an equal
+    /// part for each current peer).
+    pub(in crate::state) fn announce_share(&mut self, peer: NodeId, file: ContentId) {
+        let npeers = self.peers.len().max(1) as u32;
+        let Some(f) = self.files.get_mut(&file) else {
+            return;
+        };
+        let total = f.total();
+        let Some(ss) = f.superseed.as_mut() else {
+            return;
+        };
+        let unserved = total - ss.served.count();
+        let share = unserved.div_ceil(npeers).max(1);
+        let mut bits = Bitfield::new(total);
+        let mut given = 0;
+        let mut k = 0;
+        while given < share && k < total {
+            let i = (ss.cursor + k) % total;
+            k += 1;
+            if !ss.served.get(i) {
+                bits.set(i);
+                given += 1;
+            }
+        }
+        ss.cursor = (ss.cursor + k) % total;
+        self.send(peer, Message::Have { file, chunks: bits });
+    }
+
+    /// Stop super-seeding `file`: announce all of it.
+    pub(in crate::state) fn reveal(&mut self, file: ContentId) {
+        if let Some(f) = self.files.get_mut(&file)
+            && f.superseed.take().is_some()
+        {
+            self.announce_file(file);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::SuperSeed;
+    use crate::bitfield::Bitfield;
+    use crate::io::Output;
+    use crate::state::testkit::{add_peer, at, mesh, peer};
+    use crate::wire::Message;
+
+    #[test]
+    fn shares_split_the_unserved_chunks_between_peers() {
+        let (mut m, f) = mesh(10, None);
+        add_peer(&mut m, 1, None, f, &[]);
+        add_peer(&mut m, 2, None, f, &[]);
+        let fs = m.files.get_mut(&f).unwrap();
+        fs.superseed = Some(SuperSeed {
+            served: Bitfield::new(10),
+            cursor: 0,
+            progress: at(0).mono,
+        });
+        m.announce_share(peer(1), f);
+        m.announce_share(peer(2), f);
+        let shares: Vec<Bitfield> = core::iter::from_fn(|| m.poll_output())
+            .filter_map(|o| match o {
+                Output::Send {
+                    msg: Message::Have { chunks, .. },
+                    ..
+                } => Some(chunks),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(shares.len(), 2);
+        assert_eq!((shares[0].count(), shares[1].count()), (5, 5));
+        assert!(
+            (0..10).all(|i| shares[0].get(i) != shares[1].get(i)),
+            "disjoint"
+        );
+        // Once served, a chunk is in no share.
+        let ss = m.files.get_mut(&f).unwrap().superseed.as_mut().unwrap();
+        for i in 0..9 {
+            ss.served.set(i);
+        }
+        m.announce_share(peer(1), f);
+        match m.poll_output() {
+            Some(Output::Send {
+                msg: Message::Have { chunks, .. },
+                ..
+            }) => assert_eq!((chunks.count(), chunks.get(9)), (1, true)),
+            o => panic!("{o:?}"),
+        }
+    }
+
+    #[test]
+    fn reveal_announces_the_whole_file_and_ends_superseeding() {
+        let (mut m, f) = mesh(4, None);
+        add_peer(&mut m, 1, None, f, &[]);
+        let fs = m.files.get_mut(&f).unwrap();
+        for i in 0..4 {
+            fs.have.set(i);
+        }
+        fs.superseed = Some(SuperSeed {
+            served: Bitfield::new(4),
+            cursor: 0,
+            progress: at(0).mono,
+        });
+        m.reveal(f);
+        assert!(m.files[&f].superseed.is_none());
+        assert!(matches!(
+            m.poll_output(),
+            Some(Output::Send { msg: Message::Have { chunks, .. }, .. }) if chunks.count() == 4
+        ));
+    }
+}

@@ -1,0 +1,331 @@
+//! Releases per channel: retention, garbage collection, and the rollout decision of which
+//! release this node serves.
+
+use super::exchange::{FileState, add_availability};
+use super::{Interner, Mesh};
+use crate::bitfield::Bitfield;
+use crate::ids::Channel;
+use crate::ids::{ContentId, ManifestId};
+use crate::io::Event;
+use crate::manifest::Manifest;
+use crate::rollout::{
+    Decision, HealthReportBody, HealthStatus, ReportSample, RolloutAction, evaluate,
+};
+use crate::time::Now;
+use alloc::collections::{BTreeMap, BTreeSet};
+use alloc::sync::Arc;
+use rand_core::Rng;
+
+#[derive(Debug)]
+pub(super) struct Release {
+    pub(super) manifest: Arc<Manifest>,
+    pub(super) variant: usize,
+    pub(super) decision: Option<Decision>,
+    pub(super) announced_stages: usize,
+    pub(super) announced_failure: bool,
+}
+
+#[derive(Debug, Default)]
+pub(super) struct ChannelState {
+    pub(super) highest: u64,
+    pub(super) releases: BTreeMap<u64, Release>,
+    /// (version, manifest) the driver was told to serve.
+    pub(super) active: Option<(u64, ManifestId)>,
+    /// What was active before the current activation (fallback if it fails).
+    pub(super) previous: Option<(u64, ManifestId)>,
+    /// Releases this node failed to activate.
+    pub(super) failed_local: BTreeSet<ManifestId>,
+    /// Releases this node reported healthy at least once.
+    pub(super) reported_ok: BTreeSet<ManifestId>,
+    /// Manifest ids seen per version beyond the kept one (equivocation evidence).
+    pub(super) equivocations: BTreeSet<(u64, ManifestId)>,
+    /// Local pin: serve this version whatever the rollouts say (see
+    /// [`Command::PinVersion`]).
+    pub(super) pinned_version: Option<u64>,
+}
+
+impl<R: Rng> Mesh<R> {
+    pub(super) fn channel_entry(&mut self, channel: &Channel) -> Result<&mut ChannelState, String> {
+        if !self.channels.contains_key(channel) && self.channels.len() >= self.config.max_channels {
+            return Err("too many channels".into());
+        }
+        Ok(self.channels.entry(channel.clone()).or_default())
+    }
+
+    pub(super) fn insert_release(&mut self, now: Now, m: Manifest) {
+        let m = match &self.interner {
+            Some(Interner(f)) => f(Arc::new(m)),
+            None => Arc::new(m),
+        };
+        let variant = m.body.artifact.choose(&self.config.device);
+        let channel = m.body.channel.clone();
+        let version = m.body.version;
+        self.index.insert(m.id, (channel.clone(), version));
+        let chan = self
+            .channels
+            .get_mut(&channel)
+            .expect("channel entry exists");
+        chan.releases.insert(
+            version,
+            Release {
+                manifest: m.clone(),
+                variant,
+                decision: None,
+                announced_stages: 0,
+                announced_failure: false,
+            },
+        );
+        self.samples
+            .entry(m.id)
+            .or_insert_with(|| ReportSample::new(m.id, self.config.report_sample_size));
+        for (fi, f) in m.body.artifact.variants[variant].files.iter().enumerate() {
+            let cid = f.spec.content_id;
+            if self.files.contains_key(&cid) || self.files.len() >= self.config.max_files {
+                continue;
+            }
+            let total = f.spec.chunk_count() as u32;
+            let mut fs = FileState {
+                spec: m.clone(),
+                variant,
+                file: fi,
+                have: Bitfield::new(total),
+                avail: vec![0; total as usize],
+                seeds: 0,
+                inflight: BTreeMap::new(),
+                wanted: false,
+                pending: BTreeSet::new(),
+                superseed: None,
+            };
+            for p in self.peers.values_mut() {
+                if let Some(b) = p.haves.get_mut(&cid) {
+                    if b.len() != total {
+                        *b = b.resized(total);
+                    }
+                    add_availability(&mut fs, b);
+                }
+            }
+            self.files.insert(cid, fs);
+        }
+        if let Some((s, body)) = self.pending_instructions.remove(&(channel, version)) {
+            self.apply_instruction(now, None, m.id, s, body);
+        }
+    }
+
+    /// This node reports on its own release: a `Failed` before any `Ok` is a failed
+    /// activation (the driver kept serving what it served before), so the release is
+    /// never chosen again here and the previous one is active again. After an `Ok`, a
+    /// failure is a runtime failure, which the rollout gate handles.
+    pub(super) fn note_own_report(&mut self, body: &HealthReportBody) {
+        let Some(c) = self.channels.get_mut(&body.channel) else {
+            return;
+        };
+        match body.status {
+            HealthStatus::Ok => {
+                c.reported_ok.insert(body.manifest);
+            }
+            HealthStatus::Failed { .. } if !c.reported_ok.contains(&body.manifest) => {
+                c.failed_local.insert(body.manifest);
+                if c.active.map(|a| a.1) == Some(body.manifest) {
+                    c.active = c.previous.take();
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Keep at most `retained_versions` releases per channel, never the active or the
+    /// previous one.
+    pub(super) fn trim_channel(&mut self, channel: &Channel) {
+        let keep = self.config.retained_versions.max(2);
+        let Some(c) = self.channels.get_mut(channel) else {
+            return;
+        };
+        let mut protected: BTreeSet<u64> = c
+            .active
+            .iter()
+            .chain(c.previous.iter())
+            .map(|a| a.0)
+            .chain(c.pinned_version)
+            .collect();
+        protected.extend(
+            c.releases
+                .iter()
+                .filter(|(_, r)| self.pinned.contains(&r.manifest.id))
+                .map(|(v, _)| *v),
+        );
+        let mut removed = Vec::new();
+        while c.releases.len() > keep {
+            let Some(v) = c.releases.keys().find(|v| !protected.contains(v)).copied() else {
+                break;
+            };
+            if let Some(r) = c.releases.remove(&v) {
+                removed.push(r.manifest);
+            }
+        }
+        for m in removed {
+            self.index.remove(&m.id);
+            self.samples.remove(&m.id);
+            self.instructions.remove(&m.id);
+            self.gc_files();
+        }
+    }
+
+    /// Drop file state no retained release refers to.
+    pub(super) fn gc_files(&mut self) {
+        let live = self.live_files();
+        self.files.retain(|k, _| live.contains(k));
+    }
+    // ----- rollout ---------------------------------------------------------------------
+
+    pub(super) fn refresh_all(&mut self, now: Now) {
+        let names: Vec<Channel> = self.channels.keys().cloned().collect();
+        for c in names {
+            self.refresh_channel(now, &c);
+        }
+    }
+
+    pub(super) fn refresh_channel(&mut self, now: Now, name: &Channel) {
+        let me = self.id;
+        let catching_up = self.catch_up_until.is_some();
+        let Some(chan) = self.channels.get_mut(name) else {
+            return;
+        };
+        let mut events = Vec::new();
+        for (v, r) in chan.releases.iter_mut() {
+            let halt = self
+                .instructions
+                .get(&r.manifest.id)
+                .and_then(|(_, b)| match b.action {
+                    RolloutAction::Halt => Some(b.issued),
+                    RolloutAction::Resume => None,
+                });
+            let d = evaluate(
+                &r.manifest.body.rollout,
+                r.manifest.body.created,
+                self.samples.get(&r.manifest.id),
+                halt,
+                now.wall,
+            );
+            while r.announced_stages < d.open_stages() {
+                events.push(Event::StageOpened {
+                    channel: name.clone(),
+                    version: *v,
+                    stage: r.announced_stages,
+                    at: d.opened[r.announced_stages],
+                });
+                r.announced_stages += 1;
+            }
+            if let Some(f) = d.failure
+                && !r.announced_failure
+            {
+                r.announced_failure = true;
+                events.push(Event::RolloutFailed {
+                    channel: name.clone(),
+                    version: *v,
+                    failure: f,
+                });
+            }
+            r.decision = Some(d);
+        }
+        // The release this node should serve: the highest one that admits it.
+        let target = chan
+            .releases
+            .iter()
+            .rev()
+            .find(|(_, r)| {
+                !chan.failed_local.contains(&r.manifest.id)
+                    && r.decision
+                        .as_ref()
+                        .is_some_and(|d| d.admits(r.manifest.stage_of(&me)))
+            })
+            .map(|(v, r)| (*v, r.manifest.id, r.variant));
+        // A local pin overrides the rollouts: the pinned version if this node has it, else
+        // whatever it serves now.
+        let target = match chan.pinned_version {
+            None => target,
+            Some(pv) => match chan.releases.get(&pv) {
+                Some(r) if !chan.failed_local.contains(&r.manifest.id) => {
+                    Some((pv, r.manifest.id, r.variant))
+                }
+                _ => chan
+                    .active
+                    .and_then(|(v, id)| chan.releases.get(&v).map(|r| (v, id, r.variant))),
+            },
+        };
+        // Which files to download: the target and, with prefetch, newer releases that are
+        // not failed.
+        let floor = target.map_or(0, |t| t.0);
+        let mut wanted: Vec<(ContentId, bool)> = Vec::new();
+        for (v, r) in &chan.releases {
+            let failed = r.decision.as_ref().is_some_and(|d| d.rollback())
+                || chan.failed_local.contains(&r.manifest.id);
+            let want = !failed && (*v == floor || (*v > floor && self.config.prefetch));
+            for f in &r.manifest.body.artifact.variants[r.variant].files {
+                wanted.push((f.spec.content_id, want));
+            }
+        }
+        let active = chan.active;
+        let active_rolled_back = active.is_some_and(|(v, id)| {
+            chan.releases.get(&v).is_some_and(|r| {
+                r.manifest.id == id && r.decision.as_ref().is_some_and(|d| d.rollback())
+            })
+        });
+        for (cid, want) in wanted {
+            if let Some(f) = self.files.get_mut(&cid) {
+                f.wanted |= want;
+            }
+        }
+        let complete = |files: &BTreeMap<ContentId, FileState>, m: &Manifest, variant: usize| {
+            m.body.artifact.variants[variant]
+                .files
+                .iter()
+                .all(|f| files.get(&f.spec.content_id).is_some_and(|s| s.complete()))
+        };
+        let chan = self.channels.get_mut(name).expect("present");
+        // Every rollback leaves the active release: `active` is Some wherever this is used.
+        let rollback = |to: Option<(u64, ManifestId)>| {
+            active.map(|(from, from_manifest)| Event::RollBack {
+                channel: name.clone(),
+                from,
+                from_manifest,
+                to,
+            })
+        };
+        match target {
+            Some((v, id, variant)) if Some((v, id)) != active => {
+                let m = chan.releases[&v].manifest.clone();
+                if complete(&self.files, &m, variant) {
+                    let rolling_back = active.is_some_and(|(av, _)| av > v) || active_rolled_back;
+                    if !rolling_back && catching_up {
+                        // Promotions wait until this node has heard a peer's view.
+                    } else if rolling_back {
+                        events.extend(rollback(Some((v, id))));
+                        chan.previous = None;
+                        chan.active = Some((v, id));
+                    } else {
+                        events.push(Event::Activate {
+                            channel: name.clone(),
+                            version: v,
+                            manifest: id,
+                            variant,
+                            previous: active.map(|a| a.0),
+                        });
+                        chan.previous = active;
+                        chan.active = Some((v, id));
+                    }
+                } else if active_rolled_back {
+                    events.extend(rollback(None));
+                    chan.active = None;
+                }
+            }
+            None if active_rolled_back => {
+                events.extend(rollback(None));
+                chan.active = None;
+            }
+            _ => {}
+        }
+        for e in events {
+            self.emit(e);
+        }
+    }
+}
