@@ -6,7 +6,7 @@
 //! Everything a transfer changes in a node's core goes through the driver's `input`.
 
 use super::rand::chance;
-use super::world::Edge;
+use super::world::{Edge, QueuedChunk};
 use super::{Ev, PublishedFile, Sim};
 use crate::net::{Flow, FlowId, Reschedule};
 use pollen_protocol::io::ChunkFailure;
@@ -198,7 +198,12 @@ impl Sim {
         if node.uploads < self.upload_slots {
             self.start_flow(i, j, req, file, index);
         } else if node.upload_queue.len() < UPLOAD_QUEUE_MAX {
-            node.upload_queue.push_back((j, req, file, index));
+            node.upload_queue.push_back(QueuedChunk {
+                to: j,
+                req,
+                file,
+                index,
+            });
         }
     }
 
@@ -207,7 +212,7 @@ impl Sim {
         if let Some(f) = self.by_req.get(&(i, req)).copied() {
             self.cancel_flow(f);
         } else {
-            self.nodes[i as usize].upload_queue.retain(|q| q.1 != req);
+            self.nodes[i as usize].upload_queue.retain(|q| q.req != req);
         }
     }
 
@@ -268,7 +273,12 @@ impl Sim {
     fn next_upload(&mut self, node: u32) {
         let x = &mut self.nodes[node as usize];
         x.uploads = x.uploads.saturating_sub(1);
-        while let Some((to, req, file, index)) = self.nodes[node as usize].upload_queue.pop_front()
+        while let Some(QueuedChunk {
+            to,
+            req,
+            file,
+            index,
+        }) = self.nodes[node as usize].upload_queue.pop_front()
         {
             if self.linked(node, to) {
                 self.start_flow(node, to, req, file, index);

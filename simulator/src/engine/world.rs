@@ -57,8 +57,21 @@ pub(super) struct NodeState {
     pub(super) serving: Option<u64>,
     /// Chunk uploads in progress.
     pub(super) uploads: u32,
-    /// Chunk sends waiting for an upload slot: (to, request id, file, index).
-    pub(super) upload_queue: VecDeque<(u32, u64, ContentId, u32)>,
+    /// Chunk sends waiting for an upload slot, oldest first.
+    pub(super) upload_queue: VecDeque<QueuedChunk>,
+}
+
+/// A chunk send waiting for an upload slot.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct QueuedChunk {
+    /// The receiver's node index.
+    pub(super) to: u32,
+    /// The receiver's request id.
+    pub(super) req: u64,
+    /// The file.
+    pub(super) file: ContentId,
+    /// The chunk's index in the file.
+    pub(super) index: u32,
 }
 
 /// One end of an edge of the peer graph (each edge is stored at both ends).
