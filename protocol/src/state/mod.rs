@@ -34,7 +34,6 @@
 //! trade the rest. When every missing chunk is in flight, requests older than
 //! `endgame_after` are duplicated to another peer (endgame) and the loser is cancelled.
 
-use crate::bitfield::Bitfield;
 use crate::ids::Channel;
 use crate::ids::{ContentId, ManifestId, NodeId};
 use crate::io::{Command, Event, Input, Output};
@@ -42,7 +41,7 @@ use crate::manifest::Manifest;
 use crate::rollout::{HealthReport, ReportSample, SignedInstruction};
 use crate::time::{Instant, Now, UnixTime};
 use crate::trust::{SignedNodeCert, TrustRoot};
-use crate::wire::{Message, ObjectId, RejectReason};
+use crate::wire::{Message, ObjectId};
 use alloc::collections::{BTreeMap, BTreeSet, VecDeque};
 use alloc::sync::Arc;
 use rand_core::Rng;
@@ -62,8 +61,8 @@ mod testkit;
 pub use config::Config;
 pub use status::{ChannelView, ReleaseRef, ReleaseView};
 
-use config::{PENALTY_SEVERE, PENALTY_TIMEOUT};
-use exchange::{FileState, Request, SUPERSEED_STALL, SuperSeed, clear_bit};
+use config::PENALTY_SEVERE;
+use exchange::{FileState, Request};
 use peers::Peer;
 use releases::ChannelState;
 use timers::{Timer, TimerTable};
@@ -201,15 +200,7 @@ impl<R: Rng> Mesh<R> {
             Input::ChunkStored { from, file, index } => {
                 self.on_chunk_stored(now, from, file, index)
             }
-            Input::ChunkReceived { from, file, index } => {
-                self.finish_requests(Some(from), file, index);
-                if let Some(f) = self.files.get_mut(&file)
-                    && index < f.total()
-                    && !f.have.get(index)
-                {
-                    f.pending.insert(index);
-                }
-            }
+            Input::ChunkReceived { from, file, index } => self.on_chunk_received(from, file, index),
             Input::ChunkFailed {
                 from,
                 file,
@@ -232,59 +223,19 @@ impl<R: Rng> Mesh<R> {
     /// Run timers that are due. Calling it early does nothing.
     pub fn handle_timeout(&mut self, now: Now) {
         self.last_wall = now.wall;
-        // Request timeouts.
-        while let Some(id) = self.timers.pop_due_request(now.mono) {
-            if let Some(req) = self.requests.remove(&id) {
-                self.forget_request(id, &req);
-                self.send(req.peer, Message::Cancel { id });
-                self.penalise(req.peer, PENALTY_TIMEOUT, "chunk request timed out".into());
-            }
-        }
-        // Delayed pulls.
-        let due: Vec<ObjectId> = self
-            .pending_wants
-            .iter()
-            .filter(|(_, (t, _))| *t <= now.mono)
-            .map(|(o, _)| *o)
-            .collect();
-        let mut wants: BTreeMap<NodeId, Vec<ObjectId>> = BTreeMap::new();
-        for o in due {
-            if let Some((_, peer)) = self.pending_wants.remove(&o)
-                && !self.holds(&o)
-                && self.peers.contains_key(&peer)
-            {
-                wants.entry(peer).or_default().push(o);
-            }
-        }
-        for (peer, list) in wants {
-            self.send(peer, Message::Want(list));
-        }
+        self.on_request_timeouts(now);
+        self.on_delayed_wants(now);
         if self.timers.is_due(Timer::AntiEntropy, now.mono) {
             self.timers.set(
                 Timer::AntiEntropy,
                 now.mono + self.config.anti_entropy_interval,
             );
-            if let Some(peer) = self.random_peers(1, None).first().copied() {
-                let d = self.digest(false);
-                self.send(peer, Message::Digest(d));
-            }
+            self.on_anti_entropy_timer();
         }
         if self.timers.is_due(Timer::Tick, now.mono) {
             self.timers
                 .set(Timer::Tick, now.mono + self.config.rollout_tick);
-            let stalled: Vec<ContentId> = self
-                .files
-                .iter()
-                .filter(|(_, f)| {
-                    f.superseed.as_ref().is_some_and(|s| {
-                        now.mono.saturating_duration_since(s.progress) >= SUPERSEED_STALL
-                    })
-                })
-                .map(|(k, _)| *k)
-                .collect();
-            for file in stalled {
-                self.reveal(file);
-            }
+            self.reveal_stalled(now);
             if self.catch_up_until.is_some_and(|t| t <= now.mono) {
                 self.catch_up_until = None;
             }
@@ -306,11 +257,7 @@ impl<R: Rng> Mesh<R> {
             Message::TrustRoot(t) => {
                 let _ = self.on_trust_root(now, Some(from), t);
             }
-            Message::Prune => {
-                if let Some(p) = self.peers.get_mut(&from) {
-                    p.lazy = true;
-                }
-            }
+            Message::Prune => self.on_prune(from),
             Message::Reports(list) => {
                 for r in list.into_iter().take(crate::wire::MAX_LIST) {
                     self.on_report(now, Some(from), r);
@@ -321,24 +268,8 @@ impl<R: Rng> Mesh<R> {
                 self.tree_update(from, known);
                 let _ = self.on_instruction(now, Some(from), i);
             }
-            Message::IHave(ids) => {
-                for o in ids {
-                    if !self.holds(&o)
-                        && !self.pending_wants.contains_key(&o)
-                        && self.pending_wants.len() < self.config.max_pending_wants
-                    {
-                        self.pending_wants
-                            .insert(o, (now.mono + self.config.ihave_delay, from));
-                    }
-                }
-            }
-            Message::Want(ids) => {
-                // A pull grafts the link back onto the tree.
-                if let Some(p) = self.peers.get_mut(&from) {
-                    p.lazy = false;
-                }
-                self.on_want(from, ids)
-            }
+            Message::IHave(ids) => self.on_ihave(now, from, ids),
+            Message::Want(ids) => self.on_want(from, ids),
             Message::Digest(d) => {
                 let reply = d.reply;
                 self.on_digest(from, d);
@@ -349,55 +280,11 @@ impl<R: Rng> Mesh<R> {
             Message::Have { file, chunks } => self.on_have(from, file, chunks),
             Message::HaveChunk { file, index } => self.on_have_chunk(from, file, index),
             Message::Request { id, file, index } => {
-                if let Some(f) = self.files.get_mut(&file)
-                    && let Some(ss) = f.superseed.as_mut()
-                    && f.have.get(index)
-                    && !ss.served.get(index)
-                {
-                    ss.served.set(index);
-                    ss.progress = now.mono;
-                    if ss.served.count() == f.total() {
-                        self.reveal(file);
-                    }
-                }
-                if self.has_chunk(&file, index) {
-                    self.outputs.push_back(Output::SendChunk {
-                        to: from,
-                        id,
-                        file,
-                        index,
-                    });
-                } else {
-                    self.send(
-                        from,
-                        Message::Reject {
-                            id,
-                            reason: RejectReason::NotFound,
-                        },
-                    );
-                }
+                self.superseed_served(now, file, index);
+                self.on_request(from, id, file, index);
             }
             Message::Cancel { id } => self.outputs.push_back(Output::CancelChunk { to: from, id }),
-            Message::Reject { id, .. } => {
-                if let Some(r) = self.requests.get(&id)
-                    && r.peer == from
-                {
-                    let r = self.requests.remove(&id).expect("present");
-                    self.timers.stop_request(r.deadline, id);
-                    // The peer does not have it after all: stop asking it for that chunk.
-                    if let Some(p) = self.peers.get_mut(&from)
-                        && let Some(bits) = p.haves.get_mut(&r.file)
-                    {
-                        clear_bit(bits, r.index);
-                    }
-                    if let Some(f) = self.files.get_mut(&r.file)
-                        && let Some(a) = f.avail.get_mut(r.index as usize)
-                    {
-                        *a = a.saturating_sub(1);
-                    }
-                    self.forget_request(id, &r);
-                }
-            }
+            Message::Reject { id, .. } => self.on_reject(from, id),
             Message::Certificate(c) => {
                 let ok = match &self.trust {
                     Some(t) => t.check_certificate(&from, Some(&c), now.wall).is_ok(),
@@ -407,7 +294,9 @@ impl<R: Rng> Mesh<R> {
                     self.penalise(from, PENALTY_SEVERE, "invalid node certificate".into());
                 }
             }
-            Message::Unknown(_) | Message::Hello(_) => {} // `Message` is non_exhaustive for other crates only.
+            // Drivers consume `Hello` (it carries the site and protocol version they put in
+            // `PeerInfo`); unknown kinds from newer peers are ignored.
+            Message::Unknown(_) | Message::Hello(_) => {}
         }
     }
     // ----- commands --------------------------------------------------------------------
@@ -456,46 +345,7 @@ impl<R: Rng> Mesh<R> {
                 self.refresh_all(now);
                 Ok(())
             }
-            Command::LocalChunks { file, chunks } => {
-                let Some(f) = self.files.get_mut(&file) else {
-                    return Err(format!(
-                        "file {} is not in any retained manifest",
-                        file.short()
-                    ));
-                };
-                if chunks.len() != f.total() || !chunks.is_valid() {
-                    return Err("bitfield length does not match the file".into());
-                }
-                let was_complete = f.complete();
-                for i in 0..chunks.len() {
-                    if chunks.get(i) {
-                        f.have.set(i);
-                    }
-                }
-                if !was_complete && f.complete() && f.total() > 1 && f.avail.iter().all(|a| *a == 0)
-                {
-                    // Nobody we know has any of it: we are its first seed.
-                    f.superseed = Some(SuperSeed {
-                        served: Bitfield::new(f.total()),
-                        cursor: 0,
-                        progress: now.mono,
-                    });
-                    let mut peers: Vec<NodeId> = self.peers.keys().copied().collect();
-                    // A random order, so who gets the first chunks differs between files.
-                    for i in (1..peers.len()).rev() {
-                        let j = (self.rng.next_u64() % (i as u64 + 1)) as usize;
-                        peers.swap(i, j);
-                    }
-                    for p in peers {
-                        self.announce_share(p, file);
-                    }
-                    self.refresh_all(now);
-                    return Ok(());
-                }
-                self.announce_file(file);
-                self.refresh_all(now);
-                Ok(())
-            }
+            Command::LocalChunks { file, chunks } => self.on_local_chunks(now, file, chunks),
             Command::ReportHealth(r) => {
                 let body = r.signed.decode_body().map_err(|e| e.to_string())?;
                 if body.node != self.id {
