@@ -208,7 +208,6 @@ impl<R: Rng> Mesh<R> {
         }
     }
 
-    /// Eager push to a few random peers, lazy IHave to the rest.
     /// Plumtree-style push: the payload to every peer still on the gossip tree (a peer
     /// that receives a duplicate prunes the link, one that pulls grafts it back), an
     /// `IHave` to the others so a lost branch is repaired by a pull. The first object

@@ -7,7 +7,16 @@
 //!   clock. Calling `handle_timeout` before the deadline does nothing.
 //! * **Outputs**: after *every* call, drain [`Mesh::poll_output`] until it returns `None`,
 //!   then read [`Mesh::poll_timeout`] for the next deadline.
-//! * **Getters** (`id`, `status`, `chunk_spec`, ...) never mutate.
+//!
+//! The methods of [`Mesh`] are of four kinds:
+//!
+//! * **queries** (`id`, `config`, `release`, `releases`, `actives`, `live_files`,
+//!   `manifest`, `chunk_spec`, `needs_chunk`, ...) never mutate and are cheap: use them to
+//!   answer a narrow question. [`Mesh::status`] is the one exception to "cheap": a display
+//!   view that counts every release's sample; build it for humans only;
+//! * **inputs**: [`Mesh::handle`] and [`Mesh::handle_timeout`];
+//! * **outputs**: [`Mesh::poll_output`] and [`Mesh::poll_timeout`];
+//! * **setters** for the driver's wiring: [`Mesh::set_interner`].
 //!
 //! Peer input never panics and never returns an error: a malformed or hostile message
 //! becomes a penalty (and past a score, an [`Output::Disconnect`]). Chunk bytes never enter
@@ -18,12 +27,15 @@
 //!
 //! # Gossip
 //!
-//! Manifests, trust roots and instructions spread by eager push to `eager_fanout` random
-//! peers plus lazy `IHave` to the rest; a node that hears an `IHave` for something it lacks
-//! pulls it (`Want`) after `ihave_delay` unless the push arrived meanwhile. Health reports
-//! that change the local sample are batched and pushed each tick. Anti-entropy: on connect
-//! and every `anti_entropy_interval` (to one random peer) nodes exchange a [`Digest`] and
-//! pull what they lack, so a node back from hours offline catches up.
+//! Manifests and instructions spread plumtree-style: the payload goes to every peer on the
+//! gossip tree and an `IHave` to the others (lazy peers). A node that receives a payload
+//! it already holds answers `Prune`, which takes the link off the tree; a node that hears
+//! an `IHave` for something it lacks pulls it (`Want`) after `ihave_delay` unless the
+//! payload arrived meanwhile, and the pull grafts the link back. Trust roots go to every
+//! peer. Health reports that change the local sample are batched and pushed each tick to
+//! `eager_fanout` random peers. Anti-entropy: on connect and every
+//! `anti_entropy_interval` (to one random peer) nodes exchange a [`Digest`](crate::wire::Digest) and pull what
+//! they lack, so a node back from hours offline catches up.
 //!
 //! # Chunk exchange
 //!
@@ -33,6 +45,24 @@
 //! chunks that no non-seed peer has, so seeds push new chunks into the swarm and peers
 //! trade the rest. When every missing chunk is in flight, requests older than
 //! `endgame_after` are duplicated to another peer (endgame) and the loser is cancelled.
+//! A peer on another site (behind a WAN link) is asked only for chunks no peer on this
+//! site has, one at a time.
+//!
+//! # Parts
+//!
+//! [`Mesh`] owns the data; each part is one file of methods on it, named for its concern,
+//! and [`Mesh::handle`] / [`Mesh::handle_timeout`] route each input to the part's handler:
+//!
+//! * `config`: [`Config`], penalties and fixed bounds;
+//! * `timers`: the one timer table;
+//! * `peers`: the peer table, scores, penalties, random sampling;
+//! * `gossip`: plumtree push, IHave/Want/Prune, digests, report batches;
+//! * `objects`: acceptance of trust roots, manifests, instructions and reports, and the
+//!   one `reject`;
+//! * `releases`: channels and releases, retention, and which release this node serves;
+//! * `exchange`: files, availability and requests; `exchange/schedule` picks chunks,
+//!   `exchange/superseed` seeds a new file;
+//! * `status`: queries and the display view.
 
 use crate::ids::Channel;
 use crate::ids::{ContentId, ManifestId, NodeId};
@@ -81,33 +111,53 @@ impl core::fmt::Debug for Interner {
 /// The state machine of one node. `R` is the RNG (seeded in the simulator).
 #[derive(Debug)]
 pub struct Mesh<R> {
+    /// Where decoded manifests are kept (see [`Mesh::set_interner`]).
     interner: Option<Interner>,
+    /// This node's id (its ed25519 public key).
     id: NodeId,
+    /// Tunables.
     config: Config,
+    /// Every random choice (peer samples, tie-break salts, chunk start, shuffles).
     rng: R,
+    /// The trust root in force; without one, nothing signed is accepted.
     trust: Option<TrustRoot>,
+    /// This node's certificate (fleets), shown to each peer on connect.
     cert: Option<SignedNodeCert>,
+    /// Followed channels, their retained releases and what is active (part `releases`).
     channels: BTreeMap<Channel, ChannelState>,
     /// Manifest id -> (channel, version), for every retained release.
     index: BTreeMap<ManifestId, (Channel, u64)>,
+    /// Download state of every file of a retained release (part `exchange`).
     files: BTreeMap<ContentId, FileState>,
+    /// Connected peers (part `peers`), at most `max_peers`.
     peers: BTreeMap<NodeId, Peer>,
+    /// Chunk requests in flight, by request id (part `exchange`).
     requests: BTreeMap<u64, Request>,
+    /// The id of the next chunk request.
     next_request: u64,
+    /// The health-report sample of every retained release.
     samples: BTreeMap<ManifestId, ReportSample>,
+    /// The latest operator instruction per retained release (signed, and its body).
     instructions: BTreeMap<ManifestId, (SignedInstruction, crate::rollout::InstructionBody)>,
     /// Authorised instructions for releases not known yet (they can arrive before the
     /// manifest when a node catches up), at most [`MAX_PENDING_INSTRUCTIONS`].
     pending_instructions:
         BTreeMap<(Channel, u64), (SignedInstruction, crate::rollout::InstructionBody)>,
+    /// Delayed pulls: object -> (when to pull, the peer that offered it), at most
+    /// `max_pending_wants` (part `gossip`).
     pending_wants: BTreeMap<ObjectId, (Instant, NodeId)>,
+    /// Reports that changed the sample since the last tick, pushed then (part `gossip`).
     pending_reports: Vec<HealthReport>,
+    /// Releases pinned by the operator: never trimmed (see [`Command::Pin`]).
     pinned: BTreeSet<ManifestId>,
+    /// Outputs waiting for [`Mesh::poll_output`].
     outputs: VecDeque<Output>,
+    /// Every deadline but the delayed pulls (part `timers`).
     timers: TimerTable,
     /// Until then, no promotion to a newer version (see [`Config::catch_up`]); None once
     /// caught up.
     catch_up_until: Option<Instant>,
+    /// The wall clock of the latest call (for penalties raised outside an input).
     last_wall: UnixTime,
 }
 

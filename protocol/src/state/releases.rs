@@ -16,18 +16,27 @@ use alloc::collections::{BTreeMap, BTreeSet};
 use alloc::sync::Arc;
 use rand_core::Rng;
 
+/// A retained release.
 #[derive(Debug)]
 pub(super) struct Release {
+    /// Its manifest (shared through the interner, if any).
     pub(super) manifest: Arc<Manifest>,
+    /// The variant this node chose for its device.
     pub(super) variant: usize,
+    /// The latest rollout decision (None until first evaluated).
     pub(super) decision: Option<Decision>,
+    /// Stages already announced with [`Event::StageOpened`].
     pub(super) announced_stages: usize,
+    /// [`Event::RolloutFailed`] already emitted.
     pub(super) announced_failure: bool,
 }
 
+/// One followed channel.
 #[derive(Debug, Default)]
 pub(super) struct ChannelState {
+    /// Highest version accepted (a replay or older version is refused).
     pub(super) highest: u64,
+    /// Retained releases by version, at most `retained_versions` (plus protected ones).
     pub(super) releases: BTreeMap<u64, Release>,
     /// (version, manifest) the driver was told to serve.
     pub(super) active: Option<(u64, ManifestId)>,

@@ -19,11 +19,16 @@ use alloc::collections::{BTreeMap, BTreeSet};
 use alloc::sync::Arc;
 use rand_core::Rng;
 
+/// A file of a retained release: what this node holds and who else holds what.
 #[derive(Debug)]
 pub(super) struct FileState {
+    /// The manifest that named it first (its spec is `variants[variant].files[file]`).
     pub(super) spec: Arc<Manifest>,
+    /// Index of the variant in that manifest's artifact.
     pub(super) variant: usize,
+    /// Index of the file in that variant.
     pub(super) file: usize,
+    /// Chunks stored durably here.
     pub(super) have: Bitfield,
     /// Peers holding each chunk.
     pub(super) avail: Vec<u16>,
@@ -31,6 +36,7 @@ pub(super) struct FileState {
     pub(super) seeds: u16,
     /// Request ids in flight per chunk.
     pub(super) inflight: BTreeMap<u32, Vec<u64>>,
+    /// Download it (a release this node serves or prefetches); set by `releases`.
     pub(super) wanted: bool,
     /// Received and written, waiting for the sync that makes them durable.
     pub(super) pending: BTreeSet<u32>,
@@ -50,12 +56,15 @@ impl FileState {
     }
 }
 
+/// A chunk request in flight: chunk `index` of `file`, asked of `peer`.
 #[derive(Debug)]
 pub(super) struct Request {
     pub(super) peer: NodeId,
     pub(super) file: ContentId,
     pub(super) index: u32,
+    /// When it was sent (the endgame duplicates old requests).
     pub(super) sent: Instant,
+    /// When it times out (armed in the timer table).
     pub(super) deadline: Instant,
 }
 
