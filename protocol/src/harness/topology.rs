@@ -2,9 +2,10 @@
 
 use super::Harness;
 use crate::ids::ManifestId;
-use crate::io::{Command, Input, PeerInfo};
+use crate::io::{Input, PeerInfo};
 use crate::manifest::Channel;
 use crate::state::Mesh;
+use crate::state::restore::{self, Persisted};
 use crate::wire::Bitfield;
 use rand_chacha::ChaCha8Rng;
 use rand_core::{Rng, SeedableRng};
@@ -135,36 +136,22 @@ impl Harness {
             .channels()
             .map(|c| (c.clone(), old.highest(c), old.active(c).map(|a| a.1)))
             .collect();
-        manifests.sort_by_key(|(v, _)| *v);
+        let persisted = Persisted {
+            trust_roots: trust.into_iter().collect(),
+            manifests,
+            channels,
+            instructions,
+            chunks,
+            ..Persisted::default()
+        };
         let config = old.config().clone();
         let id = old.id();
         let rng = ChaCha8Rng::seed_from_u64(self.rng.next_u64());
         let now = self.clocks(i);
         self.nodes[i].mesh = Mesh::new(id, config, rng, now);
         self.nodes[i].timer_at = None;
-        if let Some(t) = trust {
-            let _ = self.command(i, Command::RestoreTrustRoot(t));
-        }
-        for (_, m) in manifests {
-            let _ = self.command(i, Command::Restore(m));
-        }
-        for (channel, version, active) in channels {
-            let _ = self.command(
-                i,
-                Command::SetHighest {
-                    channel: channel.clone(),
-                    version,
-                },
-            );
-            if let Some(manifest) = active {
-                let _ = self.command(i, Command::SetActive { channel, manifest });
-            }
-        }
-        for s in instructions {
-            let _ = self.command(i, Command::Instruct(s));
-        }
-        for (file, bits) in chunks {
-            let _ = self.command(i, Command::LocalChunks { file, chunks: bits });
+        for cmd in restore::commands(persisted) {
+            let _ = self.command(i, cmd);
         }
     }
 }

@@ -62,7 +62,8 @@
 //! * `releases`: channels and releases, retention, and which release this node serves;
 //! * `exchange`: files, availability and requests; `exchange/schedule` picks chunks,
 //!   `exchange/superseed` seeds a new file;
-//! * `status`: queries and the display view.
+//! * `status`: queries and the display view;
+//! * [`restore`]: the command order that restores what a driver persisted.
 
 use crate::ids::Channel;
 use crate::ids::{ContentId, ManifestId, NodeId};
@@ -82,6 +83,7 @@ mod gossip;
 mod objects;
 mod peers;
 mod releases;
+pub mod restore;
 mod status;
 mod timers;
 
