@@ -8,16 +8,20 @@
 //! ## Layout (one concept per module)
 //!
 //! * [`time`]: the core's monotonic [`time::Instant`] and wall-clock [`time::UnixTime`].
-//! * [`ids`]: node ids (ed25519 public keys), content ids and manifest ids.
+//! * [`ids`]: node ids (ed25519 public keys), content ids, manifest ids, channel names.
+//! * [`bitfield`]: sets of chunk indices.
 //! * [`chunking`]: content ids, chunk layout, chaining values, chunk verification.
 //! * [`signing`]: canonical signed envelopes with a domain per kind of object.
+//! * [`cert`]: node certificates (the fleet key vouches for a node key).
 //! * [`manifest`]: version manifests (channel, version, artifact, model, golden checks).
-//! * [`trust`]: trust roots, rotation, node certificates, manifest authorisation.
+//! * [`trust`]: trust roots, rotation, manifest authorisation, certificate checks.
 //! * [`rollout`]: plans, cohorts, health reports, the bounded report sample, the stage rule.
 //! * [`wire`]: frames and messages with hard size caps.
 //! * [`io`]: inputs, commands, outputs, events of the state machine.
-//! * [`state`]: the mesh state machine (gossip, anti-entropy, chunk scheduling, rollouts).
-//! * `harness` (feature `test-utils`): N state machines over virtual time and seeded links.
+//! * [`state`]: the mesh state machine, one folder of parts (config, timers, peers,
+//!   gossip, objects, releases, exchange, status) composed by [`state::Mesh`].
+//! * `harness/` (feature `test-utils`): N state machines over virtual time and seeded
+//!   links (event loop, topology, link, health policy, fixtures).
 //!
 //! ## Driving it
 //!

@@ -77,6 +77,12 @@ fn fifty_nodes(seed: u64) {
             Some(1),
             "node {i} active"
         );
+        let mesh = &h.nodes[i].mesh;
+        let id = mesh.release(&vision(), 1).map(|r| r.id());
+        assert_eq!(id, Some(pollen_protocol::ManifestId(m.body_hash())));
+        assert_eq!(mesh.actives().next(), Some((&vision(), 1, id.unwrap())));
+        assert!(mesh.live_files().contains(&spec.content_id));
+        assert_eq!(mesh.releases().count(), 1);
     }
     let s = &h.stats;
     assert_eq!(s.double_stores, 0, "no node stores a chunk twice");
@@ -302,15 +308,7 @@ fn staged_rollout_opens_stages_in_order() {
                 "node {i} with {open} stages open (stage {:?})",
                 stage_of[i]
             );
-            let st = n.mesh.status();
-            let d = st[0]
-                .releases
-                .iter()
-                .find(|r| r.version == 2)
-                .unwrap()
-                .decision
-                .clone()
-                .unwrap();
+            let d = n.mesh.release(&vision(), 2).unwrap().decision.unwrap();
             assert_eq!(d.open_stages(), open, "node {i} agrees on open stages");
         }
     }
@@ -352,9 +350,10 @@ fn failing_canary_rolls_back_and_later_stages_never_open() {
                     e,
                     Event::RollBack {
                         from: 2,
+                        from_manifest,
                         to: Some((1, _)),
                         ..
-                    }
+                    } if *from_manifest == m2.id
                 )),
                 "canary {i} rolled back: {:#?}",
                 n.events

@@ -9,7 +9,8 @@ pub struct Config {
     pub site: Option<String>,
     /// What this device offers, for choosing a variant.
     pub device: DeviceProfile,
-    /// Peers that get an eager push of each new object.
+    /// Peers that get each tick's batch of new health reports (manifests and instructions
+    /// follow the gossip tree instead; see the module doc of [`crate::state`]).
     pub eager_fanout: usize,
     /// Wait after an `IHave` before pulling (lets the eager push arrive first).
     pub ihave_delay: Duration,
@@ -42,7 +43,7 @@ pub struct Config {
     pub max_pending_wants: usize,
     /// After the local store fails to keep a chunk (full disk), downloads pause this long.
     pub store_retry: Duration,
-    /// Most pinned releases (see [`Command::Pin`]).
+    /// Most pinned releases (see [`Command::Pin`](crate::io::Command::Pin)).
     pub max_pinned: usize,
     /// How far ahead of this node's clock a signed timestamp (health report, instruction)
     /// may be. Later ones are refused for now, without penalty: anti-entropy offers them
@@ -51,7 +52,7 @@ pub struct Config {
     /// A node whose latest report for a release is older than this counts as stale (not
     /// heard from lately) in the status; gate decisions do not depend on it.
     pub report_ttl: Duration,
-    /// After restoring releases from disk ([`Command::Restore`]), a node switches to a newer
+    /// After restoring releases from disk ([`Command::Restore`](crate::io::Command::Restore)), a node switches to a newer
     /// version only once it has caught up with a peer (received the answer to its digest,
     /// and with it any halt it missed while offline), or after this long without one.
     /// Rollbacks never wait; a fresh node has nothing stale and does not wait.

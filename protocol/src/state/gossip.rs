@@ -4,11 +4,63 @@ use super::Mesh;
 use crate::ids::{ManifestId, NodeId};
 use crate::io::Output;
 use crate::rollout::{HealthReport, ReportSample, SignedInstruction};
+use crate::time::Now;
 use crate::wire::{ChannelDigest, Digest, Message, ObjectId};
 use alloc::collections::{BTreeMap, BTreeSet};
 use rand_core::Rng;
 
 impl<R: Rng> Mesh<R> {
+    /// A peer offers objects: pull each one we lack after `ihave_delay`, unless the
+    /// payload arrives meanwhile (bounded by `max_pending_wants`).
+    pub(super) fn on_ihave(&mut self, now: Now, from: NodeId, ids: Vec<ObjectId>) {
+        for o in ids {
+            if !self.holds(&o)
+                && !self.pending_wants.contains_key(&o)
+                && self.pending_wants.len() < self.config.max_pending_wants
+            {
+                self.pending_wants
+                    .insert(o, (now.mono + self.config.ihave_delay, from));
+            }
+        }
+    }
+
+    /// A peer got a duplicate from us: it leaves our gossip tree (IHave only).
+    pub(super) fn on_prune(&mut self, from: NodeId) {
+        if let Some(p) = self.peers.get_mut(&from) {
+            p.lazy = true;
+        }
+    }
+
+    /// Delayed pulls that are due: one `Want` per peer for what is still missing.
+    pub(super) fn on_delayed_wants(&mut self, now: Now) {
+        let due: Vec<ObjectId> = self
+            .pending_wants
+            .iter()
+            .filter(|(_, (t, _))| *t <= now.mono)
+            .map(|(o, _)| *o)
+            .collect();
+        let mut wants: BTreeMap<NodeId, Vec<ObjectId>> = BTreeMap::new();
+        for o in due {
+            if let Some((_, peer)) = self.pending_wants.remove(&o)
+                && !self.holds(&o)
+                && self.peers.contains_key(&peer)
+            {
+                wants.entry(peer).or_default().push(o);
+            }
+        }
+        for (peer, list) in wants {
+            self.send(peer, Message::Want(list));
+        }
+    }
+
+    /// Anti-entropy: send our digest to one random peer.
+    pub(super) fn on_anti_entropy_timer(&mut self) {
+        if let Some(peer) = self.random_peers(1, None).first().copied() {
+            let d = self.digest(false);
+            self.send(peer, Message::Digest(d));
+        }
+    }
+
     pub(super) fn holds(&self, o: &ObjectId) -> bool {
         match o {
             ObjectId::Manifest(id) => self.index.contains_key(id),
@@ -21,7 +73,12 @@ impl<R: Rng> Mesh<R> {
         }
     }
 
+    /// A peer pulls objects: answer each one we hold. A pull grafts the link back onto
+    /// the gossip tree.
     pub(super) fn on_want(&mut self, from: NodeId, ids: Vec<ObjectId>) {
+        if let Some(p) = self.peers.get_mut(&from) {
+            p.lazy = false;
+        }
         // Each object once, and a bounded number per message: a Want repeating one large
         // manifest must not make us queue it thousands of times.
         const MAX_ANSWERS: usize = 64;
@@ -151,7 +208,6 @@ impl<R: Rng> Mesh<R> {
         }
     }
 
-    /// Eager push to a few random peers, lazy IHave to the rest.
     /// Plumtree-style push: the payload to every peer still on the gossip tree (a peer
     /// that receives a duplicate prunes the link, one that pulls grafts it back), an
     /// `IHave` to the others so a lost branch is repaired by a pull. The first object

@@ -7,7 +7,16 @@
 //!   clock. Calling `handle_timeout` before the deadline does nothing.
 //! * **Outputs**: after *every* call, drain [`Mesh::poll_output`] until it returns `None`,
 //!   then read [`Mesh::poll_timeout`] for the next deadline.
-//! * **Getters** (`id`, `status`, `chunk_spec`, ...) never mutate.
+//!
+//! The methods of [`Mesh`] are of four kinds:
+//!
+//! * **queries** (`id`, `config`, `release`, `releases`, `actives`, `live_files`,
+//!   `manifest`, `chunk_spec`, `needs_chunk`, ...) never mutate and are cheap: use them to
+//!   answer a narrow question. [`Mesh::status`] is the one exception to "cheap": a display
+//!   view that counts every release's sample; build it for humans only;
+//! * **inputs**: [`Mesh::handle`] and [`Mesh::handle_timeout`];
+//! * **outputs**: [`Mesh::poll_output`] and [`Mesh::poll_timeout`];
+//! * **setters** for the driver's wiring: [`Mesh::set_interner`].
 //!
 //! Peer input never panics and never returns an error: a malformed or hostile message
 //! becomes a penalty (and past a score, an [`Output::Disconnect`]). Chunk bytes never enter
@@ -18,12 +27,15 @@
 //!
 //! # Gossip
 //!
-//! Manifests, trust roots and instructions spread by eager push to `eager_fanout` random
-//! peers plus lazy `IHave` to the rest; a node that hears an `IHave` for something it lacks
-//! pulls it (`Want`) after `ihave_delay` unless the push arrived meanwhile. Health reports
-//! that change the local sample are batched and pushed each tick. Anti-entropy: on connect
-//! and every `anti_entropy_interval` (to one random peer) nodes exchange a [`Digest`] and
-//! pull what they lack, so a node back from hours offline catches up.
+//! Manifests and instructions spread plumtree-style: the payload goes to every peer on the
+//! gossip tree and an `IHave` to the others (lazy peers). A node that receives a payload
+//! it already holds answers `Prune`, which takes the link off the tree; a node that hears
+//! an `IHave` for something it lacks pulls it (`Want`) after `ihave_delay` unless the
+//! payload arrived meanwhile, and the pull grafts the link back. Trust roots go to every
+//! peer. Health reports that change the local sample are batched and pushed each tick to
+//! `eager_fanout` random peers. Anti-entropy: on connect and every
+//! `anti_entropy_interval` (to one random peer) nodes exchange a [`Digest`](crate::wire::Digest) and pull what
+//! they lack, so a node back from hours offline catches up.
 //!
 //! # Chunk exchange
 //!
@@ -33,8 +45,26 @@
 //! chunks that no non-seed peer has, so seeds push new chunks into the swarm and peers
 //! trade the rest. When every missing chunk is in flight, requests older than
 //! `endgame_after` are duplicated to another peer (endgame) and the loser is cancelled.
+//! A peer on another site (behind a WAN link) is asked only for chunks no peer on this
+//! site has, one at a time.
+//!
+//! # Parts
+//!
+//! [`Mesh`] owns the data; each part is one file of methods on it, named for its concern,
+//! and [`Mesh::handle`] / [`Mesh::handle_timeout`] route each input to the part's handler:
+//!
+//! * `config`: [`Config`], penalties and fixed bounds;
+//! * `timers`: the one timer table;
+//! * `peers`: the peer table, scores, penalties, random sampling;
+//! * `gossip`: plumtree push, IHave/Want/Prune, digests, report batches;
+//! * `objects`: acceptance of trust roots, manifests, instructions and reports, and the
+//!   one `reject`;
+//! * `releases`: channels and releases, retention, and which release this node serves;
+//! * `exchange`: files, availability and requests; `exchange/schedule` picks chunks,
+//!   `exchange/superseed` seeds a new file;
+//! * `status`: queries and the display view;
+//! * [`restore`]: the command order that restores what a driver persisted.
 
-use crate::bitfield::Bitfield;
 use crate::ids::Channel;
 use crate::ids::{ContentId, ManifestId, NodeId};
 use crate::io::{Command, Event, Input, Output};
@@ -42,7 +72,7 @@ use crate::manifest::Manifest;
 use crate::rollout::{HealthReport, ReportSample, SignedInstruction};
 use crate::time::{Instant, Now, UnixTime};
 use crate::trust::{SignedNodeCert, TrustRoot};
-use crate::wire::{Message, ObjectId, RejectReason};
+use crate::wire::{Message, ObjectId};
 use alloc::collections::{BTreeMap, BTreeSet, VecDeque};
 use alloc::sync::Arc;
 use rand_core::Rng;
@@ -53,6 +83,7 @@ mod gossip;
 mod objects;
 mod peers;
 mod releases;
+pub mod restore;
 mod status;
 mod timers;
 
@@ -62,8 +93,8 @@ mod testkit;
 pub use config::Config;
 pub use status::{ChannelView, ReleaseRef, ReleaseView};
 
-use config::{PENALTY_SEVERE, PENALTY_TIMEOUT};
-use exchange::{FileState, Request, SUPERSEED_STALL, SuperSeed, clear_bit};
+use config::PENALTY_SEVERE;
+use exchange::{FileState, Request};
 use peers::Peer;
 use releases::ChannelState;
 use timers::{Timer, TimerTable};
@@ -82,33 +113,53 @@ impl core::fmt::Debug for Interner {
 /// The state machine of one node. `R` is the RNG (seeded in the simulator).
 #[derive(Debug)]
 pub struct Mesh<R> {
+    /// Where decoded manifests are kept (see [`Mesh::set_interner`]).
     interner: Option<Interner>,
+    /// This node's id (its ed25519 public key).
     id: NodeId,
+    /// Tunables.
     config: Config,
+    /// Every random choice (peer samples, tie-break salts, chunk start, shuffles).
     rng: R,
+    /// The trust root in force; without one, nothing signed is accepted.
     trust: Option<TrustRoot>,
+    /// This node's certificate (fleets), shown to each peer on connect.
     cert: Option<SignedNodeCert>,
+    /// Followed channels, their retained releases and what is active (part `releases`).
     channels: BTreeMap<Channel, ChannelState>,
     /// Manifest id -> (channel, version), for every retained release.
     index: BTreeMap<ManifestId, (Channel, u64)>,
+    /// Download state of every file of a retained release (part `exchange`).
     files: BTreeMap<ContentId, FileState>,
+    /// Connected peers (part `peers`), at most `max_peers`.
     peers: BTreeMap<NodeId, Peer>,
+    /// Chunk requests in flight, by request id (part `exchange`).
     requests: BTreeMap<u64, Request>,
+    /// The id of the next chunk request.
     next_request: u64,
+    /// The health-report sample of every retained release.
     samples: BTreeMap<ManifestId, ReportSample>,
+    /// The latest operator instruction per retained release (signed, and its body).
     instructions: BTreeMap<ManifestId, (SignedInstruction, crate::rollout::InstructionBody)>,
     /// Authorised instructions for releases not known yet (they can arrive before the
     /// manifest when a node catches up), at most [`MAX_PENDING_INSTRUCTIONS`].
     pending_instructions:
         BTreeMap<(Channel, u64), (SignedInstruction, crate::rollout::InstructionBody)>,
+    /// Delayed pulls: object -> (when to pull, the peer that offered it), at most
+    /// `max_pending_wants` (part `gossip`).
     pending_wants: BTreeMap<ObjectId, (Instant, NodeId)>,
+    /// Reports that changed the sample since the last tick, pushed then (part `gossip`).
     pending_reports: Vec<HealthReport>,
+    /// Releases pinned by the operator: never trimmed (see [`Command::Pin`]).
     pinned: BTreeSet<ManifestId>,
+    /// Outputs waiting for [`Mesh::poll_output`].
     outputs: VecDeque<Output>,
+    /// Every deadline but the delayed pulls (part `timers`).
     timers: TimerTable,
     /// Until then, no promotion to a newer version (see [`Config::catch_up`]); None once
     /// caught up.
     catch_up_until: Option<Instant>,
+    /// The wall clock of the latest call (for penalties raised outside an input).
     last_wall: UnixTime,
 }
 
@@ -201,15 +252,7 @@ impl<R: Rng> Mesh<R> {
             Input::ChunkStored { from, file, index } => {
                 self.on_chunk_stored(now, from, file, index)
             }
-            Input::ChunkReceived { from, file, index } => {
-                self.finish_requests(Some(from), file, index);
-                if let Some(f) = self.files.get_mut(&file)
-                    && index < f.total()
-                    && !f.have.get(index)
-                {
-                    f.pending.insert(index);
-                }
-            }
+            Input::ChunkReceived { from, file, index } => self.on_chunk_received(from, file, index),
             Input::ChunkFailed {
                 from,
                 file,
@@ -232,59 +275,19 @@ impl<R: Rng> Mesh<R> {
     /// Run timers that are due. Calling it early does nothing.
     pub fn handle_timeout(&mut self, now: Now) {
         self.last_wall = now.wall;
-        // Request timeouts.
-        while let Some(id) = self.timers.pop_due_request(now.mono) {
-            if let Some(req) = self.requests.remove(&id) {
-                self.forget_request(id, &req);
-                self.send(req.peer, Message::Cancel { id });
-                self.penalise(req.peer, PENALTY_TIMEOUT, "chunk request timed out".into());
-            }
-        }
-        // Delayed pulls.
-        let due: Vec<ObjectId> = self
-            .pending_wants
-            .iter()
-            .filter(|(_, (t, _))| *t <= now.mono)
-            .map(|(o, _)| *o)
-            .collect();
-        let mut wants: BTreeMap<NodeId, Vec<ObjectId>> = BTreeMap::new();
-        for o in due {
-            if let Some((_, peer)) = self.pending_wants.remove(&o)
-                && !self.holds(&o)
-                && self.peers.contains_key(&peer)
-            {
-                wants.entry(peer).or_default().push(o);
-            }
-        }
-        for (peer, list) in wants {
-            self.send(peer, Message::Want(list));
-        }
+        self.on_request_timeouts(now);
+        self.on_delayed_wants(now);
         if self.timers.is_due(Timer::AntiEntropy, now.mono) {
             self.timers.set(
                 Timer::AntiEntropy,
                 now.mono + self.config.anti_entropy_interval,
             );
-            if let Some(peer) = self.random_peers(1, None).first().copied() {
-                let d = self.digest(false);
-                self.send(peer, Message::Digest(d));
-            }
+            self.on_anti_entropy_timer();
         }
         if self.timers.is_due(Timer::Tick, now.mono) {
             self.timers
                 .set(Timer::Tick, now.mono + self.config.rollout_tick);
-            let stalled: Vec<ContentId> = self
-                .files
-                .iter()
-                .filter(|(_, f)| {
-                    f.superseed.as_ref().is_some_and(|s| {
-                        now.mono.saturating_duration_since(s.progress) >= SUPERSEED_STALL
-                    })
-                })
-                .map(|(k, _)| *k)
-                .collect();
-            for file in stalled {
-                self.reveal(file);
-            }
+            self.reveal_stalled(now);
             if self.catch_up_until.is_some_and(|t| t <= now.mono) {
                 self.catch_up_until = None;
             }
@@ -306,11 +309,7 @@ impl<R: Rng> Mesh<R> {
             Message::TrustRoot(t) => {
                 let _ = self.on_trust_root(now, Some(from), t);
             }
-            Message::Prune => {
-                if let Some(p) = self.peers.get_mut(&from) {
-                    p.lazy = true;
-                }
-            }
+            Message::Prune => self.on_prune(from),
             Message::Reports(list) => {
                 for r in list.into_iter().take(crate::wire::MAX_LIST) {
                     self.on_report(now, Some(from), r);
@@ -321,24 +320,8 @@ impl<R: Rng> Mesh<R> {
                 self.tree_update(from, known);
                 let _ = self.on_instruction(now, Some(from), i);
             }
-            Message::IHave(ids) => {
-                for o in ids {
-                    if !self.holds(&o)
-                        && !self.pending_wants.contains_key(&o)
-                        && self.pending_wants.len() < self.config.max_pending_wants
-                    {
-                        self.pending_wants
-                            .insert(o, (now.mono + self.config.ihave_delay, from));
-                    }
-                }
-            }
-            Message::Want(ids) => {
-                // A pull grafts the link back onto the tree.
-                if let Some(p) = self.peers.get_mut(&from) {
-                    p.lazy = false;
-                }
-                self.on_want(from, ids)
-            }
+            Message::IHave(ids) => self.on_ihave(now, from, ids),
+            Message::Want(ids) => self.on_want(from, ids),
             Message::Digest(d) => {
                 let reply = d.reply;
                 self.on_digest(from, d);
@@ -349,55 +332,11 @@ impl<R: Rng> Mesh<R> {
             Message::Have { file, chunks } => self.on_have(from, file, chunks),
             Message::HaveChunk { file, index } => self.on_have_chunk(from, file, index),
             Message::Request { id, file, index } => {
-                if let Some(f) = self.files.get_mut(&file)
-                    && let Some(ss) = f.superseed.as_mut()
-                    && f.have.get(index)
-                    && !ss.served.get(index)
-                {
-                    ss.served.set(index);
-                    ss.progress = now.mono;
-                    if ss.served.count() == f.total() {
-                        self.reveal(file);
-                    }
-                }
-                if self.has_chunk(&file, index) {
-                    self.outputs.push_back(Output::SendChunk {
-                        to: from,
-                        id,
-                        file,
-                        index,
-                    });
-                } else {
-                    self.send(
-                        from,
-                        Message::Reject {
-                            id,
-                            reason: RejectReason::NotFound,
-                        },
-                    );
-                }
+                self.superseed_served(now, file, index);
+                self.on_request(from, id, file, index);
             }
             Message::Cancel { id } => self.outputs.push_back(Output::CancelChunk { to: from, id }),
-            Message::Reject { id, .. } => {
-                if let Some(r) = self.requests.get(&id)
-                    && r.peer == from
-                {
-                    let r = self.requests.remove(&id).expect("present");
-                    self.timers.stop_request(r.deadline, id);
-                    // The peer does not have it after all: stop asking it for that chunk.
-                    if let Some(p) = self.peers.get_mut(&from)
-                        && let Some(bits) = p.haves.get_mut(&r.file)
-                    {
-                        clear_bit(bits, r.index);
-                    }
-                    if let Some(f) = self.files.get_mut(&r.file)
-                        && let Some(a) = f.avail.get_mut(r.index as usize)
-                    {
-                        *a = a.saturating_sub(1);
-                    }
-                    self.forget_request(id, &r);
-                }
-            }
+            Message::Reject { id, .. } => self.on_reject(from, id),
             Message::Certificate(c) => {
                 let ok = match &self.trust {
                     Some(t) => t.check_certificate(&from, Some(&c), now.wall).is_ok(),
@@ -407,7 +346,9 @@ impl<R: Rng> Mesh<R> {
                     self.penalise(from, PENALTY_SEVERE, "invalid node certificate".into());
                 }
             }
-            Message::Unknown(_) | Message::Hello(_) => {} // `Message` is non_exhaustive for other crates only.
+            // Drivers consume `Hello` (it carries the site and protocol version they put in
+            // `PeerInfo`); unknown kinds from newer peers are ignored.
+            Message::Unknown(_) | Message::Hello(_) => {}
         }
     }
     // ----- commands --------------------------------------------------------------------
@@ -456,46 +397,7 @@ impl<R: Rng> Mesh<R> {
                 self.refresh_all(now);
                 Ok(())
             }
-            Command::LocalChunks { file, chunks } => {
-                let Some(f) = self.files.get_mut(&file) else {
-                    return Err(format!(
-                        "file {} is not in any retained manifest",
-                        file.short()
-                    ));
-                };
-                if chunks.len() != f.total() || !chunks.is_valid() {
-                    return Err("bitfield length does not match the file".into());
-                }
-                let was_complete = f.complete();
-                for i in 0..chunks.len() {
-                    if chunks.get(i) {
-                        f.have.set(i);
-                    }
-                }
-                if !was_complete && f.complete() && f.total() > 1 && f.avail.iter().all(|a| *a == 0)
-                {
-                    // Nobody we know has any of it: we are its first seed.
-                    f.superseed = Some(SuperSeed {
-                        served: Bitfield::new(f.total()),
-                        cursor: 0,
-                        progress: now.mono,
-                    });
-                    let mut peers: Vec<NodeId> = self.peers.keys().copied().collect();
-                    // A random order, so who gets the first chunks differs between files.
-                    for i in (1..peers.len()).rev() {
-                        let j = (self.rng.next_u64() % (i as u64 + 1)) as usize;
-                        peers.swap(i, j);
-                    }
-                    for p in peers {
-                        self.announce_share(p, file);
-                    }
-                    self.refresh_all(now);
-                    return Ok(());
-                }
-                self.announce_file(file);
-                self.refresh_all(now);
-                Ok(())
-            }
+            Command::LocalChunks { file, chunks } => self.on_local_chunks(now, file, chunks),
             Command::ReportHealth(r) => {
                 let body = r.signed.decode_body().map_err(|e| e.to_string())?;
                 if body.node != self.id {

@@ -11,14 +11,20 @@ use crate::wire::Message;
 use core::time::Duration;
 use rand_core::Rng;
 
+/// A connected peer.
 #[derive(Debug)]
 pub(super) struct Peer {
+    /// Its site (LAN), as it announced: same-site peers are asked first.
     pub(super) site: Option<String>,
+    /// Measured round-trip time: lower is asked first.
     pub(super) rtt: Option<Duration>,
+    /// Penalty points; at `disconnect_score` it is disconnected.
     pub(super) score: u32,
     /// Random tie-break among otherwise equal peers.
     pub(super) salt: u64,
+    /// The chunks it announced, per file.
     pub(super) haves: Haves,
+    /// Our chunk requests in flight to it.
     pub(super) inflight: usize,
     /// Refused by fleet rules: nothing is sent to or accepted from it.
     pub(super) refused: bool,

@@ -5,29 +5,39 @@ use super::exchange::{FileState, add_availability};
 use super::{Interner, Mesh};
 use crate::bitfield::Bitfield;
 use crate::ids::Channel;
-use crate::ids::{ContentId, ManifestId};
+use crate::ids::{ContentId, ManifestId, NodeId};
 use crate::io::Event;
 use crate::manifest::Manifest;
 use crate::rollout::{
-    Decision, HealthReportBody, HealthStatus, ReportSample, RolloutAction, evaluate,
+    Decision, HealthReportBody, HealthStatus, InstructionBody, ReportSample, RolloutAction,
+    SignedInstruction, evaluate,
 };
 use crate::time::Now;
 use alloc::collections::{BTreeMap, BTreeSet};
 use alloc::sync::Arc;
 use rand_core::Rng;
 
+/// A retained release.
 #[derive(Debug)]
 pub(super) struct Release {
+    /// Its manifest (shared through the interner, if any).
     pub(super) manifest: Arc<Manifest>,
+    /// The variant this node chose for its device.
     pub(super) variant: usize,
+    /// The latest rollout decision (None until first evaluated).
     pub(super) decision: Option<Decision>,
+    /// Stages already announced with [`Event::StageOpened`].
     pub(super) announced_stages: usize,
+    /// [`Event::RolloutFailed`] already emitted.
     pub(super) announced_failure: bool,
 }
 
+/// One followed channel.
 #[derive(Debug, Default)]
 pub(super) struct ChannelState {
+    /// Highest version accepted (a replay or older version is refused).
     pub(super) highest: u64,
+    /// Retained releases by version, at most `retained_versions` (plus protected ones).
     pub(super) releases: BTreeMap<u64, Release>,
     /// (version, manifest) the driver was told to serve.
     pub(super) active: Option<(u64, ManifestId)>,
@@ -184,16 +194,44 @@ impl<R: Rng> Mesh<R> {
         }
     }
 
+    /// Re-decide what this node serves on channel `name`, in four steps: evaluate every
+    /// release's rollout, choose the target release, mark the files to download, and
+    /// switch the active release once the target is complete.
     pub(super) fn refresh_channel(&mut self, now: Now, name: &Channel) {
-        let me = self.id;
         let catching_up = self.catch_up_until.is_some();
         let Some(chan) = self.channels.get_mut(name) else {
             return;
         };
         let mut events = Vec::new();
-        for (v, r) in chan.releases.iter_mut() {
-            let halt = self
-                .instructions
+        chan.evaluate(name, &self.instructions, &self.samples, now, &mut events);
+        let target = chan.target(&self.id);
+        for (cid, want) in chan.wanted_files(target, self.config.prefetch) {
+            if let Some(f) = self.files.get_mut(&cid) {
+                f.wanted |= want;
+            }
+        }
+        chan.switch_active(name, target, &self.files, catching_up, &mut events);
+        for e in events {
+            self.emit(e);
+        }
+    }
+}
+
+/// A candidate to serve: (version, manifest, chosen variant).
+type Target = Option<(u64, ManifestId, usize)>;
+
+impl ChannelState {
+    /// Step 1: evaluate every release's rollout; announce newly opened stages and failures.
+    fn evaluate(
+        &mut self,
+        name: &Channel,
+        instructions: &BTreeMap<ManifestId, (SignedInstruction, InstructionBody)>,
+        samples: &BTreeMap<ManifestId, ReportSample>,
+        now: Now,
+        events: &mut Vec<Event>,
+    ) {
+        for (v, r) in self.releases.iter_mut() {
+            let halt = instructions
                 .get(&r.manifest.id)
                 .and_then(|(_, b)| match b.action {
                     RolloutAction::Halt => Some(b.issued),
@@ -202,7 +240,7 @@ impl<R: Rng> Mesh<R> {
             let d = evaluate(
                 &r.manifest.body.rollout,
                 r.manifest.body.created,
-                self.samples.get(&r.manifest.id),
+                samples.get(&r.manifest.id),
                 halt,
                 now.wall,
             );
@@ -227,61 +265,75 @@ impl<R: Rng> Mesh<R> {
             }
             r.decision = Some(d);
         }
-        // The release this node should serve: the highest one that admits it.
-        let target = chan
+    }
+
+    /// Step 2: the release this node should serve: the highest one that admits it and did
+    /// not fail to activate here; a local pin overrides the rollouts (the pinned version if
+    /// this node has it, else whatever it serves now).
+    fn target(&self, me: &NodeId) -> Target {
+        let target = self
             .releases
             .iter()
             .rev()
             .find(|(_, r)| {
-                !chan.failed_local.contains(&r.manifest.id)
+                !self.failed_local.contains(&r.manifest.id)
                     && r.decision
                         .as_ref()
-                        .is_some_and(|d| d.admits(r.manifest.stage_of(&me)))
+                        .is_some_and(|d| d.admits(r.manifest.stage_of(me)))
             })
             .map(|(v, r)| (*v, r.manifest.id, r.variant));
-        // A local pin overrides the rollouts: the pinned version if this node has it, else
-        // whatever it serves now.
-        let target = match chan.pinned_version {
+        match self.pinned_version {
             None => target,
-            Some(pv) => match chan.releases.get(&pv) {
-                Some(r) if !chan.failed_local.contains(&r.manifest.id) => {
+            Some(pv) => match self.releases.get(&pv) {
+                Some(r) if !self.failed_local.contains(&r.manifest.id) => {
                     Some((pv, r.manifest.id, r.variant))
                 }
-                _ => chan
+                _ => self
                     .active
-                    .and_then(|(v, id)| chan.releases.get(&v).map(|r| (v, id, r.variant))),
+                    .and_then(|(v, id)| self.releases.get(&v).map(|r| (v, id, r.variant))),
             },
-        };
-        // Which files to download: the target and, with prefetch, newer releases that are
-        // not failed.
+        }
+    }
+
+    /// Step 3: which files to download: the target's and, with prefetch, those of newer
+    /// releases that have not failed. (file, wanted) for every file of every release.
+    fn wanted_files(&self, target: Target, prefetch: bool) -> Vec<(ContentId, bool)> {
         let floor = target.map_or(0, |t| t.0);
-        let mut wanted: Vec<(ContentId, bool)> = Vec::new();
-        for (v, r) in &chan.releases {
+        let mut wanted = Vec::new();
+        for (v, r) in &self.releases {
             let failed = r.decision.as_ref().is_some_and(|d| d.rollback())
-                || chan.failed_local.contains(&r.manifest.id);
-            let want = !failed && (*v == floor || (*v > floor && self.config.prefetch));
+                || self.failed_local.contains(&r.manifest.id);
+            let want = !failed && (*v == floor || (*v > floor && prefetch));
             for f in &r.manifest.body.artifact.variants[r.variant].files {
                 wanted.push((f.spec.content_id, want));
             }
         }
-        let active = chan.active;
+        wanted
+    }
+
+    /// Step 4: switch to the target once all its files are here: `Activate` going up,
+    /// `RollBack` going down or away from a rolled-back release (which never waits);
+    /// promotions wait while catching up.
+    fn switch_active(
+        &mut self,
+        name: &Channel,
+        target: Target,
+        files: &BTreeMap<ContentId, FileState>,
+        catching_up: bool,
+        events: &mut Vec<Event>,
+    ) {
+        let active = self.active;
         let active_rolled_back = active.is_some_and(|(v, id)| {
-            chan.releases.get(&v).is_some_and(|r| {
+            self.releases.get(&v).is_some_and(|r| {
                 r.manifest.id == id && r.decision.as_ref().is_some_and(|d| d.rollback())
             })
         });
-        for (cid, want) in wanted {
-            if let Some(f) = self.files.get_mut(&cid) {
-                f.wanted |= want;
-            }
-        }
-        let complete = |files: &BTreeMap<ContentId, FileState>, m: &Manifest, variant: usize| {
+        let complete = |m: &Manifest, variant: usize| {
             m.body.artifact.variants[variant]
                 .files
                 .iter()
                 .all(|f| files.get(&f.spec.content_id).is_some_and(|s| s.complete()))
         };
-        let chan = self.channels.get_mut(name).expect("present");
         // Every rollback leaves the active release: `active` is Some wherever this is used.
         let rollback = |to: Option<(u64, ManifestId)>| {
             active.map(|(from, from_manifest)| Event::RollBack {
@@ -293,15 +345,14 @@ impl<R: Rng> Mesh<R> {
         };
         match target {
             Some((v, id, variant)) if Some((v, id)) != active => {
-                let m = chan.releases[&v].manifest.clone();
-                if complete(&self.files, &m, variant) {
+                if complete(&self.releases[&v].manifest, variant) {
                     let rolling_back = active.is_some_and(|(av, _)| av > v) || active_rolled_back;
                     if !rolling_back && catching_up {
                         // Promotions wait until this node has heard a peer's view.
                     } else if rolling_back {
                         events.extend(rollback(Some((v, id))));
-                        chan.previous = None;
-                        chan.active = Some((v, id));
+                        self.previous = None;
+                        self.active = Some((v, id));
                     } else {
                         events.push(Event::Activate {
                             channel: name.clone(),
@@ -310,22 +361,19 @@ impl<R: Rng> Mesh<R> {
                             variant,
                             previous: active.map(|a| a.0),
                         });
-                        chan.previous = active;
-                        chan.active = Some((v, id));
+                        self.previous = active;
+                        self.active = Some((v, id));
                     }
                 } else if active_rolled_back {
                     events.extend(rollback(None));
-                    chan.active = None;
+                    self.active = None;
                 }
             }
             None if active_rolled_back => {
                 events.extend(rollback(None));
-                chan.active = None;
+                self.active = None;
             }
             _ => {}
-        }
-        for e in events {
-            self.emit(e);
         }
     }
 }

@@ -91,7 +91,7 @@ pub struct ChannelView {
     pub releases: Vec<ReleaseView>,
     /// Versions with equivocation evidence.
     pub equivocations: Vec<u64>,
-    /// The local pin, if any (see [`Command::PinVersion`]).
+    /// The local pin, if any (see [`Command::PinVersion`](crate::io::Command::PinVersion)).
     pub pinned: Option<u64>,
 }
 

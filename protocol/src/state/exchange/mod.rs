@@ -3,27 +3,32 @@
 mod schedule;
 mod superseed;
 
-pub(super) use superseed::{SUPERSEED_STALL, SuperSeed};
+pub(super) use superseed::SuperSeed;
 
 use super::Mesh;
-use super::config::{PENALTY_CORRUPT, PENALTY_MINOR};
+use super::config::{PENALTY_CORRUPT, PENALTY_MINOR, PENALTY_TIMEOUT};
 use super::timers::Timer;
 use crate::bitfield::Bitfield;
 use crate::chunking::FileSpec;
 use crate::ids::{ContentId, NodeId};
-use crate::io::{ChunkFailure, Event};
+use crate::io::{ChunkFailure, Event, Output};
 use crate::manifest::Manifest;
 use crate::time::{Instant, Now};
-use crate::wire::Message;
+use crate::wire::{Message, RejectReason};
 use alloc::collections::{BTreeMap, BTreeSet};
 use alloc::sync::Arc;
 use rand_core::Rng;
 
+/// A file of a retained release: what this node holds and who else holds what.
 #[derive(Debug)]
 pub(super) struct FileState {
+    /// The manifest that named it first (its spec is `variants[variant].files[file]`).
     pub(super) spec: Arc<Manifest>,
+    /// Index of the variant in that manifest's artifact.
     pub(super) variant: usize,
+    /// Index of the file in that variant.
     pub(super) file: usize,
+    /// Chunks stored durably here.
     pub(super) have: Bitfield,
     /// Peers holding each chunk.
     pub(super) avail: Vec<u16>,
@@ -31,6 +36,7 @@ pub(super) struct FileState {
     pub(super) seeds: u16,
     /// Request ids in flight per chunk.
     pub(super) inflight: BTreeMap<u32, Vec<u64>>,
+    /// Download it (a release this node serves or prefetches); set by `releases`.
     pub(super) wanted: bool,
     /// Received and written, waiting for the sync that makes them durable.
     pub(super) pending: BTreeSet<u32>,
@@ -50,12 +56,15 @@ impl FileState {
     }
 }
 
+/// A chunk request in flight: chunk `index` of `file`, asked of `peer`.
 #[derive(Debug)]
 pub(super) struct Request {
     pub(super) peer: NodeId,
     pub(super) file: ContentId,
     pub(super) index: u32,
+    /// When it was sent (the endgame duplicates old requests).
     pub(super) sent: Instant,
+    /// When it times out (armed in the timer table).
     pub(super) deadline: Instant,
 }
 
@@ -193,6 +202,103 @@ impl<R: Rng> Mesh<R> {
         }
     }
 
+    /// The driver holds `chunks` of `file` (startup, or a publisher's own files). The
+    /// first holder of a whole file nobody else has starts super-seeding it.
+    pub(super) fn on_local_chunks(
+        &mut self,
+        now: Now,
+        file: ContentId,
+        chunks: Bitfield,
+    ) -> Result<(), String> {
+        let Some(f) = self.files.get_mut(&file) else {
+            return Err(format!(
+                "file {} is not in any retained manifest",
+                file.short()
+            ));
+        };
+        if chunks.len() != f.total() || !chunks.is_valid() {
+            return Err("bitfield length does not match the file".into());
+        }
+        let was_complete = f.complete();
+        for i in 0..chunks.len() {
+            if chunks.get(i) {
+                f.have.set(i);
+            }
+        }
+        // Nobody we know has any of it: we are its first seed.
+        if !was_complete && f.complete() && f.total() > 1 && f.avail.iter().all(|a| *a == 0) {
+            self.start_superseed(now, file);
+        } else {
+            self.announce_file(file);
+        }
+        self.refresh_all(now);
+        Ok(())
+    }
+
+    /// A peer asks for a chunk: the driver sends it if held, else it is refused.
+    pub(super) fn on_request(&mut self, from: NodeId, id: u64, file: ContentId, index: u32) {
+        if self.has_chunk(&file, index) {
+            self.outputs.push_back(Output::SendChunk {
+                to: from,
+                id,
+                file,
+                index,
+            });
+        } else {
+            self.send(
+                from,
+                Message::Reject {
+                    id,
+                    reason: RejectReason::NotFound,
+                },
+            );
+        }
+    }
+
+    /// A peer refused our request `id`.
+    pub(super) fn on_reject(&mut self, from: NodeId, id: u64) {
+        if let Some(r) = self.requests.get(&id)
+            && r.peer == from
+        {
+            let r = self.requests.remove(&id).expect("present");
+            self.timers.stop_request(r.deadline, id);
+            // The peer does not have it after all: stop asking it for that chunk.
+            if let Some(p) = self.peers.get_mut(&from)
+                && let Some(bits) = p.haves.get_mut(&r.file)
+            {
+                clear_bit(bits, r.index);
+            }
+            if let Some(f) = self.files.get_mut(&r.file)
+                && let Some(a) = f.avail.get_mut(r.index as usize)
+            {
+                *a = a.saturating_sub(1);
+            }
+            self.forget_request(id, &r);
+        }
+    }
+
+    /// The driver received a chunk and is writing it: no more requests for it.
+    pub(super) fn on_chunk_received(&mut self, from: NodeId, file: ContentId, index: u32) {
+        self.finish_requests(Some(from), file, index);
+        if let Some(f) = self.files.get_mut(&file)
+            && index < f.total()
+            && !f.have.get(index)
+        {
+            f.pending.insert(index);
+        }
+    }
+
+    /// Requests past their deadline: cancelled, and their peer penalised.
+    pub(super) fn on_request_timeouts(&mut self, now: Now) {
+        while let Some(id) = self.timers.pop_due_request(now.mono) {
+            if let Some(req) = self.requests.remove(&id) {
+                self.forget_request(id, &req);
+                self.send(req.peer, Message::Cancel { id });
+                self.penalise(req.peer, PENALTY_TIMEOUT, "chunk request timed out".into());
+            }
+        }
+    }
+
     pub(super) fn on_chunk_stored(
         &mut self,
         now: Now,
@@ -269,7 +375,7 @@ impl<R: Rng> Mesh<R> {
     }
 }
 
-pub(super) fn clear_bit(bits: &mut Bitfield, i: u32) {
+fn clear_bit(bits: &mut Bitfield, i: u32) {
     if bits.get(i) {
         let mut fresh = Bitfield::new(bits.len());
         for j in 0..bits.len() {

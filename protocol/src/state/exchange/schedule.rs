@@ -112,6 +112,11 @@ impl<R: Rng> Mesh<R> {
         }
     }
 
+    /// The chunk to ask `peer` for next from `file`, or None: the rarest missing chunk it
+    /// has that is neither in flight nor pending; from a seed only chunks no non-seed peer
+    /// has, and from a peer on another site only chunks no peer on this site has, each one
+    /// at a time; when every missing chunk is in flight, an old request to another peer to
+    /// duplicate (endgame).
     pub(in crate::state) fn pick_chunk(
         &mut self,
         now: Now,
@@ -151,8 +156,8 @@ impl<R: Rng> Mesh<R> {
         } else {
             Vec::new()
         };
-        // Chunk order from a random start, as before, but a byte (8 chunks) where the peer
-        // has nothing this node lacks is skipped at once.
+        // Chunk order from a random start; a byte (8 chunks) where the peer has nothing this
+        // node lacks is skipped at once.
         let (pb, hb) = (bits.as_bytes(), f.have.as_bytes());
         let start = (self.rng.next_u64() % u64::from(n)) as u32;
         let mut best: Option<(u16, u32)> = None;

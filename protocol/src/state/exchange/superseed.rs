@@ -3,7 +3,7 @@
 use crate::bitfield::Bitfield;
 use crate::ids::{ContentId, NodeId};
 use crate::state::Mesh;
-use crate::time::Instant;
+use crate::time::{Instant, Now};
 use crate::wire::Message;
 use core::time::Duration;
 use rand_core::Rng;
@@ -23,9 +23,64 @@ pub(in crate::state) struct SuperSeed {
 }
 
 /// Without a first upload for this long, a super-seed announces everything.
-pub(in crate::state) const SUPERSEED_STALL: Duration = Duration::from_secs(5);
+const SUPERSEED_STALL: Duration = Duration::from_secs(5);
 
 impl<R: Rng> Mesh<R> {
+    /// Start super-seeding `file`, which this node alone holds: show each peer, in a
+    /// random order, its share.
+    pub(in crate::state) fn start_superseed(&mut self, now: Now, file: ContentId) {
+        let Some(f) = self.files.get_mut(&file) else {
+            return;
+        };
+        f.superseed = Some(SuperSeed {
+            served: Bitfield::new(f.total()),
+            cursor: 0,
+            progress: now.mono,
+        });
+        let mut peers: Vec<NodeId> = self.peers.keys().copied().collect();
+        // A random order, so who gets the first chunks differs between files.
+        for i in (1..peers.len()).rev() {
+            let j = (self.rng.next_u64() % (i as u64 + 1)) as usize;
+            peers.swap(i, j);
+        }
+        for p in peers {
+            self.announce_share(p, file);
+        }
+    }
+
+    /// A peer asked for chunk `index`: a first upload is progress; once every chunk left
+    /// once, announce the whole file.
+    pub(in crate::state) fn superseed_served(&mut self, now: Now, file: ContentId, index: u32) {
+        if let Some(f) = self.files.get_mut(&file)
+            && let Some(ss) = f.superseed.as_mut()
+            && f.have.get(index)
+            && !ss.served.get(index)
+        {
+            ss.served.set(index);
+            ss.progress = now.mono;
+            if ss.served.count() == f.total() {
+                self.reveal(file);
+            }
+        }
+    }
+
+    /// Reveal every super-seeded file without a first upload for [`SUPERSEED_STALL`].
+    pub(in crate::state) fn reveal_stalled(&mut self, now: Now) {
+        let stalled: Vec<ContentId> = self
+            .files
+            .iter()
+            .filter(|(_, f)| {
+                f.superseed.as_ref().is_some_and(|s| {
+                    now.mono.saturating_duration_since(s.progress) >= SUPERSEED_STALL
+                })
+            })
+            .map(|(k, _)| *k)
+            .collect();
+        for file in stalled {
+            self.reveal(file);
+        }
+    }
+
     /// Super-seeding: show `peer` the next share of the chunks not uploaded yet (an equal
     /// part for each current peer).
     pub(in crate::state) fn announce_share(&mut self, peer: NodeId, file: ContentId) {

@@ -10,14 +10,13 @@
 //! with the seed, so a livelock fails a test instead of hanging it.
 
 use crate::chunking::FileSpec;
-use crate::ids::{ContentId, ManifestId, NodeId, PublicKey};
-use crate::io::{ChunkFailure, Command, Event, Input, Output, PeerInfo};
-use crate::manifest::{Channel, ManifestBody, SignedManifest};
-use crate::rollout::{HealthReport, HealthReportBody, HealthStatus, RolloutPlan};
-use crate::signing::Signed;
+use crate::ids::{ContentId, ManifestId, NodeId};
+use crate::io::{ChunkFailure, Command, Event, Input, Output};
+use crate::manifest::{Channel, SignedManifest};
+use crate::rollout::HealthReport;
 use crate::state::{Config, Mesh};
 use crate::time::{Instant, Now, UnixTime};
-use crate::trust::{ChannelPattern, Publisher, SignedTrustRoot, TrustRootBody};
+use crate::trust::SignedTrustRoot;
 use crate::wire::{Bitfield, Message};
 use alloc::collections::{BTreeMap, BTreeSet, BinaryHeap};
 use core::cmp::Reverse;
@@ -26,54 +25,19 @@ use ed25519_dalek::SigningKey;
 use rand_chacha::ChaCha8Rng;
 use rand_core::{Rng, SeedableRng};
 
-extern crate alloc;
+mod fixtures;
+mod link;
+mod policy;
+mod topology;
 
-/// Link properties, the same for every link.
-#[derive(Clone, Copy, Debug)]
-pub struct LinkModel {
-    /// One-way latency.
-    pub latency: Duration,
-    /// Extra random delay in [0, jitter) per message (reorders messages).
-    pub jitter: Duration,
-    /// Upload bandwidth of each node, bytes per second (chunks queue on the uplink).
-    pub upload_bytes_per_sec: u64,
-}
-
-impl Default for LinkModel {
-    fn default() -> Self {
-        LinkModel {
-            latency: Duration::from_millis(5),
-            jitter: Duration::from_millis(3),
-            upload_bytes_per_sec: 10 * 1024 * 1024,
-        }
-    }
-}
-
-/// What a node reports after activating a release.
-#[derive(Clone, Debug, PartialEq)]
-pub struct HealthPlan {
-    /// Reported at activation. A `Failed` status means activation failed (the node stays
-    /// on its previous version).
-    pub at_activation: HealthStatus,
-    /// Optionally, a later report (e.g. runtime errors after some time serving).
-    pub later: Option<(Duration, HealthStatus)>,
-}
-
-impl HealthPlan {
-    /// Healthy, nothing more.
-    pub fn ok() -> Self {
-        HealthPlan {
-            at_activation: HealthStatus::Ok,
-            later: None,
-        }
-    }
-}
-
-type Policy = Box<dyn FnMut(usize, &Channel, u64) -> HealthPlan>;
+pub use fixtures::{Operator, manifest_body, random_file_spec};
+pub use link::LinkModel;
+pub use policy::HealthPlan;
+use policy::Policy;
 
 /// Per-node harness state besides the state machine.
 #[derive(Debug)]
-pub struct SimNode {
+pub struct HarnessNode {
     /// The node's key (its id is the public key).
     pub key: SigningKey,
     /// The state machine.
@@ -98,7 +62,7 @@ pub struct SimNode {
     timer_at: Option<Instant>,
 }
 
-impl SimNode {
+impl HarnessNode {
     /// The node id.
     pub fn id(&self) -> NodeId {
         self.mesh.id()
@@ -144,100 +108,10 @@ enum Ev {
     },
 }
 
-/// Operator keys and a trust root for tests.
-#[derive(Debug)]
-pub struct Operator {
-    /// Root key.
-    pub root: SigningKey,
-    /// Publisher keys; the trust root lets publisher 0 and 1 sign every channel and
-    /// publisher 2 only `audio.*`.
-    pub publishers: Vec<SigningKey>,
-    /// The trust root (signed by `root`).
-    pub trust: SignedTrustRoot,
-}
-
-impl Operator {
-    /// Keys from `seed`; manifests need `publish_threshold` signatures.
-    pub fn new(seed: u64, publish_threshold: u8, fleet_key: Option<PublicKey>) -> Self {
-        let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5eed_0f0e_7a70);
-        let mut key = || {
-            let mut b = [0u8; 32];
-            rng.fill_bytes(&mut b);
-            SigningKey::from_bytes(&b)
-        };
-        let root = key();
-        let publishers: Vec<SigningKey> = (0..3).map(|_| key()).collect();
-        let pk = |k: &SigningKey| PublicKey::from(k);
-        let body = TrustRootBody {
-            publishers: publishers
-                .iter()
-                .enumerate()
-                .map(|(i, k)| Publisher {
-                    key: pk(k),
-                    name: format!("publisher-{i}"),
-                    channels: vec![ChannelPattern(if i < 2 {
-                        "*".into()
-                    } else {
-                        "audio.*".into()
-                    })],
-                })
-                .collect(),
-            publish_threshold,
-            fleet_key,
-            ..TrustRootBody::single_publisher(
-                pk(&root),
-                pk(&publishers[0]),
-                ChannelPattern("*".into()),
-                UnixTime::from_secs(1_000),
-                UnixTime::from_secs(10_000_000_000),
-            )
-        };
-        let trust = Signed::sign(&body, &[&root]);
-        Operator {
-            root,
-            publishers,
-            trust,
-        }
-    }
-
-    /// The first `n` publisher keys.
-    pub fn signers(&self, n: usize) -> Vec<&SigningKey> {
-        self.publishers.iter().take(n).collect()
-    }
-}
-
-/// A manifest body for one file.
-pub fn manifest_body(
-    channel: &str,
-    version: u64,
-    spec: FileSpec,
-    plan: RolloutPlan,
-    created: UnixTime,
-) -> ManifestBody {
-    ManifestBody::single_file(
-        Channel::new(channel).expect("valid channel"),
-        version,
-        spec,
-        plan,
-        created,
-    )
-}
-
-/// A file spec of `size` seeded random bytes cut at `chunk_size`.
-pub fn random_file_spec(size: usize, chunk_size: u64, seed: u64) -> FileSpec {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let mut data = vec![0u8; size];
-    rng.fill_bytes(&mut data);
-    crate::chunking::spec_for_bytes(
-        &data,
-        crate::chunking::ChunkSize::new(chunk_size).expect("valid chunk size"),
-    )
-}
-
 /// N state machines on virtual time.
 pub struct Harness {
     /// The nodes.
-    pub nodes: Vec<SimNode>,
+    pub nodes: Vec<HarnessNode>,
     /// Counters.
     pub stats: Stats,
     /// The seed this run was built from.
@@ -294,7 +168,7 @@ impl Harness {
             let id = NodeId::from(&key);
             let node_rng = ChaCha8Rng::seed_from_u64(rng.next_u64());
             index.insert(id, i);
-            nodes.push(SimNode {
+            nodes.push(HarnessNode {
                 key,
                 mesh: Mesh::new(id, config.clone(), node_rng, now),
                 corrupt: false,
@@ -370,164 +244,6 @@ impl Harness {
         *self.trace.clone().finalize().as_bytes()
     }
 
-    /// Connect each node to `degree` random others (plus a ring, so the graph is connected).
-    pub fn connect_random(&mut self, degree: usize) {
-        let n = self.nodes.len();
-        for i in 0..n {
-            self.connect(i, (i + 1) % n);
-        }
-        for i in 0..n {
-            let mut tries = 0;
-            while self
-                .edges
-                .iter()
-                .filter(|(a, b)| *a == i || *b == i)
-                .count()
-                < degree
-                && tries < 10 * degree
-            {
-                tries += 1;
-                let j = (self.rng.next_u64() % n as u64) as usize;
-                self.connect(i, j);
-            }
-        }
-    }
-
-    /// Connect two nodes (both get `PeerUp`).
-    pub fn connect(&mut self, a: usize, b: usize) {
-        if a == b || !self.edges.insert((a.min(b), a.max(b))) {
-            return;
-        }
-        if self.cut.contains(&a) || self.cut.contains(&b) {
-            return;
-        }
-        self.peer_up(a, b);
-        self.peer_up(b, a);
-    }
-
-    fn peer_up(&mut self, a: usize, b: usize) {
-        let peer = self.nodes[b].id();
-        let info = PeerInfo {
-            site: None,
-            rtt: Some(self.link.latency * 2),
-            cert: self.nodes[b].cert.clone(),
-        };
-        self.input(a, Input::PeerUp { peer, info });
-    }
-
-    /// Neighbours of node `i`.
-    pub fn neighbours(&self, i: usize) -> Vec<usize> {
-        self.edges
-            .iter()
-            .filter_map(|&(a, b)| {
-                if a == i {
-                    Some(b)
-                } else if b == i {
-                    Some(a)
-                } else {
-                    None
-                }
-            })
-            .collect()
-    }
-
-    /// Cut node `i` off: every link goes down until [`Harness::heal`].
-    pub fn partition(&mut self, i: usize) {
-        if !self.cut.insert(i) {
-            return;
-        }
-        for j in self.neighbours(i) {
-            let (pi, pj) = (self.nodes[i].id(), self.nodes[j].id());
-            self.input(i, Input::PeerDown { peer: pj });
-            self.input(j, Input::PeerDown { peer: pi });
-        }
-    }
-
-    /// Reconnect node `i`.
-    pub fn heal(&mut self, i: usize) {
-        if !self.cut.remove(&i) {
-            return;
-        }
-        for j in self.neighbours(i) {
-            if !self.cut.contains(&j) {
-                self.peer_up(i, j);
-                self.peer_up(j, i);
-            }
-        }
-    }
-
-    /// Stop node `i` (a process killed): it is partitioned and its timers stop; what its
-    /// state machine holds now is what [`Harness::restart`] finds "on disk".
-    pub fn stop(&mut self, i: usize) {
-        self.partition(i);
-        self.nodes[i].down = true;
-    }
-
-    /// Restart partitioned or stopped node `i`: a new state machine restores what a driver
-    /// keeps on disk (trust root, retained manifests, highest versions, the active
-    /// release, the latest instructions, held chunks) and nothing else; `heal` reconnects
-    /// it.
-    pub fn restart(&mut self, i: usize) {
-        assert!(self.cut.contains(&i), "restart a partitioned node");
-        self.nodes[i].down = false;
-        let old = &self.nodes[i].mesh;
-        let trust = old.trust_root().map(|t| t.signed.clone());
-        let mut manifests = Vec::new();
-        let mut instructions = Vec::new();
-        let mut chunks = Vec::new();
-        for (_, r) in old.releases() {
-            manifests.push((r.version, r.manifest.signed.clone()));
-            if let Some(s) = old.signed_instruction(&r.id()) {
-                instructions.push(s.clone());
-            }
-            for f in r.files() {
-                let (cid, total) = (f.spec.content_id, f.spec.chunk_count() as u32);
-                let mut bits = Bitfield::new(total);
-                for k in 0..total {
-                    if old.has_chunk(&cid, k) {
-                        bits.set(k);
-                    }
-                }
-                chunks.push((cid, bits));
-            }
-        }
-        let channels: Vec<(Channel, u64, Option<ManifestId>)> = old
-            .channels()
-            .map(|c| (c.clone(), old.highest(c), old.active(c).map(|a| a.1)))
-            .collect();
-        manifests.sort_by_key(|(v, _)| *v);
-        let config = old.config().clone();
-        let id = old.id();
-        let rng = ChaCha8Rng::seed_from_u64(self.rng.next_u64());
-        let now = self.clocks(i);
-        self.nodes[i].mesh = Mesh::new(id, config, rng, now);
-        self.nodes[i].timer_at = None;
-        if let Some(t) = trust {
-            let _ = self.command(i, Command::RestoreTrustRoot(t));
-        }
-        for (_, m) in manifests {
-            let _ = self.command(i, Command::Restore(m));
-        }
-        for (channel, version, active) in channels {
-            let _ = self.command(
-                i,
-                Command::SetHighest {
-                    channel: channel.clone(),
-                    version,
-                },
-            );
-            if let Some(manifest) = active {
-                let _ = self.command(i, Command::SetActive { channel, manifest });
-            }
-        }
-        for s in instructions {
-            let _ = self.command(i, Command::Instruct(s));
-        }
-        for (file, bits) in chunks {
-            let _ = self.command(i, Command::LocalChunks { file, chunks: bits });
-        }
-    }
-
     /// Give every node the trust root.
     pub fn install_trust(&mut self, trust: &SignedTrustRoot) {
         for i in 0..self.nodes.len() {
@@ -590,16 +306,6 @@ impl Harness {
         self.seq += 1;
         self.pending.insert(self.seq, ev);
         self.queue.push(Reverse((at, self.seq)));
-    }
-
-    fn delay(&mut self) -> Duration {
-        let j = self.link.jitter.as_micros() as u64;
-        let extra = if j == 0 { 0 } else { self.rng.next_u64() % j };
-        self.link.latency + Duration::from_micros(extra)
-    }
-
-    fn linked(&self, a: usize, b: usize) -> bool {
-        !self.cut.contains(&a) && !self.cut.contains(&b)
     }
 
     fn drain(&mut self, i: usize) {
@@ -687,93 +393,6 @@ impl Harness {
                 self.nodes[i].timer_at = Some(t);
                 self.push(t.max(self.now), Ev::Timer { node: i });
             }
-        }
-    }
-
-    fn report(
-        &self,
-        i: usize,
-        channel: &Channel,
-        version: u64,
-        manifest: ManifestId,
-        status: HealthStatus,
-        at: UnixTime,
-    ) -> HealthReport {
-        let body = HealthReportBody {
-            node: self.nodes[i].id(),
-            channel: channel.clone(),
-            version,
-            manifest,
-            status,
-            requests: 100,
-            errors: 0,
-            latency_p50_us: 200,
-            latency_p99_us: 900,
-            timestamp: at,
-        };
-        HealthReport {
-            signed: Signed::sign(&body, &[&self.nodes[i].key]),
-            cert: self.nodes[i].cert.clone(),
-        }
-    }
-
-    fn on_event(&mut self, i: usize, e: &Event) {
-        match e {
-            Event::Activate {
-                channel,
-                version,
-                manifest,
-                ..
-            } => {
-                let plan = (self.policy)(i, channel, *version);
-                let wall = self.wall_of(i);
-                let ok = plan.at_activation == HealthStatus::Ok;
-                if ok {
-                    self.nodes[i]
-                        .active
-                        .insert(channel.clone(), (*version, *manifest));
-                    self.nodes[i].served.insert((channel.clone(), *version));
-                }
-                let r = self.report(i, channel, *version, *manifest, plan.at_activation, wall);
-                // The driver reports after loading: a little later, never inside the call.
-                self.push(
-                    self.now + Duration::from_millis(1),
-                    Ev::Report { node: i, report: r },
-                );
-                if let (true, Some((after, status))) = (ok, plan.later) {
-                    let r = self.report(i, channel, *version, *manifest, status, wall.plus(after));
-                    self.push(self.now + after, Ev::Report { node: i, report: r });
-                }
-            }
-            Event::RollBack {
-                channel,
-                from,
-                from_manifest,
-                to,
-            } => {
-                match to {
-                    Some((v, m)) => {
-                        self.nodes[i].active.insert(channel.clone(), (*v, *m));
-                    }
-                    None => {
-                        self.nodes[i].active.remove(channel);
-                    }
-                }
-                let wall = self.wall_of(i);
-                let r = self.report(
-                    i,
-                    channel,
-                    *from,
-                    *from_manifest,
-                    HealthStatus::RolledBack,
-                    wall,
-                );
-                self.push(
-                    self.now + Duration::from_millis(1),
-                    Ev::Report { node: i, report: r },
-                );
-            }
-            _ => {}
         }
     }
 
