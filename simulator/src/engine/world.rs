@@ -13,7 +13,7 @@ use crate::net::{Net, ResId};
 use crate::scenario::{OnOff, Scenario};
 use pollen_protocol::manifest::{Channel, Manifest};
 use pollen_protocol::signing::Signed;
-use pollen_protocol::trust::{ChannelPattern, Publisher, SignedTrustRoot, TrustRootBody};
+use pollen_protocol::trust::{ChannelPattern, SignedTrustRoot, TrustRootBody};
 use pollen_protocol::{
     Command, Config, ContentId, Instant, ManifestId, Mesh, NodeId, Now, PublicKey, SigningKey,
     UnixTime,
@@ -137,21 +137,15 @@ pub(super) struct SiteState {
 fn trust_root(rng: &mut ChaCha8Rng) -> (SigningKey, SignedTrustRoot) {
     let root = key_from(rng);
     let publisher_key = key_from(rng);
-    let pk = |k: &SigningKey| PublicKey(k.verifying_key().to_bytes());
-    let trust_body = TrustRootBody {
-        version: 1,
-        created: UnixTime::from_secs(1_000),
-        expires: UnixTime::from_secs(10_000_000_000),
-        root_keys: vec![pk(&root)],
-        root_threshold: 1,
-        publishers: vec![Publisher {
-            key: pk(&publisher_key),
-            name: "operator".into(),
-            channels: vec![ChannelPattern("*".into())],
-        }],
-        publish_threshold: 1,
-        fleet_key: None,
-    };
+    let mut trust_body = TrustRootBody::single_publisher(
+        PublicKey::from(&root),
+        PublicKey::from(&publisher_key),
+        ChannelPattern("*".into()),
+        UnixTime::from_secs(1_000),
+        UnixTime::from_secs(10_000_000_000),
+    );
+    // The name travels in the gossiped trust root, so it is part of the byte counts.
+    trust_body.publishers[0].name = "operator".into();
     let trust = Signed::sign(&trust_body, &[&root]);
     (publisher_key, trust)
 }
@@ -205,7 +199,7 @@ fn sites_and_nodes(
             let first = nodes.len() as u32;
             for _ in 0..spec.nodes {
                 let key = key_from(rng);
-                let id = NodeId(key.verifying_key().to_bytes());
+                let id = NodeId::from(&key);
                 let weak = chance(rng, spec.weak_fraction);
                 let mut ncfg = cfg.clone();
                 ncfg.site = Some(name.clone());
