@@ -5,9 +5,7 @@
 use super::{NEVER, PublishedFile, Sim, T0};
 use crate::scenario::ReleaseSpec;
 use pollen_protocol::chunking::{ChunkSize, FileSpec, root_from_chaining_values};
-use pollen_protocol::manifest::{
-    Artifact, FileEntry, Manifest, ManifestBody, ModelMeta, SignedManifest, Variant,
-};
+use pollen_protocol::manifest::{Manifest, ManifestBody, SignedManifest};
 use pollen_protocol::rollout::{Gate, RolloutPlan};
 use pollen_protocol::signing::Signed;
 use pollen_protocol::wire::{Bitfield, Message};
@@ -127,24 +125,9 @@ impl Sim {
         );
         let created = T0.plus(Duration::from_micros(self.now));
         let body = ManifestBody {
-            channel: self.channel.clone(),
-            version,
-            artifact: Artifact {
-                variants: vec![Variant {
-                    name: "default".into(),
-                    requires: Default::default(),
-                    files: vec![FileEntry {
-                        name: "model.onnx".into(),
-                        spec: file,
-                    }],
-                }],
-            },
-            model: ModelMeta::default(),
-            golden: vec![],
-            rollout: plan,
-            created,
+            // A year, so that no simulated run outlives its manifest.
             expires: created.plus(Duration::from_secs(365 * 86_400)),
-            replaces: None,
+            ..ManifestBody::single_file(self.channel.clone(), version, file, plan, created)
         };
         Signed::sign(&body, &[&self.publisher_key])
     }
