@@ -421,6 +421,17 @@ impl Actor {
         }
     }
 
+    /// Answer `reply` once every persistence job queued so far is done: a 2xx on a
+    /// mutation is durable before it is sent.
+    fn reply_when_durable<T: Send + 'static>(&mut self, reply: oneshot::Sender<T>, value: T) {
+        let (tx, rx) = oneshot::channel();
+        let _ = self.persist.try_send(Persist::Flush(tx));
+        tokio::spawn(async move {
+            let _ = rx.await;
+            let _ = reply.send(value);
+        });
+    }
+
     fn save_state(&mut self) {
         let _ = self.persist.try_send(Persist::State(self.state.clone()));
     }
@@ -621,7 +632,13 @@ impl Actor {
                     Ok((s, _)) => self.run_command(Command::Instruct(s)),
                     Err(e) => Err(Refusal::new(format!("malformed instruction: {e}"))),
                 };
-                let _ = reply.send(result.map(|_| "accepted".into()));
+                match result {
+                    // The instruction is saved with the node state (on_event).
+                    Ok(()) => self.reply_when_durable(reply, Ok("accepted".into())),
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                    }
+                }
             }
             ActorCmd::Pin {
                 channel,
@@ -648,8 +665,10 @@ impl Actor {
                         }
                     }
                     self.save_state();
+                    self.reply_when_durable(reply, Ok("ok".into()));
+                } else {
+                    let _ = reply.send(result.map(|_| "ok".into()));
                 }
-                let _ = reply.send(result.map(|_| "ok".into()));
             }
             ActorCmd::Manifest {
                 channel,
@@ -682,12 +701,7 @@ impl Actor {
                         self.state.published.insert(id.to_hex());
                         self.save_state();
                         // Answer once the manifest and the new highest version are durable.
-                        let (tx, rx) = oneshot::channel();
-                        let _ = self.persist.try_send(Persist::Flush(tx));
-                        tokio::spawn(async move {
-                            let _ = rx.await;
-                            let _ = reply.send(Ok(id.to_hex()));
-                        });
+                        self.reply_when_durable(reply, Ok(id.to_hex()));
                     }
                     Err(e) => {
                         let _ = reply.send(Err(e));
