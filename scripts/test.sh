@@ -16,4 +16,4 @@ if ! python3 -c "import tritonclient.http, numpy" 2>/dev/null; then
   python3 -m pip install -q --disable-pip-version-check 'tritonclient[http]'
 fi
 cargo build -p pollen-node --bin pollen
-POLLEN_BIN="$PWD/target/debug/pollen" cargo test --workspace --all-features "$@"
+POLLEN_BIN="${CARGO_TARGET_DIR:-$PWD/target}/debug/pollen" cargo test --workspace --all-features "$@"

@@ -7,7 +7,7 @@ use pollen_node::status::Status;
 use pollen_protocol::chunking::ChunkSize;
 use pollen_protocol::manifest::{Channel, Manifest};
 use pollen_protocol::rollout::RolloutPlan;
-use pollen_protocol::trust::{ChannelPattern, Publisher, TrustRootBody};
+use pollen_protocol::trust::{ChannelPattern, TrustRootBody};
 use pollen_protocol::{PublicKey, SigningKey, UnixTime};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -26,10 +26,6 @@ pub struct Operator {
     pub fleet: Option<SigningKey>,
     /// `trust.pollen`.
     pub trust_file: PathBuf,
-}
-
-fn pk(k: &SigningKey) -> PublicKey {
-    PublicKey(k.verifying_key().to_bytes())
 }
 
 /// Wall-clock now.
@@ -52,18 +48,14 @@ impl Operator {
         let fleet = fleet.then(|| pollen_keys::generate_key().expect("key"));
         let t = now();
         let body = TrustRootBody {
-            version: 1,
-            created: t.minus(Duration::from_secs(60)),
-            expires: t.plus(validity),
-            root_keys: vec![pk(&root)],
-            root_threshold: 1,
-            publishers: vec![Publisher {
-                key: pk(&publisher),
-                name: "test".into(),
-                channels: vec![ChannelPattern("*".into())],
-            }],
-            publish_threshold: 1,
-            fleet_key: fleet.as_ref().map(pk),
+            fleet_key: fleet.as_ref().map(PublicKey::from),
+            ..TrustRootBody::single_publisher(
+                PublicKey::from(&root),
+                PublicKey::from(&publisher),
+                ChannelPattern("*".into()),
+                t.minus(Duration::from_secs(60)),
+                t.plus(validity),
+            )
         };
         let signed = pollen_protocol::signing::Signed::sign(&body, &[&root]);
         let trust_file = dir.join("trust.pollen");

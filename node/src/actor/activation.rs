@@ -12,8 +12,8 @@ use pollen_protocol::signing::Signed;
 use std::sync::Arc;
 
 impl Actor {
-    /// Load a release's model and run its golden checks on the blocking pool; the result
-    /// comes back as [`Done::Activated`].
+    /// [`Actor::start_activation_of`] a release the core holds, with the variant the core
+    /// chose for this device.
     pub(super) fn start_activation(
         &mut self,
         channel: pollen_protocol::manifest::Channel,
@@ -21,10 +21,30 @@ impl Actor {
         manifest: ManifestId,
         report: bool,
     ) {
+        let Some(variant) = self
+            .mesh
+            .release(&channel, version)
+            .filter(|r| r.id() == manifest)
+            .map(|r| r.variant)
+        else {
+            return;
+        };
+        self.start_activation_of(channel, version, manifest, variant, report);
+    }
+
+    /// Load variant `variant` of a release's model and run its golden checks on the
+    /// blocking pool; the result comes back as [`Done::Activated`].
+    pub(super) fn start_activation_of(
+        &mut self,
+        channel: pollen_protocol::manifest::Channel,
+        version: u64,
+        manifest: ManifestId,
+        variant: usize,
+        report: bool,
+    ) {
         let Some(m) = self.mesh.manifest(&manifest).cloned() else {
             return;
         };
-        let variant = m.body.artifact.choose(&self.mesh.config().device);
         let Some(file) = m.body.artifact.variants[variant].files.first() else {
             return;
         };
@@ -92,6 +112,7 @@ impl Actor {
         &mut self,
         channel: &pollen_protocol::manifest::Channel,
         from: u64,
+        from_manifest: ManifestId,
         to: Option<(u64, ManifestId)>,
     ) {
         match to {
@@ -102,16 +123,7 @@ impl Actor {
             }
             None => self.registry.remove(channel.as_str()),
         }
-        let from_id = self
-            .mesh
-            .status()
-            .into_iter()
-            .find(|c| &c.channel == channel)
-            .and_then(|c| c.releases.into_iter().find(|r| r.version == from))
-            .map(|r| r.manifest);
-        if let Some(m) = from_id {
-            self.report(channel, from, m, HealthStatus::RolledBack);
-        }
+        self.report(channel, from, from_manifest, HealthStatus::RolledBack);
     }
 
     /// Sign a health report with the node key and hand it to the core, which gossips it.
@@ -159,13 +171,15 @@ impl Actor {
     /// over the window, as a failure when the window broke the plan's runtime limit or the
     /// runtime panicked `crash_loop_panics` times.
     pub(super) fn health_tick(&mut self) {
-        for c in self.mesh.status() {
-            let Some((version, id)) = c.active else {
-                continue;
-            };
+        let actives: Vec<_> = self
+            .mesh
+            .actives()
+            .map(|(c, v, m)| (c.clone(), v, m))
+            .collect();
+        for (channel, version, id) in actives {
             let Some(model) = self
                 .registry
-                .current(c.channel.as_str())
+                .current(channel.as_str())
                 .filter(|m| m.manifest == id)
             else {
                 continue;
@@ -174,9 +188,9 @@ impl Actor {
             let limit = self.mesh.manifest(&id).and_then(|m| m.body.rollout.runtime);
             let status = crate::serving::window_status(&w, limit, self.cfg.crash_loop_panics);
             if let HealthStatus::Failed { detail, .. } = &status {
-                self.error(format!("{} version {version}: {detail}", c.channel));
+                self.error(format!("{channel} version {version}: {detail}"));
             }
-            self.report_with(&c.channel, version, id, status, w);
+            self.report_with(&channel, version, id, status, w);
         }
     }
 }

@@ -30,8 +30,8 @@ use libp2p::{Multiaddr, PeerId, Swarm};
 use pollen_keys::time::unix_now;
 use pollen_protocol::chunking::FileSpec;
 use pollen_protocol::ids::{ContentId, ManifestId, NodeId};
-use pollen_protocol::io::{Command, Event, Input, ObjectKind, Output};
-use pollen_protocol::manifest::{DeviceProfile, Manifest, SignedManifest};
+use pollen_protocol::io::{Command, Event, Input, Output};
+use pollen_protocol::manifest::{Channel, DeviceProfile, Manifest, SignedManifest};
 use pollen_protocol::rollout::ErrorClass;
 use pollen_protocol::signing::Signed;
 use pollen_protocol::trust::SignedNodeCert;
@@ -187,7 +187,7 @@ impl Actor {
         };
         let keypair = libp2p::identity::Keypair::ed25519_from_bytes(secret.to_bytes())
             .context("identity key")?;
-        let me = NodeId(secret.verifying_key().to_bytes());
+        let me = NodeId::from(&secret);
         let mut swarm = net::build_swarm(keypair, &cfg)?;
         for a in &cfg.listen {
             let addr: Multiaddr = a
@@ -308,10 +308,13 @@ impl Actor {
         actor.restoring = false;
         actor.gc();
         // Serve again what was active before the restart.
-        for c in actor.mesh.status() {
-            if let Some((version, manifest)) = c.active {
-                actor.start_activation(c.channel.clone(), version, manifest, false);
-            }
+        let actives: Vec<_> = actor
+            .mesh
+            .actives()
+            .map(|(c, v, m)| (c.clone(), v, m))
+            .collect();
+        for (channel, version, manifest) in actives {
+            actor.start_activation(channel, version, manifest, false);
         }
         Ok((actor, handle))
     }
@@ -463,11 +466,14 @@ impl Actor {
                 let h = self.state.highest.entry(channel.to_string()).or_default();
                 *h = (*h).max(version);
                 self.save_state();
-                if let Some(m) = self.mesh.manifest(&id).cloned() {
-                    let variant = m.body.artifact.choose(&self.mesh.config().device);
-                    for f in &m.body.artifact.variants[variant].files {
-                        self.open_file(f.spec.content_id, false);
-                    }
+                let files: Vec<_> = self
+                    .mesh
+                    .release(&channel, version)
+                    .filter(|r| r.id() == id)
+                    .map(|r| r.files().map(|f| f.spec.content_id).collect())
+                    .unwrap_or_default();
+                for file in files {
+                    self.open_file(file, false);
                 }
                 self.gc();
             }
@@ -477,12 +483,12 @@ impl Actor {
                 label,
                 reason,
             } => {
-                self.metrics.rejected(kind_label(kind), label);
+                self.metrics.rejected(kind.label(), label);
                 match from {
                     Some(p) => {
-                        tracing::warn!("rejected {} from {}: {reason}", kind_label(kind), p.short())
+                        tracing::warn!("rejected {} from {}: {reason}", kind.label(), p.short())
                     }
-                    None => tracing::warn!("rejected local {}: {reason}", kind_label(kind)),
+                    None => tracing::warn!("rejected local {}: {reason}", kind.label()),
                 }
             }
             Event::Equivocation {
@@ -517,9 +523,10 @@ impl Actor {
                 channel,
                 version,
                 manifest,
+                variant,
                 ..
             } => {
-                self.start_activation(channel.clone(), version, manifest, true);
+                self.start_activation_of(channel.clone(), version, manifest, variant, true);
                 tracing::info!(
                     "{channel}: version {version} ({}) is complete and active",
                     manifest.short()
@@ -531,9 +538,12 @@ impl Actor {
                 self.gc();
             }
             Event::RollBack {
-                channel, from, to, ..
+                channel,
+                from,
+                from_manifest,
+                to,
             } => {
-                self.roll_back(&channel, from, to);
+                self.roll_back(&channel, from, from_manifest, to);
                 tracing::warn!("{channel}: rolling back from version {from} to {to:?}");
                 match to {
                     Some((_, m)) => {
@@ -570,13 +580,8 @@ impl Actor {
                 // Keep only instructions for releases the core still holds.
                 let kept: BTreeSet<String> = self
                     .mesh
-                    .status()
-                    .iter()
-                    .flat_map(|c| {
-                        c.releases
-                            .iter()
-                            .map(move |r| format!("{}@{}", c.channel, r.version))
-                    })
+                    .releases()
+                    .map(|(c, r)| format!("{c}@{}", r.version))
                     .collect();
                 self.state.instructions.retain(|k, _| kept.contains(k));
                 self.save_state();
@@ -675,14 +680,10 @@ impl Actor {
                 version,
                 reply,
             } => {
-                let bytes = self
-                    .mesh
-                    .status()
-                    .into_iter()
-                    .find(|c| c.channel.as_str() == channel)
-                    .and_then(|c| c.releases.into_iter().find(|r| r.version == version))
-                    .and_then(|r| self.mesh.manifest(&r.manifest))
-                    .map(|m| m.signed.to_bytes());
+                let bytes = Channel::new(&channel)
+                    .ok()
+                    .and_then(|c| self.mesh.release(&c, version))
+                    .map(|r| r.manifest.signed.to_bytes());
                 let _ = reply.send(bytes);
             }
             ActorCmd::Publish { bytes, reply } => {
@@ -812,15 +813,5 @@ impl Actor {
         let store = self.store.clone();
         let _ = tokio::task::spawn_blocking(move || store.sync_all()).await;
         Ok(())
-    }
-}
-
-fn kind_label(k: ObjectKind) -> &'static str {
-    match k {
-        ObjectKind::Manifest => "manifest",
-        ObjectKind::TrustRoot => "trust_root",
-        ObjectKind::Report => "health_report",
-        ObjectKind::Instruction => "instruction",
-        ObjectKind::Certificate => "certificate",
     }
 }

@@ -121,12 +121,8 @@ impl Actor {
             }
         }
         // Durable chunks of every tracked file.
-        for c in self.mesh.status() {
-            for r in c.releases {
-                for (cid, _, _) in r.files {
-                    self.open_file(cid, true);
-                }
-            }
+        for file in self.mesh.live_files() {
+            self.open_file(file, true);
         }
         Ok(())
     }
@@ -138,14 +134,9 @@ impl Actor {
         if self.restoring || self.restore_incomplete {
             return;
         }
-        let mut keep = BTreeSet::new();
-        let mut manifests: BTreeSet<ManifestId> = BTreeSet::new();
-        for c in self.mesh.status() {
-            for r in c.releases {
-                manifests.insert(r.manifest);
-                keep.extend(r.files.into_iter().map(|(cid, _, _)| cid));
-            }
-        }
+        let keep = self.mesh.live_files();
+        let mut manifests: BTreeSet<ManifestId> =
+            self.mesh.releases().map(|(_, r)| r.id()).collect();
         let _ = self.persist.try_send(Persist::Gc(keep));
         manifests.extend(
             self.state

@@ -15,7 +15,7 @@ use pollen_protocol::chunking::ChunkSize;
 use pollen_protocol::manifest::{Channel, Manifest};
 use pollen_protocol::rollout::Gate;
 use pollen_protocol::signing::Signed;
-use pollen_protocol::trust::{ChannelPattern, Publisher, TrustRootBody};
+use pollen_protocol::trust::{ChannelPattern, TrustRootBody};
 use pollen_protocol::{PublicKey, SigningKey};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -64,10 +64,6 @@ fn client(http: &str) -> NodeClient {
 
 fn status(http: &str) -> Option<Status> {
     client(http).try_status()
-}
-
-fn pk(k: &SigningKey) -> PublicKey {
-    PublicKey(k.verifying_key().to_bytes())
 }
 
 fn start(
@@ -326,20 +322,14 @@ pub fn run(out: &mut dyn Write) -> Result<()> {
     let root = pollen_keys::generate_key()?;
     let publisher = pollen_keys::generate_key()?;
     let now = pollen_keys::time::unix_now()?;
-    let trust_body = TrustRootBody {
-        version: 1,
-        created: now,
-        expires: now.plus(Duration::from_secs(86400)),
-        root_keys: vec![pk(&root)],
-        root_threshold: 1,
-        publishers: vec![Publisher {
-            key: pk(&publisher),
-            name: "demo".into(),
-            channels: vec![ChannelPattern(CHANNEL.into())],
-        }],
-        publish_threshold: 1,
-        fleet_key: None,
-    };
+    let mut trust_body = TrustRootBody::single_publisher(
+        PublicKey::from(&root),
+        PublicKey::from(&publisher),
+        ChannelPattern(CHANNEL.into()),
+        now,
+        now.plus(Duration::from_secs(86400)),
+    );
+    trust_body.publishers[0].name = "demo".into();
     let trust = dir.path().join("trust.pollen");
     pollen_keys::files::write_signed(&trust, &Signed::sign(&trust_body, &[&root]))?;
 
