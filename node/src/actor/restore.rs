@@ -9,10 +9,11 @@ use super::{Actor, Persist};
 use anyhow::Result;
 use pollen_protocol::ids::ManifestId;
 use pollen_protocol::io::Command;
-use pollen_protocol::manifest::Manifest;
+use pollen_protocol::manifest::{Channel, Manifest};
 use pollen_protocol::signing::Signed;
+use pollen_protocol::state::restore::{self, Persisted};
 use pollen_protocol::trust::SignedTrustRoot;
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 impl Actor {
     /// Load the trust root chain, the configured trust root, manifests, versions and
@@ -50,74 +51,82 @@ impl Actor {
                 ));
             }
         }
-        if let Some(c) = self.cert.clone()
-            && let Err(e) = self.core_command(Command::SetCertificate(c))
-        {
-            anyhow::bail!("node certificate: {e}");
-        }
-        let mut manifests: Vec<Manifest> = Vec::new();
+        // The rest in the core's restore order (pins, manifests by version, highest and
+        // active per channel, instructions); chunks follow as the store reads them.
+        let mut manifests = Vec::new();
         for (id, bytes) in self.store.manifests()? {
             match Manifest::from_bytes(&bytes) {
-                Ok(m) => manifests.push(m),
+                Ok(m) => manifests.push((m.body.version, m.signed)),
                 Err(e) => tracing::warn!("stored manifest {} unreadable: {e}", id.short()),
             }
         }
-        manifests.sort_by_key(|m| m.body.version);
-        // Version pins (the config file's win over those set at run time), then release
-        // pins: restored releases are trimmed only once the active one is marked.
+        // Version pins: the config file's win over those set at run time.
         let mut pins = self.state.pins.clone();
         pins.extend(self.cfg.pins.clone());
         self.state.pins = pins.clone();
-        for (channel, version) in pins {
-            if let Ok(channel) = pollen_protocol::manifest::Channel::new(&channel) {
-                let _ = self.core_command(Command::PinVersion {
-                    channel,
-                    version: Some(version),
-                });
+        let channel = |c: &str| Channel::new(c).ok();
+        let mut channels: BTreeMap<Channel, (u64, Option<ManifestId>)> = BTreeMap::new();
+        for (c, version) in &self.state.highest {
+            if let Some(c) = channel(c) {
+                channels.entry(c).or_default().0 = *version;
             }
         }
-        for id in self.state.published.clone() {
-            if let Ok(id) = id.parse::<ManifestId>() {
-                let _ = self.core_command(Command::Pin(id));
+        for (c, id) in &self.state.active {
+            if let (Some(c), Ok(id)) = (channel(c), id.parse::<ManifestId>()) {
+                channels.entry(c).or_default().1 = Some(id);
             }
         }
-        for m in manifests {
-            let id = m.id;
-            if let Err(e) = self.core_command(Command::Restore(m.signed)) {
-                self.restore_incomplete = true;
-                tracing::warn!("stored manifest {} not restored: {e}", id.short());
-            }
-        }
-        for (channel, version) in self.state.highest.clone() {
-            if let Ok(channel) = pollen_protocol::manifest::Channel::new(&channel) {
-                let _ = self.core_command(Command::SetHighest { channel, version });
-            }
-        }
-        for (channel, id) in self.state.active.clone() {
-            if let (Ok(channel), Ok(manifest)) = (
-                pollen_protocol::manifest::Channel::new(&channel),
-                id.parse::<ManifestId>(),
-            ) {
-                let _ = self.core_command(Command::SetActive { channel, manifest });
-            }
-        }
-        for hex in self
-            .state
-            .instructions
-            .values()
-            .cloned()
-            .collect::<Vec<_>>()
-        {
-            let parsed = hex::decode(&hex)
+        let mut instructions = Vec::new();
+        for hex in self.state.instructions.values() {
+            match hex::decode(hex)
                 .ok()
-                .and_then(|b| Signed::from_bytes(&b).ok());
-            match parsed {
-                Some((s, _)) => {
-                    if let Err(e) = self.core_command(Command::Instruct(s)) {
-                        tracing::warn!("stored rollout instruction not restored: {e}");
-                    }
-                }
+                .and_then(|b| Signed::from_bytes(&b).ok())
+            {
+                Some((s, _)) => instructions.push(s),
                 None => tracing::warn!("stored rollout instruction unreadable"),
+            }
+        }
+        let persisted = Persisted {
+            trust_roots: Vec::new(), // restored above, before the configured one
+            certificate: self.cert.clone(),
+            pinned_versions: pins
+                .into_iter()
+                .filter_map(|(c, v)| Some((channel(&c)?, v)))
+                .collect(),
+            pinned: self
+                .state
+                .published
+                .iter()
+                .filter_map(|id| id.parse().ok())
+                .collect(),
+            manifests,
+            channels: channels
+                .into_iter()
+                .map(|(c, (highest, active))| (c, highest, active))
+                .collect(),
+            instructions,
+            chunks: Vec::new(),
+        };
+        for cmd in restore::commands(persisted) {
+            // What a refusal means depends on what was refused.
+            let refused = match &cmd {
+                Command::SetCertificate(_) => Refused::Fatal,
+                Command::Restore(m) => Refused::Manifest(ManifestId(m.body_hash())),
+                Command::Instruct(_) => Refused::Instruction,
+                _ => Refused::Ignored,
+            };
+            if let Err(e) = self.core_command(cmd) {
+                match refused {
+                    Refused::Fatal => anyhow::bail!("node certificate: {e}"),
+                    Refused::Manifest(id) => {
+                        self.restore_incomplete = true;
+                        tracing::warn!("stored manifest {} not restored: {e}", id.short());
+                    }
+                    Refused::Instruction => {
+                        tracing::warn!("stored rollout instruction not restored: {e}")
+                    }
+                    Refused::Ignored => {}
+                }
             }
         }
         // Durable chunks of every tracked file.
@@ -146,4 +155,16 @@ impl Actor {
         );
         let _ = self.persist.try_send(Persist::PruneManifests(manifests));
     }
+}
+
+/// How [`Actor::restore`] treats a restore command the core refuses.
+enum Refused {
+    /// The node cannot start (its certificate).
+    Fatal,
+    /// A stored manifest: the core no longer knows everything on disk, so no GC.
+    Manifest(ManifestId),
+    /// A stored instruction: logged.
+    Instruction,
+    /// Pins, versions, active releases: nothing to do.
+    Ignored,
 }
