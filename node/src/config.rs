@@ -51,6 +51,11 @@
 //! health_interval = "30s"
 //! # Panics of the model runtime within one health window that make a crash loop.
 //! crash_loop_panics = 3
+//! # Memory a model may take while it is tried and loaded, in bytes (0: half of the
+//! # machine's memory). A model over it fails its activation; the node keeps serving.
+//! model_memory_budget = 0
+//! # How long a model's trial run (load, optimise, warm up, golden checks) may take.
+//! activation_timeout = "10m"
 //! # Seed for the protocol core's RNG (random from the OS when absent).
 //! seed = 42
 //! # Local pins: channel = version. A pinned channel serves that version whatever the
@@ -123,6 +128,11 @@ pub struct NodeConfig {
     pub health_interval: String,
     /// Runtime panics in one window that count as a crash loop.
     pub crash_loop_panics: u64,
+    /// Bytes a model may take while it is tried and loaded (0: half of the machine's
+    /// memory, see [`NodeConfig::model_memory_budget`]).
+    pub model_memory_budget: u64,
+    /// Longest trial run of a model (a duration such as "10m").
+    pub activation_timeout: String,
     /// Local version pins per channel.
     pub pins: std::collections::BTreeMap<String, u64>,
     /// Test only: serve corrupt chunks (flips a byte of each chunk sent).
@@ -161,6 +171,8 @@ impl Default for NodeConfig {
             seed: None,
             health_interval: "30s".into(),
             crash_loop_panics: 3,
+            model_memory_budget: 0,
+            activation_timeout: "10m".into(),
             pins: std::collections::BTreeMap::new(),
             test_corrupt_chunks: false,
         }
@@ -209,6 +221,7 @@ impl NodeConfig {
         if self.crash_loop_panics == 0 {
             bail!("crash_loop_panics must be at least 1");
         }
+        self.activation_timeout()?;
         for (c, v) in &self.pins {
             pollen_protocol::manifest::Channel::new(c)
                 .map_err(|e| anyhow::anyhow!("pins: channel {c:?}: {e}"))?;
@@ -217,6 +230,26 @@ impl NodeConfig {
             }
         }
         Ok(())
+    }
+
+    /// The model memory budget in bytes: the configured one, else half of the machine's
+    /// memory (`MemTotal` in `/proc/meminfo`), else 4 GiB.
+    pub fn model_memory_budget(&self) -> u64 {
+        if self.model_memory_budget > 0 {
+            return self.model_memory_budget;
+        }
+        let total_kib = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        });
+        total_kib.map_or(4 << 30, |k| k * 1024 / 2)
+    }
+
+    /// The longest trial run of a model.
+    pub fn activation_timeout(&self) -> Result<std::time::Duration> {
+        pollen_keys::time::parse_duration(&self.activation_timeout)
+            .with_context(|| format!("activation_timeout {:?}", self.activation_timeout))
     }
 
     /// The health report interval.

@@ -213,12 +213,27 @@ pub struct NodeState {
     /// The latest rollout instruction per release ("channel@version"), as hex envelopes,
     /// so a restart does not forget a halt (bounded by the releases kept).
     pub instructions: BTreeMap<String, String>,
+    /// Releases that failed to activate here, by manifest id (hex), so that a restart
+    /// reports the failure again instead of trying the release again. Bounded by the
+    /// releases kept.
+    pub failed: BTreeMap<String, FailedActivation>,
+}
+
+/// Why a release failed to activate on this node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailedActivation {
+    /// The class reported.
+    pub class: pollen_protocol::rollout::ErrorClass,
+    /// What happened.
+    pub detail: String,
 }
 
 const BLOBS: &str = "blobs";
 const PARTIAL: &str = "partial";
 const MANIFESTS: &str = "manifests";
 const TRUST: &str = "trust";
+/// Markers of activations in progress: `activating/<manifest id>`.
+const ACTIVATING: &str = "activating";
 const STATE: &str = "state.json";
 const TMP_PREFIX: &str = ".tmp-";
 const PART_EXT: &str = ".part";
@@ -653,6 +668,47 @@ impl Store {
             Some(bytes) => serde_json::from_slice(&bytes)
                 .map_err(|e| StoreError::Corrupt(format!("{}: {e}", path.display()))),
         }
+    }
+
+    // ----- activation markers -----
+
+    /// Record, durably, that release `id` is about to be loaded. A marker still present at
+    /// start means the process died while activating it (see [`Store::activating`]).
+    pub fn mark_activating(&self, id: &ManifestId) -> Result<()> {
+        let dir = self.dir.join(ACTIVATING);
+        if let Err(e) = fs::create_dir(&dir) {
+            if e.kind() != io::ErrorKind::AlreadyExists {
+                return Err(io_error(&dir, e));
+            }
+        } else {
+            sync_dir(&self.dir)?;
+        }
+        self.write_atomic(&dir, &id.to_hex(), b"")
+    }
+
+    /// Remove the marker of `id` (durably; a missing marker is not an error).
+    pub fn clear_activating(&self, id: &ManifestId) -> Result<()> {
+        let dir = self.dir.join(ACTIVATING);
+        self.remove_durably(&dir, &dir.join(id.to_hex()))
+    }
+
+    /// The releases whose activation was in progress when the process last stopped.
+    pub fn activating(&self) -> Result<Vec<ManifestId>> {
+        let dir = self.dir.join(ACTIVATING);
+        let entries = match fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(io_error(&dir, e)),
+        };
+        let mut out = Vec::new();
+        for e in entries {
+            let e = e.map_err(|e| io_error(&dir, e))?;
+            if let Some(id) = e.file_name().to_str().and_then(|n| n.parse().ok()) {
+                out.push(id);
+            }
+        }
+        out.sort();
+        Ok(out)
     }
 
     // ----- files and chunks -----
@@ -1804,6 +1860,13 @@ mod tests {
             published: BTreeSet::from([m2.to_hex()]),
             pins: BTreeMap::from([("vision.defects".to_string(), 6)]),
             instructions: BTreeMap::from([("vision.defects@7".to_string(), "00ff".to_string())]),
+            failed: BTreeMap::from([(
+                m2.to_hex(),
+                FailedActivation {
+                    class: pollen_protocol::rollout::ErrorClass::LoadError,
+                    detail: "too big".into(),
+                },
+            )]),
         };
         {
             let store = open(&dir);
@@ -2027,5 +2090,21 @@ mod tests {
         let mut flipped = rec.clone();
         flipped[60] ^= 0x80;
         assert!(decode_record(&flipped, &spec, 11).is_err());
+    }
+
+    #[test]
+    fn activation_markers_are_durable_and_cleared() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        assert!(store.activating().unwrap().is_empty());
+        let (a, b) = (ManifestId([1; 32]), ManifestId([2; 32]));
+        store.mark_activating(&b).unwrap();
+        store.mark_activating(&a).unwrap();
+        // A reopened store (a restart) still sees both.
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.activating().unwrap(), vec![a, b]);
+        store.clear_activating(&a).unwrap();
+        store.clear_activating(&a).unwrap(); // twice is fine
+        assert_eq!(store.activating().unwrap(), vec![b]);
     }
 }

@@ -164,3 +164,4 @@ impl Pollen {
 }
 
 pub mod mesh;
+pub mod onnxgen;

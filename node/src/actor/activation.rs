@@ -2,14 +2,17 @@
 //! put it in the registry, roll back, and sign the health reports the rollout gates count.
 
 use super::{Actor, Done};
-use crate::serving::{LoadedModel, WindowStats};
+use crate::serving::{LoadedModel, WindowStats, trial};
+use crate::store::FailedActivation;
 use anyhow::Result;
 use pollen_keys::time::unix_now;
 use pollen_protocol::ids::ManifestId;
 use pollen_protocol::io::Command;
 use pollen_protocol::rollout::{ErrorClass, HealthReport, HealthReportBody, HealthStatus};
 use pollen_protocol::signing::Signed;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::time::Duration;
 
 impl Actor {
     /// [`Actor::start_activation_of`] a release the core holds, with the variant the core
@@ -52,20 +55,47 @@ impl Actor {
         let golden = m.body.golden.clone();
         let store = self.store.clone();
         let tx = self.done_tx.clone();
+        let budget = self.cfg.model_memory_budget();
+        let timeout = self
+            .cfg
+            .activation_timeout()
+            .unwrap_or(Duration::from_secs(600));
+        let exe = std::env::current_exe().ok();
         tokio::task::spawn_blocking(move || {
-            let result = (|| {
+            // Whatever happens in here, the actor hears back: a panic is a failed activation.
+            let attempt = std::panic::catch_unwind(AssertUnwindSafe(|| {
                 let path = store.finish(&spec).map_err(|e| {
                     (
                         ErrorClass::Unavailable,
                         format!("model file not in the store: {e}"),
                     )
                 })?;
-                let loaded = LoadedModel::load(&path, channel.as_str(), version, manifest)?;
+                // Durable before anything risky: if the process dies from here on, the
+                // next start reports this release failed instead of trying it again.
+                if let Err(e) = store.mark_activating(&manifest) {
+                    tracing::warn!(
+                        "activation marker for {} not written: {e}",
+                        manifest.short()
+                    );
+                }
+                if let Some(exe) = &exe {
+                    trial::run(exe, &path, &golden, budget, timeout)?;
+                }
+                let loaded = LoadedModel::load(&path, channel.as_str(), version, manifest, budget)?;
                 loaded
                     .golden(&golden)
                     .map_err(|e| (ErrorClass::GoldenMismatch, e))?;
                 Ok(Arc::new(loaded))
-            })();
+            }));
+            let result = attempt.unwrap_or_else(|_| {
+                Err((ErrorClass::Panic, "the activation panicked".to_string()))
+            });
+            if let Err(e) = store.clear_activating(&manifest) {
+                tracing::warn!(
+                    "activation marker for {} not removed: {e}",
+                    manifest.short()
+                );
+            }
             let _ = tx.blocking_send(Done::Activated {
                 channel,
                 version,
@@ -88,6 +118,12 @@ impl Actor {
             Ok(model) => {
                 tracing::info!("{channel} version {version} passed its checks and serves");
                 self.registry.activate(model);
+                // Recorded only now: a restart serves again only what passed here.
+                self.state
+                    .active
+                    .insert(channel.to_string(), manifest.to_hex());
+                self.state.failed.remove(&manifest.to_hex());
+                self.save_state();
                 if report {
                     self.report(&channel, version, manifest, HealthStatus::Ok);
                 }
@@ -97,6 +133,14 @@ impl Actor {
                     "{channel} version {version} failed to activate ({class:?}): {detail}"
                 ));
                 let detail: String = detail.chars().take(240).collect();
+                self.state.failed.insert(
+                    manifest.to_hex(),
+                    FailedActivation {
+                        class,
+                        detail: detail.clone(),
+                    },
+                );
+                self.save_state();
                 self.report(
                     &channel,
                     version,
@@ -104,6 +148,49 @@ impl Actor {
                     HealthStatus::Failed { class, detail },
                 );
             }
+        }
+    }
+
+    /// At start, after the restore: releases whose activation was under way when the
+    /// process stopped (their markers are still on disk) count as failed here, and every
+    /// release that failed here is reported failed again, so the core never chooses it on
+    /// this node and the previous version serves.
+    pub(super) fn recover_failed_activations(&mut self) {
+        match self.store.activating() {
+            Ok(ids) => {
+                for id in ids {
+                    self.error(format!(
+                        "release {} was being activated when the node stopped: it counts as failed here",
+                        id.short()
+                    ));
+                    self.state
+                        .failed
+                        .entry(id.to_hex())
+                        .or_insert(FailedActivation {
+                            class: ErrorClass::CrashLoop,
+                            detail: "the node stopped while activating this release".into(),
+                        });
+                    if let Err(e) = self.store.clear_activating(&id) {
+                        tracing::warn!("activation marker for {} not removed: {e}", id.short());
+                    }
+                }
+                self.save_state();
+            }
+            Err(e) => tracing::warn!("activation markers unreadable: {e}"),
+        }
+        for (hex, f) in self.state.failed.clone() {
+            let Some(m) = hex
+                .parse::<ManifestId>()
+                .ok()
+                .and_then(|id| self.mesh.manifest(&id).cloned())
+            else {
+                continue;
+            };
+            let status = HealthStatus::Failed {
+                class: f.class,
+                detail: f.detail,
+            };
+            self.report(&m.body.channel, m.body.version, m.id, status);
         }
     }
 

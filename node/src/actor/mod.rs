@@ -307,6 +307,7 @@ impl Actor {
         actor.restore()?;
         actor.restoring = false;
         actor.gc();
+        actor.recover_failed_activations();
         // Serve again what was active before the restart.
         let actives: Vec<_> = actor
             .mesh
@@ -528,13 +529,9 @@ impl Actor {
             } => {
                 self.start_activation_of(channel.clone(), version, manifest, variant, true);
                 tracing::info!(
-                    "{channel}: version {version} ({}) is complete and active",
+                    "{channel}: version {version} ({}) is complete; activating it",
                     manifest.short()
                 );
-                self.state
-                    .active
-                    .insert(channel.to_string(), manifest.to_hex());
-                self.save_state();
                 self.gc();
             }
             Event::RollBack {

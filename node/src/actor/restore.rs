@@ -146,6 +146,10 @@ impl Actor {
         let keep = self.mesh.live_files();
         let mut manifests: BTreeSet<ManifestId> =
             self.mesh.releases().map(|(_, r)| r.id()).collect();
+        // Failed activations are remembered only for releases still kept.
+        self.state
+            .failed
+            .retain(|hex, _| hex.parse().is_ok_and(|id| manifests.contains(&id)));
         let _ = self.persist.try_send(Persist::Gc(keep));
         manifests.extend(
             self.state

@@ -54,6 +54,20 @@ enum Command {
     Keys(keys::KeysArgs),
     /// A whole local mesh on loopback, one command: publish, spread, serve, swap.
     Demo,
+    /// Internal: a model's trial run under a memory limit (the node runs this as a child
+    /// process before it activates a model).
+    #[command(hide = true)]
+    TrialModel {
+        /// The ONNX file.
+        #[arg(long)]
+        model: std::path::PathBuf,
+        /// The golden checks (postcard).
+        #[arg(long)]
+        golden: std::path::PathBuf,
+        /// The memory budget in bytes.
+        #[arg(long)]
+        budget: u64,
+    },
 }
 
 /// Parse the command line, run the command, print an error and choose the exit status.
@@ -72,6 +86,11 @@ pub fn main() -> ExitCode {
         Command::Pin(args) => rollout::pin(args, &mut stdout),
         Command::Unpin(args) => rollout::unpin(args, &mut stdout),
         Command::Demo => demo::run(&mut stdout),
+        Command::TrialModel {
+            model,
+            golden,
+            budget,
+        } => pollen_node::serving::trial::child_main(&model, &golden, budget),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

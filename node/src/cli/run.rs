@@ -64,6 +64,10 @@ pub struct RunArgs {
     /// How often a serving node sends a health report (e.g. 30s).
     #[arg(long, value_name = "DURATION")]
     health_interval: Option<String>,
+    /// Bytes a model may take while it is tried and loaded (default: half of the
+    /// machine's memory).
+    #[arg(long, value_name = "BYTES")]
+    model_memory_budget: Option<u64>,
     /// Test only: serve corrupt chunks.
     #[arg(long, hide = true)]
     test_corrupt_chunks: bool,
@@ -115,6 +119,9 @@ pub fn run(a: RunArgs) -> Result<()> {
     }
     if let Some(h) = a.health_interval {
         cfg.health_interval = h;
+    }
+    if let Some(b) = a.model_memory_budget {
+        cfg.model_memory_budget = b;
     }
     cfg.test_corrupt_chunks = a.test_corrupt_chunks;
     cfg.validate()?;

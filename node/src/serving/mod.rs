@@ -30,6 +30,7 @@ pub mod model;
 pub mod onnx;
 pub mod pool;
 pub mod registry;
+pub mod trial;
 
 pub use health::{HealthWindow, Outcome, WindowStats, window_status};
 pub use model::{IoSpec, LoadedModel, ServeError};

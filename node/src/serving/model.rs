@@ -108,15 +108,69 @@ fn io_spec(name: String, fact: &Fact) -> Result<IoSpec, String> {
     })
 }
 
+/// The shape a warm-up run uses: every symbolic dimension at 1.
+fn warm_shape(shape: &[i64]) -> impl Iterator<Item = usize> + '_ {
+    shape.iter().map(|d| if *d < 0 { 1 } else { *d as usize })
+}
+
+/// Bytes of a warm-up tensor of `s` (symbolic dimensions at 1), or `None` past `u64`.
+fn tensor_bytes(s: &IoSpec) -> Option<u64> {
+    let elements = s.shape.iter().try_fold(1u64, |n, d| {
+        n.checked_mul(if *d < 0 { 1 } else { *d as u64 })
+    })?;
+    elements.checked_mul(s.datatype.size().unwrap_or(1) as u64)
+}
+
+/// The inputs and outputs of a warm-up run fit in `budget` bytes together.
+fn check_budget(inputs: &[IoSpec], outputs: &[IoSpec], budget: u64) -> Result<(), String> {
+    let mut total = 0u64;
+    for (kind, s) in inputs
+        .iter()
+        .map(|s| ("input", s))
+        .chain(outputs.iter().map(|s| ("output", s)))
+    {
+        let bytes = tensor_bytes(s);
+        total = bytes.and_then(|b| total.checked_add(b)).unwrap_or(u64::MAX);
+        if total > budget {
+            return Err(format!(
+                "{kind} '{}' of shape {:?} needs {} bytes: the model's tensors exceed the \
+                 model memory budget of {budget} bytes",
+                s.name,
+                s.shape,
+                bytes.map_or("more than 2^64".to_string(), |b| b.to_string()),
+            ));
+        }
+    }
+    Ok(())
+}
+
 impl LoadedModel {
     /// Load, optimise and warm an ONNX model. Blocking and CPU-bound: call it on a blocking
     /// thread. A panic inside tract is caught and reported as [`ErrorClass::Panic`].
+    ///
+    /// Sizes are checked before anything is allocated: a file larger than `budget` bytes,
+    /// or fixed input and output shapes whose tensors would take more than `budget` bytes
+    /// together (or overflow), are a [`ErrorClass::LoadError`] naming the culprit. The
+    /// budget does not bound what tract allocates while it optimises; the trial run in a
+    /// child process ([`super::trial`]) does.
     pub fn load(
         path: &Path,
         channel: &str,
         version: u64,
         manifest: ManifestId,
+        budget: u64,
     ) -> Result<Self, (ErrorClass, String)> {
+        let size = std::fs::metadata(path)
+            .map_err(|e| (ErrorClass::Unavailable, format!("{}: {e}", path.display())))?
+            .len();
+        if size > budget {
+            return Err((
+                ErrorClass::LoadError,
+                format!(
+                    "the model file has {size} bytes, over the model memory budget of {budget} bytes"
+                ),
+            ));
+        }
         let path = path.to_path_buf();
         let result = std::panic::catch_unwind(move || -> Result<Loaded, (ErrorClass, String)> {
             let load = |e: anyhow::Error| (ErrorClass::LoadError, format!("{e:#}"));
@@ -168,6 +222,7 @@ impl LoadedModel {
                 ));
             }
         };
+        check_budget(&inputs, &outputs, budget).map_err(|e| (ErrorClass::LoadError, e))?;
         let m = LoadedModel {
             channel: channel.to_string(),
             version,
@@ -189,17 +244,14 @@ impl LoadedModel {
             .inputs
             .iter()
             .map(|s| {
-                let shape: Vec<usize> = s
-                    .shape
-                    .iter()
-                    .map(|d| if *d < 0 { 1 } else { *d as usize })
-                    .collect();
-                let n: usize = shape.iter().product();
+                // Sizes were checked against the budget at load (check_budget).
+                let shape: Vec<usize> = warm_shape(&s.shape).collect();
+                let bytes = tensor_bytes(s).unwrap_or(0) as usize;
                 Tensor {
                     name: s.name.clone(),
                     datatype: s.datatype,
                     shape,
-                    data: vec![0u8; n * s.datatype.size().unwrap_or(1)],
+                    data: vec![0u8; bytes],
                 }
             })
             .collect();

@@ -267,6 +267,7 @@ fn serve() {
         "digits",
         1,
         pollen_protocol::ManifestId([0; 32]),
+        u64::MAX,
     )
     .expect("load");
     let input = pollen_node::serving::kserve::Tensor {

@@ -1,0 +1,181 @@
+//! Tiny ONNX models written byte by byte (protobuf by hand), for tests that need a model
+//! with a particular shape or operator: a fixed huge input, a `Gather` whose index a client
+//! controls. Only the fields tract reads are written.
+
+/// ONNX `TensorProto.DataType` codes used here.
+pub const FLOAT: u64 = 1;
+/// INT64.
+pub const INT64: u64 = 7;
+
+fn varint(mut n: u64, out: &mut Vec<u8>) {
+    loop {
+        let b = (n & 0x7f) as u8;
+        n >>= 7;
+        if n == 0 {
+            out.push(b);
+            return;
+        }
+        out.push(b | 0x80);
+    }
+}
+
+fn field_varint(field: u64, n: u64, out: &mut Vec<u8>) {
+    varint(field << 3, out);
+    varint(n, out);
+}
+
+fn field_bytes(field: u64, b: &[u8], out: &mut Vec<u8>) {
+    varint((field << 3) | 2, out);
+    varint(b.len() as u64, out);
+    out.extend_from_slice(b);
+}
+
+/// A graph input or output: `name`, element type, dims (a negative dim is symbolic).
+#[derive(Debug)]
+pub struct Io<'a> {
+    /// Name.
+    pub name: &'a str,
+    /// ONNX element type code.
+    pub elem: u64,
+    /// Dimensions; negative means a named symbolic dimension.
+    pub dims: &'a [i64],
+}
+
+fn value_info(io: &Io<'_>) -> Vec<u8> {
+    let mut shape = Vec::new();
+    for (k, &d) in io.dims.iter().enumerate() {
+        let mut dim = Vec::new();
+        if d < 0 {
+            field_bytes(2, format!("d{k}").as_bytes(), &mut dim);
+        } else {
+            field_varint(1, d as u64, &mut dim);
+        }
+        field_bytes(1, &dim, &mut shape);
+    }
+    let mut tensor = Vec::new();
+    field_varint(1, io.elem, &mut tensor);
+    field_bytes(2, &shape, &mut tensor);
+    let mut typ = Vec::new();
+    field_bytes(1, &tensor, &mut typ);
+    let mut vi = Vec::new();
+    field_bytes(1, io.name.as_bytes(), &mut vi);
+    field_bytes(2, &typ, &mut vi);
+    vi
+}
+
+/// A node: operator, inputs, outputs.
+#[derive(Debug)]
+pub struct Node<'a> {
+    /// Operator type.
+    pub op: &'a str,
+    /// Input names.
+    pub inputs: &'a [&'a str],
+    /// Output names.
+    pub outputs: &'a [&'a str],
+}
+
+/// A float initializer: name, dims, values.
+#[derive(Debug)]
+pub struct Init<'a> {
+    /// Name.
+    pub name: &'a str,
+    /// Dimensions.
+    pub dims: &'a [i64],
+    /// Values (row-major).
+    pub values: &'a [f32],
+}
+
+/// The bytes of a model (IR 7, opset 13) with these nodes, initializers, inputs, outputs.
+pub fn model(
+    nodes: &[Node<'_>],
+    inits: &[Init<'_>],
+    inputs: &[Io<'_>],
+    outputs: &[Io<'_>],
+) -> Vec<u8> {
+    let mut g = Vec::new();
+    for (k, n) in nodes.iter().enumerate() {
+        let mut nb = Vec::new();
+        for i in n.inputs {
+            field_bytes(1, i.as_bytes(), &mut nb);
+        }
+        for o in n.outputs {
+            field_bytes(2, o.as_bytes(), &mut nb);
+        }
+        field_bytes(3, format!("n{k}").as_bytes(), &mut nb);
+        field_bytes(4, n.op.as_bytes(), &mut nb);
+        field_bytes(1, &nb, &mut g);
+    }
+    field_bytes(2, b"g", &mut g);
+    for init in inits {
+        let mut t = Vec::new();
+        for &d in init.dims {
+            field_varint(1, d as u64, &mut t);
+        }
+        field_varint(2, FLOAT, &mut t);
+        field_bytes(8, init.name.as_bytes(), &mut t);
+        let raw: Vec<u8> = init.values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        field_bytes(9, &raw, &mut t);
+        field_bytes(5, &t, &mut g);
+    }
+    for i in inputs {
+        field_bytes(11, &value_info(i), &mut g);
+    }
+    for o in outputs {
+        field_bytes(12, &value_info(o), &mut g);
+    }
+    let mut opset = Vec::new();
+    field_bytes(1, b"", &mut opset);
+    field_varint(2, 13, &mut opset);
+    let mut m = Vec::new();
+    field_varint(1, 7, &mut m);
+    field_bytes(8, &opset, &mut m);
+    field_bytes(7, &g, &mut m);
+    m
+}
+
+/// `y = Identity(x)` with `x` and `y` of FP32 and the given fixed dims.
+pub fn identity(dims: &[i64]) -> Vec<u8> {
+    let io = |name| Io {
+        name,
+        elem: FLOAT,
+        dims,
+    };
+    model(
+        &[Node {
+            op: "Identity",
+            inputs: &["x"],
+            outputs: &["y"],
+        }],
+        &[],
+        &[io("x")],
+        &[io("y")],
+    )
+}
+
+/// `y = Gather(W, idx)` with `W` a `[rows, 4]` FP32 table and `idx` an INT64 `[n]` input:
+/// an index a client sends picks a row, and an out-of-range one is the client's error.
+pub fn gather(rows: i64) -> Vec<u8> {
+    let values: Vec<f32> = (0..rows * 4).map(|v| v as f32).collect();
+    model(
+        &[Node {
+            op: "Gather",
+            inputs: &["W", "idx"],
+            outputs: &["y"],
+        }],
+        &[Init {
+            name: "W",
+            dims: &[rows, 4],
+            values: &values,
+        }],
+        &[Io {
+            name: "idx",
+            elem: INT64,
+            dims: &[-1],
+        }],
+        &[Io {
+            name: "y",
+            elem: FLOAT,
+            dims: &[-1, 4],
+        }],
+    )
+}

@@ -1,0 +1,171 @@
+//! Containment: what a signed model does at activation cannot take a node down (security
+//! review C1, M4, L6). Real `pollen run` processes; the models are written by
+//! `pollen_tests::onnxgen`.
+
+use pollen_tests::mesh::{Node, Operator};
+use pollen_tests::onnxgen;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_secs(20)))
+        .http_status_as_error(false)
+        .build()
+        .into()
+}
+
+/// The version `n` answers inference with, on a golden row of the digits model.
+fn served_version(n: &Node) -> Option<String> {
+    let golden: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(pollen_tests::workspace_dir().join("models/golden-v1.json")).unwrap(),
+    )
+    .unwrap();
+    let body = serde_json::json!({"inputs": [{"name": "input", "shape": [1, 64],
+        "datatype": "FP32", "data": golden["inputs"][0]}]});
+    let mut r = agent()
+        .post(format!("{}/v2/models/digits/infer", n.url()))
+        .send_json(&body)
+        .ok()?;
+    if r.status() != 200 {
+        return None;
+    }
+    let v: serde_json::Value = r.body_mut().read_json().ok()?;
+    v["model_version"].as_str().map(String::from)
+}
+
+fn wait_served(n: &Node, version: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while served_version(n).as_deref() != Some(version) {
+        assert!(
+            Instant::now() < deadline,
+            "{} never served v{version}:\n{}",
+            n.url(),
+            n.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// `pollen publish FILE` on channel digits (no golden checks) through `node`.
+fn publish(tmp: &Path, op: &Operator, node: &Node, file: &Path, version: u64) {
+    pollen_tests::Pollen::in_dir(tmp)
+        .run([
+            "publish".to_string(),
+            file.display().to_string(),
+            "--channel".into(),
+            "digits".into(),
+            "--version".into(),
+            version.to_string(),
+            "--key".into(),
+            op.dir.join("publisher.key").display().to_string(),
+            "--node".into(),
+            node.url(),
+        ])
+        .success();
+}
+
+fn wait_refused(n: &Node, version: u64, why: &str) {
+    let what = format!("digits version {version} failed to activate");
+    n.wait(Duration::from_secs(60), &what, |s| {
+        s.errors
+            .iter()
+            .any(|e| e.contains(&what) && e.contains(why))
+    });
+}
+
+#[test]
+fn models_too_big_for_the_device_fail_their_activation_and_nodes_keep_serving() {
+    let tmp = tempfile::tempdir().unwrap();
+    let op = Operator::new(&tmp.path().join("op"), false);
+    let trust = vec!["--trust".to_string(), op.trust_file.display().to_string()];
+    let a = Node::start(&tmp.path().join("a"), &trust);
+    let mut args = trust.clone();
+    args.extend(["--bootstrap".to_string(), a.addr()]);
+    let mut b = Node::start(&tmp.path().join("b"), &args);
+    b.wait(Duration::from_secs(20), "connected", |s| {
+        !s.peers.is_empty()
+    });
+    op.publish_digits(tmp.path(), &a, "digits-v1.onnx", "golden-v1.json", 1, &[]);
+    wait_served(&a, "1");
+    wait_served(&b, "1");
+
+    // 97 bytes that declare a [1e5, 1e5, 1e5] FP32 input: 4e15 bytes to warm up. Before
+    // the fix both nodes aborted ("memory allocation of 4000000000000000 bytes failed")
+    // and crash-looped on restart.
+    let huge = tmp.path().join("huge.onnx");
+    std::fs::write(&huge, onnxgen::identity(&[100_000, 100_000, 100_000])).unwrap();
+    publish(tmp.path(), &op, &a, &huge, 2);
+    // A product of dimensions that overflows 64 bits (a debug build panicked on it, and
+    // the panic was swallowed: the status said v2 while v1 served, and a restart served
+    // nothing).
+    let overflow = tmp.path().join("overflow.onnx");
+    std::fs::write(&overflow, onnxgen::identity(&[1 << 32, 1 << 32, 1 << 32])).unwrap();
+    for n in [&a, &b] {
+        wait_refused(n, 2, "memory budget");
+        assert_eq!(served_version(n).as_deref(), Some("1"));
+    }
+    publish(tmp.path(), &op, &a, &overflow, 3);
+    for n in [&a, &b] {
+        wait_refused(n, 3, "memory budget");
+        assert_eq!(served_version(n).as_deref(), Some("1"));
+    }
+    let a_status = a.status();
+    let c = &a_status.channels[0];
+    assert_eq!(c.active_version, Some(1), "the status says what is served");
+
+    // A restart neither crashes nor tries the failed releases again: it serves v1 past
+    // the catch-up hold (10 s), where the old code died a second time.
+    b.restart();
+    wait_served(&b, "1");
+    std::thread::sleep(Duration::from_secs(12));
+    assert!(b.running(), "b died after the restart:\n{}", b.log());
+    assert_eq!(served_version(&b).as_deref(), Some("1"));
+    let log = b.log();
+    for v in [2, 3] {
+        let tries = log.matches(&format!("digits: version {v} (")).count();
+        assert_eq!(tries, 1, "v{v} activated once, never again:\n{log}");
+    }
+}
+
+#[test]
+fn a_node_that_died_while_activating_a_release_serves_the_previous_one_after_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let op = Operator::new(&tmp.path().join("op"), false);
+    let trust = vec!["--trust".to_string(), op.trust_file.display().to_string()];
+    let mut a = Node::start(&tmp.path().join("a"), &trust);
+    op.publish_digits(tmp.path(), &a, "digits-v1.onnx", "golden-v1.json", 1, &[]);
+    wait_served(&a, "1");
+    op.publish_digits(tmp.path(), &a, "digits-v2.onnx", "golden-v2.json", 2, &[]);
+    wait_served(&a, "2");
+    let v2 = a.status().channels[0]
+        .releases
+        .iter()
+        .find(|r| r.version == 2)
+        .expect("v2")
+        .manifest
+        .clone();
+    // What a crash in the middle of v2's activation leaves: its durable marker.
+    a.kill();
+    let markers = a.dir.join("activating");
+    std::fs::create_dir_all(&markers).unwrap();
+    std::fs::write(markers.join(&v2), b"").unwrap();
+    a.restart();
+    wait_served(&a, "1");
+    a.wait(Duration::from_secs(10), "the crash reported", |s| {
+        s.errors
+            .iter()
+            .any(|e| e.contains("was being activated when the node stopped"))
+    });
+    assert!(
+        !markers.join(&v2).exists(),
+        "the marker is consumed once reported"
+    );
+    std::thread::sleep(Duration::from_secs(12));
+    assert_eq!(served_version(&a).as_deref(), Some("1"), "{}", a.log());
+    // The failure survives a second restart too.
+    a.restart();
+    wait_served(&a, "1");
+    std::thread::sleep(Duration::from_secs(12));
+    assert_eq!(served_version(&a).as_deref(), Some("1"), "{}", a.log());
+}
