@@ -49,20 +49,33 @@ fn wait_served(n: &Node, version: &str) {
 
 /// `pollen publish FILE` on channel digits (no golden checks) through `node`.
 fn publish(tmp: &Path, op: &Operator, node: &Node, file: &Path, version: u64) {
-    pollen_tests::Pollen::in_dir(tmp)
-        .run([
-            "publish".to_string(),
-            file.display().to_string(),
-            "--channel".into(),
-            "digits".into(),
-            "--version".into(),
-            version.to_string(),
-            "--key".into(),
-            op.dir.join("publisher.key").display().to_string(),
-            "--node".into(),
-            node.url(),
-        ])
-        .success();
+    publish_on(tmp, op, node, file, "digits", version, &[]);
+}
+
+/// `pollen publish FILE` on `channel` (no golden checks) through `node`, plus `extra`.
+fn publish_on(
+    tmp: &Path,
+    op: &Operator,
+    node: &Node,
+    file: &Path,
+    channel: &str,
+    version: u64,
+    extra: &[&str],
+) {
+    let mut args = vec![
+        "publish".to_string(),
+        file.display().to_string(),
+        "--channel".into(),
+        channel.into(),
+        "--version".into(),
+        version.to_string(),
+        "--key".into(),
+        op.dir.join("publisher.key").display().to_string(),
+        "--node".into(),
+        node.url(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    pollen_tests::Pollen::in_dir(tmp).run(args).success();
 }
 
 fn wait_refused(n: &Node, version: u64, why: &str) {
@@ -168,4 +181,111 @@ fn a_node_that_died_while_activating_a_release_serves_the_previous_one_after_res
     wait_served(&a, "1");
     std::thread::sleep(Duration::from_secs(12));
     assert_eq!(served_version(&a).as_deref(), Some("1"), "{}", a.log());
+}
+
+/// POST an index vector to the gather model; (status, body).
+fn gather(n: &Node, idx: &[i64]) -> (u16, serde_json::Value) {
+    let body = serde_json::json!({"inputs": [{"name": "idx", "shape": [idx.len()],
+        "datatype": "INT64", "data": idx}]});
+    let mut r = agent()
+        .post(format!("{}/v2/models/gather/infer", n.url()))
+        .send_json(&body)
+        .expect("request");
+    let status = r.status().as_u16();
+    (status, r.body_mut().read_json().unwrap_or_default())
+}
+
+#[test]
+fn a_client_that_makes_the_model_fail_gets_400_and_cannot_fail_the_rollout() {
+    let tmp = tempfile::tempdir().unwrap();
+    let op = Operator::new(&tmp.path().join("op"), false);
+    let mut args = vec![
+        "--trust".to_string(),
+        op.trust_file.display().to_string(),
+        "--health-interval".into(),
+        "1s".into(),
+    ];
+    let a = Node::start(&tmp.path().join("a"), &args);
+    args.extend(["--bootstrap".to_string(), a.addr()]);
+    let b = Node::start(&tmp.path().join("b"), &args);
+    b.wait(Duration::from_secs(20), "connected", |s| {
+        !s.peers.is_empty()
+    });
+    // y = Gather(W[10, 4], idx): an index past 9 makes tract panic (security review H1).
+    let model = tmp.path().join("gather.onnx");
+    std::fs::write(&model, onnxgen::gather(10)).unwrap();
+    publish_on(
+        tmp.path(),
+        &op,
+        &a,
+        &model,
+        "gather",
+        1,
+        &[
+            "--stages",
+            "99%,100%",
+            "--gate-min-healthy",
+            "1",
+            "--gate-max-failure",
+            "10%",
+            "--stage-interval",
+            "1h",
+        ],
+    );
+    let ready = |n: &Node| {
+        agent()
+            .get(format!("{}/v2/models/gather/versions/1/ready", n.url()))
+            .call()
+            .is_ok_and(|r| r.status() == 200)
+    };
+    for n in [&a, &b] {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !ready(n) {
+            assert!(
+                Instant::now() < deadline,
+                "gather never served:\n{}",
+                n.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    let (status, out) = gather(&a, &[3]);
+    assert_eq!(status, 200, "{out}");
+    assert_eq!(
+        out["outputs"][0]["data"],
+        serde_json::json!([12.0, 13.0, 14.0, 15.0])
+    );
+
+    // Before: four 500s, a CrashLoop report, the gate failed and both nodes rolled back.
+    for _ in 0..4 {
+        let (status, out) = gather(&a, &[10]);
+        assert_eq!(
+            status, 400,
+            "an index out of range is the client's error: {out}"
+        );
+        assert!(out["error"].is_string(), "{out}");
+    }
+    // Several health windows go by (1 s each).
+    std::thread::sleep(Duration::from_secs(4));
+    for n in [&a, &b] {
+        let s = n.status();
+        let c = s
+            .channels
+            .iter()
+            .find(|c| c.channel == "gather")
+            .expect("gather");
+        assert_eq!(c.active_version, Some(1), "{}", n.log());
+        let r = c.releases.iter().find(|r| r.version == 1).expect("v1");
+        assert!(!r.rolled_back, "rolled back on {}:\n{}", n.url(), n.log());
+        assert_eq!(
+            r.failed,
+            0,
+            "failed reports on {}: {:?}",
+            n.url(),
+            r.failures
+        );
+        assert!(ready(n));
+    }
+    let (status, _) = gather(&a, &[9]);
+    assert_eq!(status, 200, "the node still serves after the bad requests");
 }

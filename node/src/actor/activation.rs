@@ -81,10 +81,12 @@ impl Actor {
                 if let Some(exe) = &exe {
                     trial::run(exe, &path, &golden, budget, timeout)?;
                 }
-                let loaded = LoadedModel::load(&path, channel.as_str(), version, manifest, budget)?;
+                let mut loaded =
+                    LoadedModel::load(&path, channel.as_str(), version, manifest, budget)?;
                 loaded
                     .golden(&golden)
                     .map_err(|e| (ErrorClass::GoldenMismatch, e))?;
+                loaded.keep_golden(golden);
                 Ok(Arc::new(loaded))
             }));
             let result = attempt.unwrap_or_else(|_| {

@@ -750,7 +750,15 @@ impl Actor {
                 .mesh
                 .status()
                 .into_iter()
-                .map(|c| crate::status::channel(c, &self.mesh, now))
+                .map(|c| {
+                    let mut c = crate::status::channel(c, &self.mesh, now);
+                    // What is served is what passed its activation here, which may lag
+                    // (or, after a failure, differ from) the release the core chose.
+                    let served = self.registry.current(&c.channel);
+                    c.active_version = served.as_ref().map(|m| m.version);
+                    c.active_manifest = served.map(|m| m.manifest.to_hex());
+                    c
+                })
                 .collect(),
             errors: self.errors.iter().cloned().collect(),
         }

@@ -217,15 +217,29 @@ async fn run_infer(
             })?;
             let run_started = Instant::now();
             let ran = model2.run(&req.inputs);
+            // A failure is the model's only if it now fails its own golden checks;
+            // otherwise this input made it fail, and that is the client's error.
+            let model_at_fault = match &ran {
+                Err(ServeError::Runtime(_) | ServeError::Panicked) => model2.at_fault(),
+                _ => false,
+            };
             let outcome = match &ran {
                 Ok(_) => Outcome::Ok,
                 Err(ServeError::BadInput(_)) => Outcome::BadInput,
+                Err(_) if !model_at_fault => Outcome::BadInput,
                 Err(ServeError::Panicked) => Outcome::Panic,
                 Err(_) => Outcome::Error,
             };
             model2.health.record(run_started.elapsed(), outcome);
             let outputs = ran.map_err(|e| match e {
                 ServeError::BadInput(m) => error(StatusCode::BAD_REQUEST, m),
+                other if !model_at_fault => error(
+                    StatusCode::BAD_REQUEST,
+                    format!(
+                        "{other}; the model still passes its checks, so this input is \
+                         outside what it can take"
+                    ),
+                ),
                 other => error(StatusCode::INTERNAL_SERVER_ERROR, other.to_string()),
             })?;
             kserve::encode_response(

@@ -6,9 +6,11 @@ use super::health::HealthWindow;
 use super::kserve::{DATATYPES, Tensor};
 use super::onnx::onnx_graph_outputs;
 use pollen_protocol::ids::ManifestId;
-use pollen_protocol::manifest::DType;
+use pollen_protocol::manifest::{DType, GoldenCheck};
 use pollen_protocol::rollout::ErrorClass;
 use std::path::Path;
+use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, Instant};
 use tract::prelude::*;
 
 /// An input or output of a loaded model.
@@ -55,7 +57,16 @@ pub struct LoadedModel {
     /// Requests, errors and latency since the last health report.
     pub health: HealthWindow,
     runnable: Runnable,
+    /// The golden checks it passed at activation ([`LoadedModel::keep_golden`]), run again
+    /// to decide who is at fault when a request fails ([`LoadedModel::at_fault`]).
+    golden: Vec<GoldenCheck>,
+    /// The latest verdict of such a re-run: when, and whether the model failed it.
+    recheck: Mutex<Option<(Instant, bool)>>,
 }
+
+/// A verdict of [`LoadedModel::at_fault`] stands this long before the golden checks run
+/// again: a client that keeps sending bad input costs at most one re-run per interval.
+const RECHECK_INTERVAL: Duration = Duration::from_secs(10);
 
 impl std::fmt::Debug for LoadedModel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -130,8 +141,9 @@ fn check_budget(inputs: &[IoSpec], outputs: &[IoSpec], budget: u64) -> Result<()
         .chain(outputs.iter().map(|s| ("output", s)))
     {
         let bytes = tensor_bytes(s);
-        total = bytes.and_then(|b| total.checked_add(b)).unwrap_or(u64::MAX);
-        if total > budget {
+        let sum = bytes.and_then(|b| total.checked_add(b));
+        total = sum.unwrap_or(u64::MAX);
+        if sum.is_none() || total > budget {
             return Err(format!(
                 "{kind} '{}' of shape {:?} needs {} bytes: the model's tensors exceed the \
                  model memory budget of {budget} bytes",
@@ -231,10 +243,38 @@ impl LoadedModel {
             outputs,
             health: HealthWindow::default(),
             runnable,
+            golden: Vec::new(),
+            recheck: Mutex::new(None),
         };
         m.warm()
             .map_err(|e| (ErrorClass::LoadError, format!("warm-up run failed: {e}")))?;
         Ok(m)
+    }
+
+    /// Keep the golden checks the model just passed, for [`LoadedModel::at_fault`].
+    pub fn keep_golden(&mut self, checks: Vec<GoldenCheck>) {
+        self.golden = checks;
+    }
+
+    /// A request made the model fail (an error or a caught panic): is the model at fault,
+    /// rather than the request's input? Only when the model now fails its own golden
+    /// checks, re-run here (at most once per [`RECHECK_INTERVAL`]; the verdict holds in
+    /// between). A model without golden checks passed its warm-up run at activation, so
+    /// a failure is the input's. This is what keeps one client from failing a rollout:
+    /// its requests are answered 400 and count as bad input, not as model errors.
+    pub fn at_fault(&self) -> bool {
+        if self.golden.is_empty() {
+            return false;
+        }
+        let mut last = self.recheck.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((at, broken)) = *last
+            && at.elapsed() < RECHECK_INTERVAL
+        {
+            return broken;
+        }
+        let broken = self.golden(&self.golden).is_err();
+        *last = Some((Instant::now(), broken));
+        broken
     }
 
     /// One run on zeros with every symbolic dimension at 1, so the first request does not
@@ -331,5 +371,76 @@ impl LoadedModel {
                 })
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pollen_protocol::manifest::TensorData;
+
+    fn digits() -> LoadedModel {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/digits-v1.onnx");
+        LoadedModel::load(&path, "digits", 1, ManifestId([0; 32]), 1 << 30).expect("load")
+    }
+
+    fn check(model: &LoadedModel, shift: f32) -> GoldenCheck {
+        let input = Tensor {
+            name: "input".into(),
+            datatype: DType::F32,
+            shape: vec![1, 64],
+            data: vec![0; 256],
+        };
+        let out = model.run(std::slice::from_ref(&input)).expect("run");
+        let data: Vec<u8> = out[0]
+            .data
+            .chunks(4)
+            .flat_map(|b| (f32::from_le_bytes([b[0], b[1], b[2], b[3]]) + shift).to_le_bytes())
+            .collect();
+        let t = |t: &Tensor, data: Vec<u8>| TensorData {
+            name: t.name.clone(),
+            dtype: t.datatype,
+            shape: t.shape.iter().map(|d| *d as u64).collect(),
+            data,
+        };
+        GoldenCheck {
+            inputs: vec![t(&input, input.data.clone())],
+            expected: vec![t(&out[0], data)],
+            tolerance: 1e-4,
+        }
+    }
+
+    #[test]
+    fn a_failure_is_the_model_fault_only_if_its_golden_checks_fail_again() {
+        let mut m = digits();
+        assert!(!m.at_fault(), "no golden checks: the input is at fault");
+        let good = check(&m, 0.0);
+        m.keep_golden(vec![good]);
+        assert!(!m.at_fault(), "still passes its checks");
+        let mut broken = digits();
+        let bad = check(&broken, 1.0);
+        broken.keep_golden(vec![bad]);
+        assert!(broken.at_fault(), "fails its own checks now");
+        assert!(broken.at_fault(), "the verdict holds between re-runs");
+    }
+
+    #[test]
+    fn sizes_over_the_budget_or_past_u64_are_refused_before_allocating() {
+        let spec = |shape: Vec<i64>| IoSpec {
+            name: "x".into(),
+            datatype: DType::F32,
+            shape,
+        };
+        assert!(check_budget(&[spec(vec![1, 64])], &[], 256).is_ok());
+        let e = check_budget(&[spec(vec![1, 65])], &[], 256).unwrap_err();
+        assert!(e.contains("input 'x'") && e.contains("260 bytes"), "{e}");
+        let e = check_budget(&[spec(vec![1 << 32, 1 << 32, 1 << 32])], &[], u64::MAX).unwrap_err();
+        assert!(e.contains("more than 2^64"), "{e}");
+        // Symbolic dimensions count as 1 for the warm-up run.
+        assert!(check_budget(&[spec(vec![-1, 64])], &[spec(vec![-1, 10])], 296).is_ok());
+        let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/digits-v1.onnx");
+        let e = LoadedModel::load(&file, "d", 1, ManifestId([0; 32]), 100).unwrap_err();
+        assert_eq!(e.0, ErrorClass::LoadError);
+        assert!(e.1.contains("over the model memory budget"), "{}", e.1);
     }
 }
