@@ -594,35 +594,33 @@ impl Decision {
 /// Decide which stages of `plan` are open at `now`.
 ///
 /// `anchor` is the manifest's signed `created` time; `halt` the issue time of the latest
-/// instruction if it is a halt. Pure: the same inputs give the same decision on every node.
+/// instruction if it is a halt; `stage_of` gives a reporting node's stage in the plan (its
+/// cohort point, see [`cohort_point`]); `skew` is the clock skew tolerated. Pure: the same
+/// inputs give the same decision on every node.
+///
+/// Only reports that could be honest count. A node outside every stage never counts. A
+/// node's Ok counts toward opening stage `i` only if the node is in a stage before `i` and
+/// its Ok is stamped no earlier than its own stage opened (less `skew`): an Ok back-dated
+/// to before its node could have activated would otherwise open the next stage early. A
+/// failure counts toward a gate only from a node in an open stage.
 pub fn evaluate(
     plan: &RolloutPlan,
     anchor: UnixTime,
     sample: Option<&ReportSample>,
     halt: Option<UnixTime>,
     now: UnixTime,
+    stage_of: impl Fn(&NodeId) -> Option<usize>,
+    skew: Duration,
 ) -> Decision {
-    // Per node, the earliest Ok time; sorted, the i-th is when i+1 nodes had reported healthy.
-    let mut ok_times: Vec<UnixTime> = Vec::new();
-    let (mut failed, mut reported) = (0u32, 0u32);
-    let mut classes: BTreeMap<ErrorClass, u32> = BTreeMap::new();
+    // Per reporting node in some stage: (stage, earliest Ok, earliest failure class).
+    let mut entries: Vec<(usize, Option<UnixTime>, Option<ErrorClass>)> = Vec::new();
     if let Some(s) = sample {
         for e in s.entries() {
-            reported += 1;
-            if let Some((_, class)) = e.first_failure {
-                failed += 1;
-                *classes.entry(class).or_default() += 1;
-            } else if let Some(t) = e.first_ok {
-                ok_times.push(t);
+            if let Some(stage) = stage_of(&e.node) {
+                entries.push((stage, e.first_ok, e.first_failure.map(|(_, c)| c)));
             }
         }
     }
-    ok_times.sort();
-    let class = classes
-        .iter()
-        .max_by_key(|(c, n)| (**n, core::cmp::Reverse(**c)))
-        .map(|(c, _)| *c);
-
     let mut d = Decision {
         opened: Vec::new(),
         waiting: None,
@@ -645,6 +643,14 @@ pub fn evaluate(
         {
             let need = g.min_healthy;
             if need > 0 {
+                // Earliest Oks, sorted, of healthy nodes in the stages open so far: the
+                // k-th is when k nodes had reported healthy.
+                let mut ok_times: Vec<UnixTime> = entries
+                    .iter()
+                    .filter(|(stage, _, failure)| *stage < i && failure.is_none())
+                    .filter_map(|(stage, ok, _)| ok.filter(|t| t.plus(skew) >= d.opened[*stage]))
+                    .collect();
+                ok_times.sort();
                 match ok_times.get(need as usize - 1) {
                     Some(&t) => open_at = open_at.max(t),
                     None => {
@@ -669,6 +675,28 @@ pub fn evaluate(
         }
         d.opened.push(open_at);
     }
+    // Reports of nodes in the open stages: healthy ones (an Ok, no failure) and failures.
+    let open = d.opened.len();
+    let (mut failed, mut reported) = (0u32, 0u32);
+    let mut classes: BTreeMap<ErrorClass, u32> = BTreeMap::new();
+    for (stage, ok, failure) in &entries {
+        if *stage >= open {
+            continue;
+        }
+        match failure {
+            Some(class) => {
+                reported += 1;
+                failed += 1;
+                *classes.entry(*class).or_default() += 1;
+            }
+            None if ok.is_some_and(|t| t.plus(skew) >= d.opened[*stage]) => reported += 1,
+            None => {}
+        }
+    }
+    let class = classes
+        .iter()
+        .max_by_key(|(c, n)| (**n, core::cmp::Reverse(**c)))
+        .map(|(c, _)| *c);
     // Any open stage's gate that the failure rate violates fails the rollout.
     for (i, stage) in plan.stages.iter().enumerate().take(d.opened.len()) {
         if let Some(g) = stage.gate {
@@ -776,8 +804,8 @@ mod tests {
             let plan = RolloutPlan::percent(&[10.0, 50.0, 100.0], Duration::from_secs(5), Some(Gate { min_healthy: 5, max_failure_ppm: 200_000 }));
             for now in [0u64, 3_000, 9_000, 30_000] {
                 proptest::prop_assert_eq!(
-                    evaluate(&plan, UnixTime(0), Some(&a), None, UnixTime(now)),
-                    evaluate(&plan, UnixTime(0), Some(&b), None, UnixTime(now))
+                    evaluate(&plan, UnixTime(0), Some(&a), None, UnixTime(now), |_| Some(0), Duration::ZERO),
+                    evaluate(&plan, UnixTime(0), Some(&b), None, UnixTime(now), |_| Some(0), Duration::ZERO)
                 );
             }
         }
@@ -798,16 +826,40 @@ mod tests {
             .map(|i| SigningKey::from_bytes(&[i + 1; 32]))
             .collect();
         let mut s = ReportSample::new(mid, 256);
-        let d = evaluate(&plan, UnixTime(0), Some(&s), None, UnixTime(5_000));
+        let d = evaluate(
+            &plan,
+            UnixTime(0),
+            Some(&s),
+            None,
+            UnixTime(5_000),
+            |_| Some(0),
+            Duration::ZERO,
+        );
         assert_eq!(d.open_stages(), 1);
         assert_eq!(d.waiting, Some(Waiting::Healthy { have: 0, need: 2 }));
         for (i, k) in keys.iter().take(2).enumerate() {
             let (r, b) = report(k, mid, HealthStatus::Ok, 1_000 + i as u64);
             s.insert(r, b);
         }
-        let d = evaluate(&plan, UnixTime(0), Some(&s), None, UnixTime(5_000));
+        let d = evaluate(
+            &plan,
+            UnixTime(0),
+            Some(&s),
+            None,
+            UnixTime(5_000),
+            |_| Some(0),
+            Duration::ZERO,
+        );
         assert_eq!(d.waiting, Some(Waiting::Until(UnixTime(10_000))));
-        let d = evaluate(&plan, UnixTime(0), Some(&s), None, UnixTime(25_000));
+        let d = evaluate(
+            &plan,
+            UnixTime(0),
+            Some(&s),
+            None,
+            UnixTime(25_000),
+            |_| Some(0),
+            Duration::ZERO,
+        );
         assert_eq!(
             d.opened,
             vec![UnixTime(0), UnixTime(10_000), UnixTime(20_000)]
@@ -819,6 +871,8 @@ mod tests {
             Some(&s),
             Some(UnixTime(15_000)),
             UnixTime(25_000),
+            |_| Some(0),
+            Duration::ZERO,
         );
         assert_eq!(d.open_stages(), 2);
         assert_eq!(d.waiting, Some(Waiting::Halted));
@@ -833,9 +887,76 @@ mod tests {
             2_000,
         );
         s.insert(r, b);
-        let d = evaluate(&plan, UnixTime(0), Some(&s), None, UnixTime(25_000));
+        let d = evaluate(
+            &plan,
+            UnixTime(0),
+            Some(&s),
+            None,
+            UnixTime(25_000),
+            |_| Some(0),
+            Duration::ZERO,
+        );
         assert!(d.rollback());
         assert_eq!(d.failure.unwrap().class, Some(ErrorClass::LoadError));
         assert_eq!(d.open_stages(), 1);
+    }
+
+    #[test]
+    fn only_reports_that_could_be_honest_count() {
+        let plan = RolloutPlan::percent(
+            &[20.0, 100.0],
+            Duration::from_secs(10),
+            Some(Gate {
+                min_healthy: 1,
+                max_failure_ppm: 100_000,
+            }),
+        );
+        let mid = ManifestId([2; 32]);
+        let canary = SigningKey::from_bytes(&[1; 32]);
+        let outsider = SigningKey::from_bytes(&[2; 32]);
+        let canary_id = NodeId::from(&canary);
+        let stage = move |n: &NodeId| Some(usize::from(*n != canary_id));
+        let skew = Duration::from_secs(1);
+        let anchor = UnixTime(10_000);
+        let failed = HealthStatus::Failed {
+            class: ErrorClass::Panic,
+            detail: "x".into(),
+        };
+        // A node of the second stage reports a failure and an Ok while only the canary
+        // stage is open: neither fails the canary's gate nor opens the next stage.
+        let mut s = ReportSample::new(mid, 256);
+        let (r, b) = report(&outsider, mid, failed.clone(), 11_000);
+        s.insert(r, b);
+        let d = evaluate(&plan, anchor, Some(&s), None, UnixTime(25_000), stage, skew);
+        assert_eq!(d.failure, None);
+        assert_eq!(d.waiting, Some(Waiting::Healthy { have: 0, need: 1 }));
+        // The canary's Ok back-dated to before its stage opened (less the skew) does not
+        // count either.
+        let (r, b) = report(&canary, mid, HealthStatus::Ok, 8_000);
+        s.insert(r, b);
+        let d = evaluate(&plan, anchor, Some(&s), None, UnixTime(25_000), stage, skew);
+        assert_eq!(d.waiting, Some(Waiting::Healthy { have: 0, need: 1 }));
+        // Within the skew it does: stage 2 opens at its earliest time, and then the second
+        // stage's failure counts (1 of 2 > 10%).
+        let mut s = ReportSample::new(mid, 256);
+        let (r, b) = report(&canary, mid, HealthStatus::Ok, 9_500);
+        s.insert(r, b);
+        let d = evaluate(&plan, anchor, Some(&s), None, UnixTime(25_000), stage, skew);
+        assert_eq!(d.opened, vec![anchor, UnixTime(20_000)]);
+        let (r, b) = report(&outsider, mid, failed, 21_000);
+        s.insert(r, b);
+        let d = evaluate(&plan, anchor, Some(&s), None, UnixTime(25_000), stage, skew);
+        assert!(d.failure.is_some(), "{d:?}");
+        // A node in no stage at all never counts.
+        let d = evaluate(
+            &plan,
+            anchor,
+            Some(&s),
+            None,
+            UnixTime(25_000),
+            |_| None,
+            skew,
+        );
+        assert_eq!(d.waiting, Some(Waiting::Healthy { have: 0, need: 1 }));
     }
 }

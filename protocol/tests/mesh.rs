@@ -882,13 +882,29 @@ fn two_thousand_reports_give_every_node_the_same_sample_and_decision() {
         );
         for now in at {
             assert_eq!(
-                evaluate(&plan, T0, Some(s), None, now),
-                evaluate(&plan, T0, Some(&reference), None, now),
+                evaluate(&plan, T0, Some(s), None, now, |_| Some(0), Duration::ZERO),
+                evaluate(
+                    &plan,
+                    T0,
+                    Some(&reference),
+                    None,
+                    now,
+                    |_| Some(0),
+                    Duration::ZERO
+                ),
                 "node {i} decides like the reference at {now:?}"
             );
         }
     }
-    let d = evaluate(&plan, T0, Some(&reference), None, at[2]);
+    let d = evaluate(
+        &plan,
+        T0,
+        Some(&reference),
+        None,
+        at[2],
+        |_| Some(0),
+        Duration::ZERO,
+    );
     let c = reference.counts();
     eprintln!(
         "sample of {K} of 2000: {} healthy, {} failed; decision at +200 s: {:?}",

@@ -315,6 +315,21 @@ impl<R: Rng> Mesh<R> {
             );
             return false;
         }
+        // Exactly one signature, checked before any is verified: a frame of reports costs at
+        // most one verification per report.
+        if r.signed.signatures().len() != 1 {
+            self.reject(
+                ObjectKind::Report,
+                from,
+                PENALTY_SEVERE,
+                "malformed",
+                format!(
+                    "a health report carries one signature, not {}",
+                    r.signed.signatures().len()
+                ),
+            );
+            return false;
+        }
         if r.signed.valid_signers(|k| k.0 == body.node.0).is_empty() {
             self.reject(
                 ObjectKind::Report,

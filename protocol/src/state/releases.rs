@@ -15,6 +15,7 @@ use crate::rollout::{
 use crate::time::Now;
 use alloc::collections::{BTreeMap, BTreeSet};
 use alloc::sync::Arc;
+use core::time::Duration;
 use rand_core::Rng;
 
 /// A retained release.
@@ -203,7 +204,15 @@ impl<R: Rng> Mesh<R> {
             return;
         };
         let mut events = Vec::new();
-        chan.evaluate(name, &self.instructions, &self.samples, now, &mut events);
+        let skew = self.config.max_clock_skew;
+        chan.evaluate(
+            name,
+            &self.instructions,
+            &self.samples,
+            now,
+            skew,
+            &mut events,
+        );
         let target = chan.target(&self.id);
         for (cid, want) in chan.wanted_files(target, self.config.prefetch) {
             if let Some(f) = self.files.get_mut(&cid) {
@@ -228,6 +237,7 @@ impl ChannelState {
         instructions: &BTreeMap<ManifestId, (SignedInstruction, InstructionBody)>,
         samples: &BTreeMap<ManifestId, ReportSample>,
         now: Now,
+        skew: Duration,
         events: &mut Vec<Event>,
     ) {
         for (v, r) in self.releases.iter_mut() {
@@ -243,6 +253,8 @@ impl ChannelState {
                 samples.get(&r.manifest.id),
                 halt,
                 now.wall,
+                |node| r.manifest.stage_of(node),
+                skew,
             );
             while r.announced_stages < d.open_stages() {
                 events.push(Event::StageOpened {
