@@ -43,7 +43,7 @@ impl<R: Rng> Mesh<R> {
         for o in due {
             if let Some((_, peer)) = self.pending_wants.remove(&o)
                 && !self.holds(&o)
-                && self.peers.contains_key(&peer)
+                && self.peers.contains(&peer)
             {
                 wants.entry(peer).or_default().push(o);
             }
@@ -55,7 +55,12 @@ impl<R: Rng> Mesh<R> {
 
     /// Anti-entropy: send our digest to one random peer.
     pub(super) fn on_anti_entropy_timer(&mut self) {
-        if let Some(peer) = self.random_peers(1, None).first().copied() {
+        if let Some(peer) = self
+            .peers
+            .random_peers(&mut self.rng, 1, None)
+            .first()
+            .copied()
+        {
             let d = self.digest(false);
             self.send(peer, Message::Digest(d));
         }
@@ -213,7 +218,7 @@ impl<R: Rng> Mesh<R> {
     /// `IHave` to the others so a lost branch is repaired by a pull. The first object
     /// floods; the duplicates it causes leave a spanning tree for the next ones.
     pub(super) fn push_object(&mut self, from: Option<NodeId>, msg: Message, oid: ObjectId) {
-        let peers = self.random_peers(usize::MAX, from);
+        let peers = self.peers.random_peers(&mut self.rng, usize::MAX, from);
         for p in peers {
             if self.peers.get(&p).is_some_and(|x| !x.lazy) {
                 self.send(p, msg.clone());
@@ -244,7 +249,10 @@ impl<R: Rng> Mesh<R> {
             return;
         }
         let batch = core::mem::take(&mut self.pending_reports);
-        for p in self.random_peers(self.config.eager_fanout, None) {
+        for p in self
+            .peers
+            .random_peers(&mut self.rng, self.config.eager_fanout, None)
+        {
             self.send(p, Message::Reports(batch.clone()));
         }
     }

@@ -67,7 +67,7 @@
 
 use crate::ids::Channel;
 use crate::ids::{ContentId, ManifestId, NodeId};
-use crate::io::{Command, Event, Input, Output};
+use crate::io::{Command, Event, Input, Output, PeerInfo};
 use crate::manifest::Manifest;
 use crate::rollout::{HealthReport, ReportSample, SignedInstruction};
 use crate::time::{Instant, Now, UnixTime};
@@ -94,8 +94,9 @@ pub use config::Config;
 pub use status::{ChannelView, ReleaseRef, ReleaseView};
 
 use config::PENALTY_SEVERE;
+use exchange::remove_availability;
 use exchange::{FileState, Request};
-use peers::Peer;
+use peers::PeerTable;
 use releases::ChannelState;
 use timers::{Timer, TimerTable};
 
@@ -131,8 +132,8 @@ pub struct Mesh<R> {
     index: BTreeMap<ManifestId, (Channel, u64)>,
     /// Download state of every file of a retained release (part `exchange`).
     files: BTreeMap<ContentId, FileState>,
-    /// Connected peers (part `peers`), at most `max_peers`.
-    peers: BTreeMap<NodeId, Peer>,
+    /// Connected peers, their scores, salts and gossip flags (part `peers`, owns its data).
+    peers: PeerTable,
     /// Chunk requests in flight, by request id (part `exchange`).
     requests: BTreeMap<u64, Request>,
     /// The id of the next chunk request.
@@ -166,6 +167,7 @@ pub struct Mesh<R> {
 impl<R: Rng> Mesh<R> {
     /// A node with id `id` (its ed25519 public key), `config`, and randomness from `rng`.
     pub fn new(id: NodeId, config: Config, rng: R, now: Now) -> Self {
+        let peers = PeerTable::new(&config);
         Mesh {
             interner: None,
             id,
@@ -176,7 +178,7 @@ impl<R: Rng> Mesh<R> {
             channels: BTreeMap::new(),
             index: BTreeMap::new(),
             files: BTreeMap::new(),
-            peers: BTreeMap::new(),
+            peers,
             requests: BTreeMap::new(),
             next_request: 1,
             samples: BTreeMap::new(),
@@ -295,6 +297,72 @@ impl<R: Rng> Mesh<R> {
             self.refresh_all(now);
         }
         self.schedule(now);
+    }
+
+    // ----- peers up and down: the router forwards them to every part ----------------------
+
+    fn on_peer_up(&mut self, now: Now, peer: NodeId, info: PeerInfo) {
+        if peer == self.id {
+            return;
+        }
+        let trust = &self.trust;
+        let refused = |info: &PeerInfo| match trust {
+            Some(t) => t
+                .check_certificate(&peer, info.cert.as_ref(), now.wall)
+                .is_err(),
+            None => false,
+        };
+        if !self
+            .peers
+            .up(&mut self.rng, peer, info, refused, &mut self.outputs)
+        {
+            return;
+        }
+        if self.timers.get(Timer::AntiEntropy).is_none() {
+            self.timers.set(
+                Timer::AntiEntropy,
+                now.mono + self.config.anti_entropy_interval,
+            );
+        }
+        if let Some(c) = self.cert.clone() {
+            self.send(peer, Message::Certificate(c));
+        }
+        let d = self.digest(false);
+        self.send(peer, Message::Digest(d));
+        self.announce_files_to(peer);
+    }
+
+    /// `peer` is gone (closed, or banned by [`Mesh::penalise`]): out of the peer table, its
+    /// chunks out of availability, its requests dropped, its offers forgotten.
+    fn on_peer_down(&mut self, _now: Now, peer: NodeId) {
+        let Some(p) = self.peers.remove(&peer) else {
+            return;
+        };
+        for (file, bits) in &p.haves {
+            if let Some(f) = self.files.get_mut(file) {
+                remove_availability(f, bits);
+            }
+        }
+        let ids: Vec<u64> = self
+            .requests
+            .iter()
+            .filter(|(_, r)| r.peer == peer)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ids {
+            if let Some(r) = self.requests.remove(&id) {
+                self.timers.stop_request(r.deadline, id);
+                self.forget_request(id, &r);
+            }
+        }
+        self.pending_wants.retain(|_, (_, p)| *p != peer);
+    }
+
+    /// Penalise `peer` (see [`PeerTable::penalise`]); a ban forgets it in every part now.
+    fn penalise(&mut self, peer: NodeId, points: u32, reason: String) {
+        if self.peers.penalise(peer, points, reason, &mut self.outputs) {
+            self.on_peer_down(Now::new(Instant::ZERO, self.last_wall), peer);
+        }
     }
 
     // ----- messages --------------------------------------------------------------------

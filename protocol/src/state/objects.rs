@@ -62,7 +62,7 @@ impl<R: Rng> Mesh<R> {
                     version,
                     signed: signed.clone(),
                 });
-                for p in self.random_peers(usize::MAX, from) {
+                for p in self.peers.random_peers(&mut self.rng, usize::MAX, from) {
                     self.send(p, Message::TrustRoot(signed.clone()));
                 }
                 Ok(())
@@ -144,7 +144,7 @@ impl<R: Rng> Mesh<R> {
             });
             // Spread the evidence once, so every node converges on the same choice.
             let new_signed = m.signed.clone();
-            for p in self.random_peers(usize::MAX, from) {
+            for p in self.peers.random_peers(&mut self.rng, usize::MAX, from) {
                 self.send(p, Message::Manifest(existing_signed.clone()));
                 self.send(p, Message::Manifest(new_signed.clone()));
             }

@@ -269,7 +269,7 @@ impl<R: Rng> Mesh<R> {
             return 0;
         };
         core::iter::once(&self.id)
-            .chain(self.peers.keys())
+            .chain(self.peers.ids())
             .filter(|n| {
                 d.admits(r.manifest.stage_of(n)) && !sample.contains(n) && sample.would_keep(n)
             })

@@ -97,7 +97,7 @@ impl<R: Rng> Mesh<R> {
             return;
         };
         let chunks = f.have.clone();
-        let peers: Vec<NodeId> = self.peers.keys().copied().collect();
+        let peers: Vec<NodeId> = self.peers.ids().copied().collect();
         for p in peers {
             self.send(
                 p,
@@ -316,7 +316,7 @@ impl<R: Rng> Mesh<R> {
         }
         f.have.set(index);
         let (have, total) = (f.have.count(), f.total());
-        let peers: Vec<NodeId> = self.peers.keys().copied().collect();
+        let peers: Vec<NodeId> = self.peers.ids().copied().collect();
         for p in peers {
             self.send(p, Message::HaveChunk { file, index });
         }
@@ -435,7 +435,7 @@ impl<R: Rng> Mesh<R> {
         for i in &missing {
             s += &format!("  avail[{i}]={}\n", f.avail[*i as usize]);
         }
-        for (id, p) in &self.peers {
+        for (id, p) in self.peers.iter() {
             let b = p.haves.get(file);
             s += &format!(
                 "  peer {} inflight {} count {:?} has-missing {:?}\n",

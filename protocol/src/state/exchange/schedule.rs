@@ -49,12 +49,11 @@ impl<R: Rng> Mesh<R> {
             return;
         }
         // Across a WAN link: one at a time, and only what no peer on this site has.
-        if self.remote(p)
+        if self.peers.remote(p)
             && (p.inflight >= self.config.max_inflight_per_seed
-                || self
-                    .peers
-                    .values()
-                    .any(|q| self.on_site(q) && q.haves.get(&file).is_some_and(|b| b.get(index))))
+                || self.peers.values().any(|q| {
+                    self.peers.on_site(q) && q.haves.get(&file).is_some_and(|b| b.get(index))
+                }))
         {
             return;
         }
@@ -137,14 +136,14 @@ impl<R: Rng> Mesh<R> {
         }
         // A peer on another site is behind a WAN link: ask it only for chunks no peer on
         // this site has (those come over the LAN), one at a time.
-        let remote = self.remote(p);
+        let remote = self.peers.remote(p);
         if remote && p.inflight >= self.config.max_inflight_per_seed {
             return None;
         }
         let local: Vec<u8> = if remote {
             let mut u = vec![0u8; f.have.as_bytes().len()];
             for q in self.peers.values() {
-                if self.on_site(q)
+                if self.peers.on_site(q)
                     && let Some(b) = q.haves.get(file)
                 {
                     for (x, y) in u.iter_mut().zip(b.as_bytes()) {

@@ -37,7 +37,7 @@ impl<R: Rng> Mesh<R> {
             cursor: 0,
             progress: now.mono,
         });
-        let mut peers: Vec<NodeId> = self.peers.keys().copied().collect();
+        let mut peers: Vec<NodeId> = self.peers.ids().copied().collect();
         // A random order, so who gets the first chunks differs between files.
         for i in (1..peers.len()).rev() {
             let j = (self.rng.next_u64() % (i as u64 + 1)) as usize;
