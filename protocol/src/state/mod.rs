@@ -50,23 +50,28 @@
 //!
 //! # Parts
 //!
-//! [`Mesh`] owns the data; each part is one file of methods on it, named for its concern,
-//! and [`Mesh::handle`] / [`Mesh::handle_timeout`] route each input to the part's handler:
+//! [`Mesh`] is a router: [`Mesh::handle`] / [`Mesh::handle_timeout`] route each input to
+//! the part's handler. The parts that own their data (`PeerTable`, `Exchange`, the timer
+//! table) take what they need from their siblings as arguments, write their outputs to
+//! the queue they are handed, and ask the router (by return value) for what crosses
+//! parts: a penalty, a release refresh, forgetting a banned peer everywhere. The other
+//! parts are still files of methods on [`Mesh`] over its fields.
 //!
 //! * `config`: [`Config`], penalties and fixed bounds;
 //! * `timers`: the one timer table;
-//! * `peers`: the peer table, scores, penalties, random sampling;
+//! * `peers`: `PeerTable`, the peer table: admission, scores and bans, random sampling,
+//!   site predicates;
 //! * `gossip`: plumtree push, IHave/Want/Prune, digests, report batches;
 //! * `objects`: acceptance of trust roots, manifests, instructions and reports, and the
 //!   one `reject`;
 //! * `releases`: channels and releases, retention, and which release this node serves;
-//! * `exchange`: files, availability and requests; `exchange/schedule` picks chunks,
-//!   `exchange/superseed` seeds a new file;
+//! * `exchange`: `Exchange`, files, availability and requests; `exchange/schedule` picks
+//!   chunks, `exchange/superseed` seeds a new file;
 //! * `status`: queries and the display view;
 //! * [`restore`]: the command order that restores what a driver persisted.
 
 use crate::ids::Channel;
-use crate::ids::{ContentId, ManifestId, NodeId};
+use crate::ids::{ManifestId, NodeId};
 use crate::io::{Command, Event, Input, Output, PeerInfo};
 use crate::manifest::Manifest;
 use crate::rollout::{HealthReport, ReportSample, SignedInstruction};
@@ -94,8 +99,8 @@ pub use config::Config;
 pub use status::{ChannelView, ReleaseRef, ReleaseView};
 
 use config::PENALTY_SEVERE;
-use exchange::remove_availability;
-use exchange::{FileState, Request};
+use config::PENALTY_TIMEOUT;
+use exchange::{Ctx, Exchange, Penalty};
 use peers::PeerTable;
 use releases::ChannelState;
 use timers::{Timer, TimerTable};
@@ -130,14 +135,10 @@ pub struct Mesh<R> {
     channels: BTreeMap<Channel, ChannelState>,
     /// Manifest id -> (channel, version), for every retained release.
     index: BTreeMap<ManifestId, (Channel, u64)>,
-    /// Download state of every file of a retained release (part `exchange`).
-    files: BTreeMap<ContentId, FileState>,
+    /// Files, availability and chunk requests (part `exchange`, owns its data).
+    exchange: Exchange,
     /// Connected peers, their scores, salts and gossip flags (part `peers`, owns its data).
     peers: PeerTable,
-    /// Chunk requests in flight, by request id (part `exchange`).
-    requests: BTreeMap<u64, Request>,
-    /// The id of the next chunk request.
-    next_request: u64,
     /// The health-report sample of every retained release.
     samples: BTreeMap<ManifestId, ReportSample>,
     /// The latest operator instruction per retained release (signed, and its body).
@@ -177,10 +178,8 @@ impl<R: Rng> Mesh<R> {
             cert: None,
             channels: BTreeMap::new(),
             index: BTreeMap::new(),
-            files: BTreeMap::new(),
+            exchange: Exchange::default(),
             peers,
-            requests: BTreeMap::new(),
-            next_request: 1,
             samples: BTreeMap::new(),
             instructions: BTreeMap::new(),
             pending_instructions: BTreeMap::new(),
@@ -220,6 +219,25 @@ impl<R: Rng> Mesh<R> {
         self.timers.next_timeout().into_iter().chain(wants).min()
     }
 
+    /// The exchange, and what it borrows from its siblings for one call.
+    fn exchange_cx(&mut self) -> (&mut Exchange, Ctx<'_, R>) {
+        let cx = Ctx {
+            peers: &mut self.peers,
+            timers: &mut self.timers,
+            config: &self.config,
+            rng: &mut self.rng,
+            out: &mut self.outputs,
+        };
+        (&mut self.exchange, cx)
+    }
+
+    /// Give the penalty a part asked for, if any.
+    fn penalise_for(&mut self, penalty: Option<Penalty>) {
+        if let Some((peer, points, reason)) = penalty {
+            self.penalise(peer, points, reason);
+        }
+    }
+
     fn emit(&mut self, e: Event) {
         self.outputs.push_back(Output::Event(e));
     }
@@ -252,15 +270,25 @@ impl<R: Rng> Mesh<R> {
                 self.penalise(from, PENALTY_SEVERE, format!("malformed frame: {error}"));
             }
             Input::ChunkStored { from, file, index } => {
-                self.on_chunk_stored(now, from, file, index)
+                let (x, mut cx) = self.exchange_cx();
+                if x.on_chunk_stored(&mut cx, from, file, index) {
+                    self.refresh_all(now);
+                }
             }
-            Input::ChunkReceived { from, file, index } => self.on_chunk_received(from, file, index),
+            Input::ChunkReceived { from, file, index } => {
+                let (x, mut cx) = self.exchange_cx();
+                x.on_chunk_received(&mut cx, from, file, index);
+            }
             Input::ChunkFailed {
                 from,
                 file,
                 index,
                 reason,
-            } => self.on_chunk_failed(now, from, file, index, reason),
+            } => {
+                let (x, mut cx) = self.exchange_cx();
+                let penalty = x.on_chunk_failed(&mut cx, now, from, file, index, reason);
+                self.penalise_for(penalty);
+            }
             Input::Command { id, cmd } => {
                 let result = self.on_command(now, cmd);
                 self.emit(Event::CommandDone { id, result });
@@ -269,15 +297,28 @@ impl<R: Rng> Mesh<R> {
         match hint {
             // A peer announcing one chunk can only make that chunk requestable from it:
             // no need to rescan everything (the most frequent message by far).
-            Some((peer, file, index)) => self.schedule_one(now, peer, file, index),
-            None => self.schedule(now),
+            Some((peer, file, index)) => {
+                let (x, mut cx) = self.exchange_cx();
+                x.schedule_one(&mut cx, now, peer, file, index);
+            }
+            None => {
+                let (x, mut cx) = self.exchange_cx();
+                x.schedule(&mut cx, now);
+            }
         }
     }
 
     /// Run timers that are due. Calling it early does nothing.
     pub fn handle_timeout(&mut self, now: Now) {
         self.last_wall = now.wall;
-        self.on_request_timeouts(now);
+        // Requests past their deadline: each cancelled and its peer penalised, in turn
+        // (a ban drops the peer's other requests before they time out).
+        while let Some(id) = self.timers.pop_due_request(now.mono) {
+            let (x, mut cx) = self.exchange_cx();
+            if let Some(peer) = x.timeout_request(&mut cx, id) {
+                self.penalise(peer, PENALTY_TIMEOUT, "chunk request timed out".into());
+            }
+        }
         self.on_delayed_wants(now);
         if self.timers.is_due(Timer::AntiEntropy, now.mono) {
             self.timers.set(
@@ -289,14 +330,16 @@ impl<R: Rng> Mesh<R> {
         if self.timers.is_due(Timer::Tick, now.mono) {
             self.timers
                 .set(Timer::Tick, now.mono + self.config.rollout_tick);
-            self.reveal_stalled(now);
+            let (x, mut cx) = self.exchange_cx();
+            x.reveal_stalled(&mut cx, now);
             if self.catch_up_until.is_some_and(|t| t <= now.mono) {
                 self.catch_up_until = None;
             }
             self.flush_reports();
             self.refresh_all(now);
         }
-        self.schedule(now);
+        let (x, mut cx) = self.exchange_cx();
+        x.schedule(&mut cx, now);
     }
 
     // ----- peers up and down: the router forwards them to every part ----------------------
@@ -329,7 +372,8 @@ impl<R: Rng> Mesh<R> {
         }
         let d = self.digest(false);
         self.send(peer, Message::Digest(d));
-        self.announce_files_to(peer);
+        let (x, mut cx) = self.exchange_cx();
+        x.announce_files_to(&mut cx, peer);
     }
 
     /// `peer` is gone (closed, or banned by [`Mesh::penalise`]): out of the peer table, its
@@ -338,23 +382,8 @@ impl<R: Rng> Mesh<R> {
         let Some(p) = self.peers.remove(&peer) else {
             return;
         };
-        for (file, bits) in &p.haves {
-            if let Some(f) = self.files.get_mut(file) {
-                remove_availability(f, bits);
-            }
-        }
-        let ids: Vec<u64> = self
-            .requests
-            .iter()
-            .filter(|(_, r)| r.peer == peer)
-            .map(|(id, _)| *id)
-            .collect();
-        for id in ids {
-            if let Some(r) = self.requests.remove(&id) {
-                self.timers.stop_request(r.deadline, id);
-                self.forget_request(id, &r);
-            }
-        }
+        let (x, mut cx) = self.exchange_cx();
+        x.forget_peer(&mut cx, peer, &p.haves);
         self.pending_wants.retain(|_, (_, p)| *p != peer);
     }
 
@@ -397,14 +426,26 @@ impl<R: Rng> Mesh<R> {
                     self.refresh_all(now);
                 }
             }
-            Message::Have { file, chunks } => self.on_have(from, file, chunks),
-            Message::HaveChunk { file, index } => self.on_have_chunk(from, file, index),
+            Message::Have { file, chunks } => {
+                let (x, mut cx) = self.exchange_cx();
+                let penalty = x.on_have(&mut cx, from, file, chunks);
+                self.penalise_for(penalty);
+            }
+            Message::HaveChunk { file, index } => {
+                let (x, mut cx) = self.exchange_cx();
+                let penalty = x.on_have_chunk(&mut cx, from, file, index);
+                self.penalise_for(penalty);
+            }
             Message::Request { id, file, index } => {
-                self.superseed_served(now, file, index);
-                self.on_request(from, id, file, index);
+                let (x, mut cx) = self.exchange_cx();
+                x.superseed_served(&mut cx, now, file, index);
+                x.on_request(&mut cx, from, id, file, index);
             }
             Message::Cancel { id } => self.outputs.push_back(Output::CancelChunk { to: from, id }),
-            Message::Reject { id, .. } => self.on_reject(from, id),
+            Message::Reject { id, .. } => {
+                let (x, mut cx) = self.exchange_cx();
+                x.on_reject(&mut cx, from, id);
+            }
             Message::Certificate(c) => {
                 let ok = match &self.trust {
                     Some(t) => t.check_certificate(&from, Some(&c), now.wall).is_ok(),
@@ -465,7 +506,12 @@ impl<R: Rng> Mesh<R> {
                 self.refresh_all(now);
                 Ok(())
             }
-            Command::LocalChunks { file, chunks } => self.on_local_chunks(now, file, chunks),
+            Command::LocalChunks { file, chunks } => {
+                let (x, mut cx) = self.exchange_cx();
+                x.on_local_chunks(&mut cx, now, file, chunks)?;
+                self.refresh_all(now);
+                Ok(())
+            }
             Command::ReportHealth(r) => {
                 let body = r.signed.decode_body().map_err(|e| e.to_string())?;
                 if body.node != self.id {

@@ -297,7 +297,7 @@ mod tests {
     use super::{Peer, PeerTable};
     use crate::io::{Event, Output, PeerInfo};
     use crate::state::Config;
-    use crate::state::testkit::{add_peer, mesh, peer};
+    use crate::state::testkit::{add_mesh_peer, mesh, peer};
     use alloc::collections::VecDeque;
     use rand_chacha::ChaCha8Rng;
     use rand_core::SeedableRng;
@@ -431,12 +431,16 @@ mod tests {
     #[test]
     fn a_ban_forgets_the_peer_in_every_part() {
         let (mut m, f) = mesh(4, None);
-        add_peer(&mut m, 1, None, f, &[0, 1]);
+        add_mesh_peer(&mut m, 1, None, f, &[0, 1]);
         m.penalise(peer(1), 60, "bad".into());
         m.penalise(peer(1), 40, "worse".into());
         let out: Vec<Output> = core::iter::from_fn(|| m.poll_output()).collect();
         assert!(matches!(out[2], Output::Disconnect { peer: p, .. } if p == peer(1)));
         assert!(!m.peers.contains(&peer(1)), "forgotten at once");
-        assert_eq!(m.files[&f].avail, vec![0; 4], "its chunks no longer count");
+        assert_eq!(
+            m.exchange.files[&f].avail,
+            vec![0; 4],
+            "its chunks no longer count"
+        );
     }
 }

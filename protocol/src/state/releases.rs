@@ -90,7 +90,9 @@ impl<R: Rng> Mesh<R> {
             .or_insert_with(|| ReportSample::new(m.id, self.config.report_sample_size));
         for (fi, f) in m.body.artifact.variants[variant].files.iter().enumerate() {
             let cid = f.spec.content_id;
-            if self.files.contains_key(&cid) || self.files.len() >= self.config.max_files {
+            if self.exchange.files.contains_key(&cid)
+                || self.exchange.files.len() >= self.config.max_files
+            {
                 continue;
             }
             let total = f.spec.chunk_count() as u32;
@@ -114,7 +116,7 @@ impl<R: Rng> Mesh<R> {
                     add_availability(&mut fs, b);
                 }
             }
-            self.files.insert(cid, fs);
+            self.exchange.files.insert(cid, fs);
         }
         if let Some((s, body)) = self.pending_instructions.remove(&(channel, version)) {
             self.apply_instruction(now, None, m.id, s, body);
@@ -183,7 +185,7 @@ impl<R: Rng> Mesh<R> {
     /// Drop file state no retained release refers to.
     pub(super) fn gc_files(&mut self) {
         let live = self.live_files();
-        self.files.retain(|k, _| live.contains(k));
+        self.exchange.files.retain(|k, _| live.contains(k));
     }
     // ----- rollout ---------------------------------------------------------------------
 
@@ -206,11 +208,11 @@ impl<R: Rng> Mesh<R> {
         chan.evaluate(name, &self.instructions, &self.samples, now, &mut events);
         let target = chan.target(&self.id);
         for (cid, want) in chan.wanted_files(target, self.config.prefetch) {
-            if let Some(f) = self.files.get_mut(&cid) {
+            if let Some(f) = self.exchange.files.get_mut(&cid) {
                 f.wanted |= want;
             }
         }
-        chan.switch_active(name, target, &self.files, catching_up, &mut events);
+        chan.switch_active(name, target, &self.exchange.files, catching_up, &mut events);
         for e in events {
             self.emit(e);
         }
