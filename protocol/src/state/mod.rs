@@ -51,8 +51,8 @@
 //! # Parts
 //!
 //! [`Mesh`] is a router: [`Mesh::handle`] / [`Mesh::handle_timeout`] route each input to
-//! the part's handler. The parts that own their data (`PeerTable`, `Exchange`, the timer
-//! table) take what they need from their siblings as arguments, write their outputs to
+//! the part's handler. The parts that own their data (`PeerTable`, `Exchange`, `Gossip`,
+//! the timer table) take what they need from their siblings as arguments, write their outputs to
 //! the queue they are handed, and ask the router (by return value) for what crosses
 //! parts: a penalty, a release refresh, forgetting a banned peer everywhere. The other
 //! parts are still files of methods on [`Mesh`] over its fields.
@@ -61,7 +61,8 @@
 //! * `timers`: the one timer table;
 //! * `peers`: `PeerTable`, the peer table: admission, scores and bans, random sampling,
 //!   site predicates;
-//! * `gossip`: plumtree push, IHave/Want/Prune, digests, report batches;
+//! * `gossip`: `Gossip`, the plumtree state: lazy peers, push, IHave/Prune, delayed pulls,
+//!   report batches; the answers from the object tables (`Want`, digests) stay on `Mesh`;
 //! * `objects`: acceptance of trust roots, manifests, instructions and reports, and the
 //!   one `reject`;
 //! * `releases`: channels and releases, retention, and which release this node serves;
@@ -74,7 +75,7 @@ use crate::ids::Channel;
 use crate::ids::{ManifestId, NodeId};
 use crate::io::{Command, Event, Input, Output, PeerInfo};
 use crate::manifest::Manifest;
-use crate::rollout::{HealthReport, ReportSample, SignedInstruction};
+use crate::rollout::{ReportSample, SignedInstruction};
 use crate::time::{Instant, Now, UnixTime};
 use crate::trust::{SignedNodeCert, TrustRoot};
 use crate::wire::{Message, ObjectId};
@@ -101,6 +102,7 @@ pub use status::{ChannelView, ReleaseRef, ReleaseView};
 use config::PENALTY_SEVERE;
 use config::PENALTY_TIMEOUT;
 use exchange::{Ctx, Exchange, Penalty};
+use gossip::Gossip;
 use peers::PeerTable;
 use releases::ChannelState;
 use timers::{Timer, TimerTable};
@@ -147,11 +149,8 @@ pub struct Mesh<R> {
     /// manifest when a node catches up), at most [`MAX_PENDING_INSTRUCTIONS`].
     pending_instructions:
         BTreeMap<(Channel, u64), (SignedInstruction, crate::rollout::InstructionBody)>,
-    /// Delayed pulls: object -> (when to pull, the peer that offered it), at most
-    /// `max_pending_wants` (part `gossip`).
-    pending_wants: BTreeMap<ObjectId, (Instant, NodeId)>,
-    /// Reports that changed the sample since the last tick, pushed then (part `gossip`).
-    pending_reports: Vec<HealthReport>,
+    /// The gossip tree, delayed pulls and the report batch (part `gossip`, owns its data).
+    gossip: Gossip,
     /// Releases pinned by the operator: never trimmed (see [`Command::Pin`]).
     pinned: BTreeSet<ManifestId>,
     /// Outputs waiting for [`Mesh::poll_output`].
@@ -169,6 +168,7 @@ impl<R: Rng> Mesh<R> {
     /// A node with id `id` (its ed25519 public key), `config`, and randomness from `rng`.
     pub fn new(id: NodeId, config: Config, rng: R, now: Now) -> Self {
         let peers = PeerTable::new(&config);
+        let gossip = Gossip::new(&config);
         Mesh {
             interner: None,
             id,
@@ -183,8 +183,7 @@ impl<R: Rng> Mesh<R> {
             samples: BTreeMap::new(),
             instructions: BTreeMap::new(),
             pending_instructions: BTreeMap::new(),
-            pending_wants: BTreeMap::new(),
-            pending_reports: Vec::new(),
+            gossip,
             pinned: BTreeSet::new(),
             outputs: VecDeque::new(),
             timers: {
@@ -215,7 +214,7 @@ impl<R: Rng> Mesh<R> {
 
     /// The next deadline at which [`Mesh::handle_timeout`] wants to run.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let wants = self.pending_wants.values().map(|(t, _)| *t).min();
+        let wants = self.gossip.next_timeout();
         self.timers.next_timeout().into_iter().chain(wants).min()
     }
 
@@ -319,7 +318,14 @@ impl<R: Rng> Mesh<R> {
                 self.penalise(peer, PENALTY_TIMEOUT, "chunk request timed out".into());
             }
         }
-        self.on_delayed_wants(now);
+        // Delayed pulls that are due: one `Want` per peer for what is still missing.
+        let pulls: Vec<(ObjectId, NodeId)> = self
+            .gossip
+            .take_due(now)
+            .into_iter()
+            .filter(|(o, peer)| !self.holds(o) && self.peers.contains(peer))
+            .collect();
+        Gossip::send_wants(pulls, &mut self.outputs);
         if self.timers.is_due(Timer::AntiEntropy, now.mono) {
             self.timers.set(
                 Timer::AntiEntropy,
@@ -335,7 +341,8 @@ impl<R: Rng> Mesh<R> {
             if self.catch_up_until.is_some_and(|t| t <= now.mono) {
                 self.catch_up_until = None;
             }
-            self.flush_reports();
+            self.gossip
+                .flush_reports(&self.peers, &mut self.rng, &mut self.outputs);
             self.refresh_all(now);
         }
         let (x, mut cx) = self.exchange_cx();
@@ -359,6 +366,8 @@ impl<R: Rng> Mesh<R> {
             .peers
             .up(&mut self.rng, peer, info, refused, &mut self.outputs)
         {
+            // Not admitted, or refused and dropped from the table.
+            self.gossip.leave_tree(peer);
             return;
         }
         if self.timers.get(Timer::AntiEntropy).is_none() {
@@ -384,7 +393,7 @@ impl<R: Rng> Mesh<R> {
         };
         let (x, mut cx) = self.exchange_cx();
         x.forget_peer(&mut cx, peer, &p.haves);
-        self.pending_wants.retain(|_, (_, p)| *p != peer);
+        self.gossip.forget_peer(peer);
     }
 
     /// Penalise `peer` (see [`PeerTable::penalise`]); a ban forgets it in every part now.
@@ -400,13 +409,14 @@ impl<R: Rng> Mesh<R> {
         match msg {
             Message::Manifest(m) => {
                 let known = self.index.contains_key(&ManifestId(m.body_hash()));
-                self.tree_update(from, known);
+                self.gossip
+                    .tree_update(&self.peers, from, known, &mut self.outputs);
                 let _ = self.on_manifest(now, Some(from), m, false);
             }
             Message::TrustRoot(t) => {
                 let _ = self.on_trust_root(now, Some(from), t);
             }
-            Message::Prune => self.on_prune(from),
+            Message::Prune => self.gossip.on_prune(&self.peers, from),
             Message::Reports(list) => {
                 for r in list.into_iter().take(crate::wire::MAX_LIST) {
                     self.on_report(now, Some(from), r);
@@ -414,10 +424,14 @@ impl<R: Rng> Mesh<R> {
             }
             Message::Instruction(i) => {
                 let known = self.holds(&ObjectId::Instruction(i.body_hash()));
-                self.tree_update(from, known);
+                self.gossip
+                    .tree_update(&self.peers, from, known, &mut self.outputs);
                 let _ = self.on_instruction(now, Some(from), i);
             }
-            Message::IHave(ids) => self.on_ihave(now, from, ids),
+            Message::IHave(ids) => {
+                let missing: Vec<ObjectId> = ids.into_iter().filter(|o| !self.holds(o)).collect();
+                self.gossip.on_ihave(now, from, missing);
+            }
             Message::Want(ids) => self.on_want(from, ids),
             Message::Digest(d) => {
                 let reply = d.reply;

@@ -29,8 +29,6 @@ pub(super) struct Peer {
     pub(super) inflight: usize,
     /// Refused by fleet rules: nothing is sent to or accepted from it.
     pub(super) refused: bool,
-    /// Pruned from the gossip tree: objects go to it as `IHave`s only.
-    pub(super) lazy: bool,
 }
 
 /// A peer's chunks per file: a few files per peer, so a sorted vector (a `BTreeMap` node
@@ -95,8 +93,8 @@ impl<'a> IntoIterator for &'a Haves {
 
 /// The peer table: every connected peer and what this node knows of it.
 ///
-/// Contract: it owns the [`Peer`] entries (site, RTT, score, tie-break salt, refusal, the
-/// lazy/eager gossip flag, announced chunks, requests in flight) and decides admission
+/// Contract: it owns the [`Peer`] entries (site, RTT, score, tie-break salt, refusal,
+/// announced chunks, requests in flight) and decides admission
 /// (`max_peers`, fleet refusal), penalties (a peer is banned at `disconnect_score`) and
 /// random samples. It never reaches the other parts: it writes its outputs to the queue
 /// it is handed, takes randomness from the RNG it is handed (so the draw order is the
@@ -165,7 +163,6 @@ impl PeerTable {
             haves: Haves::default(),
             inflight: 0,
             refused,
-            lazy: false,
         });
         entry.site = info.site;
         entry.rtt = info.rtt;

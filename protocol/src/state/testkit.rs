@@ -189,7 +189,6 @@ fn place_peer(
             haves,
             inflight: 0,
             refused: false,
-            lazy: false,
         },
     );
 }
