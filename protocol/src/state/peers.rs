@@ -435,7 +435,7 @@ mod tests {
         assert!(matches!(out[2], Output::Disconnect { peer: p, .. } if p == peer(1)));
         assert!(!m.peers.contains(&peer(1)), "forgotten at once");
         assert_eq!(
-            m.exchange.files[&f].avail,
+            m.exchange.files()[&f].avail,
             vec![0; 4],
             "its chunks no longer count"
         );

@@ -118,23 +118,19 @@ impl<R: Rng> Mesh<R> {
 
     /// The spec of a tracked file, for verifying its chunks.
     pub fn chunk_spec(&self, file: &ContentId) -> Option<&FileSpec> {
-        self.exchange.files.get(file).map(|f| f.spec())
+        self.exchange.file(file).map(|f| f.spec())
     }
 
     /// Should the driver store this chunk? False if held already or unknown.
     pub fn needs_chunk(&self, file: &ContentId, index: u32) -> bool {
         self.exchange
-            .files
-            .get(file)
+            .file(file)
             .is_some_and(|f| index < f.total() && !f.have.get(index) && !f.pending.contains(&index))
     }
 
     /// Does this node hold the chunk?
     pub fn has_chunk(&self, file: &ContentId, index: u32) -> bool {
-        self.exchange
-            .files
-            .get(file)
-            .is_some_and(|f| f.have.get(index))
+        self.exchange.file(file).is_some_and(|f| f.have.get(index))
     }
 
     /// A retained manifest by id.
@@ -255,8 +251,7 @@ impl<R: Rng> Mesh<R> {
                             .map(|f| {
                                 let (h, t) = self
                                     .exchange
-                                    .files
-                                    .get(&f.spec.content_id)
+                                    .file(&f.spec.content_id)
                                     .map_or((0, f.spec.chunk_count() as u32), |s| {
                                         (s.have.count(), s.total())
                                     });

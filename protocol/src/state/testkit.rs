@@ -80,7 +80,7 @@ fn config(site: Option<&str>) -> Config {
 pub(super) fn mesh(chunks: u32, site: Option<&str>) -> (TestMesh, ContentId) {
     let mut m = Mesh::new(peer(0), config(site), ChaCha8Rng::seed_from_u64(7), at(0));
     let (cid, state) = tracked_file(chunks);
-    m.exchange.files.insert(cid, state);
+    m.exchange.files_mut().insert(cid, state);
     (m, cid)
 }
 
@@ -100,7 +100,7 @@ pub(super) fn bench(chunks: u32, site: Option<&str>) -> (Bench, ContentId) {
     let config = config(site);
     let mut exchange = Exchange::default();
     let (cid, state) = tracked_file(chunks);
-    exchange.files.insert(cid, state);
+    exchange.files_mut().insert(cid, state);
     let b = Bench {
         exchange,
         peers: PeerTable::new(&config),
@@ -195,7 +195,7 @@ fn place_peer(
 
 /// Connect peer `i` on `site`, holding `chunks` of `file` (counted in availability).
 pub(super) fn add_peer(b: &mut Bench, i: u8, site: Option<&str>, file: ContentId, chunks: &[u32]) {
-    place_peer(&mut b.exchange.files, &mut b.peers, i, site, file, chunks);
+    place_peer(b.exchange.files_mut(), &mut b.peers, i, site, file, chunks);
 }
 
 /// [`add_peer`] for a whole [`Mesh`].
@@ -206,7 +206,7 @@ pub(super) fn add_mesh_peer(
     file: ContentId,
     chunks: &[u32],
 ) {
-    place_peer(&mut m.exchange.files, &mut m.peers, i, site, file, chunks);
+    place_peer(m.exchange.files_mut(), &mut m.peers, i, site, file, chunks);
 }
 
 /// Drain the outputs: the chunk requests sent, as (peer, index), in order.

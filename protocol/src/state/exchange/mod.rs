@@ -85,11 +85,12 @@ pub(super) struct Request {
 /// scheduler walks both in one pass), which a call reaches through its [`Ctx`].
 #[derive(Debug)]
 pub(super) struct Exchange {
-    /// Download state of every file of a retained release; created and dropped by part
-    /// `releases`, which also sets `wanted`.
-    pub(super) files: BTreeMap<ContentId, FileState>,
+    /// Download state of every file of a retained release, at most `max_files`; part
+    /// `releases` says which exist ([`Exchange::track`], [`Exchange::retain_files`]) and
+    /// which are wanted ([`Exchange::want`]).
+    files: BTreeMap<ContentId, FileState>,
     /// Chunk requests in flight, by request id.
-    pub(super) requests: BTreeMap<u64, Request>,
+    requests: BTreeMap<u64, Request>,
     /// The id of the next chunk request.
     next_request: u64,
 }
@@ -131,6 +132,75 @@ impl<R> Ctx<'_, R> {
 pub(super) type Penalty = (NodeId, u32, String);
 
 impl Exchange {
+    /// Every tracked file, by id.
+    pub(super) fn files(&self) -> &BTreeMap<ContentId, FileState> {
+        &self.files
+    }
+
+    /// A tracked file.
+    pub(super) fn file(&self, file: &ContentId) -> Option<&FileState> {
+        self.files.get(file)
+    }
+
+    /// Direct access for tests that place state by hand.
+    #[cfg(test)]
+    pub(super) fn files_mut(&mut self) -> &mut BTreeMap<ContentId, FileState> {
+        &mut self.files
+    }
+
+    /// Track the files of variant `variant` of release `m` that are not tracked yet, while
+    /// fewer than `max_files` are: each starts unwanted and empty, with the availability
+    /// the peers already announced (their bitfields, remembered before the manifest
+    /// arrived, are resized to the file's chunk count).
+    pub(super) fn track(
+        &mut self,
+        peers: &mut PeerTable,
+        m: &Arc<Manifest>,
+        variant: usize,
+        max_files: usize,
+    ) {
+        for (fi, f) in m.body.artifact.variants[variant].files.iter().enumerate() {
+            let cid = f.spec.content_id;
+            if self.files.contains_key(&cid) || self.files.len() >= max_files {
+                continue;
+            }
+            let total = f.spec.chunk_count() as u32;
+            let mut fs = FileState {
+                spec: m.clone(),
+                variant,
+                file: fi,
+                have: Bitfield::new(total),
+                avail: vec![0; total as usize],
+                seeds: 0,
+                inflight: BTreeMap::new(),
+                wanted: false,
+                pending: BTreeSet::new(),
+                superseed: None,
+            };
+            for p in peers.values_mut() {
+                if let Some(b) = p.haves.get_mut(&cid) {
+                    if b.len() != total {
+                        *b = b.resized(total);
+                    }
+                    add_availability(&mut fs, b);
+                }
+            }
+            self.files.insert(cid, fs);
+        }
+    }
+
+    /// Drop the state of every file not in `live` (no retained release names it).
+    pub(super) fn retain_files(&mut self, live: &BTreeSet<ContentId>) {
+        self.files.retain(|k, _| live.contains(k));
+    }
+
+    /// Mark `file` wanted if `want` (a file stays wanted once it is).
+    pub(super) fn want(&mut self, file: &ContentId, want: bool) {
+        if let Some(f) = self.files.get_mut(file) {
+            f.wanted |= want;
+        }
+    }
+
     /// Does this node hold the chunk?
     pub(super) fn has_chunk(&self, file: &ContentId, index: u32) -> bool {
         self.files.get(file).is_some_and(|f| f.have.get(index))
@@ -546,7 +616,7 @@ impl<R: Rng> Mesh<R> {
     /// Debug dump of the exchange state of one file (tests).
     #[doc(hidden)]
     pub fn debug_file(&self, file: &ContentId) -> String {
-        let Some(f) = self.exchange.files.get(file) else {
+        let Some(f) = self.exchange.file(file) else {
             return "unknown file".into();
         };
         let missing: Vec<u32> = (0..f.total()).filter(|i| !f.have.get(*i)).collect();
@@ -593,7 +663,7 @@ mod tests {
         assert!(matches!(penalty, Some((p, PENALTY_MINOR, _)) if p == peer(1)));
         let penalty = x.on_have_chunk(&mut cx, peer(1), f, 4);
         assert!(matches!(penalty, Some((p, PENALTY_MINOR, _)) if p == peer(1)));
-        assert_eq!(b.exchange.files[&f].avail, vec![1, 0, 0, 0]);
+        assert_eq!(b.exchange.files()[&f].avail, vec![1, 0, 0, 0]);
         assert!(b.out.is_empty(), "the exchange penalises nobody itself");
     }
 
@@ -635,7 +705,7 @@ mod tests {
         assert!(
             matches!(b.out.pop_front(), Some(Output::Send { to, msg: Message::Cancel { id: i } }) if to == peer(1) && i == id)
         );
-        assert!(b.exchange.files[&f].inflight.is_empty());
+        assert!(b.exchange.files()[&f].inflight.is_empty());
         assert_eq!(b.peers[&peer(1)].inflight, 0);
     }
 
@@ -709,5 +779,18 @@ mod tests {
             (vec![0, 0], 0)
         );
         assert!(!b.peers[&peer(1)].haves.contains_key(&f));
+    }
+
+    #[test]
+    fn releases_decide_which_files_exist_and_which_are_wanted() {
+        let (mut b, f) = bench(2, None);
+        b.exchange.files_mut().get_mut(&f).unwrap().wanted = false;
+        b.exchange.want(&f, true);
+        b.exchange.want(&f, false);
+        assert!(b.exchange.files()[&f].wanted, "wanted stays wanted");
+        b.exchange.retain_files(&[f].into_iter().collect());
+        assert!(b.exchange.file(&f).is_some());
+        b.exchange.retain_files(&Default::default());
+        assert!(b.exchange.files().is_empty(), "no live release names it");
     }
 }

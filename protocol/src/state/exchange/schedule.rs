@@ -276,8 +276,13 @@ mod tests {
     fn pick_chunk_skips_chunks_held_pending_or_in_flight() {
         let (mut m, f) = bench(4, None);
         add_peer(&mut m, 1, None, f, &[0, 1, 2]);
-        m.exchange.files.get_mut(&f).unwrap().have.set(0);
-        m.exchange.files.get_mut(&f).unwrap().pending.insert(1);
+        m.exchange.files_mut().get_mut(&f).unwrap().have.set(0);
+        m.exchange
+            .files_mut()
+            .get_mut(&f)
+            .unwrap()
+            .pending
+            .insert(1);
         assert_eq!(m.pick_chunk(at(0), &peer(1), &f), Some(2));
         m.request(at(0), peer(1), f, 2);
         // Chunk 3 is missing and free but peer 1 lacks it: no endgame yet, nothing to ask.

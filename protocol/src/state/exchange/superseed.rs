@@ -148,7 +148,7 @@ mod tests {
         let (mut m, f) = bench(10, None);
         add_peer(&mut m, 1, None, f, &[]);
         add_peer(&mut m, 2, None, f, &[]);
-        let fs = m.exchange.files.get_mut(&f).unwrap();
+        let fs = m.exchange.files_mut().get_mut(&f).unwrap();
         fs.superseed = Some(SuperSeed {
             served: Bitfield::new(10),
             cursor: 0,
@@ -174,7 +174,7 @@ mod tests {
         // Once served, a chunk is in no share.
         let ss = m
             .exchange
-            .files
+            .files_mut()
             .get_mut(&f)
             .unwrap()
             .superseed
@@ -197,7 +197,7 @@ mod tests {
     fn reveal_announces_the_whole_file_and_ends_superseeding() {
         let (mut m, f) = bench(4, None);
         add_peer(&mut m, 1, None, f, &[]);
-        let fs = m.exchange.files.get_mut(&f).unwrap();
+        let fs = m.exchange.files_mut().get_mut(&f).unwrap();
         for i in 0..4 {
             fs.have.set(i);
         }
@@ -207,7 +207,7 @@ mod tests {
             progress: at(0).mono,
         });
         m.reveal(f);
-        assert!(m.exchange.files[&f].superseed.is_none());
+        assert!(m.exchange.files()[&f].superseed.is_none());
         assert!(matches!(
             m.poll_output(),
             Some(Output::Send { msg: Message::Have { chunks, .. }, .. }) if chunks.count() == 4
