@@ -367,6 +367,7 @@ impl<R: Rng> Mesh<R> {
             .up(&mut self.rng, peer, info, refused, &mut self.outputs)
         {
             // Not admitted, or refused and dropped from the table.
+            self.exchange.forget_announcements(&peer);
             self.gossip.leave_tree(peer);
             return;
         }
@@ -388,11 +389,11 @@ impl<R: Rng> Mesh<R> {
     /// `peer` is gone (closed, or banned by [`Mesh::penalise`]): out of the peer table, its
     /// chunks out of availability, its requests dropped, its offers forgotten.
     fn on_peer_down(&mut self, _now: Now, peer: NodeId) {
-        let Some(p) = self.peers.remove(&peer) else {
+        if self.peers.remove(&peer).is_none() {
             return;
-        };
+        }
         let (x, mut cx) = self.exchange_cx();
-        x.forget_peer(&mut cx, peer, &p.haves);
+        x.forget_peer(&mut cx, peer);
         self.gossip.forget_peer(peer);
     }
 

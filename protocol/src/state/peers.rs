@@ -3,8 +3,7 @@
 #[cfg(doc)]
 use super::Mesh;
 use super::config::Config;
-use crate::bitfield::Bitfield;
-use crate::ids::{ContentId, NodeId};
+use crate::ids::NodeId;
 use crate::io::{Event, Output, PeerInfo};
 use alloc::collections::{BTreeMap, VecDeque};
 use alloc::string::String;
@@ -23,78 +22,16 @@ pub(super) struct Peer {
     pub(super) score: u32,
     /// Random tie-break among otherwise equal peers.
     pub(super) salt: u64,
-    /// The chunks it announced, per file.
-    pub(super) haves: Haves,
     /// Our chunk requests in flight to it.
     pub(super) inflight: usize,
     /// Refused by fleet rules: nothing is sent to or accepted from it.
     pub(super) refused: bool,
 }
 
-/// A peer's chunks per file: a few files per peer, so a sorted vector (a `BTreeMap` node
-/// costs ~700 bytes even for one entry, per peer, per node of a large simulation).
-#[derive(Debug, Default)]
-pub(super) struct Haves(Vec<(ContentId, Bitfield)>);
-
-impl Haves {
-    pub(super) fn find(&self, k: &ContentId) -> Result<usize, usize> {
-        self.0.binary_search_by(|(x, _)| x.cmp(k))
-    }
-    pub(super) fn get(&self, k: &ContentId) -> Option<&Bitfield> {
-        self.find(k).ok().map(|i| &self.0[i].1)
-    }
-    pub(super) fn get_mut(&mut self, k: &ContentId) -> Option<&mut Bitfield> {
-        self.find(k).ok().map(|i| &mut self.0[i].1)
-    }
-    pub(super) fn contains_key(&self, k: &ContentId) -> bool {
-        self.find(k).is_ok()
-    }
-    pub(super) fn insert(&mut self, k: ContentId, v: Bitfield) {
-        match self.find(&k) {
-            Ok(i) => self.0[i].1 = v,
-            Err(i) => self.0.insert(i, (k, v)),
-        }
-    }
-    pub(super) fn remove(&mut self, k: &ContentId) -> Option<Bitfield> {
-        self.find(k).ok().map(|i| self.0.remove(i).1)
-    }
-    pub(super) fn get_or_insert_with(
-        &mut self,
-        k: ContentId,
-        f: impl FnOnce() -> Bitfield,
-    ) -> &mut Bitfield {
-        let i = match self.find(&k) {
-            Ok(i) => i,
-            Err(i) => {
-                self.0.insert(i, (k, f()));
-                i
-            }
-        };
-        &mut self.0[i].1
-    }
-    pub(super) fn len(&self) -> usize {
-        self.0.len()
-    }
-    pub(super) fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-}
-
-impl<'a> IntoIterator for &'a Haves {
-    type Item = (&'a ContentId, &'a Bitfield);
-    type IntoIter = core::iter::Map<
-        core::slice::Iter<'a, (ContentId, Bitfield)>,
-        fn(&'a (ContentId, Bitfield)) -> (&'a ContentId, &'a Bitfield),
-    >;
-    fn into_iter(self) -> Self::IntoIter {
-        self.0.iter().map(|(k, v)| (k, v))
-    }
-}
-
 /// The peer table: every connected peer and what this node knows of it.
 ///
 /// Contract: it owns the [`Peer`] entries (site, RTT, score, tie-break salt, refusal,
-/// announced chunks, requests in flight) and decides admission
+/// requests in flight) and decides admission
 /// (`max_peers`, fleet refusal), penalties (a peer is banned at `disconnect_score`) and
 /// random samples. It never reaches the other parts: it writes its outputs to the queue
 /// it is handed, takes randomness from the RNG it is handed (so the draw order is the
@@ -160,7 +97,6 @@ impl PeerTable {
             rtt: None,
             score: 0,
             salt,
-            haves: Haves::default(),
             inflight: 0,
             refused,
         });
@@ -269,16 +205,6 @@ impl PeerTable {
     /// Peers in id order.
     pub(super) fn iter(&self) -> impl Iterator<Item = (&NodeId, &Peer)> {
         self.map.iter()
-    }
-
-    /// Peers in id order.
-    pub(super) fn values(&self) -> impl Iterator<Item = &Peer> {
-        self.map.values()
-    }
-
-    /// Peers in id order.
-    pub(super) fn values_mut(&mut self) -> impl Iterator<Item = &mut Peer> {
-        self.map.values_mut()
     }
 }
 

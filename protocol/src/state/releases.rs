@@ -87,8 +87,7 @@ impl<R: Rng> Mesh<R> {
         self.samples
             .entry(m.id)
             .or_insert_with(|| ReportSample::new(m.id, self.config.report_sample_size));
-        self.exchange
-            .track(&mut self.peers, &m, variant, self.config.max_files);
+        self.exchange.track(&m, variant, self.config.max_files);
         if let Some((s, body)) = self.pending_instructions.remove(&(channel, version)) {
             self.apply_instruction(now, None, m.id, s, body);
         }

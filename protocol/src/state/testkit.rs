@@ -4,8 +4,9 @@
 //! part is driven directly; and a [`Mesh`] with the same file, for what the router does.
 
 use super::Mesh;
+use super::exchange::Haves;
 use super::exchange::{Ctx, Exchange, FileState, add_availability};
-use super::peers::{Haves, Peer, PeerTable};
+use super::peers::{Peer, PeerTable};
 use super::timers::TimerTable;
 use crate::bitfield::Bitfield;
 use crate::chunking::{ChunkSize, spec_for_bytes};
@@ -164,21 +165,22 @@ impl Bench {
 /// Place peer `i` on `site` in `peers`, holding `chunks` of `file` (counted in the
 /// availability of `files`).
 fn place_peer(
-    files: &mut BTreeMap<ContentId, FileState>,
+    exchange: &mut Exchange,
     peers: &mut PeerTable,
     i: u8,
     site: Option<&str>,
     file: ContentId,
     chunks: &[u32],
 ) {
-    let total = files[&file].total();
+    let total = exchange.files()[&file].total();
     let mut bits = Bitfield::new(total);
     for c in chunks {
         bits.set(*c);
     }
-    add_availability(files.get_mut(&file).expect("tracked"), &bits);
+    add_availability(exchange.files_mut().get_mut(&file).expect("tracked"), &bits);
     let mut haves = Haves::default();
     haves.insert(file, bits);
+    exchange.set_haves(peer(i), haves);
     peers.insert(
         peer(i),
         Peer {
@@ -186,7 +188,6 @@ fn place_peer(
             rtt: None,
             score: 0,
             salt: u64::from(i),
-            haves,
             inflight: 0,
             refused: false,
         },
@@ -195,7 +196,7 @@ fn place_peer(
 
 /// Connect peer `i` on `site`, holding `chunks` of `file` (counted in availability).
 pub(super) fn add_peer(b: &mut Bench, i: u8, site: Option<&str>, file: ContentId, chunks: &[u32]) {
-    place_peer(b.exchange.files_mut(), &mut b.peers, i, site, file, chunks);
+    place_peer(&mut b.exchange, &mut b.peers, i, site, file, chunks);
 }
 
 /// [`add_peer`] for a whole [`Mesh`].
@@ -206,7 +207,7 @@ pub(super) fn add_mesh_peer(
     file: ContentId,
     chunks: &[u32],
 ) {
-    place_peer(m.exchange.files_mut(), &mut m.peers, i, site, file, chunks);
+    place_peer(&mut m.exchange, &mut m.peers, i, site, file, chunks);
 }
 
 /// Drain the outputs: the chunk requests sent, as (peer, index), in order.

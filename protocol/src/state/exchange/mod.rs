@@ -13,7 +13,7 @@ pub(super) use superseed::SuperSeed;
 
 use super::Mesh;
 use super::config::{Config, PENALTY_CORRUPT, PENALTY_MINOR};
-use super::peers::{Haves, PeerTable};
+use super::peers::PeerTable;
 use super::timers::{Timer, TimerTable};
 use crate::bitfield::Bitfield;
 use crate::chunking::FileSpec;
@@ -75,20 +75,83 @@ pub(super) struct Request {
     pub(super) deadline: Instant,
 }
 
+/// A peer's chunks per file: a few files per peer, so a sorted vector (a `BTreeMap` node
+/// costs ~700 bytes even for one entry, per peer, per node of a large simulation).
+#[derive(Debug, Default)]
+pub(super) struct Haves(Vec<(ContentId, Bitfield)>);
+
+impl Haves {
+    pub(super) fn find(&self, k: &ContentId) -> Result<usize, usize> {
+        self.0.binary_search_by(|(x, _)| x.cmp(k))
+    }
+    pub(super) fn get(&self, k: &ContentId) -> Option<&Bitfield> {
+        self.find(k).ok().map(|i| &self.0[i].1)
+    }
+    pub(super) fn get_mut(&mut self, k: &ContentId) -> Option<&mut Bitfield> {
+        self.find(k).ok().map(|i| &mut self.0[i].1)
+    }
+    pub(super) fn contains_key(&self, k: &ContentId) -> bool {
+        self.find(k).is_ok()
+    }
+    pub(super) fn insert(&mut self, k: ContentId, v: Bitfield) {
+        match self.find(&k) {
+            Ok(i) => self.0[i].1 = v,
+            Err(i) => self.0.insert(i, (k, v)),
+        }
+    }
+    pub(super) fn remove(&mut self, k: &ContentId) -> Option<Bitfield> {
+        self.find(k).ok().map(|i| self.0.remove(i).1)
+    }
+    pub(super) fn get_or_insert_with(
+        &mut self,
+        k: ContentId,
+        f: impl FnOnce() -> Bitfield,
+    ) -> &mut Bitfield {
+        let i = match self.find(&k) {
+            Ok(i) => i,
+            Err(i) => {
+                self.0.insert(i, (k, f()));
+                i
+            }
+        };
+        &mut self.0[i].1
+    }
+    pub(super) fn len(&self) -> usize {
+        self.0.len()
+    }
+    pub(super) fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl<'a> IntoIterator for &'a Haves {
+    type Item = (&'a ContentId, &'a Bitfield);
+    type IntoIter = core::iter::Map<
+        core::slice::Iter<'a, (ContentId, Bitfield)>,
+        fn(&'a (ContentId, Bitfield)) -> (&'a ContentId, &'a Bitfield),
+    >;
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter().map(|(k, v)| (k, v))
+    }
+}
+
 /// The chunk exchange of one node.
 ///
 /// Contract: it owns every tracked file's download state and the chunk requests in
 /// flight, and decides what to request of whom (`schedule`), what to announce
 /// (`Have`/`HaveChunk`, super-seeding shares) and what to cancel. `releases` decides
-/// which files exist and which are wanted; peers' announced chunks and request counts
-/// live on their [`PeerTable`] entries (a peer and its chunks leave together, and the
-/// scheduler walks both in one pass), which a call reaches through its [`Ctx`].
+/// which files exist and which are wanted. It also owns what each connected peer
+/// announced (only for peers in the [`PeerTable`]: the router calls
+/// [`Exchange::forget_peer`] when one leaves); the peers' request counts, sites and RTTs
+/// live on their [`PeerTable`] entries, which a call reaches through its [`Ctx`].
 #[derive(Debug)]
 pub(super) struct Exchange {
     /// Download state of every file of a retained release, at most `max_files`; part
     /// `releases` says which exist ([`Exchange::track`], [`Exchange::retain_files`]) and
     /// which are wanted ([`Exchange::want`]).
     files: BTreeMap<ContentId, FileState>,
+    /// The chunks each connected peer announced, per file (no entry: nothing announced).
+    haves: BTreeMap<NodeId, Haves>,
     /// Chunk requests in flight, by request id.
     requests: BTreeMap<u64, Request>,
     /// The id of the next chunk request.
@@ -99,6 +162,7 @@ impl Default for Exchange {
     fn default() -> Self {
         Exchange {
             files: BTreeMap::new(),
+            haves: BTreeMap::new(),
             requests: BTreeMap::new(),
             next_request: 1,
         }
@@ -152,13 +216,7 @@ impl Exchange {
     /// fewer than `max_files` are: each starts unwanted and empty, with the availability
     /// the peers already announced (their bitfields, remembered before the manifest
     /// arrived, are resized to the file's chunk count).
-    pub(super) fn track(
-        &mut self,
-        peers: &mut PeerTable,
-        m: &Arc<Manifest>,
-        variant: usize,
-        max_files: usize,
-    ) {
+    pub(super) fn track(&mut self, m: &Arc<Manifest>, variant: usize, max_files: usize) {
         for (fi, f) in m.body.artifact.variants[variant].files.iter().enumerate() {
             let cid = f.spec.content_id;
             if self.files.contains_key(&cid) || self.files.len() >= max_files {
@@ -177,8 +235,8 @@ impl Exchange {
                 pending: BTreeSet::new(),
                 superseed: None,
             };
-            for p in peers.values_mut() {
-                if let Some(b) = p.haves.get_mut(&cid) {
+            for h in self.haves.values_mut() {
+                if let Some(b) = h.get_mut(&cid) {
                     if b.len() != total {
                         *b = b.resized(total);
                     }
@@ -201,6 +259,24 @@ impl Exchange {
         }
     }
 
+    /// `peer` was dropped from the peer table without going down (refused on a
+    /// reconnect): what it announced is forgotten, but, as before this part owned it,
+    /// availability still counts it and its requests run until they time out.
+    pub(super) fn forget_announcements(&mut self, peer: &NodeId) {
+        self.haves.remove(peer);
+    }
+
+    /// What `peer` announced of `file`.
+    pub(super) fn announced(&self, peer: &NodeId, file: &ContentId) -> Option<&Bitfield> {
+        self.haves.get(peer)?.get(file)
+    }
+
+    /// Place `peer`'s announcements by hand (tests).
+    #[cfg(test)]
+    pub(super) fn set_haves(&mut self, peer: NodeId, haves: Haves) {
+        self.haves.insert(peer, haves);
+    }
+
     /// Does this node hold the chunk?
     pub(super) fn has_chunk(&self, file: &ContentId, index: u32) -> bool {
         self.files.get(file).is_some_and(|f| f.have.get(index))
@@ -208,10 +284,12 @@ impl Exchange {
 
     /// `peer` is gone (already out of the peer table): its chunks leave availability and
     /// its requests are dropped.
-    pub(super) fn forget_peer<R: Rng>(&mut self, cx: &mut Ctx<'_, R>, peer: NodeId, haves: &Haves) {
-        for (file, bits) in haves {
-            if let Some(f) = self.files.get_mut(file) {
-                remove_availability(f, bits);
+    pub(super) fn forget_peer<R: Rng>(&mut self, cx: &mut Ctx<'_, R>, peer: NodeId) {
+        if let Some(haves) = self.haves.remove(&peer) {
+            for (file, bits) in &haves {
+                if let Some(f) = self.files.get_mut(file) {
+                    remove_availability(f, bits);
+                }
             }
         }
         let ids: Vec<u64> = self
@@ -274,22 +352,25 @@ impl Exchange {
         chunks: Bitfield,
     ) -> Option<Penalty> {
         // Not connected (any more): ignore.
-        let peer = cx.peers.get_mut(&from)?;
+        if !cx.peers.contains(&from) {
+            return None;
+        }
+        let peer = self.haves.entry(from).or_default();
         match self.files.get_mut(&file) {
             Some(f) => {
                 if chunks.len() != f.total() {
                     return Some((from, PENALTY_MINOR, "bitfield of the wrong length".into()));
                 }
-                if let Some(old) = peer.haves.get(&file) {
+                if let Some(old) = peer.get(&file) {
                     remove_availability(f, old);
                 }
                 add_availability(f, &chunks);
-                peer.haves.insert(file, chunks);
+                peer.insert(file, chunks);
             }
             None => {
                 // Remember a bounded number of files we do not know yet.
-                if peer.haves.len() < cx.config.max_files {
-                    peer.haves.insert(file, chunks);
+                if peer.len() < cx.config.max_files {
+                    peer.insert(file, chunks);
                 }
             }
         }
@@ -304,15 +385,18 @@ impl Exchange {
         index: u32,
     ) -> Option<Penalty> {
         // Not connected (any more): ignore.
-        let peer = cx.peers.get_mut(&from)?;
+        if !cx.peers.contains(&from) {
+            return None;
+        }
+        let peer = self.haves.entry(from).or_default();
         let Some(f) = self.files.get_mut(&file) else {
             // A file we do not know yet (its manifest is still on its way): remember the
             // bit, growing the field up to a bound, so availability is right once we do.
             const MAX_UNKNOWN_BITS: u32 = 1 << 16;
             if index < MAX_UNKNOWN_BITS
-                && (peer.haves.contains_key(&file) || peer.haves.len() < cx.config.max_files)
+                && (peer.contains_key(&file) || peer.len() < cx.config.max_files)
             {
-                let bits = peer.haves.get_or_insert_with(file, Bitfield::default);
+                let bits = peer.get_or_insert_with(file, Bitfield::default);
                 if index >= bits.len() {
                     *bits = bits.resized(index + 1);
                 }
@@ -324,7 +408,7 @@ impl Exchange {
             return Some((from, PENALTY_MINOR, "chunk index out of range".into()));
         }
         let total = f.total();
-        let bits = peer.haves.get_or_insert_with(file, || Bitfield::new(total));
+        let bits = peer.get_or_insert_with(file, || Bitfield::new(total));
         if !bits.get(index) {
             let was_seed = bits.count() == bits.len();
             bits.set(index);
@@ -444,9 +528,7 @@ impl Exchange {
             let r = self.requests.remove(&id).expect("present");
             cx.timers.stop_request(r.deadline, id);
             // The peer does not have it after all: stop asking it for that chunk.
-            if let Some(p) = cx.peers.get_mut(&from)
-                && let Some(bits) = p.haves.get_mut(&r.file)
-            {
+            if let Some(bits) = self.haves.get_mut(&from).and_then(|h| h.get_mut(&r.file)) {
                 clear_bit(bits, r.index);
             }
             if let Some(f) = self.files.get_mut(&r.file)
@@ -546,8 +628,7 @@ impl Exchange {
         match reason {
             ChunkFailure::Corrupt => {
                 // Never ask that peer for this file again.
-                if let Some(p) = cx.peers.get_mut(&from)
-                    && let Some(bits) = p.haves.remove(&file)
+                if let Some(bits) = self.haves.get_mut(&from).and_then(|h| h.remove(&file))
                     && let Some(f) = self.files.get_mut(&file)
                 {
                     remove_availability(f, &bits);
@@ -633,7 +714,7 @@ impl<R: Rng> Mesh<R> {
             s += &format!("  avail[{i}]={}\n", f.avail[*i as usize]);
         }
         for (id, p) in self.peers.iter() {
-            let b = p.haves.get(file);
+            let b = self.exchange.announced(id, file);
             s += &format!(
                 "  peer {} inflight {} count {:?} has-missing {:?}\n",
                 id.short(),
@@ -716,9 +797,9 @@ mod tests {
         add_peer(&mut b, 2, None, f, &[1]);
         b.request(at(0), peer(1), f, 0);
         b.request(at(0), peer(2), f, 1);
-        let gone = b.peers.remove(&peer(1)).expect("connected");
+        b.peers.remove(&peer(1)).expect("connected");
         let (x, mut cx) = b.cx();
-        x.forget_peer(&mut cx, peer(1), &gone.haves);
+        x.forget_peer(&mut cx, peer(1));
         assert_eq!(x.files[&f].avail, vec![0, 1, 0, 0]);
         assert_eq!(x.requests.len(), 1);
         assert_eq!(
@@ -778,7 +859,7 @@ mod tests {
             (x.files[&f].avail.clone(), x.files[&f].seeds),
             (vec![0, 0], 0)
         );
-        assert!(!b.peers[&peer(1)].haves.contains_key(&f));
+        assert!(b.exchange.announced(&peer(1), &f).is_none());
     }
 
     #[test]
@@ -792,5 +873,25 @@ mod tests {
         assert!(b.exchange.file(&f).is_some());
         b.exchange.retain_files(&Default::default());
         assert!(b.exchange.files().is_empty(), "no live release names it");
+    }
+
+    #[test]
+    fn announcements_are_kept_per_connected_peer_only() {
+        let (mut b, f) = bench(2, None);
+        add_peer(&mut b, 1, None, f, &[0]);
+        let (x, mut cx) = b.cx();
+        assert!(x.on_have_chunk(&mut cx, peer(7), f, 1).is_none());
+        assert!(
+            x.announced(&peer(7), &f).is_none(),
+            "not connected: ignored"
+        );
+        assert_eq!(x.files()[&f].avail, vec![1, 0]);
+        x.forget_announcements(&peer(1));
+        assert!(x.announced(&peer(1), &f).is_none());
+        assert_eq!(
+            x.files()[&f].avail,
+            vec![1, 0],
+            "a refused reconnect keeps its count, as before"
+        );
     }
 }

@@ -33,7 +33,7 @@ impl Exchange {
         if p.inflight >= cx.config.max_inflight_per_peer || p.refused {
             return;
         }
-        let (Some(bits), Some(f)) = (p.haves.get(&file), self.files.get(&file)) else {
+        let (Some(bits), Some(f)) = (self.announced(&peer, &file), self.files.get(&file)) else {
             return;
         };
         if !f.wanted
@@ -52,8 +52,8 @@ impl Exchange {
         // Across a WAN link: one at a time, and only what no peer on this site has.
         if cx.peers.remote(p)
             && (p.inflight >= cx.config.max_inflight_per_seed
-                || cx.peers.values().any(|q| {
-                    cx.peers.on_site(q) && q.haves.get(&file).is_some_and(|b| b.get(index))
+                || cx.peers.iter().any(|(qid, q)| {
+                    cx.peers.on_site(q) && self.announced(qid, &file).is_some_and(|b| b.get(index))
                 }))
         {
             return;
@@ -80,7 +80,9 @@ impl Exchange {
         let mut order: Vec<(bool, Duration, u64, NodeId)> = cx
             .peers
             .iter()
-            .filter(|(_, p)| p.inflight < max && !p.haves.is_empty())
+            .filter(|(id, p)| {
+                p.inflight < max && self.haves.get(*id).is_some_and(|h| !h.is_empty())
+            })
             .map(|(id, p)| {
                 let same = my_site.is_some() && p.site == my_site;
                 (!same, p.rtt.unwrap_or(Duration::from_secs(1)), p.salt, *id)
@@ -125,7 +127,7 @@ impl Exchange {
         file: &ContentId,
     ) -> Option<u32> {
         let p = cx.peers.get(peer)?;
-        let bits = p.haves.get(file)?;
+        let bits = self.announced(peer, file)?;
         let f = self.files.get(file)?;
         let n = f.total();
         if n == 0 {
@@ -144,9 +146,9 @@ impl Exchange {
         }
         let local: Vec<u8> = if remote {
             let mut u = vec![0u8; f.have.as_bytes().len()];
-            for q in cx.peers.values() {
+            for (qid, q) in cx.peers.iter() {
                 if cx.peers.on_site(q)
-                    && let Some(b) = q.haves.get(file)
+                    && let Some(b) = self.announced(qid, file)
                 {
                     for (x, y) in u.iter_mut().zip(b.as_bytes()) {
                         *x |= *y;
