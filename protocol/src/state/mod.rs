@@ -139,7 +139,7 @@ pub struct Mesh<R> {
     index: BTreeMap<ManifestId, (Channel, u64)>,
     /// Files, availability and chunk requests (part `exchange`, owns its data).
     exchange: Exchange,
-    /// Connected peers, their scores, salts and gossip flags (part `peers`, owns its data).
+    /// Connected peers: site, RTT, score, salt, refusal (part `peers`, owns its data).
     peers: PeerTable,
     /// The health-report sample of every retained release.
     samples: BTreeMap<ManifestId, ReportSample>,
@@ -367,7 +367,7 @@ impl<R: Rng> Mesh<R> {
             .up(&mut self.rng, peer, info, refused, &mut self.outputs)
         {
             // Not admitted, or refused and dropped from the table.
-            self.exchange.forget_announcements(&peer);
+            self.exchange.forget_refused(&peer);
             self.gossip.leave_tree(peer);
             return;
         }

@@ -22,22 +22,20 @@ pub(super) struct Peer {
     pub(super) score: u32,
     /// Random tie-break among otherwise equal peers.
     pub(super) salt: u64,
-    /// Our chunk requests in flight to it.
-    pub(super) inflight: usize,
     /// Refused by fleet rules: nothing is sent to or accepted from it.
     pub(super) refused: bool,
 }
 
 /// The peer table: every connected peer and what this node knows of it.
 ///
-/// Contract: it owns the [`Peer`] entries (site, RTT, score, tie-break salt, refusal,
-/// requests in flight) and decides admission
-/// (`max_peers`, fleet refusal), penalties (a peer is banned at `disconnect_score`) and
+/// Contract: it owns the [`Peer`] entries (site, RTT, score, tie-break salt, refusal)
+/// and decides admission (`max_peers`, fleet refusal), penalties (a peer is banned at `disconnect_score`) and
 /// random samples. It never reaches the other parts: it writes its outputs to the queue
 /// it is handed, takes randomness from the RNG it is handed (so the draw order is the
 /// router's), and tells the router, by its return value, when a peer must be forgotten
 /// by every part (see [`Mesh::penalise`] and `Mesh::on_peer_down`). Iteration is in
-/// `NodeId` order.
+/// `NodeId` order. What a peer announced and what we asked of it belong to `Exchange`,
+/// whether it is on the gossip tree to `Gossip`.
 #[derive(Debug)]
 pub(super) struct PeerTable {
     /// Connected peers, at most `max_peers`.
@@ -97,7 +95,6 @@ impl PeerTable {
             rtt: None,
             score: 0,
             salt,
-            inflight: 0,
             refused,
         });
         entry.site = info.site;
@@ -183,10 +180,6 @@ impl PeerTable {
 
     pub(super) fn get(&self, peer: &NodeId) -> Option<&Peer> {
         self.map.get(peer)
-    }
-
-    pub(super) fn get_mut(&mut self, peer: &NodeId) -> Option<&mut Peer> {
-        self.map.get_mut(peer)
     }
 
     pub(super) fn contains(&self, peer: &NodeId) -> bool {

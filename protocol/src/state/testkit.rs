@@ -188,7 +188,6 @@ fn place_peer(
             rtt: None,
             score: 0,
             salt: u64::from(i),
-            inflight: 0,
             refused: false,
         },
     );

@@ -141,9 +141,10 @@ impl<'a> IntoIterator for &'a Haves {
 /// flight, and decides what to request of whom (`schedule`), what to announce
 /// (`Have`/`HaveChunk`, super-seeding shares) and what to cancel. `releases` decides
 /// which files exist and which are wanted. It also owns what each connected peer
-/// announced (only for peers in the [`PeerTable`]: the router calls
-/// [`Exchange::forget_peer`] when one leaves); the peers' request counts, sites and RTTs
-/// live on their [`PeerTable`] entries, which a call reaches through its [`Ctx`].
+/// announced and how many requests each has in flight (only for peers in the
+/// [`PeerTable`]: the router calls [`Exchange::forget_peer`] when one leaves); the
+/// peers' sites, RTTs and tie-break salts are read from the [`PeerTable`] through the
+/// call's [`Ctx`].
 #[derive(Debug)]
 pub(super) struct Exchange {
     /// Download state of every file of a retained release, at most `max_files`; part
@@ -152,6 +153,8 @@ pub(super) struct Exchange {
     files: BTreeMap<ContentId, FileState>,
     /// The chunks each connected peer announced, per file (no entry: nothing announced).
     haves: BTreeMap<NodeId, Haves>,
+    /// Our chunk requests in flight to each connected peer (no entry: none).
+    asked: BTreeMap<NodeId, usize>,
     /// Chunk requests in flight, by request id.
     requests: BTreeMap<u64, Request>,
     /// The id of the next chunk request.
@@ -163,6 +166,7 @@ impl Default for Exchange {
         Exchange {
             files: BTreeMap::new(),
             haves: BTreeMap::new(),
+            asked: BTreeMap::new(),
             requests: BTreeMap::new(),
             next_request: 1,
         }
@@ -260,10 +264,17 @@ impl Exchange {
     }
 
     /// `peer` was dropped from the peer table without going down (refused on a
-    /// reconnect): what it announced is forgotten, but, as before this part owned it,
-    /// availability still counts it and its requests run until they time out.
-    pub(super) fn forget_announcements(&mut self, peer: &NodeId) {
+    /// reconnect): what it announced and its request count are forgotten, but, as before
+    /// this part owned them, availability still counts it and its requests run until
+    /// they time out.
+    pub(super) fn forget_refused(&mut self, peer: &NodeId) {
         self.haves.remove(peer);
+        self.asked.remove(peer);
+    }
+
+    /// Our chunk requests in flight to `peer`.
+    pub(super) fn inflight(&self, peer: &NodeId) -> usize {
+        self.asked.get(peer).copied().unwrap_or(0)
     }
 
     /// What `peer` announced of `file`.
@@ -282,8 +293,8 @@ impl Exchange {
         self.files.get(file).is_some_and(|f| f.have.get(index))
     }
 
-    /// `peer` is gone (already out of the peer table): its chunks leave availability and
-    /// its requests are dropped.
+    /// `peer` is gone (already out of the peer table): its chunks leave availability, its
+    /// requests and its request count are dropped.
     pub(super) fn forget_peer<R: Rng>(&mut self, cx: &mut Ctx<'_, R>, peer: NodeId) {
         if let Some(haves) = self.haves.remove(&peer) {
             for (file, bits) in &haves {
@@ -304,6 +315,7 @@ impl Exchange {
                 self.forget_request(cx, id, &r);
             }
         }
+        self.asked.remove(&peer);
     }
 
     pub(super) fn announce_files_to<R: Rng>(&mut self, cx: &mut Ctx<'_, R>, peer: NodeId) {
@@ -421,8 +433,10 @@ impl Exchange {
     }
 
     pub(super) fn forget_request<R: Rng>(&mut self, cx: &mut Ctx<'_, R>, id: u64, r: &Request) {
-        if let Some(p) = cx.peers.get_mut(&r.peer) {
-            p.inflight = p.inflight.saturating_sub(1);
+        if cx.peers.contains(&r.peer)
+            && let Some(n) = self.asked.get_mut(&r.peer)
+        {
+            *n = n.saturating_sub(1);
         }
         if let Some(f) = self.files.get_mut(&r.file)
             && let Some(list) = f.inflight.get_mut(&r.index)
@@ -713,12 +727,12 @@ impl<R: Rng> Mesh<R> {
         for i in &missing {
             s += &format!("  avail[{i}]={}\n", f.avail[*i as usize]);
         }
-        for (id, p) in self.peers.iter() {
+        for id in self.peers.ids() {
             let b = self.exchange.announced(id, file);
             s += &format!(
                 "  peer {} inflight {} count {:?} has-missing {:?}\n",
                 id.short(),
-                p.inflight,
+                self.exchange.inflight(id),
                 b.map(|b| b.count()),
                 b.map(|b| missing.iter().filter(|i| b.get(**i)).count())
             );
@@ -787,7 +801,7 @@ mod tests {
             matches!(b.out.pop_front(), Some(Output::Send { to, msg: Message::Cancel { id: i } }) if to == peer(1) && i == id)
         );
         assert!(b.exchange.files()[&f].inflight.is_empty());
-        assert_eq!(b.peers[&peer(1)].inflight, 0);
+        assert_eq!(b.exchange.inflight(&peer(1)), 0);
     }
 
     #[test]
@@ -886,7 +900,7 @@ mod tests {
             "not connected: ignored"
         );
         assert_eq!(x.files()[&f].avail, vec![1, 0]);
-        x.forget_announcements(&peer(1));
+        x.forget_refused(&peer(1));
         assert!(x.announced(&peer(1), &f).is_none());
         assert_eq!(
             x.files()[&f].avail,

@@ -30,7 +30,7 @@ impl Exchange {
         let Some(p) = cx.peers.get(&peer) else {
             return;
         };
-        if p.inflight >= cx.config.max_inflight_per_peer || p.refused {
+        if self.inflight(&peer) >= cx.config.max_inflight_per_peer || p.refused {
             return;
         }
         let (Some(bits), Some(f)) = (self.announced(&peer, &file), self.files.get(&file)) else {
@@ -51,7 +51,7 @@ impl Exchange {
         }
         // Across a WAN link: one at a time, and only what no peer on this site has.
         if cx.peers.remote(p)
-            && (p.inflight >= cx.config.max_inflight_per_seed
+            && (self.inflight(&peer) >= cx.config.max_inflight_per_seed
                 || cx.peers.iter().any(|(qid, q)| {
                     cx.peers.on_site(q) && self.announced(qid, &file).is_some_and(|b| b.get(index))
                 }))
@@ -80,8 +80,8 @@ impl Exchange {
         let mut order: Vec<(bool, Duration, u64, NodeId)> = cx
             .peers
             .iter()
-            .filter(|(id, p)| {
-                p.inflight < max && self.haves.get(*id).is_some_and(|h| !h.is_empty())
+            .filter(|(id, _)| {
+                self.inflight(id) < max && self.haves.get(*id).is_some_and(|h| !h.is_empty())
             })
             .map(|(id, p)| {
                 let same = my_site.is_some() && p.site == my_site;
@@ -101,7 +101,7 @@ impl Exchange {
                     let slots = cx
                         .peers
                         .get(&peer)
-                        .map_or(0, |p| max.saturating_sub(p.inflight));
+                        .map_or(0, |_| max.saturating_sub(self.inflight(&peer)));
                     if slots == 0 {
                         break;
                     }
@@ -135,13 +135,13 @@ impl Exchange {
         }
         let is_seed = bits.count() == n;
         // Keep few requests queued at a seed: what it uploads twice is wasted on its uplink.
-        if is_seed && p.inflight >= cx.config.max_inflight_per_seed {
+        if is_seed && self.inflight(peer) >= cx.config.max_inflight_per_seed {
             return None;
         }
         // A peer on another site is behind a WAN link: ask it only for chunks no peer on
         // this site has (those come over the LAN), one at a time.
         let remote = cx.peers.remote(p);
-        if remote && p.inflight >= cx.config.max_inflight_per_seed {
+        if remote && self.inflight(peer) >= cx.config.max_inflight_per_seed {
             return None;
         }
         let local: Vec<u8> = if remote {
@@ -248,8 +248,8 @@ impl Exchange {
             },
         );
         cx.timers.set_request(deadline, id);
-        if let Some(p) = cx.peers.get_mut(&peer) {
-            p.inflight += 1;
+        if cx.peers.contains(&peer) {
+            *self.asked.entry(peer).or_default() += 1;
         }
         if let Some(f) = self.files.get_mut(&file) {
             f.inflight.entry(index).or_default().push(id);
@@ -351,7 +351,7 @@ mod tests {
             sent.iter().all(|r| r.0 != peer(1)),
             "the WAN peer holds nothing the LAN lacks: {sent:?}"
         );
-        assert_eq!(m.peers[&peer(2)].inflight, max);
+        assert_eq!(m.exchange.inflight(&peer(2)), max);
         m.schedule(at(1));
         assert!(requests(&mut m).is_empty(), "no slot left");
     }
