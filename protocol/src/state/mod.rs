@@ -50,26 +50,32 @@
 //!
 //! # Parts
 //!
-//! [`Mesh`] owns the data; each part is one file of methods on it, named for its concern,
-//! and [`Mesh::handle`] / [`Mesh::handle_timeout`] route each input to the part's handler:
+//! [`Mesh`] is a router: [`Mesh::handle`] / [`Mesh::handle_timeout`] route each input to
+//! the part's handler. The parts that own their data (`PeerTable`, `Exchange`, `Gossip`,
+//! the timer table) take what they need from their siblings as arguments, write their outputs to
+//! the queue they are handed, and ask the router (by return value) for what crosses
+//! parts: a penalty, a release refresh, forgetting a banned peer everywhere. The other
+//! parts are still files of methods on [`Mesh`] over its fields.
 //!
 //! * `config`: [`Config`], penalties and fixed bounds;
 //! * `timers`: the one timer table;
-//! * `peers`: the peer table, scores, penalties, random sampling;
-//! * `gossip`: plumtree push, IHave/Want/Prune, digests, report batches;
+//! * `peers`: `PeerTable`, the peer table: admission, scores and bans, random sampling,
+//!   site predicates;
+//! * `gossip`: `Gossip`, the plumtree state: lazy peers, push, IHave/Prune, delayed pulls,
+//!   report batches; the answers from the object tables (`Want`, digests) stay on `Mesh`;
 //! * `objects`: acceptance of trust roots, manifests, instructions and reports, and the
 //!   one `reject`;
 //! * `releases`: channels and releases, retention, and which release this node serves;
-//! * `exchange`: files, availability and requests; `exchange/schedule` picks chunks,
-//!   `exchange/superseed` seeds a new file;
+//! * `exchange`: `Exchange`, files, availability and requests; `exchange/schedule` picks
+//!   chunks, `exchange/superseed` seeds a new file;
 //! * `status`: queries and the display view;
 //! * [`restore`]: the command order that restores what a driver persisted.
 
 use crate::ids::Channel;
-use crate::ids::{ContentId, ManifestId, NodeId};
-use crate::io::{Command, Event, Input, Output};
+use crate::ids::{ManifestId, NodeId};
+use crate::io::{Command, Event, Input, Output, PeerInfo};
 use crate::manifest::Manifest;
-use crate::rollout::{HealthReport, ReportSample, SignedInstruction};
+use crate::rollout::{ReportSample, SignedInstruction};
 use crate::time::{Instant, Now, UnixTime};
 use crate::trust::{SignedNodeCert, TrustRoot};
 use crate::wire::{Message, ObjectId};
@@ -94,8 +100,10 @@ pub use config::Config;
 pub use status::{ChannelView, ReleaseRef, ReleaseView};
 
 use config::PENALTY_SEVERE;
-use exchange::{FileState, Request};
-use peers::Peer;
+use config::PENALTY_TIMEOUT;
+use exchange::{Ctx, Exchange, Penalty};
+use gossip::Gossip;
+use peers::PeerTable;
 use releases::ChannelState;
 use timers::{Timer, TimerTable};
 
@@ -129,14 +137,10 @@ pub struct Mesh<R> {
     channels: BTreeMap<Channel, ChannelState>,
     /// Manifest id -> (channel, version), for every retained release.
     index: BTreeMap<ManifestId, (Channel, u64)>,
-    /// Download state of every file of a retained release (part `exchange`).
-    files: BTreeMap<ContentId, FileState>,
-    /// Connected peers (part `peers`), at most `max_peers`.
-    peers: BTreeMap<NodeId, Peer>,
-    /// Chunk requests in flight, by request id (part `exchange`).
-    requests: BTreeMap<u64, Request>,
-    /// The id of the next chunk request.
-    next_request: u64,
+    /// Files, availability and chunk requests (part `exchange`, owns its data).
+    exchange: Exchange,
+    /// Connected peers: site, RTT, score, salt, refusal (part `peers`, owns its data).
+    peers: PeerTable,
     /// The health-report sample of every retained release.
     samples: BTreeMap<ManifestId, ReportSample>,
     /// The latest operator instruction per retained release (signed, and its body).
@@ -145,11 +149,8 @@ pub struct Mesh<R> {
     /// manifest when a node catches up), at most [`MAX_PENDING_INSTRUCTIONS`].
     pending_instructions:
         BTreeMap<(Channel, u64), (SignedInstruction, crate::rollout::InstructionBody)>,
-    /// Delayed pulls: object -> (when to pull, the peer that offered it), at most
-    /// `max_pending_wants` (part `gossip`).
-    pending_wants: BTreeMap<ObjectId, (Instant, NodeId)>,
-    /// Reports that changed the sample since the last tick, pushed then (part `gossip`).
-    pending_reports: Vec<HealthReport>,
+    /// The gossip tree, delayed pulls and the report batch (part `gossip`, owns its data).
+    gossip: Gossip,
     /// Releases pinned by the operator: never trimmed (see [`Command::Pin`]).
     pinned: BTreeSet<ManifestId>,
     /// Outputs waiting for [`Mesh::poll_output`].
@@ -166,6 +167,8 @@ pub struct Mesh<R> {
 impl<R: Rng> Mesh<R> {
     /// A node with id `id` (its ed25519 public key), `config`, and randomness from `rng`.
     pub fn new(id: NodeId, config: Config, rng: R, now: Now) -> Self {
+        let peers = PeerTable::new(&config);
+        let gossip = Gossip::new(&config);
         Mesh {
             interner: None,
             id,
@@ -175,15 +178,12 @@ impl<R: Rng> Mesh<R> {
             cert: None,
             channels: BTreeMap::new(),
             index: BTreeMap::new(),
-            files: BTreeMap::new(),
-            peers: BTreeMap::new(),
-            requests: BTreeMap::new(),
-            next_request: 1,
+            exchange: Exchange::default(),
+            peers,
             samples: BTreeMap::new(),
             instructions: BTreeMap::new(),
             pending_instructions: BTreeMap::new(),
-            pending_wants: BTreeMap::new(),
-            pending_reports: Vec::new(),
+            gossip,
             pinned: BTreeSet::new(),
             outputs: VecDeque::new(),
             timers: {
@@ -214,8 +214,27 @@ impl<R: Rng> Mesh<R> {
 
     /// The next deadline at which [`Mesh::handle_timeout`] wants to run.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let wants = self.pending_wants.values().map(|(t, _)| *t).min();
+        let wants = self.gossip.next_timeout();
         self.timers.next_timeout().into_iter().chain(wants).min()
+    }
+
+    /// The exchange, and what it borrows from its siblings for one call.
+    fn exchange_cx(&mut self) -> (&mut Exchange, Ctx<'_, R>) {
+        let cx = Ctx {
+            peers: &mut self.peers,
+            timers: &mut self.timers,
+            config: &self.config,
+            rng: &mut self.rng,
+            out: &mut self.outputs,
+        };
+        (&mut self.exchange, cx)
+    }
+
+    /// Give the penalty a part asked for, if any.
+    fn penalise_for(&mut self, penalty: Option<Penalty>) {
+        if let Some((peer, points, reason)) = penalty {
+            self.penalise(peer, points, reason);
+        }
     }
 
     fn emit(&mut self, e: Event) {
@@ -250,15 +269,25 @@ impl<R: Rng> Mesh<R> {
                 self.penalise(from, PENALTY_SEVERE, format!("malformed frame: {error}"));
             }
             Input::ChunkStored { from, file, index } => {
-                self.on_chunk_stored(now, from, file, index)
+                let (x, mut cx) = self.exchange_cx();
+                if x.on_chunk_stored(&mut cx, from, file, index) {
+                    self.refresh_all(now);
+                }
             }
-            Input::ChunkReceived { from, file, index } => self.on_chunk_received(from, file, index),
+            Input::ChunkReceived { from, file, index } => {
+                let (x, mut cx) = self.exchange_cx();
+                x.on_chunk_received(&mut cx, from, file, index);
+            }
             Input::ChunkFailed {
                 from,
                 file,
                 index,
                 reason,
-            } => self.on_chunk_failed(now, from, file, index, reason),
+            } => {
+                let (x, mut cx) = self.exchange_cx();
+                let penalty = x.on_chunk_failed(&mut cx, now, from, file, index, reason);
+                self.penalise_for(penalty);
+            }
             Input::Command { id, cmd } => {
                 let result = self.on_command(now, cmd);
                 self.emit(Event::CommandDone { id, result });
@@ -267,16 +296,36 @@ impl<R: Rng> Mesh<R> {
         match hint {
             // A peer announcing one chunk can only make that chunk requestable from it:
             // no need to rescan everything (the most frequent message by far).
-            Some((peer, file, index)) => self.schedule_one(now, peer, file, index),
-            None => self.schedule(now),
+            Some((peer, file, index)) => {
+                let (x, mut cx) = self.exchange_cx();
+                x.schedule_one(&mut cx, now, peer, file, index);
+            }
+            None => {
+                let (x, mut cx) = self.exchange_cx();
+                x.schedule(&mut cx, now);
+            }
         }
     }
 
     /// Run timers that are due. Calling it early does nothing.
     pub fn handle_timeout(&mut self, now: Now) {
         self.last_wall = now.wall;
-        self.on_request_timeouts(now);
-        self.on_delayed_wants(now);
+        // Requests past their deadline: each cancelled and its peer penalised, in turn
+        // (a ban drops the peer's other requests before they time out).
+        while let Some(id) = self.timers.pop_due_request(now.mono) {
+            let (x, mut cx) = self.exchange_cx();
+            if let Some(peer) = x.timeout_request(&mut cx, id) {
+                self.penalise(peer, PENALTY_TIMEOUT, "chunk request timed out".into());
+            }
+        }
+        // Delayed pulls that are due: one `Want` per peer for what is still missing.
+        let pulls: Vec<(ObjectId, NodeId)> = self
+            .gossip
+            .take_due(now)
+            .into_iter()
+            .filter(|(o, peer)| !self.holds(o) && self.peers.contains(peer))
+            .collect();
+        Gossip::send_wants(pulls, &mut self.outputs);
         if self.timers.is_due(Timer::AntiEntropy, now.mono) {
             self.timers.set(
                 Timer::AntiEntropy,
@@ -287,14 +336,72 @@ impl<R: Rng> Mesh<R> {
         if self.timers.is_due(Timer::Tick, now.mono) {
             self.timers
                 .set(Timer::Tick, now.mono + self.config.rollout_tick);
-            self.reveal_stalled(now);
+            let (x, mut cx) = self.exchange_cx();
+            x.reveal_stalled(&mut cx, now);
             if self.catch_up_until.is_some_and(|t| t <= now.mono) {
                 self.catch_up_until = None;
             }
-            self.flush_reports();
+            self.gossip
+                .flush_reports(&self.peers, &mut self.rng, &mut self.outputs);
             self.refresh_all(now);
         }
-        self.schedule(now);
+        let (x, mut cx) = self.exchange_cx();
+        x.schedule(&mut cx, now);
+    }
+
+    // ----- peers up and down: the router forwards them to every part ----------------------
+
+    fn on_peer_up(&mut self, now: Now, peer: NodeId, info: PeerInfo) {
+        if peer == self.id {
+            return;
+        }
+        let trust = &self.trust;
+        let refused = |info: &PeerInfo| match trust {
+            Some(t) => t
+                .check_certificate(&peer, info.cert.as_ref(), now.wall)
+                .is_err(),
+            None => false,
+        };
+        if !self
+            .peers
+            .up(&mut self.rng, peer, info, refused, &mut self.outputs)
+        {
+            // Not admitted, or refused and dropped from the table.
+            self.exchange.forget_refused(&peer);
+            self.gossip.leave_tree(peer);
+            return;
+        }
+        if self.timers.get(Timer::AntiEntropy).is_none() {
+            self.timers.set(
+                Timer::AntiEntropy,
+                now.mono + self.config.anti_entropy_interval,
+            );
+        }
+        if let Some(c) = self.cert.clone() {
+            self.send(peer, Message::Certificate(c));
+        }
+        let d = self.digest(false);
+        self.send(peer, Message::Digest(d));
+        let (x, mut cx) = self.exchange_cx();
+        x.announce_files_to(&mut cx, peer);
+    }
+
+    /// `peer` is gone (closed, or banned by [`Mesh::penalise`]): out of the peer table, its
+    /// chunks out of availability, its requests dropped, its offers forgotten.
+    fn on_peer_down(&mut self, _now: Now, peer: NodeId) {
+        if self.peers.remove(&peer).is_none() {
+            return;
+        }
+        let (x, mut cx) = self.exchange_cx();
+        x.forget_peer(&mut cx, peer);
+        self.gossip.forget_peer(peer);
+    }
+
+    /// Penalise `peer` (see [`PeerTable::penalise`]); a ban forgets it in every part now.
+    fn penalise(&mut self, peer: NodeId, points: u32, reason: String) {
+        if self.peers.penalise(peer, points, reason, &mut self.outputs) {
+            self.on_peer_down(Now::new(Instant::ZERO, self.last_wall), peer);
+        }
     }
 
     // ----- messages --------------------------------------------------------------------
@@ -303,13 +410,14 @@ impl<R: Rng> Mesh<R> {
         match msg {
             Message::Manifest(m) => {
                 let known = self.index.contains_key(&ManifestId(m.body_hash()));
-                self.tree_update(from, known);
+                self.gossip
+                    .tree_update(&self.peers, from, known, &mut self.outputs);
                 let _ = self.on_manifest(now, Some(from), m, false);
             }
             Message::TrustRoot(t) => {
                 let _ = self.on_trust_root(now, Some(from), t);
             }
-            Message::Prune => self.on_prune(from),
+            Message::Prune => self.gossip.on_prune(&self.peers, from),
             Message::Reports(list) => {
                 for r in list.into_iter().take(crate::wire::MAX_LIST) {
                     self.on_report(now, Some(from), r);
@@ -317,10 +425,14 @@ impl<R: Rng> Mesh<R> {
             }
             Message::Instruction(i) => {
                 let known = self.holds(&ObjectId::Instruction(i.body_hash()));
-                self.tree_update(from, known);
+                self.gossip
+                    .tree_update(&self.peers, from, known, &mut self.outputs);
                 let _ = self.on_instruction(now, Some(from), i);
             }
-            Message::IHave(ids) => self.on_ihave(now, from, ids),
+            Message::IHave(ids) => {
+                let missing: Vec<ObjectId> = ids.into_iter().filter(|o| !self.holds(o)).collect();
+                self.gossip.on_ihave(now, from, missing);
+            }
             Message::Want(ids) => self.on_want(from, ids),
             Message::Digest(d) => {
                 let reply = d.reply;
@@ -329,14 +441,26 @@ impl<R: Rng> Mesh<R> {
                     self.refresh_all(now);
                 }
             }
-            Message::Have { file, chunks } => self.on_have(from, file, chunks),
-            Message::HaveChunk { file, index } => self.on_have_chunk(from, file, index),
+            Message::Have { file, chunks } => {
+                let (x, mut cx) = self.exchange_cx();
+                let penalty = x.on_have(&mut cx, from, file, chunks);
+                self.penalise_for(penalty);
+            }
+            Message::HaveChunk { file, index } => {
+                let (x, mut cx) = self.exchange_cx();
+                let penalty = x.on_have_chunk(&mut cx, from, file, index);
+                self.penalise_for(penalty);
+            }
             Message::Request { id, file, index } => {
-                self.superseed_served(now, file, index);
-                self.on_request(from, id, file, index);
+                let (x, mut cx) = self.exchange_cx();
+                x.superseed_served(&mut cx, now, file, index);
+                x.on_request(&mut cx, from, id, file, index);
             }
             Message::Cancel { id } => self.outputs.push_back(Output::CancelChunk { to: from, id }),
-            Message::Reject { id, .. } => self.on_reject(from, id),
+            Message::Reject { id, .. } => {
+                let (x, mut cx) = self.exchange_cx();
+                x.on_reject(&mut cx, from, id);
+            }
             Message::Certificate(c) => {
                 let ok = match &self.trust {
                     Some(t) => t.check_certificate(&from, Some(&c), now.wall).is_ok(),
@@ -397,7 +521,12 @@ impl<R: Rng> Mesh<R> {
                 self.refresh_all(now);
                 Ok(())
             }
-            Command::LocalChunks { file, chunks } => self.on_local_chunks(now, file, chunks),
+            Command::LocalChunks { file, chunks } => {
+                let (x, mut cx) = self.exchange_cx();
+                x.on_local_chunks(&mut cx, now, file, chunks)?;
+                self.refresh_all(now);
+                Ok(())
+            }
             Command::ReportHealth(r) => {
                 let body = r.signed.decode_body().map_err(|e| e.to_string())?;
                 if body.node != self.id {

@@ -62,7 +62,7 @@ impl<R: Rng> Mesh<R> {
                     version,
                     signed: signed.clone(),
                 });
-                for p in self.random_peers(usize::MAX, from) {
+                for p in self.peers.random_peers(&mut self.rng, usize::MAX, from) {
                     self.send(p, Message::TrustRoot(signed.clone()));
                 }
                 Ok(())
@@ -144,7 +144,7 @@ impl<R: Rng> Mesh<R> {
             });
             // Spread the evidence once, so every node converges on the same choice.
             let new_signed = m.signed.clone();
-            for p in self.random_peers(usize::MAX, from) {
+            for p in self.peers.random_peers(&mut self.rng, usize::MAX, from) {
                 self.send(p, Message::Manifest(existing_signed.clone()));
                 self.send(p, Message::Manifest(new_signed.clone()));
             }
@@ -185,7 +185,14 @@ impl<R: Rng> Mesh<R> {
             version,
             signed: signed.clone(),
         });
-        self.push_object(from, Message::Manifest(signed), ObjectId::Manifest(id));
+        self.gossip.push_object(
+            &self.peers,
+            &mut self.rng,
+            from,
+            Message::Manifest(signed),
+            ObjectId::Manifest(id),
+            &mut self.outputs,
+        );
         // While restoring, the active release is not marked yet: trim after SetActive.
         if !restore {
             self.trim_channel(&channel);
@@ -244,7 +251,14 @@ impl<R: Rng> Mesh<R> {
                 .is_none_or(|c| body.version > c.highest);
             if newer && room && plausible {
                 self.pending_instructions.insert(key, (s.clone(), body));
-                self.push_object(from, Message::Instruction(s), ObjectId::Instruction(hash));
+                self.gossip.push_object(
+                    &self.peers,
+                    &mut self.rng,
+                    from,
+                    Message::Instruction(s),
+                    ObjectId::Instruction(hash),
+                    &mut self.outputs,
+                );
             }
             return Ok(());
         };
@@ -275,7 +289,14 @@ impl<R: Rng> Mesh<R> {
             signed: Box::new(s.clone()),
         });
         self.instructions.insert(mid, (s.clone(), body));
-        self.push_object(from, Message::Instruction(s), ObjectId::Instruction(hash));
+        self.gossip.push_object(
+            &self.peers,
+            &mut self.rng,
+            from,
+            Message::Instruction(s),
+            ObjectId::Instruction(hash),
+            &mut self.outputs,
+        );
         self.refresh_all(now);
     }
 
@@ -371,9 +392,7 @@ impl<R: Rng> Mesh<R> {
         }
         let changed = sample.insert(r.clone(), body);
         if changed {
-            if self.pending_reports.len() < self.config.report_sample_size {
-                self.pending_reports.push(r);
-            }
+            self.gossip.queue_report(r, self.config.report_sample_size);
             self.refresh_all(now);
         }
         changed

@@ -1,13 +1,13 @@
 //! The peer table: who is connected, where, how far, how trusted, and what they hold.
 
+#[cfg(doc)]
 use super::Mesh;
-use super::exchange::remove_availability;
-use super::timers::Timer;
-use crate::bitfield::Bitfield;
-use crate::ids::{ContentId, NodeId};
+use super::config::Config;
+use crate::ids::NodeId;
 use crate::io::{Event, Output, PeerInfo};
-use crate::time::{Instant, Now};
-use crate::wire::Message;
+use alloc::collections::{BTreeMap, VecDeque};
+use alloc::string::String;
+use alloc::vec::Vec;
 use core::time::Duration;
 use rand_core::Rng;
 
@@ -22,189 +22,136 @@ pub(super) struct Peer {
     pub(super) score: u32,
     /// Random tie-break among otherwise equal peers.
     pub(super) salt: u64,
-    /// The chunks it announced, per file.
-    pub(super) haves: Haves,
-    /// Our chunk requests in flight to it.
-    pub(super) inflight: usize,
     /// Refused by fleet rules: nothing is sent to or accepted from it.
     pub(super) refused: bool,
-    /// Pruned from the gossip tree: objects go to it as `IHave`s only.
-    pub(super) lazy: bool,
 }
 
-/// A peer's chunks per file: a few files per peer, so a sorted vector (a `BTreeMap` node
-/// costs ~700 bytes even for one entry, per peer, per node of a large simulation).
-#[derive(Debug, Default)]
-pub(super) struct Haves(Vec<(ContentId, Bitfield)>);
+/// The peer table: every connected peer and what this node knows of it.
+///
+/// Contract: it owns the [`Peer`] entries (site, RTT, score, tie-break salt, refusal)
+/// and decides admission (`max_peers`, fleet refusal), penalties (a peer is banned at `disconnect_score`) and
+/// random samples. It never reaches the other parts: it writes its outputs to the queue
+/// it is handed, takes randomness from the RNG it is handed (so the draw order is the
+/// router's), and tells the router, by its return value, when a peer must be forgotten
+/// by every part (see [`Mesh::penalise`] and `Mesh::on_peer_down`). Iteration is in
+/// `NodeId` order. What a peer announced and what we asked of it belong to `Exchange`,
+/// whether it is on the gossip tree to `Gossip`.
+#[derive(Debug)]
+pub(super) struct PeerTable {
+    /// Connected peers, at most `max_peers`.
+    map: BTreeMap<NodeId, Peer>,
+    /// This node's site ([`Config::site`]): same-site peers are asked first.
+    site: Option<String>,
+    /// [`Config::max_peers`]: a new peer past it is disconnected.
+    max_peers: usize,
+    /// [`Config::disconnect_score`]: penalty points at which a peer is disconnected.
+    disconnect_score: u32,
+}
 
-impl Haves {
-    pub(super) fn find(&self, k: &ContentId) -> Result<usize, usize> {
-        self.0.binary_search_by(|(x, _)| x.cmp(k))
-    }
-    pub(super) fn get(&self, k: &ContentId) -> Option<&Bitfield> {
-        self.find(k).ok().map(|i| &self.0[i].1)
-    }
-    pub(super) fn get_mut(&mut self, k: &ContentId) -> Option<&mut Bitfield> {
-        self.find(k).ok().map(|i| &mut self.0[i].1)
-    }
-    pub(super) fn contains_key(&self, k: &ContentId) -> bool {
-        self.find(k).is_ok()
-    }
-    pub(super) fn insert(&mut self, k: ContentId, v: Bitfield) {
-        match self.find(&k) {
-            Ok(i) => self.0[i].1 = v,
-            Err(i) => self.0.insert(i, (k, v)),
+impl PeerTable {
+    /// An empty table with the bounds and site of `config`.
+    pub(super) fn new(config: &Config) -> Self {
+        PeerTable {
+            map: BTreeMap::new(),
+            site: config.site.clone(),
+            max_peers: config.max_peers,
+            disconnect_score: config.disconnect_score,
         }
     }
-    pub(super) fn remove(&mut self, k: &ContentId) -> Option<Bitfield> {
-        self.find(k).ok().map(|i| self.0.remove(i).1)
-    }
-    pub(super) fn get_or_insert_with(
-        &mut self,
-        k: ContentId,
-        f: impl FnOnce() -> Bitfield,
-    ) -> &mut Bitfield {
-        let i = match self.find(&k) {
-            Ok(i) => i,
-            Err(i) => {
-                self.0.insert(i, (k, f()));
-                i
-            }
-        };
-        &mut self.0[i].1
-    }
-    pub(super) fn len(&self) -> usize {
-        self.0.len()
-    }
-    pub(super) fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-}
 
-impl<'a> IntoIterator for &'a Haves {
-    type Item = (&'a ContentId, &'a Bitfield);
-    type IntoIter = core::iter::Map<
-        core::slice::Iter<'a, (ContentId, Bitfield)>,
-        fn(&'a (ContentId, Bitfield)) -> (&'a ContentId, &'a Bitfield),
-    >;
-    fn into_iter(self) -> Self::IntoIter {
-        self.0.iter().map(|(k, v)| (k, v))
-    }
-}
-
-impl<R: Rng> Mesh<R> {
     /// Is `p` on another site (behind a WAN link)? Unknown sites count as local.
     pub(super) fn remote(&self, p: &Peer) -> bool {
-        self.config.site.is_some() && p.site.is_some() && p.site != self.config.site
+        self.site.is_some() && p.site.is_some() && p.site != self.site
     }
 
     /// Is `q` a usable peer on this node's site?
     pub(super) fn on_site(&self, q: &Peer) -> bool {
-        q.site == self.config.site && !q.refused
+        q.site == self.site && !q.refused
     }
-    // ----- peers -----------------------------------------------------------------------
 
-    pub(super) fn on_peer_up(&mut self, now: Now, peer: NodeId, info: PeerInfo) {
-        if peer == self.id {
-            return;
-        }
-        if !self.peers.contains_key(&peer) && self.peers.len() >= self.config.max_peers {
-            self.outputs.push_back(Output::Disconnect {
+    /// Admit `peer` (or refresh its site and RTT if already connected). A full table, or
+    /// `refused(&info)` (fleet rules), pushes a `Disconnect` and returns false; a refused
+    /// peer that was connected is dropped from the table. One salt is drawn from `rng`
+    /// for every call past the full-table check, admitted or not.
+    pub(super) fn up<R: Rng>(
+        &mut self,
+        rng: &mut R,
+        peer: NodeId,
+        info: PeerInfo,
+        refused: impl FnOnce(&PeerInfo) -> bool,
+        out: &mut VecDeque<Output>,
+    ) -> bool {
+        if !self.map.contains_key(&peer) && self.map.len() >= self.max_peers {
+            out.push_back(Output::Disconnect {
                 peer,
                 reason: "peer table full".into(),
             });
-            return;
+            return false;
         }
-        let refused = match &self.trust {
-            Some(t) => t
-                .check_certificate(&peer, info.cert.as_ref(), now.wall)
-                .is_err(),
-            None => false,
-        };
-        let salt = self.rng.next_u64();
-        let entry = self.peers.entry(peer).or_insert(Peer {
+        let refused = refused(&info);
+        let salt = rng.next_u64();
+        let entry = self.map.entry(peer).or_insert(Peer {
             site: None,
             rtt: None,
             score: 0,
             salt,
-            haves: Haves::default(),
-            inflight: 0,
             refused,
-            lazy: false,
         });
         entry.site = info.site;
         entry.rtt = info.rtt;
         entry.refused = refused;
         if refused {
-            self.outputs.push_back(Output::Disconnect {
+            out.push_back(Output::Disconnect {
                 peer,
                 reason: "no valid node certificate for this fleet".into(),
             });
-            self.peers.remove(&peer);
-            return;
+            self.map.remove(&peer);
+            return false;
         }
-        if self.timers.get(Timer::AntiEntropy).is_none() {
-            self.timers.set(
-                Timer::AntiEntropy,
-                now.mono + self.config.anti_entropy_interval,
-            );
-        }
-        if let Some(c) = self.cert.clone() {
-            self.send(peer, Message::Certificate(c));
-        }
-        let d = self.digest(false);
-        self.send(peer, Message::Digest(d));
-        self.announce_files_to(peer);
+        true
     }
 
-    pub(super) fn on_peer_down(&mut self, _now: Now, peer: NodeId) {
-        let Some(p) = self.peers.remove(&peer) else {
-            return;
-        };
-        for (file, bits) in &p.haves {
-            if let Some(f) = self.files.get_mut(file) {
-                remove_availability(f, bits);
-            }
-        }
-        let ids: Vec<u64> = self
-            .requests
-            .iter()
-            .filter(|(_, r)| r.peer == peer)
-            .map(|(id, _)| *id)
-            .collect();
-        for id in ids {
-            if let Some(r) = self.requests.remove(&id) {
-                self.timers.stop_request(r.deadline, id);
-                self.forget_request(id, &r);
-            }
-        }
-        self.pending_wants.retain(|_, (_, p)| *p != peer);
-    }
-
-    pub(super) fn penalise(&mut self, peer: NodeId, points: u32, reason: String) {
+    /// Add `points` to `peer`'s score and push `PeerPenalised`; at `disconnect_score`, also
+    /// push a `Disconnect` and return true: the caller must then forget the peer in every
+    /// part at once (nothing more is sent to or accepted from it). Zero points, or an
+    /// unknown peer, do nothing.
+    pub(super) fn penalise(
+        &mut self,
+        peer: NodeId,
+        points: u32,
+        reason: String,
+        out: &mut VecDeque<Output>,
+    ) -> bool {
         if points == 0 {
-            return;
+            return false;
         }
-        let Some(p) = self.peers.get_mut(&peer) else {
-            return;
+        let Some(p) = self.map.get_mut(&peer) else {
+            return false;
         };
         p.score = p.score.saturating_add(points);
         let score = p.score;
-        self.emit(Event::PeerPenalised {
+        out.push_back(Output::Event(Event::PeerPenalised {
             peer,
             reason: reason.clone(),
             score,
-        });
-        if score >= self.config.disconnect_score {
-            self.outputs.push_back(Output::Disconnect { peer, reason });
-            // Forget it now: nothing more is sent to or accepted from it.
-            self.on_peer_down(Now::new(Instant::ZERO, self.last_wall), peer);
+        }));
+        if score >= self.disconnect_score {
+            out.push_back(Output::Disconnect { peer, reason });
+            return true;
         }
+        false
     }
 
-    pub(super) fn random_peers(&mut self, n: usize, exclude: Option<NodeId>) -> Vec<NodeId> {
+    /// Up to `n` distinct peers but `exclude`, drawn with `rng` (a partial Fisher-Yates
+    /// over the peers in id order: `min(n, peers)` draws).
+    pub(super) fn random_peers<R: Rng>(
+        &self,
+        rng: &mut R,
+        n: usize,
+        exclude: Option<NodeId>,
+    ) -> Vec<NodeId> {
         let mut all: Vec<NodeId> = self
-            .peers
+            .map
             .keys()
             .filter(|p| Some(**p) != exclude)
             .copied()
@@ -212,62 +159,204 @@ impl<R: Rng> Mesh<R> {
         // Partial Fisher-Yates.
         let n = n.min(all.len());
         for i in 0..n {
-            let j = i + (self.rng.next_u64() % (all.len() - i) as u64) as usize;
+            let j = i + (rng.next_u64() % (all.len() - i) as u64) as usize;
             all.swap(i, j);
         }
         all.truncate(n);
         all
     }
+
+    /// Take `peer` out of the table (it went down or was banned); the caller clears what
+    /// the other parts hold for it.
+    pub(super) fn remove(&mut self, peer: &NodeId) -> Option<Peer> {
+        self.map.remove(peer)
+    }
+
+    /// Put `peer` in the table as is (tests place peers by hand).
+    #[cfg(test)]
+    pub(super) fn insert(&mut self, id: NodeId, peer: Peer) {
+        self.map.insert(id, peer);
+    }
+
+    pub(super) fn get(&self, peer: &NodeId) -> Option<&Peer> {
+        self.map.get(peer)
+    }
+
+    pub(super) fn contains(&self, peer: &NodeId) -> bool {
+        self.map.contains_key(peer)
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// Peer ids in id order.
+    pub(super) fn ids(&self) -> impl Iterator<Item = &NodeId> {
+        self.map.keys()
+    }
+
+    /// Peers in id order.
+    pub(super) fn iter(&self) -> impl Iterator<Item = (&NodeId, &Peer)> {
+        self.map.iter()
+    }
+}
+
+impl core::ops::Index<&NodeId> for PeerTable {
+    type Output = Peer;
+    fn index(&self, peer: &NodeId) -> &Peer {
+        &self.map[peer]
+    }
 }
 
 #[cfg(test)]
 mod tests {
-    use crate::io::{Event, Output};
-    use crate::state::testkit::{add_peer, mesh, peer};
+    use super::{Peer, PeerTable};
+    use crate::io::{Event, Output, PeerInfo};
+    use crate::state::Config;
+    use crate::state::testkit::{add_mesh_peer, mesh, peer};
+    use alloc::collections::VecDeque;
+    use rand_chacha::ChaCha8Rng;
+    use rand_core::SeedableRng;
+
+    fn table(site: Option<&str>, max_peers: usize) -> PeerTable {
+        PeerTable::new(&Config {
+            site: site.map(Into::into),
+            max_peers,
+            ..Config::default()
+        })
+    }
+
+    fn info(site: Option<&str>) -> PeerInfo {
+        PeerInfo {
+            site: site.map(Into::into),
+            rtt: None,
+            cert: None,
+        }
+    }
+
+    fn up(t: &mut PeerTable, rng: &mut ChaCha8Rng, i: u8, site: Option<&str>) -> bool {
+        let mut out = VecDeque::new();
+        let ok = t.up(rng, peer(i), info(site), |_| false, &mut out);
+        assert_eq!(out.is_empty(), ok, "a Disconnect exactly when not admitted");
+        ok
+    }
 
     #[test]
-    fn penalties_add_up_and_disconnect_at_the_threshold() {
-        let (mut m, f) = mesh(4, None);
-        add_peer(&mut m, 1, None, f, &[0, 1]);
-        m.penalise(peer(1), 0, "nothing".into());
-        assert!(m.poll_output().is_none(), "zero points: no event");
-        m.penalise(peer(1), 60, "bad".into());
-        assert_eq!(m.peers[&peer(1)].score, 60);
+    fn penalties_add_up_and_ask_for_a_ban_at_the_threshold() {
+        let mut t = table(None, 8);
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        up(&mut t, &mut rng, 1, None);
+        let mut out = VecDeque::new();
+        assert!(!t.penalise(peer(1), 0, "nothing".into(), &mut out));
+        assert!(!t.penalise(peer(9), 50, "unknown".into(), &mut out));
+        assert!(out.is_empty(), "zero points or unknown peer: nothing");
+        let limit = Config::default().disconnect_score;
+        assert!(!t.penalise(peer(1), limit - 1, "bad".into(), &mut out));
+        assert_eq!(t[&peer(1)].score, limit - 1);
         assert!(matches!(
-            m.poll_output(),
-            Some(Output::Event(Event::PeerPenalised { score: 60, .. }))
+            out.pop_front(),
+            Some(Output::Event(Event::PeerPenalised { score, .. })) if score == limit - 1
         ));
-        m.penalise(peer(1), 40, "worse".into());
-        let out: Vec<Output> = core::iter::from_fn(|| m.poll_output()).collect();
-        assert!(matches!(out[1], Output::Disconnect { peer: p, .. } if p == peer(1)));
-        assert!(!m.peers.contains_key(&peer(1)), "forgotten at once");
-        assert_eq!(m.files[&f].avail, vec![0; 4], "its chunks no longer count");
+        assert!(t.penalise(peer(1), 1, "worse".into(), &mut out), "banned");
+        assert!(matches!(
+            out.pop_front(),
+            Some(Output::Event(Event::PeerPenalised { .. }))
+        ));
+        assert!(
+            matches!(out.pop_front(), Some(Output::Disconnect { peer: p, .. }) if p == peer(1))
+        );
+        assert!(t.contains(&peer(1)), "the router forgets it, in every part");
+    }
+
+    #[test]
+    fn a_full_table_or_a_refused_peer_is_disconnected() {
+        let mut t = table(None, 2);
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        assert!(up(&mut t, &mut rng, 1, None));
+        assert!(up(&mut t, &mut rng, 2, Some("lan")));
+        assert!(!up(&mut t, &mut rng, 3, None), "table full");
+        assert!(
+            up(&mut t, &mut rng, 2, Some("far")),
+            "a known peer is refreshed"
+        );
+        assert_eq!(t[&peer(2)].site.as_deref(), Some("far"));
+        let mut out = VecDeque::new();
+        assert!(!t.up(&mut rng, peer(1), info(None), |_| true, &mut out));
+        assert!(
+            matches!(out.pop_front(), Some(Output::Disconnect { peer: p, .. }) if p == peer(1))
+        );
+        assert!(
+            !t.contains(&peer(1)) && t.len() == 1,
+            "a refused peer is dropped"
+        );
+    }
+
+    #[test]
+    fn one_salt_per_admission_from_the_rng_handed_in() {
+        let mut t = table(None, 8);
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        let mut same = ChaCha8Rng::seed_from_u64(3);
+        up(&mut t, &mut rng, 1, None);
+        up(&mut t, &mut rng, 1, None);
+        up(&mut t, &mut rng, 2, None);
+        let salts: Vec<u64> = (0..3)
+            .map(|_| rand_core::Rng::next_u64(&mut same))
+            .collect();
+        assert_eq!(t[&peer(1)].salt, salts[0], "a refresh keeps the first salt");
+        assert_eq!(t[&peer(2)].salt, salts[2], "but still draws one");
     }
 
     #[test]
     fn random_peers_is_a_bounded_sample_without_the_excluded_peer() {
-        let (mut m, f) = mesh(1, None);
+        let mut t = table(None, 8);
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
         for i in 1..=5 {
-            add_peer(&mut m, i, None, f, &[]);
+            up(&mut t, &mut rng, i, None);
         }
-        let some = m.random_peers(3, Some(peer(2)));
+        let some = t.random_peers(&mut rng, 3, Some(peer(2)));
         assert_eq!(some.len(), 3);
         assert!(!some.contains(&peer(2)));
-        let all = m.random_peers(usize::MAX, None);
+        let mut all = t.random_peers(&mut rng, usize::MAX, None);
         assert_eq!(all.len(), 5);
+        all.sort();
+        assert_eq!(all, t.ids().copied().collect::<Vec<_>>());
     }
 
     #[test]
     fn wan_and_site_predicates() {
-        let (mut m, f) = mesh(1, Some("lan"));
-        add_peer(&mut m, 1, Some("lan"), f, &[]);
-        add_peer(&mut m, 2, Some("far"), f, &[]);
-        add_peer(&mut m, 3, None, f, &[]);
-        assert!(!m.remote(&m.peers[&peer(1)]) && m.on_site(&m.peers[&peer(1)]));
-        assert!(m.remote(&m.peers[&peer(2)]) && !m.on_site(&m.peers[&peer(2)]));
+        let mut t = table(Some("lan"), 8);
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        up(&mut t, &mut rng, 1, Some("lan"));
+        up(&mut t, &mut rng, 2, Some("far"));
+        up(&mut t, &mut rng, 3, None);
+        assert!(!t.remote(&t[&peer(1)]) && t.on_site(&t[&peer(1)]));
+        assert!(t.remote(&t[&peer(2)]) && !t.on_site(&t[&peer(2)]));
+        assert!(!t.remote(&t[&peer(3)]), "an unknown site counts as local");
+        let refused = Peer {
+            refused: true,
+            ..t.remove(&peer(1)).expect("connected")
+        };
+        assert!(!t.on_site(&refused), "a refused peer is not usable");
+        let no_site = table(None, 8);
         assert!(
-            !m.remote(&m.peers[&peer(3)]),
-            "an unknown site counts as local"
+            !no_site.remote(&t[&peer(2)]),
+            "a node without a site sees no WAN"
+        );
+    }
+
+    #[test]
+    fn a_ban_forgets_the_peer_in_every_part() {
+        let (mut m, f) = mesh(4, None);
+        add_mesh_peer(&mut m, 1, None, f, &[0, 1]);
+        m.penalise(peer(1), 60, "bad".into());
+        m.penalise(peer(1), 40, "worse".into());
+        let out: Vec<Output> = core::iter::from_fn(|| m.poll_output()).collect();
+        assert!(matches!(out[2], Output::Disconnect { peer: p, .. } if p == peer(1)));
+        assert!(!m.peers.contains(&peer(1)), "forgotten at once");
+        assert_eq!(
+            m.exchange.files()[&f].avail,
+            vec![0; 4],
+            "its chunks no longer count"
         );
     }
 }

@@ -1,9 +1,8 @@
 //! Releases per channel: retention, garbage collection, and the rollout decision of which
 //! release this node serves.
 
-use super::exchange::{FileState, add_availability};
+use super::exchange::FileState;
 use super::{Interner, Mesh};
-use crate::bitfield::Bitfield;
 use crate::ids::Channel;
 use crate::ids::{ContentId, ManifestId, NodeId};
 use crate::io::Event;
@@ -89,34 +88,7 @@ impl<R: Rng> Mesh<R> {
         self.samples
             .entry(m.id)
             .or_insert_with(|| ReportSample::new(m.id, self.config.report_sample_size));
-        for (fi, f) in m.body.artifact.variants[variant].files.iter().enumerate() {
-            let cid = f.spec.content_id;
-            if self.files.contains_key(&cid) || self.files.len() >= self.config.max_files {
-                continue;
-            }
-            let total = f.spec.chunk_count() as u32;
-            let mut fs = FileState {
-                spec: m.clone(),
-                variant,
-                file: fi,
-                have: Bitfield::new(total),
-                avail: vec![0; total as usize],
-                seeds: 0,
-                inflight: BTreeMap::new(),
-                wanted: false,
-                pending: BTreeSet::new(),
-                superseed: None,
-            };
-            for p in self.peers.values_mut() {
-                if let Some(b) = p.haves.get_mut(&cid) {
-                    if b.len() != total {
-                        *b = b.resized(total);
-                    }
-                    add_availability(&mut fs, b);
-                }
-            }
-            self.files.insert(cid, fs);
-        }
+        self.exchange.track(&m, variant, self.config.max_files);
         if let Some((s, body)) = self.pending_instructions.remove(&(channel, version)) {
             self.apply_instruction(now, None, m.id, s, body);
         }
@@ -184,7 +156,7 @@ impl<R: Rng> Mesh<R> {
     /// Drop file state no retained release refers to.
     pub(super) fn gc_files(&mut self) {
         let live = self.live_files();
-        self.files.retain(|k, _| live.contains(k));
+        self.exchange.retain_files(&live);
     }
     // ----- rollout ---------------------------------------------------------------------
 
@@ -215,11 +187,15 @@ impl<R: Rng> Mesh<R> {
         );
         let target = chan.target(&self.id);
         for (cid, want) in chan.wanted_files(target, self.config.prefetch) {
-            if let Some(f) = self.files.get_mut(&cid) {
-                f.wanted |= want;
-            }
+            self.exchange.want(&cid, want);
         }
-        chan.switch_active(name, target, &self.files, catching_up, &mut events);
+        chan.switch_active(
+            name,
+            target,
+            self.exchange.files(),
+            catching_up,
+            &mut events,
+        );
         for e in events {
             self.emit(e);
         }

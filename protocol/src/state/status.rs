@@ -118,19 +118,19 @@ impl<R: Rng> Mesh<R> {
 
     /// The spec of a tracked file, for verifying its chunks.
     pub fn chunk_spec(&self, file: &ContentId) -> Option<&FileSpec> {
-        self.files.get(file).map(|f| f.spec())
+        self.exchange.file(file).map(|f| f.spec())
     }
 
     /// Should the driver store this chunk? False if held already or unknown.
     pub fn needs_chunk(&self, file: &ContentId, index: u32) -> bool {
-        self.files
-            .get(file)
+        self.exchange
+            .file(file)
             .is_some_and(|f| index < f.total() && !f.have.get(index) && !f.pending.contains(&index))
     }
 
     /// Does this node hold the chunk?
     pub fn has_chunk(&self, file: &ContentId, index: u32) -> bool {
-        self.files.get(file).is_some_and(|f| f.have.get(index))
+        self.exchange.file(file).is_some_and(|f| f.have.get(index))
     }
 
     /// A retained manifest by id.
@@ -250,8 +250,8 @@ impl<R: Rng> Mesh<R> {
                             .iter()
                             .map(|f| {
                                 let (h, t) = self
-                                    .files
-                                    .get(&f.spec.content_id)
+                                    .exchange
+                                    .file(&f.spec.content_id)
                                     .map_or((0, f.spec.chunk_count() as u32), |s| {
                                         (s.have.count(), s.total())
                                     });
@@ -269,7 +269,7 @@ impl<R: Rng> Mesh<R> {
             return 0;
         };
         core::iter::once(&self.id)
-            .chain(self.peers.keys())
+            .chain(self.peers.ids())
             .filter(|n| {
                 d.admits(r.manifest.stage_of(n)) && !sample.contains(n) && sample.would_keep(n)
             })

@@ -1,4 +1,10 @@
 //! Chunk exchange: per-file download state, peers' availability, requests in flight.
+//!
+//! [`Exchange`] owns the files and the requests; each call borrows what it needs from
+//! its siblings through a [`Ctx`] (the peer table, whose entries carry each peer's
+//! announced chunks and request count; the timer table; the config; the RNG) and writes
+//! its outputs to the queue in it. It never penalises a peer or refreshes releases
+//! itself: it returns a [`Penalty`] or a "refresh" flag, and the router acts on it.
 
 mod schedule;
 mod superseed;
@@ -6,8 +12,9 @@ mod superseed;
 pub(super) use superseed::SuperSeed;
 
 use super::Mesh;
-use super::config::{PENALTY_CORRUPT, PENALTY_MINOR, PENALTY_TIMEOUT};
-use super::timers::Timer;
+use super::config::{Config, PENALTY_CORRUPT, PENALTY_MINOR};
+use super::peers::PeerTable;
+use super::timers::{Timer, TimerTable};
 use crate::bitfield::Bitfield;
 use crate::chunking::FileSpec;
 use crate::ids::{ContentId, NodeId};
@@ -15,7 +22,7 @@ use crate::io::{ChunkFailure, Event, Output};
 use crate::manifest::Manifest;
 use crate::time::{Instant, Now};
 use crate::wire::{Message, RejectReason};
-use alloc::collections::{BTreeMap, BTreeSet};
+use alloc::collections::{BTreeMap, BTreeSet, VecDeque};
 use alloc::sync::Arc;
 use rand_core::Rng;
 
@@ -68,10 +75,250 @@ pub(super) struct Request {
     pub(super) deadline: Instant,
 }
 
-impl<R: Rng> Mesh<R> {
-    // ----- chunk exchange --------------------------------------------------------------
+/// A peer's chunks per file: a few files per peer, so a sorted vector (a `BTreeMap` node
+/// costs ~700 bytes even for one entry, per peer, per node of a large simulation).
+#[derive(Debug, Default)]
+pub(super) struct Haves(Vec<(ContentId, Bitfield)>);
 
-    pub(super) fn announce_files_to(&mut self, peer: NodeId) {
+impl Haves {
+    pub(super) fn find(&self, k: &ContentId) -> Result<usize, usize> {
+        self.0.binary_search_by(|(x, _)| x.cmp(k))
+    }
+    pub(super) fn get(&self, k: &ContentId) -> Option<&Bitfield> {
+        self.find(k).ok().map(|i| &self.0[i].1)
+    }
+    pub(super) fn get_mut(&mut self, k: &ContentId) -> Option<&mut Bitfield> {
+        self.find(k).ok().map(|i| &mut self.0[i].1)
+    }
+    pub(super) fn contains_key(&self, k: &ContentId) -> bool {
+        self.find(k).is_ok()
+    }
+    pub(super) fn insert(&mut self, k: ContentId, v: Bitfield) {
+        match self.find(&k) {
+            Ok(i) => self.0[i].1 = v,
+            Err(i) => self.0.insert(i, (k, v)),
+        }
+    }
+    pub(super) fn remove(&mut self, k: &ContentId) -> Option<Bitfield> {
+        self.find(k).ok().map(|i| self.0.remove(i).1)
+    }
+    pub(super) fn get_or_insert_with(
+        &mut self,
+        k: ContentId,
+        f: impl FnOnce() -> Bitfield,
+    ) -> &mut Bitfield {
+        let i = match self.find(&k) {
+            Ok(i) => i,
+            Err(i) => {
+                self.0.insert(i, (k, f()));
+                i
+            }
+        };
+        &mut self.0[i].1
+    }
+    pub(super) fn len(&self) -> usize {
+        self.0.len()
+    }
+    pub(super) fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl<'a> IntoIterator for &'a Haves {
+    type Item = (&'a ContentId, &'a Bitfield);
+    type IntoIter = core::iter::Map<
+        core::slice::Iter<'a, (ContentId, Bitfield)>,
+        fn(&'a (ContentId, Bitfield)) -> (&'a ContentId, &'a Bitfield),
+    >;
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter().map(|(k, v)| (k, v))
+    }
+}
+
+/// The chunk exchange of one node.
+///
+/// Contract: it owns every tracked file's download state and the chunk requests in
+/// flight, and decides what to request of whom (`schedule`), what to announce
+/// (`Have`/`HaveChunk`, super-seeding shares) and what to cancel. `releases` decides
+/// which files exist and which are wanted. It also owns what each connected peer
+/// announced and how many requests each has in flight (only for peers in the
+/// [`PeerTable`]: the router calls [`Exchange::forget_peer`] when one leaves); the
+/// peers' sites, RTTs and tie-break salts are read from the [`PeerTable`] through the
+/// call's [`Ctx`].
+#[derive(Debug)]
+pub(super) struct Exchange {
+    /// Download state of every file of a retained release, at most `max_files`; part
+    /// `releases` says which exist ([`Exchange::track`], [`Exchange::retain_files`]) and
+    /// which are wanted ([`Exchange::want`]).
+    files: BTreeMap<ContentId, FileState>,
+    /// The chunks each connected peer announced, per file (no entry: nothing announced).
+    haves: BTreeMap<NodeId, Haves>,
+    /// Our chunk requests in flight to each connected peer (no entry: none).
+    asked: BTreeMap<NodeId, usize>,
+    /// Chunk requests in flight, by request id.
+    requests: BTreeMap<u64, Request>,
+    /// The id of the next chunk request.
+    next_request: u64,
+}
+
+impl Default for Exchange {
+    fn default() -> Self {
+        Exchange {
+            files: BTreeMap::new(),
+            haves: BTreeMap::new(),
+            asked: BTreeMap::new(),
+            requests: BTreeMap::new(),
+            next_request: 1,
+        }
+    }
+}
+
+/// What one exchange call borrows from its siblings, and the queue its outputs go to.
+pub(super) struct Ctx<'a, R> {
+    /// The peer table (announced chunks, requests in flight per peer, sites).
+    pub(super) peers: &'a mut PeerTable,
+    /// Request deadlines and the store back-off.
+    pub(super) timers: &'a mut TimerTable,
+    /// Tunables.
+    pub(super) config: &'a Config,
+    /// The router's RNG (chunk start, super-seeding order): the draw order is the router's.
+    pub(super) rng: &'a mut R,
+    /// Where outputs go, in order.
+    pub(super) out: &'a mut VecDeque<Output>,
+}
+
+impl<R> Ctx<'_, R> {
+    fn send(&mut self, to: NodeId, msg: Message) {
+        self.out.push_back(Output::Send { to, msg });
+    }
+    fn emit(&mut self, e: Event) {
+        self.out.push_back(Output::Event(e));
+    }
+}
+
+/// A penalty the exchange asks the router to give a peer (see `Mesh::penalise`).
+pub(super) type Penalty = (NodeId, u32, String);
+
+impl Exchange {
+    /// Every tracked file, by id.
+    pub(super) fn files(&self) -> &BTreeMap<ContentId, FileState> {
+        &self.files
+    }
+
+    /// A tracked file.
+    pub(super) fn file(&self, file: &ContentId) -> Option<&FileState> {
+        self.files.get(file)
+    }
+
+    /// Direct access for tests that place state by hand.
+    #[cfg(test)]
+    pub(super) fn files_mut(&mut self) -> &mut BTreeMap<ContentId, FileState> {
+        &mut self.files
+    }
+
+    /// Track the files of variant `variant` of release `m` that are not tracked yet, while
+    /// fewer than `max_files` are: each starts unwanted and empty, with the availability
+    /// the peers already announced (their bitfields, remembered before the manifest
+    /// arrived, are resized to the file's chunk count).
+    pub(super) fn track(&mut self, m: &Arc<Manifest>, variant: usize, max_files: usize) {
+        for (fi, f) in m.body.artifact.variants[variant].files.iter().enumerate() {
+            let cid = f.spec.content_id;
+            if self.files.contains_key(&cid) || self.files.len() >= max_files {
+                continue;
+            }
+            let total = f.spec.chunk_count() as u32;
+            let mut fs = FileState {
+                spec: m.clone(),
+                variant,
+                file: fi,
+                have: Bitfield::new(total),
+                avail: vec![0; total as usize],
+                seeds: 0,
+                inflight: BTreeMap::new(),
+                wanted: false,
+                pending: BTreeSet::new(),
+                superseed: None,
+            };
+            for h in self.haves.values_mut() {
+                if let Some(b) = h.get_mut(&cid) {
+                    if b.len() != total {
+                        *b = b.resized(total);
+                    }
+                    add_availability(&mut fs, b);
+                }
+            }
+            self.files.insert(cid, fs);
+        }
+    }
+
+    /// Drop the state of every file not in `live` (no retained release names it).
+    pub(super) fn retain_files(&mut self, live: &BTreeSet<ContentId>) {
+        self.files.retain(|k, _| live.contains(k));
+    }
+
+    /// Mark `file` wanted if `want` (a file stays wanted once it is).
+    pub(super) fn want(&mut self, file: &ContentId, want: bool) {
+        if let Some(f) = self.files.get_mut(file) {
+            f.wanted |= want;
+        }
+    }
+
+    /// `peer` was dropped from the peer table without going down (refused on a
+    /// reconnect): what it announced and its request count are forgotten, but, as before
+    /// this part owned them, availability still counts it and its requests run until
+    /// they time out.
+    pub(super) fn forget_refused(&mut self, peer: &NodeId) {
+        self.haves.remove(peer);
+        self.asked.remove(peer);
+    }
+
+    /// Our chunk requests in flight to `peer`.
+    pub(super) fn inflight(&self, peer: &NodeId) -> usize {
+        self.asked.get(peer).copied().unwrap_or(0)
+    }
+
+    /// What `peer` announced of `file`.
+    pub(super) fn announced(&self, peer: &NodeId, file: &ContentId) -> Option<&Bitfield> {
+        self.haves.get(peer)?.get(file)
+    }
+
+    /// Place `peer`'s announcements by hand (tests).
+    #[cfg(test)]
+    pub(super) fn set_haves(&mut self, peer: NodeId, haves: Haves) {
+        self.haves.insert(peer, haves);
+    }
+
+    /// Does this node hold the chunk?
+    pub(super) fn has_chunk(&self, file: &ContentId, index: u32) -> bool {
+        self.files.get(file).is_some_and(|f| f.have.get(index))
+    }
+
+    /// `peer` is gone (already out of the peer table): its chunks leave availability, its
+    /// requests and its request count are dropped.
+    pub(super) fn forget_peer<R: Rng>(&mut self, cx: &mut Ctx<'_, R>, peer: NodeId) {
+        if let Some(haves) = self.haves.remove(&peer) {
+            for (file, bits) in &haves {
+                if let Some(f) = self.files.get_mut(file) {
+                    remove_availability(f, bits);
+                }
+            }
+        }
+        let ids: Vec<u64> = self
+            .requests
+            .iter()
+            .filter(|(_, r)| r.peer == peer)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ids {
+            if let Some(r) = self.requests.remove(&id) {
+                cx.timers.stop_request(r.deadline, id);
+                self.forget_request(cx, id, &r);
+            }
+        }
+        self.asked.remove(&peer);
+    }
+
+    pub(super) fn announce_files_to<R: Rng>(&mut self, cx: &mut Ctx<'_, R>, peer: NodeId) {
         let list: Vec<(ContentId, Bitfield)> = self
             .files
             .iter()
@@ -79,7 +326,7 @@ impl<R: Rng> Mesh<R> {
             .map(|(k, f)| (*k, f.have.clone()))
             .collect();
         for (file, chunks) in list {
-            self.send(peer, Message::Have { file, chunks });
+            cx.send(peer, Message::Have { file, chunks });
         }
         let seeding: Vec<ContentId> = self
             .files
@@ -88,18 +335,18 @@ impl<R: Rng> Mesh<R> {
             .map(|(k, _)| *k)
             .collect();
         for file in seeding {
-            self.announce_share(peer, file);
+            self.announce_share(cx, peer, file);
         }
     }
 
-    pub(super) fn announce_file(&mut self, file: ContentId) {
+    pub(super) fn announce_file<R: Rng>(&mut self, cx: &mut Ctx<'_, R>, file: ContentId) {
         let Some(f) = self.files.get(&file) else {
             return;
         };
         let chunks = f.have.clone();
-        let peers: Vec<NodeId> = self.peers.keys().copied().collect();
+        let peers: Vec<NodeId> = cx.peers.ids().copied().collect();
         for p in peers {
-            self.send(
+            cx.send(
                 p,
                 Message::Have {
                     file,
@@ -109,56 +356,71 @@ impl<R: Rng> Mesh<R> {
         }
     }
 
-    pub(super) fn on_have(&mut self, from: NodeId, file: ContentId, chunks: Bitfield) {
-        let Some(peer) = self.peers.get_mut(&from) else {
-            return;
-        };
+    pub(super) fn on_have<R: Rng>(
+        &mut self,
+        cx: &mut Ctx<'_, R>,
+        from: NodeId,
+        file: ContentId,
+        chunks: Bitfield,
+    ) -> Option<Penalty> {
+        // Not connected (any more): ignore.
+        if !cx.peers.contains(&from) {
+            return None;
+        }
+        let peer = self.haves.entry(from).or_default();
         match self.files.get_mut(&file) {
             Some(f) => {
                 if chunks.len() != f.total() {
-                    self.penalise(from, PENALTY_MINOR, "bitfield of the wrong length".into());
-                    return;
+                    return Some((from, PENALTY_MINOR, "bitfield of the wrong length".into()));
                 }
-                if let Some(old) = peer.haves.get(&file) {
+                if let Some(old) = peer.get(&file) {
                     remove_availability(f, old);
                 }
                 add_availability(f, &chunks);
-                peer.haves.insert(file, chunks);
+                peer.insert(file, chunks);
             }
             None => {
                 // Remember a bounded number of files we do not know yet.
-                if peer.haves.len() < self.config.max_files {
-                    peer.haves.insert(file, chunks);
+                if peer.len() < cx.config.max_files {
+                    peer.insert(file, chunks);
                 }
             }
         }
+        None
     }
 
-    pub(super) fn on_have_chunk(&mut self, from: NodeId, file: ContentId, index: u32) {
-        let Some(peer) = self.peers.get_mut(&from) else {
-            return;
-        };
+    pub(super) fn on_have_chunk<R: Rng>(
+        &mut self,
+        cx: &mut Ctx<'_, R>,
+        from: NodeId,
+        file: ContentId,
+        index: u32,
+    ) -> Option<Penalty> {
+        // Not connected (any more): ignore.
+        if !cx.peers.contains(&from) {
+            return None;
+        }
+        let peer = self.haves.entry(from).or_default();
         let Some(f) = self.files.get_mut(&file) else {
             // A file we do not know yet (its manifest is still on its way): remember the
             // bit, growing the field up to a bound, so availability is right once we do.
             const MAX_UNKNOWN_BITS: u32 = 1 << 16;
             if index < MAX_UNKNOWN_BITS
-                && (peer.haves.contains_key(&file) || peer.haves.len() < self.config.max_files)
+                && (peer.contains_key(&file) || peer.len() < cx.config.max_files)
             {
-                let bits = peer.haves.get_or_insert_with(file, Bitfield::default);
+                let bits = peer.get_or_insert_with(file, Bitfield::default);
                 if index >= bits.len() {
                     *bits = bits.resized(index + 1);
                 }
                 bits.set(index);
             }
-            return;
+            return None;
         };
         if index >= f.total() {
-            self.penalise(from, PENALTY_MINOR, "chunk index out of range".into());
-            return;
+            return Some((from, PENALTY_MINOR, "chunk index out of range".into()));
         }
         let total = f.total();
-        let bits = peer.haves.get_or_insert_with(file, || Bitfield::new(total));
+        let bits = peer.get_or_insert_with(file, || Bitfield::new(total));
         if !bits.get(index) {
             let was_seed = bits.count() == bits.len();
             bits.set(index);
@@ -167,11 +429,14 @@ impl<R: Rng> Mesh<R> {
                 f.seeds = f.seeds.saturating_add(1);
             }
         }
+        None
     }
 
-    pub(super) fn forget_request(&mut self, id: u64, r: &Request) {
-        if let Some(p) = self.peers.get_mut(&r.peer) {
-            p.inflight = p.inflight.saturating_sub(1);
+    pub(super) fn forget_request<R: Rng>(&mut self, cx: &mut Ctx<'_, R>, id: u64, r: &Request) {
+        if cx.peers.contains(&r.peer)
+            && let Some(n) = self.asked.get_mut(&r.peer)
+        {
+            *n = n.saturating_sub(1);
         }
         if let Some(f) = self.files.get_mut(&r.file)
             && let Some(list) = f.inflight.get_mut(&r.index)
@@ -184,7 +449,13 @@ impl<R: Rng> Mesh<R> {
     }
 
     /// Clear every request for this chunk; cancel the ones still running elsewhere.
-    pub(super) fn finish_requests(&mut self, from: Option<NodeId>, file: ContentId, index: u32) {
+    pub(super) fn finish_requests<R: Rng>(
+        &mut self,
+        cx: &mut Ctx<'_, R>,
+        from: Option<NodeId>,
+        file: ContentId,
+        index: u32,
+    ) {
         let ids: Vec<u64> = self
             .files
             .get(&file)
@@ -193,19 +464,21 @@ impl<R: Rng> Mesh<R> {
             .unwrap_or_default();
         for id in ids {
             if let Some(r) = self.requests.remove(&id) {
-                self.timers.stop_request(r.deadline, id);
-                self.forget_request(id, &r);
+                cx.timers.stop_request(r.deadline, id);
+                self.forget_request(cx, id, &r);
                 if Some(r.peer) != from {
-                    self.send(r.peer, Message::Cancel { id });
+                    cx.send(r.peer, Message::Cancel { id });
                 }
             }
         }
     }
 
     /// The driver holds `chunks` of `file` (startup, or a publisher's own files). The
-    /// first holder of a whole file nobody else has starts super-seeding it.
-    pub(super) fn on_local_chunks(
+    /// first holder of a whole file nobody else has starts super-seeding it. On success
+    /// the router refreshes the releases (what this node holds changed).
+    pub(super) fn on_local_chunks<R: Rng>(
         &mut self,
+        cx: &mut Ctx<'_, R>,
         now: Now,
         file: ContentId,
         chunks: Bitfield,
@@ -227,25 +500,31 @@ impl<R: Rng> Mesh<R> {
         }
         // Nobody we know has any of it: we are its first seed.
         if !was_complete && f.complete() && f.total() > 1 && f.avail.iter().all(|a| *a == 0) {
-            self.start_superseed(now, file);
+            self.start_superseed(cx, now, file);
         } else {
-            self.announce_file(file);
+            self.announce_file(cx, file);
         }
-        self.refresh_all(now);
         Ok(())
     }
 
     /// A peer asks for a chunk: the driver sends it if held, else it is refused.
-    pub(super) fn on_request(&mut self, from: NodeId, id: u64, file: ContentId, index: u32) {
+    pub(super) fn on_request<R: Rng>(
+        &mut self,
+        cx: &mut Ctx<'_, R>,
+        from: NodeId,
+        id: u64,
+        file: ContentId,
+        index: u32,
+    ) {
         if self.has_chunk(&file, index) {
-            self.outputs.push_back(Output::SendChunk {
+            cx.out.push_back(Output::SendChunk {
                 to: from,
                 id,
                 file,
                 index,
             });
         } else {
-            self.send(
+            cx.send(
                 from,
                 Message::Reject {
                     id,
@@ -256,16 +535,14 @@ impl<R: Rng> Mesh<R> {
     }
 
     /// A peer refused our request `id`.
-    pub(super) fn on_reject(&mut self, from: NodeId, id: u64) {
+    pub(super) fn on_reject<R: Rng>(&mut self, cx: &mut Ctx<'_, R>, from: NodeId, id: u64) {
         if let Some(r) = self.requests.get(&id)
             && r.peer == from
         {
             let r = self.requests.remove(&id).expect("present");
-            self.timers.stop_request(r.deadline, id);
+            cx.timers.stop_request(r.deadline, id);
             // The peer does not have it after all: stop asking it for that chunk.
-            if let Some(p) = self.peers.get_mut(&from)
-                && let Some(bits) = p.haves.get_mut(&r.file)
-            {
+            if let Some(bits) = self.haves.get_mut(&from).and_then(|h| h.get_mut(&r.file)) {
                 clear_bit(bits, r.index);
             }
             if let Some(f) = self.files.get_mut(&r.file)
@@ -273,13 +550,19 @@ impl<R: Rng> Mesh<R> {
             {
                 *a = a.saturating_sub(1);
             }
-            self.forget_request(id, &r);
+            self.forget_request(cx, id, &r);
         }
     }
 
     /// The driver received a chunk and is writing it: no more requests for it.
-    pub(super) fn on_chunk_received(&mut self, from: NodeId, file: ContentId, index: u32) {
-        self.finish_requests(Some(from), file, index);
+    pub(super) fn on_chunk_received<R: Rng>(
+        &mut self,
+        cx: &mut Ctx<'_, R>,
+        from: NodeId,
+        file: ContentId,
+        index: u32,
+    ) {
+        self.finish_requests(cx, Some(from), file, index);
         if let Some(f) = self.files.get_mut(&file)
             && index < f.total()
             && !f.have.get(index)
@@ -288,53 +571,62 @@ impl<R: Rng> Mesh<R> {
         }
     }
 
-    /// Requests past their deadline: cancelled, and their peer penalised.
-    pub(super) fn on_request_timeouts(&mut self, now: Now) {
-        while let Some(id) = self.timers.pop_due_request(now.mono) {
-            if let Some(req) = self.requests.remove(&id) {
-                self.forget_request(id, &req);
-                self.send(req.peer, Message::Cancel { id });
-                self.penalise(req.peer, PENALTY_TIMEOUT, "chunk request timed out".into());
-            }
-        }
+    /// Request `id` passed its deadline (the router pops it from the timer table):
+    /// cancelled; returns its peer, which the router penalises before the next one.
+    pub(super) fn timeout_request<R: Rng>(
+        &mut self,
+        cx: &mut Ctx<'_, R>,
+        id: u64,
+    ) -> Option<NodeId> {
+        let req = self.requests.remove(&id)?;
+        self.forget_request(cx, id, &req);
+        cx.send(req.peer, Message::Cancel { id });
+        Some(req.peer)
     }
 
-    pub(super) fn on_chunk_stored(
+    /// Chunk `index` of `file` is stored durably: requests for it finish, peers hear
+    /// `HaveChunk`. Returns true when that completed the file: the router then refreshes
+    /// the releases.
+    pub(super) fn on_chunk_stored<R: Rng>(
         &mut self,
-        now: Now,
+        cx: &mut Ctx<'_, R>,
         from: Option<NodeId>,
         file: ContentId,
         index: u32,
-    ) {
-        self.finish_requests(from, file, index);
+    ) -> bool {
+        self.finish_requests(cx, from, file, index);
         let Some(f) = self.files.get_mut(&file) else {
-            return;
+            return false;
         };
         f.pending.remove(&index);
         if index >= f.total() || f.have.get(index) {
-            return;
+            return false;
         }
         f.have.set(index);
         let (have, total) = (f.have.count(), f.total());
-        let peers: Vec<NodeId> = self.peers.keys().copied().collect();
+        let peers: Vec<NodeId> = cx.peers.ids().copied().collect();
         for p in peers {
-            self.send(p, Message::HaveChunk { file, index });
+            cx.send(p, Message::HaveChunk { file, index });
         }
-        self.emit(Event::FileProgress { file, have, total });
+        cx.emit(Event::FileProgress { file, have, total });
         if have == total {
-            self.emit(Event::FileComplete { file });
-            self.refresh_all(now);
+            cx.emit(Event::FileComplete { file });
         }
+        have == total
     }
 
-    pub(super) fn on_chunk_failed(
+    /// The driver could not store chunk `index` of `file` from `from`: its requests end;
+    /// a corrupt chunk drops the peer's announcement of the file and returns a penalty
+    /// for the router to give, a failing store pauses downloads for `store_retry`.
+    pub(super) fn on_chunk_failed<R: Rng>(
         &mut self,
+        cx: &mut Ctx<'_, R>,
         now: Now,
         from: NodeId,
         file: ContentId,
         index: u32,
         reason: ChunkFailure,
-    ) {
+    ) -> Option<Penalty> {
         let ids: Vec<u64> = self
             .requests
             .iter()
@@ -343,24 +635,23 @@ impl<R: Rng> Mesh<R> {
             .collect();
         for id in ids {
             if let Some(r) = self.requests.remove(&id) {
-                self.timers.stop_request(r.deadline, id);
-                self.forget_request(id, &r);
+                cx.timers.stop_request(r.deadline, id);
+                self.forget_request(cx, id, &r);
             }
         }
         match reason {
             ChunkFailure::Corrupt => {
                 // Never ask that peer for this file again.
-                if let Some(p) = self.peers.get_mut(&from)
-                    && let Some(bits) = p.haves.remove(&file)
+                if let Some(bits) = self.haves.get_mut(&from).and_then(|h| h.remove(&file))
                     && let Some(f) = self.files.get_mut(&file)
                 {
                     remove_availability(f, &bits);
                 }
-                self.penalise(
+                Some((
                     from,
                     PENALTY_CORRUPT,
                     format!("corrupt chunk {index} of {}", file.short()),
-                );
+                ))
             }
             ChunkFailure::Store(_) => {
                 if let Some(f) = self.files.get_mut(&file) {
@@ -368,8 +659,9 @@ impl<R: Rng> Mesh<R> {
                 }
                 // A full or failing disk: pause downloads rather than fetch bytes that
                 // cannot be kept.
-                self.timers
-                    .set(Timer::StoreBackoff, now.mono + self.config.store_retry);
+                cx.timers
+                    .set(Timer::StoreBackoff, now.mono + cx.config.store_retry);
+                None
             }
         }
     }
@@ -419,7 +711,7 @@ impl<R: Rng> Mesh<R> {
     /// Debug dump of the exchange state of one file (tests).
     #[doc(hidden)]
     pub fn debug_file(&self, file: &ContentId) -> String {
-        let Some(f) = self.files.get(file) else {
+        let Some(f) = self.exchange.file(file) else {
             return "unknown file".into();
         };
         let missing: Vec<u32> = (0..f.total()).filter(|i| !f.have.get(*i)).collect();
@@ -435,16 +727,185 @@ impl<R: Rng> Mesh<R> {
         for i in &missing {
             s += &format!("  avail[{i}]={}\n", f.avail[*i as usize]);
         }
-        for (id, p) in &self.peers {
-            let b = p.haves.get(file);
+        for id in self.peers.ids() {
+            let b = self.exchange.announced(id, file);
             s += &format!(
                 "  peer {} inflight {} count {:?} has-missing {:?}\n",
                 id.short(),
-                p.inflight,
+                self.exchange.inflight(id),
                 b.map(|b| b.count()),
                 b.map(|b| missing.iter().filter(|i| b.get(**i)).count())
             );
         }
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::bitfield::Bitfield;
+    use crate::io::{ChunkFailure, Event, Output};
+    use crate::state::config::{PENALTY_CORRUPT, PENALTY_MINOR};
+    use crate::state::testkit::{add_peer, at, bench, peer};
+    use crate::wire::Message;
+
+    #[test]
+    fn a_bitfield_of_the_wrong_length_is_a_penalty_for_the_router_and_changes_nothing() {
+        let (mut b, f) = bench(4, None);
+        add_peer(&mut b, 1, None, f, &[0]);
+        let (x, mut cx) = b.cx();
+        let penalty = x.on_have(&mut cx, peer(1), f, Bitfield::new(5));
+        assert!(matches!(penalty, Some((p, PENALTY_MINOR, _)) if p == peer(1)));
+        let penalty = x.on_have_chunk(&mut cx, peer(1), f, 4);
+        assert!(matches!(penalty, Some((p, PENALTY_MINOR, _)) if p == peer(1)));
+        assert_eq!(b.exchange.files()[&f].avail, vec![1, 0, 0, 0]);
+        assert!(b.out.is_empty(), "the exchange penalises nobody itself");
+    }
+
+    #[test]
+    fn announcements_update_availability_and_seeds() {
+        let (mut b, f) = bench(2, None);
+        add_peer(&mut b, 1, None, f, &[]);
+        let (x, mut cx) = b.cx();
+        assert!(x.on_have_chunk(&mut cx, peer(1), f, 0).is_none());
+        assert!(
+            x.on_have_chunk(&mut cx, peer(1), f, 0).is_none(),
+            "twice counts once"
+        );
+        assert_eq!(
+            (x.files[&f].avail.clone(), x.files[&f].seeds),
+            (vec![1, 0], 0)
+        );
+        assert!(x.on_have_chunk(&mut cx, peer(1), f, 1).is_none());
+        assert_eq!(x.files[&f].seeds, 1, "the last chunk makes it a seed");
+        let mut all = Bitfield::new(2);
+        all.set(0);
+        assert!(x.on_have(&mut cx, peer(1), f, all).is_none());
+        assert_eq!(
+            (x.files[&f].avail.clone(), x.files[&f].seeds),
+            (vec![1, 0], 0)
+        );
+    }
+
+    #[test]
+    fn a_timed_out_request_is_cancelled_and_its_peer_returned() {
+        let (mut b, f) = bench(4, None);
+        add_peer(&mut b, 1, None, f, &[0, 1]);
+        b.request(at(0), peer(1), f, 0);
+        b.out.clear();
+        let id = b.timers.pop_due_request(at(600_000).mono).expect("armed");
+        let (x, mut cx) = b.cx();
+        assert_eq!(x.timeout_request(&mut cx, id), Some(peer(1)));
+        assert_eq!(x.timeout_request(&mut cx, id), None, "once");
+        assert!(
+            matches!(b.out.pop_front(), Some(Output::Send { to, msg: Message::Cancel { id: i } }) if to == peer(1) && i == id)
+        );
+        assert!(b.exchange.files()[&f].inflight.is_empty());
+        assert_eq!(b.exchange.inflight(&peer(1)), 0);
+    }
+
+    #[test]
+    fn a_gone_peer_leaves_availability_and_its_requests() {
+        let (mut b, f) = bench(4, None);
+        add_peer(&mut b, 1, None, f, &[0, 1]);
+        add_peer(&mut b, 2, None, f, &[1]);
+        b.request(at(0), peer(1), f, 0);
+        b.request(at(0), peer(2), f, 1);
+        b.peers.remove(&peer(1)).expect("connected");
+        let (x, mut cx) = b.cx();
+        x.forget_peer(&mut cx, peer(1));
+        assert_eq!(x.files[&f].avail, vec![0, 1, 0, 0]);
+        assert_eq!(x.requests.len(), 1);
+        assert_eq!(
+            x.files[&f].inflight.keys().copied().collect::<Vec<_>>(),
+            [1]
+        );
+        let due = b.timers.pop_due_request(at(600_000).mono);
+        assert_eq!(due.map(|id| b.exchange.requests[&id].peer), Some(peer(2)));
+        assert!(
+            b.timers.pop_due_request(at(600_000).mono).is_none(),
+            "timer stopped"
+        );
+    }
+
+    #[test]
+    fn a_stored_chunk_finishes_its_requests_and_the_last_one_asks_for_a_refresh() {
+        let (mut b, f) = bench(2, None);
+        add_peer(&mut b, 1, None, f, &[0, 1]);
+        add_peer(&mut b, 2, None, f, &[0, 1]);
+        b.request(at(0), peer(1), f, 0);
+        b.request(at(0), peer(2), f, 0);
+        b.out.clear();
+        let (x, mut cx) = b.cx();
+        assert!(!x.on_chunk_stored(&mut cx, Some(peer(1)), f, 0));
+        assert!(x.requests.is_empty());
+        assert!(
+            !x.on_chunk_stored(&mut cx, None, f, 0),
+            "a second time: nothing"
+        );
+        assert!(x.on_chunk_stored(&mut cx, None, f, 1), "complete: refresh");
+        let out: Vec<Output> = b.out.drain(..).collect();
+        assert!(
+            matches!(&out[0], Output::Send { to, msg: Message::Cancel { .. } } if *to == peer(2)),
+            "the duplicate is cancelled, the sender is not"
+        );
+        let progress = out
+            .iter()
+            .filter(|o| matches!(o, Output::Event(Event::FileProgress { .. })))
+            .count();
+        assert_eq!(progress, 2);
+        assert!(matches!(
+            out.last(),
+            Some(Output::Event(Event::FileComplete { .. }))
+        ));
+    }
+
+    #[test]
+    fn a_corrupt_chunk_drops_the_peers_announcement_and_returns_a_penalty() {
+        let (mut b, f) = bench(2, None);
+        add_peer(&mut b, 1, None, f, &[0, 1]);
+        b.request(at(0), peer(1), f, 0);
+        let (x, mut cx) = b.cx();
+        let penalty = x.on_chunk_failed(&mut cx, at(1), peer(1), f, 0, ChunkFailure::Corrupt);
+        assert!(matches!(penalty, Some((p, PENALTY_CORRUPT, _)) if p == peer(1)));
+        assert!(x.requests.is_empty());
+        assert_eq!(
+            (x.files[&f].avail.clone(), x.files[&f].seeds),
+            (vec![0, 0], 0)
+        );
+        assert!(b.exchange.announced(&peer(1), &f).is_none());
+    }
+
+    #[test]
+    fn releases_decide_which_files_exist_and_which_are_wanted() {
+        let (mut b, f) = bench(2, None);
+        b.exchange.files_mut().get_mut(&f).unwrap().wanted = false;
+        b.exchange.want(&f, true);
+        b.exchange.want(&f, false);
+        assert!(b.exchange.files()[&f].wanted, "wanted stays wanted");
+        b.exchange.retain_files(&[f].into_iter().collect());
+        assert!(b.exchange.file(&f).is_some());
+        b.exchange.retain_files(&Default::default());
+        assert!(b.exchange.files().is_empty(), "no live release names it");
+    }
+
+    #[test]
+    fn announcements_are_kept_per_connected_peer_only() {
+        let (mut b, f) = bench(2, None);
+        add_peer(&mut b, 1, None, f, &[0]);
+        let (x, mut cx) = b.cx();
+        assert!(x.on_have_chunk(&mut cx, peer(7), f, 1).is_none());
+        assert!(
+            x.announced(&peer(7), &f).is_none(),
+            "not connected: ignored"
+        );
+        assert_eq!(x.files()[&f].avail, vec![1, 0]);
+        x.forget_refused(&peer(1));
+        assert!(x.announced(&peer(1), &f).is_none());
+        assert_eq!(
+            x.files()[&f].avail,
+            vec![1, 0],
+            "a refused reconnect keeps its count, as before"
+        );
     }
 }

@@ -1,38 +1,39 @@
 //! The chunk scheduler: which chunk to ask which peer for.
 
 use crate::ids::{ContentId, NodeId};
-use crate::state::Mesh;
 use crate::state::exchange::Request;
+use crate::state::exchange::{Ctx, Exchange};
 use crate::state::timers::Timer;
 use crate::time::Now;
 use crate::wire::Message;
 use core::time::Duration;
 use rand_core::Rng;
 
-impl<R: Rng> Mesh<R> {
+impl Exchange {
     /// Request chunk `index` of `file` from `peer` if it is free, wanted and the peer has
     /// room (the rules of [`Mesh::pick_chunk`], for one chunk).
-    pub(in crate::state) fn schedule_one(
+    pub(in crate::state) fn schedule_one<R: Rng>(
         &mut self,
+        cx: &mut Ctx<'_, R>,
         now: Now,
         peer: NodeId,
         file: ContentId,
         index: u32,
     ) {
-        if self
+        if cx
             .timers
             .get(Timer::StoreBackoff)
             .is_some_and(|t| now.mono < t)
         {
             return;
         }
-        let Some(p) = self.peers.get(&peer) else {
+        let Some(p) = cx.peers.get(&peer) else {
             return;
         };
-        if p.inflight >= self.config.max_inflight_per_peer || p.refused {
+        if self.inflight(&peer) >= cx.config.max_inflight_per_peer || p.refused {
             return;
         }
-        let (Some(bits), Some(f)) = (p.haves.get(&file), self.files.get(&file)) else {
+        let (Some(bits), Some(f)) = (self.announced(&peer, &file), self.files.get(&file)) else {
             return;
         };
         if !f.wanted
@@ -49,38 +50,39 @@ impl<R: Rng> Mesh<R> {
             return;
         }
         // Across a WAN link: one at a time, and only what no peer on this site has.
-        if self.remote(p)
-            && (p.inflight >= self.config.max_inflight_per_seed
-                || self
-                    .peers
-                    .values()
-                    .any(|q| self.on_site(q) && q.haves.get(&file).is_some_and(|b| b.get(index))))
+        if cx.peers.remote(p)
+            && (self.inflight(&peer) >= cx.config.max_inflight_per_seed
+                || cx.peers.iter().any(|(qid, q)| {
+                    cx.peers.on_site(q) && self.announced(qid, &file).is_some_and(|b| b.get(index))
+                }))
         {
             return;
         }
-        self.request(now, peer, file, index);
+        self.request(cx, now, peer, file, index);
     }
 
     /// Issue chunk requests to peers with free slots.
-    pub(in crate::state) fn schedule(&mut self, now: Now) {
-        if self
+    pub(in crate::state) fn schedule<R: Rng>(&mut self, cx: &mut Ctx<'_, R>, now: Now) {
+        if cx
             .timers
             .get(Timer::StoreBackoff)
             .is_some_and(|t| now.mono < t)
         {
             return;
         }
-        self.timers.stop(Timer::StoreBackoff);
-        let max = self.config.max_inflight_per_peer;
+        cx.timers.stop(Timer::StoreBackoff);
+        let max = cx.config.max_inflight_per_peer;
         if self.files.values().all(|f| !f.wanted || f.complete()) {
             return;
         }
-        let my_site = self.config.site.clone();
+        let my_site = cx.config.site.clone();
         // Peers with free slots, best first: same site, lower RTT, random salt.
-        let mut order: Vec<(bool, Duration, u64, NodeId)> = self
+        let mut order: Vec<(bool, Duration, u64, NodeId)> = cx
             .peers
             .iter()
-            .filter(|(_, p)| p.inflight < max && !p.haves.is_empty())
+            .filter(|(id, _)| {
+                self.inflight(id) < max && self.haves.get(*id).is_some_and(|h| !h.is_empty())
+            })
             .map(|(id, p)| {
                 let same = my_site.is_some() && p.site == my_site;
                 (!same, p.rtt.unwrap_or(Duration::from_secs(1)), p.salt, *id)
@@ -96,17 +98,17 @@ impl<R: Rng> Mesh<R> {
         for (_, _, _, peer) in order {
             for file in &files {
                 loop {
-                    let slots = self
+                    let slots = cx
                         .peers
                         .get(&peer)
-                        .map_or(0, |p| max.saturating_sub(p.inflight));
+                        .map_or(0, |_| max.saturating_sub(self.inflight(&peer)));
                     if slots == 0 {
                         break;
                     }
-                    let Some(index) = self.pick_chunk(now, &peer, file) else {
+                    let Some(index) = self.pick_chunk(cx, now, &peer, file) else {
                         break;
                     };
-                    self.request(now, peer, *file, index);
+                    self.request(cx, now, peer, *file, index);
                 }
             }
         }
@@ -117,14 +119,15 @@ impl<R: Rng> Mesh<R> {
     /// has, and from a peer on another site only chunks no peer on this site has, each one
     /// at a time; when every missing chunk is in flight, an old request to another peer to
     /// duplicate (endgame).
-    pub(in crate::state) fn pick_chunk(
+    pub(in crate::state) fn pick_chunk<R: Rng>(
         &mut self,
+        cx: &mut Ctx<'_, R>,
         now: Now,
         peer: &NodeId,
         file: &ContentId,
     ) -> Option<u32> {
-        let p = self.peers.get(peer)?;
-        let bits = p.haves.get(file)?;
+        let p = cx.peers.get(peer)?;
+        let bits = self.announced(peer, file)?;
         let f = self.files.get(file)?;
         let n = f.total();
         if n == 0 {
@@ -132,20 +135,20 @@ impl<R: Rng> Mesh<R> {
         }
         let is_seed = bits.count() == n;
         // Keep few requests queued at a seed: what it uploads twice is wasted on its uplink.
-        if is_seed && p.inflight >= self.config.max_inflight_per_seed {
+        if is_seed && self.inflight(peer) >= cx.config.max_inflight_per_seed {
             return None;
         }
         // A peer on another site is behind a WAN link: ask it only for chunks no peer on
         // this site has (those come over the LAN), one at a time.
-        let remote = self.remote(p);
-        if remote && p.inflight >= self.config.max_inflight_per_seed {
+        let remote = cx.peers.remote(p);
+        if remote && self.inflight(peer) >= cx.config.max_inflight_per_seed {
             return None;
         }
         let local: Vec<u8> = if remote {
             let mut u = vec![0u8; f.have.as_bytes().len()];
-            for q in self.peers.values() {
-                if self.on_site(q)
-                    && let Some(b) = q.haves.get(file)
+            for (qid, q) in cx.peers.iter() {
+                if cx.peers.on_site(q)
+                    && let Some(b) = self.announced(qid, file)
                 {
                     for (x, y) in u.iter_mut().zip(b.as_bytes()) {
                         *x |= *y;
@@ -159,7 +162,7 @@ impl<R: Rng> Mesh<R> {
         // Chunk order from a random start; a byte (8 chunks) where the peer has nothing this
         // node lacks is skipped at once.
         let (pb, hb) = (bits.as_bytes(), f.have.as_bytes());
-        let start = (self.rng.next_u64() % u64::from(n)) as u32;
+        let start = (cx.rng.next_u64() % u64::from(n)) as u32;
         let mut best: Option<(u16, u32)> = None;
         let mut k = 0u32;
         while k < n {
@@ -212,7 +215,7 @@ impl<R: Rng> Mesh<R> {
             let old = ids.iter().all(|id| {
                 self.requests.get(id).is_some_and(|r| {
                     r.peer != *peer
-                        && now.mono.saturating_duration_since(r.sent) >= self.config.endgame_after
+                        && now.mono.saturating_duration_since(r.sent) >= cx.config.endgame_after
                 })
             });
             if old {
@@ -223,8 +226,9 @@ impl<R: Rng> Mesh<R> {
         pick
     }
 
-    pub(in crate::state) fn request(
+    pub(in crate::state) fn request<R: Rng>(
         &mut self,
+        cx: &mut Ctx<'_, R>,
         now: Now,
         peer: NodeId,
         file: ContentId,
@@ -232,7 +236,7 @@ impl<R: Rng> Mesh<R> {
     ) {
         let id = self.next_request;
         self.next_request += 1;
-        let deadline = now.mono + self.config.request_timeout;
+        let deadline = now.mono + cx.config.request_timeout;
         self.requests.insert(
             id,
             Request {
@@ -243,24 +247,24 @@ impl<R: Rng> Mesh<R> {
                 deadline,
             },
         );
-        self.timers.set_request(deadline, id);
-        if let Some(p) = self.peers.get_mut(&peer) {
-            p.inflight += 1;
+        cx.timers.set_request(deadline, id);
+        if cx.peers.contains(&peer) {
+            *self.asked.entry(peer).or_default() += 1;
         }
         if let Some(f) = self.files.get_mut(&file) {
             f.inflight.entry(index).or_default().push(id);
         }
-        self.send(peer, Message::Request { id, file, index });
+        cx.send(peer, Message::Request { id, file, index });
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use crate::state::testkit::{add_peer, at, mesh, peer, requests};
+    use crate::state::testkit::{add_peer, at, bench, peer, requests};
 
     #[test]
     fn pick_chunk_takes_the_rarest_chunk_the_peer_has() {
-        let (mut m, f) = mesh(8, None);
+        let (mut m, f) = bench(8, None);
         add_peer(&mut m, 1, None, f, &[0, 1, 2, 3]);
         add_peer(&mut m, 2, None, f, &[0, 1, 3]);
         add_peer(&mut m, 3, None, f, &[0, 1, 3]);
@@ -272,10 +276,15 @@ mod tests {
 
     #[test]
     fn pick_chunk_skips_chunks_held_pending_or_in_flight() {
-        let (mut m, f) = mesh(4, None);
+        let (mut m, f) = bench(4, None);
         add_peer(&mut m, 1, None, f, &[0, 1, 2]);
-        m.files.get_mut(&f).unwrap().have.set(0);
-        m.files.get_mut(&f).unwrap().pending.insert(1);
+        m.exchange.files_mut().get_mut(&f).unwrap().have.set(0);
+        m.exchange
+            .files_mut()
+            .get_mut(&f)
+            .unwrap()
+            .pending
+            .insert(1);
         assert_eq!(m.pick_chunk(at(0), &peer(1), &f), Some(2));
         m.request(at(0), peer(1), f, 2);
         // Chunk 3 is missing and free but peer 1 lacks it: no endgame yet, nothing to ask.
@@ -284,7 +293,7 @@ mod tests {
 
     #[test]
     fn a_seed_is_asked_only_for_chunks_no_other_peer_has_and_one_at_a_time() {
-        let (mut m, f) = mesh(6, None);
+        let (mut m, f) = bench(6, None);
         add_peer(&mut m, 1, None, f, &[0, 1, 2, 3, 4, 5]); // the seed
         add_peer(&mut m, 2, None, f, &[0, 1, 2, 3]);
         for _ in 0..20 {
@@ -301,7 +310,7 @@ mod tests {
 
     #[test]
     fn a_peer_across_the_wan_is_asked_only_for_what_this_site_lacks_one_at_a_time() {
-        let (mut m, f) = mesh(8, Some("lan"));
+        let (mut m, f) = bench(8, Some("lan"));
         add_peer(&mut m, 1, Some("lan"), f, &[0, 1, 2, 3]);
         add_peer(&mut m, 2, Some("far"), f, &[0, 1, 2, 3, 4, 5]);
         for _ in 0..20 {
@@ -324,7 +333,7 @@ mod tests {
 
     #[test]
     fn schedule_asks_the_same_site_first_and_bounds_requests_per_peer() {
-        let (mut m, f) = mesh(16, Some("lan"));
+        let (mut m, f) = bench(16, Some("lan"));
         let all: Vec<u32> = (0..15).collect(); // not seeds: nobody has chunk 15
         add_peer(&mut m, 1, Some("far"), f, &all);
         add_peer(&mut m, 2, Some("lan"), f, &all);
@@ -342,14 +351,14 @@ mod tests {
             sent.iter().all(|r| r.0 != peer(1)),
             "the WAN peer holds nothing the LAN lacks: {sent:?}"
         );
-        assert_eq!(m.peers[&peer(2)].inflight, max);
+        assert_eq!(m.exchange.inflight(&peer(2)), max);
         m.schedule(at(1));
         assert!(requests(&mut m).is_empty(), "no slot left");
     }
 
     #[test]
     fn endgame_duplicates_old_requests_to_another_peer() {
-        let (mut m, f) = mesh(2, None);
+        let (mut m, f) = bench(2, None);
         m.config.max_inflight_per_seed = 2;
         add_peer(&mut m, 1, None, f, &[0, 1]);
         add_peer(&mut m, 2, None, f, &[0, 1]);

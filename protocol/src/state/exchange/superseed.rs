@@ -2,7 +2,7 @@
 
 use crate::bitfield::Bitfield;
 use crate::ids::{ContentId, NodeId};
-use crate::state::Mesh;
+use crate::state::exchange::{Ctx, Exchange};
 use crate::time::{Instant, Now};
 use crate::wire::Message;
 use core::time::Duration;
@@ -25,10 +25,15 @@ pub(in crate::state) struct SuperSeed {
 /// Without a first upload for this long, a super-seed announces everything.
 const SUPERSEED_STALL: Duration = Duration::from_secs(5);
 
-impl<R: Rng> Mesh<R> {
+impl Exchange {
     /// Start super-seeding `file`, which this node alone holds: show each peer, in a
     /// random order, its share.
-    pub(in crate::state) fn start_superseed(&mut self, now: Now, file: ContentId) {
+    pub(in crate::state) fn start_superseed<R: Rng>(
+        &mut self,
+        cx: &mut Ctx<'_, R>,
+        now: Now,
+        file: ContentId,
+    ) {
         let Some(f) = self.files.get_mut(&file) else {
             return;
         };
@@ -37,20 +42,26 @@ impl<R: Rng> Mesh<R> {
             cursor: 0,
             progress: now.mono,
         });
-        let mut peers: Vec<NodeId> = self.peers.keys().copied().collect();
+        let mut peers: Vec<NodeId> = cx.peers.ids().copied().collect();
         // A random order, so who gets the first chunks differs between files.
         for i in (1..peers.len()).rev() {
-            let j = (self.rng.next_u64() % (i as u64 + 1)) as usize;
+            let j = (cx.rng.next_u64() % (i as u64 + 1)) as usize;
             peers.swap(i, j);
         }
         for p in peers {
-            self.announce_share(p, file);
+            self.announce_share(cx, p, file);
         }
     }
 
     /// A peer asked for chunk `index`: a first upload is progress; once every chunk left
     /// once, announce the whole file.
-    pub(in crate::state) fn superseed_served(&mut self, now: Now, file: ContentId, index: u32) {
+    pub(in crate::state) fn superseed_served<R: Rng>(
+        &mut self,
+        cx: &mut Ctx<'_, R>,
+        now: Now,
+        file: ContentId,
+        index: u32,
+    ) {
         if let Some(f) = self.files.get_mut(&file)
             && let Some(ss) = f.superseed.as_mut()
             && f.have.get(index)
@@ -59,13 +70,13 @@ impl<R: Rng> Mesh<R> {
             ss.served.set(index);
             ss.progress = now.mono;
             if ss.served.count() == f.total() {
-                self.reveal(file);
+                self.reveal(cx, file);
             }
         }
     }
 
     /// Reveal every super-seeded file without a first upload for [`SUPERSEED_STALL`].
-    pub(in crate::state) fn reveal_stalled(&mut self, now: Now) {
+    pub(in crate::state) fn reveal_stalled<R: Rng>(&mut self, cx: &mut Ctx<'_, R>, now: Now) {
         let stalled: Vec<ContentId> = self
             .files
             .iter()
@@ -77,14 +88,19 @@ impl<R: Rng> Mesh<R> {
             .map(|(k, _)| *k)
             .collect();
         for file in stalled {
-            self.reveal(file);
+            self.reveal(cx, file);
         }
     }
 
     /// Super-seeding: show `peer` the next share of the chunks not uploaded yet (an equal
     /// part for each current peer).
-    pub(in crate::state) fn announce_share(&mut self, peer: NodeId, file: ContentId) {
-        let npeers = self.peers.len().max(1) as u32;
+    pub(in crate::state) fn announce_share<R: Rng>(
+        &mut self,
+        cx: &mut Ctx<'_, R>,
+        peer: NodeId,
+        file: ContentId,
+    ) {
+        let npeers = cx.peers.len().max(1) as u32;
         let Some(f) = self.files.get_mut(&file) else {
             return;
         };
@@ -106,15 +122,15 @@ impl<R: Rng> Mesh<R> {
             }
         }
         ss.cursor = (ss.cursor + k) % total;
-        self.send(peer, Message::Have { file, chunks: bits });
+        cx.send(peer, Message::Have { file, chunks: bits });
     }
 
     /// Stop super-seeding `file`: announce all of it.
-    pub(in crate::state) fn reveal(&mut self, file: ContentId) {
+    pub(in crate::state) fn reveal<R: Rng>(&mut self, cx: &mut Ctx<'_, R>, file: ContentId) {
         if let Some(f) = self.files.get_mut(&file)
             && f.superseed.take().is_some()
         {
-            self.announce_file(file);
+            self.announce_file(cx, file);
         }
     }
 }
@@ -124,15 +140,15 @@ mod tests {
     use super::SuperSeed;
     use crate::bitfield::Bitfield;
     use crate::io::Output;
-    use crate::state::testkit::{add_peer, at, mesh, peer};
+    use crate::state::testkit::{add_peer, at, bench, peer};
     use crate::wire::Message;
 
     #[test]
     fn shares_split_the_unserved_chunks_between_peers() {
-        let (mut m, f) = mesh(10, None);
+        let (mut m, f) = bench(10, None);
         add_peer(&mut m, 1, None, f, &[]);
         add_peer(&mut m, 2, None, f, &[]);
-        let fs = m.files.get_mut(&f).unwrap();
+        let fs = m.exchange.files_mut().get_mut(&f).unwrap();
         fs.superseed = Some(SuperSeed {
             served: Bitfield::new(10),
             cursor: 0,
@@ -156,7 +172,14 @@ mod tests {
             "disjoint"
         );
         // Once served, a chunk is in no share.
-        let ss = m.files.get_mut(&f).unwrap().superseed.as_mut().unwrap();
+        let ss = m
+            .exchange
+            .files_mut()
+            .get_mut(&f)
+            .unwrap()
+            .superseed
+            .as_mut()
+            .unwrap();
         for i in 0..9 {
             ss.served.set(i);
         }
@@ -172,9 +195,9 @@ mod tests {
 
     #[test]
     fn reveal_announces_the_whole_file_and_ends_superseeding() {
-        let (mut m, f) = mesh(4, None);
+        let (mut m, f) = bench(4, None);
         add_peer(&mut m, 1, None, f, &[]);
-        let fs = m.files.get_mut(&f).unwrap();
+        let fs = m.exchange.files_mut().get_mut(&f).unwrap();
         for i in 0..4 {
             fs.have.set(i);
         }
@@ -184,7 +207,7 @@ mod tests {
             progress: at(0).mono,
         });
         m.reveal(f);
-        assert!(m.files[&f].superseed.is_none());
+        assert!(m.exchange.files()[&f].superseed.is_none());
         assert!(matches!(
             m.poll_output(),
             Some(Output::Send { msg: Message::Have { chunks, .. }, .. }) if chunks.count() == 4
