@@ -206,6 +206,10 @@ pub enum TrustError {
     /// A node certificate that does not check out.
     #[error("bad node certificate: {0}")]
     BadCertificate(String),
+    /// A valid object this node has no room for (a table at its bound). Not the sender's
+    /// fault: it is never a reason to penalise a peer.
+    #[error("no room: {0}")]
+    Capacity(String),
 }
 
 impl TrustError {
@@ -221,6 +225,7 @@ impl TrustError {
             TrustError::Stale { .. } => "stale",
             TrustError::Future { .. } => "future",
             TrustError::BadCertificate(_) => "bad_certificate",
+            TrustError::Capacity(_) => "capacity",
         }
     }
 }

@@ -1018,3 +1018,69 @@ fn node_restarted_after_a_halt_learns_it_before_switching() {
     );
     assert_eq!(h.nodes[k].active.get(&vision()).map(|a| a.0), Some(1));
 }
+
+/// Pins of channels a node does not follow take no channel slot, and a valid manifest a
+/// node has no room for is refused without penalising the honest peer that relayed it
+/// (security review H4: a pin flood made nodes ban every peer that knew a new channel).
+#[test]
+fn pins_take_no_channel_slots_and_a_full_table_penalises_nobody() {
+    let op = Operator::new(61, 1, None);
+    let config = Config {
+        max_channels: 2,
+        ..Config::default()
+    };
+    let mut h = Harness::new(6, config, LinkModel::default(), 61, T0);
+    h.install_trust(&op.trust);
+    h.connect_random(4);
+    let pin = |h: &mut Harness, name: &str, version| {
+        h.command(
+            3,
+            Command::PinVersion {
+                channel: Channel::new(name).unwrap(),
+                version,
+            },
+        )
+    };
+    pin(&mut h, "junk-0", Some(1)).unwrap();
+    pin(&mut h, "junk-1", Some(1)).unwrap();
+    assert!(
+        pin(&mut h, "junk-2", Some(1)).is_err(),
+        "pending pins are bounded"
+    );
+    pin(&mut h, "junk-1", None).unwrap();
+    pin(&mut h, "junk-2", Some(1)).unwrap();
+    assert!(h.nodes[3].mesh.status().is_empty(), "no channel slot taken");
+    let mut version = 0;
+    for name in ["a", "b", "c"] {
+        version += 1;
+        let spec = random_file_spec(50_000 + version, 16 * 1024, 4);
+        let m = sign(&op, name, 1, &spec, RolloutPlan::immediate(), h.wall());
+        let r = h.publish(0, &m, &[&spec]);
+        if name == "c" {
+            let e = r.unwrap_err();
+            assert!(e.contains("no room"), "{e}");
+            // As if a peer with room relayed it to every node.
+            for to in 1..6 {
+                h.inject(0, to, Message::Manifest(m.clone()));
+            }
+        } else {
+            r.unwrap();
+        }
+        h.run_for(Duration::from_secs(20));
+    }
+    for (i, n) in h.nodes.iter().enumerate() {
+        let channels: Vec<String> = n
+            .mesh
+            .status()
+            .iter()
+            .map(|c| c.channel.to_string())
+            .collect();
+        assert_eq!(channels, ["a", "b"], "node {i}");
+        assert!(
+            !n.events
+                .iter()
+                .any(|(_, e)| matches!(e, Event::PeerPenalised { .. })),
+            "node {i} penalised a peer"
+        );
+    }
+}

@@ -135,6 +135,9 @@ pub struct Mesh<R> {
     cert: Option<SignedNodeCert>,
     /// Followed channels, their retained releases and what is active (part `releases`).
     channels: BTreeMap<Channel, ChannelState>,
+    /// Version pins of channels not followed yet (at most `max_channels`): applied when
+    /// the channel's entry is created, so a pin never takes a channel slot by itself.
+    pending_pins: BTreeMap<Channel, u64>,
     /// Manifest id -> (channel, version), for every retained release.
     index: BTreeMap<ManifestId, (Channel, u64)>,
     /// Files, availability and chunk requests (part `exchange`, owns its data).
@@ -177,6 +180,7 @@ impl<R: Rng> Mesh<R> {
             trust: None,
             cert: None,
             channels: BTreeMap::new(),
+            pending_pins: BTreeMap::new(),
             index: BTreeMap::new(),
             exchange: Exchange::default(),
             peers,
@@ -541,8 +545,33 @@ impl<R: Rng> Mesh<R> {
             }
             Command::Instruct(i) => self.on_instruction(now, None, i).map_err(|e| e.to_string()),
             Command::PinVersion { channel, version } => {
-                let c = self.channel_entry(&channel)?;
+                // A pin of a channel not followed yet waits aside (it takes no channel
+                // slot) until the channel's first manifest arrives.
+                let Some(c) = self.channels.get_mut(&channel) else {
+                    match version {
+                        Some(v) => {
+                            if self.pending_pins.len() >= self.config.max_channels
+                                && !self.pending_pins.contains_key(&channel)
+                            {
+                                return Err(format!(
+                                    "at most {} pins of channels not followed yet",
+                                    self.config.max_channels
+                                ));
+                            }
+                            self.pending_pins.insert(channel, v);
+                        }
+                        None => {
+                            self.pending_pins.remove(&channel);
+                        }
+                    }
+                    return Ok(());
+                };
                 c.pinned_version = version;
+                // An unpinned channel that holds nothing gives its slot back.
+                if version.is_none() && c.releases.is_empty() && c.active.is_none() {
+                    self.channels.remove(&channel);
+                    return Ok(());
+                }
                 self.trim_channel(&channel);
                 self.refresh_all(now);
                 Ok(())

@@ -23,6 +23,8 @@ pub(super) fn penalty_for(e: &TrustError) -> u32 {
         | TrustError::TrustRootExpired
         | TrustError::Stale { .. }
         | TrustError::Future { .. } => 0,
+        // A bound of this node, not a fault of the sender.
+        TrustError::Capacity(_) => 0,
     }
 }
 
@@ -119,10 +121,15 @@ impl<R: Rng> Mesh<R> {
             return self.refuse(
                 ObjectKind::Manifest,
                 from,
-                TrustError::Malformed(SignedError::Invalid("too many channels".into())),
+                TrustError::Capacity(format!(
+                    "this node follows {max_channels} channels, its limit (max_channels)"
+                )),
             );
         }
         let chan = self.channels.entry(channel.clone()).or_default();
+        if let Some(v) = self.pending_pins.remove(&channel) {
+            chan.pinned_version = Some(v);
+        }
         // Same channel and version, different body: equivocation.
         if let Some(existing) = chan.releases.get(&version) {
             let existing_signed = existing.manifest.signed.clone();

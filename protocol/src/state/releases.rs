@@ -59,7 +59,11 @@ impl<R: Rng> Mesh<R> {
         if !self.channels.contains_key(channel) && self.channels.len() >= self.config.max_channels {
             return Err("too many channels".into());
         }
-        Ok(self.channels.entry(channel.clone()).or_default())
+        let c = self.channels.entry(channel.clone()).or_default();
+        if let Some(v) = self.pending_pins.remove(channel) {
+            c.pinned_version = Some(v);
+        }
+        Ok(c)
     }
 
     pub(super) fn insert_release(&mut self, now: Now, m: Manifest) {
