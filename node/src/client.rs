@@ -32,6 +32,8 @@ pub enum ApiError {
 pub struct NodeClient {
     agent: ureq::Agent,
     base: String,
+    /// Sent as `Authorization: Bearer` on every call (mutations need it).
+    token: Option<String>,
 }
 
 impl NodeClient {
@@ -46,7 +48,18 @@ impl NodeClient {
         NodeClient {
             agent,
             base: base.trim_end_matches('/').to_string(),
+            token: None,
         }
+    }
+
+    /// The same client, sending `token` (the node's `<data-dir>/api-token`).
+    pub fn with_token(mut self, token: Option<String>) -> Self {
+        self.token = token;
+        self
+    }
+
+    fn bearer(&self) -> String {
+        format!("Bearer {}", self.token.as_deref().unwrap_or(""))
     }
 
     /// The node's base URL, without a trailing `/`.
@@ -96,6 +109,7 @@ impl NodeClient {
             .agent
             .put(&url)
             .header("content-type", "application/octet-stream")
+            .header("authorization", self.bearer())
             .send(ureq::SendBody::from_owned_reader(file));
         check(resp).map(|_| ())
     }
@@ -127,8 +141,16 @@ impl NodeClient {
     pub fn pin(&self, channel: &str, version: Option<u64>) -> Result<(), ApiError> {
         let url = format!("{}/v1/pins/{channel}", self.base);
         let resp = match version {
-            Some(v) => self.agent.put(&url).send(v.to_string().as_bytes()),
-            None => self.agent.delete(&url).call(),
+            Some(v) => self
+                .agent
+                .put(&url)
+                .header("authorization", self.bearer())
+                .send(v.to_string().as_bytes()),
+            None => self
+                .agent
+                .delete(&url)
+                .header("authorization", self.bearer())
+                .call(),
         };
         check(resp).map(|_| ())
     }
@@ -152,12 +174,37 @@ impl NodeClient {
             .agent
             .post(format!("{}{path}", self.base))
             .header("content-type", "application/octet-stream")
+            .header("authorization", self.bearer())
             .send(body);
         check(resp)?
             .body_mut()
             .read_json()
             .map_err(ApiError::Transport)
     }
+}
+
+/// The API token for a CLI call: `--token-file`, else `POLLEN_API_TOKEN`, else
+/// `<data_dir>/api-token` (the `--data-dir` given, else the default data directory).
+pub fn find_token(
+    token_file: Option<&std::path::Path>,
+    data_dir: Option<&std::path::Path>,
+) -> Option<String> {
+    let read = |p: &std::path::Path| {
+        std::fs::read_to_string(p)
+            .ok()
+            .map(|t| t.trim().to_string())
+            .filter(|t| !t.is_empty())
+    };
+    if let Some(f) = token_file {
+        return read(f);
+    }
+    if let Ok(t) = std::env::var("POLLEN_API_TOKEN")
+        && !t.trim().is_empty()
+    {
+        return Some(t.trim().to_string());
+    }
+    let dir = data_dir.map_or_else(crate::config::default_data_dir, |d| d.to_path_buf());
+    read(&dir.join(crate::http::auth::TOKEN_FILE))
 }
 
 type Response = ureq::http::Response<ureq::Body>;

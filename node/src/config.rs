@@ -15,6 +15,13 @@
 //! # `http_public = true`.
 //! http = "127.0.0.1:7411"
 //! http_public = false
+//! # Every mutation (uploads, manifests, instructions, pins) needs the bearer token the
+//! # node keeps in <data_dir>/api-token. Host names accepted besides loopback ones, and
+//! # browser origins allowed to call the API (none by default):
+//! http_allowed_hosts = []
+//! http_allowed_origins = []
+//! # With http_public, every route needs the token, unless this opens inference (/v2).
+//! http_public_inference = false
 //! # This node's site (LAN) name; peers on the same site are preferred for chunks.
 //! site = "default"
 //! # Trust root file to install (operator-provided; later rotations arrive by gossip).
@@ -90,6 +97,12 @@ pub struct NodeConfig {
     pub http: SocketAddr,
     /// Allow a non-loopback HTTP address.
     pub http_public: bool,
+    /// Host names accepted besides loopback ones.
+    pub http_allowed_hosts: Vec<String>,
+    /// Browser origins allowed to call the API.
+    pub http_allowed_origins: Vec<String>,
+    /// With `http_public`: inference without the token.
+    pub http_public_inference: bool,
     /// Site name.
     pub site: Option<String>,
     /// Trust root file.
@@ -152,6 +165,9 @@ impl Default for NodeConfig {
             external: Vec::new(),
             http: DEFAULT_HTTP.parse().expect("valid default address"),
             http_public: false,
+            http_allowed_hosts: Vec::new(),
+            http_allowed_origins: Vec::new(),
+            http_public_inference: false,
             site: None,
             trust: None,
             cert: None,

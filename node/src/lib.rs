@@ -54,7 +54,14 @@ pub async fn run(cfg: config::NodeConfig) -> Result<()> {
     let addr_file = cfg.data_dir.join("http.addr");
     let tmp = cfg.data_dir.join("http.addr.tmp");
     std::fs::write(&tmp, http.to_string()).and_then(|_| std::fs::rename(&tmp, &addr_file))?;
-    let app = http::router(handle);
+    let guard = http::auth::Guard {
+        token: http::auth::ensure_token(&cfg.data_dir)?.into(),
+        public: cfg.http_public,
+        hosts: cfg.http_allowed_hosts.clone().into(),
+        origins: cfg.http_allowed_origins.clone().into(),
+        public_inference: cfg.http_public_inference,
+    };
+    let app = http::router(handle, guard);
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             tracing::error!("http server: {e}");

@@ -133,6 +133,10 @@ pub struct Pollen {
     dir: PathBuf,
 }
 
+/// The API token every test node is started with (written to its `api-token` before its
+/// first start), so that CLI calls in tests find it through `POLLEN_API_TOKEN`.
+pub const TEST_TOKEN: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
 impl Pollen {
     /// Run the binary of [`pollen_bin`] with `dir` as working directory.
     pub fn in_dir(dir: impl Into<PathBuf>) -> Self {
@@ -156,6 +160,8 @@ impl Pollen {
         let out = Command::new(&self.bin)
             .args(&args)
             .current_dir(&self.dir)
+            // Every test node shares this token (see `mesh::Node::start_in`).
+            .env("POLLEN_API_TOKEN", TEST_TOKEN)
             .stdin(std::process::Stdio::null())
             .output()
             .unwrap_or_else(|e| panic!("cannot run {}: {e}", self.bin.display()));

@@ -209,6 +209,11 @@ impl Node {
     pub fn restart(&mut self) {
         self.kill();
         std::fs::create_dir_all(&self.dir).expect("data dir");
+        // The node keeps a token it finds; every test node shares crate::TEST_TOKEN.
+        let token = self.dir.join("api-token");
+        if !token.exists() {
+            std::fs::write(&token, crate::TEST_TOKEN).expect("api token");
+        }
         let addr_file = self.dir.join("http.addr");
         let _ = std::fs::remove_file(&addr_file);
         let log = std::fs::OpenOptions::new()
@@ -394,9 +399,10 @@ impl Node {
         }
     }
 
-    /// A client of the node's API (the test's own namespace only).
+    /// A client of the node's API (the test's own namespace only), with its token.
     pub fn client(&self) -> NodeClient {
         NodeClient::new(&self.url(), Duration::from_secs(30))
+            .with_token(Some(crate::TEST_TOKEN.into()))
     }
 
     /// `POST /v1/manifests` with raw bytes.
@@ -404,15 +410,36 @@ impl Node {
         self.http("POST", "/v1/manifests", bytes)
     }
 
-    /// An HTTP request to the node's API (`GET`, `POST`, `PUT` or `DELETE`); returns the
-    /// status and body.
+    /// An HTTP request to the node's API (`GET`, `POST`, `PUT` or `DELETE`) with the
+    /// node's API token; returns the status and body.
     pub fn http(&self, method: &str, path: &str, body: &[u8]) -> (u16, String) {
+        let bearer = format!("Bearer {}", crate::TEST_TOKEN);
+        self.http_with(method, path, body, &[("authorization", &bearer)])
+    }
+
+    /// [`Node::http`] with exactly these headers (no token unless given).
+    pub fn http_with(
+        &self,
+        method: &str,
+        path: &str,
+        body: &[u8],
+        headers: &[(&str, &str)],
+    ) -> (u16, String) {
         let url = format!("{}{path}", self.url());
+        macro_rules! with_headers {
+            ($req:expr) => {{
+                let mut r = $req;
+                for (k, v) in headers {
+                    r = r.header(*k, *v);
+                }
+                r
+            }};
+        }
         let r = match method {
-            "GET" => self.agent.get(&url).call(),
-            "DELETE" => self.agent.delete(&url).call(),
-            "PUT" => self.agent.put(&url).send(body),
-            "POST" => self.agent.post(&url).send(body),
+            "GET" => with_headers!(self.agent.get(&url)).call(),
+            "DELETE" => with_headers!(self.agent.delete(&url)).call(),
+            "PUT" => with_headers!(self.agent.put(&url)).send(body),
+            "POST" => with_headers!(self.agent.post(&url)).send(body),
             other => panic!("unsupported method {other}"),
         };
         let mut r = r.unwrap_or_else(|e| panic!("{method} {path}: {e}"));

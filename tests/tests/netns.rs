@@ -194,6 +194,7 @@ fn node_behind_nat_is_reached_through_a_relay() {
             "--node",
             &publisher.url(),
         ])
+        .env("POLLEN_API_TOKEN", pollen_tests::TEST_TOKEN)
         .output()
         .unwrap();
     assert!(

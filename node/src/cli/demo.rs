@@ -161,9 +161,13 @@ fn release(
     Ok((mf::sign(&body, &[key])?, path))
 }
 
-fn publish(http: &str, m: &Manifest, file: &Path) -> Result<()> {
+/// Publish through the node at `http` whose data directory is `data` (its API token).
+fn publish(http: &str, data: &Path, m: &Manifest, file: &Path) -> Result<()> {
     let f = &m.body.artifact.variants[0].files[0];
-    let client = client(http);
+    let client = client(http).with_token(pollen_node::client::find_token(
+        Some(&data.join(pollen_node::http::auth::TOKEN_FILE)),
+        None,
+    ));
     let bytes = std::io::Cursor::new(std::fs::read(file)?);
     match client.put_file(&f.spec.content_id, f.spec.chunk_size.get(), bytes) {
         Err(ApiError::Refused { error, .. }) => bail!("upload refused: {error}"),
@@ -388,7 +392,12 @@ pub fn run(out: &mut dyn Write) -> Result<()> {
         "\n== publish the bundled digits model v1 through n1: stages 40% then 100% six seconds later{}",
         gate_text(&canaries1)
     )?;
-    publish(&mesh.nodes[0].http, &m1, &file1)?;
+    publish(
+        &mesh.nodes[0].http,
+        &mesh.dir.path().join(&mesh.nodes[0].name),
+        &m1,
+        &file1,
+    )?;
     watch(&mesh, 1, &stop)?;
 
     let golden: serde_json::Value = serde_json::from_str(GOLDEN_V1)?;
@@ -406,7 +415,12 @@ pub fn run(out: &mut dyn Write) -> Result<()> {
         "\n== publish v2 (64 hidden units instead of 32) through s1 and watch the swap{}",
         gate_text(&canaries2)
     )?;
-    publish(&mesh.nodes[3].http, &m2, &file2)?;
+    publish(
+        &mesh.nodes[3].http,
+        &mesh.dir.path().join(&mesh.nodes[3].name),
+        &m2,
+        &file2,
+    )?;
     watch(&mesh, 2, &stop)?;
     show_answer(&mesh.nodes[1], &infer(&mesh.nodes[1].http, &row)?, label);
 

@@ -23,9 +23,29 @@ use pollen_node::client::NodeClient;
 use std::process::ExitCode;
 use std::time::Duration;
 
-/// A client of the node at `node` for a command (generous timeout: uploads take long).
-fn client(node: &str) -> NodeClient {
-    NodeClient::new(node, Duration::from_secs(3600))
+/// A client of the node at `node` for a command (generous timeout: uploads take long),
+/// with the API token `auth` finds.
+fn client(node: &str, auth: &AuthArgs) -> NodeClient {
+    NodeClient::new(node, Duration::from_secs(3600)).with_token(auth.token())
+}
+
+/// Where a command that changes a node finds the node's API token: `--token-file`, else
+/// `POLLEN_API_TOKEN`, else `<--data-dir>/api-token` (default: the default data dir).
+#[derive(Clone, Debug, Default, clap::Args)]
+pub struct AuthArgs {
+    /// The node's data directory (its API token is `<DIR>/api-token`).
+    #[arg(long = "data-dir", value_name = "DIR")]
+    data_dir: Option<std::path::PathBuf>,
+    /// A file holding the node's API token.
+    #[arg(long, value_name = "FILE")]
+    token_file: Option<std::path::PathBuf>,
+}
+
+impl AuthArgs {
+    /// The token, if one is found.
+    fn token(&self) -> Option<String> {
+        pollen_node::client::find_token(self.token_file.as_deref(), self.data_dir.as_deref())
+    }
 }
 
 /// Pollen: a peer-to-peer mesh that distributes and serves signed ML models.

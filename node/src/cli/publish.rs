@@ -21,11 +21,13 @@ pub struct PublishArgs {
     /// The node to publish through.
     #[arg(long, value_name = "URL", default_value = concat!("http://", "127.0.0.1:7411"))]
     node: String,
+    #[command(flatten)]
+    auth: super::AuthArgs,
 }
 
 /// `pollen publish`: hash and sign locally, upload the files, inject the manifest.
 pub fn publish(a: PublishArgs, out: &mut dyn Write) -> Result<()> {
-    let client = NodeClient::new(&a.node, UPLOAD_TIMEOUT);
+    let client = NodeClient::new(&a.node, UPLOAD_TIMEOUT).with_token(a.auth.token());
     let node = client.base().to_string();
     let status = client.status()?;
     if status.trust_version == 0 {

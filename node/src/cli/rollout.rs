@@ -39,6 +39,8 @@ struct Signer {
     /// The node that injects it into the mesh.
     #[arg(long, value_name = "URL", default_value = DEFAULT_NODE)]
     node: String,
+    #[command(flatten)]
+    auth: super::AuthArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -99,6 +101,8 @@ pub struct PinArgs {
     /// The node to pin.
     #[arg(long, value_name = "URL", default_value = DEFAULT_NODE)]
     node: String,
+    #[command(flatten)]
+    auth: super::AuthArgs,
 }
 
 /// `pollen unpin C`: follow the rollouts again.
@@ -109,6 +113,8 @@ pub struct UnpinArgs {
     /// The node to unpin.
     #[arg(long, value_name = "URL", default_value = DEFAULT_NODE)]
     node: String,
+    #[command(flatten)]
+    auth: super::AuthArgs,
 }
 
 fn channel(c: &str) -> Result<Channel> {
@@ -176,7 +182,7 @@ fn instruct(
 ) -> Result<()> {
     let ch = channel(c)?;
     let keys = load_keys(&signer.key)?;
-    let client = client(&signer.node);
+    let client = client(&signer.node, &signer.auth);
     let node = client.base();
     let version = match version {
         Some(v) => v,
@@ -215,7 +221,7 @@ fn rollback(
 ) -> Result<()> {
     let ch = channel(c)?;
     let keys = load_keys(&signer.key)?;
-    let client = client(&signer.node);
+    let client = client(&signer.node, &signer.auth);
     let node = client.base();
     let current = highest(&client, c)?;
     if to >= current {
@@ -275,9 +281,9 @@ fn rollback(
     Ok(())
 }
 
-fn put_pin(node: &str, c: &str, version: Option<u64>) -> Result<()> {
+fn put_pin(node: &str, auth: &super::AuthArgs, c: &str, version: Option<u64>) -> Result<()> {
     channel(c)?;
-    let client = client(node);
+    let client = client(node, auth);
     let node = client.base();
     match client.pin(c, version) {
         Ok(()) => Ok(()),
@@ -292,7 +298,7 @@ pub fn pin(a: PinArgs, out: &mut dyn Write) -> Result<()> {
     let version = match a.version {
         Some(v) => v,
         None => {
-            let s = client(&a.node).status()?;
+            let s = client(&a.node, &a.auth).status()?;
             s.channels
                 .iter()
                 .find(|c| c.channel == a.channel)
@@ -302,7 +308,7 @@ pub fn pin(a: PinArgs, out: &mut dyn Write) -> Result<()> {
                 })?
         }
     };
-    put_pin(&a.node, &a.channel, Some(version))?;
+    put_pin(&a.node, &a.auth, &a.channel, Some(version))?;
     writeln!(
         out,
         "pinned {} to version {version} on {}",
@@ -313,7 +319,7 @@ pub fn pin(a: PinArgs, out: &mut dyn Write) -> Result<()> {
 
 /// `pollen unpin`.
 pub fn unpin(a: UnpinArgs, out: &mut dyn Write) -> Result<()> {
-    put_pin(&a.node, &a.channel, None)?;
+    put_pin(&a.node, &a.auth, &a.channel, None)?;
     writeln!(
         out,
         "{} follows the rollouts again on {}",

@@ -18,7 +18,7 @@ pub struct StatusArgs {
 
 /// `pollen status`: print what the node knows.
 pub fn status(a: StatusArgs, out: &mut dyn Write) -> Result<()> {
-    let s = super::client(&a.node).status()?;
+    let s = super::client(&a.node, &super::AuthArgs::default()).status()?;
     if a.json {
         writeln!(out, "{}", serde_json::to_string_pretty(&s)?)?;
         return Ok(());

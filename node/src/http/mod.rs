@@ -3,9 +3,11 @@
 //!
 //! * [`v1`]: the control API (`/v1/…`, `/metrics`), which talks to the actor.
 //! * [`v2`]: KServe v2 inference (`/v2/…`), which uses only the registry and the pool.
+//! * [`auth`]: the token, Host and Origin rules every request passes first.
 //!
 //! Errors are `{"error": "..."}` with a 4xx or 5xx status.
 
+pub mod auth;
 pub mod v1;
 pub mod v2;
 
@@ -15,12 +17,13 @@ use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
 use tokio::sync::oneshot;
 
-/// The API's routes.
-pub fn router(state: AppState) -> Router {
+/// The API's routes, behind the [`auth`] guard.
+pub fn router(state: AppState, guard: auth::Guard) -> Router {
     Router::new()
         .merge(v1::routes())
         .merge(v2::routes())
         .with_state(state)
+        .layer(axum::middleware::from_fn_with_state(guard, auth::check))
 }
 
 /// An error response: `{"error": msg}`.
