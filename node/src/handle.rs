@@ -66,6 +66,8 @@ pub struct AppState {
     pub registry: Arc<Registry>,
     /// The bounded inference pool.
     pub inference: Arc<crate::serving::pool::Pool>,
+    /// Upload slots (`PUT /v1/files`): at most [`crate::http::v1::UPLOADS`] at once.
+    pub uploads: Arc<tokio::sync::Semaphore>,
 }
 
 /// Why the node refused a manifest or an instruction.

@@ -62,10 +62,6 @@ pub async fn run(cfg: config::NodeConfig) -> Result<()> {
         public_inference: cfg.http_public_inference,
     };
     let app = http::router(handle, guard);
-    tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
-            tracing::error!("http server: {e}");
-        }
-    });
+    tokio::spawn(http::server::serve(listener, app));
     actor.run(shutdown::shutdown_signal()).await
 }

@@ -265,6 +265,7 @@ impl Actor {
                 cfg.inference_threads,
                 cfg.inference_queue,
             )),
+            uploads: Arc::new(tokio::sync::Semaphore::new(crate::http::v1::UPLOADS)),
         };
         let mut actor = Actor {
             cfg,

@@ -4,10 +4,12 @@
 //! * [`v1`]: the control API (`/v1/…`, `/metrics`), which talks to the actor.
 //! * [`v2`]: KServe v2 inference (`/v2/…`), which uses only the registry and the pool.
 //! * [`auth`]: the token, Host and Origin rules every request passes first.
+//! * [`server`]: the accept loop, with a connection cap and header timeouts.
 //!
 //! Errors are `{"error": "..."}` with a 4xx or 5xx status.
 
 pub mod auth;
+pub mod server;
 pub mod v1;
 pub mod v2;
 

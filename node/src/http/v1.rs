@@ -148,6 +148,10 @@ async fn set_pin(h: AppState, channel: String, version: Option<u64>) -> Response
 /// Chunks in the largest uploadable file (a manifest's chaining values must fit a 1 MiB
 /// control frame).
 const MAX_UPLOAD_CHUNKS: u64 = 32 * 1024;
+/// Uploads in progress at once (see [`AppState::uploads`]).
+pub const UPLOADS: usize = 2;
+/// Longest pause in an upload's body.
+const UPLOAD_IDLE: std::time::Duration = std::time::Duration::from_secs(30);
 
 #[derive(Deserialize)]
 struct UploadQuery {
@@ -194,6 +198,13 @@ async fn upload(
         Ok(c) => c,
         Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
     };
+    // At most UPLOADS at once: each holds a blocking thread for as long as its body lasts.
+    let Ok(_slot) = h.uploads.clone().try_acquire_owned() else {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "other uploads are in progress; try again when they are done",
+        );
+    };
     // Hash and write on a blocking thread; the body streams to it through a small channel.
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(8);
     let store = h.store.clone();
@@ -211,7 +222,15 @@ async fn upload(
         )
     });
     let mut stream = body.into_data_stream();
-    while let Some(piece) = stream.next().await {
+    loop {
+        // A client that stops sending gives up its slot.
+        let Ok(next) = tokio::time::timeout(UPLOAD_IDLE, stream.next()).await else {
+            return error(
+                StatusCode::REQUEST_TIMEOUT,
+                format!("upload stalled: no bytes for {} s", UPLOAD_IDLE.as_secs()),
+            );
+        };
+        let Some(piece) = next else { break };
         match piece {
             Ok(b) => {
                 if tx.send(b).await.is_err() {

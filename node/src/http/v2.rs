@@ -30,6 +30,8 @@ use std::time::Instant;
 
 /// Largest inference request body.
 pub const MAX_INFER_BODY: usize = 64 * 1024 * 1024;
+/// Longest time an inference request's body may take to arrive.
+const INFER_BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// The v2 routes.
 pub fn routes() -> Router<AppState> {
@@ -193,12 +195,26 @@ async fn run_infer(
             }
         },
     };
-    let bytes = match axum::body::to_bytes(body, MAX_INFER_BODY).await {
-        Ok(b) => b,
-        Err(_) => {
+    // A body that does not arrive in time gives its memory back.
+    let read = tokio::time::timeout(
+        INFER_BODY_TIMEOUT,
+        axum::body::to_bytes(body, MAX_INFER_BODY),
+    );
+    let bytes = match read.await {
+        Ok(Ok(b)) => b,
+        Ok(Err(_)) => {
             return error(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 format!("request body over {MAX_INFER_BODY} bytes"),
+            );
+        }
+        Err(_) => {
+            return error(
+                StatusCode::REQUEST_TIMEOUT,
+                format!(
+                    "request body not received within {} s",
+                    INFER_BODY_TIMEOUT.as_secs()
+                ),
             );
         }
     };
