@@ -1084,3 +1084,40 @@ fn pins_take_no_channel_slots_and_a_full_table_penalises_nobody() {
         );
     }
 }
+
+/// A leaked key signs more bodies for one version than the evidence bound holds: nodes
+/// that heard them in different orders still all end on the lowest body hash (security
+/// review M7: past 64 entries later equivocations were ignored and nodes kept whichever
+/// body they had seen first).
+#[test]
+fn equivocation_converges_past_the_evidence_bound() {
+    let (mut h, op) = harness(4, 53);
+    let specs: Vec<_> = (0..80)
+        .map(|k: u64| random_file_spec(31_000 + k as usize, 16 * 1024, 100 + k))
+        .collect();
+    let mut ms: Vec<_> = specs
+        .iter()
+        .map(|s| sign(&op, "vision.defects", 1, s, RolloutPlan::immediate(), T0))
+        .collect();
+    // Highest body hash first: node 0 hears the lowest one last, past the bound.
+    ms.sort_by_key(|m| core::cmp::Reverse(m.body_hash()));
+    let lowest = ms
+        .iter()
+        .map(|m| pollen_protocol::ManifestId(m.body_hash()))
+        .min()
+        .unwrap();
+    // Node 0 hears them from the highest hash down, node 3 from the lowest up.
+    for (k, m) in ms.iter().enumerate() {
+        h.inject(1, 0, Message::Manifest(m.clone()));
+        h.inject(2, 3, Message::Manifest(ms[ms.len() - 1 - k].clone()));
+    }
+    h.run_for(Duration::from_secs(30));
+    for (i, n) in h.nodes.iter().enumerate() {
+        let v1 = n
+            .mesh
+            .release(&vision(), 1)
+            .map(|r| r.id())
+            .expect("version 1 known");
+        assert_eq!(v1, lowest, "node {i} keeps the lowest body hash");
+    }
+}

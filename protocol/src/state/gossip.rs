@@ -251,7 +251,12 @@ impl<R: Rng> Mesh<R> {
         // manifest must not make us queue it thousands of times.
         const MAX_ANSWERS: usize = 64;
         let ids: BTreeSet<ObjectId> = ids.into_iter().take(crate::wire::MAX_LIST).collect();
-        for o in ids.into_iter().take(MAX_ANSWERS) {
+        // The trust root first: a manifest signed by a publisher the newest root adds must
+        // not reach the peer before that root does (it would be refused as forged).
+        let (roots, rest): (Vec<ObjectId>, Vec<ObjectId>) = ids
+            .into_iter()
+            .partition(|o| matches!(o, ObjectId::TrustRoot(_)));
+        for o in roots.into_iter().chain(rest).take(MAX_ANSWERS) {
             match o {
                 ObjectId::Manifest(id) => {
                     if let Some(m) = self.manifest(&id).map(|m| m.signed.clone()) {

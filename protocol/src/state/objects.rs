@@ -134,26 +134,27 @@ impl<R: Rng> Mesh<R> {
         if let Some(existing) = chan.releases.get(&version) {
             let existing_signed = existing.manifest.signed.clone();
             let existing_id = existing.manifest.id;
-            // Bounded: a leaked key could sign any number of bodies for one version.
-            if chan.equivocations.contains(&(version, id))
-                || chan.equivocations.len() >= MAX_EQUIVOCATIONS
-            {
-                return Ok(());
+            if chan.equivocations.contains(&(version, id)) {
+                return Ok(()); // seen: the evidence went out and the choice was made
             }
-            chan.equivocations.insert((version, id));
-            chan.equivocations.insert((version, existing_id));
-            let kept = existing_id.min(id);
-            self.emit(Event::Equivocation {
-                channel: channel.clone(),
-                version,
-                kept,
-                evidence: Box::new((existing_signed.clone(), m.signed.clone())),
-            });
-            // Spread the evidence once, so every node converges on the same choice.
-            let new_signed = m.signed.clone();
-            for p in self.peers.random_peers(&mut self.rng, usize::MAX, from) {
-                self.send(p, Message::Manifest(existing_signed.clone()));
-                self.send(p, Message::Manifest(new_signed.clone()));
+            // The evidence is bounded (a leaked key could sign any number of bodies for one
+            // version), the convergence on the lowest id is not.
+            if chan.equivocations.len() < MAX_EQUIVOCATIONS {
+                chan.equivocations.insert((version, id));
+                chan.equivocations.insert((version, existing_id));
+                let kept = existing_id.min(id);
+                self.emit(Event::Equivocation {
+                    channel: channel.clone(),
+                    version,
+                    kept,
+                    evidence: Box::new((existing_signed.clone(), m.signed.clone())),
+                });
+                // Spread the evidence once, so every node converges on the same choice.
+                let new_signed = m.signed.clone();
+                for p in self.peers.random_peers(&mut self.rng, usize::MAX, from) {
+                    self.send(p, Message::Manifest(existing_signed.clone()));
+                    self.send(p, Message::Manifest(new_signed.clone()));
+                }
             }
             if id < existing_id {
                 let signed = m.signed.clone();

@@ -149,6 +149,9 @@ impl<R: Rng> Mesh<R> {
                 removed.push(r.manifest);
             }
         }
+        // Evidence goes with the versions it is about.
+        let kept = &c.releases;
+        c.equivocations.retain(|(v, _)| kept.contains_key(v));
         for m in removed {
             self.index.remove(&m.id);
             self.samples.remove(&m.id);

@@ -26,6 +26,10 @@ use alloc::collections::{BTreeMap, BTreeSet, VecDeque};
 use alloc::sync::Arc;
 use rand_core::Rng;
 
+/// The largest chunk index remembered for a file this node does not know yet (its
+/// manifest is on its way): 2^16 chunks, 8 KiB of bits per file and peer.
+const MAX_UNKNOWN_BITS: u32 = 1 << 16;
+
 /// A file of a retained release: what this node holds and who else holds what.
 #[derive(Debug)]
 pub(super) struct FileState {
@@ -380,8 +384,9 @@ impl Exchange {
                 peer.insert(file, chunks);
             }
             None => {
-                // Remember a bounded number of files we do not know yet.
-                if peer.len() < cx.config.max_files {
+                // Remember a bounded number of files we do not know yet, each bounded as
+                // tightly as announcements of single chunks are.
+                if chunks.len() <= MAX_UNKNOWN_BITS && peer.len() < cx.config.max_files {
                     peer.insert(file, chunks);
                 }
             }
@@ -404,7 +409,6 @@ impl Exchange {
         let Some(f) = self.files.get_mut(&file) else {
             // A file we do not know yet (its manifest is still on its way): remember the
             // bit, growing the field up to a bound, so availability is right once we do.
-            const MAX_UNKNOWN_BITS: u32 = 1 << 16;
             if index < MAX_UNKNOWN_BITS
                 && (peer.contains_key(&file) || peer.len() < cx.config.max_files)
             {
