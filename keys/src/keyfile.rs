@@ -114,9 +114,26 @@ fn read_small(path: &Path) -> std::io::Result<Vec<u8>> {
 
 /// Load the secret key file at `path`.
 ///
-/// Errors: the file cannot be read, or "`path` is not a pollen key file" when its content
-/// is not exactly the format of the module doc.
+/// Errors: the file cannot be read, it is readable or writable by others than its owner
+/// (a secret key must be `chmod 600`), or "`path` is not a pollen key file" when its
+/// content is not exactly the format of the module doc.
 pub fn load_key_file(path: &Path) -> Result<SigningKey> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = fs::metadata(path)
+            .with_context(|| format!("cannot read key file {}", path.display()))?
+            .permissions()
+            .mode();
+        if mode & 0o077 != 0 {
+            anyhow::bail!(
+                "key file {} is open to other users (mode {:o}): run `chmod 600 {}`",
+                path.display(),
+                mode & 0o777,
+                path.display()
+            );
+        }
+    }
     let mut text =
         read_small(path).with_context(|| format!("cannot read key file {}", path.display()))?;
     let key = decode(&text);
@@ -202,6 +219,16 @@ mod tests {
         );
     }
 
+    /// Write `text` to `path` with the mode key files need (0600).
+    fn write_private(path: &Path, text: impl AsRef<[u8]>) {
+        fs::write(path, text).unwrap();
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            fs::set_permissions(path, fs::Permissions::from_mode(0o600)).unwrap();
+        }
+    }
+
     #[test]
     fn rejects_other_files() {
         let dir = tempfile::tempdir().unwrap();
@@ -217,17 +244,16 @@ mod tests {
         ];
         for (name, text) in cases {
             let path = dir.path().join(name);
-            fs::write(&path, text).unwrap();
+            write_private(&path, text);
             let err = load_key_file(&path).unwrap_err().to_string();
             assert!(err.contains("is not a pollen key file"), "{name}: {err}");
         }
         // CRLF and upper case are fine.
         let path = dir.path().join("crlf");
-        fs::write(
+        write_private(
             &path,
             format!("{KEY_FILE_HEADER}\r\n{}\r\n", hex.to_uppercase()),
-        )
-        .unwrap();
+        );
         assert_eq!(load_key_file(&path).unwrap().to_bytes(), key.to_bytes());
         let err = load_key_file(&dir.path().join("missing")).unwrap_err();
         assert!(
@@ -255,5 +281,18 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("is not a pollen key file"), "{err}");
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn key_files_open_to_others_are_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k.key");
+        generate_key_file(&path).unwrap();
+        load_key_file(&path).unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
+        let e = load_key_file(&path).unwrap_err().to_string();
+        assert!(e.contains("chmod 600"), "{e}");
     }
 }

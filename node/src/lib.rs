@@ -36,13 +36,18 @@ pub mod status;
 pub mod store;
 
 use anyhow::{Context, Result};
+use std::os::unix::fs::DirBuilderExt;
 
 /// Run a node with `cfg` until Ctrl-C or SIGTERM.
 ///
 /// Binds the HTTP API first (so an OS-chosen port is known), writes its address to
 /// `<data_dir>/http.addr`, then starts the actor.
 pub async fn run(cfg: config::NodeConfig) -> Result<()> {
-    std::fs::create_dir_all(&cfg.data_dir)
+    // Private models and the API token live here: the owner's only.
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&cfg.data_dir)
         .with_context(|| format!("cannot create {}", cfg.data_dir.display()))?;
     let listener = tokio::net::TcpListener::bind(cfg.http)
         .await
