@@ -118,6 +118,16 @@ fn read_small(path: &Path) -> std::io::Result<Vec<u8>> {
 /// (a secret key must be `chmod 600`), or "`path` is not a pollen key file" when its
 /// content is not exactly the format of the module doc.
 pub fn load_key_file(path: &Path) -> Result<SigningKey> {
+    let mut text =
+        read_small(path).with_context(|| format!("cannot read key file {}", path.display()))?;
+    let key = decode(&text);
+    text.fill(0);
+    let key = key.ok_or_else(|| {
+        anyhow::anyhow!(
+            "{} is not a pollen key file (expected a first line {KEY_FILE_HEADER:?})",
+            path.display()
+        )
+    })?;
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
@@ -134,16 +144,7 @@ pub fn load_key_file(path: &Path) -> Result<SigningKey> {
             );
         }
     }
-    let mut text =
-        read_small(path).with_context(|| format!("cannot read key file {}", path.display()))?;
-    let key = decode(&text);
-    text.fill(0);
-    key.ok_or_else(|| {
-        anyhow::anyhow!(
-            "{} is not a pollen key file (expected a first line {KEY_FILE_HEADER:?})",
-            path.display()
-        )
-    })
+    Ok(key)
 }
 
 /// The public key of a secret key.

@@ -119,15 +119,31 @@ impl Operator {
         extra: &[&str],
     ) {
         let models = crate::workspace_dir().join("models");
+        let golden = models.join(golden).display().to_string();
+        let mut flags = vec!["--golden", golden.as_str()];
+        flags.extend(extra);
+        self.publish(tmp, node, &models.join(model), "digits", version, &flags);
+    }
+
+    /// `pollen publish FILE` on `channel` through `node`, signed with this operator's
+    /// publisher key; `extra` flags (golden checks, stages, gates) are appended. Panics if
+    /// it fails.
+    pub fn publish(
+        &self,
+        tmp: &Path,
+        node: &Node,
+        file: &Path,
+        channel: &str,
+        version: u64,
+        extra: &[&str],
+    ) {
         let mut args: Vec<String> = vec![
             "publish".into(),
-            models.join(model).display().to_string(),
+            file.display().to_string(),
             "--channel".into(),
-            "digits".into(),
+            channel.into(),
             "--version".into(),
             version.to_string(),
-            "--golden".into(),
-            models.join(golden).display().to_string(),
             "--key".into(),
             self.dir.join("publisher.key").display().to_string(),
             "--node".into(),
@@ -135,6 +151,19 @@ impl Operator {
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
         crate::Pollen::in_dir(tmp).run(args).success();
+    }
+
+    /// An operator in `tmp/op` and one node in `tmp/n` under its trust root, serving v1 of
+    /// the bundled digits model.
+    pub fn with_node_serving_digits(tmp: &Path) -> (Operator, Node) {
+        let op = Operator::new(&tmp.join("op"), false);
+        let trust = vec!["--trust".to_string(), op.trust_file.display().to_string()];
+        let n = Node::start(&tmp.join("n"), &trust);
+        op.publish_digits(tmp, &n, "digits-v1.onnx", "golden-v1.json", 1, &[]);
+        n.wait(Duration::from_secs(60), "serving v1", |s| {
+            s.channels.iter().any(|c| c.active_version == Some(1))
+        });
+        (op, n)
     }
 }
 

@@ -2,20 +2,13 @@
 //! foreign Host names and browser origins are refused, reads and inference stay open on
 //! loopback, and the CLI says clearly when it has no token.
 
-use pollen_tests::mesh::{Node, Operator};
+use pollen_tests::mesh::Operator;
 use std::os::unix::fs::PermissionsExt;
-use std::time::Duration;
 
 #[test]
 fn mutations_need_the_token_and_foreign_hosts_and_origins_are_refused() {
     let tmp = tempfile::tempdir().unwrap();
-    let op = Operator::new(&tmp.path().join("op"), false);
-    let trust = vec!["--trust".to_string(), op.trust_file.display().to_string()];
-    let n = Node::start(&tmp.path().join("n"), &trust);
-    op.publish_digits(tmp.path(), &n, "digits-v1.onnx", "golden-v1.json", 1, &[]);
-    n.wait(Duration::from_secs(60), "serving v1", |s| {
-        s.channels.iter().any(|c| c.active_version == Some(1))
-    });
+    let (_op, n) = Operator::with_node_serving_digits(tmp.path());
     let token = n.dir.join("api-token");
     let mode = std::fs::metadata(&token).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600, "the token file is the owner's only");

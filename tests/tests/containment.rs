@@ -49,33 +49,7 @@ fn wait_served(n: &Node, version: &str) {
 
 /// `pollen publish FILE` on channel digits (no golden checks) through `node`.
 fn publish(tmp: &Path, op: &Operator, node: &Node, file: &Path, version: u64) {
-    publish_on(tmp, op, node, file, "digits", version, &[]);
-}
-
-/// `pollen publish FILE` on `channel` (no golden checks) through `node`, plus `extra`.
-fn publish_on(
-    tmp: &Path,
-    op: &Operator,
-    node: &Node,
-    file: &Path,
-    channel: &str,
-    version: u64,
-    extra: &[&str],
-) {
-    let mut args = vec![
-        "publish".to_string(),
-        file.display().to_string(),
-        "--channel".into(),
-        channel.into(),
-        "--version".into(),
-        version.to_string(),
-        "--key".into(),
-        op.dir.join("publisher.key").display().to_string(),
-        "--node".into(),
-        node.url(),
-    ];
-    args.extend(extra.iter().map(|s| s.to_string()));
-    pollen_tests::Pollen::in_dir(tmp).run(args).success();
+    op.publish(tmp, node, file, "digits", version, &[]);
 }
 
 fn wait_refused(n: &Node, version: u64, why: &str) {
@@ -214,9 +188,8 @@ fn a_client_that_makes_the_model_fail_gets_400_and_cannot_fail_the_rollout() {
     // y = Gather(W[10, 4], idx): an index past 9 makes tract panic (security review H1).
     let model = tmp.path().join("gather.onnx");
     std::fs::write(&model, onnxgen::gather(10)).unwrap();
-    publish_on(
+    op.publish(
         tmp.path(),
-        &op,
         &a,
         &model,
         "gather",

@@ -50,13 +50,7 @@ fn closed_by_server(s: &mut TcpStream) -> bool {
 #[test]
 fn slow_and_idle_connections_are_closed_and_slow_uploads_do_not_stop_inference() {
     let tmp = tempfile::tempdir().unwrap();
-    let op = Operator::new(&tmp.path().join("op"), false);
-    let trust = vec!["--trust".to_string(), op.trust_file.display().to_string()];
-    let n = Node::start(&tmp.path().join("n"), &trust);
-    op.publish_digits(tmp.path(), &n, "digits-v1.onnx", "golden-v1.json", 1, &[]);
-    n.wait(Duration::from_secs(60), "serving v1", |s| {
-        s.channels.iter().any(|c| c.active_version == Some(1))
-    });
+    let (_op, n) = Operator::with_node_serving_digits(tmp.path());
     let addr = n.http.clone();
     let (status, baseline) = infer(&n);
     assert_eq!(status, 200);
