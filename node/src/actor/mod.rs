@@ -15,7 +15,7 @@ mod restore;
 mod swarm;
 
 use self::peers::PeerConn;
-use self::persist::{Persist, spawn_persister};
+use self::persist::{Persist, StateSlot, spawn_persister};
 use crate::config::NodeConfig;
 use crate::handle::{ActorCmd, AppState, Refusal};
 use crate::metrics::Metrics;
@@ -145,6 +145,8 @@ pub struct Actor {
     listen: BTreeSet<Multiaddr>,
     /// Jobs for the persister thread.
     persist: mpsc::Sender<Persist>,
+    /// The newest node state for the persister (see [`StateSlot`]).
+    state_slot: StateSlot,
     /// Files registered with the store in this run.
     opened: BTreeSet<ContentId>,
     /// Relays to listen through: address, and the listener once started.
@@ -242,7 +244,8 @@ impl Actor {
         let (done_tx, done_rx) = mpsc::channel(DONE_QUEUE);
         let (cmd_tx, cmd_rx) = mpsc::channel(CMD_QUEUE);
         let (persist_tx, persist_rx) = mpsc::channel(PERSIST_QUEUE);
-        spawn_persister(store.clone(), persist_rx);
+        let state_slot = StateSlot::default();
+        spawn_persister(store.clone(), persist_rx, state_slot.clone());
         let writer = WriterShared {
             store: store.clone(),
             uploads: Arc::new(Semaphore::new(cfg.max_concurrent_uploads)),
@@ -296,6 +299,7 @@ impl Actor {
             http,
             listen: BTreeSet::new(),
             persist: persist_tx,
+            state_slot,
             opened: BTreeSet::new(),
             relays,
             write_lock: Arc::new(std::sync::Mutex::new(())),
@@ -428,26 +432,48 @@ impl Actor {
 
     /// Answer `reply` once every persistence job queued so far is done: a 2xx on a
     /// mutation is durable before it is sent.
+    ///
+    /// If a write failed, `reply` is dropped unanswered: the route answers an error.
     fn reply_when_durable<T: Send + 'static>(&mut self, reply: oneshot::Sender<T>, value: T) {
         let (tx, rx) = oneshot::channel();
-        let _ = self.persist.try_send(Persist::Flush(tx));
+        let persist = self.persist.clone();
         tokio::spawn(async move {
-            let _ = rx.await;
-            let _ = reply.send(value);
+            // Waits for room in the queue rather than dropping the flush.
+            if persist.send(Persist::Flush(tx)).await.is_ok() && rx.await.is_ok() {
+                let _ = reply.send(value);
+            }
         });
     }
 
+    /// Queue a job for the persister; with the queue full it waits for room on a task of
+    /// its own rather than being dropped.
+    fn persist_job(&mut self, job: Persist) {
+        match self.persist.try_send(job) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(job)) => {
+                let persist = self.persist.clone();
+                tokio::spawn(async move {
+                    let _ = persist.send(job).await;
+                });
+            }
+            Err(mpsc::error::TrySendError::Closed(job)) => {
+                tracing::error!("the persister is gone: {job:?} not written");
+            }
+        }
+    }
+
+    /// Hand the node state to the persister; never dropped (see [`StateSlot`]).
     fn save_state(&mut self) {
-        let _ = self.persist.try_send(Persist::State(self.state.clone()));
+        *self.state_slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(self.state.clone());
+        // A full queue already holds a job, and every batch writes the slot.
+        let _ = self.persist.try_send(Persist::State);
     }
 
     fn on_event(&mut self, e: Event) {
         match e {
             Event::TrustRootUpdated { version, signed } => {
                 tracing::info!("trust root version {version} in force");
-                let _ = self
-                    .persist
-                    .try_send(Persist::Trust(version, signed.to_bytes()));
+                self.persist_job(Persist::Trust(version, signed.to_bytes()));
             }
             Event::ManifestAccepted {
                 id,
@@ -462,9 +488,7 @@ impl Actor {
                 self.metrics
                     .manifests_accepted
                     .fetch_add(1, Ordering::Relaxed);
-                let _ = self
-                    .persist
-                    .try_send(Persist::Manifest(id, signed.to_bytes()));
+                self.persist_job(Persist::Manifest(id, signed.to_bytes()));
                 let h = self.state.highest.entry(channel.to_string()).or_default();
                 *h = (*h).max(version);
                 self.save_state();

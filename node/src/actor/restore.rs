@@ -150,14 +150,14 @@ impl Actor {
         self.state
             .failed
             .retain(|hex, _| hex.parse().is_ok_and(|id| manifests.contains(&id)));
-        let _ = self.persist.try_send(Persist::Gc(keep));
+        self.persist_job(Persist::Gc(keep));
         manifests.extend(
             self.state
                 .published
                 .iter()
                 .filter_map(|h| h.parse::<ManifestId>().ok()),
         );
-        let _ = self.persist.try_send(Persist::PruneManifests(manifests));
+        self.persist_job(Persist::PruneManifests(manifests));
     }
 }
 
