@@ -15,5 +15,7 @@ fi
 if ! python3 -c "import tritonclient.http, numpy" 2>/dev/null; then
   python3 -m pip install -q --disable-pip-version-check 'tritonclient[http]'
 fi
-cargo build -p pollen-node --bin pollen
+# One compile: building the tests also builds `pollen` (node/tests/ uses it) with the
+# tests' feature set, which a separate `cargo build` of the binary would not share.
+cargo test --workspace --all-features --no-run
 POLLEN_BIN="${CARGO_TARGET_DIR:-$PWD/target}/debug/pollen" cargo test --workspace --all-features "$@"
