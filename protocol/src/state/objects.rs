@@ -193,14 +193,7 @@ impl<R: Rng> Mesh<R> {
             version,
             signed: signed.clone(),
         });
-        self.gossip.push_object(
-            &self.peers,
-            &mut self.rng,
-            from,
-            Message::Manifest(signed),
-            ObjectId::Manifest(id),
-            &mut self.outputs,
-        );
+        self.push(from, Message::Manifest(signed), ObjectId::Manifest(id));
         // While restoring, the active release is not marked yet: trim after SetActive.
         if !restore {
             self.trim_channel(&channel);
@@ -259,14 +252,7 @@ impl<R: Rng> Mesh<R> {
                 .is_none_or(|c| body.version > c.highest);
             if newer && room && plausible {
                 self.pending_instructions.insert(key, (s.clone(), body));
-                self.gossip.push_object(
-                    &self.peers,
-                    &mut self.rng,
-                    from,
-                    Message::Instruction(s),
-                    ObjectId::Instruction(hash),
-                    &mut self.outputs,
-                );
+                self.push(from, Message::Instruction(s), ObjectId::Instruction(hash));
             }
             return Ok(());
         };
@@ -297,14 +283,7 @@ impl<R: Rng> Mesh<R> {
             signed: Box::new(s.clone()),
         });
         self.instructions.insert(mid, (s.clone(), body));
-        self.gossip.push_object(
-            &self.peers,
-            &mut self.rng,
-            from,
-            Message::Instruction(s),
-            ObjectId::Instruction(hash),
-            &mut self.outputs,
-        );
+        self.push(from, Message::Instruction(s), ObjectId::Instruction(hash));
         self.refresh_all(now);
     }
 
@@ -445,5 +424,18 @@ impl<R: Rng> Mesh<R> {
     ) -> Result<(), TrustError> {
         self.reject(kind, from, penalty_for(&e), e.label(), e.to_string());
         Err(e)
+    }
+
+    /// Spread a newly accepted object by gossip (see [`super::gossip::Gossip::push_object`]),
+    /// lending the gossip part the peer table, the RNG and the output queue.
+    fn push(&mut self, from: Option<NodeId>, msg: Message, oid: ObjectId) {
+        self.gossip.push_object(
+            &self.peers,
+            &mut self.rng,
+            from,
+            msg,
+            oid,
+            &mut self.outputs,
+        );
     }
 }
