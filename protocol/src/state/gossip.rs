@@ -313,12 +313,17 @@ impl<R: Rng> Mesh<R> {
         }
     }
 
-    pub(super) fn on_digest(&mut self, from: NodeId, d: Digest) {
+    /// A peer's digest: pull what it has and we lack (a Want, always: it costs the peer
+    /// no more than it asked for). With `answer` (see `PeerTable::digest_answer_due`), also
+    /// push what we have and it lacks: our trust root, report samples and instructions,
+    /// and our own digest when it asked for one.
+    pub(super) fn on_digest(&mut self, from: NodeId, d: Digest, answer: bool) {
         let mut wants = Vec::new();
         let my_trust = self.trust.as_ref().map_or(0, |t| t.body.version);
         if d.trust_version > my_trust {
             wants.push(ObjectId::TrustRoot(d.trust_version));
-        } else if d.trust_version < my_trust
+        } else if answer
+            && d.trust_version < my_trust
             && let Some(t) = self.trust.as_ref().map(|t| t.signed.clone())
         {
             self.send(from, Message::TrustRoot(t));
@@ -345,6 +350,9 @@ impl<R: Rng> Mesh<R> {
         if !wants.is_empty() {
             wants.truncate(crate::wire::MAX_LIST);
             self.send(from, Message::Want(wants));
+        }
+        if !answer {
+            return;
         }
         // Reports: push our sample where it differs.
         let reported: BTreeMap<ManifestId, [u8; 32]> = d.reports.iter().copied().collect();
@@ -451,6 +459,67 @@ mod tests {
                 o => panic!("{o:?}"),
             })
             .collect()
+    }
+
+    /// Review M6: a digest of a few bytes asking for an answer gets our digest (and our
+    /// samples) back at most once per half anti-entropy interval per peer; a repeat in
+    /// between is still read for what we lack, but answered with nothing.
+    #[test]
+    fn digest_answers_are_rate_limited_per_peer() {
+        use crate::io::Input;
+        use crate::state::testkit::mesh;
+        use crate::wire::Digest;
+        let (mut m, _) = mesh(1, None);
+        let info = PeerInfo {
+            site: None,
+            rtt: None,
+            cert: None,
+        };
+        let replies = |m: &mut crate::state::testkit::TestMesh, ms: u64, from: u8| {
+            while m.poll_output().is_some() {}
+            let d = Digest {
+                trust_version: 0,
+                channels: alloc::vec::Vec::new(),
+                reports: alloc::vec::Vec::new(),
+                instructions: alloc::vec::Vec::new(),
+                reply: false,
+            };
+            m.handle(
+                at(ms),
+                Input::Received {
+                    from: peer(from),
+                    msg: Message::Digest(d),
+                },
+            );
+            core::iter::from_fn(|| m.poll_output())
+                .filter(|o| matches!(o, Output::Send { msg: Message::Digest(d), .. } if d.reply))
+                .count()
+        };
+        for i in [1, 2] {
+            m.handle(
+                at(0),
+                Input::PeerUp {
+                    peer: peer(i),
+                    info: info.clone(),
+                },
+            );
+        }
+        let gap = Config::default().anti_entropy_interval.as_millis() as u64 / 2;
+        assert_eq!(replies(&mut m, 1_000, 1), 1, "the first digest is answered");
+        for k in 1..50 {
+            assert_eq!(replies(&mut m, 1_000 + k, 1), 0, "repeats are not");
+        }
+        assert_eq!(
+            replies(&mut m, 1_001, 2),
+            1,
+            "another peer has its own budget"
+        );
+        assert_eq!(replies(&mut m, 1_000 + gap - 1, 1), 0);
+        assert_eq!(
+            replies(&mut m, 1_000 + gap, 1),
+            1,
+            "answered again after the gap"
+        );
     }
 
     #[test]

@@ -138,6 +138,9 @@ pub struct Mesh<R> {
     /// Version pins of channels not followed yet (at most `max_channels`): applied when
     /// the channel's entry is created, so a pin never takes a channel slot by itself.
     pending_pins: BTreeMap<Channel, u64>,
+    /// The version of the last trust-root equivocation seen (two validly signed roots of
+    /// one version): reported once per version, the root in force kept.
+    trust_equivocation: Option<u64>,
     /// Manifest id -> (channel, version), for every retained release.
     index: BTreeMap<ManifestId, (Channel, u64)>,
     /// Files, availability and chunk requests (part `exchange`, owns its data).
@@ -181,6 +184,7 @@ impl<R: Rng> Mesh<R> {
             cert: None,
             channels: BTreeMap::new(),
             pending_pins: BTreeMap::new(),
+            trust_equivocation: None,
             index: BTreeMap::new(),
             exchange: Exchange::default(),
             peers,
@@ -440,7 +444,9 @@ impl<R: Rng> Mesh<R> {
             Message::Want(ids) => self.on_want(from, ids),
             Message::Digest(d) => {
                 let reply = d.reply;
-                self.on_digest(from, d);
+                let gap = self.config.anti_entropy_interval / 2;
+                let answer = self.peers.digest_answer_due(from, now.mono, gap);
+                self.on_digest(from, d, answer);
                 if reply && self.catch_up_until.take().is_some() {
                     self.refresh_all(now);
                 }

@@ -5,6 +5,7 @@ use super::Mesh;
 use super::config::Config;
 use crate::ids::NodeId;
 use crate::io::{Event, Output, PeerInfo};
+use crate::time::Instant;
 use alloc::collections::{BTreeMap, VecDeque};
 use alloc::string::String;
 use alloc::vec::Vec;
@@ -24,6 +25,8 @@ pub(super) struct Peer {
     pub(super) salt: u64,
     /// Refused by fleet rules: nothing is sent to or accepted from it.
     pub(super) refused: bool,
+    /// When a digest of its last got our full answer (see [`PeerTable::digest_answer_due`]).
+    pub(super) digest_answered: Option<Instant>,
 }
 
 /// The peer table: every connected peer and what this node knows of it.
@@ -96,6 +99,7 @@ impl PeerTable {
             score: 0,
             salt,
             refused,
+            digest_answered: None,
         });
         entry.site = info.site;
         entry.rtt = info.rtt;
@@ -140,6 +144,22 @@ impl PeerTable {
             return true;
         }
         false
+    }
+
+    /// May a digest from `peer` get a full answer at `now` (our samples, instructions,
+    /// trust root and digest pushed back)? At most one per `gap` per peer: a digest is a few
+    /// bytes and the answer can be every report sample we hold, so a peer repeating digests
+    /// must not multiply it (review M6). The answer's time is recorded when due. An
+    /// unknown peer gets none.
+    pub(super) fn digest_answer_due(&mut self, peer: NodeId, now: Instant, gap: Duration) -> bool {
+        let Some(p) = self.map.get_mut(&peer) else {
+            return false;
+        };
+        if p.digest_answered.is_some_and(|t| now < t + gap) {
+            return false;
+        }
+        p.digest_answered = Some(now);
+        true
     }
 
     /// Up to `n` distinct peers but `exclude`, drawn with `rng` (a partial Fisher-Yates

@@ -189,6 +189,7 @@ fn place_peer(
             score: 0,
             salt: u64::from(i),
             refused: false,
+            digest_answered: None,
         },
     );
 }

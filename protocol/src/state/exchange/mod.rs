@@ -386,7 +386,9 @@ impl Exchange {
             None => {
                 // Remember a bounded number of files we do not know yet, each bounded as
                 // tightly as announcements of single chunks are.
-                if chunks.len() <= MAX_UNKNOWN_BITS && peer.len() < cx.config.max_files {
+                if chunks.len() <= MAX_UNKNOWN_BITS
+                    && (peer.contains_key(&file) || peer.len() < cx.config.max_files)
+                {
                     peer.insert(file, chunks);
                 }
             }
@@ -891,6 +893,66 @@ mod tests {
         assert!(b.exchange.file(&f).is_some());
         b.exchange.retain_files(&Default::default());
         assert!(b.exchange.files().is_empty(), "no live release names it");
+    }
+
+    /// Review H6: a peer announcing files we do not know yet is held to
+    /// `MAX_UNKNOWN_BITS` bits per file and `max_files` files, whether it announces whole
+    /// bitfields or single chunks.
+    #[test]
+    fn announcements_of_unknown_files_are_bounded() {
+        use crate::ids::ContentId;
+        let (mut b, f) = bench(2, None);
+        add_peer(&mut b, 1, None, f, &[0]);
+        let max_files = b.config.max_files;
+        let (x, mut cx) = b.cx();
+        let unknown = |i: u32| ContentId(*blake3::hash(&i.to_be_bytes()).as_bytes());
+        assert!(
+            x.on_have(
+                &mut cx,
+                peer(1),
+                unknown(0),
+                Bitfield::new(super::MAX_UNKNOWN_BITS + 1)
+            )
+            .is_none()
+        );
+        assert!(
+            x.announced(&peer(1), &unknown(0)).is_none(),
+            "an oversized field is dropped"
+        );
+        assert!(
+            x.on_have_chunk(&mut cx, peer(1), unknown(0), super::MAX_UNKNOWN_BITS)
+                .is_none()
+        );
+        assert!(
+            x.announced(&peer(1), &unknown(0)).is_none(),
+            "so is a bit past the bound"
+        );
+        x.on_have(
+            &mut cx,
+            peer(1),
+            unknown(1),
+            Bitfield::new(super::MAX_UNKNOWN_BITS),
+        );
+        assert!(
+            x.announced(&peer(1), &unknown(1)).is_some(),
+            "at the bound: kept"
+        );
+        // One known file is held already; fill the rest of the table.
+        for i in 2..(max_files as u32 + 5) {
+            x.on_have(&mut cx, peer(1), unknown(i), Bitfield::new(8));
+        }
+        let held = (0..(max_files as u32 + 5))
+            .filter(|i| x.announced(&peer(1), &unknown(*i)).is_some())
+            .count();
+        assert_eq!(held + 1, max_files, "at most max_files files per peer");
+        let mut bits = Bitfield::new(8);
+        bits.set(3);
+        x.on_have(&mut cx, peer(1), unknown(1), bits.clone());
+        assert_eq!(
+            x.announced(&peer(1), &unknown(1)),
+            Some(&bits),
+            "a held file is still updated"
+        );
     }
 
     #[test]
