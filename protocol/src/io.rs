@@ -238,6 +238,17 @@ pub enum Event {
         /// Both manifests, as evidence.
         evidence: Box<(SignedManifest, SignedManifest)>,
     },
+    /// Two trust roots of one version, each signed by the root keys in force: root keys
+    /// leaked or an operator signed twice. The root in force is kept (nodes that saw the
+    /// other one first keep theirs); the operator heals the split by signing the next
+    /// version, which every node accepts whichever of the two it holds. Reported once per
+    /// version.
+    TrustRootEquivocation {
+        /// The version signed twice.
+        version: u64,
+        /// The root in force (kept), then the other one: the evidence.
+        evidence: Box<(SignedTrustRoot, SignedTrustRoot)>,
+    },
     /// A stage of a release opened.
     StageOpened {
         /// Channel.

@@ -291,6 +291,19 @@ impl TrustRoot {
         Ok(TrustRoot { signed, body })
     }
 
+    /// Does `other` carry a well-formed envelope and at least the root threshold of
+    /// signatures by this root's root keys? (Evidence of equivocation for a root of the
+    /// same version: the keys that sign successors signed it. Roots whose root keys
+    /// rotated in between are not caught; the check costs at most one envelope's
+    /// signatures.)
+    pub fn signed_by_root_keys(&self, other: &SignedTrustRoot) -> bool {
+        other.check_envelope().is_ok()
+            && other
+                .valid_signers(|k| self.body.root_keys.contains(k))
+                .len()
+                >= usize::from(self.body.root_threshold)
+    }
+
     /// Publisher keys allowed to sign `channel`.
     pub fn may_sign(&self, key: &PublicKey, channel: &Channel) -> bool {
         self.body

@@ -1121,3 +1121,64 @@ fn equivocation_converges_past_the_evidence_bound() {
         assert_eq!(v1, lowest, "node {i} keeps the lowest body hash");
     }
 }
+
+/// Review M7: two roots of one version, both signed by the root keys, reach different
+/// nodes. Every node that sees both raises the alert once, keeps the root it has, and a
+/// forged root of that version (not signed by the root keys) raises nothing.
+#[test]
+fn trust_root_equivocation_is_detected_and_the_next_version_heals_it() {
+    use pollen_protocol::trust::TrustRootBody;
+    let (mut h, op) = harness(10, 62);
+    let old = op.trust.decode_body().unwrap();
+    let root = |version: u64, name: &str, key: &SigningKey| {
+        let mut body = TrustRootBody {
+            version,
+            ..old.clone()
+        };
+        body.publishers[0].name = name.into();
+        Signed::sign(&body, &[key])
+    };
+    // A root of the version in force (1) that the root keys did not sign: no evidence.
+    let forged = root(old.version, "forged", &SigningKey::from_bytes(&[77; 32]));
+    h.inject(0, 1, Message::TrustRoot(forged));
+    h.run_for(Duration::from_secs(1));
+    assert_eq!(
+        h.nodes[1].mesh.trust_equivocation(),
+        None,
+        "a forged root is no evidence"
+    );
+    let a = root(2, "a", &op.root);
+    let b = root(2, "b", &op.root);
+    h.command(0, Command::SetTrustRoot(a.clone())).unwrap();
+    h.command(9, Command::SetTrustRoot(b.clone())).unwrap();
+    h.run_for(Duration::from_secs(60));
+    let alerts = |n: &pollen_protocol::harness::HarnessNode| {
+        n.events
+            .iter()
+            .filter(|(_, e)| matches!(e, Event::TrustRootEquivocation { version: 2, .. }))
+            .count()
+    };
+    let mut alerted = 0;
+    for (i, n) in h.nodes.iter().enumerate() {
+        assert_eq!(n.mesh.trust_root().unwrap().body.version, 2, "node {i}");
+        assert!(alerts(n) <= 1, "node {i}: once per version");
+        alerted += alerts(n);
+        assert_eq!(n.mesh.trust_equivocation(), (alerts(n) == 1).then_some(2));
+    }
+    assert!(alerted >= 2, "both sides of the split saw the other root");
+    let before: Vec<usize> = h.nodes.iter().map(alerts).collect();
+    let mut body = old.clone();
+    // Heal: version 3 signed by the root keys reaches every node whichever v2 it holds.
+    body.version = 3;
+    let v3 = Signed::sign(&body, &[&op.root]);
+    h.command(4, Command::SetTrustRoot(v3)).unwrap();
+    h.run_for(Duration::from_secs(30));
+    for (i, n) in h.nodes.iter().enumerate() {
+        assert_eq!(
+            n.mesh.trust_root().unwrap().body.version,
+            3,
+            "node {i} healed"
+        );
+        assert_eq!(alerts(n), before[i], "node {i}: no new alert");
+    }
+}

@@ -528,6 +528,12 @@ impl Actor {
                     kept.short()
                 ));
             }
+            Event::TrustRootEquivocation { version, .. } => {
+                self.metrics.rejected("trust-root", "equivocation");
+                self.error(format!(
+                    "trust-root equivocation on version {version}: two roots of that version signed by the root keys (a root key may have leaked); keeping the one in force. Sign the next version to heal the fleet."
+                ));
+            }
             Event::StageOpened {
                 channel,
                 version,

@@ -49,7 +49,21 @@ impl<R: Rng> Mesh<R> {
                         TrustError::Malformed(SignedError::Invalid("bad body".into())),
                     );
                 };
-                if body.version <= cur.body.version {
+                if body.version < cur.body.version {
+                    return Ok(());
+                }
+                if body.version == cur.body.version {
+                    if t.body_hash() != cur.signed.body_hash()
+                        && self.trust_equivocation != Some(body.version)
+                        && cur.signed_by_root_keys(&t)
+                    {
+                        let evidence = Box::new((cur.signed.clone(), t));
+                        self.trust_equivocation = Some(body.version);
+                        self.emit(Event::TrustRootEquivocation {
+                            version: body.version,
+                            evidence,
+                        });
+                    }
                     return Ok(());
                 }
                 cur.verify_successor(t, now.wall)

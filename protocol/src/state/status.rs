@@ -111,6 +111,12 @@ impl<R: Rng> Mesh<R> {
         self.trust.as_ref()
     }
 
+    /// The version of the last trust-root equivocation seen, if any (see
+    /// [`Event::TrustRootEquivocation`](crate::io::Event::TrustRootEquivocation)).
+    pub fn trust_equivocation(&self) -> Option<u64> {
+        self.trust_equivocation
+    }
+
     /// Connected peers and their sites.
     pub fn peers(&self) -> impl Iterator<Item = (&NodeId, Option<&str>)> {
         self.peers.iter().map(|(id, p)| (id, p.site.as_deref()))
