@@ -63,6 +63,9 @@
 //! model_memory_budget = 0
 //! # How long a model's trial run (load, optimise, warm up, golden checks) may take.
 //! activation_timeout = "10m"
+//! # Bytes of uploaded files no retained release refers to yet (uploads waiting for
+//! # their manifest) the node keeps at most; an upload past it is refused with 507.
+//! max_unreferenced_bytes = 4294967296
 //! # Seed for the protocol core's RNG (random from the OS when absent).
 //! seed = 42
 //! # Local pins: channel = version. A pinned channel serves that version whatever the
@@ -146,6 +149,10 @@ pub struct NodeConfig {
     pub model_memory_budget: u64,
     /// Longest trial run of a model (a duration such as "10m").
     pub activation_timeout: String,
+    /// Upload quota: bytes of stored files that no retained release refers to (files
+    /// uploaded for a manifest not published yet). Unreferenced files are collected
+    /// after a grace period; until then an upload that would pass the quota gets 507.
+    pub max_unreferenced_bytes: u64,
     /// Local version pins per channel.
     pub pins: std::collections::BTreeMap<String, u64>,
     /// Test only: serve corrupt chunks (flips a byte of each chunk sent).
@@ -189,6 +196,7 @@ impl Default for NodeConfig {
             crash_loop_panics: 3,
             model_memory_budget: 0,
             activation_timeout: "10m".into(),
+            max_unreferenced_bytes: 4 << 30,
             pins: std::collections::BTreeMap::new(),
             test_corrupt_chunks: false,
         }

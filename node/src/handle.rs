@@ -42,6 +42,11 @@ pub enum ActorCmd {
         /// Outcome.
         reply: oneshot::Sender<Result<String, String>>,
     },
+    /// The files retained releases refer to (what garbage collection keeps).
+    LiveFiles {
+        /// Their content ids.
+        reply: oneshot::Sender<std::collections::BTreeSet<pollen_protocol::ContentId>>,
+    },
     /// The signed manifest of a retained release.
     Manifest {
         /// Channel.
@@ -68,6 +73,8 @@ pub struct AppState {
     pub inference: Arc<crate::serving::pool::Pool>,
     /// Upload slots (`PUT /v1/files`): at most [`crate::http::v1::UPLOADS`] at once.
     pub uploads: Arc<tokio::sync::Semaphore>,
+    /// [`crate::config::NodeConfig::max_unreferenced_bytes`].
+    pub upload_quota: u64,
 }
 
 /// Why the node refused a manifest or an instruction.

@@ -1319,6 +1319,26 @@ impl Store {
         Ok(freed)
     }
 
+    /// Bytes of complete files in `blobs/` that are neither in `keep` nor `except` (the
+    /// upload quota's measure: files waiting for a manifest, or for collection).
+    pub fn unreferenced_bytes(
+        &self,
+        keep: &BTreeSet<ContentId>,
+        except: &ContentId,
+    ) -> Result<u64> {
+        let mut total = 0u64;
+        for (name, path) in list_dir(&self.blobs)? {
+            if let Ok(cid) = name.parse::<ContentId>()
+                && !keep.contains(&cid)
+                && cid != *except
+                && let Ok(meta) = fs::symlink_metadata(&path)
+            {
+                total = total.saturating_add(meta.len());
+            }
+        }
+        Ok(total)
+    }
+
     /// Bytes the store occupies on disk (allocated blocks): blobs, downloads, manifests,
     /// trust roots and `state.json`.
     pub fn disk_usage(&self) -> Result<u64> {

@@ -124,3 +124,76 @@ fn slow_and_idle_connections_are_closed_and_slow_uploads_do_not_stop_inference()
     assert!(t < Duration::from_secs(2), "{t:?}");
     drop(uploads);
 }
+
+/// Review M2: uploads that no manifest refers to yet are held to `max_unreferenced_bytes`
+/// (here 600 KB): past it an upload gets 507 with the reason, whether it declares its
+/// length or not, and nothing of it stays on disk; once a manifest refers to the first
+/// file, the room is back.
+#[test]
+fn uploads_past_the_unreferenced_quota_are_refused_until_a_manifest_refers_to_them() {
+    use pollen_tests::mesh::test_bytes;
+    let tmp = tempfile::tempdir().unwrap();
+    let op = Operator::new(&tmp.path().join("op"), false);
+    let config = tmp.path().join("node.toml");
+    std::fs::write(&config, "max_unreferenced_bytes = 600000\n").unwrap();
+    let n = Node::start(
+        &tmp.path().join("n"),
+        &[
+            "--trust".into(),
+            op.trust_file.display().to_string(),
+            "--config".into(),
+            config.display().to_string(),
+        ],
+    );
+    let file = |name: &str, seed: u64| {
+        let p = tmp.path().join(name);
+        std::fs::write(&p, test_bytes(400_000, seed)).unwrap();
+        p
+    };
+    let (a, b) = (file("a.bin", 1), file("b.bin", 2));
+    let ma = op.manifest(std::slice::from_ref(&a), "quota.a", 1, 65_536);
+    let mb = op.manifest(std::slice::from_ref(&b), "quota.b", 1, 65_536);
+    n.upload(&ma, std::slice::from_ref(&a));
+    let cid_b = mb.body.artifact.variants[0].files[0]
+        .spec
+        .content_id
+        .to_hex();
+    let bytes_b = std::fs::read(&b).unwrap();
+    // Raw connections, so that the client never writes past what the node reads before
+    // it answers (a client still writing may get a reset instead of the answer).
+    let put = |head: &str, body: &[u8]| {
+        let mut s = TcpStream::connect(&n.http).unwrap();
+        write!(
+            s,
+            "PUT /v1/files/{cid_b}?chunk_size=65536 HTTP/1.1\r\nHost: 127.0.0.1\r\n\
+             Authorization: Bearer {}\r\nConnection: close\r\n{head}\r\n",
+            pollen_tests::TEST_TOKEN
+        )
+        .unwrap();
+        s.write_all(body).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut answer = Vec::new();
+        let _ = s.read_to_end(&mut answer);
+        String::from_utf8_lossy(&answer).into_owned()
+    };
+    // A declared length over the room left (600,000 - 400,000): refused before any byte
+    // of the body is read.
+    let answer = put(&format!("Content-Length: {}\r\n", bytes_b.len()), b"");
+    assert!(answer.starts_with("HTTP/1.1 507"), "{answer}");
+    assert!(answer.contains("upload quota"), "{answer}");
+    // No length (chunked): refused once the body passes the room; one byte past it is
+    // sent.
+    let mut chunk = format!("{:x}\r\n", 200_001).into_bytes();
+    chunk.extend_from_slice(&bytes_b[..200_001]);
+    let answer = put("Transfer-Encoding: chunked\r\n", &chunk);
+    assert!(answer.starts_with("HTTP/1.1 507"), "{answer}");
+    assert!(
+        !n.blob(&cid_b).exists(),
+        "nothing of the refused upload is kept"
+    );
+    // A manifest now refers to the first file: it no longer counts.
+    let (status, text) = n.post_manifest(&ma.signed.to_bytes());
+    assert_eq!(status, 200, "{text}");
+    n.upload(&mb, std::slice::from_ref(&b));
+    assert!(n.blob(&cid_b).exists());
+}

@@ -20,7 +20,7 @@ use crate::handle::{ActorCmd, AppState, Refusal};
 use crate::store::StoreError;
 use axum::body::{Body, Bytes};
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
@@ -183,6 +183,7 @@ async fn upload(
     State(h): State<AppState>,
     Path(cid): Path<String>,
     Query(q): Query<UploadQuery>,
+    headers: HeaderMap,
     body: Body,
 ) -> Response {
     let Ok(expected) = cid.parse::<ContentId>() else {
@@ -205,6 +206,17 @@ async fn upload(
             "other uploads are in progress; try again when they are done",
         );
     };
+    // The quota of unreferenced bytes: what is stored but not referred to by a retained
+    // release (earlier uploads waiting for their manifest) plus this body.
+    let room = match quota_room(&h, &expected).await {
+        Ok(room) => room,
+        Err(r) => return r,
+    };
+    if let Some(len) = declared_len(&headers)
+        && len > room
+    {
+        return over_quota(h.upload_quota, room);
+    }
     // Hash and write on a blocking thread; the body streams to it through a small channel.
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(8);
     let store = h.store.clone();
@@ -222,6 +234,7 @@ async fn upload(
         )
     });
     let mut stream = body.into_data_stream();
+    let mut received = 0u64;
     loop {
         // A client that stops sending gives up its slot.
         let Ok(next) = tokio::time::timeout(UPLOAD_IDLE, stream.next()).await else {
@@ -233,6 +246,12 @@ async fn upload(
         let Some(piece) = next else { break };
         match piece {
             Ok(b) => {
+                received = received.saturating_add(b.len() as u64);
+                if received > room {
+                    // Dropping the sender mid-file makes the import fail and remove its
+                    // temporary file.
+                    return over_quota(h.upload_quota, room);
+                }
                 if tx.send(b).await.is_err() {
                     break;
                 }
@@ -256,6 +275,40 @@ async fn upload(
         Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
+}
+
+/// Bytes an upload of `expected` may still bring under the quota: the quota less the
+/// stored bytes no retained release refers to (not counting `expected` itself, so a
+/// retried upload is not charged twice). Concurrent uploads each see the same room, so
+/// at most [`UPLOADS`] bodies pass it together.
+async fn quota_room(h: &AppState, expected: &ContentId) -> Result<u64, Response> {
+    let keep = ask(h, |reply| ActorCmd::LiveFiles { reply }).await?;
+    let store = h.store.clone();
+    let except = *expected;
+    let used = tokio::task::spawn_blocking(move || store.unreferenced_bytes(&keep, &except))
+        .await
+        .map_err(|e| error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .map_err(|e| error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    Ok(h.upload_quota.saturating_sub(used))
+}
+
+/// The body length a client declared, if it did.
+fn declared_len(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
+}
+
+fn over_quota(quota: u64, room: u64) -> Response {
+    error(
+        StatusCode::INSUFFICIENT_STORAGE,
+        format!(
+            "upload quota: at most {quota} bytes of uploaded files may wait for a manifest, and {room} are left; publish the manifest of the files uploaded so far, or wait for unreferenced files to be collected (10 minutes after upload)"
+        ),
+    )
 }
 
 /// A refused manifest or instruction: 422 with `{"error": message}`, plus `"code": label`
