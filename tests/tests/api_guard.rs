@@ -105,3 +105,37 @@ fn mutations_need_the_token_and_foreign_hosts_and_origins_are_refused() {
     );
     assert_eq!(n.status().channels[0].pinned, Some(1));
 }
+
+/// Review L4: re-posting a manifest the node already holds (here from gossip) is
+/// answered as accepted, but does not record it as published by this node, which would
+/// pin the release and keep its files for good.
+#[test]
+fn reposting_a_held_manifest_pins_nothing() {
+    use pollen_tests::mesh::{Node, test_bytes};
+    use std::time::Duration;
+    let tmp = tempfile::tempdir().unwrap();
+    let op = Operator::new(&tmp.path().join("op"), false);
+    let trust = op.trust_file.display().to_string();
+    let a = Node::start(&tmp.path().join("a"), &["--trust".into(), trust.clone()]);
+    let file = tmp.path().join("m.bin");
+    std::fs::write(&file, test_bytes(100_000, 3)).unwrap();
+    let m = op.manifest(std::slice::from_ref(&file), "repost.me", 1, 65_536);
+    let (status, text) = a.publish(&m, std::slice::from_ref(&file));
+    assert_eq!(status, 200, "{text}");
+    let b = Node::start(
+        &tmp.path().join("b"),
+        &["--trust".into(), trust, "--bootstrap".into(), a.addr()],
+    );
+    b.wait(Duration::from_secs(60), "release from gossip", |s| {
+        Node::has_release(s, "repost.me", 1)
+    });
+    let (status, text) = b.post_manifest(&m.signed.to_bytes());
+    assert_eq!(status, 200, "{text}");
+    let published = |n: &Node| -> Vec<String> {
+        let state = std::fs::read_to_string(n.dir.join("state.json")).unwrap_or_default();
+        let v: serde_json::Value = serde_json::from_str(&state).unwrap_or_default();
+        serde_json::from_value(v["published"].clone()).unwrap_or_default()
+    };
+    assert_eq!(published(&a).len(), 1, "the publisher records it");
+    assert!(published(&b).is_empty(), "re-posted: {:?}", published(&b));
+}

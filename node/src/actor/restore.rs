@@ -136,7 +136,8 @@ impl Actor {
         Ok(())
     }
 
-    /// Delete files that no retained or published release refers to.
+    /// Delete files and manifests that no retained release refers to (published ones
+    /// are retained while pinned).
     pub(super) fn gc(&mut self) {
         // While restoring, the core holds only part of what is on disk; and if anything on
         // disk could not be restored, the core does not know all that must be kept.
@@ -144,19 +145,16 @@ impl Actor {
             return;
         }
         let keep = self.mesh.live_files();
-        let mut manifests: BTreeSet<ManifestId> =
-            self.mesh.releases().map(|(_, r)| r.id()).collect();
-        // Failed activations are remembered only for releases still kept.
+        let manifests: BTreeSet<ManifestId> = self.mesh.releases().map(|(_, r)| r.id()).collect();
+        // Failed activations, and what this node published, are remembered only for
+        // releases still kept (the core trims published releases past `max_pinned`).
         self.state
             .failed
             .retain(|hex, _| hex.parse().is_ok_and(|id| manifests.contains(&id)));
+        self.state
+            .published
+            .retain(|hex| hex.parse().is_ok_and(|id| manifests.contains(&id)));
         self.persist_job(Persist::Gc(keep));
-        manifests.extend(
-            self.state
-                .published
-                .iter()
-                .filter_map(|h| h.parse::<ManifestId>().ok()),
-        );
         self.persist_job(Persist::PruneManifests(manifests));
     }
 }
