@@ -76,7 +76,7 @@ const NET_QUEUE: usize = 1024;
 const DONE_QUEUE: usize = 1024;
 /// Persistence jobs queued (manifests, trust roots and flushes are never dropped in
 /// practice: state, GC and pruning are coalesced by the persister).
-const PERSIST_QUEUE: usize = 1 << 16;
+const PERSIST_QUEUE: usize = 1024;
 /// Capacity of the HTTP command channel.
 const CMD_QUEUE: usize = 64;
 /// Most recent errors kept for the status.
@@ -143,8 +143,8 @@ pub struct Actor {
     http: SocketAddr,
     /// The addresses the swarm listens on.
     listen: BTreeSet<Multiaddr>,
-    /// Jobs for the persister thread.
-    persist: mpsc::Sender<Persist>,
+    /// Jobs for the persister thread, bounded.
+    persist: persist::PersistQueue,
     /// The newest node state for the persister (see [`StateSlot`]).
     state_slot: StateSlot,
     /// Files registered with the store in this run.
@@ -245,7 +245,13 @@ impl Actor {
         let (cmd_tx, cmd_rx) = mpsc::channel(CMD_QUEUE);
         let (persist_tx, persist_rx) = mpsc::channel(PERSIST_QUEUE);
         let state_slot = StateSlot::default();
-        spawn_persister(store.clone(), persist_rx, state_slot.clone());
+        let persist_bytes = persist::PersistBytes::default();
+        spawn_persister(
+            store.clone(),
+            persist_rx,
+            state_slot.clone(),
+            persist_bytes.clone(),
+        );
         let writer = WriterShared {
             store: store.clone(),
             uploads: Arc::new(Semaphore::new(cfg.max_concurrent_uploads)),
@@ -269,6 +275,7 @@ impl Actor {
                 cfg.inference_queue,
             )),
             uploads: Arc::new(tokio::sync::Semaphore::new(crate::http::v1::UPLOADS)),
+            upload_quota: cfg.max_unreferenced_bytes,
         };
         let mut actor = Actor {
             cfg,
@@ -298,7 +305,7 @@ impl Actor {
             cert,
             http,
             listen: BTreeSet::new(),
-            persist: persist_tx,
+            persist: persist::PersistQueue::new(persist_tx, persist_bytes),
             state_slot,
             opened: BTreeSet::new(),
             relays,
@@ -436,29 +443,19 @@ impl Actor {
     /// If a write failed, `reply` is dropped unanswered: the route answers an error.
     fn reply_when_durable<T: Send + 'static>(&mut self, reply: oneshot::Sender<T>, value: T) {
         let (tx, rx) = oneshot::channel();
-        let persist = self.persist.clone();
+        self.persist_job(Persist::Flush(tx));
         tokio::spawn(async move {
-            // Waits for room in the queue rather than dropping the flush.
-            if persist.send(Persist::Flush(tx)).await.is_ok() && rx.await.is_ok() {
+            if rx.await.is_ok() {
                 let _ = reply.send(value);
             }
         });
     }
 
-    /// Queue a job for the persister; with the queue full it waits for room on a task of
-    /// its own rather than being dropped.
+    /// Queue a job for the persister (see [`persist::PersistQueue::push`]); a job past
+    /// the bounds is reported in the status, never dropped silently.
     fn persist_job(&mut self, job: Persist) {
-        match self.persist.try_send(job) {
-            Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(job)) => {
-                let persist = self.persist.clone();
-                tokio::spawn(async move {
-                    let _ = persist.send(job).await;
-                });
-            }
-            Err(mpsc::error::TrySendError::Closed(job)) => {
-                tracing::error!("the persister is gone: {job:?} not written");
-            }
+        if let Err(e) = self.persist.push(job) {
+            self.error(e);
         }
     }
 
@@ -466,7 +463,7 @@ impl Actor {
     fn save_state(&mut self) {
         *self.state_slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(self.state.clone());
         // A full queue already holds a job, and every batch writes the slot.
-        let _ = self.persist.try_send(Persist::State);
+        self.persist.wake();
     }
 
     fn on_event(&mut self, e: Event) {
@@ -703,6 +700,9 @@ impl Actor {
                     let _ = reply.send(result.map(|_| "ok".into()));
                 }
             }
+            ActorCmd::LiveFiles { reply } => {
+                let _ = reply.send(self.mesh.live_files());
+            }
             ActorCmd::Manifest {
                 channel,
                 version,
@@ -723,12 +723,19 @@ impl Actor {
                     }
                 };
                 let id = ManifestId(signed.body_hash());
+                // A manifest this node holds already (from gossip, or published here
+                // before) is answered as accepted but neither pinned nor recorded as
+                // published again: re-posting a current manifest must not pin releases
+                // for good (review L4).
+                let new = !self.mesh.releases().any(|(_, r)| r.id() == id);
                 let result = self.run_command(Command::Publish(signed));
                 match result {
                     Ok(()) => {
-                        let _ = self.core_command(Command::Pin(id));
-                        self.state.published.insert(id.to_hex());
-                        self.save_state();
+                        if new {
+                            let _ = self.core_command(Command::Pin(id));
+                            self.state.published.insert(id.to_hex());
+                            self.save_state();
+                        }
                         // Answer once the manifest and the new highest version are durable.
                         self.reply_when_durable(reply, Ok(id.to_hex()));
                     }
@@ -809,6 +816,13 @@ impl Actor {
         let mut redial = tokio::time::interval(Duration::from_secs(30));
         let mut health = tokio::time::interval(self.cfg.health_interval()?);
         health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Collect on a timer too, not only when releases change: a quiet node must still
+        // drop uploads nobody published (review M2).
+        let mut collect = tokio::time::interval_at(
+            tokio::time::Instant::now() + persist::GC_INTERVAL,
+            persist::GC_INTERVAL,
+        );
+        collect.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tokio::pin!(shutdown);
         loop {
             let deadline = self.mesh.poll_timeout().map(|t| {
@@ -821,8 +835,10 @@ impl Actor {
                     None => futures::future::pending().await,
                 }
             };
+            let persist = self.persist.sender();
+            // Not biased: a stream of HTTP commands must not starve the swarm and the
+            // timers, nor a busy swarm the commands (review L5).
             tokio::select! {
-                biased;
                 _ = &mut shutdown => break,
                 Some(cmd) = self.cmd_rx.recv() => self.on_cmd(cmd),
                 Some(done) = self.done_rx.recv() => self.on_done(done),
@@ -837,6 +853,10 @@ impl Actor {
                 _ = health.tick() => {
                     self.health_tick();
                     self.drain();
+                }
+                _ = collect.tick() => self.gc(),
+                Ok(permit) = persist.reserve(), if self.persist.waiting() => {
+                    self.persist.send_next(permit);
                 }
                 _ = redial.tick() => {
                     if self.peers.is_empty() {
