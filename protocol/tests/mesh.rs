@@ -1182,3 +1182,64 @@ fn trust_root_equivocation_is_detected_and_the_next_version_heals_it() {
         assert_eq!(alerts(n), before[i], "node {i}: no new alert");
     }
 }
+
+/// Review M8: a health report carrying more than one signature is refused before any
+/// signature is verified (one frame could otherwise cost ~10k verifications), and counts
+/// nowhere; the honest reports still fill the sample.
+#[test]
+fn a_report_with_more_than_one_signature_is_refused_unverified() {
+    use pollen_protocol::rollout::{HealthReport, HealthReportBody};
+    let (mut h, op) = harness(4, 63);
+    let spec = random_file_spec(20_000, 16 * 1024, 91);
+    let m = sign(
+        &op,
+        "vision.defects",
+        1,
+        &spec,
+        RolloutPlan::immediate(),
+        T0,
+    );
+    h.publish(0, &m, &[&spec]).unwrap();
+    h.run_for(Duration::from_secs(20));
+    let mid = pollen_protocol::ManifestId(m.body_hash());
+    let key = SigningKey::from_bytes(&[43; 32]);
+    let body = HealthReportBody {
+        node: pollen_protocol::NodeId::from(&key),
+        channel: vision(),
+        version: 1,
+        manifest: mid,
+        status: HealthStatus::Failed {
+            class: ErrorClass::LoadError,
+            detail: "many signatures".into(),
+        },
+        requests: 0,
+        errors: 0,
+        latency_p50_us: 0,
+        latency_p99_us: 0,
+        timestamp: h.wall(),
+    };
+    let padded = HealthReport {
+        signed: Signed::sign(&body, &[&key, &SigningKey::from_bytes(&[44; 32]), &key]),
+        cert: None,
+    };
+    let from = h.nodes[1].id();
+    let before = h.nodes[0].events.len();
+    h.input(
+        0,
+        pollen_protocol::io::Input::Received {
+            from,
+            msg: Message::Reports(vec![padded]),
+        },
+    );
+    h.run_for(Duration::from_secs(1));
+    assert!(
+        h.nodes[0].events[before..].iter().any(|(_, e)| matches!(
+            e,
+            Event::Rejected { kind: ObjectKind::Report, label: "malformed", reason, .. }
+                if reason.contains("carries one signature, not")
+        )),
+        "refused as malformed"
+    );
+    let s = h.nodes[0].mesh.sample(&mid).expect("sample");
+    assert_eq!(s.counts().failed, 0, "it counts nowhere");
+}
