@@ -461,6 +461,83 @@ mod tests {
             .collect()
     }
 
+    /// Review L1: a Want naming a manifest and the trust root is answered root first, so
+    /// a manifest signed by a publisher the newest root adds never reaches the peer before
+    /// that root (it would be refused as forged, and the honest relayer banned).
+    #[test]
+    fn want_answers_send_the_trust_root_before_manifests() {
+        use crate::chunking::{ChunkSize, spec_for_bytes};
+        use crate::io::{Command, Input};
+        use crate::manifest::ManifestBody;
+        use crate::rollout::RolloutPlan;
+        use crate::state::testkit::mesh;
+        use crate::trust::{ChannelPattern, TrustRootBody};
+        let (mut m, _) = mesh(1, None);
+        let root = SigningKey::from_bytes(&[11; 32]);
+        let publisher = SigningKey::from_bytes(&[12; 32]);
+        let now = at(0);
+        let trust = TrustRootBody::single_publisher(
+            (&root).into(),
+            (&publisher).into(),
+            ChannelPattern("*".into()),
+            UnixTime::from_secs(1),
+            UnixTime::from_secs(1_000_000),
+        );
+        let spec = spec_for_bytes(&[7; 1000], ChunkSize::new(16_384).expect("valid"));
+        let body = ManifestBody::single_file(
+            Channel::new("test.model").expect("valid"),
+            1,
+            spec,
+            RolloutPlan::immediate(),
+            UnixTime::from_secs(900),
+        );
+        let manifest = Signed::sign(&body, &[&publisher]);
+        for (id, cmd) in [
+            (1, Command::SetTrustRoot(Signed::sign(&trust, &[&root]))),
+            (2, Command::Publish(manifest.clone())),
+        ] {
+            m.handle(now, Input::Command { id, cmd });
+        }
+        let info = PeerInfo {
+            site: None,
+            rtt: None,
+            cert: None,
+        };
+        m.handle(
+            now,
+            Input::PeerUp {
+                peer: peer(1),
+                info,
+            },
+        );
+        while m.poll_output().is_some() {}
+        let want = alloc::vec![
+            ObjectId::Manifest(ManifestId(manifest.body_hash())),
+            ObjectId::TrustRoot(1),
+        ];
+        m.handle(
+            now,
+            Input::Received {
+                from: peer(1),
+                msg: Message::Want(want),
+            },
+        );
+        let kinds: alloc::vec::Vec<&str> = core::iter::from_fn(|| m.poll_output())
+            .filter_map(|o| match o {
+                Output::Send {
+                    msg: Message::TrustRoot(_),
+                    ..
+                } => Some("root"),
+                Output::Send {
+                    msg: Message::Manifest(_),
+                    ..
+                } => Some("manifest"),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(kinds, ["root", "manifest"]);
+    }
+
     /// Review M6: a digest of a few bytes asking for an answer gets our digest (and our
     /// samples) back at most once per half anti-entropy interval per peer; a repeat in
     /// between is still read for what we lack, but answered with nothing.
