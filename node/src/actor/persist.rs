@@ -156,8 +156,13 @@ pub(super) fn spawn_persister(
     std::thread::Builder::new()
         .name("pollen-persist".into())
         .spawn(move || {
+            // Manifests and trust roots whose write failed: tried again before every later
+            // batch, and while any is unwritten no flush is answered (bounded by the
+            // actor's budget of unwritten bytes, which they keep holding).
+            let mut unwritten_jobs: Vec<Persist> = Vec::new();
             while let Some(first) = rx.blocking_recv() {
-                let mut batch = vec![first];
+                let mut batch = std::mem::take(&mut unwritten_jobs);
+                batch.push(first);
                 while let Ok(j) = rx.try_recv() {
                     batch.push(j);
                 }
@@ -168,7 +173,6 @@ pub(super) fn spawn_persister(
                 let mut failed = false;
                 let mut flushes = Vec::new();
                 for (i, job) in batch.into_iter().enumerate() {
-                    unwritten.fetch_sub(job.bytes(), std::sync::atomic::Ordering::Relaxed);
                     let r = match &job {
                         Persist::Flush(_) | Persist::State => Ok(()),
                         Persist::Gc(_) if Some(i) != last_gc => Ok(()),
@@ -186,9 +190,13 @@ pub(super) fn spawn_persister(
                         }),
                     };
                     if let Err(e) = r {
-                        failed |= matches!(job, Persist::Manifest(..) | Persist::Trust(..));
-                        tracing::error!("persisting {job:?}: {e}");
+                        tracing::error!("persisting {}: {e}", job.label());
+                        if matches!(job, Persist::Manifest(..) | Persist::Trust(..)) {
+                            unwritten_jobs.push(job);
+                            continue;
+                        }
                     }
+                    unwritten.fetch_sub(job.bytes(), std::sync::atomic::Ordering::Relaxed);
                     if let Persist::Flush(done) = job {
                         flushes.push(done);
                     }
@@ -204,7 +212,7 @@ pub(super) fn spawn_persister(
                         .unwrap_or_else(|e| e.into_inner())
                         .get_or_insert(state);
                 }
-                if !failed {
+                if !failed && unwritten_jobs.is_empty() {
                     for done in flushes {
                         let _ = done.send(());
                     }
@@ -249,6 +257,21 @@ mod tests {
         tx.blocking_send(Persist::Manifest(ManifestId([2; 32]), vec![8]))
             .unwrap();
         assert!(!flush(&tx));
+        // Whether the failed write and a later flush share a batch or not, no flush is
+        // answered while it stays unwritten; once the disk is back, the next flush writes
+        // it and is answered.
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert!(!flush(&tx), "a later flush, in a batch of its own");
+        std::fs::remove_file(dir.path().join("manifests")).unwrap();
+        std::fs::create_dir(dir.path().join("manifests")).unwrap();
+        assert!(flush(&tx));
+        assert!(
+            store
+                .manifests()
+                .unwrap()
+                .iter()
+                .any(|(id, _)| *id == ManifestId([2; 32]))
+        );
     }
 
     /// A stalled disk: the persister takes nothing. Jobs wait in order up to the bounds,
