@@ -3,6 +3,7 @@
 //! counts them (the design's durability rule).
 
 use super::{Actor, Done, MAX_SPECS};
+use crate::net::FrameBytes;
 use crate::store::StoreError;
 use anyhow::Result;
 use libp2p::PeerId;
@@ -79,12 +80,16 @@ impl Actor {
         self.error(msg);
     }
 
+    /// A chunk frame from `peer`: written on the blocking pool (which verifies it) if the
+    /// core still needs it. `bytes` (the frame's share of the frame budget) is held until
+    /// the write is done.
     pub(super) fn on_chunk(
         &mut self,
         peer: PeerId,
         header: pollen_protocol::wire::ChunkHeader,
         frame: Vec<u8>,
         offset: usize,
+        bytes: FrameBytes,
     ) {
         let Some(c) = self.peers.get(&peer) else {
             return;
@@ -115,6 +120,7 @@ impl Actor {
             // the inode lock (measured: 7% of the receiver's time spinning on it).
             let _guard = lock.lock().unwrap_or_else(|e| e.into_inner());
             let result = store.write_chunk(&spec, header.index, &frame[offset..]);
+            drop((frame, bytes));
             let _ = tx.blocking_send(Done::Written {
                 from,
                 file: header.file,

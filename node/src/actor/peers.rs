@@ -49,7 +49,7 @@ impl Actor {
                     self.maybe_up(peer);
                 }
             }
-            NetEvent::Message { peer, msg } => {
+            NetEvent::Message { peer, msg, .. } => {
                 if let Some(c) = self.peers.get(&peer)
                     && c.up
                 {
@@ -62,7 +62,8 @@ impl Actor {
                 header,
                 frame,
                 offset,
-            } => self.on_chunk(peer, header, frame, offset),
+                bytes,
+            } => self.on_chunk(peer, header, frame, offset, bytes),
             NetEvent::Malformed { peer, error } => {
                 if let Some(c) = self.peers.get(&peer) {
                     let from = c.node;
