@@ -3,6 +3,7 @@
 //! tasks enter the core here.
 
 use super::Actor;
+use super::swarm::SHORT_BAN;
 use crate::net::{NetEvent, PeerSender};
 use libp2p::PeerId;
 use pollen_protocol::ids::NodeId;
@@ -64,12 +65,20 @@ impl Actor {
                 offset,
                 bytes,
             } => self.on_chunk(peer, header, frame, offset, bytes),
-            NetEvent::Malformed { peer, error } => {
-                if let Some(c) = self.peers.get(&peer) {
+            NetEvent::Malformed { peer, error } => match self.peers.get(&peer) {
+                Some(c) if c.up => {
                     let from = c.node;
                     self.handle(Input::Malformed { from, error });
                 }
-            }
+                // The core knows only peers that came up: garbage before that is ours
+                // to answer.
+                _ => {
+                    tracing::warn!(
+                        "{peer}: malformed frame before its Hello ({error}); banning it"
+                    );
+                    self.ban_peer(peer, SHORT_BAN);
+                }
+            },
             NetEvent::StreamClosed { peer, writer_gen } => {
                 // The writer of an older connection record: nothing to do with this one.
                 if writer_gen
