@@ -70,6 +70,8 @@ pub struct Metrics {
     pub streams_refused: AtomicU64,
     /// Inbound pollen streams closed because a Hello or a frame was late.
     pub streams_timed_out: AtomicU64,
+    /// Control frames to peers dropped: the peer's queue was full.
+    pub control_dropped: AtomicU64,
     rejected: Mutex<BTreeMap<(String, String), u64>>,
     inference: Mutex<BTreeMap<(String, u64), InferStats>>,
     chunks_from: Mutex<BTreeMap<String, u64>>,
@@ -222,6 +224,13 @@ impl Metrics {
             "Inbound pollen streams closed because a Hello or a frame was late.",
             "counter",
             self.streams_timed_out.load(Ordering::Relaxed),
+        );
+        g(
+            &mut s,
+            "pollen_control_frames_dropped_total",
+            "Control frames to peers dropped: the peer's queue was full.",
+            "counter",
+            self.control_dropped.load(Ordering::Relaxed),
         );
         g(
             &mut s,

@@ -12,7 +12,8 @@
 //! streams per peer ([`ReaderShared::streams_per_peer`]); a first frame that is a Hello of
 //! at most [`MAX_HELLO_FRAME`] bytes, whole within [`ReadDeadlines::hello`]; a deadline
 //! per frame; buffers that grow with the bytes received, not with the length claimed,
-//! out of one budget shared by every reader ([`FRAME_BUDGET`]).
+//! out of one budget shared by every reader ([`FRAME_BUDGET`]). On the sending side each
+//! peer's control queue is bounded in frames and in bytes ([`CONTROL_BYTES`]).
 //!
 //! Hashing and disk IO of chunks never run on the async threads: the writer reads chunks
 //! with `spawn_blocking`, and received chunks go to the actor, which verifies and writes
@@ -35,7 +36,7 @@ use pollen_protocol::ids::{ContentId, NodeId};
 use pollen_protocol::wire::{self, ChunkHeader, Frame, Hello, KIND_CHUNK, Message, frame_cap};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 
@@ -45,6 +46,18 @@ pub const PROTOCOL_ID: StreamProtocol = StreamProtocol::new(wire::PROTOCOL_ID);
 pub const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/pollen/kad/1.0.0");
 /// Control frames queued per peer before further ones are dropped.
 pub const CONTROL_QUEUE: usize = 4096;
+/// Bytes of control frames queued per peer before further ones are dropped (frames of at
+/// most [`SMALL_FRAME`] bytes are bounded by [`CONTROL_QUEUE`] alone). Eight of the largest
+/// control frames: a burst of big manifests still goes through to a peer that reads.
+///
+/// Past it a frame is dropped rather than the peer disconnected: what the core sends is
+/// gossip that anti-entropy and `Want` repair, whereas a disconnected peer that was only
+/// behind would reconnect into the same burst. A peer that stops reading is closed by
+/// the writer's timeout.
+pub const CONTROL_BYTES: usize = 8 << 20;
+/// Control frames this small (requests, cancels, rejects, chunk announcements) are never
+/// dropped for bytes: losing a request would make it time out and count against the peer.
+pub const SMALL_FRAME: usize = 256;
 /// Chunk uploads queued per peer.
 pub const CHUNK_QUEUE: usize = 64;
 
@@ -270,12 +283,33 @@ pub struct ChunkJob {
 /// The actor's handle on a peer's writer task.
 #[derive(Clone, Debug)]
 pub struct PeerSender {
-    /// Control frames and cancels.
+    /// Control frames and cancels (send frames with [`PeerSender::send_frame`]).
     pub control: mpsc::Sender<Out>,
     /// Chunk uploads.
     pub chunks: mpsc::Sender<ChunkJob>,
     /// Is the peer on our site (set once its Hello is known).
     pub same_site: Arc<AtomicBool>,
+    /// Bytes of control frames queued and not yet written.
+    queued: Arc<AtomicUsize>,
+}
+
+impl PeerSender {
+    /// Queue a control frame for the writer. Returns false, dropping the frame, when the
+    /// queue holds [`CONTROL_QUEUE`] frames, or when the frame is over [`SMALL_FRAME`]
+    /// bytes and would take the queue past [`CONTROL_BYTES`], or when the writer is gone.
+    pub fn send_frame(&self, frame: Vec<u8>) -> bool {
+        let len = frame.len();
+        // Only the actor adds, so the check and the add cannot race with another add.
+        if len > SMALL_FRAME && self.queued.load(Ordering::Relaxed) + len > CONTROL_BYTES {
+            return false;
+        }
+        self.queued.fetch_add(len, Ordering::Relaxed);
+        if self.control.try_send(Out::Frame(frame)).is_err() {
+            self.queued.fetch_sub(len, Ordering::Relaxed);
+            return false;
+        }
+        true
+    }
 }
 
 /// What the writer tasks share.
@@ -373,10 +407,12 @@ pub async fn run_writer(
     let (ctx, mut crx) = mpsc::channel(CONTROL_QUEUE);
     let (jtx, mut jrx) = mpsc::channel::<ChunkJob>(CHUNK_QUEUE);
     let same_site = Arc::new(AtomicBool::new(false));
+    let queued = Arc::new(AtomicUsize::new(0));
     let sender = PeerSender {
         control: ctx,
         chunks: jtx,
         same_site: same_site.clone(),
+        queued: queued.clone(),
     };
     if events
         .send(NetEvent::OutboundReady {
@@ -397,8 +433,9 @@ pub async fn run_writer(
                 out = crx.recv() => match out {
                     None => return Ok(()),
                     Some(Out::Frame(f)) => {
-                        let n = write_frame(&mut stream, &[&f]).await?;
-                        shared.metrics.bytes_out(class(&same_site), n as u64);
+                        let written = write_frame(&mut stream, &[&f]).await;
+                        queued.fetch_sub(f.len(), Ordering::Relaxed);
+                        shared.metrics.bytes_out(class(&same_site), written? as u64);
                     }
                     Some(Out::Cancel(id)) => {
                         if cancelled.len() >= 1024 {
@@ -1069,5 +1106,28 @@ mod tests {
             "a reconnecting peer"
         );
         assert!(counts.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn control_queues_are_bounded_in_bytes() {
+        let (control, _rx) = mpsc::channel(CONTROL_QUEUE);
+        let (chunks, _jrx) = mpsc::channel(1);
+        let s = PeerSender {
+            control,
+            chunks,
+            same_site: Arc::default(),
+            queued: Arc::default(),
+        };
+        for _ in 0..CONTROL_BYTES / (1 << 20) {
+            assert!(s.send_frame(vec![0; 1 << 20]));
+        }
+        assert!(
+            !s.send_frame(vec![0; SMALL_FRAME + 1]),
+            "past the byte budget"
+        );
+        assert!(
+            s.send_frame(vec![0; SMALL_FRAME]),
+            "a small frame still goes"
+        );
     }
 }

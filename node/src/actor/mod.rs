@@ -409,10 +409,10 @@ impl Actor {
     fn on_output(&mut self, out: Output) {
         match out {
             Output::Send { to, msg } => {
-                if let Some(s) = self.sender(&to)
-                    && s.control.try_send(Out::Frame(msg.encode())).is_err()
-                {
-                    tracing::warn!("control queue to {} full: message dropped", to.short());
+                let Some(s) = self.sender(&to) else { return };
+                if !s.send_frame(msg.encode()) {
+                    self.metrics.control_dropped.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!("control queue to {} full: message dropped", to.short());
                 }
             }
             Output::SendChunk {
