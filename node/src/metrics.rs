@@ -72,6 +72,8 @@ pub struct Metrics {
     pub streams_timed_out: AtomicU64,
     /// Control frames to peers dropped: the peer's queue was full.
     pub control_dropped: AtomicU64,
+    /// Chunk frames dropped: no request of ours to that peer had their id.
+    pub chunks_unsolicited: AtomicU64,
     rejected: Mutex<BTreeMap<(String, String), u64>>,
     inference: Mutex<BTreeMap<(String, u64), InferStats>>,
     chunks_from: Mutex<BTreeMap<String, u64>>,
@@ -210,6 +212,13 @@ impl Metrics {
             "Chunks sent to peers.",
             "counter",
             self.chunks_uploaded.load(Ordering::Relaxed),
+        );
+        g(
+            &mut s,
+            "pollen_chunks_unsolicited_total",
+            "Chunk frames dropped: no request of ours to that peer had their id.",
+            "counter",
+            self.chunks_unsolicited.load(Ordering::Relaxed),
         );
         g(
             &mut s,

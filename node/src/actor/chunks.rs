@@ -80,8 +80,9 @@ impl Actor {
         self.error(msg);
     }
 
-    /// A chunk frame from `peer`: written on the blocking pool (which verifies it) if the
-    /// core still needs it. `bytes` (the frame's share of the frame budget) is held until
+    /// A chunk frame from `peer`: written on the blocking pool (which verifies it) if it
+    /// answers a request we sent that peer and the core still needs it; dropped otherwise,
+    /// before any hashing. `bytes` (the frame's share of the frame budget) is held until
     /// the write is done.
     pub(super) fn on_chunk(
         &mut self,
@@ -91,10 +92,16 @@ impl Actor {
         offset: usize,
         bytes: FrameBytes,
     ) {
-        let Some(c) = self.peers.get(&peer) else {
+        let Some(c) = self.peers.get_mut(&peer) else {
             return;
         };
         if !c.up {
+            return;
+        }
+        if c.requested.remove(&header.id) != Some((header.file, header.index)) {
+            self.metrics
+                .chunks_unsolicited
+                .fetch_add(1, Ordering::Relaxed);
             return;
         }
         let from = c.node;

@@ -38,7 +38,7 @@ use pollen_protocol::manifest::{Channel, DeviceProfile, Manifest, SignedManifest
 use pollen_protocol::rollout::ErrorClass;
 use pollen_protocol::signing::Signed;
 use pollen_protocol::trust::SignedNodeCert;
-use pollen_protocol::wire::Bitfield;
+use pollen_protocol::wire::{Bitfield, Message};
 use pollen_protocol::{Config as CoreConfig, Instant as CoreInstant, Mesh, Now};
 use rand_chacha::ChaCha8Rng;
 use rand_core::SeedableRng;
@@ -413,6 +413,8 @@ impl Actor {
                 if !s.send_frame(msg.encode()) {
                     self.metrics.control_dropped.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!("control queue to {} full: message dropped", to.short());
+                } else if let Message::Request { id, file, index } = msg {
+                    self.requested(&to, id, file, index);
                 }
             }
             Output::SendChunk {

@@ -6,10 +6,16 @@ use super::Actor;
 use super::swarm::SHORT_BAN;
 use crate::net::{NetEvent, PeerSender};
 use libp2p::PeerId;
-use pollen_protocol::ids::NodeId;
+use pollen_protocol::ids::{ContentId, NodeId};
 use pollen_protocol::io::{Input, PeerInfo};
 use pollen_protocol::wire::Hello;
+use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
+
+/// Chunk requests remembered per peer (see [`PeerConn::requested`]). The core has a few
+/// in flight per peer; the rest are recent ones it gave up on, whose late answers are
+/// still worth taking.
+const MAX_REQUESTED: usize = 256;
 
 /// One connected peer (however many libp2p connections it has).
 pub(super) struct PeerConn {
@@ -27,6 +33,9 @@ pub(super) struct PeerConn {
     pub(super) hello: Option<Hello>,
     /// Both of the above arrived and the core heard `PeerUp`.
     pub(super) up: bool,
+    /// Chunk requests sent to the peer and not answered yet, by request id (the most
+    /// recent [`MAX_REQUESTED`]): a chunk frame is taken only as the answer to one.
+    pub(super) requested: BTreeMap<u64, (ContentId, u32)>,
 }
 
 impl Actor {
@@ -124,6 +133,17 @@ impl Actor {
                 cert: hello.cert,
             },
         });
+    }
+
+    /// Remember that chunk request `id` for chunk `index` of `file` went to `node`.
+    pub(super) fn requested(&mut self, node: &NodeId, id: u64, file: ContentId, index: u32) {
+        let Some(c) = self.by_node.get(node).and_then(|p| self.peers.get_mut(p)) else {
+            return;
+        };
+        if c.requested.len() >= MAX_REQUESTED {
+            c.requested.pop_first();
+        }
+        c.requested.insert(id, (file, index));
     }
 
     pub(super) fn sender(&self, node: &NodeId) -> Option<PeerSender> {

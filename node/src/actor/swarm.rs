@@ -125,6 +125,7 @@ impl Actor {
                     sender: None,
                     hello: None,
                     up: false,
+                    requested: Default::default(),
                 },
             );
             self.by_node.insert(node, peer_id);
