@@ -158,6 +158,10 @@ pub struct NodeConfig {
     /// Test only: serve corrupt chunks (flips a byte of each chunk sent).
     #[serde(skip)]
     pub test_corrupt_chunks: bool,
+    /// Test only: every frame after a peer's Hello must be whole this long after its first
+    /// byte, whatever its length (instead of the deadlines of [`crate::net::ReadDeadlines`]).
+    #[serde(skip)]
+    pub test_frame_deadline: Option<std::time::Duration>,
 }
 
 impl Default for NodeConfig {
@@ -199,6 +203,7 @@ impl Default for NodeConfig {
             max_unreferenced_bytes: 4 << 30,
             pins: std::collections::BTreeMap::new(),
             test_corrupt_chunks: false,
+            test_frame_deadline: None,
         }
     }
 }

@@ -66,6 +66,14 @@ pub struct Metrics {
     pub store_errors: AtomicU64,
     /// Connections established through a relay (/p2p-circuit).
     pub relayed_connections: AtomicU64,
+    /// Inbound pollen streams closed at once: the peer had as many as it may.
+    pub streams_refused: AtomicU64,
+    /// Inbound pollen streams closed because a Hello or a frame was late.
+    pub streams_timed_out: AtomicU64,
+    /// Control frames to peers dropped: the peer's queue was full.
+    pub control_dropped: AtomicU64,
+    /// Chunk frames dropped: no request of ours to that peer had their id.
+    pub chunks_unsolicited: AtomicU64,
     rejected: Mutex<BTreeMap<(String, String), u64>>,
     inference: Mutex<BTreeMap<(String, u64), InferStats>>,
     chunks_from: Mutex<BTreeMap<String, u64>>,
@@ -204,6 +212,34 @@ impl Metrics {
             "Chunks sent to peers.",
             "counter",
             self.chunks_uploaded.load(Ordering::Relaxed),
+        );
+        g(
+            &mut s,
+            "pollen_chunks_unsolicited_total",
+            "Chunk frames dropped: no request of ours to that peer had their id.",
+            "counter",
+            self.chunks_unsolicited.load(Ordering::Relaxed),
+        );
+        g(
+            &mut s,
+            "pollen_peer_streams_refused_total",
+            "Inbound pollen streams closed at once: the peer had as many as it may.",
+            "counter",
+            self.streams_refused.load(Ordering::Relaxed),
+        );
+        g(
+            &mut s,
+            "pollen_peer_streams_timed_out_total",
+            "Inbound pollen streams closed because a Hello or a frame was late.",
+            "counter",
+            self.streams_timed_out.load(Ordering::Relaxed),
+        );
+        g(
+            &mut s,
+            "pollen_control_frames_dropped_total",
+            "Control frames to peers dropped: the peer's queue was full.",
+            "counter",
+            self.control_dropped.load(Ordering::Relaxed),
         );
         g(
             &mut s,

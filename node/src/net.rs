@@ -8,6 +8,13 @@
 //! body is buffered ([`pollen_protocol::wire`]); a bad frame ends the stream and is
 //! reported so the core can penalise the peer.
 //!
+//! What a peer can make the node hold is bounded on the reading side: a few inbound
+//! streams per peer ([`ReaderShared::streams_per_peer`]); a first frame that is a Hello of
+//! at most [`MAX_HELLO_FRAME`] bytes, whole within [`ReadDeadlines::hello`]; a deadline
+//! per frame; buffers that grow with the bytes received, not with the length claimed,
+//! out of one budget shared by every reader ([`FRAME_BUDGET`]). On the sending side each
+//! peer's control queue is bounded in frames and in bytes ([`CONTROL_BYTES`]).
+//!
 //! Hashing and disk IO of chunks never run on the async threads: the writer reads chunks
 //! with `spawn_blocking`, and received chunks go to the actor, which verifies and writes
 //! them on the blocking pool.
@@ -16,7 +23,7 @@ use crate::config::NodeConfig;
 use crate::metrics::{Metrics, PeerClass};
 use crate::store::Store;
 use anyhow::{Context, Result};
-use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
+use futures::{AsyncRead, AsyncReadExt, AsyncWriteExt, StreamExt};
 use libp2p::identity::Keypair;
 use libp2p::swarm::NetworkBehaviour;
 use libp2p::swarm::behaviour::toggle::Toggle;
@@ -27,11 +34,11 @@ use libp2p::{
 use pollen_protocol::chunking::FileSpec;
 use pollen_protocol::ids::{ContentId, NodeId};
 use pollen_protocol::wire::{self, ChunkHeader, Frame, Hello, KIND_CHUNK, Message, frame_cap};
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 
 /// Pollen's libp2p protocol id (the wire version is in it).
 pub const PROTOCOL_ID: StreamProtocol = StreamProtocol::new(wire::PROTOCOL_ID);
@@ -39,6 +46,18 @@ pub const PROTOCOL_ID: StreamProtocol = StreamProtocol::new(wire::PROTOCOL_ID);
 pub const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/pollen/kad/1.0.0");
 /// Control frames queued per peer before further ones are dropped.
 pub const CONTROL_QUEUE: usize = 4096;
+/// Bytes of control frames queued per peer before further ones are dropped (frames of at
+/// most [`SMALL_FRAME`] bytes are bounded by [`CONTROL_QUEUE`] alone). Eight of the largest
+/// control frames: a burst of big manifests still goes through to a peer that reads.
+///
+/// Past it a frame is dropped rather than the peer disconnected: what the core sends is
+/// gossip that anti-entropy and `Want` repair, whereas a disconnected peer that was only
+/// behind would reconnect into the same burst. A peer that stops reading is closed by
+/// the writer's timeout.
+pub const CONTROL_BYTES: usize = 8 << 20;
+/// Control frames this small (requests, cancels, rejects, chunk announcements) are never
+/// dropped for bytes: losing a request would make it time out and count against the peer.
+pub const SMALL_FRAME: usize = 256;
 /// Chunk uploads queued per peer.
 pub const CHUNK_QUEUE: usize = 64;
 
@@ -199,6 +218,8 @@ pub enum NetEvent {
         peer: PeerId,
         /// Message.
         msg: Message,
+        /// Its frame's share of the frame budget, held until the actor handled it.
+        bytes: FrameBytes,
     },
     /// A chunk frame: header, and the frame whose bytes from `offset` are the chunk.
     Chunk {
@@ -210,6 +231,8 @@ pub enum NetEvent {
         frame: Vec<u8>,
         /// Where the chunk bytes start.
         offset: usize,
+        /// The frame's share of the frame budget, held until the chunk is written.
+        bytes: FrameBytes,
     },
     /// The peer broke the protocol (oversized or malformed frame).
     Malformed {
@@ -260,12 +283,33 @@ pub struct ChunkJob {
 /// The actor's handle on a peer's writer task.
 #[derive(Clone, Debug)]
 pub struct PeerSender {
-    /// Control frames and cancels.
+    /// Control frames and cancels (send frames with [`PeerSender::send_frame`]).
     pub control: mpsc::Sender<Out>,
     /// Chunk uploads.
     pub chunks: mpsc::Sender<ChunkJob>,
     /// Is the peer on our site (set once its Hello is known).
     pub same_site: Arc<AtomicBool>,
+    /// Bytes of control frames queued and not yet written.
+    queued: Arc<AtomicUsize>,
+}
+
+impl PeerSender {
+    /// Queue a control frame for the writer. Returns false, dropping the frame, when the
+    /// queue holds [`CONTROL_QUEUE`] frames, or when the frame is over [`SMALL_FRAME`]
+    /// bytes and would take the queue past [`CONTROL_BYTES`], or when the writer is gone.
+    pub fn send_frame(&self, frame: Vec<u8>) -> bool {
+        let len = frame.len();
+        // Only the actor adds, so the check and the add cannot race with another add.
+        if len > SMALL_FRAME && self.queued.load(Ordering::Relaxed) + len > CONTROL_BYTES {
+            return false;
+        }
+        self.queued.fetch_add(len, Ordering::Relaxed);
+        if self.control.try_send(Out::Frame(frame)).is_err() {
+            self.queued.fetch_sub(len, Ordering::Relaxed);
+            return false;
+        }
+        true
+    }
 }
 
 /// What the writer tasks share.
@@ -363,10 +407,12 @@ pub async fn run_writer(
     let (ctx, mut crx) = mpsc::channel(CONTROL_QUEUE);
     let (jtx, mut jrx) = mpsc::channel::<ChunkJob>(CHUNK_QUEUE);
     let same_site = Arc::new(AtomicBool::new(false));
+    let queued = Arc::new(AtomicUsize::new(0));
     let sender = PeerSender {
         control: ctx,
         chunks: jtx,
         same_site: same_site.clone(),
+        queued: queued.clone(),
     };
     if events
         .send(NetEvent::OutboundReady {
@@ -387,8 +433,9 @@ pub async fn run_writer(
                 out = crx.recv() => match out {
                     None => return Ok(()),
                     Some(Out::Frame(f)) => {
-                        let n = write_frame(&mut stream, &[&f]).await?;
-                        shared.metrics.bytes_out(class(&same_site), n as u64);
+                        let written = write_frame(&mut stream, &[&f]).await;
+                        queued.fetch_sub(f.len(), Ordering::Relaxed);
+                        shared.metrics.bytes_out(class(&same_site), written? as u64);
                     }
                     Some(Out::Cancel(id)) => {
                         if cancelled.len() >= 1024 {
@@ -443,45 +490,234 @@ pub async fn run_writer(
     closed(&events, peer, generation).await;
 }
 
-/// Read frames from a peer's stream until it ends or breaks the protocol.
-pub async fn run_reader(
+/// Largest first frame on an inbound stream, which must be the peer's Hello. A Hello is a
+/// site name of at most 64 bytes and a node certificate (a body of about 190 bytes with a
+/// label of at most 128, and at most 16 signatures of 96 bytes): under 2 KiB encoded
+/// (checked by a test); the cap leaves twice that.
+pub const MAX_HELLO_FRAME: usize = 4096;
+/// Frame bytes all readers together may hold: bodies being read, and frames handed to the
+/// actor until it is done with them (a chunk until it is written). Sixteen of the largest
+/// chunk frames at once; past it, readers wait (the peers' yamux windows then fill).
+pub const FRAME_BUDGET: usize = 256 << 20;
+/// A frame's buffer starts at this size (or the frame's length, if smaller) and doubles as
+/// bytes arrive, never beyond the length the peer claimed.
+const FIRST_ALLOC: usize = 64 << 10;
+/// Most bytes zeroed ahead of the bytes received (safe Rust reads into initialised memory).
+const READ_PIECE: usize = 64 << 10;
+
+/// How long a peer may take to send what it starts sending on its stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReadDeadlines {
+    /// From the stream's arrival to the end of its first frame (the Hello). Honest peers
+    /// write their Hello as soon as the stream is open.
+    pub hello: Duration,
+    /// A later frame must be whole `grace + length / min_rate` after its first byte.
+    /// There is no limit on the wait for that first byte: a quiet peer is not a stalled
+    /// one.
+    pub grace: Duration,
+    /// Bytes per second (see `grace`).
+    pub min_rate: u64,
+}
+// A frame's deadline runs on while its reader waits for the frame budget: that ends the
+// standoff in which every reader holds part of the budget and waits for more.
+
+impl ReadDeadlines {
+    /// The defaults: 10 s for the Hello; `grace` the core's chunk request timeout, so a
+    /// chunk that answers a request in time always meets its deadline; a minimum rate of
+    /// 1 MiB/s on top, which gives the largest chunk frame (16 MiB) 46 s.
+    pub fn new(request_timeout: Duration) -> Self {
+        ReadDeadlines {
+            hello: Duration::from_secs(10),
+            grace: request_timeout,
+            min_rate: 1 << 20,
+        }
+    }
+
+    /// How long a frame of `len` bytes may take from its first byte.
+    pub fn frame(&self, len: usize) -> Duration {
+        self.grace + Duration::from_secs_f64(len as f64 / self.min_rate.max(1) as f64)
+    }
+}
+
+/// What every reader task shares.
+#[derive(Clone, Debug)]
+pub struct ReaderShared {
+    /// Where frames go.
+    pub events: mpsc::Sender<NetEvent>,
+    /// Download limiter.
+    pub limiter: Option<Arc<RateLimiter>>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// This node's site (to class the bytes received).
+    pub my_site: Option<String>,
+    /// Deadlines.
+    pub deadlines: ReadDeadlines,
+    /// The global budget of frame bytes, in permits of one byte (see [`FRAME_BUDGET`]).
+    pub budget: Arc<Semaphore>,
+    /// Inbound pollen streams read at once per peer.
+    pub streams_per_peer: usize,
+    /// Peers with inbound pollen streams at once.
+    pub max_peers: usize,
+}
+
+impl ReaderShared {
+    /// Readers for a node with `max_connections` connections in all and
+    /// `max_connections_per_peer` per peer. A peer writes on one stream of its own per
+    /// connection record; one more per peer lets a reconnecting peer in while the stream
+    /// of its old connection is still being torn down.
+    pub fn new(
+        events: mpsc::Sender<NetEvent>,
+        metrics: Arc<Metrics>,
+        cfg: &NodeConfig,
+        deadlines: ReadDeadlines,
+    ) -> Self {
+        ReaderShared {
+            events,
+            limiter: RateLimiter::new(cfg.download_limit),
+            metrics,
+            my_site: cfg.site.clone(),
+            deadlines,
+            budget: Arc::new(Semaphore::new(FRAME_BUDGET)),
+            streams_per_peer: cfg.max_connections_per_peer as usize + 1,
+            max_peers: cfg.max_connections.max(1) as usize,
+        }
+    }
+}
+
+/// Frame bytes taken from the global budget; given back when dropped.
+#[derive(Debug)]
+pub struct FrameBytes {
+    _permit: OwnedSemaphorePermit,
+}
+
+/// Why a reader stopped.
+#[derive(Debug, PartialEq, Eq)]
+enum ReadEnd {
+    /// The stream ended or failed, or the actor is gone.
+    Closed,
+    /// The peer broke the protocol.
+    Malformed(String),
+    /// The Hello or a frame did not arrive in time.
+    TimedOut(&'static str),
+}
+
+fn io_end(e: std::io::Error) -> ReadEnd {
+    tracing::trace!("pollen stream read: {e}");
+    ReadEnd::Closed
+}
+
+/// Read `len` bytes of frame body (kind byte first, given) into a buffer that grows as the
+/// bytes arrive, taking what it allocates from `budget`.
+async fn read_body<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    kind: u8,
+    len: usize,
+    budget: &Arc<Semaphore>,
+) -> Result<(Vec<u8>, FrameBytes), ReadEnd> {
+    let take = |n: usize| {
+        let budget = budget.clone();
+        async move {
+            // The budget is never closed; each request is at most one frame (u32 length).
+            budget
+                .acquire_many_owned(n as u32)
+                .await
+                .map_err(|_| ReadEnd::Closed)
+        }
+    };
+    let first = len.min(FIRST_ALLOC);
+    let mut permit = take(first).await?;
+    let mut buf = Vec::with_capacity(first);
+    buf.push(kind);
+    let mut filled = 1;
+    while filled < len {
+        if filled == buf.len() {
+            if buf.len() == buf.capacity() {
+                let target = (buf.capacity() * 2).min(len);
+                permit.merge(take(target - buf.capacity()).await?);
+                buf.reserve_exact(target - buf.len());
+            }
+            let end = (filled + READ_PIECE).min(len).min(buf.capacity());
+            buf.resize(end, 0);
+        }
+        let n = stream.read(&mut buf[filled..]).await.map_err(io_end)?;
+        if n == 0 {
+            return Err(ReadEnd::Closed);
+        }
+        filled += n;
+    }
+    Ok((buf, FrameBytes { _permit: permit }))
+}
+
+/// Read one frame: header and body. The first frame of a stream must be whole by
+/// `hello_by` and at most [`MAX_HELLO_FRAME`]; a later one may take as long as it likes to
+/// start, then gets [`ReadDeadlines::frame`] from its first byte.
+async fn read_frame<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    shared: &ReaderShared,
+    hello_by: Option<tokio::time::Instant>,
+) -> Result<(Vec<u8>, FrameBytes), ReadEnd> {
+    let mut head = [0u8; 5];
+    let mut read = 0;
+    if hello_by.is_none() {
+        stream.read_exact(&mut head[..1]).await.map_err(io_end)?;
+        read = 1;
+    }
+    let started = tokio::time::Instant::now();
+    // Until its length is known, a frame gets the grace alone.
+    let header_by = hello_by.unwrap_or(started + shared.deadlines.grace);
+    let what = if hello_by.is_some() { "Hello" } else { "frame" };
+    match tokio::time::timeout_at(header_by, stream.read_exact(&mut head[read..])).await {
+        Ok(r) => r.map_err(io_end)?,
+        Err(_) => return Err(ReadEnd::TimedOut(what)),
+    }
+    let len = u32::from_be_bytes([head[0], head[1], head[2], head[3]]) as usize;
+    let kind = head[4];
+    let cap = match hello_by {
+        Some(_) => MAX_HELLO_FRAME,
+        None => frame_cap(kind),
+    };
+    if len == 0 || len > cap {
+        return Err(ReadEnd::Malformed(format!(
+            "{what} frame of {len} bytes (kind {kind:#x}) exceeds its cap of {cap}"
+        )));
+    }
+    let body_by = hello_by.unwrap_or(started + shared.deadlines.frame(len));
+    tokio::time::timeout_at(body_by, read_body(stream, kind, len, &shared.budget))
+        .await
+        .unwrap_or(Err(ReadEnd::TimedOut(what)))
+}
+
+/// Read frames from a peer's stream and hand them to the actor, until the stream ends,
+/// the peer breaks the protocol or misses a deadline.
+async fn read_frames<S: AsyncRead + Unpin>(
     peer: PeerId,
-    mut stream: libp2p::Stream,
-    events: mpsc::Sender<NetEvent>,
-    limiter: Option<Arc<RateLimiter>>,
-    metrics: Arc<Metrics>,
-    my_site: Option<String>,
-) {
+    stream: &mut S,
+    shared: &ReaderShared,
+) -> ReadEnd {
+    let hello_by = tokio::time::Instant::now() + shared.deadlines.hello;
     let mut first = true;
     let mut same = PeerClass::Other;
     loop {
-        let mut head = [0u8; 5];
-        if stream.read_exact(&mut head).await.is_err() {
-            break;
-        }
-        let len = u32::from_be_bytes([head[0], head[1], head[2], head[3]]) as usize;
-        let kind = head[4];
-        if len == 0 || len > frame_cap(kind) {
-            let error = format!("frame of {len} bytes (kind {kind:#x}) exceeds its cap");
-            let _ = events.send(NetEvent::Malformed { peer, error }).await;
-            break;
-        }
-        let mut frame = vec![0u8; len];
-        frame[0] = kind;
-        if stream.read_exact(&mut frame[1..]).await.is_err() {
-            break;
-        }
-        metrics.bytes_in(same, 4 + len as u64);
-        if kind == KIND_CHUNK
-            && let Some(l) = &limiter
+        let (frame, bytes) = match read_frame(stream, shared, first.then_some(hello_by)).await {
+            Ok(f) => f,
+            Err(end) => return end,
+        };
+        let len = frame.len();
+        shared.metrics.bytes_in(same, 4 + len as u64);
+        if frame[0] == KIND_CHUNK
+            && let Some(l) = &shared.limiter
         {
             l.acquire(len).await;
         }
         let event = match wire::decode_frame(&frame) {
-            Err(e) => NetEvent::Malformed {
-                peer,
-                error: e.to_string(),
-            },
+            Err(e) => return ReadEnd::Malformed(e.to_string()),
+            Ok(Frame::Control(Message::Hello(hello))) if first => {
+                if shared.my_site.is_some() && hello.site == shared.my_site {
+                    same = PeerClass::SameSite;
+                }
+                NetEvent::Hello { peer, hello }
+            }
+            Ok(_) if first => return ReadEnd::Malformed("the first frame must be a Hello".into()),
             Ok(Frame::Chunk(header, data)) => {
                 let offset = len - data.len();
                 NetEvent::Chunk {
@@ -489,28 +725,47 @@ pub async fn run_reader(
                     header,
                     frame,
                     offset,
+                    bytes,
                 }
             }
-            Ok(Frame::Control(Message::Hello(hello))) if first => {
-                if my_site.is_some() && hello.site == my_site {
-                    same = PeerClass::SameSite;
-                }
-                NetEvent::Hello { peer, hello }
-            }
-            Ok(Frame::Control(msg)) if !first => NetEvent::Message { peer, msg },
-            Ok(Frame::Control(_)) => NetEvent::Malformed {
-                peer,
-                error: "the first frame must be a Hello".into(),
-            },
+            Ok(Frame::Control(msg)) => NetEvent::Message { peer, msg, bytes },
         };
         first = false;
-        let stop = matches!(event, NetEvent::Malformed { .. });
-        if events.send(event).await.is_err() || stop {
-            break;
+        if shared.events.send(event).await.is_err() {
+            return ReadEnd::Closed;
         }
     }
-    let _ = stream.close().await;
-    let _ = events
+}
+
+/// Read a peer's inbound stream until it ends; `slot` is its place in the per-peer count,
+/// given back before the actor hears that the stream closed.
+async fn run_reader(
+    peer: PeerId,
+    mut stream: libp2p::Stream,
+    shared: ReaderShared,
+    slot: StreamSlot,
+) {
+    match read_frames(peer, &mut stream, &shared).await {
+        ReadEnd::Closed => {}
+        ReadEnd::Malformed(error) => {
+            let _ = shared
+                .events
+                .send(NetEvent::Malformed { peer, error })
+                .await;
+        }
+        ReadEnd::TimedOut(what) => {
+            tracing::debug!(%peer, "{what} not received in time: closing the pollen stream");
+            shared
+                .metrics
+                .streams_timed_out
+                .fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    // Closing sends a FIN; a peer that no longer reads must not hold the task.
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream.close()).await;
+    drop(slot);
+    let _ = shared
+        .events
         .send(NetEvent::StreamClosed {
             peer,
             writer_gen: None,
@@ -518,26 +773,72 @@ pub async fn run_reader(
         .await;
 }
 
-/// Accept inbound pollen streams and start a reader for each.
-pub async fn run_acceptor(
-    mut control: libp2p_stream::Control,
-    events: mpsc::Sender<NetEvent>,
-    limiter: Option<Arc<RateLimiter>>,
-    metrics: Arc<Metrics>,
-    my_site: Option<String>,
-) -> Result<()> {
+/// Inbound pollen streams being read, per peer (at most [`ReaderShared::max_peers`]
+/// entries, each at most [`ReaderShared::streams_per_peer`]).
+type StreamCounts = Arc<std::sync::Mutex<BTreeMap<PeerId, usize>>>;
+
+/// A reader's place in [`StreamCounts`]; dropping it gives the place back.
+#[derive(Debug)]
+struct StreamSlot {
+    counts: StreamCounts,
+    peer: PeerId,
+}
+
+impl StreamSlot {
+    /// A place for one more stream of `peer`, if it has fewer than `per_peer` and, for a
+    /// peer with none yet, fewer than `max_peers` peers have streams.
+    fn take(
+        counts: &StreamCounts,
+        peer: PeerId,
+        per_peer: usize,
+        max_peers: usize,
+    ) -> Option<Self> {
+        let mut m = counts.lock().unwrap_or_else(|e| e.into_inner());
+        let n = m.get(&peer).copied().unwrap_or(0);
+        if n >= per_peer || (n == 0 && m.len() >= max_peers) {
+            return None;
+        }
+        m.insert(peer, n + 1);
+        Some(StreamSlot {
+            counts: counts.clone(),
+            peer,
+        })
+    }
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        let mut m = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = m.get_mut(&self.peer) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.peer);
+            }
+        }
+    }
+}
+
+/// Accept inbound pollen streams and start a reader for each, up to
+/// [`ReaderShared::streams_per_peer`] per peer; further ones are closed at once.
+pub async fn run_acceptor(mut control: libp2p_stream::Control, shared: ReaderShared) -> Result<()> {
     let mut incoming = control
         .accept(PROTOCOL_ID)
         .context("pollen protocol already registered")?;
+    let counts = StreamCounts::default();
     while let Some((peer, stream)) = incoming.next().await {
-        tokio::spawn(run_reader(
-            peer,
-            stream,
-            events.clone(),
-            limiter.clone(),
-            metrics.clone(),
-            my_site.clone(),
-        ));
+        match StreamSlot::take(&counts, peer, shared.streams_per_peer, shared.max_peers) {
+            Some(slot) => {
+                tokio::spawn(run_reader(peer, stream, shared.clone(), slot));
+            }
+            None => {
+                tracing::debug!(%peer, "too many inbound pollen streams: closing one more");
+                shared
+                    .metrics
+                    .streams_refused
+                    .fetch_add(1, Ordering::Relaxed);
+                drop(stream);
+            }
+        }
     }
     Ok(())
 }
@@ -545,4 +846,288 @@ pub async fn run_acceptor(
 /// The content id a chunk event is about (for logs).
 pub fn short(c: &ContentId) -> String {
     c.short()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::TryStreamExt;
+    use futures::channel::mpsc as fmpsc;
+    use pollen_protocol::signing::Signed;
+    use pollen_protocol::trust::NodeCertBody;
+    use std::time::Instant;
+
+    type Feed = fmpsc::UnboundedSender<std::io::Result<Vec<u8>>>;
+
+    /// A stream whose bytes the test sends, as they would arrive from a peer.
+    fn stream() -> (Feed, impl AsyncRead + Unpin) {
+        let (tx, rx) = fmpsc::unbounded();
+        (tx, rx.into_async_read())
+    }
+
+    /// `f`, or a test failure after 5 s (rather than a hang).
+    async fn within<T>(f: impl std::future::Future<Output = T>) -> T {
+        tokio::time::timeout(Duration::from_secs(5), f)
+            .await
+            .expect("no answer in 5 s")
+    }
+
+    fn framed(body: &[u8]) -> Vec<u8> {
+        let mut f = (body.len() as u32).to_be_bytes().to_vec();
+        f.extend_from_slice(body);
+        f
+    }
+
+    fn hello() -> Vec<u8> {
+        framed(
+            &Message::Hello(Hello {
+                site: None,
+                cert: None,
+            })
+            .encode(),
+        )
+    }
+
+    fn shared(deadlines: ReadDeadlines, budget: usize) -> (ReaderShared, mpsc::Receiver<NetEvent>) {
+        let (events, rx) = mpsc::channel(16);
+        let s = ReaderShared {
+            events,
+            limiter: None,
+            metrics: Arc::new(Metrics::default()),
+            my_site: None,
+            deadlines,
+            budget: Arc::new(Semaphore::new(budget)),
+            streams_per_peer: 3,
+            max_peers: 2,
+        };
+        (s, rx)
+    }
+
+    fn quick() -> ReadDeadlines {
+        ReadDeadlines {
+            hello: Duration::from_millis(200),
+            grace: Duration::from_millis(200),
+            min_rate: u64::MAX,
+        }
+    }
+
+    #[test]
+    fn the_largest_honest_hello_fits_its_cap_twice() {
+        let keys: Vec<_> = (0..pollen_protocol::signing::MAX_SIGNATURES as u8)
+            .map(|i| pollen_protocol::SigningKey::from_bytes(&[i + 1; 32]))
+            .collect();
+        let body = NodeCertBody {
+            node: NodeId([7; 32]),
+            issued: pollen_protocol::UnixTime(u64::MAX - 1),
+            expires: pollen_protocol::UnixTime(u64::MAX),
+            label: "l".repeat(128),
+        };
+        let cert = Signed::sign(&body, &keys.iter().collect::<Vec<_>>());
+        let h = Message::Hello(Hello {
+            site: Some("s".repeat(64)),
+            cert: Some(cert),
+        });
+        let len = h.encode().len();
+        assert!(2 * len <= MAX_HELLO_FRAME, "{len}");
+    }
+
+    #[tokio::test]
+    async fn the_first_frame_must_be_a_small_hello() {
+        let peer = PeerId::random();
+        let (s, _rx) = shared(quick(), FRAME_BUDGET);
+        // A claim past the Hello cap is refused at once, before any body byte.
+        let (tx, mut st) = stream();
+        tx.unbounded_send(Ok(vec![0, 0x10, 0, 0, 0x01])).unwrap();
+        let end = within(read_frames(peer, &mut st, &s)).await;
+        assert!(
+            matches!(&end, ReadEnd::Malformed(e) if e.contains("exceeds")),
+            "{end:?}"
+        );
+        // Any other message first, or a chunk frame, is refused too.
+        let chunk = wire::encode_chunk_frame(
+            &ChunkHeader {
+                id: 1,
+                file: ContentId([0; 32]),
+                index: 0,
+            },
+            b"x",
+        );
+        for first in [framed(&Message::Cancel { id: 1 }.encode()), framed(&chunk)] {
+            let (tx, mut st) = stream();
+            tx.unbounded_send(Ok(first)).unwrap();
+            let end = within(read_frames(peer, &mut st, &s)).await;
+            assert_eq!(
+                end,
+                ReadEnd::Malformed("the first frame must be a Hello".into())
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_stream_silent_before_its_hello_is_closed() {
+        let (s, _rx) = shared(quick(), FRAME_BUDGET);
+        let (_tx, mut st) = stream();
+        let t = Instant::now();
+        assert_eq!(
+            within(read_frames(PeerId::random(), &mut st, &s)).await,
+            ReadEnd::TimedOut("Hello")
+        );
+        assert!(t.elapsed() < Duration::from_secs(2));
+    }
+
+    #[tokio::test]
+    async fn a_stalled_frame_is_closed_and_gives_its_budget_back() {
+        let (s, mut rx) = shared(quick(), FRAME_BUDGET);
+        let (tx, mut st) = stream();
+        tx.unbounded_send(Ok(hello())).unwrap();
+        let mut claim = (wire::MAX_CHUNK_FRAME as u32).to_be_bytes().to_vec();
+        claim.push(KIND_CHUNK);
+        tx.unbounded_send(Ok(claim)).unwrap();
+        tx.unbounded_send(Ok(vec![0; 300 << 10])).unwrap();
+        let budget = s.budget.clone();
+        let reader = tokio::spawn(async move { read_frames(PeerId::random(), &mut st, &s).await });
+        assert!(matches!(
+            within(rx.recv()).await,
+            Some(NetEvent::Hello { .. })
+        ));
+        // The buffer follows the bytes received (300 KiB), not the 16 MiB claimed.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let held = FRAME_BUDGET - budget.available_permits();
+        assert!((300 << 10..=600 << 10).contains(&held), "{held}");
+        assert_eq!(within(reader).await.unwrap(), ReadEnd::TimedOut("frame"));
+        assert_eq!(budget.available_permits(), FRAME_BUDGET);
+        drop(tx);
+    }
+
+    #[tokio::test]
+    async fn a_quiet_peer_after_its_hello_is_not_closed() {
+        let (s, mut rx) = shared(quick(), FRAME_BUDGET);
+        let (tx, mut st) = stream();
+        tx.unbounded_send(Ok(hello())).unwrap();
+        let reader = tokio::spawn(async move { read_frames(PeerId::random(), &mut st, &s).await });
+        assert!(matches!(
+            within(rx.recv()).await,
+            Some(NetEvent::Hello { .. })
+        ));
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert!(
+            !reader.is_finished(),
+            "closed a stream with no frame in progress"
+        );
+        // A frame sent slowly within its deadline is read.
+        let f = framed(&Message::Cancel { id: 9 }.encode());
+        tx.unbounded_send(Ok(f[..2].to_vec())).unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        tx.unbounded_send(Ok(f[2..].to_vec())).unwrap();
+        assert!(matches!(
+            within(rx.recv()).await,
+            Some(NetEvent::Message {
+                msg: Message::Cancel { id: 9 },
+                ..
+            })
+        ));
+        drop(tx);
+        assert_eq!(within(reader).await.unwrap(), ReadEnd::Closed);
+    }
+
+    #[tokio::test]
+    async fn frames_hold_the_budget_until_handled_and_readers_wait_for_it() {
+        let chunk = framed(&wire::encode_chunk_frame(
+            &ChunkHeader {
+                id: 1,
+                file: ContentId([0; 32]),
+                index: 0,
+            },
+            &vec![0; 1 << 20],
+        ));
+        // Room for one chunk frame and the first piece of another.
+        let budget = chunk.len() - 4 + FIRST_ALLOC;
+        let deadlines = ReadDeadlines {
+            grace: Duration::from_secs(5),
+            ..quick()
+        };
+        let (s, mut rx) = shared(deadlines, budget);
+        let mut feeds = Vec::new();
+        let mut readers = Vec::new();
+        for _ in 0..2 {
+            let (tx, mut st) = stream();
+            tx.unbounded_send(Ok(hello())).unwrap();
+            let s = s.clone();
+            readers.push(tokio::spawn(async move {
+                read_frames(PeerId::random(), &mut st, &s).await
+            }));
+            assert!(matches!(
+                within(rx.recv()).await,
+                Some(NetEvent::Hello { .. })
+            ));
+            feeds.push(tx);
+        }
+        feeds[0].unbounded_send(Ok(chunk.clone())).unwrap();
+        let Some(NetEvent::Chunk { bytes, .. }) = within(rx.recv()).await else {
+            panic!("no chunk")
+        };
+        // The second frame waits for the budget the first one holds.
+        feeds[1].unbounded_send(Ok(chunk.clone())).unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(
+            rx.try_recv().is_err(),
+            "a second chunk frame past the budget"
+        );
+        assert_eq!(s.budget.available_permits(), 0);
+        drop(bytes);
+        assert!(matches!(
+            within(rx.recv()).await,
+            Some(NetEvent::Chunk { .. })
+        ));
+        drop(feeds);
+        for r in readers {
+            assert_eq!(within(r).await.unwrap(), ReadEnd::Closed);
+        }
+    }
+
+    #[test]
+    fn streams_are_counted_per_peer_and_given_back() {
+        let counts = StreamCounts::default();
+        let (a, b, c) = (PeerId::random(), PeerId::random(), PeerId::random());
+        let slots: Vec<_> = (0..3)
+            .map(|_| StreamSlot::take(&counts, a, 3, 2).expect("a slot"))
+            .collect();
+        assert!(
+            StreamSlot::take(&counts, a, 3, 2).is_none(),
+            "a fourth stream of a"
+        );
+        let b1 = StreamSlot::take(&counts, b, 3, 2).expect("b's first");
+        assert!(StreamSlot::take(&counts, c, 3, 2).is_none(), "a third peer");
+        drop(b1);
+        assert!(StreamSlot::take(&counts, c, 3, 2).is_some());
+        drop(slots);
+        assert!(
+            StreamSlot::take(&counts, a, 3, 2).is_some(),
+            "a reconnecting peer"
+        );
+        assert!(counts.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn control_queues_are_bounded_in_bytes() {
+        let (control, _rx) = mpsc::channel(CONTROL_QUEUE);
+        let (chunks, _jrx) = mpsc::channel(1);
+        let s = PeerSender {
+            control,
+            chunks,
+            same_site: Arc::default(),
+            queued: Arc::default(),
+        };
+        for _ in 0..CONTROL_BYTES / (1 << 20) {
+            assert!(s.send_frame(vec![0; 1 << 20]));
+        }
+        assert!(
+            !s.send_frame(vec![0; SMALL_FRAME + 1]),
+            "past the byte budget"
+        );
+        assert!(
+            s.send_frame(vec![0; SMALL_FRAME]),
+            "a small frame still goes"
+        );
+    }
 }

@@ -3,6 +3,7 @@
 //! counts them (the design's durability rule).
 
 use super::{Actor, Done, MAX_SPECS};
+use crate::net::FrameBytes;
 use crate::store::StoreError;
 use anyhow::Result;
 use libp2p::PeerId;
@@ -79,17 +80,28 @@ impl Actor {
         self.error(msg);
     }
 
+    /// A chunk frame from `peer`: written on the blocking pool (which verifies it) if it
+    /// answers a request we sent that peer and the core still needs it; dropped otherwise,
+    /// before any hashing. `bytes` (the frame's share of the frame budget) is held until
+    /// the write is done.
     pub(super) fn on_chunk(
         &mut self,
         peer: PeerId,
         header: pollen_protocol::wire::ChunkHeader,
         frame: Vec<u8>,
         offset: usize,
+        bytes: FrameBytes,
     ) {
-        let Some(c) = self.peers.get(&peer) else {
+        let Some(c) = self.peers.get_mut(&peer) else {
             return;
         };
         if !c.up {
+            return;
+        }
+        if c.requested.remove(&header.id) != Some((header.file, header.index)) {
+            self.metrics
+                .chunks_unsolicited
+                .fetch_add(1, Ordering::Relaxed);
             return;
         }
         let from = c.node;
@@ -115,6 +127,7 @@ impl Actor {
             // the inode lock (measured: 7% of the receiver's time spinning on it).
             let _guard = lock.lock().unwrap_or_else(|e| e.into_inner());
             let result = store.write_chunk(&spec, header.index, &frame[offset..]);
+            drop((frame, bytes));
             let _ = tx.blocking_send(Done::Written {
                 from,
                 file: header.file,

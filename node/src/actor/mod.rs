@@ -19,7 +19,10 @@ use self::persist::{Persist, StateSlot, spawn_persister};
 use crate::config::NodeConfig;
 use crate::handle::{ActorCmd, AppState, Refusal};
 use crate::metrics::Metrics;
-use crate::net::{self, Behaviour, ChunkJob, NetEvent, Out, RateLimiter, WriterShared};
+use crate::net::{
+    self, Behaviour, ChunkJob, NetEvent, Out, RateLimiter, ReadDeadlines, ReaderShared,
+    WriterShared,
+};
 use crate::serving::{LoadedModel, Registry};
 use crate::status::{PeerStatus, Status};
 use crate::store::{NodeState, Store, StoreError};
@@ -35,7 +38,7 @@ use pollen_protocol::manifest::{Channel, DeviceProfile, Manifest, SignedManifest
 use pollen_protocol::rollout::ErrorClass;
 use pollen_protocol::signing::Signed;
 use pollen_protocol::trust::SignedNodeCert;
-use pollen_protocol::wire::Bitfield;
+use pollen_protocol::wire::{Bitfield, Message};
 use pollen_protocol::{Config as CoreConfig, Instant as CoreInstant, Mesh, Now};
 use rand_chacha::ChaCha8Rng;
 use rand_core::SeedableRng;
@@ -163,6 +166,8 @@ pub struct Actor {
     registry: Arc<Registry>,
     /// The node's signing key (health reports).
     secret: pollen_protocol::SigningKey,
+    /// How long peers may take to send their Hello and each frame.
+    deadlines: ReadDeadlines,
 }
 
 impl std::fmt::Debug for Actor {
@@ -233,6 +238,11 @@ impl Actor {
             },
             ..CoreConfig::default()
         };
+        let mut deadlines = ReadDeadlines::new(core_cfg.request_timeout);
+        if let Some(d) = cfg.test_frame_deadline {
+            deadlines.grace = d;
+            deadlines.min_rate = u64::MAX;
+        }
         let origin = std::time::Instant::now();
         let mesh = Mesh::new(
             me,
@@ -315,6 +325,7 @@ impl Actor {
             next_gen: 1,
             registry: registry.clone(),
             secret: secret.clone(),
+            deadlines,
         };
         actor.restore()?;
         actor.restoring = false;
@@ -405,10 +416,12 @@ impl Actor {
     fn on_output(&mut self, out: Output) {
         match out {
             Output::Send { to, msg } => {
-                if let Some(s) = self.sender(&to)
-                    && s.control.try_send(Out::Frame(msg.encode())).is_err()
-                {
-                    tracing::warn!("control queue to {} full: message dropped", to.short());
+                let Some(s) = self.sender(&to) else { return };
+                if !s.send_frame(msg.encode()) {
+                    self.metrics.control_dropped.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!("control queue to {} full: message dropped", to.short());
+                } else if let Message::Request { id, file, index } = msg {
+                    self.requested(&to, id, file, index);
                 }
             }
             Output::SendChunk {
@@ -806,10 +819,12 @@ impl Actor {
     pub async fn run(mut self, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
         tokio::spawn(net::run_acceptor(
             self.control.clone(),
-            self.net_tx.clone(),
-            RateLimiter::new(self.cfg.download_limit),
-            self.metrics.clone(),
-            self.cfg.site.clone(),
+            ReaderShared::new(
+                self.net_tx.clone(),
+                self.metrics.clone(),
+                &self.cfg,
+                self.deadlines,
+            ),
         ));
         self.bootstrap();
         let mut discovery = tokio::time::interval(Duration::from_secs(5));

@@ -3,12 +3,19 @@
 //! tasks enter the core here.
 
 use super::Actor;
+use super::swarm::SHORT_BAN;
 use crate::net::{NetEvent, PeerSender};
 use libp2p::PeerId;
-use pollen_protocol::ids::NodeId;
+use pollen_protocol::ids::{ContentId, NodeId};
 use pollen_protocol::io::{Input, PeerInfo};
 use pollen_protocol::wire::Hello;
+use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
+
+/// Chunk requests remembered per peer (see [`PeerConn::requested`]). The core has a few
+/// in flight per peer; the rest are recent ones it gave up on, whose late answers are
+/// still worth taking.
+const MAX_REQUESTED: usize = 256;
 
 /// One connected peer (however many libp2p connections it has).
 pub(super) struct PeerConn {
@@ -26,6 +33,9 @@ pub(super) struct PeerConn {
     pub(super) hello: Option<Hello>,
     /// Both of the above arrived and the core heard `PeerUp`.
     pub(super) up: bool,
+    /// Chunk requests sent to the peer and not answered yet, by request id (the most
+    /// recent [`MAX_REQUESTED`]): a chunk frame is taken only as the answer to one.
+    pub(super) requested: BTreeMap<u64, (ContentId, u32)>,
 }
 
 impl Actor {
@@ -49,7 +59,7 @@ impl Actor {
                     self.maybe_up(peer);
                 }
             }
-            NetEvent::Message { peer, msg } => {
+            NetEvent::Message { peer, msg, .. } => {
                 if let Some(c) = self.peers.get(&peer)
                     && c.up
                 {
@@ -62,13 +72,22 @@ impl Actor {
                 header,
                 frame,
                 offset,
-            } => self.on_chunk(peer, header, frame, offset),
-            NetEvent::Malformed { peer, error } => {
-                if let Some(c) = self.peers.get(&peer) {
+                bytes,
+            } => self.on_chunk(peer, header, frame, offset, bytes),
+            NetEvent::Malformed { peer, error } => match self.peers.get(&peer) {
+                Some(c) if c.up => {
                     let from = c.node;
                     self.handle(Input::Malformed { from, error });
                 }
-            }
+                // The core knows only peers that came up: garbage before that is ours
+                // to answer.
+                _ => {
+                    tracing::warn!(
+                        "{peer}: malformed frame before its Hello ({error}); banning it"
+                    );
+                    self.ban_peer(peer, SHORT_BAN);
+                }
+            },
             NetEvent::StreamClosed { peer, writer_gen } => {
                 // The writer of an older connection record: nothing to do with this one.
                 if writer_gen
@@ -114,6 +133,17 @@ impl Actor {
                 cert: hello.cert,
             },
         });
+    }
+
+    /// Remember that chunk request `id` for chunk `index` of `file` went to `node`.
+    pub(super) fn requested(&mut self, node: &NodeId, id: u64, file: ContentId, index: u32) {
+        let Some(c) = self.by_node.get(node).and_then(|p| self.peers.get_mut(p)) else {
+            return;
+        };
+        if c.requested.len() >= MAX_REQUESTED {
+            c.requested.pop_first();
+        }
+        c.requested.insert(id, (file, index));
     }
 
     pub(super) fn sender(&self, node: &NodeId) -> Option<PeerSender> {

@@ -16,6 +16,9 @@ use std::time::Duration;
 
 /// How long a disconnected misbehaving peer is refused.
 const BAN: Duration = Duration::from_secs(600);
+/// How long a peer that sent garbage before its Hello is refused. Short: keys cost
+/// nothing, so this only stops a broken peer from reconnecting in a loop.
+pub(super) const SHORT_BAN: Duration = Duration::from_secs(60);
 /// Most banned peers remembered.
 const MAX_BANS: usize = 4096;
 
@@ -122,6 +125,7 @@ impl Actor {
                     sender: None,
                     hello: None,
                     up: false,
+                    requested: Default::default(),
                 },
             );
             self.by_node.insert(node, peer_id);
@@ -294,11 +298,18 @@ impl Actor {
     /// Disconnect a misbehaving node's peer and refuse it for [`BAN`].
     pub(super) fn ban(&mut self, node: &NodeId) {
         if let Some(p) = self.by_node.get(node).copied() {
-            if self.banned.len() >= MAX_BANS {
-                self.banned.pop_first();
-            }
-            self.banned.insert(p, std::time::Instant::now() + BAN);
-            let _ = self.swarm.disconnect_peer_id(p);
+            self.ban_peer(p, BAN);
         }
+    }
+
+    /// Disconnect `peer` and refuse it for `time`.
+    pub(super) fn ban_peer(&mut self, peer: PeerId, time: Duration) {
+        if self.banned.len() >= MAX_BANS && !self.banned.contains_key(&peer) {
+            self.banned.pop_first();
+        }
+        let until = std::time::Instant::now() + time;
+        let t = self.banned.entry(peer).or_insert(until);
+        *t = (*t).max(until);
+        let _ = self.swarm.disconnect_peer_id(peer);
     }
 }

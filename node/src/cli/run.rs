@@ -71,6 +71,9 @@ pub struct RunArgs {
     /// Test only: serve corrupt chunks.
     #[arg(long, hide = true)]
     test_corrupt_chunks: bool,
+    /// Test only: a flat deadline in milliseconds for every frame after a peer's Hello.
+    #[arg(long, hide = true, value_name = "MS")]
+    test_frame_deadline_ms: Option<u64>,
 }
 
 /// `pollen run`: start a node and serve until Ctrl-C or SIGTERM.
@@ -124,6 +127,9 @@ pub fn run(a: RunArgs) -> Result<()> {
         cfg.model_memory_budget = b;
     }
     cfg.test_corrupt_chunks = a.test_corrupt_chunks;
+    cfg.test_frame_deadline = a
+        .test_frame_deadline_ms
+        .map(std::time::Duration::from_millis);
     cfg.validate()?;
     tracing_subscriber::fmt()
         .with_env_filter(
