@@ -962,6 +962,11 @@ def build_one(name: str, kind: str, task: str, fn, outdir: Path, runs: int) -> d
         "notes": built.notes,
         "notable_ops": notable_ops(ops),
         "if_conditions_depend_on_inputs": if_condition_inputs(m),
+        # Domains in opset_import that no node uses (onnxruntime's quantisation tools
+        # import seven): a loader should not refuse a model for those.
+        "unused_opset_domains": sorted(
+            {o.domain or "ai.onnx" for o in m.opset_import}
+            - {op.split(":")[0] if ":" in op else "ai.onnx" for op in ops}),
         "op_counts": dict(sorted(ops.items())),
         "ort": {
             "latency_ms": lat,
