@@ -54,7 +54,6 @@ type Job = Box<dyn FnOnce() + Send>;
 /// The inference pool (see the module documentation).
 #[derive(Debug)]
 pub struct Pool {
-    threads: usize,
     places: Arc<Semaphore>,
     place_count: usize,
     bytes: Arc<Semaphore>,
@@ -99,18 +98,12 @@ impl Pool {
         }
         let budget = body_budget.min(Semaphore::MAX_PERMITS);
         Pool {
-            threads,
             places: Arc::new(Semaphore::new(place_count)),
             place_count,
             bytes: Arc::new(Semaphore::new(budget)),
             budget,
             jobs,
         }
-    }
-
-    /// The number of inference threads.
-    pub fn threads(&self) -> usize {
-        self.threads
     }
 
     /// Admit a request whose body may take `body_bytes` bytes, or refuse it at once.
