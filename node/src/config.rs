@@ -47,8 +47,9 @@
 //! max_connections_per_peer = 2
 //! # Peers to keep connected to (discovery dials more while below this).
 //! target_peers = 16
-//! # Inference: concurrent runs (0 = one per CPU) and requests allowed to wait; past
-//! # that the API answers 503 at once.
+//! # Inference: the node's own inference threads (0 = one per CPU), and requests admitted
+//! # beyond them (receiving their body or waiting for a thread); past that the API answers
+//! # 503 at once, before reading the body.
 //! inference_threads = 0
 //! inference_queue = 64
 //! # Device class for choosing a model variant (e.g. "weak-cpu").
@@ -132,9 +133,11 @@ pub struct NodeConfig {
     pub max_connections_per_peer: u32,
     /// Peers to keep.
     pub target_peers: usize,
-    /// Concurrent inferences (0: one per CPU).
+    /// Inference threads, the node's own (0: one per CPU): at most this many inferences
+    /// run at once.
     pub inference_threads: usize,
-    /// Inference requests allowed to wait.
+    /// Inference requests admitted beyond `inference_threads`, receiving their body or
+    /// waiting for a thread; past that, 503 before the body is read.
     pub inference_queue: usize,
     /// Device class.
     pub device_class: Option<String>,

@@ -283,6 +283,7 @@ impl Actor {
             inference: Arc::new(crate::serving::pool::Pool::new(
                 cfg.inference_threads,
                 cfg.inference_queue,
+                crate::http::v2::BODY_BUDGET,
             )),
             uploads: Arc::new(tokio::sync::Semaphore::new(crate::http::v1::UPLOADS)),
             upload_quota: cfg.max_unreferenced_bytes,

@@ -8,8 +8,21 @@
 //! * `POST /v2/models/{name}[/versions/{v}]/infer`
 //!
 //! Errors are `{"error": "..."}`: 404 for an unknown model or version, 400 for a request
-//! that does not fit the model, 413 for a body over the limit, 503 when the inference
-//! queue is full.
+//! that does not fit the model, 413 for a body over the limit, 408 for a body that does
+//! not arrive within [`INFER_BODY_TIMEOUT`], 503 when the inference pool refuses admission.
+//!
+//! # Bounds on an inference request
+//!
+//! In this order, each before anything of the next is spent:
+//! 1. The body limit: [`MAX_INFER_BODY`] with the binary extension, [`json_body_limit`] of
+//!    the model otherwise. A `Content-Length` over it is answered 413 before the body is
+//!    read; a chunked body is read up to the limit.
+//! 2. Admission to the pool ([`crate::serving::pool`]): a place among
+//!    `inference_threads + inference_queue`, and the body's bytes (its `Content-Length`, or
+//!    the limit when chunked) from [`BODY_BUDGET`]; else 503 at once, the body unread.
+//! 3. The body, read into one buffer within [`INFER_BODY_TIMEOUT`].
+//! 4. Parsing (JSON tensors straight into their buffers), inference and encoding, on one
+//!    of the pool's own threads; the body is dropped once parsed.
 
 // Handlers return ready-made error responses; their size does not matter here.
 #![allow(clippy::result_large_err)]
@@ -25,13 +38,54 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use futures::StreamExt;
 use std::sync::Arc;
 use std::time::Instant;
 
-/// Largest inference request body.
+/// Largest body of a request that uses the binary tensor data extension
+/// (`Inference-Header-Content-Length`): 64 MiB.
 pub const MAX_INFER_BODY: usize = 64 * 1024 * 1024;
+/// Smallest JSON body limit of any model: 1 MiB.
+pub const MIN_JSON_BODY: usize = 1024 * 1024;
+/// JSON body bytes allowed per input element of a model whose input shapes are all fixed:
+/// the longest number serde_json writes is 24 characters (`-2.2250738585072014e-308`),
+/// plus `", "` and room for brackets and indentation.
+pub const JSON_BYTES_PER_ELEMENT: usize = 32;
+/// JSON body limit of a model with a symbolic input dimension (its element count is not
+/// known until a request says it): 16 MiB, a quarter of [`MAX_INFER_BODY`]; larger tensors
+/// go in binary.
+pub const MAX_JSON_BODY_SYMBOLIC: usize = 16 * 1024 * 1024;
+/// Bytes of request bodies the admitted inference requests may hold together: 256 MiB,
+/// four bodies at [`MAX_INFER_BODY`].
+pub const BODY_BUDGET: usize = 4 * MAX_INFER_BODY;
+// A body at the limit can always be admitted once the others are gone.
+const _: () = assert!(MAX_INFER_BODY <= BODY_BUDGET && BODY_BUDGET <= u32::MAX as usize);
 /// Longest time an inference request's body may take to arrive.
-const INFER_BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+pub const INFER_BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// The body limit of a JSON request (no binary extension) to a model with these inputs.
+///
+/// With every input shape fixed: [`JSON_BYTES_PER_ELEMENT`] times the total element count,
+/// at least [`MIN_JSON_BODY`] and at most [`MAX_INFER_BODY`] (the digits model, 64
+/// elements: 1 MiB). With a symbolic dimension: [`MAX_JSON_BODY_SYMBOLIC`]. Parsing a JSON
+/// body holds the body plus its tensors, at most 4 bytes of tensor per byte of text
+/// (`0,` as FP64), so a request costs at most 5 times this limit in memory.
+pub fn json_body_limit(inputs: &[IoSpec]) -> usize {
+    let mut elements: usize = 0;
+    for input in inputs {
+        let mut n: usize = 1;
+        for &d in &input.shape {
+            let Ok(d) = usize::try_from(d) else {
+                return MAX_JSON_BODY_SYMBOLIC;
+            };
+            n = n.saturating_mul(d);
+        }
+        elements = elements.saturating_add(n);
+    }
+    elements
+        .saturating_mul(JSON_BYTES_PER_ELEMENT)
+        .clamp(MIN_JSON_BODY, MAX_INFER_BODY)
+}
 
 /// The v2 routes.
 pub fn routes() -> Router<AppState> {
@@ -195,17 +249,39 @@ async fn run_infer(
             }
         },
     };
-    // A body that does not arrive in time gives its memory back.
-    let read = tokio::time::timeout(
-        INFER_BODY_TIMEOUT,
-        axum::body::to_bytes(body, MAX_INFER_BODY),
-    );
+    let binary = header_len.is_some();
+    let limit = if binary {
+        MAX_INFER_BODY
+    } else {
+        json_body_limit(&model.inputs)
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if let Some(n) = declared
+        && n > limit as u64
+    {
+        return too_large(limit, binary, Some(n));
+    }
+    // Admitted before a byte of the body is read: past the pool's bound, 503 at once.
+    let admission = match h.inference.admit(declared.map_or(limit, |n| n as usize)) {
+        Ok(a) => a,
+        Err(busy) => {
+            h.metrics
+                .inference(&model.channel, model.version, 0.0, true);
+            return error(StatusCode::SERVICE_UNAVAILABLE, busy.to_string());
+        }
+    };
+    // A body that does not arrive in time gives its place and memory back.
+    let read = tokio::time::timeout(INFER_BODY_TIMEOUT, read_body(body, limit, declared));
     let bytes = match read.await {
         Ok(Ok(b)) => b,
-        Ok(Err(_)) => {
+        Ok(Err(BodyError::TooLarge)) => return too_large(limit, binary, None),
+        Ok(Err(BodyError::Broken(e))) => {
             return error(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!("request body over {MAX_INFER_BODY} bytes"),
+                StatusCode::BAD_REQUEST,
+                format!("request body could not be read: {e}"),
             );
         }
         Err(_) => {
@@ -219,11 +295,9 @@ async fn run_infer(
         }
     };
     let started = Instant::now();
-    let h2 = h.clone();
     let model2 = model.clone();
-    // Parsing, inference and encoding all run on the bounded pool, off the async threads.
-    let result = h
-        .inference
+    // Parsing, inference and encoding all run on the pool's threads, off the async ones.
+    let result = admission
         .run(move || -> Result<kserve::EncodedResponse, Response> {
             let req = kserve::parse_request(&bytes, header_len).map_err(|e| {
                 error(
@@ -231,6 +305,8 @@ async fn run_infer(
                     e.to_string(),
                 )
             })?;
+            // The tensors hold what the model needs; the body's memory goes back now.
+            drop(bytes);
             let run_started = Instant::now();
             let ran = model2.run(&req.inputs);
             // A failure is the model's only if it now fails its own golden checks;
@@ -275,18 +351,18 @@ async fn run_infer(
         .await;
     let elapsed = started.elapsed().as_secs_f64();
     match result {
-        Err(busy) => {
-            h2.metrics
+        Err(failed) => {
+            h.metrics
                 .inference(&model.channel, model.version, elapsed, true);
-            error(StatusCode::SERVICE_UNAVAILABLE, busy.to_string())
+            error(StatusCode::INTERNAL_SERVER_ERROR, failed.to_string())
         }
         Ok(Err(resp)) => {
-            h2.metrics
+            h.metrics
                 .inference(&model.channel, model.version, elapsed, true);
             resp
         }
         Ok(Ok(enc)) => {
-            h2.metrics
+            h.metrics
                 .inference(&model.channel, model.version, elapsed, false);
             let content_type = enc.content_type();
             let mut resp = enc.body.into_response();
@@ -299,5 +375,116 @@ async fn run_infer(
             }
             resp
         }
+    }
+}
+
+/// 413 for a body over `limit` (`declared` is its `Content-Length`, if it said one).
+fn too_large(limit: usize, binary: bool, declared: Option<u64>) -> Response {
+    let size = declared.map_or_else(String::new, |n| format!(" of {n} bytes"));
+    let msg = if binary {
+        format!("request body{size} over the limit of {limit} bytes")
+    } else {
+        format!(
+            "JSON request body{size} over the limit of {limit} bytes for this model's \
+             inputs; larger tensors can be sent with the binary tensor data extension \
+             (Inference-Header-Content-Length), up to {MAX_INFER_BODY} bytes"
+        )
+    };
+    error(StatusCode::PAYLOAD_TOO_LARGE, msg)
+}
+
+/// Why a request body could not be read.
+#[derive(Debug)]
+enum BodyError {
+    /// Over the limit.
+    TooLarge,
+    /// The connection failed or the client broke off.
+    Broken(axum::Error),
+}
+
+/// Read a body of at most `limit` bytes into one buffer, sized once from `declared` (its
+/// `Content-Length`, which hyper holds the body to) when known.
+async fn read_body(body: Body, limit: usize, declared: Option<u64>) -> Result<Vec<u8>, BodyError> {
+    let expected = declared.map_or(0, |n| usize::try_from(n).unwrap_or(limit).min(limit));
+    let mut buf = Vec::with_capacity(expected);
+    let mut frames = body.into_data_stream();
+    while let Some(frame) = frames.next().await {
+        let bytes = frame.map_err(BodyError::Broken)?;
+        if bytes.len() > limit - buf.len() {
+            return Err(BodyError::TooLarge);
+        }
+        buf.extend_from_slice(&bytes);
+    }
+    Ok(buf)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pollen_protocol::manifest::DType;
+
+    fn spec(shape: &[i64]) -> IoSpec {
+        IoSpec {
+            name: "x".into(),
+            datatype: DType::F32,
+            shape: shape.to_vec(),
+        }
+    }
+
+    #[test]
+    fn json_limits_follow_the_model_inputs() {
+        const MIB: usize = 1 << 20;
+        assert_eq!(json_body_limit(&[]), MIB);
+        // The digits model.
+        assert_eq!(json_body_limit(&[spec(&[1, 64])]), MIB);
+        // An image model: 150,528 elements, 32 bytes each.
+        assert_eq!(json_body_limit(&[spec(&[1, 3, 224, 224])]), 150_528 * 32);
+        assert_eq!(
+            json_body_limit(&[spec(&[1, 3, 224, 224]), spec(&[1, 3, 224, 224])]),
+            2 * 150_528 * 32
+        );
+        // Never past the binary limit, even when the product overflows.
+        assert_eq!(
+            json_body_limit(&[spec(&[100_000, 100_000])]),
+            MAX_INFER_BODY
+        );
+        assert_eq!(
+            json_body_limit(&[spec(&[i64::MAX, i64::MAX])]),
+            MAX_INFER_BODY
+        );
+        // A symbolic dimension anywhere.
+        assert_eq!(
+            json_body_limit(&[spec(&[1, 64]), spec(&[-1, 64])]),
+            MAX_JSON_BODY_SYMBOLIC
+        );
+    }
+
+    #[tokio::test]
+    async fn a_chunked_body_is_read_up_to_the_limit() {
+        let chunks = |n: usize| {
+            let parts = (0..n).map(|_| Ok::<_, std::io::Error>(vec![b'0'; 400]));
+            Body::from_stream(futures::stream::iter(parts))
+        };
+        let b = read_body(chunks(3), 1200, None)
+            .await
+            .expect("at the limit");
+        assert_eq!(b.len(), 1200);
+        assert!(matches!(
+            read_body(chunks(4), 1200, None).await,
+            Err(BodyError::TooLarge)
+        ));
+        // With a Content-Length the buffer is allocated once.
+        let b = read_body(chunks(2), 1200, Some(800))
+            .await
+            .expect("declared");
+        assert_eq!((b.len(), b.capacity()), (800, 800));
+        let broken = Body::from_stream(futures::stream::iter(vec![
+            Ok(vec![1u8]),
+            Err(std::io::Error::other("reset")),
+        ]));
+        assert!(matches!(
+            read_body(broken, 1200, None).await,
+            Err(BodyError::Broken(_))
+        ));
     }
 }

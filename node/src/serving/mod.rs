@@ -20,7 +20,8 @@
 //! * [`onnx`]: the graph's output names from the ONNX bytes.
 //! * [`health`]: [`Outcome`], [`WindowStats`], [`HealthWindow`], [`window_status`].
 //! * [`registry`]: [`Registry`], current and previous version per channel.
-//! * [`pool`]: the bounded inference pool.
+//! * [`pool`]: the bounded inference pool: admission before the body is read, and
+//!   threads of its own.
 //! * [`kserve`]: the KServe v2 codec (JSON and binary tensor data).
 
 pub mod golden;

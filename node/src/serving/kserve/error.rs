@@ -11,6 +11,11 @@ pub enum KserveError {
     /// The JSON part is not valid JSON or does not have the request's structure.
     #[error("malformed request JSON: {0}")]
     Json(serde_json::Error),
+    /// An input's `data` cannot be read as JSON numbers, strings and arrays: nested deeper
+    /// than serde_json's recursion limit, or a number out of `f64` range. The text is
+    /// serde_json's, with the line and column in the body.
+    #[error("malformed request JSON: {0}")]
+    JsonData(String),
     /// The `Inference-Header-Content-Length` header value is not a number.
     #[error("invalid Inference-Header-Content-Length header {0:?}")]
     InvalidHeaderLength(String),

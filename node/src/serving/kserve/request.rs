@@ -1,9 +1,18 @@
 //! Parsing a request: the JSON part, then the binary section of the tensor data
 //! extension, checked against the declared shapes and sizes before anything is allocated.
+//!
+//! The JSON is read in two passes over the body, neither of which builds a tree of values.
+//! The first reads the request's structure and keeps each input's `data` as the borrowed
+//! text of its value ([`RawValue`]: serde_json checks its syntax and finds its end, nothing
+//! is allocated), so that `datatype` and `shape` are known wherever they stand in the
+//! object. The second reads each `data` text with a typed visitor ([`Flatten`]) that writes
+//! every element straight into the tensor's little-endian buffer.
 
 use super::*;
 use pollen_protocol::manifest::DType;
 use serde::Deserialize;
+use serde::de::{DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 use std::collections::HashSet;
 
@@ -19,20 +28,23 @@ pub fn parse_header_len(value: &str) -> Result<usize, KserveError> {
 }
 
 #[derive(Deserialize)]
-struct RawRequest {
+struct RawRequest<'a> {
     id: Option<String>,
     parameters: Option<Map<String, Value>>,
-    inputs: Vec<RawInput>,
+    #[serde(borrow)]
+    inputs: Vec<RawInput<'a>>,
     outputs: Option<Vec<RawOutput>>,
 }
 
 #[derive(Deserialize)]
-struct RawInput {
+struct RawInput<'a> {
     name: String,
     shape: Vec<i64>,
     datatype: String,
     parameters: Option<Map<String, Value>>,
-    data: Option<Value>,
+    /// The text of the `data` value, a slice of the body (`null` reads as `None`).
+    #[serde(borrow)]
+    data: Option<&'a RawValue>,
 }
 
 #[derive(Deserialize)]
@@ -55,13 +67,20 @@ enum Pending {
 /// declare `parameters.binary_data_size`, in input order.
 ///
 /// The returned tensors satisfy the [`Tensor`] invariants: JSON `data` (flat or nested to
-/// any depth, flattened row-major; a bare scalar counts as one element) is converted to raw
-/// bytes with range checks (integers must be JSON integers within the type's range, floats
-/// JSON numbers that do not overflow the type, FP16 rounded to nearest-even, BOOL `true` /
-/// `false`, BYTES strings); binary BOOL bytes are normalised to 0/1. JSON floats are read
-/// by serde_json as the nearest `f64` and then rounded to FP32/FP16, so a decimal lying
-/// within `f64` precision of a rounding boundary may round differently from a direct
-/// decimal-to-`f32` conversion (binary data is bit-exact).
+/// any depth serde_json reads, 128 levels within `data`, flattened row-major; a bare
+/// scalar counts as one element) is converted to raw bytes with range checks (integers
+/// must be JSON integers within the type's range, floats JSON numbers that do not overflow
+/// the type, FP16 rounded to nearest-even, BOOL `true` / `false`, BYTES strings); binary
+/// BOOL bytes are normalised to 0/1. JSON floats are read by serde_json as the nearest
+/// `f64` and then rounded to FP32/FP16, so a decimal lying within `f64` precision of a
+/// rounding boundary may round differently from a direct decimal-to-`f32` conversion
+/// (binary data is bit-exact). A wrong element count is reported before a bad element.
+///
+/// Memory: no tree of JSON values is built. Besides the body, parsing holds the request's
+/// small fields and each input's tensor buffer, which is allocated once at its final size
+/// (never more than the shape needs, nor more than its `data` text can fill: 8 bytes per
+/// two bytes of text at most, for FP64 and the 64-bit integers): peak memory is the body
+/// plus 1× the tensors.
 ///
 /// Errors: any [`KserveError`] except the output-side ones; all are status 400.
 pub fn parse_request(body: &[u8], header_len: Option<usize>) -> Result<InferRequest, KserveError> {
@@ -74,8 +93,7 @@ pub fn parse_request(body: &[u8], header_len: Option<usize>) -> Result<InferRequ
             })?,
         None => (body, &[]),
     };
-    let raw: RawRequest = serde_json::from_slice(json).map_err(KserveError::Json)?;
-
+    let raw: RawRequest<'_> = serde_json::from_slice(json).map_err(KserveError::Json)?;
     let binary_output_default = match raw
         .parameters
         .as_ref()
@@ -122,9 +140,9 @@ pub fn parse_request(body: &[u8], header_len: Option<usize>) -> Result<InferRequ
         let source = match (input.data, binary_size) {
             (Some(_), Some(_)) => return Err(KserveError::DataAndBinary { input: name }),
             (None, None) => return Err(KserveError::NoData { input: name }),
-            (Some(data), None) => {
-                Pending::Ready(decode_json_data(&name, datatype, &shape, count, &data)?)
-            }
+            (Some(data), None) => Pending::Ready(decode_json_data(
+                &name, datatype, &shape, count, json, data,
+            )?),
             (None, Some(size)) => {
                 if header_len.is_none() {
                     return Err(KserveError::BinaryWithoutHeader { input: name });
@@ -231,126 +249,250 @@ pub fn parse_request(body: &[u8], header_len: Option<usize>) -> Result<InferRequ
     })
 }
 
-/// Call `f` on every non-array leaf of `v` in row-major order, without recursion.
-pub(super) fn for_each_leaf<'a, E>(
-    v: &'a Value,
-    mut f: impl FnMut(&'a Value) -> Result<(), E>,
-) -> Result<(), E> {
-    let Value::Array(top) = v else {
-        return f(v);
-    };
-    let mut stack = vec![top.iter()];
-    while let Some(it) = stack.last_mut() {
-        match it.next() {
-            None => {
-                stack.pop();
-            }
-            Some(Value::Array(a)) => stack.push(a.iter()),
-            Some(leaf) => f(leaf)?,
-        }
-    }
-    Ok(())
-}
-
-/// A short rendering of a JSON value for error messages.
-pub(super) fn show(v: &Value) -> String {
-    match v {
-        Value::Null => "null".into(),
-        Value::Bool(b) => b.to_string(),
-        Value::Number(n) => truncate(&n.to_string(), 40),
-        Value::String(s) => format!("\"{}\"", truncate(s, 40)),
-        Value::Array(_) => "an array".into(),
-        Value::Object(_) => "an object".into(),
-    }
-}
-
-/// Decode an input's JSON `data` into raw bytes, checking the element count first.
+/// Decode an input's JSON `data` into raw bytes, in one pass over its text.
+///
+/// `raw` is the text of the value, a slice of `json` (already checked to be JSON by the
+/// first pass). The element count is checked first: a wrong count is reported even when
+/// some element is also bad; otherwise the first bad element is. Elements past `count`
+/// are counted, not stored.
 pub(super) fn decode_json_data(
     name: &str,
     dt: DType,
     shape: &[usize],
     count: usize,
-    data: &Value,
+    json: &[u8],
+    raw: &RawValue,
 ) -> Result<Vec<u8>, KserveError> {
-    let mut got = 0usize;
-    let _ = for_each_leaf(data, |_| {
-        got += 1;
-        Ok::<(), ()>(())
-    });
-    if got != count {
+    let text = raw.get();
+    // n elements take at least 2n - 1 bytes of text: the buffer is never larger than the
+    // text can fill, whatever the shape claims.
+    let fits = count.min(text.len().div_ceil(2));
+    let mut sink = Sink {
+        dt,
+        expected: count,
+        out: Vec::with_capacity(fits * dt.size().unwrap_or(0)),
+        got: 0,
+        bad: None,
+    };
+    let mut de = serde_json::Deserializer::from_str(text);
+    Flatten(&mut sink)
+        .deserialize(&mut de)
+        .map_err(|e| relocate(&e, json, offset_in(json, text)))?;
+    if sink.got != count {
         return Err(KserveError::ElementCount {
             input: name.into(),
             shape: fmt_shape(shape),
             expected: count,
-            got,
+            got: sink.got,
         });
     }
-    let mut out = Vec::with_capacity(count * dt.size().unwrap_or(4));
-    let mut index = 0usize;
-    for_each_leaf(data, |v| {
-        encode_element(dt, v, &mut out).map_err(|msg| KserveError::InvalidElement {
+    if let Some((index, msg)) = sink.bad {
+        return Err(KserveError::InvalidElement {
             input: name.into(),
             index,
             msg,
-        })?;
-        index += 1;
-        Ok(())
-    })?;
-    Ok(out)
+        });
+    }
+    Ok(sink.out)
 }
 
-/// An integer JSON value converted to `T`, or an error message.
-pub(super) fn json_integer<T: TryFrom<i64> + TryFrom<u64>>(
-    v: &Value,
-    dt: DType,
-    range: impl Fn() -> String,
-) -> Result<T, String> {
-    let err = |what: &str| {
-        format!(
-            "expected {what} in {} ({}), got {}",
-            range(),
-            kserve_name(dt),
-            show(v)
-        )
-    };
-    let Value::Number(n) = v else {
-        return Err(err("an integer"));
-    };
-    if let Some(i) = n.as_i64() {
-        T::try_from(i).map_err(|_| err("an integer"))
-    } else if let Some(u) = n.as_u64() {
-        T::try_from(u).map_err(|_| err("an integer"))
+/// Where `part` (a slice of `whole`) starts in `whole`; 0 if it is not a slice of it.
+fn offset_in(whole: &[u8], part: &str) -> usize {
+    (part.as_ptr() as usize)
+        .checked_sub(whole.as_ptr() as usize)
+        .filter(|&o| o <= whole.len())
+        .unwrap_or(0)
+}
+
+/// A serde_json error met in the text of a `data` value that starts at byte `at` of
+/// `json`, with its line and column moved to where they are in `json`.
+fn relocate(e: &serde_json::Error, json: &[u8], at: usize) -> KserveError {
+    let text = e.to_string();
+    if e.line() == 0 {
+        return KserveError::JsonData(text);
+    }
+    let suffix = format!(" at line {} column {}", e.line(), e.column());
+    let what = text.strip_suffix(&suffix).unwrap_or(&text);
+    let before = &json[..at.min(json.len())];
+    let line_start = before
+        .iter()
+        .rposition(|&b| b == b'\n')
+        .map_or(0, |i| i + 1);
+    let line0 = 1 + before.iter().filter(|&&b| b == b'\n').count();
+    let (line, column) = if e.line() == 1 {
+        (line0, at - line_start + e.column())
     } else {
-        Err(err("an integer"))
+        (line0 + e.line() - 1, e.column())
+    };
+    KserveError::JsonData(format!("{what} at line {line} column {column}"))
+}
+
+/// Where the elements of one input's `data` go as [`Flatten`] reads them.
+struct Sink {
+    dt: DType,
+    /// The shape's element count.
+    expected: usize,
+    /// The raw tensor bytes of the elements so far (emptied at the first bad element).
+    out: Vec<u8>,
+    /// Elements seen so far, stored or not.
+    got: usize,
+    /// The first bad element: its index and what is wrong with it.
+    bad: Option<(usize, String)>,
+}
+
+impl Sink {
+    fn leaf(&mut self, leaf: Leaf<'_>) {
+        let index = self.got;
+        self.got += 1;
+        if index >= self.expected || self.bad.is_some() {
+            return;
+        }
+        if let Err(msg) = encode_element(self.dt, leaf, &mut self.out) {
+            self.bad = Some((index, msg));
+            self.out = Vec::new();
+        }
     }
 }
 
-/// A JSON number as `f64`, or an error message.
-pub(super) fn json_float(v: &Value, dt: DType) -> Result<f64, String> {
-    match v {
-        Value::Number(n) => n
-            .as_f64()
-            .ok_or_else(|| format!("expected a number ({}), got {}", kserve_name(dt), show(v))),
-        _ => Err(format!(
-            "expected a number ({}), got {}",
-            kserve_name(dt),
-            show(v)
-        )),
+/// Reads a `data` value (an array nested to any depth, or a bare scalar) into a [`Sink`],
+/// row-major. It never fails on an element (a bad one is noted in the sink and reading
+/// goes on, so that the count is known); the only errors are serde_json's own (nesting
+/// past its recursion limit, a number out of `f64` range).
+struct Flatten<'s>(&'s mut Sink);
+
+impl<'de> DeserializeSeed<'de> for Flatten<'_> {
+    type Value = ();
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
     }
 }
 
-/// Append the raw encoding of one JSON element of type `dt` to `out`.
-pub(super) fn encode_element(dt: DType, v: &Value, out: &mut Vec<u8>) -> Result<(), String> {
+impl<'de> Visitor<'de> for Flatten<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("tensor data")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        while seq.next_element_seed(Flatten(&mut *self.0))?.is_some() {}
+        Ok(())
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+        self.0.leaf(Leaf::Object);
+        Ok(())
+    }
+
+    fn visit_unit<E>(self) -> Result<(), E> {
+        self.0.leaf(Leaf::Null);
+        Ok(())
+    }
+
+    fn visit_bool<E>(self, v: bool) -> Result<(), E> {
+        self.0.leaf(Leaf::Bool(v));
+        Ok(())
+    }
+
+    fn visit_u64<E>(self, v: u64) -> Result<(), E> {
+        self.0.leaf(Leaf::U64(v));
+        Ok(())
+    }
+
+    fn visit_i64<E>(self, v: i64) -> Result<(), E> {
+        self.0.leaf(Leaf::I64(v));
+        Ok(())
+    }
+
+    fn visit_f64<E>(self, v: f64) -> Result<(), E> {
+        self.0.leaf(Leaf::F64(v));
+        Ok(())
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<(), E> {
+        self.0.leaf(Leaf::Str(v));
+        Ok(())
+    }
+}
+
+/// One element of a `data` value, as serde_json reads it: a non-negative integer is a
+/// `U64`, a negative one an `I64`, any other number an `F64`.
+#[derive(Clone, Copy, Debug)]
+enum Leaf<'a> {
+    Null,
+    Bool(bool),
+    U64(u64),
+    I64(i64),
+    F64(f64),
+    Str(&'a str),
+    /// An object (its contents are skipped).
+    Object,
+}
+
+impl Leaf<'_> {
+    /// A short rendering for error messages (numbers as serde_json writes them).
+    fn show(self) -> String {
+        match self {
+            Leaf::Null => "null".into(),
+            Leaf::Bool(b) => b.to_string(),
+            Leaf::U64(u) => u.to_string(),
+            Leaf::I64(i) => i.to_string(),
+            Leaf::F64(f) => serde_json::Number::from_f64(f)
+                .map_or_else(|| f.to_string(), |n| truncate(&n.to_string(), 40)),
+            Leaf::Str(s) => format!("\"{}\"", truncate(s, 40)),
+            Leaf::Object => "an object".into(),
+        }
+    }
+
+    /// The value as `T`, if it is an integer within `T`'s range.
+    fn integer<T: TryFrom<i64> + TryFrom<u64>>(self) -> Option<T> {
+        match self {
+            Leaf::U64(u) => T::try_from(u).ok(),
+            Leaf::I64(i) => T::try_from(i).ok(),
+            _ => None,
+        }
+    }
+
+    /// The value as `f64`, if it is a number.
+    fn float(self) -> Option<f64> {
+        match self {
+            Leaf::U64(u) => Some(u as f64),
+            Leaf::I64(i) => Some(i as f64),
+            Leaf::F64(f) => Some(f),
+            _ => None,
+        }
+    }
+}
+
+/// Append the raw encoding of one JSON element of type `dt` to `out`, or say what is wrong
+/// with it.
+fn encode_element(dt: DType, v: Leaf<'_>, out: &mut Vec<u8>) -> Result<(), String> {
     macro_rules! int {
-        ($t:ty) => {{
-            let range = || format!("{}..={}", <$t>::MIN, <$t>::MAX);
-            out.extend_from_slice(&json_integer::<$t>(v, dt, range)?.to_le_bytes());
-        }};
+        ($t:ty) => {
+            match v.integer::<$t>() {
+                Some(x) => out.extend_from_slice(&x.to_le_bytes()),
+                None => {
+                    return Err(format!(
+                        "expected an integer in {}..={} ({}), got {}",
+                        <$t>::MIN,
+                        <$t>::MAX,
+                        kserve_name(dt),
+                        v.show()
+                    ));
+                }
+            }
+        };
     }
+    let float = || {
+        v.float()
+            .ok_or_else(|| format!("expected a number ({}), got {}", kserve_name(dt), v.show()))
+    };
     match dt {
         DType::Bool => match v {
-            Value::Bool(b) => out.push(u8::from(*b)),
-            _ => return Err(format!("expected true or false (BOOL), got {}", show(v))),
+            Leaf::Bool(b) => out.push(u8::from(b)),
+            _ => return Err(format!("expected true or false (BOOL), got {}", v.show())),
         },
         DType::U8 => int!(u8),
         DType::U16 => int!(u16),
@@ -361,31 +503,31 @@ pub(super) fn encode_element(dt: DType, v: &Value, out: &mut Vec<u8>) -> Result<
         DType::I32 => int!(i32),
         DType::I64 => int!(i64),
         DType::F16 => {
-            let h = f64_to_f16_bits(json_float(v, dt)?);
+            let h = f64_to_f16_bits(float()?);
             if h & 0x7fff == 0x7c00 {
                 return Err(format!(
                     "{} is out of range for FP16 (largest finite value 65504)",
-                    show(v)
+                    v.show()
                 ));
             }
             out.extend_from_slice(&h.to_le_bytes());
         }
         DType::F32 => {
-            let x = json_float(v, dt)? as f32;
+            let x = float()? as f32;
             if x.is_infinite() {
-                return Err(format!("{} is out of range for FP32", show(v)));
+                return Err(format!("{} is out of range for FP32", v.show()));
             }
             out.extend_from_slice(&x.to_le_bytes());
         }
-        DType::F64 => out.extend_from_slice(&json_float(v, dt)?.to_le_bytes()),
+        DType::F64 => out.extend_from_slice(&float()?.to_le_bytes()),
         DType::Bytes => match v {
-            Value::String(s) => {
+            Leaf::Str(s) => {
                 let len = u32::try_from(s.len())
                     .map_err(|_| "string longer than 4 GiB (BYTES)".to_string())?;
                 out.extend_from_slice(&len.to_le_bytes());
                 out.extend_from_slice(s.as_bytes());
             }
-            _ => return Err(format!("expected a string (BYTES), got {}", show(v))),
+            _ => return Err(format!("expected a string (BYTES), got {}", v.show())),
         },
         // DType is non-exhaustive; the codec parses only the types above.
         _ => return Err(format!("datatype {} is not supported", kserve_name(dt))),
@@ -440,13 +582,27 @@ mod tests {
         let e = parse_request(nest(100_000).as_bytes(), None).expect_err("too deep");
         assert_eq!(e.status(), 400);
         assert!(e.to_string().contains("recursion limit"), "{e}");
-        // A hand-built value deeper than serde_json would parse is flattened iteratively.
-        let mut v = json!(9);
-        for _ in 0..1000 {
-            v = Value::Array(vec![v]);
+        // The limit applies within `data` (128 levels), and the error says where in the body.
+        let e = parse_request(nest(200).as_bytes(), None).expect_err("too deep");
+        let at = r#"{"inputs":[{"name":"x","shape":[1],"datatype":"INT8","data":"#.len();
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "malformed request JSON: recursion limit exceeded at line 1 column {}",
+                at + 128
+            )
+        );
+        // A number out of f64 range is found in the second pass; its position is the one a
+        // parse of the whole body as a `Value` gives, on the first line or a later one.
+        for body in [
+            r#"{"inputs":[{"name":"x","shape":[2],"datatype":"FP64","data":[1, 1e400]}]}"#,
+            "{\n \"inputs\": [{\"name\": \"x\", \"shape\": [2], \"datatype\": \"FP64\",\n  \"data\": [1,\n   -2e999]}]}",
+        ] {
+            let e = parse_request(body.as_bytes(), None).expect_err("out of range");
+            let v = serde_json::from_str::<Value>(body).expect_err("Value parse");
+            assert_eq!(e.to_string(), format!("malformed request JSON: {v}"));
+            assert_eq!(e.status(), 400);
         }
-        let data = decode_json_data("x", DType::U8, &[1], 1, &v).expect("deep value");
-        assert_eq!(data, vec![9]);
     }
 
     #[test]
@@ -708,6 +864,262 @@ mod tests {
         let e = parse_request(br#"{"inputs": ["#, None).expect_err("truncated");
         assert!(e.to_string().starts_with("malformed request JSON: "), "{e}");
         assert_eq!(e.status(), 400);
+    }
+
+    #[test]
+    fn datatype_and_shape_may_follow_data() {
+        // Every datatype, with `data` before `datatype` and `shape` (and `name` last): the
+        // same tensor as in the usual order.
+        let cases = [
+            ("BOOL", json!([[true, false]])),
+            ("UINT8", json!([[0, 255]])),
+            ("UINT16", json!([[1, 65535]])),
+            ("UINT32", json!([[1, 4294967295u32]])),
+            ("UINT64", json!([[0, u64::MAX]])),
+            ("INT8", json!([[-128, 127]])),
+            ("INT16", json!([[-32768, 7]])),
+            ("INT32", json!([[i32::MIN, 3]])),
+            ("INT64", json!([[i64::MIN, i64::MAX]])),
+            ("FP16", json!([[0.1, -65504]])),
+            ("FP32", json!([[0.1, 3e38]])),
+            ("FP64", json!([[0.1, -1e300]])),
+            ("BYTES", json!([["a\"b", ""]])),
+        ];
+        for (dt, data) in cases {
+            let usual = parse_json(&one_input(dt, json!([1, 2]), data.clone())).expect(dt);
+            let body = format!(
+                r#"{{"inputs": [{{"data": {data}, "parameters": {{}}, "datatype": "{dt}",
+                    "shape": [1, 2], "name": "x"}}], "id": "r"}}"#
+            );
+            let late = parse_request(body.as_bytes(), None).expect(dt);
+            assert_eq!(late.inputs, usual.inputs, "{dt}");
+            assert_eq!(late.id.as_deref(), Some("r"));
+            // The buffer is allocated once at its final size.
+            let t = &late.inputs[0];
+            if t.datatype != DType::Bytes {
+                assert_eq!(t.data.capacity(), t.data.len(), "{dt}");
+            }
+        }
+        // A bad element is found whatever the order, and so is a wrong count.
+        let body =
+            r#"{"inputs": [{"data": [1, 300], "name": "x", "datatype": "UINT8", "shape": [2]}]}"#;
+        let e = parse_request(body.as_bytes(), None).expect_err("300");
+        assert_eq!(
+            e.to_string(),
+            "input 'x': data[1]: expected an integer in 0..=255 (UINT8), got 300"
+        );
+        let body =
+            r#"{"inputs": [{"data": [[1], [2]], "shape": [3], "name": "x", "datatype": "INT64"}]}"#;
+        let e = parse_request(body.as_bytes(), None).expect_err("count");
+        assert_eq!(
+            e.to_string(),
+            "input 'x': shape [3] needs 3 elements, got 2"
+        );
+    }
+
+    #[test]
+    fn count_errors_come_before_element_errors_and_objects_are_one_element() {
+        let x = |dt: &str, shape: Value, data: Value| {
+            parse_json(&one_input(dt, shape, data)).map(|r| r.inputs[0].data.clone())
+        };
+        let msg = |r: Result<Vec<u8>, KserveError>| r.expect_err("an error").to_string();
+        // Too many elements, one of them bad: the count is reported (as before).
+        assert_eq!(
+            msg(x("INT8", json!([2]), json!([1, 300, 5]))),
+            "input 'x': shape [2] needs 2 elements, got 3"
+        );
+        assert_eq!(
+            msg(x("UINT8", json!([2]), json!([1, [300, 2]]))),
+            "input 'x': shape [2] needs 2 elements, got 3"
+        );
+        // Far too many elements: all counted, none past the shape stored.
+        let many = json!(vec![0; 100_000]);
+        assert_eq!(
+            msg(x("FP64", json!([3]), many)),
+            "input 'x': shape [3] needs 3 elements, got 100000"
+        );
+        // A shape far larger than the data: the count error, and no buffer of the shape's
+        // size was needed to find it (the buffer is bounded by the text: see below).
+        assert_eq!(
+            msg(x("FP64", json!([67108864]), json!([1, 2]))),
+            "input 'x': shape [67108864] needs 67108864 elements, got 2"
+        );
+        // The first bad element wins; an object is one (bad) element, whatever it holds.
+        assert_eq!(
+            msg(x("INT32", json!([3]), json!([1, {"a": [1, 2, 3]}, "z"]))),
+            "input 'x': data[1]: expected an integer in -2147483648..=2147483647 (INT32), got an object"
+        );
+        assert_eq!(
+            msg(x("FP32", json!([2]), json!([[true], [null]]))),
+            "input 'x': data[0]: expected a number (FP32), got true"
+        );
+        // Out of range for the type, integer or not.
+        for (dt, v, want) in [
+            (
+                "UINT8",
+                json!(300),
+                "expected an integer in 0..=255 (UINT8), got 300",
+            ),
+            (
+                "UINT8",
+                json!(-1),
+                "expected an integer in 0..=255 (UINT8), got -1",
+            ),
+            (
+                "INT32",
+                json!(1.5),
+                "expected an integer in -2147483648..=2147483647 (INT32), got 1.5",
+            ),
+            (
+                "INT32",
+                json!(2147483648u64),
+                "expected an integer in -2147483648..=2147483647 (INT32), got 2147483648",
+            ),
+            (
+                "UINT64",
+                json!(1e20),
+                "expected an integer in 0..=18446744073709551615 (UINT64), got 1e+20",
+            ),
+            (
+                "INT16",
+                json!(1.0),
+                "expected an integer in -32768..=32767 (INT16), got 1.0",
+            ),
+            ("FP32", json!(-3.5e38), "-3.5e+38 is out of range for FP32"),
+            (
+                "FP16",
+                json!(-65520.0),
+                "-65520.0 is out of range for FP16 (largest finite value 65504)",
+            ),
+            (
+                "BOOL",
+                json!("true"),
+                "expected true or false (BOOL), got \"true\"",
+            ),
+            ("BYTES", json!(null), "expected a string (BYTES), got null"),
+        ] {
+            let got = msg(x(dt, json!([2]), json!([v.clone(), v])));
+            assert_eq!(got, format!("input 'x': data[0]: {want}"), "{dt}");
+        }
+        // The largest values that fit.
+        assert_eq!(
+            x("FP16", json!([1]), json!([65504])).unwrap(),
+            vec![0xff, 0x7b]
+        );
+        assert_eq!(
+            x("FP32", json!([1]), json!([3.4028234663852886e38])).unwrap(),
+            f32::MAX.to_le_bytes()
+        );
+    }
+
+    /// The earlier decoding, through a tree of `Value`s: the streaming one must agree with
+    /// it on every body, in result and in error message.
+    fn through_values(
+        dt: DType,
+        shape: &[usize],
+        count: usize,
+        data: &Value,
+    ) -> Result<Vec<u8>, String> {
+        let mut leaves = Vec::new();
+        let mut stack = vec![data];
+        while let Some(v) = stack.pop() {
+            match v {
+                Value::Array(a) => stack.extend(a.iter().rev()),
+                leaf => leaves.push(leaf),
+            }
+        }
+        if leaves.len() != count {
+            return Err(format!(
+                "input 'x': shape {} needs {count} elements, got {}",
+                fmt_shape(shape),
+                leaves.len()
+            ));
+        }
+        let mut out = Vec::new();
+        for (i, v) in leaves.into_iter().enumerate() {
+            let leaf = match v {
+                Value::Null => Leaf::Null,
+                Value::Bool(b) => Leaf::Bool(*b),
+                Value::Number(n) => match (n.as_u64(), n.as_i64(), n.as_f64()) {
+                    (Some(u), _, _) => Leaf::U64(u),
+                    (None, Some(i), _) => Leaf::I64(i),
+                    (_, _, f) => Leaf::F64(f.expect("a number")),
+                },
+                Value::String(s) => Leaf::Str(s),
+                Value::Object(_) => Leaf::Object,
+                Value::Array(_) => unreachable!("flattened"),
+            };
+            encode_element(dt, leaf, &mut out).map_err(|m| format!("input 'x': data[{i}]: {m}"))?;
+        }
+        Ok(out)
+    }
+
+    #[test]
+    fn agrees_with_decoding_through_values() {
+        let mut rng = Rng(0x51_7cc1_b727_220a);
+        fn leaf(rng: &mut Rng) -> Value {
+            match rng.below(12) {
+                0 => json!(rng.below(2) == 0),
+                1 => json!(rng.below(300)),
+                2 => json!(-(rng.below(40_000) as i64)),
+                3 => json!(rng.next()),
+                4 => json!(rng.next() as i64),
+                5 => json!((rng.below(2000) as f64 - 1000.0) / 8.0),
+                6 => json!(f64::from_bits(rng.next() >> 2)),
+                7 => json!(["é\"", "", "ab"][rng.below(3)]),
+                8 => Value::Null,
+                9 => json!({"k": [1, 2]}),
+                10 => json!(65504.0 + rng.below(40) as f64),
+                _ => json!(rng.below(2)),
+            }
+        }
+        fn nested(rng: &mut Rng, depth: usize) -> Value {
+            if depth == 0 || rng.below(3) == 0 {
+                return leaf(rng);
+            }
+            Value::Array((0..rng.below(4)).map(|_| nested(rng, depth - 1)).collect())
+        }
+        let mut agreed_ok = 0;
+        for _ in 0..20_000 {
+            let dt = DATATYPES[rng.below(DATATYPES.len())];
+            let data = if rng.below(4) == 0 {
+                // Many elements of one kind, so that whole tensors decode too.
+                let v = leaf(&mut rng);
+                Value::Array(vec![v; rng.below(6)])
+            } else {
+                nested(&mut rng, 4)
+            };
+            if data.is_null() {
+                // `"data": null` is no data at all (NoData), as before.
+                continue;
+            }
+            let n = rng.below(7);
+            let shape = if rng.below(2) == 0 {
+                vec![n]
+            } else {
+                vec![1, n]
+            };
+            let req = if rng.below(2) == 0 {
+                one_input(kserve_name(dt), json!(shape), data)
+            } else {
+                json!({"inputs": [{"data": data, "shape": shape, "name": "x",
+                                   "datatype": kserve_name(dt)}]})
+            };
+            // The Values the earlier code saw: parsed from the body text (serde_json's float
+            // parsing is not always the nearest f64, the same in both passes).
+            let parsed: Value = serde_json::from_str(&req.to_string()).expect("json");
+            let want = through_values(dt, &shape, n, &parsed["inputs"][0]["data"]);
+            let got = parse_json(&req).map(|r| r.inputs[0].data.clone());
+            match (&got, &want) {
+                (Ok(g), Ok(w)) => {
+                    assert_eq!(g, w, "{req}");
+                    agreed_ok += 1;
+                }
+                (Err(g), Err(w)) => assert_eq!(&g.to_string(), w, "{req}"),
+                _ => panic!("{req}: streaming {got:?}, through values {want:?}"),
+            }
+        }
+        assert!(agreed_ok > 1000, "only {agreed_ok} valid tensors");
     }
 
     #[test]
