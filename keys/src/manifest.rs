@@ -192,6 +192,7 @@ pub fn build_body_with_progress(
         created: spec.created,
         expires: spec.expires,
         replaces: spec.replaces,
+        serving: None,
     };
     body.validate()
         .map_err(|e| anyhow::anyhow!("invalid manifest: {e}"))?;

@@ -85,6 +85,46 @@ impl DType {
             DType::Bytes => "BYTES",
         }
     }
+
+    /// The short name used on the command line (`f32`, `i64`, `bool`, …; `bytes`).
+    pub fn short_name(self) -> &'static str {
+        match self {
+            DType::Bool => "bool",
+            DType::U8 => "u8",
+            DType::U16 => "u16",
+            DType::U32 => "u32",
+            DType::U64 => "u64",
+            DType::I8 => "i8",
+            DType::I16 => "i16",
+            DType::I32 => "i32",
+            DType::I64 => "i64",
+            DType::F16 => "f16",
+            DType::F32 => "f32",
+            DType::F64 => "f64",
+            DType::Bytes => "bytes",
+        }
+    }
+
+    /// The data type of a [`DType::short_name`].
+    pub fn from_short_name(s: &str) -> Option<DType> {
+        [
+            DType::Bool,
+            DType::U8,
+            DType::U16,
+            DType::U32,
+            DType::U64,
+            DType::I8,
+            DType::I16,
+            DType::I32,
+            DType::I64,
+            DType::F16,
+            DType::F32,
+            DType::F64,
+            DType::Bytes,
+        ]
+        .into_iter()
+        .find(|d| d.short_name() == s)
+    }
 }
 
 /// An input or output of the model: name, element type, shape (`-1` = dynamic dimension).
@@ -231,6 +271,197 @@ pub struct ManifestBody {
     pub expires: UnixTime,
     /// The manifest this one replaces, if any.
     pub replaces: Option<ManifestId>,
+    /// How nodes prepare and check the model (format 2). `None` is encoded exactly as
+    /// manifests were before the field existed (format 1), so their ids and signatures
+    /// stay valid and older nodes still accept them; a manifest that carries it is
+    /// refused by older nodes as non-canonical rather than served without it.
+    pub serving: Option<ServingSpec>,
+}
+
+/// Most declared input facts, and most constant inputs, in one manifest.
+pub const MAX_INPUT_FACTS: usize = 32;
+/// Most bytes of constant inputs in one manifest.
+pub const MAX_CONST_BYTES: usize = 64 * 1024;
+/// Longest name of a symbolic dimension.
+pub const MAX_SYMBOL_LEN: usize = 32;
+
+/// How nodes prepare a model for serving and check it, beyond the file itself.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ServingSpec {
+    /// Facts about inputs, applied before the model is analysed
+    /// (`pollen publish --input x=f32[1,3,H,W]`).
+    pub inputs: Vec<InputFact>,
+    /// Inputs fixed for the deployment (`--const sr=16000`): the node feeds them, does not
+    /// ask for them in requests, and refuses a request that gives a different value.
+    pub consts: Vec<TensorData>,
+    /// Per golden check (in order), the relative tolerance of float outputs: an element
+    /// passes when `|got - want| <= tolerance + rtol * |want|`. Missing entries are 0.
+    pub golden_rtol: Vec<f32>,
+}
+
+/// A declared input: its element type and dimensions.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InputFact {
+    /// Input name in the graph.
+    pub name: String,
+    /// Element type.
+    pub dtype: DType,
+    /// Dimensions.
+    pub dims: Vec<Dim>,
+}
+
+/// One dimension of a declared input.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Dim {
+    /// A fixed size.
+    Fixed(u64),
+    /// A named symbol: every dimension with the same name (in any input) has the same
+    /// size in a request.
+    Symbol(String),
+    /// Any size, unrelated to the others.
+    Any,
+}
+
+impl core::fmt::Display for Dim {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Dim::Fixed(n) => write!(f, "{n}"),
+            Dim::Symbol(s) => f.write_str(s),
+            Dim::Any => f.write_str("?"),
+        }
+    }
+}
+
+impl core::fmt::Display for InputFact {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "{}={}[", self.name, self.dtype.short_name())?;
+        for (i, d) in self.dims.iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            write!(f, "{d}")?;
+        }
+        f.write_str("]")
+    }
+}
+
+impl core::str::FromStr for InputFact {
+    type Err = String;
+
+    /// `NAME=DTYPE[DIMS]`, e.g. `x=f32[1,3,H,W]` or `input=f32[?,576]`: dimensions are
+    /// numbers, symbol names (a letter, then letters, digits or `_`) or `?`; `[]` is a
+    /// scalar. DTYPE is one of `bool u8 u16 u32 u64 i8 i16 i32 i64 f16 f32 f64`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("{s:?}: expected NAME=DTYPE[DIMS], e.g. x=f32[1,3,H,W]");
+        let (name, rest) = s.split_once('=').ok_or_else(bad)?;
+        let (dtype, dims) = rest.split_once('[').ok_or_else(bad)?;
+        let dims = dims.strip_suffix(']').ok_or_else(bad)?;
+        let dtype = DType::from_short_name(dtype.trim())
+            .ok_or_else(|| format!("{s:?}: unknown element type {dtype:?}"))?;
+        let dims = if dims.trim().is_empty() {
+            Vec::new()
+        } else {
+            dims.split(',')
+                .map(|d| {
+                    let d = d.trim();
+                    if d == "?" {
+                        Ok(Dim::Any)
+                    } else if let Ok(n) = d.parse::<u64>() {
+                        Ok(Dim::Fixed(n))
+                    } else if is_symbol(d) {
+                        Ok(Dim::Symbol(d.into()))
+                    } else {
+                        Err(format!("{s:?}: bad dimension {d:?}"))
+                    }
+                })
+                .collect::<Result<_, _>>()?
+        };
+        Ok(InputFact {
+            name: name.trim().into(),
+            dtype,
+            dims,
+        })
+    }
+}
+
+fn is_symbol(d: &str) -> bool {
+    let mut c = d.chars();
+    c.next().is_some_and(|f| f.is_ascii_alphabetic())
+        && c.all(|x| x.is_ascii_alphanumeric() || x == '_')
+        && d.len() <= MAX_SYMBOL_LEN
+}
+
+impl ServingSpec {
+    fn validate(&self, golden: usize) -> Result<(), String> {
+        if self.inputs.len() > MAX_INPUT_FACTS || self.consts.len() > MAX_INPUT_FACTS {
+            return Err(format!(
+                "at most {MAX_INPUT_FACTS} declared inputs and {MAX_INPUT_FACTS} constants"
+            ));
+        }
+        for (i, f) in self.inputs.iter().enumerate() {
+            check_name("input name", &f.name)?;
+            if self.inputs[..i].iter().any(|o| o.name == f.name) {
+                return Err(format!("input {:?} declared twice", f.name));
+            }
+            if f.dtype.size().is_none() || f.dims.len() > 16 {
+                return Err(format!("input {:?}: bad type or rank", f.name));
+            }
+            if f.dims
+                .iter()
+                .any(|d| matches!(d, Dim::Symbol(s) if !is_symbol(s)))
+            {
+                return Err(format!("input {:?}: bad symbol name", f.name));
+            }
+        }
+        let mut bytes = 0usize;
+        for (i, t) in self.consts.iter().enumerate() {
+            check_tensor(t)?;
+            if self.consts[..i].iter().any(|o| o.name == t.name) {
+                return Err(format!("constant {:?} given twice", t.name));
+            }
+            bytes = bytes.saturating_add(t.data.len());
+        }
+        if bytes > MAX_CONST_BYTES {
+            return Err(format!("constants take at most {MAX_CONST_BYTES} bytes"));
+        }
+        if self.golden_rtol.len() > golden
+            || self
+                .golden_rtol
+                .iter()
+                .any(|r| !(r.is_finite() && *r >= 0.0))
+        {
+            return Err("one finite non-negative relative tolerance per golden check".into());
+        }
+        Ok(())
+    }
+}
+
+/// Format 1 of [`ManifestBody`] (before `serving`), as it is decoded.
+#[derive(Deserialize)]
+struct ManifestBodyV1 {
+    channel: Channel,
+    version: u64,
+    artifact: Artifact,
+    model: ModelMeta,
+    golden: Vec<GoldenCheck>,
+    rollout: RolloutPlan,
+    created: UnixTime,
+    expires: UnixTime,
+    replaces: Option<ManifestId>,
+}
+
+/// Format 1 of [`ManifestBody`], as it is encoded (borrowing the body).
+#[derive(Serialize)]
+struct ManifestBodyV1Ref<'a> {
+    channel: &'a Channel,
+    version: u64,
+    artifact: &'a Artifact,
+    model: &'a ModelMeta,
+    golden: &'a [GoldenCheck],
+    rollout: &'a RolloutPlan,
+    created: UnixTime,
+    expires: UnixTime,
+    replaces: &'a Option<ManifestId>,
 }
 
 impl ManifestBody {
@@ -263,6 +494,7 @@ impl ManifestBody {
             created,
             expires: created.plus(core::time::Duration::from_secs(30 * 24 * 3600)),
             replaces: None,
+            serving: None,
         }
     }
 }
@@ -348,7 +580,58 @@ impl SignedBody for ManifestBody {
                 check_tensor(t)?;
             }
         }
+        if let Some(s) = &self.serving {
+            s.validate(self.golden.len())?;
+        }
         self.rollout.validate()
+    }
+
+    /// Format 1 bytes without `serving`, format 2 with it.
+    fn encode(&self) -> Vec<u8> {
+        let bytes = match &self.serving {
+            Some(_) => postcard::to_allocvec(self),
+            None => postcard::to_allocvec(&ManifestBodyV1Ref {
+                channel: &self.channel,
+                version: self.version,
+                artifact: &self.artifact,
+                model: &self.model,
+                golden: &self.golden,
+                rollout: &self.rollout,
+                created: self.created,
+                expires: self.expires,
+                replaces: &self.replaces,
+            }),
+        };
+        // postcard encoding of our own types into a Vec cannot fail.
+        bytes.expect("postcard encoding into a Vec")
+    }
+
+    /// Format 2, else format 1; either way the bytes must be exactly what
+    /// [`SignedBody::encode`] gives (so a format-2 body with `serving: None` is refused).
+    fn decode(bytes: &[u8]) -> Result<Self, SignedError> {
+        let body = match postcard::from_bytes::<ManifestBody>(bytes) {
+            Ok(b) => b,
+            Err(_) => {
+                let v1: ManifestBodyV1 = postcard::from_bytes(bytes)
+                    .map_err(|e| SignedError::Malformed(e.to_string()))?;
+                ManifestBody {
+                    channel: v1.channel,
+                    version: v1.version,
+                    artifact: v1.artifact,
+                    model: v1.model,
+                    golden: v1.golden,
+                    rollout: v1.rollout,
+                    created: v1.created,
+                    expires: v1.expires,
+                    replaces: v1.replaces,
+                    serving: None,
+                }
+            }
+        };
+        if body.encode() != bytes {
+            return Err(SignedError::NonCanonical);
+        }
+        Ok(body)
     }
 }
 
@@ -396,6 +679,116 @@ impl Manifest {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::chunking::{ChunkSize, spec_for_bytes};
+    use alloc::string::ToString;
+    use alloc::vec;
+
+    fn body(serving: Option<ServingSpec>) -> ManifestBody {
+        let spec = spec_for_bytes(&[1; 100], ChunkSize::new(16_384).expect("valid"));
+        let mut b = ManifestBody::single_file(
+            Channel::new("audio.vad").expect("valid"),
+            3,
+            spec,
+            RolloutPlan::immediate(),
+            UnixTime::from_secs(1_000),
+        );
+        b.serving = serving;
+        b
+    }
+
+    fn spec() -> ServingSpec {
+        ServingSpec {
+            inputs: vec!["input=f32[?,576]".parse().expect("fact")],
+            consts: vec![TensorData {
+                name: "sr".into(),
+                dtype: DType::I64,
+                shape: vec![],
+                data: 16_000i64.to_le_bytes().to_vec(),
+            }],
+            golden_rtol: vec![],
+        }
+    }
+
+    /// Manifests signed before `serving` existed keep their bytes, ids and signatures:
+    /// without it a body encodes exactly as format 1 did (no trailing option tag); with
+    /// it, it decodes back to itself; a format-2 body that spells out `None` is not
+    /// canonical.
+    #[test]
+    fn format_1_bodies_keep_their_bytes_and_format_2_round_trips() {
+        let v1 = body(None);
+        let bytes = v1.encode();
+        let derived = postcard::to_allocvec(&v1).expect("encode");
+        assert_eq!(
+            derived.len(),
+            bytes.len() + 1,
+            "format 2 adds only the option tag"
+        );
+        assert_eq!(&derived[..bytes.len()], &bytes[..]);
+        assert_eq!(ManifestBody::decode(&bytes).expect("format 1"), v1);
+        assert!(matches!(
+            ManifestBody::decode(&derived),
+            Err(SignedError::NonCanonical)
+        ));
+        let v2 = body(Some(spec()));
+        let bytes = v2.encode();
+        assert_eq!(ManifestBody::decode(&bytes).expect("format 2"), v2);
+        let signed = Signed::sign(&v2, &[&ed25519_dalek::SigningKey::from_bytes(&[3; 32])]);
+        assert_eq!(signed.decode_body().expect("signed format 2"), v2);
+    }
+
+    #[test]
+    fn input_facts_parse_and_print() {
+        for s in [
+            "x=f32[1,3,H,W]",
+            "input=f32[?,576]",
+            "sr=i64[]",
+            "mask=bool[batch,seq_len]",
+        ] {
+            let f: InputFact = s.parse().expect(s);
+            assert_eq!(f.to_string(), s);
+        }
+        let f: InputFact = "x=u8[2,?,N]".parse().expect("fact");
+        assert_eq!(f.dims, [Dim::Fixed(2), Dim::Any, Dim::Symbol("N".into())]);
+        for bad in [
+            "x",
+            "x=f32",
+            "x=f32[1",
+            "x=float[1]",
+            "x=f32[-1]",
+            "x=f32[1x]",
+            "x=f32[a b]",
+        ] {
+            assert!(bad.parse::<InputFact>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn serving_specs_are_bounded() {
+        assert!(body(Some(spec())).validate().is_ok());
+        let mut s = spec();
+        s.consts[0].data.pop();
+        assert!(
+            body(Some(s)).validate().is_err(),
+            "data does not match the shape"
+        );
+        let mut s = spec();
+        s.inputs.push(s.inputs[0].clone());
+        assert!(body(Some(s)).validate().is_err(), "declared twice");
+        let mut s = spec();
+        s.consts[0] = TensorData {
+            name: "big".into(),
+            dtype: DType::U8,
+            shape: vec![MAX_CONST_BYTES as u64 + 1],
+            data: vec![0; MAX_CONST_BYTES + 1],
+        };
+        assert!(body(Some(s)).validate().is_err(), "too many constant bytes");
+        let mut s = spec();
+        s.golden_rtol = vec![0.1];
+        assert!(
+            body(Some(s)).validate().is_err(),
+            "more tolerances than checks"
+        );
+    }
 
     fn variant(name: &str, classes: &[&str], mem: u32, cpu: &[&str]) -> Variant {
         Variant {

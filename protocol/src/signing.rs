@@ -127,6 +127,18 @@ pub trait SignedBody: Serialize + DeserializeOwned {
     const DOMAIN: Domain;
     /// Rules beyond decoding (field ranges, consistency). Called on every decode.
     fn validate(&self) -> Result<(), String>;
+
+    /// The bytes to sign: canonical postcard unless a kind keeps older encodings (see
+    /// [`crate::manifest::ManifestBody`]).
+    fn encode(&self) -> Vec<u8> {
+        // postcard encoding of our own types into a Vec cannot fail.
+        postcard::to_allocvec(self).expect("postcard encoding into a Vec")
+    }
+
+    /// Decode signed bytes; they must be exactly what [`SignedBody::encode`] gives.
+    fn decode(bytes: &[u8]) -> Result<Self, SignedError> {
+        decode_canonical(bytes)
+    }
 }
 
 /// Decode canonical postcard: the bytes must re-encode to themselves.
@@ -182,8 +194,7 @@ impl<T> fmt::Debug for Signed<T> {
 impl<T: SignedBody> Signed<T> {
     /// Encode `body` canonically and sign it with each key.
     pub fn sign(body: &T, keys: &[&SigningKey]) -> Self {
-        // postcard encoding of our own types into a Vec cannot fail.
-        let bytes = postcard::to_allocvec(body).expect("postcard encoding into a Vec");
+        let bytes = body.encode();
         let mut s = Signed {
             body: bytes,
             signatures: Vec::new(),
@@ -208,7 +219,7 @@ impl<T: SignedBody> Signed<T> {
 
     /// Decode and validate the body. Errors on non-canonical bytes or broken rules.
     pub fn decode_body(&self) -> Result<T, SignedError> {
-        let b: T = decode_canonical(&self.body)?;
+        let b = T::decode(&self.body)?;
         b.validate().map_err(SignedError::Invalid)?;
         Ok(b)
     }
