@@ -27,6 +27,10 @@ pub struct Status {
     pub trust_version: u64,
     /// Does the trust root require node certificates?
     pub fleet: bool,
+    /// A retained release has a gated stage but the trust root has no fleet key: anyone
+    /// can make node keys, so the gates are open to Sybil reporters and only advisory.
+    #[serde(default)]
+    pub gates_open_to_sybils: bool,
     /// Connected peers speaking the pollen protocol.
     pub peers: Vec<PeerStatus>,
     /// Channels.

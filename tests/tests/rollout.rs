@@ -151,6 +151,10 @@ fn ten_nodes_follow_a_staged_rollout_and_a_failing_canary_rolls_back() {
     let stage_of = stages(&ids, &plan, v);
     eprintln!("v{v}: stages of the ten nodes {stage_of:?}");
     assert_bad_input_changes_nothing(&nodes[0]);
+    assert!(
+        !nodes[0].status().gates_open_to_sybils,
+        "no gated release yet: nothing to warn about"
+    );
 
     let published = Instant::now();
     op.publish_digits(
@@ -196,6 +200,11 @@ fn ten_nodes_follow_a_staged_rollout_and_a_failing_canary_rolls_back() {
                 .collect();
             let all_k = st.iter().all(|s| open_stages(s, v) == k);
             if all_k && on_v == expected {
+                assert!(
+                    st.iter().all(|s| s.gates_open_to_sybils),
+                    "a gated release without a fleet key: every status says its gates are \
+                     open to Sybil reporters"
+                );
                 step_times.push(published.elapsed());
                 break;
             }

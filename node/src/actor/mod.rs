@@ -786,6 +786,15 @@ impl Actor {
             http: self.http.to_string(),
             trust_version: trust.map_or(0, |t| t.body.version),
             fleet: trust.is_some_and(|t| t.requires_certificates()),
+            gates_open_to_sybils: trust.is_some_and(|t| !t.requires_certificates())
+                && self.mesh.releases().any(|(_, r)| {
+                    r.manifest
+                        .body
+                        .rollout
+                        .stages
+                        .iter()
+                        .any(|s| s.gate.is_some())
+                }),
             peers: self
                 .peers
                 .iter()

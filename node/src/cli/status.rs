@@ -45,6 +45,13 @@ pub fn status(a: StatusArgs, out: &mut dyn Write) -> Result<()> {
             )
         }
     )?;
+    if s.gates_open_to_sybils {
+        writeln!(
+            out,
+            "warning  no fleet key: anyone can make node keys, so rollout gates are open to \
+             Sybil reporters and only advisory (add a fleet key to the trust root)"
+        )?;
+    }
     for l in &s.listen {
         writeln!(out, "listen   {l}")?;
     }
