@@ -2,6 +2,7 @@
 //! put it in the registry, roll back, and sign the health reports the rollout gates count.
 
 use super::{Actor, Done};
+use crate::serving::classify::classify;
 use crate::serving::{LoadedModel, WindowStats, trial};
 use crate::store::FailedActivation;
 use anyhow::Result;
@@ -85,7 +86,7 @@ impl Actor {
                     LoadedModel::load(&path, channel.as_str(), version, manifest, budget)?;
                 loaded
                     .golden(&golden)
-                    .map_err(|e| (ErrorClass::GoldenMismatch, e))?;
+                    .map_err(|e| (classify(&e, ErrorClass::GoldenMismatch), e))?;
                 loaded.keep_golden(golden);
                 Ok(Arc::new(loaded))
             }));
@@ -131,6 +132,8 @@ impl Actor {
                 }
             }
             Err((class, detail)) => {
+                // Whichever step found it, the same failure gets the same class.
+                let class = classify(&detail, class);
                 self.error(format!(
                     "{channel} version {version} failed to activate ({class:?}): {detail}"
                 ));
@@ -179,6 +182,10 @@ impl Actor {
                 self.save_state();
             }
             Err(e) => tracing::warn!("activation markers unreadable: {e}"),
+        }
+        // Failures recorded by an older node keep one class for one failure here too.
+        for f in self.state.failed.values_mut() {
+            f.class = classify(&f.detail, f.class);
         }
         for (hex, f) in self.state.failed.clone() {
             let Some(m) = hex

@@ -20,10 +20,13 @@
 //! * [`onnx`]: the graph's output names from the ONNX bytes.
 //! * [`health`]: [`Outcome`], [`WindowStats`], [`HealthWindow`], [`window_status`].
 //! * [`registry`]: [`Registry`], current and previous version per channel.
+//! * [`classify`]: one [`pollen_protocol::rollout::ErrorClass`] per failure, whichever
+//!   step found it.
 //! * [`pool`]: the bounded inference pool: admission before the body is read, and
 //!   threads of its own.
 //! * [`kserve`]: the KServe v2 codec (JSON and binary tensor data).
 
+pub mod classify;
 pub mod golden;
 pub mod health;
 pub mod kserve;
