@@ -1,8 +1,9 @@
 //! What the HTTP layer holds: [`AppState`], the shared parts of a running node, and
 //! [`ActorCmd`], the commands the control routes send to the actor.
 //!
-//! The inference routes use only the registry, the pool and the metrics; only the `/v1`
-//! control routes talk to the actor, through `cmds`.
+//! The inference routes use the registry, the pool and the metrics; they ask the actor
+//! (through `cmds`) only for the states of versions the registry does not serve, and for
+//! model metadata and the repository index. The `/v1` control routes talk to the actor.
 
 use crate::metrics::Metrics;
 use crate::serving::Registry;
@@ -46,6 +47,14 @@ pub enum ActorCmd {
     LiveFiles {
         /// Their content ids.
         reply: oneshot::Sender<std::collections::BTreeSet<pollen_protocol::ContentId>>,
+    },
+    /// Each version this node knows of every channel (or of one), with its state and
+    /// reason (see [`crate::serving::states`]).
+    ModelStates {
+        /// Only this channel.
+        channel: Option<String>,
+        /// (channel, its versions oldest first), by channel.
+        reply: oneshot::Sender<Vec<(String, Vec<crate::serving::states::VersionState>)>>,
     },
     /// The signed manifest of a retained release.
     Manifest {

@@ -116,6 +116,17 @@ pub struct ReleaseStatus {
     pub instruction: Option<(String, u64)>,
     /// Files.
     pub files: Vec<FileStatus>,
+    /// This release on this node, as clients see it on `/v2`: `READY`, `LOADING` or
+    /// `UNAVAILABLE` (see [`crate::serving::states`]).
+    #[serde(default)]
+    pub state: String,
+    /// Why it is in that state (empty for the version served).
+    #[serde(default)]
+    pub reason: String,
+    /// The error class of its failed activation here, if that is why (e.g.
+    /// "UnsupportedOp": the same label as in its health report).
+    #[serde(default)]
+    pub error_class: Option<String>,
 }
 
 /// One stage of a release's rollout plan.
@@ -233,7 +244,7 @@ pub fn release<R: Rng>(r: &state::ReleaseView, mesh: &Mesh<R>) -> ReleaseStatus 
             .failures
             .iter()
             .map(|(class, nodes, detail)| FailureStatus {
-                class: format!("{class:?}"),
+                class: crate::serving::classify::label(*class),
                 nodes: *nodes,
                 detail: detail.clone(),
             })
@@ -264,6 +275,10 @@ pub fn release<R: Rng>(r: &state::ReleaseView, mesh: &Mesh<R>) -> ReleaseStatus 
                 total: *total,
             })
             .collect(),
+        // Filled by the node, which knows what it serves and what failed here.
+        state: String::new(),
+        reason: String::new(),
+        error_class: None,
     }
 }
 

@@ -155,11 +155,13 @@ fn serves_swaps_under_load_and_refuses_a_failing_version() {
 
     // v3: the v2 graph with v1's golden outputs: the check fails, v2 keeps serving.
     op.publish_digits(tmp.path(), &a, "digits-v2.onnx", "golden-v1.json", 3, &[]);
-    b.wait(Duration::from_secs(30), "v3 refused", |s| {
-        s.errors
-            .iter()
-            .any(|e| e.contains("version 3 failed to activate"))
-    });
+    for n in [&a, &b] {
+        n.wait(Duration::from_secs(30), "v3 refused", |s| {
+            s.errors
+                .iter()
+                .any(|e| e.contains("version 3 failed to activate"))
+        });
+    }
     for n in [&a, &b] {
         let (status, out) = post(
             &format!("{}/v2/models/digits/infer", n.url()),
@@ -167,16 +169,14 @@ fn serves_swaps_under_load_and_refuses_a_failing_version() {
         );
         assert_eq!(status, 200);
         assert_eq!(out["model_version"], "2", "v3 never serves on {}", n.url());
+        // v3 is known here but not served: 503 with the reason.
         let mut r = agent()
             .get(format!("{}/v2/models/digits/versions/3", n.url()))
             .call()
             .unwrap();
-        assert_eq!(
-            r.status(),
-            404,
-            "{}",
-            r.body_mut().read_to_string().unwrap_or_default()
-        );
+        let body = r.body_mut().read_to_string().unwrap_or_default();
+        assert_eq!(r.status(), 503, "{body}");
+        assert!(body.contains("GoldenMismatch"), "{body}");
     }
     let metrics = b.metrics();
     assert!(

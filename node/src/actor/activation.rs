@@ -2,7 +2,10 @@
 //! put it in the registry, roll back, and sign the health reports the rollout gates count.
 
 use super::{Actor, Done};
+use crate::serving::classify::classify;
+use crate::serving::states::{self, Phase, Served, VersionFacts, VersionState};
 use crate::serving::{LoadedModel, WindowStats, trial};
+use crate::status::{WaitingIn, waiting_text};
 use crate::store::FailedActivation;
 use anyhow::Result;
 use pollen_keys::time::unix_now;
@@ -10,9 +13,20 @@ use pollen_protocol::ids::ManifestId;
 use pollen_protocol::io::Command;
 use pollen_protocol::rollout::{ErrorClass, HealthReport, HealthReportBody, HealthStatus};
 use pollen_protocol::signing::Signed;
+use std::collections::BTreeMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::{Duration, Instant};
+
+/// An activation under way (see [`Actor::start_activation_of`]), for the `LOADING` state.
+#[derive(Debug)]
+pub(super) struct Activating {
+    /// When it started.
+    pub(super) since: Instant,
+    /// Its current [`Phase`], set by the blocking task.
+    pub(super) phase: Arc<AtomicU8>,
+}
 
 impl Actor {
     /// [`Actor::start_activation_of`] a release the core holds, with the variant the core
@@ -61,7 +75,16 @@ impl Actor {
             .activation_timeout()
             .unwrap_or(Duration::from_secs(600));
         let exe = std::env::current_exe().ok();
+        let phase = Arc::new(AtomicU8::new(Phase::Finishing as u8));
+        self.activating.insert(
+            manifest,
+            Activating {
+                since: Instant::now(),
+                phase: phase.clone(),
+            },
+        );
         tokio::task::spawn_blocking(move || {
+            let step = |p: Phase| phase.store(p as u8, Ordering::Relaxed);
             // Whatever happens in here, the actor hears back: a panic is a failed activation.
             let attempt = std::panic::catch_unwind(AssertUnwindSafe(|| {
                 let path = store.finish(&spec).map_err(|e| {
@@ -79,13 +102,16 @@ impl Actor {
                     );
                 }
                 if let Some(exe) = &exe {
+                    step(Phase::Trial);
                     trial::run(exe, &path, &golden, budget, timeout)?;
                 }
+                step(Phase::Loading);
                 let mut loaded =
                     LoadedModel::load(&path, channel.as_str(), version, manifest, budget)?;
+                step(Phase::Checking);
                 loaded
                     .golden(&golden)
-                    .map_err(|e| (ErrorClass::GoldenMismatch, e))?;
+                    .map_err(|e| (classify(&e, ErrorClass::GoldenMismatch), e))?;
                 loaded.keep_golden(golden);
                 Ok(Arc::new(loaded))
             }));
@@ -116,6 +142,7 @@ impl Actor {
         report: bool,
         result: Result<Arc<LoadedModel>, (ErrorClass, String)>,
     ) {
+        self.activating.remove(&manifest);
         match result {
             Ok(model) => {
                 tracing::info!("{channel} version {version} passed its checks and serves");
@@ -131,6 +158,8 @@ impl Actor {
                 }
             }
             Err((class, detail)) => {
+                // Whichever step found it, the same failure gets the same class.
+                let class = classify(&detail, class);
                 self.error(format!(
                     "{channel} version {version} failed to activate ({class:?}): {detail}"
                 ));
@@ -180,6 +209,10 @@ impl Actor {
             }
             Err(e) => tracing::warn!("activation markers unreadable: {e}"),
         }
+        // Failures recorded by an older node keep one class for one failure here too.
+        for f in self.state.failed.values_mut() {
+            f.class = classify(&f.detail, f.class);
+        }
         for (hex, f) in self.state.failed.clone() {
             let Some(m) = hex
                 .parse::<ManifestId>()
@@ -194,6 +227,93 @@ impl Actor {
             };
             self.report(&m.body.channel, m.body.version, m.id, status);
         }
+    }
+
+    /// Each version this node knows of each channel (or of `only` that one), oldest first,
+    /// with its state and reason (see [`crate::serving::states`]): the releases the core
+    /// retains, and whatever the registry still serves.
+    pub(super) fn model_states(&self, only: Option<&str>) -> Vec<(String, Vec<VersionState>)> {
+        let mut facts: BTreeMap<String, BTreeMap<u64, VersionFacts>> = BTreeMap::new();
+        for (channel, r) in self.mesh.releases() {
+            if only.is_some_and(|o| o != channel.as_str()) {
+                continue;
+            }
+            let name = channel.as_str();
+            let current = self.registry.current(name).map(|m| m.version);
+            let my_stage = r.manifest.stage_of(&self.me);
+            let (mut have, mut total) = (0u64, 0u64);
+            for f in r.files() {
+                let n = f.spec.chunk_count() as u32;
+                total += u64::from(n);
+                have += (0..n)
+                    .filter(|i| self.mesh.has_chunk(&f.spec.content_id, *i))
+                    .count() as u64;
+            }
+            let fact = VersionFacts {
+                version: r.version,
+                served: served(&self.registry, name, r.version, current),
+                activating: self.activating.get(&r.id()).map(|a| {
+                    (
+                        Phase::from_u8(a.phase.load(Ordering::Relaxed)),
+                        a.since.elapsed(),
+                    )
+                }),
+                failed: self
+                    .state
+                    .failed
+                    .get(&r.id().to_hex())
+                    .map(|f| (f.class, f.detail.clone())),
+                rolled_back: r.decision.is_some_and(|d| d.rollback()),
+                halted: r.decision.is_some_and(|d| d.halted),
+                admitted: r.decision.is_some_and(|d| d.admits(my_stage)),
+                my_stage,
+                waiting: r
+                    .decision
+                    .and_then(|d| d.waiting)
+                    .map(|w| waiting_text(w, WaitingIn::Stage)),
+                chunks: (have, total),
+                // The config file's pins win over those set at run time (see restore).
+                pinned: self
+                    .cfg
+                    .pins
+                    .get(name)
+                    .or(self.state.pins.get(name))
+                    .copied(),
+                current,
+            };
+            facts
+                .entry(name.to_string())
+                .or_default()
+                .insert(r.version, fact);
+        }
+        // What the registry serves, even if the core no longer retains it.
+        for name in self.registry.channels() {
+            if only.is_some_and(|o| o != name) {
+                continue;
+            }
+            let current = self.registry.current(&name).map(|m| m.version);
+            let entry = facts.entry(name.clone()).or_default();
+            for v in self.registry.versions(&name) {
+                entry.entry(v).or_insert_with(|| VersionFacts {
+                    version: v,
+                    served: served(&self.registry, &name, v, current),
+                    activating: None,
+                    failed: None,
+                    rolled_back: false,
+                    halted: false,
+                    admitted: true,
+                    my_stage: None,
+                    waiting: None,
+                    chunks: (0, 0),
+                    pinned: None,
+                    current,
+                });
+            }
+        }
+        facts
+            .into_iter()
+            .map(|(name, vs)| (name, vs.values().map(states::state_of).collect()))
+            .collect()
     }
 
     /// Serve the warm previous version again (or load it), and report the rollback.
@@ -281,5 +401,21 @@ impl Actor {
             }
             self.report_with(&channel, version, id, status, w);
         }
+    }
+}
+
+/// Where `version` of `channel` stands in the registry, `current` being its current version.
+fn served(
+    registry: &crate::serving::Registry,
+    channel: &str,
+    version: u64,
+    current: Option<u64>,
+) -> Served {
+    if current == Some(version) {
+        Served::Current
+    } else if registry.version(channel, version).is_some() {
+        Served::Previous
+    } else {
+        Served::No
     }
 }

@@ -168,6 +168,8 @@ pub struct Actor {
     secret: pollen_protocol::SigningKey,
     /// How long peers may take to send their Hello and each frame.
     deadlines: ReadDeadlines,
+    /// Activations under way, by release: at most one per release the core retains.
+    activating: BTreeMap<ManifestId, activation::Activating>,
 }
 
 impl std::fmt::Debug for Actor {
@@ -327,6 +329,7 @@ impl Actor {
             registry: registry.clone(),
             secret: secret.clone(),
             deadlines,
+            activating: BTreeMap::new(),
         };
         actor.restore()?;
         actor.restoring = false;
@@ -714,6 +717,9 @@ impl Actor {
                     let _ = reply.send(result.map(|_| "ok".into()));
                 }
             }
+            ActorCmd::ModelStates { channel, reply } => {
+                let _ = reply.send(self.model_states(channel.as_deref()));
+            }
             ActorCmd::LiveFiles { reply } => {
                 let _ = reply.send(self.mesh.live_files());
             }
@@ -818,6 +824,19 @@ impl Actor {
                     let served = self.registry.current(&c.channel);
                     c.active_version = served.as_ref().map(|m| m.version);
                     c.active_manifest = served.map(|m| m.manifest.to_hex());
+                    // The same state and reason clients see on /v2.
+                    let states = self.model_states(Some(&c.channel)).pop();
+                    for r in &mut c.releases {
+                        let s = states
+                            .iter()
+                            .flat_map(|(_, vs)| vs)
+                            .find(|s| s.version == r.version);
+                        if let Some(s) = s {
+                            r.state = s.state.as_str().to_string();
+                            r.reason = s.reason.clone();
+                            r.error_class = s.class.map(crate::serving::classify::label);
+                        }
+                    }
                     c
                 })
                 .collect(),

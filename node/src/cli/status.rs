@@ -124,6 +124,14 @@ fn write_release(out: &mut dyn Write, r: &pollen_node::status::ReleaseStatus) ->
         r.my_stage
             .map_or("none".to_string(), |s| (s + 1).to_string()),
     )?;
+    if !r.state.is_empty() {
+        let why = if r.reason.is_empty() {
+            String::new()
+        } else {
+            format!(": {}", r.reason)
+        };
+        writeln!(out, "           here: {}{why}", r.state)?;
+    }
     for (i, st) in r.stage_list.iter().enumerate() {
         writeln!(
             out,

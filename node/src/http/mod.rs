@@ -2,7 +2,8 @@
 //! share.
 //!
 //! * [`v1`]: the control API (`/v1/…`, `/metrics`), which talks to the actor.
-//! * [`v2`]: KServe v2 inference (`/v2/…`), which uses only the registry and the pool.
+//! * [`v2`]: KServe v2 inference (`/v2/…`), which uses the registry and the pool, and asks
+//!   the actor only why a model is not served, for metadata and the repository index.
 //! * [`auth`]: the token, Host and Origin rules every request passes first.
 //! * [`server`]: the accept loop, with a connection cap and header timeouts.
 //!

@@ -6,10 +6,19 @@
 //! * `GET /v2`, `GET /v2/health/live`, `GET /v2/health/ready`
 //! * `GET /v2/models/{name}[/versions/{v}]`, `…/ready`
 //! * `POST /v2/models/{name}[/versions/{v}]/infer`
+//! * `POST /v2/repository/index` (Triton's model repository extension, the index only)
 //!
-//! Errors are `{"error": "..."}`: 404 for an unknown model or version, 400 for a request
+//! Errors are `{"error": "..."}`: 404 for a model or version this node does not know, 503
+//! with the reason for one it knows but does not serve (it failed to activate here, is
+//! loading, or is not rolled out here: see [`crate::serving::states`]), 400 for a request
 //! that does not fit the model, 413 for a body over the limit, 408 for a body that does
 //! not arrive within [`INFER_BODY_TIMEOUT`], 503 when the inference pool refuses admission.
+//! A request without a version goes to the version served now, even while a newer one
+//! loads or after one failed.
+//!
+//! Model metadata adds `states` to KServe's fields: each version the node knows of the
+//! model, as in the repository index (`{"name", "version", "state", "reason"}`); a 503
+//! for metadata carries it too.
 //!
 //! # Bounds on an inference request
 //!
@@ -27,9 +36,10 @@
 // Handlers return ready-made error responses; their size does not matter here.
 #![allow(clippy::result_large_err)]
 
-use super::error;
-use crate::handle::AppState;
+use super::{ask, error};
+use crate::handle::{ActorCmd, AppState};
 use crate::serving::kserve;
+use crate::serving::states::{self, ModelState, VersionState};
 use crate::serving::{IoSpec, LoadedModel, Outcome, ServeError};
 use axum::Json;
 use axum::Router;
@@ -105,6 +115,7 @@ pub fn routes() -> Router<AppState> {
             "/v2/models/{name}/versions/{version}/infer",
             post(infer_version),
         )
+        .route("/v2/repository/index", post(repository_index))
 }
 
 async fn server_meta() -> Response {
@@ -124,68 +135,151 @@ async fn ready() -> Response {
     Json(serde_json::json!({ "ready": true })).into_response()
 }
 
-fn lookup(h: &AppState, name: &str, version: Option<&str>) -> Result<Arc<LoadedModel>, Response> {
-    match version {
-        None => h.registry.current(name).ok_or_else(|| {
-            error(
-                StatusCode::NOT_FOUND,
-                format!("unknown model '{name}' (not served on this node)"),
-            )
-        }),
-        Some(v) => {
-            let v: u64 = v.parse().map_err(|_| {
+/// The version a request names: `None` for none, 400 if it is not a number.
+fn parse_version(version: Option<&str>) -> Result<Option<u64>, Response> {
+    version
+        .map(|v| {
+            v.parse::<u64>().map_err(|_| {
                 error(
                     StatusCode::BAD_REQUEST,
                     format!("version '{v}' is not a number"),
                 )
-            })?;
-            h.registry.version(name, v).ok_or_else(|| {
-                error(
-                    StatusCode::NOT_FOUND,
-                    format!(
-                        "model '{name}' version {v} is not loaded here (loaded: {:?})",
-                        h.registry.versions(name)
-                    ),
-                )
             })
-        }
+        })
+        .transpose()
+}
+
+/// The loaded model a request names: the current version, or version `v`.
+fn served(h: &AppState, name: &str, version: Option<u64>) -> Option<Arc<LoadedModel>> {
+    match version {
+        None => h.registry.current(name),
+        Some(v) => h.registry.version(name, v),
     }
+}
+
+/// Each version the node knows of channel `name`, oldest first, from the actor.
+async fn channel_states(h: &AppState, name: &str) -> Result<Vec<VersionState>, Response> {
+    let all = ask(h, |reply| ActorCmd::ModelStates {
+        channel: Some(name.to_string()),
+        reply,
+    })
+    .await?;
+    Ok(all
+        .into_iter()
+        .find(|(c, _)| c == name)
+        .map(|(_, vs)| vs)
+        .unwrap_or_default())
+}
+
+/// Why a model (or version) that is not loaded is not: 503 and the reason if the node
+/// knows it, 404 if not.
+fn not_served(name: &str, version: Option<u64>, states: &[VersionState]) -> (StatusCode, String) {
+    let unavailable = StatusCode::SERVICE_UNAVAILABLE;
+    match version {
+        None => match states::not_ready_text(name, states) {
+            Some(text) => (unavailable, text),
+            None => (
+                StatusCode::NOT_FOUND,
+                format!("unknown model '{name}' (not served on this node)"),
+            ),
+        },
+        Some(v) => match states.iter().find(|s| s.version == v) {
+            Some(s) if s.state != ModelState::Ready => {
+                (unavailable, states::version_not_ready_text(name, s))
+            }
+            Some(_) => (
+                unavailable,
+                format!("model '{name}' version {v} was swapped out during this request; retry"),
+            ),
+            None => (
+                StatusCode::NOT_FOUND,
+                format!(
+                    "model '{name}' version {v} is not known on this node (its versions here: {:?})",
+                    states.iter().map(|s| s.version).collect::<Vec<_>>()
+                ),
+            ),
+        },
+    }
+}
+
+/// The loaded model a request names, or the error that says why it is not served.
+async fn lookup(
+    h: &AppState,
+    name: &str,
+    version: Option<&str>,
+) -> Result<Arc<LoadedModel>, Response> {
+    let version = parse_version(version)?;
+    if let Some(m) = served(h, name, version) {
+        return Ok(m);
+    }
+    let states = channel_states(h, name).await?;
+    // It may have been swapped in while the actor was asked.
+    if let Some(m) = served(h, name, version) {
+        return Ok(m);
+    }
+    let (status, msg) = not_served(name, version, &states);
+    Err(error(status, msg))
 }
 
 fn io_json(s: &IoSpec) -> serde_json::Value {
     serde_json::json!({ "name": s.name, "datatype": kserve::kserve_name(s.datatype), "shape": s.shape })
 }
 
-fn meta(h: &AppState, m: &LoadedModel) -> Response {
+fn states_json(name: &str, states: &[VersionState]) -> serde_json::Value {
+    serde_json::Value::Array(
+        states
+            .iter()
+            .map(|s| kserve::index_entry(name, s))
+            .collect(),
+    )
+}
+
+/// Model metadata: KServe's fields for the version served (or named), plus `states`.
+async fn metadata(h: AppState, name: String, version: Option<&str>) -> Response {
+    let version = match parse_version(version) {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    let states = match channel_states(&h, &name).await {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    let Some(m) = served(&h, &name, version) else {
+        let (status, msg) = not_served(&name, version, &states);
+        if status == StatusCode::NOT_FOUND {
+            return error(status, msg);
+        }
+        let body = serde_json::json!({
+            "error": msg,
+            "name": name,
+            "states": states_json(&name, &states),
+        });
+        return (status, Json(body)).into_response();
+    };
     Json(serde_json::json!({
         "name": m.channel,
         "versions": h.registry.versions(&m.channel).iter().map(|v| v.to_string()).collect::<Vec<_>>(),
         "platform": "onnx_onnxv1",
         "inputs": m.inputs.iter().map(io_json).collect::<Vec<_>>(),
         "outputs": m.outputs.iter().map(io_json).collect::<Vec<_>>(),
+        "states": states_json(&m.channel, &states),
     }))
     .into_response()
 }
 
 async fn model_meta(State(h): State<AppState>, Path(name): Path<String>) -> Response {
-    match lookup(&h, &name, None) {
-        Ok(m) => meta(&h, &m),
-        Err(r) => r,
-    }
+    metadata(h, name, None).await
 }
 
 async fn version_meta(
     State(h): State<AppState>,
     Path((name, version)): Path<(String, String)>,
 ) -> Response {
-    match lookup(&h, &name, Some(&version)) {
-        Ok(m) => meta(&h, &m),
-        Err(r) => r,
-    }
+    metadata(h, name, Some(&version)).await
 }
 
 async fn model_ready(State(h): State<AppState>, Path(name): Path<String>) -> Response {
-    match lookup(&h, &name, None) {
+    match lookup(&h, &name, None).await {
         Ok(m) => Json(
             serde_json::json!({ "name": name, "ready": true, "version": m.version.to_string() }),
         )
@@ -198,9 +292,55 @@ async fn version_ready(
     State(h): State<AppState>,
     Path((name, version)): Path<(String, String)>,
 ) -> Response {
-    match lookup(&h, &name, Some(&version)) {
+    match lookup(&h, &name, Some(&version)).await {
         Ok(_) => Json(serde_json::json!({ "name": name, "ready": true, "version": version }))
             .into_response(),
+        Err(r) => r,
+    }
+}
+
+/// `POST /v2/repository/index`: every version of every model this node knows, with its
+/// state and reason (see [`kserve::index_json`]).
+async fn repository_index(State(h): State<AppState>, headers: HeaderMap, body: Body) -> Response {
+    let limit = kserve::MAX_INDEX_BODY;
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return too_large(limit, true, declared);
+    }
+    let bytes =
+        match tokio::time::timeout(INFER_BODY_TIMEOUT, read_body(body, limit, declared)).await {
+            Ok(Ok(b)) => b,
+            Ok(Err(BodyError::TooLarge)) => return too_large(limit, true, None),
+            Ok(Err(BodyError::Broken(e))) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    format!("request body could not be read: {e}"),
+                );
+            }
+            Err(_) => {
+                return error(
+                    StatusCode::REQUEST_TIMEOUT,
+                    format!(
+                        "request body not received within {} s",
+                        INFER_BODY_TIMEOUT.as_secs()
+                    ),
+                );
+            }
+        };
+    let ready_only = match kserve::parse_index_request(&bytes) {
+        Ok(r) => r,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
+    };
+    match ask(&h, |reply| ActorCmd::ModelStates {
+        channel: None,
+        reply,
+    })
+    .await
+    {
+        Ok(all) => Json(kserve::index_json(&all, ready_only)).into_response(),
         Err(r) => r,
     }
 }
@@ -230,7 +370,7 @@ async fn run_infer(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let model = match lookup(&h, &name, version.as_deref()) {
+    let model = match lookup(&h, &name, version.as_deref()).await {
         Ok(m) => m,
         Err(r) => return r,
     };

@@ -7,7 +7,7 @@
 //! requests see the new version, requests that hold the old `Arc` finish on it, and the old
 //! version stays loaded (warm) as the previous one for an instant rollback. A failure at
 //! any step becomes a signed `Failed` health report, and the previous version keeps
-//! serving.
+//! serving; clients asking for the failed version get 503 with its reason ([`states`]).
 //!
 //! While it serves, every request runs on the bounded [`pool`] (a full queue answers 503,
 //! never hangs), is parsed and encoded by the [`kserve`] codec, and its [`Outcome`] is
@@ -20,10 +20,15 @@
 //! * [`onnx`]: the graph's output names from the ONNX bytes.
 //! * [`health`]: [`Outcome`], [`WindowStats`], [`HealthWindow`], [`window_status`].
 //! * [`registry`]: [`Registry`], current and previous version per channel.
+//! * [`states`]: what clients are told of each version: `READY`, `LOADING` or
+//!   `UNAVAILABLE`, and why.
+//! * [`classify`]: one [`pollen_protocol::rollout::ErrorClass`] per failure, whichever
+//!   step found it.
 //! * [`pool`]: the bounded inference pool: admission before the body is read, and
 //!   threads of its own.
 //! * [`kserve`]: the KServe v2 codec (JSON and binary tensor data).
 
+pub mod classify;
 pub mod golden;
 pub mod health;
 pub mod kserve;
@@ -31,6 +36,7 @@ pub mod model;
 pub mod onnx;
 pub mod pool;
 pub mod registry;
+pub mod states;
 pub mod trial;
 
 pub use health::{HealthWindow, Outcome, WindowStats, window_status};

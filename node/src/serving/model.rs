@@ -2,6 +2,7 @@
 //! blocking), and run it on KServe tensors ([`LoadedModel::run`]), checking names, data
 //! types and shapes first.
 
+use super::classify::classify;
 use super::health::HealthWindow;
 use super::kserve::{DATATYPES, Tensor};
 use super::onnx::onnx_graph_outputs;
@@ -158,7 +159,9 @@ fn check_budget(inputs: &[IoSpec], outputs: &[IoSpec], budget: u64) -> Result<()
 
 impl LoadedModel {
     /// Load, optimise and warm an ONNX model. Blocking and CPU-bound: call it on a blocking
-    /// thread. A panic inside tract is caught and reported as [`ErrorClass::Panic`].
+    /// thread. A panic inside tract is caught and reported as [`ErrorClass::Panic`]; an
+    /// operator tract lacks is [`ErrorClass::UnsupportedOp`] at whichever step finds it
+    /// ([`super::classify`]).
     ///
     /// Sizes are checked before anything is allocated: a file larger than `budget` bytes,
     /// or fixed input and output shapes whose tensors would take more than `budget` bytes
@@ -185,23 +188,15 @@ impl LoadedModel {
         }
         let path = path.to_path_buf();
         let result = std::panic::catch_unwind(move || -> Result<Loaded, (ErrorClass, String)> {
-            let load = |e: anyhow::Error| (ErrorClass::LoadError, format!("{e:#}"));
+            let load = |e: anyhow::Error| {
+                let msg = format!("{e:#}");
+                (classify(&msg, ErrorClass::LoadError), msg)
+            };
             // Read once: tract loads from the buffer, and the graph's output names come from it.
             let bytes = std::fs::read(&path)
                 .map_err(|e| (ErrorClass::Unavailable, format!("{}: {e}", path.display())))?;
             let inference = onnx().map_err(load)?.load_buffer(&bytes).map_err(load)?;
-            let model = inference.into_model().map_err(|e| {
-                let msg = format!("{e:#}");
-                let class = if msg.contains("Unimplemented")
-                    || msg.contains("not supported")
-                    || msg.contains("unsupported")
-                {
-                    ErrorClass::UnsupportedOp
-                } else {
-                    ErrorClass::LoadError
-                };
-                (class, msg)
-            })?;
+            let model = inference.into_model().map_err(load)?;
             let mut inputs = Vec::new();
             for i in 0..model.input_count().map_err(load)? {
                 let name = model.input_name(i).map_err(load)?;
@@ -246,8 +241,10 @@ impl LoadedModel {
             golden: Vec::new(),
             recheck: Mutex::new(None),
         };
-        m.warm()
-            .map_err(|e| (ErrorClass::LoadError, format!("warm-up run failed: {e}")))?;
+        m.warm().map_err(|e| {
+            let msg = format!("warm-up run failed: {e}");
+            (classify(&msg, ErrorClass::LoadError), msg)
+        })?;
         Ok(m)
     }
 

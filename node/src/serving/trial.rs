@@ -42,7 +42,7 @@ pub fn child_main(model: &Path, golden: &Path, budget: u64) -> anyhow::Result<()
             .map_err(|e| (ErrorClass::Other, format!("golden checks: {e}")))?;
         let m = LoadedModel::load(model, "trial", 0, ManifestId([0; 32]), budget)?;
         m.golden(&checks)
-            .map_err(|e| (ErrorClass::GoldenMismatch, e))
+            .map_err(|e| (super::classify::classify(&e, ErrorClass::GoldenMismatch), e))
     })()
     .err();
     let line = serde_json::to_string(&Verdict { failure })?;

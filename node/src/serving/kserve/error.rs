@@ -173,6 +173,9 @@ pub enum KserveError {
         /// What is wrong.
         msg: String,
     },
+    /// A repository index request that is not `{}` or `{"ready": bool}` (or empty).
+    #[error("malformed repository index request: {0}")]
+    IndexRequest(String),
     /// serde_json failed to write the response (not expected to happen), 500.
     #[error("cannot serialize the response: {0}")]
     Serialize(serde_json::Error),

@@ -2,7 +2,8 @@
 //! (`POST /v2/models/{name}[/versions/{v}]/infer`), including Triton's binary tensor data
 //! extension. No HTTP framework and no inference engine here: the HTTP layer hands
 //! [`parse_request`] the body and the `Inference-Header-Content-Length` header, runs the
-//! model, and sends back what [`encode_response`] produces.
+//! model, and sends back what [`encode_response`] produces. Also the index of Triton's
+//! model repository extension ([`parse_index_request`], [`index_json`]).
 //!
 //! # Wire format
 //!
@@ -30,12 +31,14 @@
 
 mod error;
 mod f16;
+mod repository;
 mod request;
 mod response;
 mod tensor;
 
 pub use error::KserveError;
 pub use f16::{f16_bits_to_f32, f32_to_f16_bits};
+pub use repository::{MAX_INDEX_BODY, index_entry, index_json, parse_index_request};
 pub use request::{parse_header_len, parse_request};
 pub use response::{EncodedResponse, encode_response, tensor_to_json_data};
 pub use tensor::{InferRequest, RequestedOutput, Tensor};
