@@ -53,9 +53,11 @@ impl Actor {
         };
         let spec = file.spec.clone();
         let golden = m.body.golden.clone();
+        let serving = m.body.serving.clone().unwrap_or_default();
         let store = self.store.clone();
         let tx = self.done_tx.clone();
-        let budget = self.cfg.model_memory_budget();
+        let limits = self.cfg.serving_limits();
+        let budget = limits.budget;
         let timeout = self
             .cfg
             .activation_timeout()
@@ -79,13 +81,18 @@ impl Actor {
                     );
                 }
                 if let Some(exe) = &exe {
-                    trial::run(exe, &path, &golden, budget, timeout)?;
+                    trial::run(exe, &path, &golden, &serving, budget, timeout)?;
                 }
-                let mut loaded =
-                    LoadedModel::load(&path, channel.as_str(), version, manifest, budget)?;
-                loaded
-                    .golden(&golden)
-                    .map_err(|e| (ErrorClass::GoldenMismatch, e))?;
+                let mut loaded = LoadedModel::load(
+                    &path,
+                    channel.as_str(),
+                    version,
+                    manifest,
+                    &serving,
+                    &golden,
+                    &limits,
+                )?;
+                loaded.check_golden(&golden)?;
                 loaded.keep_golden(golden);
                 Ok(Arc::new(loaded))
             }));
