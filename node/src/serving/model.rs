@@ -698,14 +698,17 @@ impl LoadedModel {
             && golden.is_empty()
         {
             // Nothing shows that any shape works: refuse rather than fail every request.
-            return Err((
-                class,
-                format!(
-                    "tract cannot prepare the model with symbolic dimensions, nor with every \
-                     one at 1 or 64: {msg}; declare the input shapes you serve (--input) or \
-                     publish golden checks of a real input"
+            return Err(match class {
+                ErrorClass::UnsupportedOp => (class, msg),
+                _ => (
+                    class,
+                    format!(
+                        "tract cannot prepare the model with symbolic dimensions, nor with \
+                         every one at 1 or 64: {msg}; declare the input shapes you serve \
+                         (--input) or publish golden checks of a real input"
+                    ),
                 ),
-            ));
+            });
         }
         let inputs: Vec<IoSpec> = facts.iter().map(InputFact::io_spec).collect();
         if matches!(engine, Engine::Symbolic { .. }) {

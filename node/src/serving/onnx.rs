@@ -20,6 +20,7 @@
 //! panicking on malformed input.
 
 use pollen_protocol::manifest::{DType, TensorData};
+use std::collections::BTreeMap;
 
 /// ONNX `TensorProto.DataType` of a data type (`None` for BYTES: ONNX strings are not
 /// served).
@@ -666,6 +667,10 @@ fn identity(input: &str, output: &str, name: &str) -> Vec<u8> {
 /// Most `If` nodes folded in one model (each fold may bring nested ones to the top).
 const MAX_FOLDS: usize = 1024;
 
+/// Most operator evaluations spent deciding conditions in one model: a hostile graph
+/// (conditions built from long chains that reuse their inputs) costs no more than this.
+const MAX_EVAL_STEPS: usize = 100_000;
+
 /// Replace every top-level `If` whose condition is a constant (computed from `known`
 /// values, `Constant` nodes and a few scalar operators) by the nodes of the branch it
 /// takes, its initializers going to `rest`. Returns the names of the Ifs folded.
@@ -674,22 +679,30 @@ fn fold_ifs(
     rest: &mut Vec<u8>,
     known: &[(String, f64)],
 ) -> Option<Vec<String>> {
+    let mut parsed: Vec<Node> = nodes
+        .iter()
+        .map(|n| parse_node(n, MAX_DEPTH))
+        .collect::<Option<_>>()?;
     let mut folded = Vec::new();
+    let mut steps = 0;
     for _ in 0..MAX_FOLDS {
-        let parsed: Vec<Node> = nodes
+        let producers: BTreeMap<&str, usize> = parsed
             .iter()
-            .map(|n| parse_node(n, MAX_DEPTH))
-            .collect::<Option<_>>()?;
+            .enumerate()
+            .flat_map(|(k, n)| n.outputs.iter().map(move |o| (o.as_str(), k)))
+            .collect();
         let mut next = None;
         for (k, n) in parsed.iter().enumerate() {
             if n.op_type != "If" || !(n.domain.is_empty() || n.domain == "ai.onnx") {
                 continue;
             }
-            if let Some(c) = n
-                .inputs
-                .first()
-                .and_then(|c| evaluate(c, &parsed, known, 0))
-            {
+            let mut eval = Eval {
+                nodes: &parsed,
+                producers: &producers,
+                known,
+                steps: &mut steps,
+            };
+            if let Some(c) = n.inputs.first().and_then(|c| eval.value(c, 0)) {
                 next = Some((k, c != 0.0));
                 break;
             }
@@ -697,7 +710,7 @@ fn fold_ifs(
         let Some((k, cond)) = next else {
             return Some(folded);
         };
-        let node = &parsed[k];
+        let node = parsed[k].clone();
         let branch = if_branch(&nodes[k], if cond { "then_branch" } else { "else_branch" })?;
         let mut replacement = Vec::new();
         let mut outputs = Vec::new();
@@ -721,8 +734,13 @@ fn fold_ifs(
                 ));
             }
         }
+        let replaced: Vec<Node> = replacement
+            .iter()
+            .map(|n| parse_node(n, MAX_DEPTH))
+            .collect::<Option<_>>()?;
         folded.push(node.display_name().to_string());
         nodes.splice(k..=k, replacement);
+        parsed.splice(k..=k, replaced);
     }
     Some(folded)
 }
@@ -741,53 +759,72 @@ fn if_branch<'a>(node: &'a [u8], which: &str) -> Option<&'a [u8]> {
     None
 }
 
-/// Deepest chain of operators [`evaluate`] follows.
+/// Deepest chain of operators [`Eval::value`] follows.
 const MAX_EVAL_DEPTH: usize = 64;
 
-/// The value of tensor `name` if it is one number that constants decide: a known value, a
-/// `Constant`, or a few scalar operators of such values.
-fn evaluate(name: &str, nodes: &[Node], known: &[(String, f64)], depth: usize) -> Option<f64> {
-    if let Some((_, v)) = known.iter().find(|(n, _)| n == name) {
-        return Some(*v);
-    }
-    if depth > MAX_EVAL_DEPTH {
-        return None;
-    }
-    let n = nodes.iter().find(|n| n.outputs.iter().any(|o| o == name))?;
-    if !(n.domain.is_empty() || n.domain == "ai.onnx") {
-        return None;
-    }
-    let arg = |i: usize| evaluate(n.inputs.get(i)?, nodes, known, depth + 1);
-    let attr = |a: &str| n.scalars.iter().find(|(k, _)| k == a).map(|(_, v)| *v);
-    let bool_of = |b: bool| if b { 1.0 } else { 0.0 };
-    Some(match n.op_type.as_str() {
-        "Constant" => attr("value")
-            .or_else(|| attr("value_int"))
-            .or_else(|| attr("value_float"))?,
-        "Identity" | "Squeeze" | "Unsqueeze" | "Reshape" | "Flatten" => arg(0)?,
-        "Cast" => {
-            let v = arg(0)?;
-            match attr("to")? as i64 {
-                9 => bool_of(v != 0.0),
-                1 | 10 | 11 => v,
-                2..=7 | 12 | 13 => v.trunc(),
-                _ => return None,
-            }
+/// Deciding conditions: the graph's nodes, who produces each tensor, the values known.
+struct Eval<'a> {
+    nodes: &'a [Node],
+    producers: &'a BTreeMap<&'a str, usize>,
+    known: &'a [(String, f64)],
+    /// Evaluations spent so far, against [`MAX_EVAL_STEPS`].
+    steps: &'a mut usize,
+}
+
+impl Eval<'_> {
+    /// The value of tensor `name` if it is one number that constants decide: a known
+    /// value, a `Constant`, or a few scalar operators of such values.
+    fn value(&mut self, name: &str, depth: usize) -> Option<f64> {
+        if let Some((_, v)) = self.known.iter().find(|(n, _)| n == name) {
+            return Some(*v);
         }
-        "Not" => bool_of(arg(0)? == 0.0),
-        "Equal" => bool_of(arg(0)? == arg(1)?),
-        "Greater" => bool_of(arg(0)? > arg(1)?),
-        "Less" => bool_of(arg(0)? < arg(1)?),
-        "GreaterOrEqual" => bool_of(arg(0)? >= arg(1)?),
-        "LessOrEqual" => bool_of(arg(0)? <= arg(1)?),
-        "And" => bool_of(arg(0)? != 0.0 && arg(1)? != 0.0),
-        "Or" => bool_of(arg(0)? != 0.0 || arg(1)? != 0.0),
-        "Xor" => bool_of((arg(0)? != 0.0) != (arg(1)? != 0.0)),
-        "Add" => arg(0)? + arg(1)?,
-        "Sub" => arg(0)? - arg(1)?,
-        "Mul" => arg(0)? * arg(1)?,
-        _ => return None,
-    })
+        *self.steps += 1;
+        if depth > MAX_EVAL_DEPTH || *self.steps > MAX_EVAL_STEPS {
+            return None;
+        }
+        let nodes = self.nodes;
+        let n = &nodes[*self.producers.get(name)?];
+        if !(n.domain.is_empty() || n.domain == "ai.onnx") {
+            return None;
+        }
+        let attr = |a: &str| n.scalars.iter().find(|(k, _)| k == a).map(|(_, v)| *v);
+        let bool_of = |b: bool| if b { 1.0 } else { 0.0 };
+        let mut arg = |i: usize| -> Option<f64> { self.value(n.inputs.get(i)?, depth + 1) };
+        Some(match n.op_type.as_str() {
+            "Constant" => attr("value")
+                .or_else(|| attr("value_int"))
+                .or_else(|| attr("value_float"))?,
+            "Identity" | "Squeeze" | "Unsqueeze" | "Reshape" | "Flatten" => arg(0)?,
+            "Cast" => {
+                let v = arg(0)?;
+                match attr("to")? as i64 {
+                    9 => bool_of(v != 0.0),
+                    1 | 10 | 11 => v,
+                    2..=7 | 12 | 13 => v.trunc(),
+                    _ => return None,
+                }
+            }
+            "Not" => bool_of(arg(0)? == 0.0),
+            op @ ("Equal" | "Greater" | "Less" | "GreaterOrEqual" | "LessOrEqual" | "And"
+            | "Or" | "Xor" | "Add" | "Sub" | "Mul") => {
+                let (a, b) = (arg(0)?, arg(1)?);
+                match op {
+                    "Equal" => bool_of(a == b),
+                    "Greater" => bool_of(a > b),
+                    "Less" => bool_of(a < b),
+                    "GreaterOrEqual" => bool_of(a >= b),
+                    "LessOrEqual" => bool_of(a <= b),
+                    "And" => bool_of(a != 0.0 && b != 0.0),
+                    "Or" => bool_of(a != 0.0 || b != 0.0),
+                    "Xor" => bool_of((a != 0.0) != (b != 0.0)),
+                    "Add" => a + b,
+                    "Sub" => a - b,
+                    _ => a * b,
+                }
+            }
+            _ => return None,
+        })
+    }
 }
 
 /// The name of a `TensorProto`.
@@ -1265,6 +1302,70 @@ mod tests {
         // Nothing to do: the same bytes.
         let plain = model(&g);
         assert_eq!(prepare(plain.clone(), &[]).expect("ok").bytes, plain);
+    }
+
+    /// `y = If(c)` where `c` is the end of `links` nodes `Add(prev, prev)` from the
+    /// constant input `sr`.
+    fn chained_condition(links: usize) -> Vec<u8> {
+        let branch = |v: &str| {
+            graph(
+                &[node("Identity", "", &[v], &["o"], &[])],
+                &[],
+                &[],
+                &[value_info("o", Some(1), None)],
+            )
+        };
+        let mut nodes = Vec::new();
+        let mut prev = "sr".to_string();
+        for i in 0..links {
+            let out = format!("a{i}");
+            nodes.push(node("Add", "", &[&prev, &prev], &[&out], &[]));
+            prev = out;
+        }
+        nodes.push(node(
+            "If",
+            "",
+            &[&prev],
+            &["y"],
+            &[
+                Attr::Graph("then_branch", branch("x")),
+                Attr::Graph("else_branch", branch("sr")),
+            ],
+        ));
+        model(&graph(
+            &nodes,
+            &[],
+            &[
+                value_info("x", Some(7), Some(&[])),
+                value_info("sr", Some(7), Some(&[])),
+            ],
+            &[value_info("y", Some(7), None)],
+        ))
+    }
+
+    #[test]
+    fn ifs_decided_by_constants_are_folded_within_bounds() {
+        let sr = TensorData {
+            name: "sr".into(),
+            dtype: DType::I64,
+            shape: vec![],
+            data: 1i64.to_le_bytes().to_vec(),
+        };
+        let p = prepare(chained_condition(3), std::slice::from_ref(&sr)).expect("prepared");
+        assert_eq!(p.folded, ["If_y"]);
+        let after = parse_graph(&p.bytes).expect("a model");
+        assert!(after.nodes.iter().all(|n| n.op_type != "If"));
+        let last = after.nodes.last().expect("nodes");
+        assert_eq!(
+            (last.inputs.as_slice(), last.outputs.as_slice()),
+            (&["o".to_string()][..], &["y".to_string()][..])
+        );
+        // A condition reusing its inputs down a long chain costs a bounded number of
+        // evaluations (2^60 without the bound), and is left to tract.
+        let started = std::time::Instant::now();
+        let p = prepare(chained_condition(60), &[sr]).expect("prepared");
+        assert!(p.folded.is_empty());
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
     }
 
     #[test]
