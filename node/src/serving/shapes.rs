@@ -5,10 +5,15 @@
 //! A shape not in the cache is prepared on a thread of its own (`pollen-prepare`), never
 //! on the caller's: the caller waits for it at most the bound it gives, and past that gets
 //! [`CacheError::Preparing`] (the HTTP layer answers 503) while the preparation goes on
-//! and lands in the cache for the next request. So a request for a shape already prepared
-//! never waits behind another shape's preparation, and a request for a new shape waits no
-//! longer than its bound. At most [`MAX_PREPARING`] preparations run at once per model;
-//! past that a new shape is refused at once with [`CacheError::Preparing`].
+//! and lands in the cache for the next request. At most [`MAX_PREPARING`] preparations
+//! run at once per model, and at most [`MAX_WAITING`] requests wait for them; past either,
+//! a request is answered [`CacheError::Preparing`] at once.
+//!
+//! A request waits on its inference thread (the preparation result is what it runs next).
+//! So a request for a shape already prepared finds the cache at once, but it may wait for
+//! an inference thread that a request waiting for a preparation holds: at most as long as
+//! that preparation takes, never past the waiter's bound, and never more than
+//! [`MAX_WAITING`] threads per model.
 //!
 //! Failures are cached too (a shape the model cannot take costs one preparation, not one
 //! per request), and count against the same bound.
@@ -19,6 +24,9 @@ use std::time::{Duration, Instant};
 
 /// Most preparations of one model running at once.
 pub const MAX_PREPARING: usize = 2;
+
+/// Most callers with a bound (requests) waiting for preparations of one model at once.
+pub const MAX_WAITING: usize = 2;
 
 /// The concrete shape of every input, in the model's input order.
 pub type Shapes = Vec<Vec<usize>>;
@@ -60,6 +68,8 @@ struct State<T> {
     tick: u64,
     /// Preparations running.
     preparing: usize,
+    /// Callers with a bound waiting for a preparation.
+    waiting: usize,
 }
 
 struct Entry<T> {
@@ -87,6 +97,7 @@ impl<T: Send + Sync + 'static> ShapeCache<T> {
                     entries: Vec::new(),
                     tick: 0,
                     preparing: 0,
+                    waiting: 0,
                 }),
                 finished: Condvar::new(),
                 capacity: capacity.max(1),
@@ -99,7 +110,6 @@ impl<T: Send + Sync + 'static> ShapeCache<T> {
     /// The model prepared for `key`: from the cache, or prepared now on a thread of its
     /// own while this caller waits at most `wait` (`None`: until it is done).
     pub fn get(&self, key: &[Vec<usize>], wait: Option<Duration>) -> Result<Arc<T>, CacheError> {
-        let deadline = wait.map(|w| Instant::now() + w);
         let inner = &self.inner;
         let mut st = inner.lock();
         st.tick += 1;
@@ -133,32 +143,50 @@ impl<T: Send + Sync + 'static> ShapeCache<T> {
             }
             cell
         };
-        loop {
-            if let Some(r) = cell.get() {
-                return r.clone().map_err(CacheError::Failed);
-            }
-            st = match deadline {
-                None => inner
+        if let Some(r) = cell.get() {
+            return r.clone().map_err(CacheError::Failed);
+        }
+        let Some(wait) = wait else {
+            loop {
+                if let Some(r) = cell.get() {
+                    return r.clone().map_err(CacheError::Failed);
+                }
+                st = inner
                     .finished
                     .wait(st)
-                    .unwrap_or_else(PoisonError::into_inner),
-                Some(d) => {
-                    let left = d.saturating_duration_since(Instant::now());
-                    if left.is_zero() {
-                        return Err(CacheError::Preparing(format!(
-                            "the model is still being prepared for input shapes {key:?} \
-                             (waited {} ms); retry shortly",
-                            wait.unwrap_or_default().as_millis()
-                        )));
-                    }
-                    inner
-                        .finished
-                        .wait_timeout(st, left)
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .0
-                }
-            };
+                    .unwrap_or_else(PoisonError::into_inner);
+            }
+        };
+        // A caller with a bound holds an inference thread while it waits: so few may.
+        if st.waiting >= MAX_WAITING {
+            return Err(CacheError::Preparing(format!(
+                "the model is being prepared for input shapes {key:?} and {} requests already \
+                 wait for preparations; retry shortly",
+                st.waiting
+            )));
         }
+        st.waiting += 1;
+        let deadline = Instant::now() + wait;
+        let outcome = loop {
+            if let Some(r) = cell.get() {
+                break r.clone().map_err(CacheError::Failed);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break Err(CacheError::Preparing(format!(
+                    "the model is still being prepared for input shapes {key:?} (waited {} ms); \
+                     retry shortly",
+                    wait.as_millis()
+                )));
+            }
+            st = inner
+                .finished
+                .wait_timeout(st, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        };
+        st.waiting -= 1;
+        outcome
     }
 
     /// Preparations started since the model was loaded (failed ones included).
@@ -302,6 +330,43 @@ mod tests {
         // The preparation went on without its caller: the retry finds it.
         assert_eq!(*c.get(&[vec![99]], WAIT).unwrap(), 99);
         assert_eq!(*c.get(&[vec![3]], WAIT).unwrap(), 30);
+    }
+
+    #[test]
+    fn few_requests_wait_for_preparations() {
+        let (c, go) = cache(4);
+        let c = Arc::new(c);
+        let waiters: Vec<_> = (0..MAX_WAITING)
+            .map(|_| {
+                let c = c.clone();
+                std::thread::spawn(move || c.get(&[vec![99]], WAIT))
+            })
+            .collect();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while c.inner.lock().waiting < MAX_WAITING {
+            assert!(Instant::now() < deadline, "the waiters never waited");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let started = Instant::now();
+        let e = c.get(&[vec![99]], WAIT).unwrap_err();
+        assert!(
+            matches!(&e, CacheError::Preparing(m) if m.contains("already wait")),
+            "{e}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "refused at once"
+        );
+        // Callers without a bound (golden checks) are not counted.
+        let unbounded = {
+            let c = c.clone();
+            std::thread::spawn(move || c.get(&[vec![99]], None))
+        };
+        go.send(()).unwrap();
+        for w in waiters {
+            assert_eq!(*w.join().unwrap().unwrap(), 99);
+        }
+        assert_eq!(*unbounded.join().unwrap().unwrap(), 99);
     }
 
     #[test]
