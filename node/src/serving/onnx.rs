@@ -954,7 +954,12 @@ pub fn declare_const(graph: &Graph, decl: &str) -> Result<TensorData, String> {
             ));
         }
     };
-    let bad = || format!("--const {name}={value}: not a {} value", dtype.short_name());
+    let bad = || {
+        format!(
+            "--const {name}={value}: expected a value of the input's type, {}",
+            dtype.short_name()
+        )
+    };
     let int = || value.parse::<i128>().map_err(|_| bad());
     let data = match dtype {
         DType::Bool => match value {
@@ -1366,6 +1371,53 @@ mod tests {
         let p = prepare(chained_condition(60), &[sr]).expect("prepared");
         assert!(p.folded.is_empty());
         assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    }
+
+    #[test]
+    fn publish_declarations_are_checked_against_the_model() {
+        let g = graph(
+            &[],
+            &[],
+            &[
+                value_info("x", Some(1), Some(&[Err("N"), Ok(3)])),
+                value_info("sr", Some(7), Some(&[])),
+                value_info("on", Some(9), Some(&[Ok(1)])),
+                value_info("h", Some(10), None),
+            ],
+            &[],
+        );
+        let g = parse_graph(&model(&g)).expect("parses");
+        let c = declare_const(&g, "sr=16000").expect("i64");
+        assert_eq!(
+            (c.dtype, c.shape.as_slice(), c.data.as_slice()),
+            (DType::I64, &[][..], &16000i64.to_le_bytes()[..])
+        );
+        let c = declare_const(&g, "on=true").expect("bool of shape [1]");
+        assert_eq!(
+            (c.shape.as_slice(), c.data.as_slice()),
+            (&[1u64][..], &[1u8][..])
+        );
+        let c = declare_const(&g, "h=0.5").expect("f16 with no declared shape");
+        assert_eq!(c.data, 0x3800u16.to_le_bytes());
+        for (bad, why) in [
+            ("rate=1", "no graph input 'rate'"),
+            ("x=1", "one element"),
+            ("sr=1.5", "the input's type, i64"),
+            ("on=2", "the input's type, bool"),
+            ("sr", "NAME=VALUE"),
+        ] {
+            let e = declare_const(&g, bad).unwrap_err();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
+        assert!(check_declared(&g, &"x=f32[1,3]".parse().expect("fact")).is_ok());
+        for (bad, why) in [
+            ("y=f32[1]", "no graph input 'y'"),
+            ("x=f16[1,3]", "input is f32"),
+            ("x=f32[1,3,1]", "has 2 dimensions"),
+        ] {
+            let e = check_declared(&g, &bad.parse().expect("fact")).unwrap_err();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
     }
 
     #[test]
