@@ -64,6 +64,11 @@
 //! model_memory_budget = 0
 //! # How long a model's trial run (load, optimise, warm up, golden checks) may take.
 //! activation_timeout = "10m"
+//! # A model whose symbolic dimensions tract cannot optimise with is prepared per input
+//! # shape; this many prepared shapes are kept per model (least recently used out; never
+//! # more copies than the model memory budget holds). A request waits at most 10 s for
+//! # its shape's preparation, then gets 503 and a reason.
+//! model_specialisations = 8
 //! # Bytes of uploaded files no retained release refers to yet (uploads waiting for
 //! # their manifest) the node keeps at most; an upload past it is refused with 507.
 //! max_unreferenced_bytes = 4294967296
@@ -152,6 +157,8 @@ pub struct NodeConfig {
     pub model_memory_budget: u64,
     /// Longest trial run of a model (a duration such as "10m").
     pub activation_timeout: String,
+    /// Prepared input shapes kept per model that is prepared per shape (at least 1).
+    pub model_specialisations: usize,
     /// Upload quota: bytes of stored files that no retained release refers to (files
     /// uploaded for a manifest not published yet). Unreferenced files are collected
     /// after a grace period; until then an upload that would pass the quota gets 507.
@@ -203,6 +210,7 @@ impl Default for NodeConfig {
             crash_loop_panics: 3,
             model_memory_budget: 0,
             activation_timeout: "10m".into(),
+            model_specialisations: crate::serving::model::DEFAULT_SPECIALISATIONS,
             max_unreferenced_bytes: 4 << 30,
             pins: std::collections::BTreeMap::new(),
             test_corrupt_chunks: false,
@@ -254,6 +262,9 @@ impl NodeConfig {
             bail!("crash_loop_panics must be at least 1");
         }
         self.activation_timeout()?;
+        if self.model_specialisations == 0 || self.model_specialisations > 1024 {
+            bail!("model_specialisations must be from 1 to 1024");
+        }
         for (c, v) in &self.pins {
             pollen_protocol::manifest::Channel::new(c)
                 .map_err(|e| anyhow::anyhow!("pins: channel {c:?}: {e}"))?;
@@ -276,6 +287,14 @@ impl NodeConfig {
                 .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
         });
         total_kib.map_or(4 << 30, |k| k * 1024 / 2)
+    }
+
+    /// How models are served here: the memory budget and the per-shape cache bound.
+    pub fn serving_limits(&self) -> crate::serving::ServingLimits {
+        crate::serving::ServingLimits {
+            specialisations: self.model_specialisations.max(1),
+            ..crate::serving::ServingLimits::new(self.model_memory_budget())
+        }
     }
 
     /// The longest trial run of a model.

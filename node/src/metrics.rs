@@ -340,3 +340,42 @@ impl Metrics {
         s
     }
 }
+
+/// Metrics of the loaded models prepared per input shape (see
+/// [`crate::serving::shapes`]): `pollen_model_specialisations_total` (preparations
+/// started, failed ones included) and `pollen_model_specialisations_cached` (prepared
+/// shapes held), by model and version. Models that serve every shape with one runnable
+/// have no lines.
+pub fn render_specialisations(models: &[std::sync::Arc<crate::serving::LoadedModel>]) -> String {
+    let mut s = String::new();
+    let per_shape: Vec<_> = models
+        .iter()
+        .filter_map(|m| m.specialisations().map(|sp| (m, sp)))
+        .collect();
+    let _ = writeln!(
+        s,
+        "# HELP pollen_model_specialisations_total Input shapes a model was prepared for \
+         (models tract cannot optimise with symbolic dimensions)."
+    );
+    let _ = writeln!(s, "# TYPE pollen_model_specialisations_total counter");
+    for (m, (made, _)) in &per_shape {
+        let _ = writeln!(
+            s,
+            "pollen_model_specialisations_total{{model=\"{}\",version=\"{}\"}} {made}",
+            m.channel, m.version
+        );
+    }
+    let _ = writeln!(
+        s,
+        "# HELP pollen_model_specialisations_cached Prepared input shapes a model holds."
+    );
+    let _ = writeln!(s, "# TYPE pollen_model_specialisations_cached gauge");
+    for (m, (_, cached)) in &per_shape {
+        let _ = writeln!(
+            s,
+            "pollen_model_specialisations_cached{{model=\"{}\",version=\"{}\"}} {cached}",
+            m.channel, m.version
+        );
+    }
+    s
+}

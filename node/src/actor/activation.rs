@@ -67,9 +67,11 @@ impl Actor {
         };
         let spec = file.spec.clone();
         let golden = m.body.golden.clone();
+        let serving = m.body.serving.clone().unwrap_or_default();
         let store = self.store.clone();
         let tx = self.done_tx.clone();
-        let budget = self.cfg.model_memory_budget();
+        let limits = self.cfg.serving_limits();
+        let budget = limits.budget;
         let timeout = self
             .cfg
             .activation_timeout()
@@ -103,15 +105,23 @@ impl Actor {
                 }
                 if let Some(exe) = &exe {
                     step(Phase::Trial);
-                    trial::run(exe, &path, &golden, budget, timeout)?;
+                    trial::run(exe, &path, &golden, &serving, budget, timeout)?;
                 }
                 step(Phase::Loading);
-                let mut loaded =
-                    LoadedModel::load(&path, channel.as_str(), version, manifest, budget)?;
+                let mut loaded = LoadedModel::load(
+                    &path,
+                    channel.as_str(),
+                    version,
+                    manifest,
+                    &serving,
+                    &golden,
+                    &limits,
+                )
+                .map_err(|(c, e)| (classify(&e, c), e))?;
                 step(Phase::Checking);
                 loaded
-                    .golden(&golden)
-                    .map_err(|e| (classify(&e, ErrorClass::GoldenMismatch), e))?;
+                    .check_golden(&golden)
+                    .map_err(|(c, e)| (classify(&e, c), e))?;
                 loaded.keep_golden(golden);
                 Ok(Arc::new(loaded))
             }));

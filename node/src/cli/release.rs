@@ -1,12 +1,13 @@
 //! What `pollen publish`, `pollen keys manifest create` and `pollen rollout rollback` share:
 //! the release arguments, building and signing a release from files, and loading keys.
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use pollen_keys::files::read_signed;
 use pollen_keys::load_key_file;
 use pollen_keys::manifest::{self as mf, NewManifest};
 use pollen_keys::time::{days, parse_duration};
-use pollen_protocol::manifest::{Channel, Manifest, ManifestBody};
+use pollen_node::serving::onnx;
+use pollen_protocol::manifest::{Channel, InputFact, Manifest, ManifestBody, ServingSpec};
 use pollen_protocol::rollout::Gate;
 use pollen_protocol::{ManifestId, SigningKey, UnixTime};
 use std::path::{Path, PathBuf};
@@ -65,6 +66,52 @@ pub struct ReleaseArgs {
     /// runs before it serves the release.
     #[arg(long, value_name = "FILE")]
     pub golden: Option<PathBuf>,
+    /// Declare an input of the model (repeatable), applied before tract analyses it:
+    /// NAME=DTYPE[DIMS], each dimension a number, a symbol (dimensions of the same name
+    /// take the same size) or ? (any size), e.g. x=f32[1,3,H,W] or input=f32[?,576].
+    #[arg(long = "input", value_name = "NAME=DTYPE[DIMS]")]
+    pub inputs: Vec<String>,
+    /// Fix an input of one element for this deployment (repeatable), e.g. sr=16000: the
+    /// value is read as the input's type in the model, nodes fold it into the model (an
+    /// `If` on it is decided once), and requests leave it out.
+    #[arg(long = "const", value_name = "NAME=VALUE")]
+    pub consts: Vec<String>,
+}
+
+/// The serving spec of `--input` and `--const`, checked against the model graph (the
+/// first file); `None` when neither is given.
+fn serving_spec(a: &ReleaseArgs) -> Result<Option<ServingSpec>> {
+    if a.inputs.is_empty() && a.consts.is_empty() {
+        return Ok(None);
+    }
+    let model = a.files.first().context("no model file")?;
+    let bytes = std::fs::read(model).with_context(|| format!("cannot read {}", model.display()))?;
+    let graph = onnx::parse_graph(&bytes).map_err(|e| {
+        anyhow::anyhow!(
+            "{}: {e} (--input and --const need an ONNX model first)",
+            model.display()
+        )
+    })?;
+    let mut spec = ServingSpec::default();
+    for d in &a.inputs {
+        let fact: InputFact = d.parse().map_err(|e| anyhow::anyhow!("--input {e}"))?;
+        onnx::check_declared(&graph, &fact).map_err(|e| anyhow::anyhow!(e))?;
+        if spec.inputs.iter().any(|f| f.name == fact.name) {
+            bail!("--input {}: declared twice", fact.name);
+        }
+        spec.inputs.push(fact);
+    }
+    for c in &a.consts {
+        let t = onnx::declare_const(&graph, c).map_err(|e| anyhow::anyhow!(e))?;
+        if spec.inputs.iter().any(|f| f.name == t.name) {
+            bail!("input {} is given both with --input and --const", t.name);
+        }
+        if spec.consts.iter().any(|f| f.name == t.name) {
+            bail!("--const {}: given twice", t.name);
+        }
+        spec.consts.push(t);
+    }
+    Ok(Some(spec))
 }
 
 /// Hash the files and build and sign the manifest of a release, calling `progress(file,
@@ -105,6 +152,7 @@ pub fn build_release(
         None => None,
     };
     let keys = load_keys(&a.key)?;
+    let serving = serving_spec(a)?;
     let spec = NewManifest {
         channel,
         version: a.version,
@@ -118,6 +166,11 @@ pub fn build_release(
     let mut body = mf::build_body_with_progress(&spec, progress)?;
     if let Some(g) = &a.golden {
         body.golden = mf::golden_from_json(g)?;
+    }
+    if let Some(s) = serving {
+        let into = body.serving.get_or_insert_with(ServingSpec::default);
+        into.inputs = s.inputs;
+        into.consts = s.consts;
     }
     let refs: Vec<&SigningKey> = keys.iter().collect();
     mf::sign(&body, &refs)

@@ -56,7 +56,7 @@ async fn status(State(h): State<AppState>) -> Response {
 async fn metrics(State(h): State<AppState>) -> Response {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        h.metrics.render(),
+        h.metrics.render() + &crate::metrics::render_specialisations(&h.registry.loaded()),
     )
         .into_response()
 }

@@ -12,13 +12,15 @@
 //! with the reason for one it knows but does not serve (it failed to activate here, is
 //! loading, or is not rolled out here: see [`crate::serving::states`]), 400 for a request
 //! that does not fit the model, 413 for a body over the limit, 408 for a body that does
-//! not arrive within [`INFER_BODY_TIMEOUT`], 503 when the inference pool refuses admission.
-//! A request without a version goes to the version served now, even while a newer one
+//! not arrive within [`INFER_BODY_TIMEOUT`], 503 when the inference pool refuses admission
+//! or the model is still being prepared for the request's input shapes. A request without a version goes to the version served now, even while a newer one
 //! loads or after one failed.
 //!
 //! Model metadata adds `states` to KServe's fields: each version the node knows of the
 //! model, as in the repository index (`{"name", "version", "state", "reason"}`); a 503
-//! for metadata carries it too.
+//! for metadata carries it too. It lists the inputs a request gives; inputs fixed by the manifest
+//! (`--const`) are under `parameters.constants`, and an output that is not what the file
+//! declares (a ZipMap taken out) says so in its `parameters.note`.
 //!
 //! # Bounds on an inference request
 //!
@@ -221,8 +223,33 @@ async fn lookup(
     Err(error(status, msg))
 }
 
-fn io_json(s: &IoSpec) -> serde_json::Value {
-    serde_json::json!({ "name": s.name, "datatype": kserve::kserve_name(s.datatype), "shape": s.shape })
+fn io_json(s: &IoSpec, note: Option<&String>) -> serde_json::Value {
+    let mut v = serde_json::json!({ "name": s.name, "datatype": kserve::kserve_name(s.datatype), "shape": s.shape });
+    if let Some(note) = note {
+        v["parameters"] = serde_json::json!({ "note": note });
+    }
+    v
+}
+
+/// The constant inputs of a model (`--const`), as KServe JSON tensors.
+fn constants_json(m: &LoadedModel) -> Vec<serde_json::Value> {
+    m.constants
+        .iter()
+        .map(|c| {
+            let t = kserve::Tensor {
+                name: c.name.clone(),
+                datatype: c.dtype,
+                shape: c.shape.iter().map(|d| *d as usize).collect(),
+                data: c.data.clone(),
+            };
+            serde_json::json!({
+                "name": c.name,
+                "datatype": kserve::kserve_name(c.dtype),
+                "shape": c.shape,
+                "data": kserve::tensor_to_json_data(&t),
+            })
+        })
+        .collect()
 }
 
 fn states_json(name: &str, states: &[VersionState]) -> serde_json::Value {
@@ -256,15 +283,18 @@ async fn metadata(h: AppState, name: String, version: Option<&str>) -> Response 
         });
         return (status, Json(body)).into_response();
     };
-    Json(serde_json::json!({
+    let mut v = serde_json::json!({
         "name": m.channel,
         "versions": h.registry.versions(&m.channel).iter().map(|v| v.to_string()).collect::<Vec<_>>(),
         "platform": "onnx_onnxv1",
-        "inputs": m.inputs.iter().map(io_json).collect::<Vec<_>>(),
-        "outputs": m.outputs.iter().map(io_json).collect::<Vec<_>>(),
+        "inputs": m.inputs.iter().map(|s| io_json(s, None)).collect::<Vec<_>>(),
+        "outputs": m.outputs.iter().map(|s| io_json(s, m.notes.get(&s.name))).collect::<Vec<_>>(),
         "states": states_json(&m.channel, &states),
-    }))
-    .into_response()
+    });
+    if !m.constants.is_empty() {
+        v["parameters"] = serde_json::json!({ "constants": constants_json(&m) });
+    }
+    Json(v).into_response()
 }
 
 async fn model_meta(State(h): State<AppState>, Path(name): Path<String>) -> Response {
@@ -448,7 +478,7 @@ async fn run_infer(
             // The tensors hold what the model needs; the body's memory goes back now.
             drop(bytes);
             let run_started = Instant::now();
-            let ran = model2.run(&req.inputs);
+            let ran = model2.infer(&req.inputs);
             // A failure is the model's only if it now fails its own golden checks;
             // otherwise this input made it fail, and that is the client's error.
             let model_at_fault = match &ran {
@@ -457,7 +487,8 @@ async fn run_infer(
             };
             let outcome = match &ran {
                 Ok(_) => Outcome::Ok,
-                Err(ServeError::BadInput(_)) => Outcome::BadInput,
+                // Not the model's fault, nor an answer: counted like a bad input.
+                Err(ServeError::BadInput(_) | ServeError::Preparing(_)) => Outcome::BadInput,
                 Err(_) if !model_at_fault => Outcome::BadInput,
                 Err(ServeError::Panicked) => Outcome::Panic,
                 Err(_) => Outcome::Error,
@@ -465,6 +496,7 @@ async fn run_infer(
             model2.health.record(run_started.elapsed(), outcome);
             let outputs = ran.map_err(|e| match e {
                 ServeError::BadInput(m) => error(StatusCode::BAD_REQUEST, m),
+                ServeError::Preparing(m) => error(StatusCode::SERVICE_UNAVAILABLE, m),
                 other if !model_at_fault => error(
                     StatusCode::BAD_REQUEST,
                     format!(

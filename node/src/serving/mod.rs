@@ -14,10 +14,12 @@
 //! counted in the model's [`HealthWindow`]. Every report interval the actor turns the
 //! window into a health report ([`window_status`]); the rollout gates count those.
 //!
-//! * [`model`]: [`LoadedModel`] (load, warm, run), [`IoSpec`], [`ServeError`], the one
-//!   data type ↔ tract mapping.
+//! * [`model`]: [`LoadedModel`] (load, warm, run), [`IoSpec`], [`ServeError`],
+//!   [`ServingLimits`], the one data type ↔ tract mapping.
+//! * [`shapes`]: the bounded cache of a model prepared per input shape.
 //! * [`golden`]: the golden checks.
-//! * [`onnx`]: the graph's output names from the ONNX bytes.
+//! * [`onnx`]: the ONNX graph read and adjusted on its protobuf bytes (constant inputs,
+//!   ZipMap outputs).
 //! * [`health`]: [`Outcome`], [`WindowStats`], [`HealthWindow`], [`window_status`].
 //! * [`registry`]: [`Registry`], current and previous version per channel.
 //! * [`states`]: what clients are told of each version: `READY`, `LOADING` or
@@ -36,10 +38,11 @@ pub mod model;
 pub mod onnx;
 pub mod pool;
 pub mod registry;
+pub mod shapes;
 pub mod states;
 pub mod trial;
 
 pub use health::{HealthWindow, Outcome, WindowStats, window_status};
-pub use model::{IoSpec, LoadedModel, ServeError};
+pub use model::{IoSpec, LoadedModel, ServeError, ServingLimits};
 pub use onnx::onnx_graph_outputs;
 pub use registry::Registry;

@@ -1,18 +1,75 @@
 //! A model version loaded in tract: load, optimise and warm it ([`LoadedModel::load`],
-//! blocking), and run it on KServe tensors ([`LoadedModel::run`]), checking names, data
-//! types and shapes first.
+//! blocking), and run it on KServe tensors ([`LoadedModel::infer`], [`LoadedModel::run`]),
+//! checking names, data types and shapes first.
+//!
+//! # How a model is prepared
+//!
+//! 1. The ONNX bytes are adjusted ([`super::onnx::prepare`]): the manifest's constant
+//!    inputs become initializers, an `If` they decide becomes the branch it takes, and a
+//!    `ZipMap` at a graph output is replaced by the probability tensor it wraps.
+//! 2. Every input gets a full fact: the publisher's declaration (`--input x=f32[1,3,H,W]`)
+//!    if the manifest has one, else what the file declares. A named dimension is a tract
+//!    symbol of that name; an unnamed one (`?`) a fresh symbol.
+//! 3. tract analyses and optimises the model with its symbols ([`Engine::Symbolic`]): one
+//!    runnable serves every shape. Tried again without the file's intermediate shape hints
+//!    (`value_info`) when they contradict tract's own inference.
+//! 4. Where tract cannot optimise with symbols, the model is prepared per concrete input
+//!    shape when a request or a golden check brings one ([`Engine::PerShape`], a bounded
+//!    [`ShapeCache`]; preparations run on threads of their own, see [`super::shapes`]).
+//!    At load, probes with every symbol at 1, then 64 (analysis only) find operators
+//!    tract lacks; a model no probe and no golden check shows to work is refused.
+//!
+//! A refusal names the node, the operator and what would make the model work.
+//!
+//! # Memory
+//!
+//! Sizes are checked before anything is allocated: the file against the budget at load;
+//! the inputs and outputs of every run against the budget before the run (outputs from
+//! the symbolic facts evaluated at the request's sizes, or from the prepared shape's
+//! facts); and the shape cache holds at most `budget / file size` prepared copies.
 
-use super::classify::classify;
 use super::health::HealthWindow;
 use super::kserve::{DATATYPES, Tensor};
-use super::onnx::onnx_graph_outputs;
+use super::onnx::{self, Graph, OnnxDim, ValueInfo};
+use super::shapes::{CacheError, ShapeCache};
 use pollen_protocol::ids::ManifestId;
-use pollen_protocol::manifest::{DType, GoldenCheck};
+use pollen_protocol::manifest::{DType, Dim as DeclDim, GoldenCheck, ServingSpec, TensorData};
 use pollen_protocol::rollout::ErrorClass;
+use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 use tract::prelude::*;
+
+/// Default bound of the per-shape cache of a model ([`ServingLimits::specialisations`]).
+pub const DEFAULT_SPECIALISATIONS: usize = 8;
+
+/// Default longest wait of a request for its shape's preparation
+/// ([`ServingLimits::prepare_wait`]): enough to optimise the OCR models of the corpus
+/// (0.3–3 s), short enough that a client is told to retry rather than left hanging.
+pub const DEFAULT_PREPARE_WAIT: Duration = Duration::from_secs(10);
+
+/// What bounds a model's serving on this node.
+#[derive(Clone, Debug)]
+pub struct ServingLimits {
+    /// Bytes a model may take: its file, the tensors of one run, its prepared copies.
+    pub budget: u64,
+    /// Most input shapes a model prepared per shape keeps (least recently used out).
+    pub specialisations: usize,
+    /// Longest a request waits for its shape's preparation before a 503.
+    pub prepare_wait: Duration,
+}
+
+impl ServingLimits {
+    /// `budget` bytes, the default cache bound and wait.
+    pub fn new(budget: u64) -> Self {
+        ServingLimits {
+            budget,
+            specialisations: DEFAULT_SPECIALISATIONS,
+            prepare_wait: DEFAULT_PREPARE_WAIT,
+        }
+    }
+}
 
 /// An input or output of a loaded model.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -38,10 +95,100 @@ pub enum ServeError {
     /// The runtime panicked (a 500; repeated panics are a crash loop).
     #[error("inference failed: the runtime panicked")]
     Panicked,
+    /// The model is still being prepared for the request's input shapes (a 503: retry).
+    #[error("{0}")]
+    Preparing(String),
 }
 
-/// What loading produces: the runnable and its inputs and outputs.
-type Loaded = (Runnable, Vec<IoSpec>, Vec<IoSpec>);
+/// One dimension of an input as the model is prepared with it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Extent {
+    Fixed(usize),
+    /// A tract symbol: dimensions with the same name take the same size.
+    Symbol(String),
+}
+
+/// How an input is fed: element type and dimensions.
+#[derive(Clone, Debug)]
+struct InputFact {
+    name: String,
+    dtype: DType,
+    dims: Vec<Extent>,
+}
+
+impl InputFact {
+    /// The tract fact spec: `1,3,H,W,f32` (symbols kept) or with `shape` (concrete).
+    fn spec(&self, shape: Option<&[usize]>) -> String {
+        let mut parts: Vec<String> = match shape {
+            Some(s) => s.iter().map(|d| d.to_string()).collect(),
+            None => self
+                .dims
+                .iter()
+                .map(|d| match d {
+                    Extent::Fixed(n) => n.to_string(),
+                    Extent::Symbol(s) => s.clone(),
+                })
+                .collect(),
+        };
+        parts.push(self.dtype.short_name().to_string());
+        parts.join(",")
+    }
+
+    fn io_spec(&self) -> IoSpec {
+        IoSpec {
+            name: self.name.clone(),
+            datatype: self.dtype,
+            shape: self
+                .dims
+                .iter()
+                .map(|d| match d {
+                    Extent::Fixed(n) => *n as i64,
+                    Extent::Symbol(_) => -1,
+                })
+                .collect(),
+        }
+    }
+
+    fn is_fixed(&self) -> bool {
+        self.dims.iter().all(|d| matches!(d, Extent::Fixed(_)))
+    }
+
+    /// `--input` as a publisher would write it for this input.
+    fn declaration(&self) -> String {
+        let dims: Vec<String> = self
+            .dims
+            .iter()
+            .map(|d| match d {
+                Extent::Fixed(n) => n.to_string(),
+                Extent::Symbol(s) if is_publish_symbol(s) && !s.starts_with("unk_") => s.clone(),
+                Extent::Symbol(_) => "?".into(),
+            })
+            .collect();
+        format!(
+            "{}={}[{}]",
+            self.name,
+            self.dtype.short_name(),
+            dims.join(",")
+        )
+    }
+}
+
+/// A model prepared for one set of concrete input shapes.
+struct Shaped {
+    runnable: Runnable,
+    outputs: Vec<IoSpec>,
+}
+
+/// How a loaded model runs.
+enum Engine {
+    /// One runnable for every shape, symbols kept; output facts to size a run before it.
+    Symbolic {
+        runnable: Runnable,
+        output_facts: Vec<Fact>,
+    },
+    /// Prepared per concrete input shapes.
+    PerShape(ShapeCache<Shaped>),
+}
 
 /// A model version ready to serve.
 pub struct LoadedModel {
@@ -51,13 +198,23 @@ pub struct LoadedModel {
     pub version: u64,
     /// Manifest id.
     pub manifest: ManifestId,
-    /// Inputs, in graph order.
+    /// Inputs a request gives, in graph order (constant inputs are not among them).
     pub inputs: Vec<IoSpec>,
     /// Outputs, in graph order.
     pub outputs: Vec<IoSpec>,
+    /// Inputs fixed by the manifest (`--const`): not asked for; a request may repeat them
+    /// with the same value only.
+    pub constants: Vec<TensorData>,
+    /// What clients should know about some outputs (a ZipMap taken out), by output name.
+    pub notes: BTreeMap<String, String>,
     /// Requests, errors and latency since the last health report.
     pub health: HealthWindow,
-    runnable: Runnable,
+    facts: Vec<InputFact>,
+    engine: Engine,
+    limits: ServingLimits,
+    /// The first operator tract lacks that a preparation met (per-shape models meet them
+    /// only once shapes are known).
+    unsupported: Arc<Mutex<Option<String>>>,
     /// The golden checks it passed at activation ([`LoadedModel::keep_golden`]), run again
     /// to decide who is at fault when a request fails ([`LoadedModel::at_fault`]).
     golden: Vec<GoldenCheck>,
@@ -76,6 +233,7 @@ impl std::fmt::Debug for LoadedModel {
             .field("version", &self.version)
             .field("inputs", &self.inputs)
             .field("outputs", &self.outputs)
+            .field("per_shape", &matches!(self.engine, Engine::PerShape(_)))
             .finish()
     }
 }
@@ -127,29 +285,38 @@ fn warm_shape(shape: &[i64]) -> impl Iterator<Item = usize> + '_ {
 
 /// Bytes of a warm-up tensor of `s` (symbolic dimensions at 1), or `None` past `u64`.
 fn tensor_bytes(s: &IoSpec) -> Option<u64> {
-    let elements = s.shape.iter().try_fold(1u64, |n, d| {
-        n.checked_mul(if *d < 0 { 1 } else { *d as u64 })
-    })?;
-    elements.checked_mul(s.datatype.size().unwrap_or(1) as u64)
+    shape_bytes(&warm_shape(&s.shape).collect::<Vec<_>>(), s.datatype)
+}
+
+/// Bytes of a tensor of `shape` and `dtype`, or `None` past `u64`.
+fn shape_bytes(shape: &[usize], dtype: DType) -> Option<u64> {
+    let elements = shape
+        .iter()
+        .try_fold(1u64, |n, d| n.checked_mul(*d as u64))?;
+    elements.checked_mul(dtype.size().unwrap_or(1) as u64)
 }
 
 /// The inputs and outputs of a warm-up run fit in `budget` bytes together.
 fn check_budget(inputs: &[IoSpec], outputs: &[IoSpec], budget: u64) -> Result<(), String> {
-    let mut total = 0u64;
-    for (kind, s) in inputs
+    let sized = |kind, s: &IoSpec| (kind, s.name.clone(), s.shape.clone(), tensor_bytes(s));
+    let all: Vec<_> = inputs
         .iter()
-        .map(|s| ("input", s))
-        .chain(outputs.iter().map(|s| ("output", s)))
-    {
-        let bytes = tensor_bytes(s);
+        .map(|s| sized("input", s))
+        .chain(outputs.iter().map(|s| sized("output", s)))
+        .collect();
+    check_sizes(&all, budget)
+}
+
+/// Tensors `(kind, name, shape, bytes)` fit in `budget` bytes together.
+fn check_sizes(all: &[(&str, String, Vec<i64>, Option<u64>)], budget: u64) -> Result<(), String> {
+    let mut total = 0u64;
+    for (kind, name, shape, bytes) in all {
         let sum = bytes.and_then(|b| total.checked_add(b));
         total = sum.unwrap_or(u64::MAX);
         if sum.is_none() || total > budget {
             return Err(format!(
-                "{kind} '{}' of shape {:?} needs {} bytes: the model's tensors exceed the \
-                 model memory budget of {budget} bytes",
-                s.name,
-                s.shape,
+                "{kind} '{name}' of shape {shape:?} needs {} bytes: the model's tensors exceed \
+                 the model memory budget of {budget} bytes",
                 bytes.map_or("more than 2^64".to_string(), |b| b.to_string()),
             ));
         }
@@ -157,14 +324,319 @@ fn check_budget(inputs: &[IoSpec], outputs: &[IoSpec], budget: u64) -> Result<()
     Ok(())
 }
 
+/// A dimension name tract reads as one symbol.
+fn is_tract_symbol(s: &str) -> bool {
+    let mut c = s.chars();
+    c.next()
+        .is_some_and(|f| f.is_ascii_alphabetic() || f == '_')
+        && c.all(|x| x.is_ascii_alphanumeric() || x == '_' || x == '.')
+        && !s.ends_with('.')
+}
+
+/// A symbol `pollen publish --input` takes (a letter, then letters, digits or `_`).
+fn is_publish_symbol(s: &str) -> bool {
+    let mut c = s.chars();
+    c.next().is_some_and(|f| f.is_ascii_alphabetic())
+        && c.all(|x| x.is_ascii_alphanumeric() || x == '_')
+}
+
+/// A fresh symbol for dimension `axis` of input `input`.
+fn fresh_symbol(input: &str, axis: usize) -> String {
+    let clean: String = input
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    format!("unk_{clean}_{axis}")
+}
+
+/// The fact of every input of `graph` (constants aside): the manifest's declaration, else
+/// the file's. Errors name the input.
+fn input_facts(graph: &Graph, spec: &ServingSpec) -> Result<Vec<InputFact>, String> {
+    let fed: Vec<&ValueInfo> = graph
+        .inputs
+        .iter()
+        .filter(|i| !spec.consts.iter().any(|c| c.name == i.name))
+        .collect();
+    if let Some(d) = spec.inputs.iter().find(|d| graph.input(&d.name).is_none()) {
+        return Err(format!(
+            "declared input '{}' is not an input of the model (its inputs: {})",
+            d.name,
+            fed.iter()
+                .map(|i| format!("'{}'", i.name))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
+    if let Some(d) = spec
+        .inputs
+        .iter()
+        .find(|d| spec.consts.iter().any(|c| c.name == d.name))
+    {
+        return Err(format!(
+            "input '{}' is declared both as a fact and as a constant",
+            d.name
+        ));
+    }
+    fed.into_iter()
+        .map(|vi| {
+            let file_dtype = vi.elem.map(|e| {
+                onnx::dtype_of_elem(e).ok_or_else(|| {
+                    format!(
+                        "input '{}' is {}, which Pollen does not serve",
+                        vi.name,
+                        onnx::elem_name(e)
+                    )
+                })
+            });
+            if let Some(d) = spec.inputs.iter().find(|d| d.name == vi.name) {
+                if let Some(Ok(ft)) = &file_dtype
+                    && *ft != d.dtype
+                {
+                    return Err(format!(
+                        "input '{}' is declared {} but the model takes {}",
+                        d.name,
+                        d.dtype.short_name(),
+                        ft.short_name()
+                    ));
+                }
+                if let Some(fd) = &vi.dims
+                    && fd.len() != d.dims.len()
+                {
+                    return Err(format!(
+                        "input '{}' is declared with {} dimensions but the model's has {} ({})",
+                        d.name,
+                        d.dims.len(),
+                        fd.len(),
+                        vi.as_declaration()
+                    ));
+                }
+                let dims = d
+                    .dims
+                    .iter()
+                    .enumerate()
+                    .map(|(axis, x)| match x {
+                        DeclDim::Fixed(n) => usize::try_from(*n)
+                            .map(Extent::Fixed)
+                            .map_err(|_| format!("input '{}': dimension {n} too large", d.name)),
+                        DeclDim::Symbol(s) => Ok(Extent::Symbol(s.clone())),
+                        DeclDim::Any => Ok(Extent::Symbol(fresh_symbol(&d.name, axis))),
+                    })
+                    .collect::<Result<_, _>>()?;
+                return Ok(InputFact {
+                    name: d.name.clone(),
+                    dtype: d.dtype,
+                    dims,
+                });
+            }
+            let dtype = file_dtype.ok_or_else(|| {
+                format!(
+                    "input '{}' has no declared type: declare it with --input {}=DTYPE[DIMS]",
+                    vi.name, vi.name
+                )
+            })??;
+            let dims = vi.dims.as_ref().ok_or_else(|| {
+                format!(
+                    "input '{}' has no declared shape: declare it with --input {}={}[DIMS]",
+                    vi.name,
+                    vi.name,
+                    dtype.short_name()
+                )
+            })?;
+            let dims = dims
+                .iter()
+                .enumerate()
+                .map(|(axis, d)| match d {
+                    OnnxDim::Value(v) if *v >= 0 => Extent::Fixed(*v as usize),
+                    OnnxDim::Param(p) if is_tract_symbol(p) => Extent::Symbol(p.clone()),
+                    _ => Extent::Symbol(fresh_symbol(&vi.name, axis)),
+                })
+                .collect();
+            Ok(InputFact {
+                name: vi.name.clone(),
+                dtype,
+                dims,
+            })
+        })
+        .collect()
+}
+
+/// A tract model of `bytes` with every input's fact set: symbolic, or at `shapes`.
+fn typed_model(
+    bytes: &[u8],
+    facts: &[InputFact],
+    shapes: Option<&[Vec<usize>]>,
+    ignore_value_info: bool,
+) -> anyhow::Result<Model> {
+    let options = OnnxOptions::new().ignore_value_info(ignore_value_info);
+    let mut m = onnx()?.load_buffer_with_options(bytes, options)?;
+    for ix in 0..m.input_count()? {
+        let name = m.input_name(ix)?;
+        let k = facts.iter().position(|f| f.name == name).ok_or_else(|| {
+            anyhow::anyhow!("tract sees an input '{name}' the file does not list")
+        })?;
+        let spec = facts[k].spec(shapes.map(|s| s[k].as_slice()));
+        m.set_input_fact(ix, spec.as_str())?;
+    }
+    m.into_model()
+}
+
+/// The outputs of a typed model, named as the graph names them.
+fn outputs_of(model: &Model, graph: &Graph) -> Result<Vec<IoSpec>, (ErrorClass, String)> {
+    let load = |e: anyhow::Error| (ErrorClass::LoadError, format!("{e:#}"));
+    let mut outputs = Vec::new();
+    for i in 0..model.output_count().map_err(load)? {
+        let name = model.output_name(i).map_err(load)?;
+        let fact = model.output_fact(i).map_err(load)?;
+        outputs.push(io_spec(name, &fact).map_err(|e| (ErrorClass::UnsupportedOp, e))?);
+    }
+    // tract names outputs by their node; clients use the graph's output names.
+    if graph.outputs.len() == outputs.len() {
+        for (o, g) in outputs.iter_mut().zip(&graph.outputs) {
+            o.name = g.name.clone();
+        }
+    }
+    Ok(outputs)
+}
+
+/// Why tract refused a model, as a refusal a publisher can act on: the class, and a
+/// message naming the node, the operator and what would make it work.
+///
+/// * An operator tract lacks (`Unimplemented(Op)`, wherever tract meets it) is
+///   [`ErrorClass::UnsupportedOp`], named with its node and domain.
+/// * So is an `If` tract cannot type: tract 0.23 needs both branches to give outputs of
+///   one type and shape, even when the condition is known.
+/// * Anything else is [`ErrorClass::LoadError`], with the node tract names and, where they
+///   apply, the `--input` and `--const` declarations that would help.
+fn refusal(
+    e: &anyhow::Error,
+    graph: &Graph,
+    facts: &[InputFact],
+    spec: &ServingSpec,
+) -> (ErrorClass, String) {
+    let msg = format!("{e:#}");
+    if let Some(op) = unimplemented_op(&msg) {
+        let what = graph.find_op(op).map_or_else(
+            || format!("operator {op}"),
+            |n| format!("node '{}' ({})", n.display_name(), n.qualified_op()),
+        );
+        return (
+            ErrorClass::UnsupportedOp,
+            format!(
+                "{what}: tract {TRACT} does not implement this operator; {}",
+                op_hint(graph, op)
+            ),
+        );
+    }
+    let consts: Vec<String> = graph
+        .if_condition_inputs()
+        .into_iter()
+        .filter(|i| i.is_scalar() && !spec.consts.iter().any(|c| c.name == i.name))
+        .map(|i| format!("--const {}=VALUE", i.name))
+        .collect();
+    let node = tract_node(&msg);
+    if let Some((name, "If")) = node {
+        let fix = if consts.is_empty() {
+            "use an export of the model without this If (silero-vad ships an \"op18-ifless\" \
+             one), or fold it at fixed input shapes (e.g. onnxsim --overwrite-input-shape)"
+                .to_string()
+        } else {
+            format!(
+                "the If branches on {}: fix it for the deployment with {}",
+                if consts.len() == 1 {
+                    "an input"
+                } else {
+                    "inputs"
+                },
+                consts.join(" ")
+            )
+        };
+        return (
+            ErrorClass::UnsupportedOp,
+            format!(
+                "node '{name}' (If): tract {TRACT} cannot type this If, whose branches give \
+                 outputs of different shapes or types; to make it work: {fix} ({msg})"
+            ),
+        );
+    }
+    let mut hints = Vec::new();
+    let open: Vec<&InputFact> = facts.iter().filter(|f| !f.is_fixed()).collect();
+    if !open.is_empty() {
+        hints.push(format!(
+            "declare the input shapes at publish time, with numbers for the sizes you serve \
+             (e.g. {})",
+            open.iter()
+                .map(|f| format!("--input {}", f.declaration()))
+                .collect::<Vec<_>>()
+                .join(" ")
+        ));
+    }
+    if !consts.is_empty() {
+        hints.push(format!(
+            "fix the inputs an If branches on with {}",
+            consts.join(" ")
+        ));
+    }
+    let hint = if hints.is_empty() {
+        String::new()
+    } else {
+        format!(" (to make it work: {})", hints.join("; "))
+    };
+    let at = node.map_or_else(String::new, |(n, op)| format!("node '{n}' ({op}): "));
+    (ErrorClass::LoadError, format!("{at}{msg}{hint}"))
+}
+
+/// The operator of an `Unimplemented(Op)` in a tract error.
+fn unimplemented_op(msg: &str) -> Option<&str> {
+    let start = msg.find("Unimplemented(")? + "Unimplemented(".len();
+    let len = msg[start..].find(')')?;
+    Some(&msg[start..start + len])
+}
+
+/// The first node a tract error names (`... node #12 "name" Op ...`): its name and
+/// operator.
+fn tract_node(msg: &str) -> Option<(&str, &str)> {
+    let at = msg.find("node #")? + "node #".len();
+    let rest = msg[at..].trim_start_matches(|c: char| c.is_ascii_digit());
+    let rest = rest.strip_prefix(" \"")?;
+    let end = rest.find("\" ")?;
+    let name = &rest[..end];
+    let op = rest[end + 2..]
+        .split([' ', ':'])
+        .next()
+        .filter(|op| !op.is_empty())?;
+    Some((name, op))
+}
+
+/// The tract version Pollen is built with, for messages.
+const TRACT: &str = "0.23";
+
+/// What would make a model with operator `op` work.
+fn op_hint(graph: &Graph, op: &str) -> String {
+    let ml = graph.find_op(op).is_some_and(|n| n.domain == "ai.onnx.ml");
+    match op {
+        "ZipMap" => "a ZipMap is served only at a graph output (as the tensor it wraps); export \
+                     without it (skl2onnx: options={id(model): {'zipmap': False}})"
+            .into(),
+        _ if ml => format!(
+            "of the ai.onnx.ml operators tract runs only LinearClassifier, LinearRegressor, \
+             Normalizer, TreeEnsembleClassifier and CategoryMapper; convert the model to \
+             standard ONNX operators (e.g. hummingbird for tree ensembles), or leave {op} out \
+             of the exported graph"
+        ),
+        _ => format!("export the model with operators tract implements, without {op}"),
+    }
+}
+
 impl LoadedModel {
-    /// Load, optimise and warm an ONNX model. Blocking and CPU-bound: call it on a blocking
-    /// thread. A panic inside tract is caught and reported as [`ErrorClass::Panic`]; an
-    /// operator tract lacks is [`ErrorClass::UnsupportedOp`] at whichever step finds it
-    /// ([`super::classify`]).
+    /// Load, optimise and warm an ONNX model (see the module documentation), prepared as
+    /// the manifest's serving `spec` says. `golden` are the checks the caller runs next
+    /// ([`LoadedModel::check_golden`]): a model prepared per shape is warmed with the first
+    /// one's shapes. Blocking and CPU-bound: call it on a blocking thread. A panic inside
+    /// tract is caught and reported as [`ErrorClass::Panic`]; an operator tract lacks is
+    /// [`ErrorClass::UnsupportedOp`] at whichever step finds it ([`super::classify`]).
     ///
-    /// Sizes are checked before anything is allocated: a file larger than `budget` bytes,
-    /// or fixed input and output shapes whose tensors would take more than `budget` bytes
+    /// Sizes are checked before anything is allocated: a file larger than the budget, or
+    /// fixed input and output shapes whose tensors would take more than the budget
     /// together (or overflow), are a [`ErrorClass::LoadError`] naming the culprit. The
     /// budget does not bound what tract allocates while it optimises; the trial run in a
     /// child process ([`super::trial`]) does.
@@ -173,8 +645,11 @@ impl LoadedModel {
         channel: &str,
         version: u64,
         manifest: ManifestId,
-        budget: u64,
+        spec: &ServingSpec,
+        golden: &[GoldenCheck],
+        limits: &ServingLimits,
     ) -> Result<Self, (ErrorClass, String)> {
+        let budget = limits.budget;
         let size = std::fs::metadata(path)
             .map_err(|e| (ErrorClass::Unavailable, format!("{}: {e}", path.display())))?
             .len();
@@ -186,41 +661,32 @@ impl LoadedModel {
                 ),
             ));
         }
-        let path = path.to_path_buf();
-        let result = std::panic::catch_unwind(move || -> Result<Loaded, (ErrorClass, String)> {
-            let load = |e: anyhow::Error| {
-                let msg = format!("{e:#}");
-                (classify(&msg, ErrorClass::LoadError), msg)
-            };
-            // Read once: tract loads from the buffer, and the graph's output names come from it.
-            let bytes = std::fs::read(&path)
-                .map_err(|e| (ErrorClass::Unavailable, format!("{}: {e}", path.display())))?;
-            let inference = onnx().map_err(load)?.load_buffer(&bytes).map_err(load)?;
-            let model = inference.into_model().map_err(load)?;
-            let mut inputs = Vec::new();
-            for i in 0..model.input_count().map_err(load)? {
-                let name = model.input_name(i).map_err(load)?;
-                let fact = model.input_fact(i).map_err(load)?;
-                inputs.push(io_spec(name, &fact).map_err(|e| (ErrorClass::UnsupportedOp, e))?);
-            }
-            let mut outputs = Vec::new();
-            for i in 0..model.output_count().map_err(load)? {
-                let name = model.output_name(i).map_err(load)?;
-                let fact = model.output_fact(i).map_err(load)?;
-                outputs.push(io_spec(name, &fact).map_err(|e| (ErrorClass::UnsupportedOp, e))?);
-            }
-            // tract names outputs by their node; clients use the graph's output names.
-            if let Some(names) = onnx_graph_outputs(&bytes)
-                && names.len() == outputs.len()
-            {
-                for (o, n) in outputs.iter_mut().zip(names) {
-                    o.name = n;
-                }
-            }
-            let runnable = model.into_runnable().map_err(load)?;
-            Ok((runnable, inputs, outputs))
-        });
-        let (runnable, inputs, outputs) = match result {
+        let bytes = std::fs::read(path)
+            .map_err(|e| (ErrorClass::Unavailable, format!("{}: {e}", path.display())))?;
+        let prepared =
+            onnx::prepare(bytes, &spec.consts).map_err(|e| (ErrorClass::LoadError, e))?;
+        let graph = prepared.graph;
+        let facts = input_facts(&graph, spec).map_err(|e| (ErrorClass::LoadError, e))?;
+        let bytes = Arc::new(prepared.bytes);
+        let unsupported = Arc::new(Mutex::new(None));
+        // Prepared copies held at once: a few, and no more than the budget holds copies of
+        // the model.
+        let capacity = limits
+            .specialisations
+            .min(usize::try_from(budget / size.max(1)).unwrap_or(usize::MAX))
+            .max(1);
+        let attempt = {
+            let (bytes, facts, graph) = (bytes.clone(), facts.clone(), graph.clone());
+            let (spec, unsupported) = (spec.clone(), unsupported.clone());
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+                build_engine(&bytes, &facts, &graph, &spec, budget, capacity, unsupported)
+            }))
+        };
+        let Built {
+            engine,
+            outputs,
+            probe_failure,
+        } = match attempt {
             Ok(r) => r?,
             Err(_) => {
                 return Err((
@@ -229,28 +695,81 @@ impl LoadedModel {
                 ));
             }
         };
-        check_budget(&inputs, &outputs, budget).map_err(|e| (ErrorClass::LoadError, e))?;
+        if let Some((class, msg)) = probe_failure
+            && golden.is_empty()
+        {
+            // Nothing shows that any shape works: refuse rather than fail every request.
+            return Err(match class {
+                ErrorClass::UnsupportedOp => (class, msg),
+                _ => (
+                    class,
+                    format!(
+                        "tract cannot prepare the model with symbolic dimensions, nor with \
+                         every one at 1 or 64: {msg}; declare the input shapes you serve \
+                         (--input) or publish golden checks of a real input"
+                    ),
+                ),
+            });
+        }
+        let inputs: Vec<IoSpec> = facts.iter().map(InputFact::io_spec).collect();
+        if matches!(engine, Engine::Symbolic { .. }) {
+            check_budget(&inputs, &outputs, budget).map_err(|e| (ErrorClass::LoadError, e))?;
+        }
+        let mut notes = BTreeMap::new();
+        for z in &prepared.zipmaps {
+            let classes = if z.labels.is_empty() {
+                String::new()
+            } else {
+                format!("; classes along the last axis: {}", z.labels.join(", "))
+            };
+            notes.insert(
+                z.output.clone(),
+                format!(
+                    "the ZipMap that produced this output is taken out: it is the probability \
+                     tensor the ZipMap wrapped, one row per input row{classes}"
+                ),
+            );
+        }
         let m = LoadedModel {
             channel: channel.to_string(),
             version,
             manifest,
             inputs,
             outputs,
+            constants: spec.consts.clone(),
+            notes,
             health: HealthWindow::default(),
-            runnable,
+            facts,
+            engine,
+            limits: limits.clone(),
+            unsupported,
             golden: Vec::new(),
             recheck: Mutex::new(None),
         };
-        m.warm().map_err(|e| {
-            let msg = format!("warm-up run failed: {e}");
-            (classify(&msg, ErrorClass::LoadError), msg)
-        })?;
+        m.warm(golden.first())?;
         Ok(m)
     }
 
     /// Keep the golden checks the model just passed, for [`LoadedModel::at_fault`].
     pub fn keep_golden(&mut self, checks: Vec<GoldenCheck>) {
         self.golden = checks;
+    }
+
+    /// Run the golden checks at activation: a failure is [`ErrorClass::GoldenMismatch`],
+    /// or [`ErrorClass::UnsupportedOp`] when preparing the model for the checks' shapes
+    /// met an operator tract lacks.
+    pub fn check_golden(&self, checks: &[GoldenCheck]) -> Result<(), (ErrorClass, String)> {
+        self.golden(checks).map_err(|e| {
+            match self
+                .unsupported
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone()
+            {
+                Some(u) => (ErrorClass::UnsupportedOp, u),
+                None => (ErrorClass::GoldenMismatch, e),
+            }
+        })
     }
 
     /// A request made the model fail (an error or a caught panic): is the model at fault,
@@ -274,9 +793,41 @@ impl LoadedModel {
         broken
     }
 
-    /// One run on zeros with every symbolic dimension at 1, so the first request does not
-    /// pay for lazy initialisation.
-    fn warm(&self) -> Result<(), ServeError> {
+    /// Input shapes this model was prepared for, and prepared copies held now: `None` for
+    /// a model that serves every shape with one runnable.
+    pub fn specialisations(&self) -> Option<(u64, usize)> {
+        match &self.engine {
+            Engine::Symbolic { .. } => None,
+            Engine::PerShape(c) => Some((c.specialisations(), c.cached())),
+        }
+    }
+
+    /// Warm the model so that the first request does not pay for lazy initialisation: one
+    /// run on zeros with every symbolic dimension at 1. A model with fixed shapes must pass
+    /// it; for one with symbolic dimensions 1 may be outside what it takes (a detector
+    /// that halves its input five times), so a failure only defers the warm-up to the
+    /// golden checks or the first request. A model prepared per shape is prepared for the
+    /// first golden check's inputs instead (its probe showed the model analyses).
+    fn warm(&self, golden: Option<&GoldenCheck>) -> Result<(), (ErrorClass, String)> {
+        let unsupported = || {
+            self.unsupported
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone()
+                .map(|u| (ErrorClass::UnsupportedOp, u))
+        };
+        if let Engine::PerShape(_) = self.engine {
+            let Some(check) = golden else { return Ok(()) };
+            let inputs: Vec<Tensor> = check.inputs.iter().map(tensor_of).collect();
+            return match self.run(&inputs) {
+                Ok(_) => Ok(()),
+                Err(e) => Err(unsupported().unwrap_or((
+                    ErrorClass::LoadError,
+                    format!("the model cannot be prepared for the golden check's inputs: {e}"),
+                ))),
+            };
+        }
+        let fixed = self.facts.iter().all(InputFact::is_fixed);
         let inputs: Vec<Tensor> = self
             .inputs
             .iter()
@@ -292,19 +843,52 @@ impl LoadedModel {
                 }
             })
             .collect();
-        self.run(&inputs).map(|_| ())
+        match self.run(&inputs) {
+            Ok(_) => Ok(()),
+            Err(e) if fixed => Err((ErrorClass::LoadError, format!("warm-up run failed: {e}"))),
+            Err(e) => {
+                tracing::info!(
+                    "{} version {}: no warm-up with symbolic dimensions at 1 ({e}); the golden \
+                     checks or the first request warm it",
+                    self.channel,
+                    self.version
+                );
+                Ok(())
+            }
+        }
     }
 
-    /// Check `inputs` against the model (names, types, shapes) and run it. Outputs are in
+    /// Serve a request: [`LoadedModel::run`], except that a request whose input shapes
+    /// are still being prepared waits at most [`ServingLimits::prepare_wait`] and is then
+    /// answered [`ServeError::Preparing`].
+    pub fn infer(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>, ServeError> {
+        self.run_within(inputs, Some(self.limits.prepare_wait))
+    }
+
+    /// Check `inputs` against the model (names, types, shapes; constant inputs may be
+    /// given only with their value) and run it, preparing the model for their shapes
+    /// first if it is prepared per shape (waiting as long as that takes). Outputs are in
     /// graph order. A panic inside tract is caught and returned as a runtime error.
     pub fn run(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>, ServeError> {
-        if let Some(extra) = inputs
-            .iter()
-            .find(|t| !self.inputs.iter().any(|s| s.name == t.name))
-        {
+        self.run_within(inputs, None)
+    }
+
+    fn run_within(
+        &self,
+        inputs: &[Tensor],
+        wait: Option<Duration>,
+    ) -> Result<Vec<Tensor>, ServeError> {
+        for t in inputs {
+            if self.inputs.iter().any(|s| s.name == t.name) {
+                continue;
+            }
+            if let Some(c) = self.constants.iter().find(|c| c.name == t.name) {
+                check_constant(c, t)?;
+                continue;
+            }
             return Err(ServeError::BadInput(format!(
                 "unknown input '{}': the model takes {}",
-                extra.name,
+                t.name,
                 self.inputs
                     .iter()
                     .map(|s| format!("'{}'", s.name))
@@ -313,7 +897,10 @@ impl LoadedModel {
             )));
         }
         let mut ordered = Vec::with_capacity(self.inputs.len());
-        for spec in &self.inputs {
+        let mut shapes = Vec::with_capacity(self.inputs.len());
+        let mut symbols: Vec<(String, i64, String)> = Vec::new();
+        let mut sizes = Vec::new();
+        for (spec, fact) in self.inputs.iter().zip(&self.facts) {
             let t = inputs
                 .iter()
                 .find(|t| t.name == spec.name)
@@ -337,48 +924,341 @@ impl LoadedModel {
                     t.name, t.shape, spec.shape
                 )));
             }
+            for (got, d) in t.shape.iter().zip(&fact.dims) {
+                let Extent::Symbol(s) = d else { continue };
+                let got = *got as i64;
+                match symbols.iter().find(|(name, _, _)| name == s) {
+                    Some((_, v, other)) if *v != got => {
+                        return Err(ServeError::BadInput(format!(
+                            "dimension {s} is {v} in input '{other}' but {got} in input '{}'",
+                            t.name
+                        )));
+                    }
+                    Some(_) => {}
+                    None => symbols.push((s.clone(), got, t.name.clone())),
+                }
+            }
             let dt = to_tract(t.datatype).ok_or_else(|| {
                 ServeError::BadInput(format!("input '{}': BYTES is not supported", t.name))
             })?;
             let tensor = tract::prelude::Tensor::from_bytes(dt, &t.shape, &t.data)
                 .map_err(|e| ServeError::BadInput(format!("input '{}': {e}", t.name)))?;
+            sizes.push((
+                "input",
+                t.name.clone(),
+                t.shape.iter().map(|d| *d as i64).collect::<Vec<_>>(),
+                Some(t.data.len() as u64),
+            ));
+            shapes.push(t.shape.clone());
             ordered.push(tensor);
         }
-        let result =
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.runnable.run(ordered)));
-        let outs = match result {
-            Ok(Ok(o)) => o,
-            Ok(Err(e)) => return Err(ServeError::Runtime(format!("{e:#}"))),
-            Err(_) => return Err(ServeError::Panicked),
-        };
-        outs.into_iter()
-            .zip(&self.outputs)
-            .map(|(o, spec)| {
-                let (dt, shape, bytes) = o
-                    .as_bytes()
-                    .map_err(|e| ServeError::Runtime(e.to_string()))?;
-                let datatype = from_tract(dt).ok_or_else(|| {
-                    ServeError::Runtime(format!("output '{}' has an unsupported type", spec.name))
+        match &self.engine {
+            Engine::Symbolic {
+                runnable,
+                output_facts,
+            } => {
+                let values: Vec<(&str, i64)> =
+                    symbols.iter().map(|(s, v, _)| (s.as_str(), *v)).collect();
+                for (spec, fact) in self.outputs.iter().zip(output_facts) {
+                    // Outputs whose size the inputs do not settle are not checked here.
+                    let dims: Option<Vec<usize>> = fact.dims().ok().and_then(|ds| {
+                        ds.map(|d| d.eval(values.iter().copied()).ok()?.to_int64().ok())
+                            .map(|d| d.and_then(|d| usize::try_from(d).ok()))
+                            .collect()
+                    });
+                    if let Some(dims) = dims {
+                        sizes.push((
+                            "output",
+                            spec.name.clone(),
+                            dims.iter().map(|d| *d as i64).collect(),
+                            shape_bytes(&dims, spec.datatype),
+                        ));
+                    }
+                }
+                check_sizes(&sizes, self.limits.budget).map_err(ServeError::BadInput)?;
+                run_tract(runnable, ordered, &self.outputs)
+            }
+            Engine::PerShape(cache) => {
+                check_sizes(&sizes, self.limits.budget).map_err(ServeError::BadInput)?;
+                let shaped = cache.get(&shapes, wait).map_err(|e| match e {
+                    CacheError::Failed(m) => ServeError::BadInput(format!(
+                        "the model cannot be prepared for input shapes {shapes:?}: {m}"
+                    )),
+                    CacheError::Preparing(m) => ServeError::Preparing(m),
                 })?;
-                Ok(Tensor {
-                    name: spec.name.clone(),
-                    datatype,
-                    shape: shape.to_vec(),
-                    data: bytes.to_vec(),
-                })
-            })
-            .collect()
+                run_tract(&shaped.runnable, ordered, &shaped.outputs)
+            }
+        }
     }
+}
+
+/// A request may repeat a constant input only with its value (as a scalar or a tensor of
+/// one element).
+fn check_constant(c: &TensorData, t: &Tensor) -> Result<(), ServeError> {
+    let elements = |s: &[usize]| s.iter().product::<usize>();
+    let same = t.datatype == c.dtype
+        && elements(&t.shape) as u64 == c.shape.iter().product::<u64>()
+        && t.data == c.data;
+    if same {
+        return Ok(());
+    }
+    let shown = super::kserve::tensor_to_json_data(&tensor_of(c));
+    Err(ServeError::BadInput(format!(
+        "input '{}' is fixed at {shown} ({}) for this deployment (published with --const); \
+         leave it out of the request, or give that value",
+        c.name,
+        c.dtype.kserve_name()
+    )))
+}
+
+/// A manifest tensor as a request tensor.
+fn tensor_of(t: &TensorData) -> Tensor {
+    Tensor {
+        name: t.name.clone(),
+        datatype: t.dtype,
+        shape: t.shape.iter().map(|d| *d as usize).collect(),
+        data: t.data.clone(),
+    }
+}
+
+/// Run a runnable, catching panics, and name its outputs.
+fn run_tract(
+    runnable: &Runnable,
+    ordered: Vec<tract::prelude::Tensor>,
+    outputs: &[IoSpec],
+) -> Result<Vec<Tensor>, ServeError> {
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| runnable.run(ordered)));
+    let outs = match result {
+        Ok(Ok(o)) => o,
+        Ok(Err(e)) => return Err(ServeError::Runtime(format!("{e:#}"))),
+        Err(_) => return Err(ServeError::Panicked),
+    };
+    outs.into_iter()
+        .zip(outputs)
+        .map(|(o, spec)| {
+            let (dt, shape, bytes) = o
+                .as_bytes()
+                .map_err(|e| ServeError::Runtime(e.to_string()))?;
+            let datatype = from_tract(dt).ok_or_else(|| {
+                ServeError::Runtime(format!("output '{}' has an unsupported type", spec.name))
+            })?;
+            Ok(Tensor {
+                name: spec.name.clone(),
+                datatype,
+                shape: shape.to_vec(),
+                data: bytes.to_vec(),
+            })
+        })
+        .collect()
+}
+
+/// How a model runs, as [`build_engine`] found.
+struct Built {
+    engine: Engine,
+    outputs: Vec<IoSpec>,
+    /// For a model prepared per shape whose probes all failed: why.
+    probe_failure: Option<(ErrorClass, String)>,
+}
+
+/// Build how the model runs: symbolic if tract can, else per shape.
+fn build_engine(
+    bytes: &Arc<Vec<u8>>,
+    facts: &[InputFact],
+    graph: &Graph,
+    spec: &ServingSpec,
+    budget: u64,
+    capacity: usize,
+    unsupported: Arc<Mutex<Option<String>>>,
+) -> Result<Built, (ErrorClass, String)> {
+    // The outputs' facts and names are read before the model is consumed by optimising.
+    let symbolic = |ignore_value_info| -> anyhow::Result<(Runnable, Vec<Fact>, Vec<IoSpec>)> {
+        let model = typed_model(bytes, facts, None, ignore_value_info)?;
+        let output_facts = (0..model.output_count()?)
+            .map(|i| model.output_fact(i))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let outputs = outputs_of(&model, graph).map_err(|(_, e)| anyhow::anyhow!(e))?;
+        let runnable = model.into_runnable()?;
+        Ok((runnable, output_facts, outputs))
+    };
+    let first = match symbolic(false) {
+        Ok(r) => Ok(r),
+        // The file's intermediate shapes may contradict what tract infers.
+        Err(e) => symbolic(true).map_err(|_| e),
+    };
+    match first {
+        Ok((runnable, output_facts, outputs)) => Ok(Built {
+            engine: Engine::Symbolic {
+                runnable,
+                output_facts,
+            },
+            outputs,
+            probe_failure: None,
+        }),
+        Err(e) => {
+            let (class, msg) = refusal(&e, graph, facts, spec);
+            let unimplemented = unimplemented_op(&format!("{e:#}")).is_some();
+            if unimplemented || facts.iter().all(InputFact::is_fixed) {
+                return Err((class, msg));
+            }
+            tracing::info!(
+                "the model is prepared per input shape: tract cannot optimise it with symbolic \
+                 dimensions ({msg})"
+            );
+            // Probes with every symbol at 1, then at 64 (a detector that halves its input
+            // five times needs a multiple of 32), analysis only (nothing optimised or
+            // cached): they find operators tract lacks, and the outputs' types.
+            let mut probe_failure = None;
+            let mut outputs = None;
+            for size in [1, 64] {
+                let at: Vec<Vec<usize>> = facts
+                    .iter()
+                    .map(|f| {
+                        f.dims
+                            .iter()
+                            .map(|d| match d {
+                                Extent::Fixed(n) => *n,
+                                Extent::Symbol(_) => size,
+                            })
+                            .collect()
+                    })
+                    .collect();
+                match typed_model(bytes, facts, Some(&at), true) {
+                    Ok(m) => {
+                        outputs = Some(with_declared_dims(outputs_of(&m, graph)?, graph));
+                        break;
+                    }
+                    Err(e) if unimplemented_op(&format!("{e:#}")).is_some() => {
+                        return Err(refusal(&e, graph, facts, spec));
+                    }
+                    Err(e) => {
+                        probe_failure.get_or_insert_with(|| refusal(&e, graph, facts, spec));
+                    }
+                }
+            }
+            if outputs.is_some() {
+                probe_failure = None;
+            }
+            let outputs = outputs.unwrap_or_else(|| declared_outputs(graph));
+            let (bytes, facts, graph, spec) =
+                (bytes.clone(), facts.to_vec(), graph.clone(), spec.clone());
+            let cache = ShapeCache::new(
+                capacity,
+                Box::new(move |shapes: &[Vec<usize>]| {
+                    prepare_shape(&bytes, &facts, &graph, &spec, shapes, budget).map_err(
+                        |(class, msg)| {
+                            if class == ErrorClass::UnsupportedOp {
+                                unsupported
+                                    .lock()
+                                    .unwrap_or_else(PoisonError::into_inner)
+                                    .get_or_insert_with(|| msg.clone());
+                            }
+                            msg
+                        },
+                    )
+                }),
+            );
+            Ok(Built {
+                engine: Engine::PerShape(cache),
+                outputs,
+                probe_failure,
+            })
+        }
+    }
+}
+
+/// Outputs of a probe (types, concrete shapes) with the dimensions the file leaves open
+/// shown as -1.
+fn with_declared_dims(mut probed: Vec<IoSpec>, graph: &Graph) -> Vec<IoSpec> {
+    let declared = declared_outputs(graph);
+    for (o, d) in probed.iter_mut().zip(&declared) {
+        o.shape = if d.shape.len() == o.shape.len() {
+            d.shape.clone()
+        } else {
+            vec![-1; o.shape.len()]
+        };
+    }
+    probed
+}
+
+/// Outputs as the file declares them (per-shape models have no general facts).
+fn declared_outputs(graph: &Graph) -> Vec<IoSpec> {
+    graph
+        .outputs
+        .iter()
+        .map(|o| IoSpec {
+            name: o.name.clone(),
+            // A ZipMap's output (no tensor type) is the float tensor it wrapped.
+            datatype: o.elem.and_then(onnx::dtype_of_elem).unwrap_or(DType::F32),
+            shape: o.dims.as_ref().map_or_else(
+                || vec![-1, -1],
+                |d| {
+                    d.iter()
+                        .map(|d| match d {
+                            OnnxDim::Value(v) if *v >= 0 => *v,
+                            _ => -1,
+                        })
+                        .collect()
+                },
+            ),
+        })
+        .collect()
+}
+
+/// Prepare the model for concrete `shapes`: analyse, check the run's tensors against the
+/// budget, optimise.
+fn prepare_shape(
+    bytes: &[u8],
+    facts: &[InputFact],
+    graph: &Graph,
+    spec: &ServingSpec,
+    shapes: &[Vec<usize>],
+    budget: u64,
+) -> Result<Shaped, (ErrorClass, String)> {
+    let model = typed_model(bytes, facts, Some(shapes), true)
+        .or_else(|e| typed_model(bytes, facts, Some(shapes), false).map_err(|_| e))
+        .map_err(|e| refusal(&e, graph, facts, spec))?;
+    let outputs = outputs_of(&model, graph)?;
+    let mut sizes = Vec::new();
+    for (f, s) in facts.iter().zip(shapes) {
+        sizes.push((
+            "input",
+            f.name.clone(),
+            s.iter().map(|d| *d as i64).collect(),
+            shape_bytes(s, f.dtype),
+        ));
+    }
+    for o in &outputs {
+        let dims: Option<Vec<usize>> = o.shape.iter().map(|d| usize::try_from(*d).ok()).collect();
+        let bytes = dims.as_deref().and_then(|d| shape_bytes(d, o.datatype));
+        sizes.push(("output", o.name.clone(), o.shape.clone(), bytes));
+    }
+    check_sizes(&sizes, budget).map_err(|e| (ErrorClass::LoadError, e))?;
+    let runnable = model
+        .into_runnable()
+        .map_err(|e| refusal(&e, graph, facts, spec))?;
+    Ok(Shaped { runnable, outputs })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use pollen_protocol::manifest::TensorData;
+
+    fn limits() -> ServingLimits {
+        ServingLimits::new(1 << 30)
+    }
 
     fn digits() -> LoadedModel {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/digits-v1.onnx");
-        LoadedModel::load(&path, "digits", 1, ManifestId([0; 32]), 1 << 30).expect("load")
+        LoadedModel::load(
+            &path,
+            "digits",
+            1,
+            ManifestId([0; 32]),
+            &ServingSpec::default(),
+            &[],
+            &limits(),
+        )
+        .expect("load")
     }
 
     fn check(model: &LoadedModel, shift: f32) -> GoldenCheck {
@@ -436,8 +1316,354 @@ mod tests {
         // Symbolic dimensions count as 1 for the warm-up run.
         assert!(check_budget(&[spec(vec![-1, 64])], &[spec(vec![-1, 10])], 296).is_ok());
         let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/digits-v1.onnx");
-        let e = LoadedModel::load(&file, "d", 1, ManifestId([0; 32]), 100).unwrap_err();
+        let e = LoadedModel::load(
+            &file,
+            "d",
+            1,
+            ManifestId([0; 32]),
+            &ServingSpec::default(),
+            &[],
+            &ServingLimits::new(100),
+        )
+        .unwrap_err();
         assert_eq!(e.0, ErrorClass::LoadError);
         assert!(e.1.contains("over the model memory budget"), "{}", e.1);
+    }
+
+    mod generated {
+        use super::*;
+        use crate::serving::onnx::build::{Attr, graph, model, node, value_info};
+        use crate::serving::onnx::tensor_proto;
+
+        const F32: Option<i64> = Some(1);
+
+        fn f32s(name: &str, shape: &[usize], v: &[f32]) -> Tensor {
+            Tensor {
+                name: name.into(),
+                datatype: DType::F32,
+                shape: shape.to_vec(),
+                data: v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            }
+        }
+
+        fn values(t: &Tensor) -> Vec<f32> {
+            t.data
+                .chunks(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect()
+        }
+
+        fn init(name: &str, dtype: DType, shape: &[u64], data: Vec<u8>) -> Vec<u8> {
+            tensor_proto(&TensorData {
+                name: name.into(),
+                dtype,
+                shape: shape.to_vec(),
+                data,
+            })
+            .expect("tensor")
+        }
+
+        fn scalar_i64(name: &str, v: i64) -> TensorData {
+            TensorData {
+                name: name.into(),
+                dtype: DType::I64,
+                shape: vec![],
+                data: v.to_le_bytes().to_vec(),
+            }
+        }
+
+        /// Write `bytes` to a temporary file and load it.
+        fn load(
+            bytes: &[u8],
+            spec: &ServingSpec,
+            limits: &ServingLimits,
+        ) -> Result<LoadedModel, (ErrorClass, String)> {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let path = dir.path().join("m.onnx");
+            std::fs::write(&path, bytes).expect("write");
+            LoadedModel::load(&path, "m", 1, ManifestId([0; 32]), spec, &[], limits)
+        }
+
+        /// `y = x + [1, 2, 3, 4]` with `x` of shape `[N, 4]`.
+        fn batch_model() -> Vec<u8> {
+            let w: Vec<u8> = [1f32, 2., 3., 4.]
+                .iter()
+                .flat_map(|x| x.to_le_bytes())
+                .collect();
+            model(&graph(
+                &[node("Add", "", &["x", "w"], &["y"], &[])],
+                &[init("w", DType::F32, &[4], w)],
+                &[value_info("x", F32, Some(&[Err("N"), Ok(4)]))],
+                &[value_info("y", F32, Some(&[Err("N"), Ok(4)]))],
+            ))
+        }
+
+        #[test]
+        fn a_symbolic_batch_is_served_at_any_size_by_one_runnable() {
+            let m = load(&batch_model(), &ServingSpec::default(), &limits()).expect("load");
+            assert_eq!(m.inputs[0].shape, [-1, 4]);
+            assert_eq!(m.specialisations(), None, "one runnable, symbols kept");
+            let one = m.infer(&[f32s("x", &[1, 4], &[0.; 4])]).expect("batch 1");
+            assert_eq!(values(&one[0]), [1., 2., 3., 4.]);
+            let three = m.infer(&[f32s("x", &[3, 4], &[1.; 12])]).expect("batch 3");
+            assert_eq!(three[0].shape, [3, 4]);
+            assert_eq!(values(&three[0])[8..], [2., 3., 4., 5.]);
+            let e = m.infer(&[f32s("x", &[2, 5], &[0.; 10])]).unwrap_err();
+            assert!(matches!(e, ServeError::BadInput(_)), "{e}");
+            // Outputs are sized before the run: a batch whose output passes the budget is
+            // refused before anything is allocated for it.
+            let small = ServingLimits::new(2048);
+            let m = load(&batch_model(), &ServingSpec::default(), &small).expect("load");
+            let e = m.infer(&[f32s("x", &[100, 4], &[0.; 400])]).unwrap_err();
+            assert!(
+                e.to_string().contains("output 'y' of shape [100, 4]"),
+                "{e}"
+            );
+        }
+
+        /// A U-Net step: `y = Concat(x, ConvTranspose(MaxPool(x)))` with `x` of shape
+        /// `[1, 1, H, W]`: tract cannot prove that the upsampled height is `H` again.
+        fn unet_model() -> Vec<u8> {
+            let w: Vec<u8> = [1f32; 4].iter().flat_map(|x| x.to_le_bytes()).collect();
+            model(&graph(
+                &[
+                    node(
+                        "MaxPool",
+                        "",
+                        &["x"],
+                        &["p"],
+                        &[
+                            Attr::Ints("kernel_shape", vec![2, 2]),
+                            Attr::Ints("strides", vec![2, 2]),
+                        ],
+                    ),
+                    node(
+                        "ConvTranspose",
+                        "",
+                        &["p", "w"],
+                        &["u"],
+                        &[Attr::Ints("strides", vec![2, 2])],
+                    ),
+                    node("Concat", "", &["x", "u"], &["y"], &[Attr::Int("axis", 1)]),
+                ],
+                &[init("w", DType::F32, &[1, 1, 2, 2], w)],
+                &[value_info(
+                    "x",
+                    F32,
+                    Some(&[Ok(1), Ok(1), Err("H"), Err("W")]),
+                )],
+                &[value_info("y", F32, None)],
+            ))
+        }
+
+        #[test]
+        fn a_model_needing_specialisation_is_prepared_per_shape_in_a_bounded_cache() {
+            let limits = ServingLimits {
+                specialisations: 2,
+                ..ServingLimits::new(4096)
+            };
+            let m = load(&unet_model(), &ServingSpec::default(), &limits).expect("load");
+            assert_eq!(
+                m.specialisations(),
+                Some((0, 0)),
+                "nothing prepared before a request"
+            );
+            let image = |h: usize, w: usize| f32s("x", &[1, 1, h, w], &vec![1.; h * w]);
+            let out = m.infer(&[image(4, 4)]).expect("4x4");
+            assert_eq!(out[0].shape, [1, 2, 4, 4]);
+            assert_eq!(values(&out[0])[16..], [1.; 16], "pooled and spread back");
+            assert_eq!(m.infer(&[image(4, 6)]).expect("4x6")[0].shape, [1, 2, 4, 6]);
+            m.infer(&[image(4, 4)]).expect("4x4 again");
+            assert_eq!(
+                m.specialisations(),
+                Some((2, 2)),
+                "one preparation per shape"
+            );
+            // A third shape evicts the least recently used one (4x6).
+            m.infer(&[image(6, 6)]).expect("6x6");
+            assert_eq!(m.specialisations(), Some((3, 2)));
+            m.infer(&[image(4, 4)]).expect("4x4 still held");
+            assert_eq!(m.specialisations(), Some((3, 2)));
+            m.infer(&[image(4, 6)]).expect("4x6 again");
+            assert_eq!(
+                m.specialisations(),
+                Some((4, 2)),
+                "prepared again after eviction"
+            );
+            // A shape the model cannot take is the request's error, and is not tried twice.
+            let e = m.infer(&[image(5, 5)]).unwrap_err();
+            assert!(matches!(e, ServeError::BadInput(_)), "{e}");
+            // Each shape is sized against the budget before it runs.
+            let e = m.infer(&[image(24, 24)]).unwrap_err();
+            assert!(e.to_string().contains("model memory budget"), "{e}");
+        }
+
+        /// `y = If(sr == 16000, then: x * 2, else: Concat(x, x))`, `x` of shape `[N, 4]`,
+        /// `sr` a scalar: the branches' shapes differ, so tract cannot type the `If` unless
+        /// `sr` is fixed.
+        fn if_model() -> Vec<u8> {
+            let two = init("two", DType::F32, &[], 2f32.to_le_bytes().to_vec());
+            let then_g = graph(
+                &[node("Mul", "", &["x", "two"], &["t"], &[])],
+                &[two],
+                &[],
+                &[value_info("t", F32, None)],
+            );
+            let else_g = graph(
+                &[node(
+                    "Concat",
+                    "",
+                    &["x", "x"],
+                    &["e"],
+                    &[Attr::Int("axis", 1)],
+                )],
+                &[],
+                &[],
+                &[value_info("e", F32, None)],
+            );
+            model(&graph(
+                &[
+                    node(
+                        "Constant",
+                        "",
+                        &[],
+                        &["k"],
+                        &[Attr::Tensor(
+                            "value",
+                            init("kv", DType::I64, &[], 16000i64.to_le_bytes().to_vec()),
+                        )],
+                    ),
+                    node("Equal", "", &["sr", "k"], &["c"], &[]),
+                    node(
+                        "If",
+                        "",
+                        &["c"],
+                        &["y"],
+                        &[
+                            Attr::Graph("then_branch", then_g),
+                            Attr::Graph("else_branch", else_g),
+                        ],
+                    ),
+                ],
+                &[],
+                &[
+                    value_info("x", F32, Some(&[Err("N"), Ok(4)])),
+                    value_info("sr", Some(7), Some(&[])),
+                ],
+                &[value_info("y", F32, None)],
+            ))
+        }
+
+        #[test]
+        fn a_constant_input_folds_its_if_and_a_different_value_is_refused() {
+            let e = load(&if_model(), &ServingSpec::default(), &limits()).unwrap_err();
+            assert_eq!(e.0, ErrorClass::UnsupportedOp, "{}", e.1);
+            assert!(
+                e.1.contains("node 'If_y' (If)") && e.1.contains("--const sr=VALUE"),
+                "{}",
+                e.1
+            );
+            let spec = ServingSpec {
+                consts: vec![scalar_i64("sr", 16000)],
+                ..ServingSpec::default()
+            };
+            let m = load(&if_model(), &spec, &limits()).expect("folded");
+            assert_eq!(
+                m.inputs.iter().map(|i| i.name.as_str()).collect::<Vec<_>>(),
+                ["x"],
+                "sr is not asked for"
+            );
+            assert_eq!(
+                m.specialisations(),
+                None,
+                "symbols kept once the If is gone"
+            );
+            let x = f32s("x", &[2, 4], &[1.; 8]);
+            let out = m.infer(std::slice::from_ref(&x)).expect("without sr");
+            assert_eq!(values(&out[0]), [2.; 8], "the then branch");
+            let sr = |v: i64| Tensor {
+                name: "sr".into(),
+                datatype: DType::I64,
+                shape: vec![1],
+                data: v.to_le_bytes().to_vec(),
+            };
+            m.infer(&[x.clone(), sr(16000)])
+                .expect("the same value is accepted");
+            let e = m.infer(&[x.clone(), sr(8000)]).unwrap_err();
+            assert!(
+                matches!(&e, ServeError::BadInput(m) if m.contains("fixed at [16000]")),
+                "{e}"
+            );
+            // The other value takes the other branch.
+            let spec = ServingSpec {
+                consts: vec![scalar_i64("sr", 8000)],
+                ..ServingSpec::default()
+            };
+            let m = load(&if_model(), &spec, &limits()).expect("folded");
+            let out = m.infer(&[x]).expect("the else branch");
+            assert_eq!(out[0].shape, [2, 8]);
+        }
+
+        #[test]
+        fn a_zipmap_at_an_output_is_served_as_the_probabilities_it_wraps() {
+            let g = graph(
+                &[
+                    node(
+                        "Softmax",
+                        "",
+                        &["X"],
+                        &["probabilities"],
+                        &[Attr::Int("axis", 1)],
+                    ),
+                    node(
+                        "ZipMap",
+                        "ai.onnx.ml",
+                        &["probabilities"],
+                        &["output_probability"],
+                        &[Attr::Ints("classlabels_int64s", vec![0, 1, 2])],
+                    ),
+                ],
+                &[],
+                &[value_info("X", F32, Some(&[Err(""), Ok(3)]))],
+                &[value_info("output_probability", None, None)],
+            );
+            let m = load(&model(&g), &ServingSpec::default(), &limits()).expect("load");
+            assert_eq!(m.outputs[0].name, "output_probability");
+            assert_eq!(m.outputs[0].datatype, DType::F32);
+            let note = &m.notes["output_probability"];
+            assert!(
+                note.contains("ZipMap") && note.contains("0, 1, 2"),
+                "{note}"
+            );
+            let out = m
+                .infer(&[f32s("X", &[2, 3], &[0., 0., 0., 1., 1., 1.])])
+                .expect("run");
+            assert_eq!(out[0].shape, [2, 3]);
+            assert!(values(&out[0]).iter().all(|p| (p - 1. / 3.).abs() < 1e-6));
+        }
+
+        #[test]
+        fn an_operator_tract_lacks_is_refused_naming_the_node_and_operator() {
+            let g = graph(
+                &[node(
+                    "TreeEnsembleRegressor",
+                    "ai.onnx.ml",
+                    &["X"],
+                    &["variable"],
+                    &[],
+                )],
+                &[],
+                &[value_info("X", F32, Some(&[Err(""), Ok(10)]))],
+                &[value_info("variable", F32, Some(&[Err(""), Ok(1)]))],
+            );
+            let e = load(&model(&g), &ServingSpec::default(), &limits()).unwrap_err();
+            assert_eq!(e.0, ErrorClass::UnsupportedOp, "{}", e.1);
+            assert!(
+                e.1.contains("TreeEnsembleRegressor_variable")
+                    && e.1.contains("ai.onnx.ml:TreeEnsembleRegressor"),
+                "{}",
+                e.1
+            );
+        }
     }
 }

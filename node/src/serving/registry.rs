@@ -97,6 +97,17 @@ impl Registry {
             .unwrap_or_default()
     }
 
+    /// Every loaded version (current and previous) of every channel, by channel.
+    pub fn loaded(&self) -> Vec<Arc<LoadedModel>> {
+        let slots = self.slots.read().unwrap_or_else(|e| e.into_inner());
+        slots
+            .values()
+            .flat_map(|s| [&s.current, &s.previous])
+            .flatten()
+            .cloned()
+            .collect()
+    }
+
     /// Channels with a current version.
     pub fn channels(&self) -> Vec<String> {
         let slots = self.slots.read().unwrap_or_else(|e| e.into_inner());

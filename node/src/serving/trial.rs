@@ -9,9 +9,9 @@
 //! timeout is a clean failed activation with its reason; the node never notices more
 //! than a failed child.
 
-use super::LoadedModel;
+use super::{LoadedModel, ServingLimits};
 use pollen_protocol::ids::ManifestId;
-use pollen_protocol::manifest::GoldenCheck;
+use pollen_protocol::manifest::{GoldenCheck, ServingSpec};
 use pollen_protocol::rollout::ErrorClass;
 use serde::{Deserialize, Serialize};
 use std::io::Write;
@@ -30,19 +30,34 @@ struct Verdict {
     failure: Option<(ErrorClass, String)>,
 }
 
+/// What the child reads from its `--golden` file (postcard): the golden checks and how
+/// the manifest says to prepare the model.
+type TrialInput = (Vec<GoldenCheck>, ServingSpec);
+
 /// What `pollen trial-model` does in the child: cap the address space at `budget` (plus
-/// the process's own overhead), then load the model and run its golden checks (a postcard
-/// `Vec<GoldenCheck>` in `golden`), and print the verdict.
+/// the process's own overhead), then load the model as the manifest's serving spec says
+/// and run its golden checks (a postcard [`TrialInput`] in `golden`), and print the
+/// verdict.
 pub fn child_main(model: &Path, golden: &Path, budget: u64) -> anyhow::Result<()> {
     limit_address_space(budget.saturating_add(CHILD_OVERHEAD))?;
     let failure = (|| {
         let bytes = std::fs::read(golden)
             .map_err(|e| (ErrorClass::Other, format!("{}: {e}", golden.display())))?;
-        let checks: Vec<GoldenCheck> = postcard::from_bytes(&bytes)
+        let (checks, spec): TrialInput = postcard::from_bytes(&bytes)
             .map_err(|e| (ErrorClass::Other, format!("golden checks: {e}")))?;
-        let m = LoadedModel::load(model, "trial", 0, ManifestId([0; 32]), budget)?;
-        m.golden(&checks)
-            .map_err(|e| (super::classify::classify(&e, ErrorClass::GoldenMismatch), e))
+        let limits = ServingLimits::new(budget);
+        let m = LoadedModel::load(
+            model,
+            "trial",
+            0,
+            ManifestId([0; 32]),
+            &spec,
+            &checks,
+            &limits,
+        )
+        .map_err(|(c, e)| (super::classify::classify(&e, c), e))?;
+        m.check_golden(&checks)
+            .map_err(|(c, e)| (super::classify::classify(&e, c), e))
     })()
     .err();
     let line = serde_json::to_string(&Verdict { failure })?;
@@ -65,19 +80,20 @@ fn limit_address_space(bytes: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Run the trial of `model` with `golden` in a child process of `exe` (the `pollen`
-/// binary) under `budget` bytes, waiting at most `timeout`. Blocking: call it on a
-/// blocking thread.
+/// Run the trial of `model` with `golden`, prepared as `spec` says, in a child process of
+/// `exe` (the `pollen` binary) under `budget` bytes, waiting at most `timeout`. Blocking:
+/// call it on a blocking thread.
 pub fn run(
     exe: &Path,
     model: &Path,
     golden: &[GoldenCheck],
+    spec: &ServingSpec,
     budget: u64,
     timeout: Duration,
 ) -> Result<(), (ErrorClass, String)> {
     let other = |what: &str, e: &dyn std::fmt::Display| (ErrorClass::Other, format!("{what}: {e}"));
     let mut golden_file = tempfile::NamedTempFile::new().map_err(|e| other("trial", &e))?;
-    let bytes = postcard::to_allocvec(golden).map_err(|e| other("golden checks", &e))?;
+    let bytes = postcard::to_allocvec(&(golden, spec)).map_err(|e| other("golden checks", &e))?;
     golden_file
         .write_all(&bytes)
         .map_err(|e| other("trial", &e))?;

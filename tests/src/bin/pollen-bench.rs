@@ -267,7 +267,9 @@ fn serve() {
         "digits",
         1,
         pollen_protocol::ManifestId([0; 32]),
-        u64::MAX,
+        &pollen_protocol::manifest::ServingSpec::default(),
+        &[],
+        &pollen_node::serving::ServingLimits::new(u64::MAX),
     )
     .expect("load");
     let input = pollen_node::serving::kserve::Tensor {
