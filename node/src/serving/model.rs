@@ -382,7 +382,8 @@ fn input_facts(graph: &Graph, spec: &ServingSpec) -> Result<Vec<InputFact>, Stri
             let file_dtype = vi.elem.map(|e| {
                 onnx::dtype_of_elem(e).ok_or_else(|| {
                     format!(
-                        "input '{}' is {}, which Pollen does not serve",
+                        "input '{}' is {}: that element type is not supported (Pollen \
+                         serves bool, integers, f16, f32 and f64)",
                         vi.name,
                         onnx::elem_name(e)
                     )
