@@ -49,11 +49,18 @@ HINTS = {
     "silero-vad-op18-ifless": ["--const", "sr=16000"],
 }
 
-# Tolerances: onnxruntime's own optimised and unoptimised graphs differ by up to these
-# (corpus.json, ort.max_abs_diff_optimised_vs_unoptimised), so a second runtime gets
-# at least as much room.
-ATOL = 1e-4
-RTOL = 1e-3
+# Tolerances, the same for the golden checks at publish and for the comparison here:
+# |got - want| <= atol + rtol * |want| for floats, exact for integers and booleans.
+# onnxruntime's own optimised and unoptimised graphs differ by up to 1.6e-5 on the float
+# models (corpus.json, ort.max_abs_diff_optimised_vs_unoptimised), so a second runtime
+# gets a few times that; quantised models round differently from one runtime to the
+# next (onnxruntime against itself: 1/255 on the QDQ model), so they get 1e-2.
+ATOL, RTOL = 1e-4, 1e-3
+QUANTISED = {"smart-turn-v3.2-int8", "ocr-cls-int8-static", "magika-int8-dynamic"}
+
+
+def tolerance(name):
+    return (1e-2, 1e-2) if name in QUANTISED else (ATOL, RTOL)
 
 
 def run(cmd, **kw):
@@ -149,7 +156,7 @@ def infer(client, channel, inputs, skip):
     return {o["name"]: r.as_numpy(o["name"]) for o in r.get_response()["outputs"]}
 
 
-def max_diff(want, got):
+def max_diff(want, got, atol=ATOL, rtol=RTOL):
     if got is None:
         return float("inf"), False
     got = np.asarray(got)
@@ -160,7 +167,7 @@ def max_diff(want, got):
         g = got.astype(np.float64)
         both_nan = np.isnan(w) & np.isnan(g)
         d = np.where(both_nan, 0.0, np.abs(w - g))
-        bound = ATOL + RTOL * np.abs(w)
+        bound = atol + rtol * np.abs(w)
         return float(d.max(initial=0.0)), bool((d <= bound).all())
     same = np.array_equal(want, got.astype(want.dtype))
     return (0.0 if same else float("inf")), same
@@ -271,7 +278,7 @@ def main():
                     inputs = tensors(s, "input")
                     got = infer(client, channel, inputs, consts)
                     for oname, want in tensors(s, "output"):
-                        diff, fine = max_diff(want, got.get(oname))
+                        diff, fine = max_diff(want, got.get(oname), *tolerance(name))
                         worst = max(worst, diff)
                         ok &= fine
             row["max_abs_diff"] = worst
@@ -306,7 +313,7 @@ def main():
     finally:
         for n in nodes:
             n.stop()
-    served = [r for r in rows if r["outcome"] == "SERVED"]
+    served = [r for r in rows if r["outcome"] == "SERVED" and r.get("within_tolerance")]
     lines = [
         "| model | kind | source | outcome | max abs diff | Pollen ms | onnxruntime ms | ratio |",
         "|---|---|---|---|---|---|---|---|",
