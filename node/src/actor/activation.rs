@@ -2,7 +2,7 @@
 //! put it in the registry, roll back, and sign the health reports the rollout gates count.
 
 use super::{Actor, Done};
-use crate::serving::{LoadedModel, WindowStats, trial};
+use crate::serving::{GoldenSet, LoadedModel, WindowStats, trial};
 use crate::store::FailedActivation;
 use anyhow::Result;
 use pollen_keys::time::unix_now;
@@ -12,7 +12,7 @@ use pollen_protocol::rollout::{ErrorClass, HealthReport, HealthReportBody, Healt
 use pollen_protocol::signing::Signed;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 impl Actor {
     /// [`Actor::start_activation_of`] a release the core holds, with the variant the core
@@ -35,8 +35,9 @@ impl Actor {
         self.start_activation_of(channel, version, manifest, variant, report);
     }
 
-    /// Load variant `variant` of a release's model and run its golden checks on the
-    /// blocking pool; the result comes back as [`Done::Activated`].
+    /// Load variant `variant` of a release's model (its first file) and run its golden
+    /// checks (the manifest's, then the variant's golden file's) on the blocking pool; the
+    /// result comes back as [`Done::Activated`].
     pub(super) fn start_activation_of(
         &mut self,
         channel: pollen_protocol::manifest::Channel,
@@ -48,11 +49,21 @@ impl Actor {
         let Some(m) = self.mesh.manifest(&manifest).cloned() else {
             return;
         };
-        let Some(file) = m.body.artifact.variants[variant].files.first() else {
+        let Some(v) = m.body.artifact.variants.get(variant) else {
+            return;
+        };
+        let Some(file) = v.model_file() else {
             return;
         };
         let spec = file.spec.clone();
-        let golden = m.body.golden.clone();
+        let golden_spec = v.golden_file().map(|f| f.spec.clone());
+        let inline = m.body.golden.clone();
+        let rtol = m
+            .body
+            .serving
+            .as_ref()
+            .map(|s| s.golden_rtol.clone())
+            .unwrap_or_default();
         let store = self.store.clone();
         let tx = self.done_tx.clone();
         let budget = self.cfg.model_memory_budget();
@@ -70,6 +81,15 @@ impl Actor {
                         format!("model file not in the store: {e}"),
                     )
                 })?;
+                let golden_path = match &golden_spec {
+                    Some(g) => Some(store.finish(g).map_err(|e| {
+                        (
+                            ErrorClass::Unavailable,
+                            format!("golden file not in the store: {e}"),
+                        )
+                    })?),
+                    None => None,
+                };
                 // Durable before anything risky: if the process dies from here on, the
                 // next start reports this release failed instead of trying it again.
                 if let Err(e) = store.mark_activating(&manifest) {
@@ -78,14 +98,27 @@ impl Actor {
                         manifest.short()
                     );
                 }
+                let started = Instant::now();
+                let file = golden_path.as_deref().zip(golden_spec.map(|g| g.size));
+                let golden = GoldenSet::gather(inline, file, rtol)
+                    .map_err(|e| (ErrorClass::Other, format!("golden checks: {e}")))?;
+                let read = started.elapsed();
                 if let Some(exe) = &exe {
                     trial::run(exe, &path, &golden, budget, timeout)?;
                 }
+                let trial = started.elapsed() - read;
                 let mut loaded =
                     LoadedModel::load(&path, channel.as_str(), version, manifest, budget)?;
+                let load = started.elapsed() - read - trial;
                 loaded
                     .golden(&golden)
                     .map_err(|e| (ErrorClass::GoldenMismatch, e))?;
+                tracing::info!(
+                    "{channel} version {version}: golden checks read in {read:.1?}, trial run \
+                     {trial:.1?}, load {load:.1?}, {} golden checks {:.1?}",
+                    golden.checks.len(),
+                    started.elapsed() - read - trial - load
+                );
                 loaded.keep_golden(golden);
                 Ok(Arc::new(loaded))
             }));

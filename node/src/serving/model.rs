@@ -2,11 +2,12 @@
 //! blocking), and run it on KServe tensors ([`LoadedModel::run`]), checking names, data
 //! types and shapes first.
 
+use super::golden::GoldenSet;
 use super::health::HealthWindow;
 use super::kserve::{DATATYPES, Tensor};
 use super::onnx::onnx_graph_outputs;
 use pollen_protocol::ids::ManifestId;
-use pollen_protocol::manifest::{DType, GoldenCheck};
+use pollen_protocol::manifest::DType;
 use pollen_protocol::rollout::ErrorClass;
 use std::path::Path;
 use std::sync::{Mutex, PoisonError};
@@ -59,7 +60,7 @@ pub struct LoadedModel {
     runnable: Runnable,
     /// The golden checks it passed at activation ([`LoadedModel::keep_golden`]), run again
     /// to decide who is at fault when a request fails ([`LoadedModel::at_fault`]).
-    golden: Vec<GoldenCheck>,
+    golden: GoldenSet,
     /// The latest verdict of such a re-run: when, and whether the model failed it.
     recheck: Mutex<Option<(Instant, bool)>>,
 }
@@ -243,7 +244,7 @@ impl LoadedModel {
             outputs,
             health: HealthWindow::default(),
             runnable,
-            golden: Vec::new(),
+            golden: GoldenSet::default(),
             recheck: Mutex::new(None),
         };
         m.warm()
@@ -252,7 +253,7 @@ impl LoadedModel {
     }
 
     /// Keep the golden checks the model just passed, for [`LoadedModel::at_fault`].
-    pub fn keep_golden(&mut self, checks: Vec<GoldenCheck>) {
+    pub fn keep_golden(&mut self, checks: GoldenSet) {
         self.golden = checks;
     }
 
@@ -377,7 +378,7 @@ impl LoadedModel {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use pollen_protocol::manifest::TensorData;
+    use pollen_protocol::manifest::{GoldenCheck, TensorData};
 
     fn digits() -> LoadedModel {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/digits-v1.onnx");
@@ -415,11 +416,17 @@ mod tests {
         let mut m = digits();
         assert!(!m.at_fault(), "no golden checks: the input is at fault");
         let good = check(&m, 0.0);
-        m.keep_golden(vec![good]);
+        m.keep_golden(GoldenSet {
+            checks: vec![good],
+            rtol: vec![],
+        });
         assert!(!m.at_fault(), "still passes its checks");
         let mut broken = digits();
         let bad = check(&broken, 1.0);
-        broken.keep_golden(vec![bad]);
+        broken.keep_golden(GoldenSet {
+            checks: vec![bad],
+            rtol: vec![],
+        });
         assert!(broken.at_fault(), "fails its own checks now");
         assert!(broken.at_fault(), "the verdict holds between re-runs");
     }

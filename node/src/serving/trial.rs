@@ -9,9 +9,8 @@
 //! timeout is a clean failed activation with its reason; the node never notices more
 //! than a failed child.
 
-use super::LoadedModel;
+use super::{GoldenSet, LoadedModel};
 use pollen_protocol::ids::ManifestId;
-use pollen_protocol::manifest::GoldenCheck;
 use pollen_protocol::rollout::ErrorClass;
 use serde::{Deserialize, Serialize};
 use std::io::Write;
@@ -32,13 +31,13 @@ struct Verdict {
 
 /// What `pollen trial-model` does in the child: cap the address space at `budget` (plus
 /// the process's own overhead), then load the model and run its golden checks (a postcard
-/// `Vec<GoldenCheck>` in `golden`), and print the verdict.
+/// [`GoldenSet`] in `golden`), and print the verdict.
 pub fn child_main(model: &Path, golden: &Path, budget: u64) -> anyhow::Result<()> {
     limit_address_space(budget.saturating_add(CHILD_OVERHEAD))?;
     let failure = (|| {
         let bytes = std::fs::read(golden)
             .map_err(|e| (ErrorClass::Other, format!("{}: {e}", golden.display())))?;
-        let checks: Vec<GoldenCheck> = postcard::from_bytes(&bytes)
+        let checks: GoldenSet = postcard::from_bytes(&bytes)
             .map_err(|e| (ErrorClass::Other, format!("golden checks: {e}")))?;
         let m = LoadedModel::load(model, "trial", 0, ManifestId([0; 32]), budget)?;
         m.golden(&checks)
@@ -71,7 +70,7 @@ fn limit_address_space(bytes: u64) -> anyhow::Result<()> {
 pub fn run(
     exe: &Path,
     model: &Path,
-    golden: &[GoldenCheck],
+    golden: &GoldenSet,
     budget: u64,
     timeout: Duration,
 ) -> Result<(), (ErrorClass, String)> {
