@@ -428,7 +428,7 @@ impl ServingSpec {
             ));
         }
         for (i, f) in self.inputs.iter().enumerate() {
-            check_name("input name", &f.name)?;
+            check_tensor_name("input name", &f.name)?;
             if self.inputs[..i].iter().any(|o| o.name == f.name) {
                 return Err(format!("input {:?} declared twice", f.name));
             }
@@ -528,6 +528,17 @@ impl ManifestBody {
     }
 }
 
+/// A graph's tensor name: 1 to [`MAX_NAME_LEN`] bytes without NUL. Unlike file names
+/// these may hold `/` (exporters name tensors `/model/conv1/Conv_output_0`).
+fn check_tensor_name(what: &str, s: &str) -> Result<(), String> {
+    if s.is_empty() || s.len() > MAX_NAME_LEN || s.contains('\0') {
+        return Err(format!(
+            "{what} must be 1 to {MAX_NAME_LEN} bytes without NUL"
+        ));
+    }
+    Ok(())
+}
+
 fn check_name(what: &str, s: &str) -> Result<(), String> {
     if s.is_empty() || s.len() > MAX_NAME_LEN {
         return Err(format!("{what} must be 1 to {MAX_NAME_LEN} bytes"));
@@ -583,7 +594,7 @@ pub fn decode_golden_file(bytes: &[u8]) -> Result<Vec<GoldenCheck>, String> {
 }
 
 fn check_tensor(t: &TensorData) -> Result<(), String> {
-    check_name("tensor name", &t.name)?;
+    check_tensor_name("tensor name", &t.name)?;
     let Some(size) = t.dtype.size() else {
         return Err("golden tensors must have a fixed-size dtype".into());
     };
@@ -659,7 +670,7 @@ impl SignedBody for ManifestBody {
             }
         }
         for t in self.model.inputs.iter().chain(&self.model.outputs) {
-            check_name("tensor name", &t.name)?;
+            check_tensor_name("tensor name", &t.name)?;
             if t.shape.iter().any(|&d| d < -1) || t.shape.len() > 16 {
                 return Err(format!("tensor {:?}: bad shape", t.name));
             }
@@ -914,6 +925,15 @@ mod tests {
         assert!(decode_golden_file(&encode_golden_file(&[short])).is_err());
         let many = vec![golden_check(0.0); MAX_GOLDEN + 1];
         assert!(decode_golden_file(&encode_golden_file(&many)).is_err());
+        // Graph tensor names may hold `/`, unlike file names.
+        let mut slash = golden_check(0.0);
+        slash.inputs[0].name = "/model/conv1/Conv_output_0".into();
+        assert!(decode_golden_file(&encode_golden_file(&[slash.clone()])).is_ok());
+        let mut b = body(None);
+        b.golden = vec![slash.clone()];
+        assert!(b.validate().is_ok());
+        slash.inputs[0].name = "a\0b".into();
+        assert!(decode_golden_file(&encode_golden_file(&[slash])).is_err());
     }
 
     #[test]
