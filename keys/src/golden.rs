@@ -26,7 +26,7 @@ use anyhow::{Context, Result, bail};
 use pollen_protocol::chunking::spec_for_bytes;
 use pollen_protocol::manifest::{
     FileEntry, GOLDEN_FILE, GoldenCheck, MAX_GOLDEN, MAX_GOLDEN_FILE, ManifestBody, TensorData,
-    encode_golden_file,
+    decode_golden_file, encode_golden_file,
 };
 use pollen_protocol::signing::SignedBody;
 use std::path::{Path, PathBuf};
@@ -296,6 +296,8 @@ pub fn attach(
             bytes.len()
         );
     }
+    // Refuse here what every node would refuse at activation.
+    decode_golden_file(&bytes).map_err(|e| anyhow::anyhow!("invalid golden checks: {e}"))?;
     body.serving.get_or_insert_with(Default::default);
     for v in &mut body.artifact.variants {
         let Some(model) = v.files.first() else {
@@ -316,7 +318,7 @@ mod tests {
     use super::*;
     use pollen_protocol::UnixTime;
     use pollen_protocol::chunking::{ChunkSize, spec_for_bytes};
-    use pollen_protocol::manifest::{Channel, DType, decode_golden_file};
+    use pollen_protocol::manifest::{Channel, DType};
     use pollen_protocol::rollout::RolloutPlan;
 
     fn body() -> ManifestBody {
@@ -390,6 +392,11 @@ mod tests {
                 .is_some()
         );
         assert!(b.serving.is_some());
+        // What nodes would refuse is refused here too.
+        let mut long = check(40_000);
+        long.inputs[0].name = "x".repeat(200);
+        let e = attach(&mut body(), vec![long], None).expect_err("long name");
+        assert!(e.to_string().contains("tensor name"), "{e}");
         // The name is reserved.
         let mut b = body();
         b.artifact.variants[0].files[0].name = GOLDEN_FILE.into();

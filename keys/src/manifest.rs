@@ -279,28 +279,28 @@ pub fn describe(m: &Manifest, now: UnixTime, trust: Option<&TrustRoot>) -> Strin
             );
         }
     }
-    let rtol = b
-        .serving
-        .as_ref()
-        .map(|s| s.golden_rtol.as_slice())
-        .unwrap_or_default();
-    if !b.golden.is_empty() || !rtol.is_empty() {
+    if !b.golden.is_empty() {
         let _ = writeln!(
             s,
-            "  golden checks: {} in the manifest (absolute tolerances {:?}), relative tolerances {rtol:?}",
+            "  golden checks: {} in the manifest, absolute tolerances {:?}",
             b.golden.len(),
             b.golden.iter().map(|g| g.tolerance).collect::<Vec<_>>()
         );
     }
-    if b.artifact
-        .variants
-        .iter()
-        .any(|v| v.golden_file().is_some())
-    {
+    for v in &b.artifact.variants {
+        if let Some(f) = v.golden_file() {
+            let _ = writeln!(
+                s,
+                "  golden checks of variant {}: in its file {} ({} bytes)",
+                v.name, f.name, f.spec.size
+            );
+        }
+    }
+    if let Some(sv) = b.serving.as_ref().filter(|sv| !sv.golden_rtol.is_empty()) {
         let _ = writeln!(
             s,
-            "  golden checks in {}: the variants' file of that name",
-            pollen_protocol::manifest::GOLDEN_FILE
+            "  golden relative tolerances (per check): {:?}",
+            sv.golden_rtol
         );
     }
     let _ = writeln!(s, "  rollout ({} stages):", b.rollout.stages.len());
