@@ -16,6 +16,8 @@
 //! * [`files`]: reading and writing signed object files.
 //! * [`trust`]: trust roots: create, rotate, co-sign, describe.
 //! * [`manifest`]: hash files, build, sign, co-sign and describe manifests.
+//! * [`golden`]: golden checks from the ONNX test-data layout; inline or as a golden file.
+//! * [`onnx_pb`]: the bits of ONNX protobuf golden data needs (`TensorProto`, graph I/O).
 //! * [`cert`]: node certificates signed by the fleet key.
 //! * [`time`]: wall clock, durations and dates for humans.
 //!
@@ -32,8 +34,10 @@
 
 pub mod cert;
 pub mod files;
+pub mod golden;
 pub mod keyfile;
 pub mod manifest;
+pub mod onnx_pb;
 pub mod time;
 pub mod trust;
 

@@ -150,8 +150,10 @@ pub struct NewManifest {
 
 /// Hash every file and build the manifest body: one variant named [`DEFAULT_VARIANT`]
 /// with no device requirements, files named by their file names (not paths), empty model
-/// metadata and no golden checks. Errors when a file cannot be read, a name is not UTF-8,
-/// or the body breaks a field rule (duplicate names, too many files, …).
+/// metadata and no golden checks ([`crate::golden::attach`] adds them). Errors when a file
+/// cannot be read, a name is not UTF-8 or is the reserved
+/// [`GOLDEN_FILE`](pollen_protocol::manifest::GOLDEN_FILE), or the body breaks a field
+/// rule (duplicate names, too many files, …).
 pub fn build_body(spec: &NewManifest) -> Result<ManifestBody> {
     build_body_with_progress(spec, &mut |_, _| {})
 }
@@ -171,6 +173,12 @@ pub fn build_body_with_progress(
             .and_then(|n| n.to_str())
             .with_context(|| format!("{} has no UTF-8 file name", path.display()))?
             .to_string();
+        if name == pollen_protocol::manifest::GOLDEN_FILE {
+            bail!(
+                "{}: {name} is a reserved file name (golden checks go with --golden)",
+                path.display()
+            );
+        }
         files.push(FileEntry {
             name,
             spec: hash_file_with_progress(path, spec.chunk_size, &mut |n| progress(path, n))?,
@@ -270,6 +278,30 @@ pub fn describe(m: &Manifest, now: UnixTime, trust: Option<&TrustRoot>) -> Strin
                 format_size(f.spec.chunk_size.bytes())
             );
         }
+    }
+    if !b.golden.is_empty() {
+        let _ = writeln!(
+            s,
+            "  golden checks: {} in the manifest, absolute tolerances {:?}",
+            b.golden.len(),
+            b.golden.iter().map(|g| g.tolerance).collect::<Vec<_>>()
+        );
+    }
+    for v in &b.artifact.variants {
+        if let Some(f) = v.golden_file() {
+            let _ = writeln!(
+                s,
+                "  golden checks of variant {}: in its file {} ({} bytes)",
+                v.name, f.name, f.spec.size
+            );
+        }
+    }
+    if let Some(sv) = b.serving.as_ref().filter(|sv| !sv.golden_rtol.is_empty()) {
+        let _ = writeln!(
+            s,
+            "  golden relative tolerances (per check): {:?}",
+            sv.golden_rtol
+        );
     }
     let _ = writeln!(s, "  rollout ({} stages):", b.rollout.stages.len());
     for (i, st) in b.rollout.stages.iter().enumerate() {

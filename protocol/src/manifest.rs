@@ -22,6 +22,15 @@ pub const MAX_FILES: usize = 32;
 pub const MAX_GOLDEN: usize = 16;
 /// Longest short string (file names, variant names, tensor names).
 pub const MAX_NAME_LEN: usize = 128;
+/// The file name that marks a variant's golden file: golden checks too large to travel in
+/// the manifest, in the format of [`encode_golden_file`]. Reserved: no other file may
+/// take it, and it is never the model graph (the first file).
+pub const GOLDEN_FILE: &str = "golden.checks";
+/// Largest golden file: a node reads it whole, and keeps its checks while the release
+/// serves.
+pub const MAX_GOLDEN_FILE: u64 = 64 << 20;
+/// The first bytes of a golden file (format 1).
+pub const GOLDEN_FILE_MAGIC: &[u8; 8] = b"PGOLDEN1";
 
 /// Tensor element types (the KServe v2 datatypes that ONNX models use).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -160,8 +169,9 @@ pub struct TensorData {
     pub data: Vec<u8>,
 }
 
-/// A golden check: run `inputs`, compare outputs with `expected` within `tolerance`
-/// (absolute, per element, for floats; exact for integers and booleans).
+/// A golden check: run `inputs`, compare outputs with `expected`: integers and booleans
+/// exactly, floats within `tolerance` plus the relative tolerance of
+/// [`ServingSpec::golden_rtol`] (see there).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct GoldenCheck {
     /// Inputs to feed.
@@ -199,8 +209,21 @@ pub struct Variant {
     pub name: String,
     /// Device requirements.
     pub requires: DeviceRequirements,
-    /// Files: the first is the model graph.
+    /// Files: the first is the model graph; one named [`GOLDEN_FILE`], if any, holds
+    /// golden checks for this variant.
     pub files: Vec<FileEntry>,
+}
+
+impl Variant {
+    /// The model graph: the first file.
+    pub fn model_file(&self) -> Option<&FileEntry> {
+        self.files.first()
+    }
+
+    /// The variant's golden file ([`GOLDEN_FILE`]), if it has one.
+    pub fn golden_file(&self) -> Option<&FileEntry> {
+        self.files.iter().skip(1).find(|f| f.name == GOLDEN_FILE)
+    }
 }
 
 /// The artifact: one or more variants; the first is the default.
@@ -261,7 +284,9 @@ pub struct ManifestBody {
     pub artifact: Artifact,
     /// Model inputs and outputs.
     pub model: ModelMeta,
-    /// Checks to run on the device before activation.
+    /// Checks to run on the device before activation. The checks of a release are these,
+    /// then those in the golden file of the variant the node runs ([`Variant::golden_file`]),
+    /// at most [`MAX_GOLDEN`] in all.
     pub golden: Vec<GoldenCheck>,
     /// Staged rollout plan.
     pub rollout: RolloutPlan,
@@ -294,8 +319,10 @@ pub struct ServingSpec {
     /// Inputs fixed for the deployment (`--const sr=16000`): the node feeds them, does not
     /// ask for them in requests, and refuses a request that gives a different value.
     pub consts: Vec<TensorData>,
-    /// Per golden check (in order), the relative tolerance of float outputs: an element
-    /// passes when `|got - want| <= tolerance + rtol * |want|`. Missing entries are 0.
+    /// Per golden check (in order: the manifest's, then the golden file's), the relative
+    /// tolerance of float outputs: an element passes when it equals the expected one
+    /// (both NaN counts as equal) or `|got - want| <= tolerance + rtol * |want|`. Missing
+    /// entries are 0. Integer and boolean outputs must match exactly.
     pub golden_rtol: Vec<f32>,
 }
 
@@ -392,6 +419,8 @@ fn is_symbol(d: &str) -> bool {
 }
 
 impl ServingSpec {
+    /// `golden`: how many golden checks the manifest may have (its own, or
+    /// [`MAX_GOLDEN`] when a variant has a golden file).
     fn validate(&self, golden: usize) -> Result<(), String> {
         if self.inputs.len() > MAX_INPUT_FACTS || self.consts.len() > MAX_INPUT_FACTS {
             return Err(format!(
@@ -399,7 +428,7 @@ impl ServingSpec {
             ));
         }
         for (i, f) in self.inputs.iter().enumerate() {
-            check_name("input name", &f.name)?;
+            check_tensor_name("input name", &f.name)?;
             if self.inputs[..i].iter().any(|o| o.name == f.name) {
                 return Err(format!("input {:?} declared twice", f.name));
             }
@@ -499,6 +528,17 @@ impl ManifestBody {
     }
 }
 
+/// A graph's tensor name: 1 to [`MAX_NAME_LEN`] bytes without NUL. Unlike file names
+/// these may hold `/` (exporters name tensors `/model/conv1/Conv_output_0`).
+fn check_tensor_name(what: &str, s: &str) -> Result<(), String> {
+    if s.is_empty() || s.len() > MAX_NAME_LEN || s.contains('\0') {
+        return Err(format!(
+            "{what} must be 1 to {MAX_NAME_LEN} bytes without NUL"
+        ));
+    }
+    Ok(())
+}
+
 fn check_name(what: &str, s: &str) -> Result<(), String> {
     if s.is_empty() || s.len() > MAX_NAME_LEN {
         return Err(format!("{what} must be 1 to {MAX_NAME_LEN} bytes"));
@@ -509,8 +549,52 @@ fn check_name(what: &str, s: &str) -> Result<(), String> {
     Ok(())
 }
 
+fn check_golden(g: &GoldenCheck) -> Result<(), String> {
+    if !(g.tolerance.is_finite() && g.tolerance >= 0.0) {
+        return Err("golden tolerance must be a finite non-negative number".into());
+    }
+    for t in g.inputs.iter().chain(&g.expected) {
+        check_tensor(t)?;
+    }
+    Ok(())
+}
+
+/// The bytes of a golden file ([`GOLDEN_FILE`]): [`GOLDEN_FILE_MAGIC`], then the postcard
+/// encoding of the checks (a `Vec<GoldenCheck>`).
+pub fn encode_golden_file(checks: &[GoldenCheck]) -> Vec<u8> {
+    let mut out = GOLDEN_FILE_MAGIC.to_vec();
+    // postcard encoding of our own types into a Vec cannot fail.
+    out.extend(postcard::to_allocvec(checks).expect("postcard encoding into a Vec"));
+    out
+}
+
+/// The checks of a golden file, checked like a manifest's own: at most [`MAX_GOLDEN`],
+/// tolerances finite and non-negative, every tensor of a fixed-size type with as many
+/// bytes as its shape says. The bytes are the publisher's (signed through the content id),
+/// yet a bad file is an error, never a panic.
+pub fn decode_golden_file(bytes: &[u8]) -> Result<Vec<GoldenCheck>, String> {
+    let rest = bytes
+        .strip_prefix(GOLDEN_FILE_MAGIC.as_slice())
+        .ok_or("not a golden file (it does not start with PGOLDEN1)")?;
+    let (checks, tail): (Vec<GoldenCheck>, &[u8]) =
+        postcard::take_from_bytes(rest).map_err(|e| format!("malformed golden file: {e}"))?;
+    if !tail.is_empty() {
+        return Err(format!(
+            "malformed golden file: {} bytes after the checks",
+            tail.len()
+        ));
+    }
+    if checks.len() > MAX_GOLDEN {
+        return Err(format!("at most {MAX_GOLDEN} golden checks"));
+    }
+    for g in &checks {
+        check_golden(g)?;
+    }
+    Ok(checks)
+}
+
 fn check_tensor(t: &TensorData) -> Result<(), String> {
-    check_name("tensor name", &t.name)?;
+    check_tensor_name("tensor name", &t.name)?;
     let Some(size) = t.dtype.size() else {
         return Err("golden tensors must have a fixed-size dtype".into());
     };
@@ -550,6 +634,28 @@ impl SignedBody for ManifestBody {
             if v.files.is_empty() || v.files.len() > MAX_FILES {
                 return Err(format!("a variant has 1 to {MAX_FILES} files"));
             }
+            if v.files[0].name == GOLDEN_FILE {
+                return Err(format!(
+                    "variant {:?}: the first file is the model graph, it cannot be {GOLDEN_FILE}",
+                    v.name
+                ));
+            }
+            if let Some(g) = v.golden_file() {
+                if g.spec.size > MAX_GOLDEN_FILE {
+                    return Err(format!(
+                        "variant {:?}: {GOLDEN_FILE} has {} bytes, at most {MAX_GOLDEN_FILE}",
+                        v.name, g.spec.size
+                    ));
+                }
+                // A node that predates golden files would serve without these checks;
+                // format 2 is refused by such nodes.
+                if self.serving.is_none() {
+                    return Err(format!(
+                        "variant {:?} has a {GOLDEN_FILE}: the manifest needs `serving` (format 2)",
+                        v.name
+                    ));
+                }
+            }
             for (j, f) in v.files.iter().enumerate() {
                 check_name("file name", &f.name)?;
                 if v.files[..j].iter().any(|o| o.name == f.name) {
@@ -564,7 +670,7 @@ impl SignedBody for ManifestBody {
             }
         }
         for t in self.model.inputs.iter().chain(&self.model.outputs) {
-            check_name("tensor name", &t.name)?;
+            check_tensor_name("tensor name", &t.name)?;
             if t.shape.iter().any(|&d| d < -1) || t.shape.len() > 16 {
                 return Err(format!("tensor {:?}: bad shape", t.name));
             }
@@ -573,15 +679,11 @@ impl SignedBody for ManifestBody {
             return Err(format!("at most {MAX_GOLDEN} golden checks"));
         }
         for g in &self.golden {
-            if !(g.tolerance.is_finite() && g.tolerance >= 0.0) {
-                return Err("golden tolerance must be a finite non-negative number".into());
-            }
-            for t in g.inputs.iter().chain(&g.expected) {
-                check_tensor(t)?;
-            }
+            check_golden(g)?;
         }
         if let Some(s) = &self.serving {
-            s.validate(self.golden.len())?;
+            let file = variants.iter().any(|v| v.golden_file().is_some());
+            s.validate(if file { MAX_GOLDEN } else { self.golden.len() })?;
         }
         self.rollout.validate()
     }
@@ -788,6 +890,85 @@ mod tests {
             body(Some(s)).validate().is_err(),
             "more tolerances than checks"
         );
+    }
+
+    fn golden_check(tolerance: f32) -> GoldenCheck {
+        GoldenCheck {
+            inputs: vec![TensorData {
+                name: "x".into(),
+                dtype: DType::I64,
+                shape: vec![2],
+                data: vec![1; 16],
+            }],
+            expected: vec![],
+            tolerance,
+        }
+    }
+
+    #[test]
+    fn golden_files_round_trip_and_are_checked_like_manifests() {
+        let checks = vec![golden_check(0.5), golden_check(0.0)];
+        let bytes = encode_golden_file(&checks);
+        assert!(bytes.starts_with(GOLDEN_FILE_MAGIC));
+        assert_eq!(decode_golden_file(&bytes), Ok(checks.clone()));
+        let mut long = bytes.clone();
+        long.push(0);
+        assert!(decode_golden_file(&long).is_err(), "trailing bytes");
+        assert!(
+            decode_golden_file(&bytes[..bytes.len() - 1]).is_err(),
+            "cut"
+        );
+        assert!(decode_golden_file(&bytes[1..]).is_err(), "no magic");
+        assert!(decode_golden_file(&encode_golden_file(&[golden_check(-1.0)])).is_err());
+        let mut short = golden_check(0.0);
+        short.inputs[0].data.pop();
+        assert!(decode_golden_file(&encode_golden_file(&[short])).is_err());
+        let many = vec![golden_check(0.0); MAX_GOLDEN + 1];
+        assert!(decode_golden_file(&encode_golden_file(&many)).is_err());
+        // Graph tensor names may hold `/`, unlike file names.
+        let mut slash = golden_check(0.0);
+        slash.inputs[0].name = "/model/conv1/Conv_output_0".into();
+        assert!(decode_golden_file(&encode_golden_file(&[slash.clone()])).is_ok());
+        let mut b = body(None);
+        b.golden = vec![slash.clone()];
+        assert!(b.validate().is_ok());
+        slash.inputs[0].name = "a\0b".into();
+        assert!(decode_golden_file(&encode_golden_file(&[slash])).is_err());
+    }
+
+    #[test]
+    fn a_golden_file_is_never_the_model_needs_format_2_and_is_bounded() {
+        let golden = |size: usize| FileEntry {
+            name: GOLDEN_FILE.into(),
+            spec: spec_for_bytes(&vec![0; size], ChunkSize::new(16_384).expect("valid")),
+        };
+        let mut b = body(Some(ServingSpec::default()));
+        b.artifact.variants[0].files.push(golden(100));
+        assert!(b.validate().is_ok());
+        let v = &b.artifact.variants[0];
+        assert_eq!(v.model_file().map(|f| f.name.as_str()), Some("model.onnx"));
+        assert_eq!(v.golden_file().map(|f| f.name.as_str()), Some(GOLDEN_FILE));
+        // Relative tolerances for the file's checks, which the manifest cannot count.
+        b.serving.as_mut().expect("serving").golden_rtol = vec![1e-3; MAX_GOLDEN];
+        assert!(b.validate().is_ok());
+        b.serving.as_mut().expect("serving").golden_rtol = vec![1e-3; MAX_GOLDEN + 1];
+        assert!(b.validate().is_err());
+        let mut old = b.clone();
+        old.serving = None;
+        assert!(
+            old.validate().is_err(),
+            "format 1 cannot carry a golden file"
+        );
+        let mut first = body(Some(ServingSpec::default()));
+        first.artifact.variants[0].files.insert(0, golden(100));
+        assert!(first.validate().is_err(), "the golden file as the model");
+        assert_eq!(first.artifact.variants[0].golden_file(), None);
+        let mut big = body(Some(ServingSpec::default()));
+        let mut g = golden(10);
+        g.spec.size = MAX_GOLDEN_FILE + 1;
+        big.artifact.variants[0].files.push(g);
+        let e = big.validate().expect_err("too large");
+        assert!(e.contains("golden.checks has"), "{e}");
     }
 
     fn variant(name: &str, classes: &[&str], mem: u32, cpu: &[&str]) -> Variant {

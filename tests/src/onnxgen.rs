@@ -1,6 +1,7 @@
 //! Tiny ONNX models written byte by byte (protobuf by hand), for tests that need a model
 //! with a particular shape or operator: a fixed huge input, a `Gather` whose index a client
-//! controls. Only the fields tract reads are written.
+//! controls. Only the fields tract reads are written. Also the `TensorProto` files of the
+//! ONNX test-data layout ([`tensor_proto`]), for golden checks.
 
 /// ONNX `TensorProto.DataType` codes used here.
 pub const FLOAT: u64 = 1;
@@ -399,4 +400,20 @@ pub fn unet_step() -> Vec<u8> {
         )],
         &[tensor_value("y", FLOAT, None)],
     ))
+}
+
+/// A serialised `TensorProto` (an `input_K.pb` / `output_K.pb` of the ONNX test-data
+/// layout): `dims`, element type `elem`, `name` when given, and the little-endian element
+/// bytes in `raw_data`.
+pub fn tensor_proto(name: Option<&str>, elem: u64, dims: &[u64], raw: &[u8]) -> Vec<u8> {
+    let mut t = Vec::new();
+    for &d in dims {
+        field_varint(1, d, &mut t);
+    }
+    field_varint(2, elem, &mut t);
+    if let Some(n) = name {
+        field_bytes(8, n.as_bytes(), &mut t);
+    }
+    field_bytes(9, raw, &mut t);
+    t
 }

@@ -4,7 +4,7 @@
 use super::{Actor, Done};
 use crate::serving::classify::classify;
 use crate::serving::states::{self, Phase, Served, VersionFacts, VersionState};
-use crate::serving::{LoadedModel, WindowStats, trial};
+use crate::serving::{GoldenSet, LoadedModel, WindowStats, trial};
 use crate::status::{WaitingIn, waiting_text};
 use crate::store::FailedActivation;
 use anyhow::Result;
@@ -49,8 +49,9 @@ impl Actor {
         self.start_activation_of(channel, version, manifest, variant, report);
     }
 
-    /// Load variant `variant` of a release's model and run its golden checks on the
-    /// blocking pool; the result comes back as [`Done::Activated`].
+    /// Load variant `variant` of a release's model (its first file) and run its golden
+    /// checks (the manifest's, then the variant's golden file's) on the blocking pool; the
+    /// result comes back as [`Done::Activated`].
     pub(super) fn start_activation_of(
         &mut self,
         channel: pollen_protocol::manifest::Channel,
@@ -62,11 +63,21 @@ impl Actor {
         let Some(m) = self.mesh.manifest(&manifest).cloned() else {
             return;
         };
-        let Some(file) = m.body.artifact.variants[variant].files.first() else {
+        let Some(v) = m.body.artifact.variants.get(variant) else {
+            return;
+        };
+        let Some(file) = v.model_file() else {
             return;
         };
         let spec = file.spec.clone();
-        let golden = m.body.golden.clone();
+        let golden_spec = v.golden_file().map(|f| f.spec.clone());
+        let inline = m.body.golden.clone();
+        let rtol = m
+            .body
+            .serving
+            .as_ref()
+            .map(|s| s.golden_rtol.clone())
+            .unwrap_or_default();
         let serving = m.body.serving.clone().unwrap_or_default();
         let store = self.store.clone();
         let tx = self.done_tx.clone();
@@ -95,6 +106,15 @@ impl Actor {
                         format!("model file not in the store: {e}"),
                     )
                 })?;
+                let golden_path = match &golden_spec {
+                    Some(g) => Some(store.finish(g).map_err(|e| {
+                        (
+                            ErrorClass::Unavailable,
+                            format!("golden file not in the store: {e}"),
+                        )
+                    })?),
+                    None => None,
+                };
                 // Durable before anything risky: if the process dies from here on, the
                 // next start reports this release failed instead of trying it again.
                 if let Err(e) = store.mark_activating(&manifest) {
@@ -103,10 +123,16 @@ impl Actor {
                         manifest.short()
                     );
                 }
+                let started = Instant::now();
+                let file = golden_path.as_deref().zip(golden_spec.map(|g| g.size));
+                let golden = GoldenSet::gather(inline, file, rtol)
+                    .map_err(|e| (ErrorClass::Other, format!("golden checks: {e}")))?;
+                let read = started.elapsed();
                 if let Some(exe) = &exe {
                     step(Phase::Trial);
                     trial::run(exe, &path, &golden, &serving, budget, timeout)?;
                 }
+                let trial = started.elapsed() - read;
                 step(Phase::Loading);
                 let mut loaded = LoadedModel::load(
                     &path,
@@ -118,10 +144,17 @@ impl Actor {
                     &limits,
                 )
                 .map_err(|(c, e)| (classify(&e, c), e))?;
+                let load = started.elapsed() - read - trial;
                 step(Phase::Checking);
                 loaded
                     .check_golden(&golden)
                     .map_err(|(c, e)| (classify(&e, c), e))?;
+                tracing::info!(
+                    "{channel} version {version}: golden checks read in {read:.1?}, trial run \
+                     {trial:.1?}, load {load:.1?}, {} golden checks {:.1?}",
+                    golden.checks.len(),
+                    started.elapsed() - read - trial - load
+                );
                 loaded.keep_golden(golden);
                 Ok(Arc::new(loaded))
             }));

@@ -468,10 +468,26 @@ fn run_manifest(command: ManifestCommand, out: &mut dyn Write) -> Result<()> {
     let now = unix_now()?;
     match command {
         ManifestCommand::Create(a) => {
-            let m = build_release(&a.release, now, &mut |_, _| {})?;
+            let release = build_release(&a.release, now, &mut |_, _| {})?;
+            let m = &release.manifest;
             let trust = a.trust.as_deref().map(load_trust_root).transpose()?;
             if let Some(t) = &trust {
-                check_manifest(&m, t, now)?;
+                check_manifest(m, t, now)?;
+            }
+            if let Some(bytes) = &release.golden_file {
+                let mut name = a.out.clone().into_os_string();
+                name.push(".");
+                name.push(pollen_protocol::manifest::GOLDEN_FILE);
+                let path = PathBuf::from(name);
+                std::fs::write(&path, bytes)
+                    .with_context(|| format!("cannot write {}", path.display()))?;
+                writeln!(
+                    out,
+                    "the golden checks ({} bytes) are a file of the release: wrote it to {}; \
+                     upload it with the model files",
+                    bytes.len(),
+                    path.display()
+                )?;
             }
             write_signed(&a.out, &m.signed)?;
             writeln!(

@@ -6,6 +6,7 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use pollen_keys::time::unix_now;
 use pollen_node::client::{ApiError, NodeClient};
+use pollen_protocol::manifest::GOLDEN_FILE;
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -62,7 +63,7 @@ pub fn publish(a: PublishArgs, out: &mut dyn Write) -> Result<()> {
     bar.set_message("hashing");
     let mut base = 0u64;
     let mut last_file = None::<PathBuf>;
-    let m = build_release(&a.release, unix_now()?, &mut |path, n| {
+    let release = build_release(&a.release, unix_now()?, &mut |path, n| {
         if last_file.as_deref() != Some(path) {
             if let Some(prev) = &last_file {
                 base += std::fs::metadata(prev).map(|m| m.len()).unwrap_or(0);
@@ -72,18 +73,30 @@ pub fn publish(a: PublishArgs, out: &mut dyn Write) -> Result<()> {
         bar.set_position(base + n);
     })?;
     bar.finish_and_clear();
-    let files = &m.body.artifact.variants[0].files;
-    for (path, f) in a.release.files.iter().zip(files) {
+    let m = &release.manifest;
+    let variant = &m.body.artifact.variants[0];
+    let mut uploads: Vec<(String, Box<dyn std::io::Read + Send>)> = Vec::new();
+    for path in &a.release.files {
         let file =
             std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-        match client.put_file(&f.spec.content_id, f.spec.chunk_size.get(), file) {
+        uploads.push((path.display().to_string(), Box::new(file)));
+    }
+    if let Some(bytes) = release.golden_file {
+        uploads.push((
+            GOLDEN_FILE.to_string(),
+            Box::new(std::io::Cursor::new(bytes)),
+        ));
+    }
+    // The files of the variant in order: the given ones, then the golden file.
+    for ((what, reader), f) in uploads.into_iter().zip(&variant.files) {
+        match client.put_file(&f.spec.content_id, f.spec.chunk_size.get(), reader) {
             Ok(()) => {}
             Err(ApiError::Transport(e)) => {
                 return Err(anyhow::Error::new(ApiError::Transport(e)))
-                    .with_context(|| format!("uploading {} to {node}", path.display()));
+                    .with_context(|| format!("uploading {what} to {node}"));
             }
             Err(ApiError::Refused { error, .. }) => {
-                bail!("the node refused {}: {error}", path.display());
+                bail!("the node refused {what}: {error}");
             }
         }
     }

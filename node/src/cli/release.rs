@@ -3,6 +3,7 @@
 
 use anyhow::{Context, Result, bail};
 use pollen_keys::files::read_signed;
+use pollen_keys::golden;
 use pollen_keys::load_key_file;
 use pollen_keys::manifest::{self as mf, NewManifest};
 use pollen_keys::time::{days, parse_duration};
@@ -62,10 +63,22 @@ pub struct ReleaseArgs {
     /// The manifest file this release replaces.
     #[arg(long, value_name = "FILE")]
     pub replaces: Option<PathBuf>,
-    /// Golden checks (JSON: input_name, output_name, inputs, expected, tolerance) every node
-    /// runs before it serves the release.
-    #[arg(long, value_name = "FILE")]
+    /// Golden checks every node runs before it serves the release: a directory in the
+    /// ONNX test-data layout (`test_data_set_N/` holding `input_K.pb` and `output_K.pb`,
+    /// serialised TensorProtos; or one such data set), or a JSON file (input_name,
+    /// output_name, inputs, expected, tolerance). Checks too large for the manifest travel
+    /// as a file of the release, `golden.checks`.
+    #[arg(long, value_name = "DIR|FILE")]
     pub golden: Option<PathBuf>,
+    /// Absolute tolerance of float outputs, for a golden directory (a JSON file states its
+    /// own) [default: 1e-4].
+    #[arg(long, value_name = "X", requires = "golden")]
+    pub golden_atol: Option<f32>,
+    /// Relative tolerance of float outputs: an element passes when |got - want| <= atol +
+    /// rtol * |want| (integers and booleans must match exactly) [default: 1e-3 for a
+    /// golden directory, 0 for a JSON file].
+    #[arg(long, value_name = "Y", requires = "golden")]
+    pub golden_rtol: Option<f32>,
     /// Declare an input of the model (repeatable), applied before tract analyses it:
     /// NAME=DTYPE[DIMS], each dimension a number, a symbol (dimensions of the same name
     /// take the same size) or ? (any size), e.g. x=f32[1,3,H,W] or input=f32[?,576].
@@ -114,13 +127,23 @@ fn serving_spec(a: &ReleaseArgs) -> Result<Option<ServingSpec>> {
     Ok(Some(spec))
 }
 
-/// Hash the files and build and sign the manifest of a release, calling `progress(file,
-/// bytes hashed)` while hashing.
+/// A built release: the signed manifest and, when its golden checks travel as a file,
+/// that file's bytes (uploaded with the other files).
+#[derive(Debug)]
+pub struct Release {
+    /// The signed manifest.
+    pub manifest: Manifest,
+    /// The golden file ([`pollen_protocol::manifest::GOLDEN_FILE`]), if any.
+    pub golden_file: Option<Vec<u8>>,
+}
+
+/// Hash the files, read the golden checks, and build and sign the manifest of a release,
+/// calling `progress(file, bytes hashed)` while hashing.
 pub fn build_release(
     a: &ReleaseArgs,
     now: UnixTime,
     progress: &mut dyn FnMut(&Path, u64),
-) -> Result<Manifest> {
+) -> Result<Release> {
     let channel = Channel::new(&a.channel).map_err(|e| anyhow::anyhow!("--channel: {e}"))?;
     let interval = parse_duration(&a.stage_interval).context("--stage-interval")?;
     let gate = match (a.gate_min_healthy, &a.gate_max_failure) {
@@ -164,8 +187,22 @@ pub fn build_release(
         replaces,
     };
     let mut body = mf::build_body_with_progress(&spec, progress)?;
+    let mut golden_file = None;
     if let Some(g) = &a.golden {
-        body.golden = mf::golden_from_json(g)?;
+        let (checks, rtol) = if g.is_dir() {
+            let atol = a.golden_atol.unwrap_or(golden::DEFAULT_ATOL);
+            let checks = golden::golden_from_dir(g, &a.files[0], atol)
+                .with_context(|| format!("--golden {}", g.display()))?;
+            (checks, Some(a.golden_rtol.unwrap_or(golden::DEFAULT_RTOL)))
+        } else {
+            if a.golden_atol.is_some() {
+                bail!(
+                    "--golden-atol applies to a golden directory; a JSON file states its own tolerance"
+                );
+            }
+            (mf::golden_from_json(g)?, a.golden_rtol)
+        };
+        golden_file = golden::attach(&mut body, checks, rtol).context("--golden")?;
     }
     if let Some(s) = serving {
         let into = body.serving.get_or_insert_with(ServingSpec::default);
@@ -173,7 +210,10 @@ pub fn build_release(
         into.consts = s.consts;
     }
     let refs: Vec<&SigningKey> = keys.iter().collect();
-    mf::sign(&body, &refs)
+    Ok(Release {
+        manifest: mf::sign(&body, &refs)?,
+        golden_file,
+    })
 }
 
 /// Read signing keys from key files.

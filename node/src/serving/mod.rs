@@ -2,8 +2,8 @@
 //!
 //! The activation story: when the core says a release is complete and active here, the
 //! actor loads it on a blocking thread ([`LoadedModel::load`]: read, optimise, warm up on
-//! zeros, all under `catch_unwind`), then runs the manifest's golden checks
-//! ([`golden`]). Only a model that passed goes into the [`Registry`], atomically: new
+//! zeros, all under `catch_unwind`), then runs the release's golden checks
+//! ([`golden`]: the manifest's, then the variant's golden file's). Only a model that passed goes into the [`Registry`], atomically: new
 //! requests see the new version, requests that hold the old `Arc` finish on it, and the old
 //! version stays loaded (warm) as the previous one for an instant rollback. A failure at
 //! any step becomes a signed `Failed` health report, and the previous version keeps
@@ -17,7 +17,7 @@
 //! * [`model`]: [`LoadedModel`] (load, warm, run), [`IoSpec`], [`ServeError`],
 //!   [`ServingLimits`], the one data type ↔ tract mapping.
 //! * [`shapes`]: the bounded cache of a model prepared per input shape.
-//! * [`golden`]: the golden checks.
+//! * [`golden`]: the golden checks ([`GoldenSet`]) and the tolerance rule.
 //! * [`onnx`]: the ONNX graph read and adjusted on its protobuf bytes (constant inputs,
 //!   ZipMap outputs).
 //! * [`health`]: [`Outcome`], [`WindowStats`], [`HealthWindow`], [`window_status`].
@@ -42,6 +42,7 @@ pub mod shapes;
 pub mod states;
 pub mod trial;
 
+pub use golden::GoldenSet;
 pub use health::{HealthWindow, Outcome, WindowStats, window_status};
 pub use model::{IoSpec, LoadedModel, ServeError, ServingLimits};
 pub use onnx::onnx_graph_outputs;

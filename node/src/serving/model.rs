@@ -28,6 +28,7 @@
 //! the symbolic facts evaluated at the request's sizes, or from the prepared shape's
 //! facts); and the shape cache holds at most `budget / file size` prepared copies.
 
+use super::golden::GoldenSet;
 use super::health::HealthWindow;
 use super::kserve::{DATATYPES, Tensor};
 use super::onnx::{self, Graph, OnnxDim, ValueInfo};
@@ -217,7 +218,7 @@ pub struct LoadedModel {
     unsupported: Arc<Mutex<Option<String>>>,
     /// The golden checks it passed at activation ([`LoadedModel::keep_golden`]), run again
     /// to decide who is at fault when a request fails ([`LoadedModel::at_fault`]).
-    golden: Vec<GoldenCheck>,
+    golden: GoldenSet,
     /// The latest verdict of such a re-run: when, and whether the model failed it.
     recheck: Mutex<Option<(Instant, bool)>>,
 }
@@ -647,7 +648,7 @@ impl LoadedModel {
         version: u64,
         manifest: ManifestId,
         spec: &ServingSpec,
-        golden: &[GoldenCheck],
+        golden: &GoldenSet,
         limits: &ServingLimits,
     ) -> Result<Self, (ErrorClass, String)> {
         let budget = limits.budget;
@@ -697,7 +698,7 @@ impl LoadedModel {
             }
         };
         if let Some((class, msg)) = probe_failure
-            && golden.is_empty()
+            && golden.checks.is_empty()
         {
             // Nothing shows that any shape works: refuse rather than fail every request.
             return Err(match class {
@@ -744,22 +745,22 @@ impl LoadedModel {
             engine,
             limits: limits.clone(),
             unsupported,
-            golden: Vec::new(),
+            golden: GoldenSet::default(),
             recheck: Mutex::new(None),
         };
-        m.warm(golden.first())?;
+        m.warm(golden.checks.first())?;
         Ok(m)
     }
 
     /// Keep the golden checks the model just passed, for [`LoadedModel::at_fault`].
-    pub fn keep_golden(&mut self, checks: Vec<GoldenCheck>) {
+    pub fn keep_golden(&mut self, checks: GoldenSet) {
         self.golden = checks;
     }
 
     /// Run the golden checks at activation: a failure is [`ErrorClass::GoldenMismatch`],
     /// or [`ErrorClass::UnsupportedOp`] when preparing the model for the checks' shapes
     /// met an operator tract lacks.
-    pub fn check_golden(&self, checks: &[GoldenCheck]) -> Result<(), (ErrorClass, String)> {
+    pub fn check_golden(&self, checks: &GoldenSet) -> Result<(), (ErrorClass, String)> {
         self.golden(checks).map_err(|e| {
             match self
                 .unsupported
@@ -780,7 +781,7 @@ impl LoadedModel {
     /// a failure is the input's. This is what keeps one client from failing a rollout:
     /// its requests are answered 400 and count as bad input, not as model errors.
     pub fn at_fault(&self) -> bool {
-        if self.golden.is_empty() {
+        if self.golden.checks.is_empty() {
             return false;
         }
         let mut last = self.recheck.lock().unwrap_or_else(PoisonError::into_inner);
@@ -1293,11 +1294,17 @@ mod tests {
         let mut m = digits();
         assert!(!m.at_fault(), "no golden checks: the input is at fault");
         let good = check(&m, 0.0);
-        m.keep_golden(vec![good]);
+        m.keep_golden(GoldenSet {
+            checks: vec![good],
+            rtol: vec![],
+        });
         assert!(!m.at_fault(), "still passes its checks");
         let mut broken = digits();
         let bad = check(&broken, 1.0);
-        broken.keep_golden(vec![bad]);
+        broken.keep_golden(GoldenSet {
+            checks: vec![bad],
+            rtol: vec![],
+        });
         assert!(broken.at_fault(), "fails its own checks now");
         assert!(broken.at_fault(), "the verdict holds between re-runs");
     }

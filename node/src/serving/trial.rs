@@ -9,9 +9,9 @@
 //! timeout is a clean failed activation with its reason; the node never notices more
 //! than a failed child.
 
-use super::{LoadedModel, ServingLimits};
+use super::{GoldenSet, LoadedModel, ServingLimits};
 use pollen_protocol::ids::ManifestId;
-use pollen_protocol::manifest::{GoldenCheck, ServingSpec};
+use pollen_protocol::manifest::ServingSpec;
 use pollen_protocol::rollout::ErrorClass;
 use serde::{Deserialize, Serialize};
 use std::io::Write;
@@ -32,7 +32,7 @@ struct Verdict {
 
 /// What the child reads from its `--golden` file (postcard): the golden checks and how
 /// the manifest says to prepare the model.
-type TrialInput = (Vec<GoldenCheck>, ServingSpec);
+type TrialInput = (GoldenSet, ServingSpec);
 
 /// What `pollen trial-model` does in the child: cap the address space at `budget` (plus
 /// the process's own overhead), then load the model as the manifest's serving spec says
@@ -86,7 +86,7 @@ fn limit_address_space(bytes: u64) -> anyhow::Result<()> {
 pub fn run(
     exe: &Path,
     model: &Path,
-    golden: &[GoldenCheck],
+    golden: &GoldenSet,
     spec: &ServingSpec,
     budget: u64,
     timeout: Duration,

@@ -268,7 +268,7 @@ fn serve() {
         1,
         pollen_protocol::ManifestId([0; 32]),
         &pollen_protocol::manifest::ServingSpec::default(),
-        &[],
+        &pollen_node::serving::GoldenSet::default(),
         &pollen_node::serving::ServingLimits::new(u64::MAX),
     )
     .expect("load");

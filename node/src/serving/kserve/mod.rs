@@ -30,7 +30,7 @@
 //! the 64-bit integers; nesting is bounded by serde_json's recursion limit of 128 levels).
 
 mod error;
-mod f16;
+pub(crate) mod f16;
 mod repository;
 mod request;
 mod response;
