@@ -1257,7 +1257,7 @@ mod tests {
             1,
             ManifestId([0; 32]),
             &ServingSpec::default(),
-            &[],
+            &GoldenSet::default(),
             &limits(),
         )
         .expect("load")
@@ -1330,7 +1330,7 @@ mod tests {
             1,
             ManifestId([0; 32]),
             &ServingSpec::default(),
-            &[],
+            &GoldenSet::default(),
             &ServingLimits::new(100),
         )
         .unwrap_err();
@@ -1389,7 +1389,7 @@ mod tests {
             let dir = tempfile::tempdir().expect("tempdir");
             let path = dir.path().join("m.onnx");
             std::fs::write(&path, bytes).expect("write");
-            LoadedModel::load(&path, "m", 1, ManifestId([0; 32]), spec, &[], limits)
+            LoadedModel::load(&path, "m", 1, ManifestId([0; 32]), spec, &GoldenSet::default(), limits)
         }
 
         /// `y = x + [1, 2, 3, 4]` with `x` of shape `[N, 4]`.
