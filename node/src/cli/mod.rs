@@ -10,6 +10,7 @@
 //!
 //! Every command talks to a node through [`pollen_node::client::NodeClient`].
 
+mod check_cases;
 mod demo;
 mod keys;
 mod publish;
@@ -88,6 +89,16 @@ enum Command {
         #[arg(long)]
         budget: u64,
     },
+    /// Internal: every ONNX test case of a directory through the activation path and
+    /// served again, with a summary (see `scripts/corpus/export_node_tests.py`).
+    #[command(hide = true)]
+    CheckCases {
+        /// The directory of cases (`<case>/model.onnx`, `<case>/test_data_set_N/`).
+        dir: std::path::PathBuf,
+        /// Write one JSON line per case, then the summary, here.
+        #[arg(long)]
+        out: Option<std::path::PathBuf>,
+    },
 }
 
 /// Parse the command line, run the command, print an error and choose the exit status.
@@ -111,6 +122,7 @@ pub fn main() -> ExitCode {
             golden,
             budget,
         } => pollen_node::serving::trial::child_main(&model, &golden, budget),
+        Command::CheckCases { dir, out } => check_cases::run(&dir, out.as_deref(), &mut stdout),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

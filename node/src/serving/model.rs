@@ -1389,7 +1389,15 @@ mod tests {
             let dir = tempfile::tempdir().expect("tempdir");
             let path = dir.path().join("m.onnx");
             std::fs::write(&path, bytes).expect("write");
-            LoadedModel::load(&path, "m", 1, ManifestId([0; 32]), spec, &GoldenSet::default(), limits)
+            LoadedModel::load(
+                &path,
+                "m",
+                1,
+                ManifestId([0; 32]),
+                spec,
+                &GoldenSet::default(),
+                limits,
+            )
         }
 
         /// `y = x + [1, 2, 3, 4]` with `x` of shape `[N, 4]`.
