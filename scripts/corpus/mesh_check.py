@@ -24,6 +24,7 @@ reason, not failures of this script.
 
 import argparse
 import json
+import re
 import os
 import shutil
 import signal
@@ -320,8 +321,21 @@ def main():
         "| model | kind | source | outcome | max abs diff | Pollen ms | onnxruntime ms | ratio |",
         "|---|---|---|---|---|---|---|---|",
     ]
+    def source(src):
+        if not isinstance(src, dict):
+            return str(src)
+        if "package" in src:
+            return src["package"]
+        base = src.get("from", {}).get("package")
+        return "made here" + (f" from {base}" if base else " (skl2onnx)")
+
     for r in rows:
-        src = r["source"].get("package") if isinstance(r["source"], dict) else r["source"]
+        src = source(r["source"])
+        if r["outcome"] != "SERVED":
+            # The class and detail, without the state's preamble.
+            r["reason"] = re.sub(r"^model '.*?' has no version ready on this node; version \d+ "
+                                 r"is UNAVAILABLE: failed to activate on this node ", "",
+                                 r["reason"])
         if r["outcome"] == "SERVED":
             lines.append(f"| {r['model']} | {r['kind']} | {src} | served | "
                          f"{r['max_abs_diff']:.2g} | {r['pollen_ms']} | {r['ort_ms']} | "
