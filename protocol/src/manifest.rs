@@ -114,25 +114,26 @@ impl DType {
         }
     }
 
+    /// Every data type, in protocol order.
+    pub const ALL: [DType; 13] = [
+        DType::Bool,
+        DType::U8,
+        DType::U16,
+        DType::U32,
+        DType::U64,
+        DType::I8,
+        DType::I16,
+        DType::I32,
+        DType::I64,
+        DType::F16,
+        DType::F32,
+        DType::F64,
+        DType::Bytes,
+    ];
+
     /// The data type of a [`DType::short_name`].
     pub fn from_short_name(s: &str) -> Option<DType> {
-        [
-            DType::Bool,
-            DType::U8,
-            DType::U16,
-            DType::U32,
-            DType::U64,
-            DType::I8,
-            DType::I16,
-            DType::I32,
-            DType::I64,
-            DType::F16,
-            DType::F32,
-            DType::F64,
-            DType::Bytes,
-        ]
-        .into_iter()
-        .find(|d| d.short_name() == s)
+        DType::ALL.into_iter().find(|d| d.short_name() == s)
     }
 }
 

@@ -333,33 +333,14 @@ async fn version_ready(
 /// state and reason (see [`kserve::index_json`]).
 async fn repository_index(State(h): State<AppState>, headers: HeaderMap, body: Body) -> Response {
     let limit = kserve::MAX_INDEX_BODY;
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+    let declared = declared_length(&headers);
     if declared.is_some_and(|n| n > limit as u64) {
         return too_large(limit, true, declared);
     }
-    let bytes =
-        match tokio::time::timeout(INFER_BODY_TIMEOUT, read_body(body, limit, declared)).await {
-            Ok(Ok(b)) => b,
-            Ok(Err(BodyError::TooLarge)) => return too_large(limit, true, None),
-            Ok(Err(BodyError::Broken(e))) => {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    format!("request body could not be read: {e}"),
-                );
-            }
-            Err(_) => {
-                return error(
-                    StatusCode::REQUEST_TIMEOUT,
-                    format!(
-                        "request body not received within {} s",
-                        INFER_BODY_TIMEOUT.as_secs()
-                    ),
-                );
-            }
-        };
+    let bytes = match read_body_in_time(body, limit, declared, true).await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
     let ready_only = match kserve::parse_index_request(&bytes) {
         Ok(r) => r,
         Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
@@ -425,10 +406,7 @@ async fn run_infer(
     } else {
         json_body_limit(&model.inputs)
     };
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+    let declared = declared_length(&headers);
     if let Some(n) = declared
         && n > limit as u64
     {
@@ -444,25 +422,9 @@ async fn run_infer(
         }
     };
     // A body that does not arrive in time gives its place and memory back.
-    let read = tokio::time::timeout(INFER_BODY_TIMEOUT, read_body(body, limit, declared));
-    let bytes = match read.await {
-        Ok(Ok(b)) => b,
-        Ok(Err(BodyError::TooLarge)) => return too_large(limit, binary, None),
-        Ok(Err(BodyError::Broken(e))) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                format!("request body could not be read: {e}"),
-            );
-        }
-        Err(_) => {
-            return error(
-                StatusCode::REQUEST_TIMEOUT,
-                format!(
-                    "request body not received within {} s",
-                    INFER_BODY_TIMEOUT.as_secs()
-                ),
-            );
-        }
+    let bytes = match read_body_in_time(body, limit, declared, binary).await {
+        Ok(b) => b,
+        Err(r) => return r,
     };
     let started = Instant::now();
     let model2 = model.clone();
@@ -576,6 +538,39 @@ enum BodyError {
 
 /// Read a body of at most `limit` bytes into one buffer, sized once from `declared` (its
 /// `Content-Length`, which hyper holds the body to) when known.
+/// The `Content-Length` a request declared, if any.
+fn declared_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+}
+
+/// Read a body of at most `limit` bytes within [`INFER_BODY_TIMEOUT`], or the answer that
+/// says why not (413, 400, 408).
+async fn read_body_in_time(
+    body: Body,
+    limit: usize,
+    declared: Option<u64>,
+    binary: bool,
+) -> Result<Vec<u8>, Response> {
+    match tokio::time::timeout(INFER_BODY_TIMEOUT, read_body(body, limit, declared)).await {
+        Ok(Ok(b)) => Ok(b),
+        Ok(Err(BodyError::TooLarge)) => Err(too_large(limit, binary, None)),
+        Ok(Err(BodyError::Broken(e))) => Err(error(
+            StatusCode::BAD_REQUEST,
+            format!("request body could not be read: {e}"),
+        )),
+        Err(_) => Err(error(
+            StatusCode::REQUEST_TIMEOUT,
+            format!(
+                "request body not received within {} s",
+                INFER_BODY_TIMEOUT.as_secs()
+            ),
+        )),
+    }
+}
+
 async fn read_body(body: Body, limit: usize, declared: Option<u64>) -> Result<Vec<u8>, BodyError> {
     let expected = declared.map_or(0, |n| usize::try_from(n).unwrap_or(limit).min(limit));
     let mut buf = Vec::with_capacity(expected);

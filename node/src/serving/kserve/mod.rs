@@ -61,21 +61,7 @@ pub const CONTENT_TYPE_JSON: &str = "application/json";
 pub const CONTENT_TYPE_BINARY: &str = "application/octet-stream";
 
 /// Every data type of the protocol, in protocol order.
-pub const DATATYPES: [DType; 13] = [
-    DType::Bool,
-    DType::U8,
-    DType::U16,
-    DType::U32,
-    DType::U64,
-    DType::I8,
-    DType::I16,
-    DType::I32,
-    DType::I64,
-    DType::F16,
-    DType::F32,
-    DType::F64,
-    DType::Bytes,
-];
+pub const DATATYPES: [DType; 13] = DType::ALL;
 
 /// The protocol name of a data type, e.g. `"FP32"`.
 pub fn kserve_name(d: DType) -> &'static str {
