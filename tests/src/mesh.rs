@@ -153,6 +153,20 @@ impl Operator {
         crate::Pollen::in_dir(tmp).run(args).success();
     }
 
+    /// Two nodes under this operator's trust root, `tmp/a` and `tmp/b` bootstrapped from
+    /// it, returned once they are connected.
+    pub fn connected_pair(&self, tmp: &Path) -> (Node, Node) {
+        let trust = vec!["--trust".to_string(), self.trust_file.display().to_string()];
+        let a = Node::start(&tmp.join("a"), &trust);
+        let mut args = trust;
+        args.extend(["--bootstrap".to_string(), a.addr()]);
+        let b = Node::start(&tmp.join("b"), &args);
+        b.wait(Duration::from_secs(20), "connected", |s| {
+            !s.peers.is_empty()
+        });
+        (a, b)
+    }
+
     /// An operator in `tmp/op` and one node in `tmp/n` under its trust root, serving v1 of
     /// the bundled digits model.
     pub fn with_node_serving_digits(tmp: &Path) -> (Operator, Node) {

@@ -65,14 +65,7 @@ fn wait_refused(n: &Node, version: u64, why: &str) {
 fn models_too_big_for_the_device_fail_their_activation_and_nodes_keep_serving() {
     let tmp = tempfile::tempdir().unwrap();
     let op = Operator::new(&tmp.path().join("op"), false);
-    let trust = vec!["--trust".to_string(), op.trust_file.display().to_string()];
-    let a = Node::start(&tmp.path().join("a"), &trust);
-    let mut args = trust.clone();
-    args.extend(["--bootstrap".to_string(), a.addr()]);
-    let mut b = Node::start(&tmp.path().join("b"), &args);
-    b.wait(Duration::from_secs(20), "connected", |s| {
-        !s.peers.is_empty()
-    });
+    let (a, mut b) = op.connected_pair(tmp.path());
     op.publish_digits(tmp.path(), &a, "digits-v1.onnx", "golden-v1.json", 1, &[]);
     wait_served(&a, "1");
     wait_served(&b, "1");

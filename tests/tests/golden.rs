@@ -2,7 +2,7 @@
 //! with `test_data_set_0/{input_K.pb, output_K.pb}` larger than a control frame, spread
 //! by a 2-node mesh as the release's golden file, checked at activation on every node.
 
-use pollen_tests::mesh::{Node, Operator, test_bytes};
+use pollen_tests::mesh::{Operator, test_bytes};
 use pollen_tests::onnxgen::{self, FLOAT, INT64, Io, Node as OnnxNode};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -99,14 +99,7 @@ fn golden_dir(dir: &Path, y_shift: f32, wrong: f32) -> PathBuf {
 fn large_golden_data_travels_as_a_file_and_guards_activation_on_every_node() {
     let tmp = tempfile::tempdir().unwrap();
     let op = Operator::new(&tmp.path().join("op"), false);
-    let trust = vec!["--trust".to_string(), op.trust_file.display().to_string()];
-    let a = Node::start(&tmp.path().join("a"), &trust);
-    let mut args = trust.clone();
-    args.extend(["--bootstrap".to_string(), a.addr()]);
-    let b = Node::start(&tmp.path().join("b"), &args);
-    b.wait(Duration::from_secs(20), "connected", |s| {
-        !s.peers.is_empty()
-    });
+    let (a, b) = op.connected_pair(tmp.path());
 
     let file = tmp.path().join("model.onnx");
     std::fs::write(&file, model()).unwrap();

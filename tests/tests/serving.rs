@@ -81,14 +81,7 @@ fn wait_serving(n: &Node, version: u64) {
 fn serves_swaps_under_load_and_refuses_a_failing_version() {
     let tmp = tempfile::tempdir().unwrap();
     let op = Operator::new(&tmp.path().join("op"), false);
-    let trust = vec!["--trust".to_string(), op.trust_file.display().to_string()];
-    let a = Node::start(&tmp.path().join("a"), &trust);
-    let mut args = trust.clone();
-    args.extend(["--bootstrap".to_string(), a.addr()]);
-    let b = Node::start(&tmp.path().join("b"), &args);
-    b.wait(Duration::from_secs(20), "connected", |s| {
-        !s.peers.is_empty()
-    });
+    let (a, b) = op.connected_pair(tmp.path());
 
     op.publish_digits(tmp.path(), &a, "digits-v1.onnx", "golden-v1.json", 1, &[]);
     for n in [&a, &b] {
