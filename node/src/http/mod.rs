@@ -34,6 +34,14 @@ pub fn error(status: StatusCode, msg: impl Into<String>) -> Response {
     (status, Json(serde_json::json!({ "error": msg.into() }))).into_response()
 }
 
+/// The `Content-Length` a request declared, if any.
+pub(crate) fn declared_length(headers: &axum::http::HeaderMap) -> Option<u64> {
+    headers
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+}
+
 /// Send a command to the actor and wait for its answer; 503 if the actor is gone.
 pub(crate) async fn ask<T>(
     h: &AppState,

@@ -15,7 +15,7 @@
 //! * `PUT /v1/pins/{channel}` with a version number as the body: pin this node's channel
 //!   to that version; `DELETE /v1/pins/{channel}` unpins. Local only, persisted.
 
-use super::{ask, error};
+use super::{ask, declared_length, error};
 use crate::handle::{ActorCmd, AppState, Refusal};
 use crate::store::StoreError;
 use axum::body::{Body, Bytes};
@@ -212,7 +212,7 @@ async fn upload(
         Ok(room) => room,
         Err(r) => return r,
     };
-    if let Some(len) = declared_len(&headers)
+    if let Some(len) = declared_length(&headers)
         && len > room
     {
         return over_quota(h.upload_quota, room);
@@ -290,16 +290,6 @@ async fn quota_room(h: &AppState, expected: &ContentId) -> Result<u64, Response>
         .map_err(|e| error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
         .map_err(|e| error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     Ok(h.upload_quota.saturating_sub(used))
-}
-
-/// The body length a client declared, if it did.
-fn declared_len(headers: &HeaderMap) -> Option<u64> {
-    headers
-        .get(header::CONTENT_LENGTH)?
-        .to_str()
-        .ok()?
-        .parse()
-        .ok()
 }
 
 fn over_quota(quota: u64, room: u64) -> Response {

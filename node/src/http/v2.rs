@@ -38,7 +38,7 @@
 // Handlers return ready-made error responses; their size does not matter here.
 #![allow(clippy::result_large_err)]
 
-use super::{ask, error};
+use super::{ask, declared_length, error};
 use crate::handle::{ActorCmd, AppState};
 use crate::serving::kserve;
 use crate::serving::states::{self, ModelState, VersionState};
@@ -538,14 +538,6 @@ enum BodyError {
 
 /// Read a body of at most `limit` bytes into one buffer, sized once from `declared` (its
 /// `Content-Length`, which hyper holds the body to) when known.
-/// The `Content-Length` a request declared, if any.
-fn declared_length(headers: &HeaderMap) -> Option<u64> {
-    headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
-}
-
 /// Read a body of at most `limit` bytes within [`INFER_BODY_TIMEOUT`], or the answer that
 /// says why not (413, 400, 408).
 async fn read_body_in_time(
