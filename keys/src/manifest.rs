@@ -166,8 +166,44 @@ pub fn build_body_with_progress(
     if spec.files.is_empty() {
         bail!("a manifest needs at least one file");
     }
-    let mut files = Vec::with_capacity(spec.files.len());
-    for path in &spec.files {
+    let variant = hash_variant(
+        DEFAULT_VARIANT,
+        &spec.files,
+        DeviceRequirements::default(),
+        spec.chunk_size,
+        progress,
+    )?;
+    let body = ManifestBody {
+        channel: spec.channel.clone(),
+        version: spec.version,
+        artifact: Artifact {
+            variants: vec![variant],
+        },
+        model: ModelMeta::default(),
+        golden: Vec::new(),
+        rollout: spec.rollout.clone(),
+        created: spec.created,
+        expires: spec.expires,
+        replaces: spec.replaces,
+        serving: None,
+    };
+    body.validate()
+        .map_err(|e| anyhow::anyhow!("invalid manifest: {e}"))?;
+    Ok(body)
+}
+
+/// Hash the files of a variant (the model graph first; each named by its file name).
+/// Errors when a file cannot be read, or a name is not UTF-8 or is the reserved
+/// [`GOLDEN_FILE`](pollen_protocol::manifest::GOLDEN_FILE).
+pub fn hash_variant(
+    name: &str,
+    paths: &[PathBuf],
+    requires: DeviceRequirements,
+    chunk_size: ChunkSize,
+    progress: &mut dyn FnMut(&Path, u64),
+) -> Result<Variant> {
+    let mut files = Vec::with_capacity(paths.len());
+    for path in paths {
         let name = path
             .file_name()
             .and_then(|n| n.to_str())
@@ -181,30 +217,14 @@ pub fn build_body_with_progress(
         }
         files.push(FileEntry {
             name,
-            spec: hash_file_with_progress(path, spec.chunk_size, &mut |n| progress(path, n))?,
+            spec: hash_file_with_progress(path, chunk_size, &mut |n| progress(path, n))?,
         });
     }
-    let body = ManifestBody {
-        channel: spec.channel.clone(),
-        version: spec.version,
-        artifact: Artifact {
-            variants: vec![Variant {
-                name: DEFAULT_VARIANT.to_string(),
-                requires: DeviceRequirements::default(),
-                files,
-            }],
-        },
-        model: ModelMeta::default(),
-        golden: Vec::new(),
-        rollout: spec.rollout.clone(),
-        created: spec.created,
-        expires: spec.expires,
-        replaces: spec.replaces,
-        serving: None,
-    };
-    body.validate()
-        .map_err(|e| anyhow::anyhow!("invalid manifest: {e}"))?;
-    Ok(body)
+    Ok(Variant {
+        name: name.to_string(),
+        requires,
+        files,
+    })
 }
 
 /// Sign `body` with every key at once and decode the result as a node would (canonical

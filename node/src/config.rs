@@ -52,6 +52,10 @@
 //! # 503 at once, before reading the body.
 //! inference_threads = 0
 //! inference_queue = 64
+//! # Language models: generations at once (each runs on a thread of its own), and
+//! # requests waiting for one; past that the OpenAI API answers 429.
+//! max_generations = 2
+//! generation_queue = 8
 //! # Device class for choosing a model variant (e.g. "weak-cpu").
 //! device_class = "default"
 //! # Health reports: how often a serving node reports its requests, errors and latency
@@ -144,6 +148,10 @@ pub struct NodeConfig {
     /// Inference requests admitted beyond `inference_threads`, receiving their body or
     /// waiting for a thread; past that, 503 before the body is read.
     pub inference_queue: usize,
+    /// Language-model generations at once (at least 1).
+    pub max_generations: usize,
+    /// Generation requests waiting for a place; past that, 429.
+    pub generation_queue: usize,
     /// Device class.
     pub device_class: Option<String>,
     /// RNG seed.
@@ -204,6 +212,8 @@ impl Default for NodeConfig {
             target_peers: 16,
             inference_threads: 0,
             inference_queue: 64,
+            max_generations: 2,
+            generation_queue: 8,
             device_class: None,
             seed: None,
             health_interval: "30s".into(),

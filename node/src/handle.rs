@@ -84,6 +84,8 @@ pub struct AppState {
     pub uploads: Arc<tokio::sync::Semaphore>,
     /// [`crate::config::NodeConfig::max_unreferenced_bytes`].
     pub upload_quota: u64,
+    /// Language-model generation places (`max_generations`, `generation_queue`).
+    pub generations: Arc<crate::http::openai::Generations>,
 }
 
 /// Why the node refused a manifest or an instruction.

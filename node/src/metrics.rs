@@ -40,6 +40,19 @@ struct InferStats {
     sum: f64,
 }
 
+/// What a language model's generations did.
+#[derive(Debug, Default, Clone, Copy)]
+struct GenStats {
+    ok: u64,
+    errors: u64,
+    bad_input: u64,
+    prompt_tokens: u64,
+    completion_tokens: u64,
+    ttft_sum: f64,
+    decode_seconds: f64,
+    decode_tokens: u64,
+}
+
 /// Most distinct peers kept in per-peer families.
 const MAX_PEER_LABELS: usize = 1024;
 
@@ -76,6 +89,7 @@ pub struct Metrics {
     pub chunks_unsolicited: AtomicU64,
     rejected: Mutex<BTreeMap<(String, String), u64>>,
     inference: Mutex<BTreeMap<(String, u64), InferStats>>,
+    generations: Mutex<BTreeMap<(String, u64), GenStats>>,
     chunks_from: Mutex<BTreeMap<String, u64>>,
 }
 
@@ -129,6 +143,36 @@ impl Metrics {
             if seconds <= *le {
                 st.buckets[i] += 1;
             }
+        }
+    }
+
+    /// Count a generation of (model, version): how it went and, when it ran, its figures.
+    pub fn generation(
+        &self,
+        model: &str,
+        version: u64,
+        done: Option<&crate::serving::lm::generate::Done>,
+        outcome: crate::serving::Outcome,
+    ) {
+        use crate::serving::Outcome;
+        let mut m = self.generations.lock().unwrap_or_else(|e| e.into_inner());
+        let key = (model.to_string(), version);
+        if m.len() >= 256 && !m.contains_key(&key) {
+            return;
+        }
+        let st = m.entry(key).or_default();
+        match outcome {
+            Outcome::Ok => st.ok += 1,
+            Outcome::BadInput => st.bad_input += 1,
+            Outcome::Error | Outcome::Panic => st.errors += 1,
+        }
+        if let Some(d) = done {
+            st.prompt_tokens += d.prompt_tokens as u64;
+            st.completion_tokens += d.completion_tokens as u64;
+            st.ttft_sum += d.time_to_first_token.as_secs_f64();
+            // The first token comes with the prompt; the others are decode steps.
+            st.decode_tokens += d.completion_tokens.saturating_sub(1) as u64;
+            st.decode_seconds += d.decode.as_secs_f64();
         }
     }
 
@@ -328,6 +372,77 @@ impl Metrics {
                 "pollen_inference_latency_seconds_count{{model=\"{m}\",version=\"{v}\"}} {}",
                 st.requests
             );
+        }
+        let gens = self
+            .generations
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        type Field = fn(&GenStats) -> String;
+        let families: [(&str, &str, &str, Field); 7] = [
+            (
+                "pollen_lm_generations_total",
+                "counter",
+                "Language-model generations, by model, version and outcome (ok, error, bad_input).",
+                |_| String::new(),
+            ),
+            (
+                "pollen_lm_prompt_tokens_total",
+                "counter",
+                "Prompt tokens of generations that ran.",
+                |g| g.prompt_tokens.to_string(),
+            ),
+            (
+                "pollen_lm_completion_tokens_total",
+                "counter",
+                "Tokens generated.",
+                |g| g.completion_tokens.to_string(),
+            ),
+            (
+                "pollen_lm_time_to_first_token_seconds_sum",
+                "counter",
+                "Sum of the times from a request's start to its first token.",
+                |g| g.ttft_sum.to_string(),
+            ),
+            (
+                "pollen_lm_decode_seconds_total",
+                "counter",
+                "Time spent generating tokens after the first.",
+                |g| g.decode_seconds.to_string(),
+            ),
+            (
+                "pollen_lm_decode_tokens_total",
+                "counter",
+                "Tokens generated after the first (decode steps).",
+                |g| g.decode_tokens.to_string(),
+            ),
+            (
+                "pollen_lm_decode_tokens_per_second",
+                "gauge",
+                "Decode speed over every generation so far.",
+                |g| {
+                    if g.decode_seconds > 0.0 {
+                        (g.decode_tokens as f64 / g.decode_seconds).to_string()
+                    } else {
+                        "0".into()
+                    }
+                },
+            ),
+        ];
+        for (name, kind, help, field) in families {
+            let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for ((m, v), st) in &gens {
+                if name == "pollen_lm_generations_total" {
+                    for (outcome, n) in [("ok", st.ok), ("error", st.errors), ("bad_input", st.bad_input)] {
+                        let _ = writeln!(
+                            s,
+                            "{name}{{model=\"{m}\",version=\"{v}\",outcome=\"{outcome}\"}} {n}"
+                        );
+                    }
+                } else {
+                    let _ = writeln!(s, "{name}{{model=\"{m}\",version=\"{v}\"}} {}", field(st));
+                }
+            }
         }
         let _ = writeln!(
             s,

@@ -31,6 +31,17 @@ pub const GOLDEN_FILE: &str = "golden.checks";
 pub const MAX_GOLDEN_FILE: u64 = 64 << 20;
 /// The first bytes of a golden file (format 1).
 pub const GOLDEN_FILE_MAGIC: &[u8; 8] = b"PGOLDEN1";
+/// The tokenizer of a language-model variant (Hugging Face `tokenizer.json`).
+pub const LM_TOKENIZER_FILE: &str = "tokenizer.json";
+/// The generation config of a language-model variant (special tokens, chat template,
+/// context length, default sampling).
+pub const LM_CONFIG_FILE: &str = "generation.json";
+/// Most golden prompts of a language model.
+pub const MAX_GOLDEN_PROMPTS: usize = 32;
+/// Longest golden prompt, bytes.
+pub const MAX_GOLDEN_PROMPT_LEN: usize = 8 * 1024;
+/// Longest expected continuation of a golden prompt, tokens.
+pub const MAX_GOLDEN_CONTINUATION: usize = 256;
 
 /// Tensor element types (the KServe v2 datatypes that ONNX models use).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -325,6 +336,73 @@ pub struct ServingSpec {
     /// (both NaN counts as equal) or `|got - want| <= tolerance + rtol * |want|`. Missing
     /// entries are 0. Integer and boolean outputs must match exactly.
     pub golden_rtol: Vec<f32>,
+    /// The model is a causal language model, served on the OpenAI-compatible API
+    /// (format 3). `None` encodes exactly as format 2.
+    pub lm: Option<LmSpec>,
+}
+
+/// A causal language model: every variant holds the graph (first file, with past and
+/// present key-value tensors), [`LM_TOKENIZER_FILE`] and [`LM_CONFIG_FILE`]; these are the
+/// checks a node runs before it serves one.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct LmSpec {
+    /// Prompts with the continuation a reference (the float model) gives greedily.
+    pub golden_prompts: Vec<GoldenPrompt>,
+    /// Per variant (in the artifact's order; one value stands for every variant), the
+    /// fraction (0 to 1) of the expected tokens, over all golden prompts, that must be the
+    /// model's most likely token when it is fed the prompt and the expected tokens before
+    /// (teacher forcing, one token per step through the key-value cache). A quantised
+    /// variant agrees less than the float one; the publisher states how much less is fine.
+    pub min_agreement: Vec<f32>,
+}
+
+/// A golden prompt of a language model.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GoldenPrompt {
+    /// Raw text, tokenised without added special tokens (the node adds the BOS token if
+    /// the generation config says so); a chat prompt is given already rendered.
+    pub prompt: String,
+    /// Expected token ids after the prompt.
+    pub continuation: Vec<u32>,
+}
+
+impl LmSpec {
+    /// The agreement variant `variant` needs.
+    pub fn min_agreement_of(&self, variant: usize) -> f32 {
+        match self.min_agreement.as_slice() {
+            [one] => *one,
+            all => all.get(variant).copied().unwrap_or(1.0),
+        }
+    }
+
+    fn validate(&self, variants: usize) -> Result<(), String> {
+        if self.golden_prompts.len() > MAX_GOLDEN_PROMPTS {
+            return Err(format!("at most {MAX_GOLDEN_PROMPTS} golden prompts"));
+        }
+        if !(self.min_agreement.len() == 1 || self.min_agreement.len() == variants)
+            || self
+                .min_agreement
+                .iter()
+                .any(|m| !(0.0..=1.0).contains(m))
+        {
+            return Err(
+                "min_agreement: one fraction from 0 to 1, or one per variant".into(),
+            );
+        }
+        for p in &self.golden_prompts {
+            if p.prompt.is_empty() || p.prompt.len() > MAX_GOLDEN_PROMPT_LEN {
+                return Err(format!(
+                    "a golden prompt has 1 to {MAX_GOLDEN_PROMPT_LEN} bytes"
+                ));
+            }
+            if p.continuation.is_empty() || p.continuation.len() > MAX_GOLDEN_CONTINUATION {
+                return Err(format!(
+                    "a golden continuation has 1 to {MAX_GOLDEN_CONTINUATION} tokens"
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// A declared input: its element type and dimensions.
@@ -478,6 +556,52 @@ struct ManifestBodyV1 {
     created: UnixTime,
     expires: UnixTime,
     replaces: Option<ManifestId>,
+}
+
+/// Format 2 of [`ManifestBody`] (before `serving.lm`), as it is decoded.
+#[derive(Deserialize)]
+struct ManifestBodyV2 {
+    channel: Channel,
+    version: u64,
+    artifact: Artifact,
+    model: ModelMeta,
+    golden: Vec<GoldenCheck>,
+    rollout: RolloutPlan,
+    created: UnixTime,
+    expires: UnixTime,
+    replaces: Option<ManifestId>,
+    serving: Option<ServingSpecV2>,
+}
+
+/// Format 2 of [`ServingSpec`], as it is decoded.
+#[derive(Deserialize)]
+struct ServingSpecV2 {
+    inputs: Vec<InputFact>,
+    consts: Vec<TensorData>,
+    golden_rtol: Vec<f32>,
+}
+
+/// Format 2 of [`ManifestBody`], as it is encoded.
+#[derive(Serialize)]
+struct ManifestBodyV2Ref<'a> {
+    channel: &'a Channel,
+    version: u64,
+    artifact: &'a Artifact,
+    model: &'a ModelMeta,
+    golden: &'a [GoldenCheck],
+    rollout: &'a RolloutPlan,
+    created: UnixTime,
+    expires: UnixTime,
+    replaces: &'a Option<ManifestId>,
+    serving: Option<ServingSpecV2Ref<'a>>,
+}
+
+/// Format 2 of [`ServingSpec`], as it is encoded.
+#[derive(Serialize)]
+struct ServingSpecV2Ref<'a> {
+    inputs: &'a [InputFact],
+    consts: &'a [TensorData],
+    golden_rtol: &'a [f32],
 }
 
 /// Format 1 of [`ManifestBody`], as it is encoded (borrowing the body).
@@ -685,14 +809,43 @@ impl SignedBody for ManifestBody {
         if let Some(s) = &self.serving {
             let file = variants.iter().any(|v| v.golden_file().is_some());
             s.validate(if file { MAX_GOLDEN } else { self.golden.len() })?;
+            if let Some(lm) = &s.lm {
+                lm.validate(variants.len())?;
+                for v in variants {
+                    for name in [LM_TOKENIZER_FILE, LM_CONFIG_FILE] {
+                        if !v.files.iter().skip(1).any(|f| f.name == name) {
+                            return Err(format!(
+                                "variant {:?} of a language model has no {name}",
+                                v.name
+                            ));
+                        }
+                    }
+                }
+            }
         }
         self.rollout.validate()
     }
 
-    /// Format 1 bytes without `serving`, format 2 with it.
+    /// Format 1 bytes without `serving`, format 2 with it, format 3 with a language model.
     fn encode(&self) -> Vec<u8> {
         let bytes = match &self.serving {
-            Some(_) => postcard::to_allocvec(self),
+            Some(s) if s.lm.is_some() => postcard::to_allocvec(self),
+            Some(s) => postcard::to_allocvec(&ManifestBodyV2Ref {
+                channel: &self.channel,
+                version: self.version,
+                artifact: &self.artifact,
+                model: &self.model,
+                golden: &self.golden,
+                rollout: &self.rollout,
+                created: self.created,
+                expires: self.expires,
+                replaces: &self.replaces,
+                serving: Some(ServingSpecV2Ref {
+                    inputs: &s.inputs,
+                    consts: &s.consts,
+                    golden_rtol: &s.golden_rtol,
+                }),
+            }),
             None => postcard::to_allocvec(&ManifestBodyV1Ref {
                 channel: &self.channel,
                 version: self.version,
@@ -709,11 +862,33 @@ impl SignedBody for ManifestBody {
         bytes.expect("postcard encoding into a Vec")
     }
 
-    /// Format 2, else format 1; either way the bytes must be exactly what
-    /// [`SignedBody::encode`] gives (so a format-2 body with `serving: None` is refused).
+    /// Format 3, else 2, else 1; either way the bytes must be exactly what
+    /// [`SignedBody::encode`] gives (so a format-2 body with `serving: None`, or a
+    /// format-3 one with `lm: None`, is refused).
     fn decode(bytes: &[u8]) -> Result<Self, SignedError> {
         let body = match postcard::from_bytes::<ManifestBody>(bytes) {
             Ok(b) => b,
+            Err(_) if postcard::from_bytes::<ManifestBodyV2>(bytes).is_ok() => {
+                let v2: ManifestBodyV2 = postcard::from_bytes(bytes)
+                    .map_err(|e| SignedError::Malformed(e.to_string()))?;
+                ManifestBody {
+                    channel: v2.channel,
+                    version: v2.version,
+                    artifact: v2.artifact,
+                    model: v2.model,
+                    golden: v2.golden,
+                    rollout: v2.rollout,
+                    created: v2.created,
+                    expires: v2.expires,
+                    replaces: v2.replaces,
+                    serving: v2.serving.map(|s| ServingSpec {
+                        inputs: s.inputs,
+                        consts: s.consts,
+                        golden_rtol: s.golden_rtol,
+                        lm: None,
+                    }),
+                }
+            }
             Err(_) => {
                 let v1: ManifestBodyV1 = postcard::from_bytes(bytes)
                     .map_err(|e| SignedError::Malformed(e.to_string()))?;
@@ -809,6 +984,7 @@ mod tests {
                 data: 16_000i64.to_le_bytes().to_vec(),
             }],
             golden_rtol: vec![],
+            lm: None,
         }
     }
 
@@ -837,6 +1013,50 @@ mod tests {
         assert_eq!(ManifestBody::decode(&bytes).expect("format 2"), v2);
         let signed = Signed::sign(&v2, &[&ed25519_dalek::SigningKey::from_bytes(&[3; 32])]);
         assert_eq!(signed.decode_body().expect("signed format 2"), v2);
+    }
+
+    /// A language model is format 3: format-2 bodies keep their bytes (the `lm` tag is
+    /// not written without one), format 3 round trips, and spelling out `lm: None` is
+    /// not canonical.
+    #[test]
+    fn format_2_bodies_keep_their_bytes_and_format_3_round_trips() {
+        let v2 = body(Some(spec()));
+        let bytes = v2.encode();
+        let derived = postcard::to_allocvec(&v2).expect("encode");
+        assert_eq!(derived.len(), bytes.len() + 1, "format 3 adds only the tag");
+        assert_eq!(&derived[..bytes.len()], &bytes[..]);
+        assert!(matches!(
+            ManifestBody::decode(&derived),
+            Err(SignedError::NonCanonical)
+        ));
+        let mut v3 = body(Some(ServingSpec {
+            lm: Some(LmSpec {
+                golden_prompts: vec![GoldenPrompt {
+                    prompt: "<|im_start|>user\nHi<|im_end|>\n".into(),
+                    continuation: vec![1, 2, 3],
+                }],
+                min_agreement: vec![0.9],
+            }),
+            ..spec()
+        }));
+        assert!(
+            v3.validate().unwrap_err().contains("tokenizer.json"),
+            "a language model's variants carry its tokenizer"
+        );
+        let extra = v3.artifact.variants[0].files[0].clone();
+        for name in [LM_TOKENIZER_FILE, LM_CONFIG_FILE] {
+            let mut f = extra.clone();
+            f.name = name.into();
+            v3.artifact.variants[0].files.push(f);
+        }
+        v3.validate().expect("valid");
+        let bytes = v3.encode();
+        assert_eq!(ManifestBody::decode(&bytes).expect("format 3"), v3);
+        let mut bad = v3.clone();
+        if let Some(lm) = bad.serving.as_mut().and_then(|s| s.lm.as_mut()) {
+            lm.min_agreement = vec![1.5];
+        }
+        assert!(bad.validate().is_err());
     }
 
     #[test]

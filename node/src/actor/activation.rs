@@ -4,12 +4,14 @@
 use super::{Actor, Done};
 use crate::serving::classify::classify;
 use crate::serving::states::{self, Phase, Served, VersionFacts, VersionState};
+use crate::serving::lm::LmModel;
 use crate::serving::{GoldenSet, LoadedModel, WindowStats, trial};
 use crate::status::{WaitingIn, waiting_text};
 use crate::store::FailedActivation;
 use anyhow::Result;
 use pollen_keys::time::unix_now;
 use pollen_protocol::ids::ManifestId;
+use pollen_protocol::manifest::{LM_CONFIG_FILE, LM_TOKENIZER_FILE};
 use pollen_protocol::io::Command;
 use pollen_protocol::rollout::{ErrorClass, HealthReport, HealthReportBody, HealthStatus};
 use pollen_protocol::signing::Signed;
@@ -71,6 +73,13 @@ impl Actor {
         };
         let spec = file.spec.clone();
         let golden_spec = v.golden_file().map(|f| f.spec.clone());
+        let named = |name: &str| v.files.iter().skip(1).find(|f| f.name == name);
+        let lm_specs = m.body.serving.as_ref().and_then(|s| s.lm.as_ref()).and_then(|_| {
+            Some((
+                named(LM_TOKENIZER_FILE)?.spec.clone(),
+                named(LM_CONFIG_FILE)?.spec.clone(),
+            ))
+        });
         let inline = m.body.golden.clone();
         let rtol = m
             .body
@@ -78,7 +87,11 @@ impl Actor {
             .as_ref()
             .map(|s| s.golden_rtol.clone())
             .unwrap_or_default();
-        let serving = m.body.serving.clone().unwrap_or_default();
+        let mut serving = m.body.serving.clone().unwrap_or_default();
+        if let Some(lm) = serving.lm.as_mut() {
+            // The trial and the check see this variant's bound only.
+            lm.min_agreement = vec![lm.min_agreement_of(variant)];
+        }
         let store = self.store.clone();
         let tx = self.done_tx.clone();
         let limits = self.cfg.serving_limits();
@@ -115,6 +128,20 @@ impl Actor {
                     })?),
                     None => None,
                 };
+                let lm_files = match &lm_specs {
+                    Some((t, c)) => {
+                        let path = |f| {
+                            store.finish(f).map_err(|e| {
+                                (
+                                    ErrorClass::Unavailable,
+                                    format!("language model file not in the store: {e}"),
+                                )
+                            })
+                        };
+                        Some((path(t)?, path(c)?))
+                    }
+                    None => None,
+                };
                 // Durable before anything risky: if the process dies from here on, the
                 // next start reports this release failed instead of trying it again.
                 if let Err(e) = store.mark_activating(&manifest) {
@@ -130,7 +157,15 @@ impl Actor {
                 let read = started.elapsed();
                 if let Some(exe) = &exe {
                     step(Phase::Trial);
-                    trial::run(exe, &path, &golden, &serving, budget, timeout)?;
+                    trial::run(
+                        exe,
+                        &path,
+                        &golden,
+                        &serving,
+                        lm_files.as_ref(),
+                        budget,
+                        timeout,
+                    )?;
                 }
                 let trial = started.elapsed() - read;
                 step(Phase::Loading);
@@ -149,6 +184,18 @@ impl Actor {
                 loaded
                     .check_golden(&golden)
                     .map_err(|(c, e)| (classify(&e, c), e))?;
+                if let (Some(spec), Some((tokenizer, config))) = (&serving.lm, &lm_files) {
+                    let lm = LmModel::new(&loaded, tokenizer, config, &limits)?;
+                    let a = lm.check_golden(spec, 0)?;
+                    tracing::info!(
+                        "{channel} version {version}: a language model; its golden prompts \
+                         agree on {} of {} tokens, mean log-likelihood {:.4}",
+                        a.agreed,
+                        a.total,
+                        a.log_likelihood / a.total.max(1) as f64
+                    );
+                    loaded.attach_lm(lm);
+                }
                 tracing::info!(
                     "{channel} version {version}: golden checks read in {read:.1?}, trial run \
                      {trial:.1?}, load {load:.1?}, {} golden checks {:.1?}",

@@ -289,6 +289,10 @@ impl Actor {
             )),
             uploads: Arc::new(tokio::sync::Semaphore::new(crate::http::v1::UPLOADS)),
             upload_quota: cfg.max_unreferenced_bytes,
+            generations: Arc::new(crate::http::openai::Generations::new(
+                cfg.max_generations,
+                cfg.generation_queue,
+            )),
         };
         let mut actor = Actor {
             cfg,

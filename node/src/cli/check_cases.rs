@@ -93,7 +93,7 @@ fn one(exe: &Path, case: &Path, tol: (f32, f32)) -> Outcome {
         checks,
     };
     let spec = ServingSpec::default();
-    if let Err((class, reason)) = trial::run(exe, &model, &set, &spec, BUDGET, TIMEOUT) {
+    if let Err((class, reason)) = trial::run(exe, &model, &set, &spec, None, BUDGET, TIMEOUT) {
         return refused(format!("{class:?}"), reason);
     }
     // Served here as a node serves it: loaded in this process, every data set run again.

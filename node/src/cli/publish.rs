@@ -47,12 +47,7 @@ pub fn publish(a: PublishArgs, out: &mut dyn Write) -> Result<()> {
             c.channel
         );
     }
-    let total: u64 = a
-        .release
-        .files
-        .iter()
-        .map(|f| std::fs::metadata(f).map(|m| m.len()).unwrap_or(0))
-        .sum();
+    let total: u64 = super::release::hashed_bytes(&a.release);
     let bar = indicatif::ProgressBar::new(total);
     bar.set_style(
         indicatif::ProgressStyle::with_template(
@@ -74,22 +69,36 @@ pub fn publish(a: PublishArgs, out: &mut dyn Write) -> Result<()> {
     })?;
     bar.finish_and_clear();
     let m = &release.manifest;
-    let variant = &m.body.artifact.variants[0];
-    let mut uploads: Vec<(String, Box<dyn std::io::Read + Send>)> = Vec::new();
-    for path in &a.release.files {
+    let chunk_size = |cid: &pollen_protocol::ContentId| {
+        m.body
+            .artifact
+            .variants
+            .iter()
+            .flat_map(|v| &v.files)
+            .find(|f| f.spec.content_id == *cid)
+            .map(|f| f.spec.chunk_size.get())
+    };
+    let mut uploads: Vec<(String, pollen_protocol::ContentId, Box<dyn std::io::Read + Send>)> =
+        Vec::new();
+    for (path, cid) in &release.files {
         let file =
             std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-        uploads.push((path.display().to_string(), Box::new(file)));
+        uploads.push((path.display().to_string(), *cid, Box::new(file)));
     }
     if let Some(bytes) = release.golden_file {
+        let golden = m.body.artifact.variants[0]
+            .golden_file()
+            .map(|f| f.spec.content_id)
+            .context("the golden file is not in the manifest")?;
         uploads.push((
             GOLDEN_FILE.to_string(),
+            golden,
             Box::new(std::io::Cursor::new(bytes)),
         ));
     }
-    // The files of the variant in order: the given ones, then the golden file.
-    for ((what, reader), f) in uploads.into_iter().zip(&variant.files) {
-        match client.put_file(&f.spec.content_id, f.spec.chunk_size.get(), reader) {
+    for (what, cid, reader) in uploads {
+        let chunk = chunk_size(&cid).context("a file is not in the manifest")?;
+        match client.put_file(&cid, chunk, reader) {
             Ok(()) => {}
             Err(ApiError::Transport(e)) => {
                 return Err(anyhow::Error::new(ApiError::Transport(e)))

@@ -8,7 +8,10 @@ use pollen_keys::load_key_file;
 use pollen_keys::manifest::{self as mf, NewManifest};
 use pollen_keys::time::{days, parse_duration};
 use pollen_node::serving::onnx;
-use pollen_protocol::manifest::{Channel, InputFact, Manifest, ManifestBody, ServingSpec};
+use pollen_protocol::manifest::{
+    Channel, DeviceRequirements, GoldenPrompt, InputFact, LM_CONFIG_FILE, LM_TOKENIZER_FILE,
+    LmSpec, Manifest, ManifestBody, ServingSpec,
+};
 use pollen_protocol::rollout::Gate;
 use pollen_protocol::{ManifestId, SigningKey, UnixTime};
 use std::path::{Path, PathBuf};
@@ -18,8 +21,23 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, clap::Args)]
 pub struct ReleaseArgs {
     /// The files of the release, model graph first; each is named by its file name.
-    #[arg(required = true, value_name = "FILE")]
+    #[arg(required_unless_present_any = ["lm", "variants"], value_name = "FILE")]
     pub files: Vec<PathBuf>,
+    /// A language model, served on the OpenAI-compatible API: DIR holds `model.onnx`
+    /// (with past/present key-value tensors), `tokenizer.json`, `generation.json` and
+    /// `golden_prompts.json` (the same as `--variant default=DIR`).
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["files", "variants"])]
+    pub lm: Option<PathBuf>,
+    /// A variant of the release from a directory (repeatable; the first is the default):
+    /// a language model's files as for `--lm`, or `model.onnx` and the files beside it.
+    /// Nodes choose the variant whose `--requires` names their device class, else the
+    /// first whose requirements they meet.
+    #[arg(long = "variant", value_name = "NAME=DIR", conflicts_with = "files")]
+    pub variants: Vec<String>,
+    /// What a device must offer to run a variant (repeatable):
+    /// NAME:class=C1+C2,memory=MIB,cpu=F1+F2, e.g. int8:class=weak or fp32:memory=2048.
+    #[arg(long = "requires", value_name = "NAME:REQS", requires = "variants")]
+    pub requires: Vec<String>,
     /// Channel (lowercase letters, digits, '.', '_', '-').
     #[arg(long, value_name = "C")]
     pub channel: String,
@@ -97,7 +115,11 @@ fn serving_spec(a: &ReleaseArgs) -> Result<Option<ServingSpec>> {
     if a.inputs.is_empty() && a.consts.is_empty() {
         return Ok(None);
     }
-    let model = a.files.first().context("no model file")?;
+    let variants = variant_dirs(a)?;
+    let model = variants
+        .first()
+        .and_then(|v| v.files.first())
+        .context("no model file")?;
     let bytes = std::fs::read(model).with_context(|| format!("cannot read {}", model.display()))?;
     let graph = onnx::parse_graph(&bytes).map_err(|e| {
         anyhow::anyhow!(
@@ -135,6 +157,190 @@ pub struct Release {
     pub manifest: Manifest,
     /// The golden file ([`pollen_protocol::manifest::GOLDEN_FILE`]), if any.
     pub golden_file: Option<Vec<u8>>,
+    /// Every variant's files on disk with their content ids, each content once.
+    pub files: Vec<(PathBuf, pollen_protocol::ContentId)>,
+}
+
+/// A variant as the command line gives it.
+#[derive(Debug)]
+struct VariantDir {
+    name: String,
+    files: Vec<PathBuf>,
+    requires: DeviceRequirements,
+    /// `golden_prompts.json` of a language model's directory.
+    golden_prompts: Option<PathBuf>,
+    lm: bool,
+}
+
+/// The variants of a release: the positional files as `default`, `--lm DIR`, or each
+/// `--variant NAME=DIR` with its `--requires`.
+fn variant_dirs(a: &ReleaseArgs) -> Result<Vec<VariantDir>> {
+    if !a.files.is_empty() {
+        return Ok(vec![VariantDir {
+            name: mf::DEFAULT_VARIANT.into(),
+            files: a.files.clone(),
+            requires: DeviceRequirements::default(),
+            golden_prompts: None,
+            lm: false,
+        }]);
+    }
+    let given: Vec<(String, PathBuf)> = match &a.lm {
+        Some(dir) => vec![(mf::DEFAULT_VARIANT.to_string(), dir.clone())],
+        None => a
+            .variants
+            .iter()
+            .map(|v| {
+                let (name, dir) = v
+                    .split_once('=')
+                    .with_context(|| format!("--variant {v}: expected NAME=DIR"))?;
+                Ok((name.to_string(), PathBuf::from(dir)))
+            })
+            .collect::<Result<_>>()?,
+    };
+    let mut out: Vec<VariantDir> = Vec::new();
+    for (name, dir) in given {
+        if out.iter().any(|v| v.name == name) {
+            bail!("variant {name} given twice");
+        }
+        let model = dir.join("model.onnx");
+        if !model.is_file() {
+            bail!("{}: no model.onnx", dir.display());
+        }
+        let lm = dir.join(LM_CONFIG_FILE).is_file();
+        if a.lm.is_some() && !lm {
+            bail!("{}: no {LM_CONFIG_FILE}: not a language model", dir.display());
+        }
+        let mut files = vec![model];
+        if lm {
+            for f in [LM_TOKENIZER_FILE, LM_CONFIG_FILE] {
+                let p = dir.join(f);
+                if !p.is_file() {
+                    bail!("{}: a language model needs {f}", dir.display());
+                }
+                files.push(p);
+            }
+        } else {
+            let mut rest: Vec<PathBuf> = std::fs::read_dir(&dir)
+                .with_context(|| format!("cannot read {}", dir.display()))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.is_file() && p.file_name().is_some_and(|n| n != "model.onnx"))
+                .collect();
+            rest.sort();
+            files.extend(rest);
+        }
+        let prompts = dir.join(GOLDEN_PROMPTS_FILE);
+        out.push(VariantDir {
+            name,
+            files,
+            requires: DeviceRequirements::default(),
+            golden_prompts: (lm && prompts.is_file()).then_some(prompts),
+            lm,
+        });
+    }
+    if out.iter().any(|v| v.lm) && !out.iter().all(|v| v.lm) {
+        bail!("either every variant is a language model (has {LM_CONFIG_FILE}) or none is");
+    }
+    for r in &a.requires {
+        let (name, reqs) = r
+            .split_once(':')
+            .with_context(|| format!("--requires {r}: expected NAME:REQS"))?;
+        let v = out
+            .iter_mut()
+            .find(|v| v.name == name)
+            .with_context(|| format!("--requires {r}: no variant {name}"))?;
+        v.requires = parse_requires(reqs).with_context(|| format!("--requires {r}"))?;
+    }
+    Ok(out)
+}
+
+/// Bytes `build_release` hashes (for a progress bar); 0 for what cannot be read.
+pub fn hashed_bytes(a: &ReleaseArgs) -> u64 {
+    variant_dirs(a)
+        .map(|ds| {
+            ds.iter()
+                .flat_map(|d| &d.files)
+                .map(|f| std::fs::metadata(f).map(|m| m.len()).unwrap_or(0))
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// The golden prompts a language model's directory holds.
+const GOLDEN_PROMPTS_FILE: &str = "golden_prompts.json";
+
+/// `class=C1+C2,memory=MIB,cpu=F1+F2` (any of the three).
+fn parse_requires(s: &str) -> Result<DeviceRequirements> {
+    let mut r = DeviceRequirements::default();
+    for part in s.split(',').filter(|p| !p.is_empty()) {
+        let (k, v) = part
+            .split_once('=')
+            .with_context(|| format!("{part}: expected KEY=VALUE"))?;
+        let list = || v.split('+').map(str::to_string).collect::<Vec<_>>();
+        match k {
+            "class" => r.device_classes = list(),
+            "memory" => r.min_memory_mib = v.parse().with_context(|| format!("memory={v}"))?,
+            "cpu" => r.cpu_features = list(),
+            _ => bail!("{k}: the requirements are class, memory and cpu"),
+        }
+    }
+    Ok(r)
+}
+
+/// `golden_prompts.json`: `{"min_agreement": F, "prompts": [{"prompt", "continuation"}]}`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GoldenPromptsFile {
+    min_agreement: f32,
+    prompts: Vec<GoldenPromptJson>,
+}
+
+#[derive(Debug, PartialEq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GoldenPromptJson {
+    prompt: String,
+    continuation: Vec<u32>,
+}
+
+/// The language-model spec of the variants' golden prompts: one set of prompts for the
+/// release (every variant that has the file must have the same prompts), one bound per
+/// variant.
+fn lm_spec(variants: &[VariantDir]) -> Result<LmSpec> {
+    let mut spec = LmSpec::default();
+    let mut prompts: Option<Vec<GoldenPromptJson>> = None;
+    for v in variants {
+        let Some(path) = &v.golden_prompts else {
+            spec.min_agreement.push(0.0);
+            continue;
+        };
+        let bytes =
+            std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let f: GoldenPromptsFile = serde_json::from_slice(&bytes)
+            .with_context(|| format!("{}", path.display()))?;
+        spec.min_agreement.push(f.min_agreement);
+        match &prompts {
+            None => prompts = Some(f.prompts),
+            Some(p) if *p == f.prompts => {}
+            Some(_) => bail!(
+                "{}: its golden prompts differ from the first variant's (a release has one set; \
+                 each variant states its own min_agreement)",
+                path.display()
+            ),
+        }
+    }
+    let prompts = prompts.unwrap_or_default();
+    if prompts.is_empty() {
+        eprintln!("warning: no golden prompts: nodes will serve the language model unchecked");
+    } else if variants.iter().any(|v| v.golden_prompts.is_none()) {
+        bail!("every variant of a language model with golden prompts needs its golden_prompts.json");
+    }
+    spec.golden_prompts = prompts
+        .into_iter()
+        .map(|p| GoldenPrompt {
+            prompt: p.prompt,
+            continuation: p.continuation,
+        })
+        .collect();
+    Ok(spec)
 }
 
 /// Hash the files, read the golden checks, and build and sign the manifest of a release,
@@ -176,10 +382,15 @@ pub fn build_release(
     };
     let keys = load_keys(&a.key)?;
     let serving = serving_spec(a)?;
+    let dirs = variant_dirs(a)?;
+    let lm = match dirs.iter().any(|v| v.lm) {
+        true => Some(lm_spec(&dirs)?),
+        false => None,
+    };
     let spec = NewManifest {
         channel,
         version: a.version,
-        files: a.files.clone(),
+        files: dirs[0].files.clone(),
         chunk_size: mf::parse_chunk_size(&a.chunk_size).context("--chunk-size")?,
         rollout,
         created: now,
@@ -187,11 +398,23 @@ pub fn build_release(
         replaces,
     };
     let mut body = mf::build_body_with_progress(&spec, progress)?;
+    body.artifact.variants[0].name = dirs[0].name.clone();
+    body.artifact.variants[0].requires = dirs[0].requires.clone();
+    for d in &dirs[1..] {
+        let v = mf::hash_variant(
+            &d.name,
+            &d.files,
+            d.requires.clone(),
+            spec.chunk_size,
+            progress,
+        )?;
+        body.artifact.variants.push(v);
+    }
     let mut golden_file = None;
     if let Some(g) = &a.golden {
         let (checks, rtol) = if g.is_dir() {
             let atol = a.golden_atol.unwrap_or(golden::DEFAULT_ATOL);
-            let checks = golden::golden_from_dir(g, &a.files[0], atol)
+            let checks = golden::golden_from_dir(g, &dirs[0].files[0], atol)
                 .with_context(|| format!("--golden {}", g.display()))?;
             (checks, Some(a.golden_rtol.unwrap_or(golden::DEFAULT_RTOL)))
         } else {
@@ -209,10 +432,22 @@ pub fn build_release(
         into.inputs = s.inputs;
         into.consts = s.consts;
     }
+    if let Some(lm) = lm {
+        body.serving.get_or_insert_with(ServingSpec::default).lm = Some(lm);
+    }
+    let mut files: Vec<(PathBuf, pollen_protocol::ContentId)> = Vec::new();
+    for (d, v) in dirs.iter().zip(&body.artifact.variants) {
+        for (path, f) in d.files.iter().zip(&v.files) {
+            if !files.iter().any(|(_, c)| *c == f.spec.content_id) {
+                files.push((path.clone(), f.spec.content_id));
+            }
+        }
+    }
     let refs: Vec<&SigningKey> = keys.iter().collect();
     Ok(Release {
         manifest: mf::sign(&body, &refs)?,
         golden_file,
+        files,
     })
 }
 

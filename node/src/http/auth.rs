@@ -9,8 +9,11 @@
 //!   refused.
 //! * A browser's cross-origin request (an `Origin` header that is not in
 //!   `http_allowed_origins`) is refused, so a web page cannot drive the node.
+//! * Inference (`/v2/…` and the OpenAI routes `/v1/models`, `/v1/chat/completions`,
+//!   `/v1/completions`) is open to local processes; an OpenAI client's own
+//!   `Authorization` header is not checked there.
 //! * With `http_public`, every route but the health checks needs the token, unless
-//!   `http_public_inference` opens the `/v2` inference routes.
+//!   `http_public_inference` opens the inference routes.
 //!
 //! Refusals are `{"error": ...}` with 401 (no or wrong token), 403 (origin) or 421 (host).
 
@@ -131,12 +134,14 @@ pub async fn check(State(g): State<Guard>, req: Request, next: Next) -> Response
         }
     }
     let path = req.uri().path();
+    let inference = path.starts_with("/v2") || super::openai::is_inference_path(path);
     let mutation = path.starts_with("/v1/")
+        && !inference
         && matches!(*req.method(), Method::PUT | Method::POST | Method::DELETE);
     let needs_token = mutation
         || (g.public
             && !path.starts_with("/v2/health/")
-            && !(g.public_inference && path.starts_with("/v2")));
+            && !(g.public_inference && inference));
     if needs_token && !g.authorised(&req) {
         return error(
             StatusCode::UNAUTHORIZED,

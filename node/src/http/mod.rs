@@ -4,12 +4,15 @@
 //! * [`v1`]: the control API (`/v1/…`, `/metrics`), which talks to the actor.
 //! * [`v2`]: KServe v2 inference (`/v2/…`), which uses the registry and the pool, and asks
 //!   the actor only why a model is not served, for metadata and the repository index.
+//! * [`openai`]: the OpenAI-compatible API for language models (`/v1/models`,
+//!   `/v1/chat/completions`, `/v1/completions`), beside the control API.
 //! * [`auth`]: the token, Host and Origin rules every request passes first.
 //! * [`server`]: the accept loop, with a connection cap and header timeouts.
 //!
 //! Errors are `{"error": "..."}` with a 4xx or 5xx status.
 
 pub mod auth;
+pub mod openai;
 pub mod server;
 pub mod v1;
 pub mod v2;
@@ -25,6 +28,7 @@ pub fn router(state: AppState, guard: auth::Guard) -> Router {
     Router::new()
         .merge(v1::routes())
         .merge(v2::routes())
+        .merge(openai::routes())
         .with_state(state)
         .layer(axum::middleware::from_fn_with_state(guard, auth::check))
 }

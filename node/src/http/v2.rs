@@ -211,16 +211,33 @@ async fn lookup(
     version: Option<&str>,
 ) -> Result<Arc<LoadedModel>, Response> {
     let version = parse_version(version)?;
+    find(h, name, version)
+        .await
+        .map_err(|(status, msg)| error(status, msg))
+}
+
+/// The model `name` at `version` (or the version served now), else the status and reason
+/// a client is given: 404 for a model this node does not know, 503 with the reason for
+/// one it does not serve.
+pub(crate) async fn find(
+    h: &AppState,
+    name: &str,
+    version: Option<u64>,
+) -> Result<Arc<LoadedModel>, (StatusCode, String)> {
     if let Some(m) = served(h, name, version) {
         return Ok(m);
     }
-    let states = channel_states(h, name).await?;
+    let states = channel_states(h, name).await.map_err(|_| {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "node is shutting down".to_string(),
+        )
+    })?;
     // It may have been swapped in while the actor was asked.
     if let Some(m) = served(h, name, version) {
         return Ok(m);
     }
-    let (status, msg) = not_served(name, version, &states);
-    Err(error(status, msg))
+    Err(not_served(name, version, &states))
 }
 
 fn io_json(s: &IoSpec, note: Option<&String>) -> serde_json::Value {
@@ -529,7 +546,7 @@ fn too_large(limit: usize, binary: bool, declared: Option<u64>) -> Response {
 
 /// Why a request body could not be read.
 #[derive(Debug)]
-enum BodyError {
+pub(crate) enum BodyError {
     /// Over the limit.
     TooLarge,
     /// The connection failed or the client broke off.
@@ -563,7 +580,12 @@ async fn read_body_in_time(
     }
 }
 
-async fn read_body(body: Body, limit: usize, declared: Option<u64>) -> Result<Vec<u8>, BodyError> {
+/// Read a body of at most `limit` bytes.
+pub(crate) async fn read_body(
+    body: Body,
+    limit: usize,
+    declared: Option<u64>,
+) -> Result<Vec<u8>, BodyError> {
     let expected = declared.map_or(0, |n| usize::try_from(n).unwrap_or(limit).min(limit));
     let mut buf = Vec::with_capacity(expected);
     let mut frames = body.into_data_stream();

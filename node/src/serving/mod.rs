@@ -29,11 +29,13 @@
 //! * [`pool`]: the bounded inference pool: admission before the body is read, and
 //!   threads of its own.
 //! * [`kserve`]: the KServe v2 codec (JSON and binary tensor data).
+//! * [`lm`]: causal language models: generation through the key-value cache.
 
 pub mod classify;
 pub mod golden;
 pub mod health;
 pub mod kserve;
+pub mod lm;
 pub mod model;
 pub mod onnx;
 pub mod pool;

@@ -221,6 +221,8 @@ pub struct LoadedModel {
     golden: GoldenSet,
     /// The latest verdict of such a re-run: when, and whether the model failed it.
     recheck: Mutex<Option<(Instant, bool)>>,
+    /// The language model over this graph, for a release that is one.
+    lm: Option<super::lm::LmModel>,
 }
 
 /// A verdict of [`LoadedModel::at_fault`] stands this long before the golden checks run
@@ -747,9 +749,29 @@ impl LoadedModel {
             unsupported,
             golden: GoldenSet::default(),
             recheck: Mutex::new(None),
+            lm: None,
         };
         m.warm(golden.checks.first())?;
         Ok(m)
+    }
+
+    /// The one runnable of a model tract prepared with symbolic dimensions (`None` for
+    /// one prepared per shape).
+    pub fn symbolic_runnable(&self) -> Option<&Runnable> {
+        match &self.engine {
+            Engine::Symbolic { runnable, .. } => Some(runnable),
+            Engine::PerShape(_) => None,
+        }
+    }
+
+    /// Serve this graph as the language model `lm` (made from it) as well.
+    pub fn attach_lm(&mut self, lm: super::lm::LmModel) {
+        self.lm = Some(lm);
+    }
+
+    /// The language model, for a release that is one.
+    pub fn lm(&self) -> Option<&super::lm::LmModel> {
+        self.lm.as_ref()
     }
 
     /// Keep the golden checks the model just passed, for [`LoadedModel::at_fault`].

@@ -15,7 +15,7 @@ use pollen_protocol::manifest::ServingSpec;
 use pollen_protocol::rollout::ErrorClass;
 use serde::{Deserialize, Serialize};
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -30,9 +30,13 @@ struct Verdict {
     failure: Option<(ErrorClass, String)>,
 }
 
-/// What the child reads from its `--golden` file (postcard): the golden checks and how
-/// the manifest says to prepare the model.
-type TrialInput = (GoldenSet, ServingSpec);
+/// What the child reads from its `--golden` file (postcard): the golden checks, how the
+/// manifest says to prepare the model, and for a language model its tokenizer and
+/// generation config files.
+type TrialInput = (GoldenSet, ServingSpec, Option<LmFiles>);
+
+/// A language model's tokenizer and generation config files.
+pub type LmFiles = (PathBuf, PathBuf);
 
 /// What `pollen trial-model` does in the child: cap the address space at `budget` (plus
 /// the process's own overhead), then load the model as the manifest's serving spec says
@@ -43,7 +47,7 @@ pub fn child_main(model: &Path, golden: &Path, budget: u64) -> anyhow::Result<()
     let failure = (|| {
         let bytes = std::fs::read(golden)
             .map_err(|e| (ErrorClass::Other, format!("{}: {e}", golden.display())))?;
-        let (checks, spec): TrialInput = postcard::from_bytes(&bytes)
+        let (checks, spec, lm_files): TrialInput = postcard::from_bytes(&bytes)
             .map_err(|e| (ErrorClass::Other, format!("golden checks: {e}")))?;
         let limits = ServingLimits::new(budget);
         let m = LoadedModel::load(
@@ -57,7 +61,11 @@ pub fn child_main(model: &Path, golden: &Path, budget: u64) -> anyhow::Result<()
         )
         .map_err(|(c, e)| (super::classify::classify(&e, c), e))?;
         m.check_golden(&checks)
-            .map_err(|(c, e)| (super::classify::classify(&e, c), e))
+            .map_err(|(c, e)| (super::classify::classify(&e, c), e))?;
+        if let (Some(lm), Some((tokenizer, config))) = (&spec.lm, &lm_files) {
+            super::lm::LmModel::new(&m, tokenizer, config, &limits)?.check_golden(lm, 0)?;
+        }
+        Ok(())
     })()
     .err();
     let line = serde_json::to_string(&Verdict { failure })?;
@@ -88,12 +96,13 @@ pub fn run(
     model: &Path,
     golden: &GoldenSet,
     spec: &ServingSpec,
+    lm_files: Option<&LmFiles>,
     budget: u64,
     timeout: Duration,
 ) -> Result<(), (ErrorClass, String)> {
     let other = |what: &str, e: &dyn std::fmt::Display| (ErrorClass::Other, format!("{what}: {e}"));
     let mut golden_file = tempfile::NamedTempFile::new().map_err(|e| other("trial", &e))?;
-    let bytes = postcard::to_allocvec(&(golden, spec)).map_err(|e| other("golden checks", &e))?;
+    let bytes = postcard::to_allocvec(&(golden, spec, lm_files)).map_err(|e| other("golden checks", &e))?;
     golden_file
         .write_all(&bytes)
         .map_err(|e| other("trial", &e))?;
