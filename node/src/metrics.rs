@@ -44,6 +44,7 @@ struct InferStats {
 #[derive(Debug, Default, Clone, Copy)]
 struct GenStats {
     ok: u64,
+    cancelled: u64,
     errors: u64,
     bad_input: u64,
     prompt_tokens: u64,
@@ -161,7 +162,10 @@ impl Metrics {
             return;
         }
         let st = m.entry(key).or_default();
+        let cancelled =
+            done.is_some_and(|d| d.finish == crate::serving::lm::generate::Finish::Cancelled);
         match outcome {
+            Outcome::Ok if cancelled => st.cancelled += 1,
             Outcome::Ok => st.ok += 1,
             Outcome::BadInput => st.bad_input += 1,
             Outcome::Error | Outcome::Panic => st.errors += 1,
@@ -383,7 +387,7 @@ impl Metrics {
             (
                 "pollen_lm_generations_total",
                 "counter",
-                "Language-model generations, by model, version and outcome (ok, error, bad_input).",
+                "Language-model generations, by model, version and outcome (ok, cancelled, error, bad_input).",
                 |_| String::new(),
             ),
             (
@@ -433,7 +437,12 @@ impl Metrics {
             let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {kind}");
             for ((m, v), st) in &gens {
                 if name == "pollen_lm_generations_total" {
-                    for (outcome, n) in [("ok", st.ok), ("error", st.errors), ("bad_input", st.bad_input)] {
+                    for (outcome, n) in [
+                        ("ok", st.ok),
+                        ("cancelled", st.cancelled),
+                        ("error", st.errors),
+                        ("bad_input", st.bad_input),
+                    ] {
                         let _ = writeln!(
                             s,
                             "{name}{{model=\"{m}\",version=\"{v}\",outcome=\"{outcome}\"}} {n}"

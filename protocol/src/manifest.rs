@@ -380,14 +380,9 @@ impl LmSpec {
             return Err(format!("at most {MAX_GOLDEN_PROMPTS} golden prompts"));
         }
         if !(self.min_agreement.len() == 1 || self.min_agreement.len() == variants)
-            || self
-                .min_agreement
-                .iter()
-                .any(|m| !(0.0..=1.0).contains(m))
+            || self.min_agreement.iter().any(|m| !(0.0..=1.0).contains(m))
         {
-            return Err(
-                "min_agreement: one fraction from 0 to 1, or one per variant".into(),
-            );
+            return Err("min_agreement: one fraction from 0 to 1, or one per variant".into());
         }
         for p in &self.golden_prompts {
             if p.prompt.is_empty() || p.prompt.len() > MAX_GOLDEN_PROMPT_LEN {

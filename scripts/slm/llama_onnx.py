@@ -121,7 +121,9 @@ class _Graph:
         return out
 
     def init(self, name: str, array: np.ndarray) -> str:
-        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        # Not np.ascontiguousarray: it turns a scalar into shape [1], and the ONNX spec (and
+        # tract) want scalars where a scalar is due (Range, Gather indices).
+        self.inits.append(numpy_helper.from_array(np.array(array, order="C"), name))
         return name
 
     def const(self, values, dtype) -> str:

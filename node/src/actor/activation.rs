@@ -3,16 +3,16 @@
 
 use super::{Actor, Done};
 use crate::serving::classify::classify;
-use crate::serving::states::{self, Phase, Served, VersionFacts, VersionState};
 use crate::serving::lm::LmModel;
+use crate::serving::states::{self, Phase, Served, VersionFacts, VersionState};
 use crate::serving::{GoldenSet, LoadedModel, WindowStats, trial};
 use crate::status::{WaitingIn, waiting_text};
 use crate::store::FailedActivation;
 use anyhow::Result;
 use pollen_keys::time::unix_now;
 use pollen_protocol::ids::ManifestId;
-use pollen_protocol::manifest::{LM_CONFIG_FILE, LM_TOKENIZER_FILE};
 use pollen_protocol::io::Command;
+use pollen_protocol::manifest::{LM_CONFIG_FILE, LM_TOKENIZER_FILE};
 use pollen_protocol::rollout::{ErrorClass, HealthReport, HealthReportBody, HealthStatus};
 use pollen_protocol::signing::Signed;
 use std::collections::BTreeMap;
@@ -74,12 +74,17 @@ impl Actor {
         let spec = file.spec.clone();
         let golden_spec = v.golden_file().map(|f| f.spec.clone());
         let named = |name: &str| v.files.iter().skip(1).find(|f| f.name == name);
-        let lm_specs = m.body.serving.as_ref().and_then(|s| s.lm.as_ref()).and_then(|_| {
-            Some((
-                named(LM_TOKENIZER_FILE)?.spec.clone(),
-                named(LM_CONFIG_FILE)?.spec.clone(),
-            ))
-        });
+        let lm_specs = m
+            .body
+            .serving
+            .as_ref()
+            .and_then(|s| s.lm.as_ref())
+            .and_then(|_| {
+                Some((
+                    named(LM_TOKENIZER_FILE)?.spec.clone(),
+                    named(LM_CONFIG_FILE)?.spec.clone(),
+                ))
+            });
         let inline = m.body.golden.clone();
         let rtol = m
             .body

@@ -514,7 +514,19 @@ impl Actor {
                     .mesh
                     .release(&channel, version)
                     .filter(|r| r.id() == id)
-                    .map(|r| r.files().map(|f| f.spec.content_id).collect())
+                    .map(|r| {
+                        let all = &r.manifest.body.artifact.variants;
+                        let ours: Vec<_> = r.files().map(|f| f.spec.content_id).collect();
+                        // Other variants' files only when held (the publisher's): they
+                        // are announced and served, never fetched.
+                        let held = all
+                            .iter()
+                            .flat_map(|v| &v.files)
+                            .map(|f| f.spec.content_id)
+                            .filter(|c| !ours.contains(c) && self.store.has_blob(c))
+                            .collect::<Vec<_>>();
+                        ours.into_iter().chain(held).collect()
+                    })
                     .unwrap_or_default();
                 for file in files {
                     self.open_file(file, false);

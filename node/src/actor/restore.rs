@@ -129,9 +129,17 @@ impl Actor {
                 }
             }
         }
-        // Durable chunks of every tracked file.
+        // Durable chunks of every file of this node's variants, and the other variants'
+        // files it holds whole.
+        let ours: std::collections::BTreeSet<_> = self
+            .mesh
+            .releases()
+            .flat_map(|(_, r)| r.files().map(|f| f.spec.content_id).collect::<Vec<_>>())
+            .collect();
         for file in self.mesh.live_files() {
-            self.open_file(file, true);
+            if ours.contains(&file) || self.store.has_blob(&file) {
+                self.open_file(file, true);
+            }
         }
         Ok(())
     }

@@ -78,8 +78,11 @@ pub fn publish(a: PublishArgs, out: &mut dyn Write) -> Result<()> {
             .find(|f| f.spec.content_id == *cid)
             .map(|f| f.spec.chunk_size.get())
     };
-    let mut uploads: Vec<(String, pollen_protocol::ContentId, Box<dyn std::io::Read + Send>)> =
-        Vec::new();
+    let mut uploads: Vec<(
+        String,
+        pollen_protocol::ContentId,
+        Box<dyn std::io::Read + Send>,
+    )> = Vec::new();
     for (path, cid) in &release.files {
         let file =
             std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;

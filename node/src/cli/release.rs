@@ -208,7 +208,10 @@ fn variant_dirs(a: &ReleaseArgs) -> Result<Vec<VariantDir>> {
         }
         let lm = dir.join(LM_CONFIG_FILE).is_file();
         if a.lm.is_some() && !lm {
-            bail!("{}: no {LM_CONFIG_FILE}: not a language model", dir.display());
+            bail!(
+                "{}: no {LM_CONFIG_FILE}: not a language model",
+                dir.display()
+            );
         }
         let mut files = vec![model];
         if lm {
@@ -314,8 +317,8 @@ fn lm_spec(variants: &[VariantDir]) -> Result<LmSpec> {
         };
         let bytes =
             std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-        let f: GoldenPromptsFile = serde_json::from_slice(&bytes)
-            .with_context(|| format!("{}", path.display()))?;
+        let f: GoldenPromptsFile =
+            serde_json::from_slice(&bytes).with_context(|| format!("{}", path.display()))?;
         spec.min_agreement.push(f.min_agreement);
         match &prompts {
             None => prompts = Some(f.prompts),
@@ -331,7 +334,9 @@ fn lm_spec(variants: &[VariantDir]) -> Result<LmSpec> {
     if prompts.is_empty() {
         eprintln!("warning: no golden prompts: nodes will serve the language model unchecked");
     } else if variants.iter().any(|v| v.golden_prompts.is_none()) {
-        bail!("every variant of a language model with golden prompts needs its golden_prompts.json");
+        bail!(
+            "every variant of a language model with golden prompts needs its golden_prompts.json"
+        );
     }
     spec.golden_prompts = prompts
         .into_iter()

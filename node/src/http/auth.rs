@@ -139,9 +139,7 @@ pub async fn check(State(g): State<Guard>, req: Request, next: Next) -> Response
         && !inference
         && matches!(*req.method(), Method::PUT | Method::POST | Method::DELETE);
     let needs_token = mutation
-        || (g.public
-            && !path.starts_with("/v2/health/")
-            && !(g.public_inference && inference));
+        || (g.public && !path.starts_with("/v2/health/") && !(g.public_inference && inference));
     if needs_token && !g.authorised(&req) {
         return error(
             StatusCode::UNAUTHORIZED,

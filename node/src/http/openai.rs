@@ -35,11 +35,11 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use futures::StreamExt;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use futures::StreamExt;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 
 /// Largest request body: a prompt at the longest contexts fits many times over.
@@ -87,7 +87,13 @@ impl Generations {
 }
 
 /// An error in OpenAI's shape.
-fn oai_error(status: StatusCode, kind: &str, param: Option<&str>, code: Option<&str>, msg: impl Into<String>) -> Response {
+fn oai_error(
+    status: StatusCode,
+    kind: &str,
+    param: Option<&str>,
+    code: Option<&str>,
+    msg: impl Into<String>,
+) -> Response {
     (
         status,
         axum::Json(json!({
@@ -289,7 +295,12 @@ fn job_of(lm: &LmModel, p: &Params, prompt: Vec<u32>) -> Result<Job, Response> {
     }
     let room = context - prompt.len();
     let max_tokens = match p.max_completion_tokens.or(p.max_tokens) {
-        Some(0) => return Err(bad_request(Some("max_tokens"), "max_tokens must be at least 1")),
+        Some(0) => {
+            return Err(bad_request(
+                Some("max_tokens"),
+                "max_tokens must be at least 1",
+            ));
+        }
         Some(n) if n as usize > room => {
             return Err(oai_error(
                 StatusCode::BAD_REQUEST,
@@ -309,7 +320,10 @@ fn job_of(lm: &LmModel, p: &Params, prompt: Vec<u32>) -> Result<Job, Response> {
     };
     let temperature = p.temperature.unwrap_or(lm.config.defaults.temperature);
     if !(temperature.is_finite() && (0.0..=2.0).contains(&temperature)) {
-        return Err(bad_request(Some("temperature"), "temperature is from 0 to 2"));
+        return Err(bad_request(
+            Some("temperature"),
+            "temperature is from 0 to 2",
+        ));
     }
     let top_p = p.top_p.unwrap_or(lm.config.defaults.top_p);
     if !(top_p > 0.0 && top_p <= 1.0) {
@@ -363,33 +377,33 @@ async fn complete(h: AppState, headers: HeaderMap, body: Body, kind: Kind) -> Re
             format!("request body over {MAX_BODY} bytes"),
         );
     }
-    let bytes = match tokio::time::timeout(
-        BODY_TIMEOUT,
-        super::v2::read_body(body, MAX_BODY, declared),
-    )
-    .await
-    {
-        Ok(Ok(b)) => b,
-        Ok(Err(super::v2::BodyError::TooLarge)) => {
-            return oai_error(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "invalid_request_error",
-                None,
-                None,
-                format!("request body over {MAX_BODY} bytes"),
-            );
-        }
-        Ok(Err(e)) => return bad_request(None, format!("request body could not be read: {e:?}")),
-        Err(_) => {
-            return oai_error(
-                StatusCode::REQUEST_TIMEOUT,
-                "invalid_request_error",
-                None,
-                None,
-                "request body not received in time",
-            );
-        }
-    };
+    let bytes =
+        match tokio::time::timeout(BODY_TIMEOUT, super::v2::read_body(body, MAX_BODY, declared))
+            .await
+        {
+            Ok(Ok(b)) => b,
+            Ok(Err(super::v2::BodyError::TooLarge)) => {
+                return oai_error(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "invalid_request_error",
+                    None,
+                    None,
+                    format!("request body over {MAX_BODY} bytes"),
+                );
+            }
+            Ok(Err(e)) => {
+                return bad_request(None, format!("request body could not be read: {e:?}"));
+            }
+            Err(_) => {
+                return oai_error(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "invalid_request_error",
+                    None,
+                    None,
+                    "request body not received in time",
+                );
+            }
+        };
     let mut p: Params = match serde_json::from_slice(&bytes) {
         Ok(p) => p,
         Err(e) => return bad_request(None, format!("invalid request body: {e}")),
@@ -456,14 +470,15 @@ async fn complete(h: AppState, headers: HeaderMap, body: Body, kind: Kind) -> Re
     let (tx, rx) = mpsc::channel::<Piece>(STREAM_BUFFER);
     spawn_generation(h.clone(), model.clone(), job, tx, (admitted, running));
     let stream = p.stream.unwrap_or(false);
-    let usage = p
-        .stream_options
-        .as_ref()
-        .is_some_and(|o| o.include_usage);
+    let usage = p.stream_options.as_ref().is_some_and(|o| o.include_usage);
     let meta = Meta {
         id: format!(
             "{}-{}",
-            if kind == Kind::Chat { "chatcmpl" } else { "cmpl" },
+            if kind == Kind::Chat {
+                "chatcmpl"
+            } else {
+                "cmpl"
+            },
             random_id()
         ),
         created: now_secs(),
@@ -629,7 +644,11 @@ impl Meta {
 /// away) drops `rx`, which ends the generation.
 fn streamed(meta: Meta, rx: mpsc::Receiver<Piece>, include_usage: bool) -> Response {
     let first = meta.delta(
-        if meta.kind == Kind::Chat { Some("") } else { None },
+        if meta.kind == Kind::Chat {
+            Some("")
+        } else {
+            None
+        },
         true,
         None,
     );

@@ -102,7 +102,8 @@ pub fn run(
 ) -> Result<(), (ErrorClass, String)> {
     let other = |what: &str, e: &dyn std::fmt::Display| (ErrorClass::Other, format!("{what}: {e}"));
     let mut golden_file = tempfile::NamedTempFile::new().map_err(|e| other("trial", &e))?;
-    let bytes = postcard::to_allocvec(&(golden, spec, lm_files)).map_err(|e| other("golden checks", &e))?;
+    let bytes =
+        postcard::to_allocvec(&(golden, spec, lm_files)).map_err(|e| other("golden checks", &e))?;
     golden_file
         .write_all(&bytes)
         .map_err(|e| other("trial", &e))?;

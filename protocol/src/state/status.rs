@@ -198,18 +198,15 @@ impl<R: Rng> Mesh<R> {
             .filter_map(|(c, s)| s.active.map(|(v, id)| (c, v, id)))
     }
 
-    /// The files of every retained release (the variant this node chose): what a driver
-    /// must keep on disk.
+    /// The files of every retained release, of every variant: what a driver keeps on
+    /// disk. Only the files of the variant this node chose are ever fetched; the others are
+    /// kept (and served) when the node holds them, as the publisher of a release does.
     pub fn live_files(&self) -> BTreeSet<ContentId> {
         self.channels
             .values()
             .flat_map(|c| c.releases.values())
-            .flat_map(|r| {
-                r.manifest.body.artifact.variants[r.variant]
-                    .files
-                    .iter()
-                    .map(|f| f.spec.content_id)
-            })
+            .flat_map(|r| r.manifest.body.artifact.variants.iter())
+            .flat_map(|v| v.files.iter().map(|f| f.spec.content_id))
             .collect()
     }
 

@@ -74,11 +74,20 @@ impl ChatTemplate {
 
 /// The Python string and dict methods chat templates call (Jinja runs on Python objects;
 /// minijinja does not have their methods).
-fn python_methods(_: &State<'_, '_>, value: &Value, method: &str, args: &[Value]) -> Result<Value, Error> {
+fn python_methods(
+    _: &State<'_, '_>,
+    value: &Value,
+    method: &str,
+    args: &[Value],
+) -> Result<Value, Error> {
     let arg = |i: usize| args.get(i).and_then(|a| a.as_str().map(str::to_string));
     if let Some(s) = value.as_str() {
         let chars = arg(0);
-        let set = |c: char| chars.as_deref().map_or(c.is_whitespace(), |cs| cs.contains(c));
+        let set = |c: char| {
+            chars
+                .as_deref()
+                .map_or(c.is_whitespace(), |cs| cs.contains(c))
+        };
         return Ok(match method {
             "strip" => Value::from(s.trim_matches(set)),
             "lstrip" => Value::from(s.trim_start_matches(set)),
@@ -129,7 +138,9 @@ mod tests {
     #[test]
     fn chatml_renders_as_hugging_face_does() {
         let t = ChatTemplate::new(CHATML).expect("compiles");
-        let out = t.render(&[user(" Hi ")], "", "<|im_end|>").expect("renders");
+        let out = t
+            .render(&[user(" Hi ")], "", "<|im_end|>")
+            .expect("renders");
         assert_eq!(
             out,
             "<|im_start|>system\nYou are helpful<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n\

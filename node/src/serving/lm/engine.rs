@@ -101,7 +101,9 @@ fn find_io(inputs: &[IoSpec], outputs: &[IoSpec]) -> Result<Io, String> {
     let int = |i: usize, what: &str| -> Result<(usize, DType), String> {
         match inputs[i].datatype {
             d @ (DType::I64 | DType::I32) => Ok((i, d)),
-            d => Err(format!("{what} is {d:?}: a language model takes int64 or int32")),
+            d => Err(format!(
+                "{what} is {d:?}: a language model takes int64 or int32"
+            )),
         }
     };
     let input_ids = pos("input_ids")
@@ -127,8 +129,7 @@ fn find_io(inputs: &[IoSpec], outputs: &[IoSpec]) -> Result<Io, String> {
         };
         let input = pos(&name).ok_or_else(|| format!("output {} has no input {name}", o.name))?;
         let s = &inputs[input];
-        if s.datatype != DType::F32 || s.shape.len() != 4 || s.shape[1] <= 0 || s.shape[3] <= 0
-        {
+        if s.datatype != DType::F32 || s.shape.len() != 4 || s.shape[1] <= 0 || s.shape[3] <= 0 {
             return Err(format!(
                 "{name} must be float32 [1, heads, past, head_dim] with fixed heads and \
                  head_dim, not {:?} {:?}",
@@ -143,12 +144,15 @@ fn find_io(inputs: &[IoSpec], outputs: &[IoSpec]) -> Result<Io, String> {
         });
     }
     if past.is_empty() {
-        return Err("the graph has no key-value cache (past_key_values.N.key/value inputs and \
+        return Err(
+            "the graph has no key-value cache (past_key_values.N.key/value inputs and \
                     present.N.key/value outputs)"
-            .into());
+                .into(),
+        );
     }
     past.sort_by_key(|p| p.input);
-    let known = 1 + past.len() + position_ids.is_some() as usize + attention_mask.is_some() as usize;
+    let known =
+        1 + past.len() + position_ids.is_some() as usize + attention_mask.is_some() as usize;
     if known != inputs.len() {
         let names: Vec<&str> = inputs
             .iter()
@@ -206,12 +210,9 @@ impl LmModel {
             )
         })?;
         let io = find_io(&model.inputs, &model.outputs).map_err(load_err)?;
-        let config = GenerationConfig::parse(&read_bounded(
-            config,
-            MAX_CONFIG_BYTES,
-            "generation.json",
-        )?)
-        .map_err(load_err)?;
+        let config =
+            GenerationConfig::parse(&read_bounded(config, MAX_CONFIG_BYTES, "generation.json")?)
+                .map_err(load_err)?;
         let tokenizer = Tokenizer::from_bytes(read_bounded(
             tokenizer,
             MAX_TOKENIZER_BYTES,
@@ -280,7 +281,11 @@ impl LmModel {
             .as_ref()
             .ok_or("this model has no chat template: use /v1/completions")?;
         let eos = self.config.eos_tokens.first().map_or("", String::as_str);
-        t.render(messages, self.config.bos_token.as_deref().unwrap_or(""), eos)
+        t.render(
+            messages,
+            self.config.bos_token.as_deref().unwrap_or(""),
+            eos,
+        )
     }
 
     /// Token ids of a prompt: the BOS token if the config says so, then the text without
@@ -349,9 +354,8 @@ impl LmModel {
             inputs[past.input] = Some(cache.past[k].clone());
         }
         let inputs: Vec<tract::Tensor> = inputs.into_iter().flatten().collect();
-        let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            self.runnable.run(inputs)
-        }));
+        let run =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.runnable.run(inputs)));
         let outs = match run {
             Ok(Ok(o)) => o,
             Ok(Err(e)) => return Err(ServeError::Runtime(format!("{e:#}"))),
@@ -480,5 +484,69 @@ pub fn argmax(logits: &[f32]) -> Option<usize> {
 fn log_prob(logits: &[f32], i: usize) -> f64 {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
     let sum: f64 = logits.iter().map(|&l| (l as f64 - max).exp()).sum();
-    logits.get(i).map_or(f64::NEG_INFINITY, |&l| l as f64 - max - sum.ln())
+    logits
+        .get(i)
+        .map_or(f64::NEG_INFINITY, |&l| l as f64 - max - sum.ln())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::serving::{GoldenSet, ServingLimits};
+    use pollen_protocol::ids::ManifestId;
+    use pollen_protocol::manifest::{GoldenPrompt, ServingSpec};
+
+    /// A language model's variant directory (`model.onnx`, `tokenizer.json`,
+    /// `generation.json`, `golden_prompts.json`), loaded as the node loads it and checked
+    /// against its golden prompts: `POLLEN_LM_DIR=DIR cargo test -p pollen-node --lib
+    /// lm_dir -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "needs POLLEN_LM_DIR"]
+    fn lm_dir_loads_and_agrees_with_its_golden_prompts() {
+        let dir = std::path::PathBuf::from(std::env::var("POLLEN_LM_DIR").expect("POLLEN_LM_DIR"));
+        let limits = ServingLimits::new(8 << 30);
+        let started = std::time::Instant::now();
+        let m = LoadedModel::load(
+            &dir.join("model.onnx"),
+            "lm",
+            1,
+            ManifestId([0; 32]),
+            &ServingSpec::default(),
+            &GoldenSet::default(),
+            &limits,
+        )
+        .expect("loads");
+        let lm = LmModel::new(
+            &m,
+            &dir.join("tokenizer.json"),
+            &dir.join("generation.json"),
+            &limits,
+        )
+        .expect("a language model");
+        println!("loaded in {:.2?}: {lm:?}", started.elapsed());
+        let golden: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.join("golden_prompts.json")).unwrap())
+                .unwrap();
+        let spec = LmSpec {
+            golden_prompts: golden["prompts"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| GoldenPrompt {
+                    prompt: p["prompt"].as_str().unwrap().into(),
+                    continuation: serde_json::from_value(p["continuation"].clone()).unwrap(),
+                })
+                .collect(),
+            min_agreement: vec![golden["min_agreement"].as_f64().unwrap() as f32],
+        };
+        let started = std::time::Instant::now();
+        let a = lm.check_golden(&spec, 0).expect("agrees");
+        println!(
+            "golden prompts: {} of {} agree, mean log-likelihood {:.4}, in {:.2?}",
+            a.agreed,
+            a.total,
+            a.log_likelihood / a.total as f64,
+            started.elapsed()
+        );
+    }
 }

@@ -220,12 +220,24 @@ impl Exchange {
         &mut self.files
     }
 
-    /// Track the files of variant `variant` of release `m` that are not tracked yet, while
-    /// fewer than `max_files` are: each starts unwanted and empty, with the availability
-    /// the peers already announced (their bitfields, remembered before the manifest
-    /// arrived, are resized to the file's chunk count).
+    /// Track the files of release `m` that are not tracked yet, while fewer than
+    /// `max_files` are: those of variant `variant` (this node's) first, then the other
+    /// variants' (never fetched, since only this node's variant is ever wanted, but
+    /// announced and served when the node holds them: the publisher of a release holds
+    /// every variant). Each starts unwanted and empty, with the availability the peers
+    /// already announced (their bitfields, remembered before the manifest arrived, are
+    /// resized to the file's chunk count).
     pub(super) fn track(&mut self, m: &Arc<Manifest>, variant: usize, max_files: usize) {
-        for (fi, f) in m.body.artifact.variants[variant].files.iter().enumerate() {
+        let variants = &m.body.artifact.variants;
+        let order = std::iter::once(variant).chain((0..variants.len()).filter(|v| *v != variant));
+        let files = order.flat_map(|v| {
+            variants[v]
+                .files
+                .iter()
+                .enumerate()
+                .map(move |(fi, f)| (v, fi, f))
+        });
+        for (variant, fi, f) in files {
             let cid = f.spec.content_id;
             if self.files.contains_key(&cid) || self.files.len() >= max_files {
                 continue;
