@@ -224,13 +224,7 @@ def main() -> int:
     if max(ref["max_diff_prefill"], ref["max_diff_cached"]) > 1e-4 or not ref["argmax_equal"]:
         raise SystemExit(f"graph differs from the numpy reference: {ref}")
     fp_score = lm.golden(golden)
-    margins = []
-    for p in expected_prompts:  # top-1 margins along the greedy paths: how robust exact checks are
-        logits, past = lm.forward(p["prompt_ids"], lm.empty_past())
-        for t in p["greedy_ids"]:
-            top2 = np.sort(logits[-1])[-2:]
-            margins.append(float(top2[1] - top2[0]))
-            logits, past = lm.forward([t], past)
+    margins = [m for p in expected_prompts for m in lm.top1_margins(p["prompt_ids"], p["greedy_ids"])]
     if fp_score["agreement"] != 1.0:
         raise SystemExit(f"float model disagrees with its own golden continuations: {fp_score}")
 

@@ -143,6 +143,18 @@ class OrtLM:
                 logits, past = self.forward([tok], past)
         return hits, logps
 
+    def top1_margins(self, prompt_ids: list[int], continuation: list[int]) -> list[float]:
+        """Along a teacher-forced path: top-1 minus top-2 logit at each step (how far a
+        runtime's logits may stray before another token wins)."""
+        logits, past = self.forward(prompt_ids, self.empty_past())
+        out = []
+        for k, tok in enumerate(continuation):
+            top2 = np.sort(logits[-1])[-2:]
+            out.append(float(top2[1] - top2[0]))
+            if k + 1 < len(continuation):
+                logits, past = self.forward([tok], past)
+        return out
+
     def golden(self, golden: dict) -> dict:
         hits, logps = [], []
         for p in golden["prompts"]:
@@ -158,9 +170,11 @@ def _rms_norm(x, w, eps):
     return x / np.sqrt((x * x).mean(axis=-1, keepdims=True) + eps) * w
 
 
-def reference_logits(config: dict, weights: dict[str, np.ndarray], ids: list[int]) -> np.ndarray:
+def reference_logits(config: dict, weights: dict[str, np.ndarray], ids: list[int],
+                     taps: dict | None = None) -> np.ndarray:
     """Logits [S, V] of the whole sequence, no cache, in float64, written from the Llama
-    definition (HF layouts and names, rotate_half rotary)."""
+    definition (HF layouts and names, rotate_half rotary). With `taps`, records for each
+    down_proj the largest max|input| / rms(input) seen (activation outliers)."""
     W = {k: np.asarray(v, np.float64) for k, v in weights.items()}
     nh, kvh, D = config["heads"], config["kv_heads"], config["head_dim"]
     eps = config["rms_eps"]
@@ -194,7 +208,11 @@ def reference_logits(config: dict, weights: dict[str, np.ndarray], ids: list[int
         h = _rms_norm(x, W[p + "post_attention_layernorm.weight"], eps)
         gate = h @ W[p + "mlp.gate_proj.weight"].T
         up = h @ W[p + "mlp.up_proj.weight"].T
-        x = x + (gate / (1 + np.exp(-gate)) * up) @ W[p + "mlp.down_proj.weight"].T
+        act = gate / (1 + np.exp(-gate)) * up
+        if taps is not None:
+            ratio = float(np.abs(act).max() / np.sqrt((act * act).mean()))
+            taps[p + "mlp.down_proj"] = max(ratio, taps.get(p + "mlp.down_proj", 0.0))
+        x = x + act @ W[p + "mlp.down_proj.weight"].T
     x = _rms_norm(x, W["model.norm.weight"], eps)
     return x @ W.get("lm_head.weight", W["model.embed_tokens.weight"]).T
 
