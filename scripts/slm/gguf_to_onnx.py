@@ -57,7 +57,7 @@ import onnx
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from llama_onnx import build_llama  # noqa: E402
-from ort_lm import OrtLM, check_against_reference, reference_logits  # noqa: E402
+from ort_lm import OrtLM, check_against_reference, reference_logits, save_tokenizer  # noqa: E402
 
 GOLDEN = ["What is the capital of France?", "Name the three primary colors.",
           "Write one sentence about honey bees."]
@@ -205,7 +205,7 @@ def main() -> int:
     report["params"] = int(sum(w.size for w in weights.values()))
 
     tok, tokens, types, pre = make_tokenizer(r)
-    tok.save(str(fp32 / "tokenizer.json"), pretty=False)
+    save_tokenizer(tok, fp32 / "tokenizer.json")
     bos_id, eos_id = field(r, "tokenizer.ggml.bos_token_id"), field(r, "tokenizer.ggml.eos_token_id")
     eos_tokens = [tokens[eos_id]] if eos_id is not None else []
     for key in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"):

@@ -50,6 +50,21 @@ def render_chat(template: str, messages: list[dict], add_generation_prompt: bool
                                             bos_token=bos_token or "", eos_token=eos_token or "")
 
 
+def save_tokenizer(tok: Tokenizer, path) -> None:
+    """Save as compact JSON with BPE merges written "a b" (the form every tokenizers version
+    reads; 0.20+ would write pairs, which older readers refuse). Byte-level tokens never
+    hold a space, so the split is unambiguous."""
+    data = json.loads(tok.to_str())
+    merges = data.get("model", {}).get("merges")
+    if merges and isinstance(merges[0], list):
+        if any(" " in a or " " in b for a, b in merges):
+            raise ValueError("a merge part contains a space")
+        data["model"]["merges"] = [f"{a} {b}" for a, b in merges]
+    Path(path).write_text(json.dumps(data, ensure_ascii=False, separators=(",", ":")), encoding="utf-8")
+    if Tokenizer.from_file(str(path)).to_str() != tok.to_str():
+        raise ValueError("tokenizer.json does not read back as written")
+
+
 def log_softmax(x: np.ndarray) -> np.ndarray:
     x = x.astype(np.float64)
     m = x.max(axis=-1, keepdims=True)
