@@ -45,7 +45,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from llama_onnx import build_llama, expected_shapes  # noqa: E402
-from ort_lm import OrtLM, check_against_reference, render_chat  # noqa: E402
+from ort_lm import OrtLM, check_against_reference, render_chat, save_tokenizer  # noqa: E402
 
 SEED = 6  # of seeds 1-10, a large top-1 margin along the greedy paths and EOS mid-way
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -177,7 +177,7 @@ def main() -> int:
         d.mkdir(parents=True, exist_ok=True)
 
     tok = make_tokenizer()
-    tok.save(str(fp32 / "tokenizer.json"), pretty=False)
+    save_tokenizer(tok, fp32 / "tokenizer.json")
     generation = {"format": 1, "context_length": CONFIG["context_length"], "bos_token": None,
                   "add_bos_token": False, "eos_tokens": ["<|im_end|>", "<|endoftext|>"],
                   "chat_template": CHAT_TEMPLATE,
@@ -224,13 +224,7 @@ def main() -> int:
     if max(ref["max_diff_prefill"], ref["max_diff_cached"]) > 1e-4 or not ref["argmax_equal"]:
         raise SystemExit(f"graph differs from the numpy reference: {ref}")
     fp_score = lm.golden(golden)
-    margins = []
-    for p in expected_prompts:  # top-1 margins along the greedy paths: how robust exact checks are
-        logits, past = lm.forward(p["prompt_ids"], lm.empty_past())
-        for t in p["greedy_ids"]:
-            top2 = np.sort(logits[-1])[-2:]
-            margins.append(float(top2[1] - top2[0]))
-            logits, past = lm.forward([t], past)
+    margins = [m for p in expected_prompts for m in lm.top1_margins(p["prompt_ids"], p["greedy_ids"])]
     if fp_score["agreement"] != 1.0:
         raise SystemExit(f"float model disagrees with its own golden continuations: {fp_score}")
 

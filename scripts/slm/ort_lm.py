@@ -50,6 +50,21 @@ def render_chat(template: str, messages: list[dict], add_generation_prompt: bool
                                             bos_token=bos_token or "", eos_token=eos_token or "")
 
 
+def save_tokenizer(tok: Tokenizer, path) -> None:
+    """Save as compact JSON with BPE merges written "a b" (the form every tokenizers version
+    reads; 0.20+ would write pairs, which older readers refuse). Byte-level tokens never
+    hold a space, so the split is unambiguous."""
+    data = json.loads(tok.to_str())
+    merges = data.get("model", {}).get("merges")
+    if merges and isinstance(merges[0], list):
+        if any(" " in a or " " in b for a, b in merges):
+            raise ValueError("a merge part contains a space")
+        data["model"]["merges"] = [f"{a} {b}" for a, b in merges]
+    Path(path).write_text(json.dumps(data, ensure_ascii=False, separators=(",", ":")), encoding="utf-8")
+    if Tokenizer.from_file(str(path)).to_str() != tok.to_str():
+        raise ValueError("tokenizer.json does not read back as written")
+
+
 def log_softmax(x: np.ndarray) -> np.ndarray:
     x = x.astype(np.float64)
     m = x.max(axis=-1, keepdims=True)
@@ -143,6 +158,18 @@ class OrtLM:
                 logits, past = self.forward([tok], past)
         return hits, logps
 
+    def top1_margins(self, prompt_ids: list[int], continuation: list[int]) -> list[float]:
+        """Along a teacher-forced path: top-1 minus top-2 logit at each step (how far a
+        runtime's logits may stray before another token wins)."""
+        logits, past = self.forward(prompt_ids, self.empty_past())
+        out = []
+        for k, tok in enumerate(continuation):
+            top2 = np.sort(logits[-1])[-2:]
+            out.append(float(top2[1] - top2[0]))
+            if k + 1 < len(continuation):
+                logits, past = self.forward([tok], past)
+        return out
+
     def golden(self, golden: dict) -> dict:
         hits, logps = [], []
         for p in golden["prompts"]:
@@ -158,9 +185,11 @@ def _rms_norm(x, w, eps):
     return x / np.sqrt((x * x).mean(axis=-1, keepdims=True) + eps) * w
 
 
-def reference_logits(config: dict, weights: dict[str, np.ndarray], ids: list[int]) -> np.ndarray:
+def reference_logits(config: dict, weights: dict[str, np.ndarray], ids: list[int],
+                     taps: dict | None = None) -> np.ndarray:
     """Logits [S, V] of the whole sequence, no cache, in float64, written from the Llama
-    definition (HF layouts and names, rotate_half rotary)."""
+    definition (HF layouts and names, rotate_half rotary). With `taps`, records for each
+    down_proj the largest max|input| / rms(input) seen (activation outliers)."""
     W = {k: np.asarray(v, np.float64) for k, v in weights.items()}
     nh, kvh, D = config["heads"], config["kv_heads"], config["head_dim"]
     eps = config["rms_eps"]
@@ -194,7 +223,11 @@ def reference_logits(config: dict, weights: dict[str, np.ndarray], ids: list[int
         h = _rms_norm(x, W[p + "post_attention_layernorm.weight"], eps)
         gate = h @ W[p + "mlp.gate_proj.weight"].T
         up = h @ W[p + "mlp.up_proj.weight"].T
-        x = x + (gate / (1 + np.exp(-gate)) * up) @ W[p + "mlp.down_proj.weight"].T
+        act = gate / (1 + np.exp(-gate)) * up
+        if taps is not None:
+            ratio = float(np.abs(act).max() / np.sqrt((act * act).mean()))
+            taps[p + "mlp.down_proj"] = max(ratio, taps.get(p + "mlp.down_proj", 0.0))
+        x = x + act @ W[p + "mlp.down_proj.weight"].T
     x = _rms_norm(x, W["model.norm.weight"], eps)
     return x @ W.get("lm_head.weight", W["model.embed_tokens.weight"]).T
 
