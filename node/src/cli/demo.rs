@@ -442,6 +442,11 @@ pub fn run(out: &mut dyn Write) -> Result<()> {
         n.http, n.http
     )?;
     writeln!(out, "  {} status --node http://{}", bin.display(), n.http)?;
+    writeln!(
+        out,
+        "\n== a small language model (SmolLM2-135M from PyPI, converted, float and int8 \
+         variants, chat on the OpenAI-compatible API): run scripts/slm-demo.sh"
+    )?;
     if std::env::var_os("POLLEN_DEMO_EXIT").is_some() {
         return Ok(());
     }

@@ -47,6 +47,17 @@ pub fn publish(a: PublishArgs, out: &mut dyn Write) -> Result<()> {
             c.channel
         );
     }
+    // A node answers an upload without the token before reading the body, which a client
+    // writing a large file sees only as a broken pipe: ask once, cheaply, first.
+    if let Err(ApiError::Refused {
+        status: 401, error, ..
+    }) = client.post_manifest(&[])
+    {
+        bail!(
+            "the node at {node} refused this client: {error} (give --data-dir of the node, \
+             --token-file, or POLLEN_API_TOKEN)"
+        );
+    }
     let total: u64 = super::release::hashed_bytes(&a.release);
     let bar = indicatif::ProgressBar::new(total);
     bar.set_style(
