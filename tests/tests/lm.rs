@@ -7,8 +7,8 @@
 //! the generation places, a vanished client cancels its generation, a hot swap does not
 //! cut a stream short).
 
+use pollen_tests::Pollen;
 use pollen_tests::mesh::{Node, Operator};
-use pollen_tests::{Pollen, TEST_TOKEN};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
@@ -183,14 +183,50 @@ fn a_language_model_serves_each_device_its_variant_on_the_openai_api() {
     let (code, _) = a.http_with("POST", "/v1/instructions", b"{}", &[]);
     assert_eq!(code, 401);
 
+    // v2 states golden continuations the model does not give: every node refuses it with
+    // the reason, and v1 goes on serving.
+    let bad = tmp.path().join("bad");
+    for v in ["fp32", "int8"] {
+        let (from, to) = (lm.join(v), bad.join(v));
+        std::fs::create_dir_all(&to).unwrap();
+        for f in ["model.onnx", "tokenizer.json", "generation.json"] {
+            std::fs::copy(from.join(f), to.join(f)).unwrap();
+        }
+        let mut g: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(from.join("golden_prompts.json")).unwrap())
+                .unwrap();
+        for p in g["prompts"].as_array_mut().unwrap() {
+            for t in p["continuation"].as_array_mut().unwrap() {
+                *t = serde_json::json!((t.as_u64().unwrap() + 1) % 275);
+            }
+        }
+        std::fs::write(to.join("golden_prompts.json"), g.to_string()).unwrap();
+    }
+    publish(&op, tmp.path(), &a, &bad, 2, &[]);
+    for n in [&a, &b] {
+        let s = n.wait(Duration::from_secs(90), "v2 refused", |s| {
+            s.errors
+                .iter()
+                .any(|e| e.contains("lm version 2 failed to activate"))
+        });
+        let e = s
+            .errors
+            .iter()
+            .find(|e| e.contains("lm version 2 failed to activate"))
+            .unwrap();
+        assert!(
+            e.contains("(GoldenMismatch)") && e.contains("expected tokens of its golden prompts"),
+            "{e}"
+        );
+        assert_eq!(s.channels[0].active_version, Some(1), "v1 still serves");
+    }
+
     let m = a.metrics();
     assert!(
         m.contains("pollen_lm_generations_total{model=\"lm\",version=\"1\",outcome=\"ok\"}")
             && m.contains("pollen_lm_decode_tokens_per_second{model=\"lm\",version=\"1\"}"),
         "{m}"
     );
-    drop(b);
-    let _ = TEST_TOKEN;
 }
 
 fn blake3_hex(bytes: &[u8]) -> String {
@@ -255,8 +291,12 @@ fn generations_are_bounded_cancelled_with_their_client_and_survive_a_hot_swap() 
         "{m}"
     );
 
-    // Hot swap mid-stream: v2 is published while a v1 stream is under way.
-    let mut stream = BufReader::new(post(&a, "/v1/chat/completions", &long));
+    // Hot swap mid-stream: v2 is published while a v1 stream is under way (its client
+    // reads only its first event until v2 serves).
+    let ok = "pollen_lm_generations_total{model=\"lm\",version=\"1\",outcome=\"ok\"}";
+    let finished_before = a.metric(ok);
+    let swap = chat_body("Tell me a long story.", 3000, true);
+    let mut stream = BufReader::new(post(&a, "/v1/chat/completions", &swap));
     assert_eq!(status_of(&mut stream), 200);
     let mut first = String::new();
     while !first.starts_with("data: ") {
@@ -265,6 +305,11 @@ fn generations_are_bounded_cancelled_with_their_client_and_survive_a_hot_swap() 
     }
     publish(&op, tmp.path(), &a, &lm, 2, &[]);
     serving(&a, 2);
+    assert_eq!(
+        a.metric(ok),
+        finished_before,
+        "the v1 generation was still under way when v2 took over"
+    );
     let mut rest = String::new();
     stream.read_to_string(&mut rest).unwrap_or_default();
     assert!(
