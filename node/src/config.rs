@@ -56,6 +56,8 @@
 //! # requests waiting for one; past that the OpenAI API answers 429.
 //! max_generations = 2
 //! generation_queue = 8
+//! # Threads one generation's matrix products share (0 = one per CPU).
+//! generation_threads = 0
 //! # Device class for choosing a model variant (e.g. "weak-cpu").
 //! device_class = "default"
 //! # Health reports: how often a serving node reports its requests, errors and latency
@@ -152,6 +154,8 @@ pub struct NodeConfig {
     pub max_generations: usize,
     /// Generation requests waiting for a place; past that, 429.
     pub generation_queue: usize,
+    /// Threads one generation's matrix products share (0: one per CPU).
+    pub generation_threads: usize,
     /// Device class.
     pub device_class: Option<String>,
     /// RNG seed.
@@ -214,6 +218,7 @@ impl Default for NodeConfig {
             inference_queue: 64,
             max_generations: 2,
             generation_queue: 8,
+            generation_threads: 0,
             device_class: None,
             seed: None,
             health_interval: "30s".into(),
@@ -297,6 +302,15 @@ impl NodeConfig {
                 .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
         });
         total_kib.map_or(4 << 30, |k| k * 1024 / 2)
+    }
+
+    /// Threads one generation's matrix products share: `generation_threads`, or one per
+    /// CPU when 0.
+    pub fn lm_threads(&self) -> usize {
+        match self.generation_threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        }
     }
 
     /// How models are served here: the memory budget and the per-shape cache bound.

@@ -292,6 +292,7 @@ impl Actor {
             generations: Arc::new(crate::http::openai::Generations::new(
                 cfg.max_generations,
                 cfg.generation_queue,
+                cfg.lm_threads(),
             )),
         };
         let mut actor = Actor {

@@ -8,7 +8,8 @@
 //! Both take `model` (the channel), `max_tokens` (or `max_completion_tokens`),
 //! `temperature` (0 to 2), `top_p`, `seed`, `stop` (a string or up to 4) and `stream`
 //! (server-sent events, ending with `data: [DONE]`; `stream_options.include_usage` adds a
-//! last chunk with the usage). Answers carry `usage` counts. Errors are OpenAI's shape,
+//! last chunk with the usage); `/v1/completions` also takes the prompt as token ids, and
+//! both take vLLM's `ignore_eos` (generate `max_tokens` whatever comes). Answers carry `usage` counts. Errors are OpenAI's shape,
 //! `{"error": {"message", "type", "param", "code"}}`: 400 for a bad request (a prompt
 //! past the context, bad parameters), 404 for an unknown model, 429 when every
 //! generation place and queue place is taken, 503 (with the reason) for a model known but
@@ -25,7 +26,7 @@
 #![allow(clippy::result_large_err)]
 
 use crate::handle::AppState;
-use crate::serving::lm::LmModel;
+use crate::serving::lm::{self, LmModel};
 use crate::serving::lm::chat::Message;
 use crate::serving::lm::generate::{self, Done, Finish, Job, Sampling};
 use crate::serving::{LoadedModel, Outcome, ServeError};
@@ -68,20 +69,24 @@ pub fn routes() -> Router<AppState> {
         .route("/v1/completions", post(completions))
 }
 
-/// Generation places: `running` at once, and `queue` more waiting.
+/// Generation places: `running` at once, and `queue` more waiting; and the threads a
+/// generation's matrix products share.
 #[derive(Debug)]
 pub struct Generations {
     admitted: Arc<Semaphore>,
     running: Arc<Semaphore>,
+    executor: lm::Executor,
 }
 
 impl Generations {
-    /// `running` generations at once (at least 1), `queue` waiting behind them.
-    pub fn new(running: usize, queue: usize) -> Self {
+    /// `running` generations at once (at least 1), `queue` waiting behind them, each
+    /// generation's matrix products on `threads` threads (1: on its own thread only).
+    pub fn new(running: usize, queue: usize, threads: usize) -> Self {
         let running = running.max(1);
         Generations {
             admitted: Arc::new(Semaphore::new(running + queue)),
             running: Arc::new(Semaphore::new(running)),
+            executor: lm::executor(threads),
         }
     }
 }
@@ -121,12 +126,13 @@ enum Stop {
     Many(Vec<String>),
 }
 
-/// A `prompt` given as one string or a list of one.
+/// A `prompt`: one string, a list of one, or token ids (as OpenAI's API takes them).
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
 enum Prompt {
     One(String),
     Many(Vec<String>),
+    Tokens(Vec<u32>),
 }
 
 #[derive(Debug, Deserialize)]
@@ -184,6 +190,10 @@ struct Params {
     stream_options: Option<StreamOptions>,
     #[serde(default)]
     n: Option<u32>,
+    /// vLLM's extension: generate `max_tokens` whatever end-of-sequence tokens come
+    /// (benchmarks measure a fixed amount of work this way).
+    #[serde(default)]
+    ignore_eos: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -221,8 +231,14 @@ async fn completions(State(h): State<AppState>, headers: HeaderMap, body: Body) 
     complete(h, headers, body, Kind::Completion).await
 }
 
-/// The prompt text of a request.
-fn prompt_text(lm: &LmModel, p: &mut Params, kind: Kind) -> Result<String, Response> {
+/// A request's prompt: text to tokenise, or token ids.
+enum PromptIn {
+    Text(String),
+    Tokens(Vec<u32>),
+}
+
+/// The prompt of a request.
+fn prompt_of(lm: &LmModel, p: &mut Params, kind: Kind) -> Result<PromptIn, Response> {
     match kind {
         Kind::Chat => {
             let Some(messages) = p.messages.take() else {
@@ -260,11 +276,22 @@ fn prompt_text(lm: &LmModel, p: &mut Params, kind: Kind) -> Result<String, Respo
                 })
                 .collect::<Result<_, _>>()?;
             lm.render_chat(&messages)
+                .map(PromptIn::Text)
                 .map_err(|e| bad_request(Some("messages"), e))
         }
         Kind::Completion => match p.prompt.take() {
-            Some(Prompt::One(s)) => Ok(s),
-            Some(Prompt::Many(mut v)) if v.len() == 1 => Ok(v.remove(0)),
+            Some(Prompt::One(s)) => Ok(PromptIn::Text(s)),
+            Some(Prompt::Many(mut v)) if v.len() == 1 => Ok(PromptIn::Text(v.remove(0))),
+            Some(Prompt::Tokens(ids)) if ids.is_empty() => {
+                Err(bad_request(Some("prompt"), "the prompt has no tokens"))
+            }
+            Some(Prompt::Tokens(ids)) => match ids.iter().find(|t| **t as usize >= lm.vocab) {
+                Some(t) => Err(bad_request(
+                    Some("prompt"),
+                    format!("token {t} is not in the vocabulary of {} tokens", lm.vocab),
+                )),
+                None => Ok(PromptIn::Tokens(ids)),
+            },
             Some(Prompt::Many(_)) => Err(bad_request(
                 Some("prompt"),
                 "one prompt per request (a list of one is accepted)",
@@ -351,6 +378,7 @@ fn job_of(lm: &LmModel, p: &Params, prompt: Vec<u32>) -> Result<Job, Response> {
     Ok(Job {
         prompt,
         max_tokens,
+        ignore_eos: p.ignore_eos,
         sampling: Sampling {
             temperature,
             top_p,
@@ -433,13 +461,13 @@ async fn complete(h: AppState, headers: HeaderMap, body: Body, kind: Kind) -> Re
             ),
         );
     };
-    let text = match prompt_text(lm, &mut p, kind) {
-        Ok(t) => t,
+    let ids = match prompt_of(lm, &mut p, kind) {
+        Ok(PromptIn::Tokens(ids)) => ids,
+        Ok(PromptIn::Text(text)) => match lm.encode(&text) {
+            Ok(ids) => ids,
+            Err(e) => return bad_request(Some("prompt"), e),
+        },
         Err(r) => return r,
-    };
-    let ids = match lm.encode(&text) {
-        Ok(ids) => ids,
-        Err(e) => return bad_request(Some("prompt"), e),
     };
     let job = match job_of(lm, &p, ids) {
         Ok(j) => j,
@@ -468,7 +496,8 @@ async fn complete(h: AppState, headers: HeaderMap, body: Body, kind: Kind) -> Re
         );
     };
     let (tx, rx) = mpsc::channel::<Piece>(STREAM_BUFFER);
-    spawn_generation(h.clone(), model.clone(), job, tx, (admitted, running));
+    let executor = h.generations.executor.clone();
+    spawn_generation(h.clone(), model.clone(), job, tx, (admitted, running), executor);
     let stream = p.stream.unwrap_or(false);
     let usage = p.stream_options.as_ref().is_some_and(|o| o.include_usage);
     let meta = Meta {
@@ -500,14 +529,17 @@ fn spawn_generation(
     job: Job,
     tx: mpsc::Sender<Piece>,
     permits: (OwnedSemaphorePermit, OwnedSemaphorePermit),
+    executor: lm::Executor,
 ) {
     tokio::task::spawn_blocking(move || {
         let _permits = permits;
         let started = Instant::now();
         let Some(lm) = model.lm() else { return };
-        let result = generate::generate(lm, &job, &mut |delta| match delta {
-            Some(d) => tx.blocking_send(Piece::Text(d.to_string())).is_ok(),
-            None => !tx.is_closed(),
+        let result = lm::with_executor(executor, || {
+            generate::generate(lm, &job, &mut |delta| match delta {
+                Some(d) => tx.blocking_send(Piece::Text(d.to_string())).is_ok(),
+                None => !tx.is_closed(),
+            })
         });
         let (outcome, ttft) = match &result {
             Ok(d) => (Outcome::Ok, d.time_to_first_token),

@@ -11,6 +11,18 @@
 //!   of the same bytes into a file (written and synced). Median of 3 each; goal: ratio >=
 //!   0.5. Also the peak RSS (VmHWM) of the seeding and the downloading node; goal < 150 MiB.
 //!
+//! * `lm DIR`: a language model (DIR is a variant directory with `model.onnx`,
+//!   `tokenizer.json`, `generation.json`, or holds several such directories, e.g. the
+//!   `fp32/` and `int8/` that `scripts/slm/gguf_to_onnx.py` writes). For each: time to
+//!   first token on a 64-token prompt and decode tokens/s over 128 new tokens (greedy,
+//!   end-of-sequence ignored), through a `pollen run` node's OpenAI API (streamed
+//!   `/v1/completions` with the prompt as token ids), through [`LmModel`] called directly
+//!   in this process, and through onnxruntime on the same graph
+//!   (`scripts/slm/bench_ort.py`), at 1 and 2 threads; the node's resident memory against
+//!   onnxruntime's; and the time from the release complete on disk (publish done) to the
+//!   first token. Goals: decode >= 0.8x onnxruntime, HTTP adds < 2% to decode time, memory
+//!   <= 1.2x onnxruntime.
+//!
 //! Uses the `pollen` binary next to this one (build both with `--release`), or
 //! `POLLEN_BIN`.
 
@@ -346,6 +358,249 @@ fn serve() {
     );
 }
 
+/// The prompt of `bench_ort.py`, cut to 64 tokens the same way.
+const LM_TEXT: &str = "Pollination is the transfer of pollen from the anther of a flower to the \
+    stigma, which allows fertilisation and the production of seeds. Bees, butterflies, moths, \
+    beetles, birds and bats carry pollen between flowers while they feed on nectar, and the wind \
+    carries the light pollen of grasses and many trees over long distances. Farmers rent hives \
+    of honey bees to pollinate almonds, apples and blueberries every spring.";
+const LM_PROMPT: usize = 64;
+const LM_NEW: usize = 128;
+const LM_RUNS: usize = 3;
+
+/// (time to first token ms, decode tokens/s): medians.
+type LmFigures = (f64, f64);
+
+fn lm_prompt(lm: &pollen_node::serving::lm::LmModel) -> Vec<u32> {
+    let ids = lm.encode(LM_TEXT).expect("tokenise");
+    ids.iter().copied().cycle().take(LM_PROMPT).collect()
+}
+
+/// tract through [`LmModel`] in this process, with `threads` threads for its products.
+fn lm_direct(dir: &Path, threads: usize) -> (LmFigures, Vec<u32>) {
+    use pollen_node::serving::lm::LmModel;
+    use pollen_node::serving::lm::engine::argmax;
+    let limits = pollen_node::serving::ServingLimits::new(u64::MAX / 4);
+    let m = pollen_node::serving::LoadedModel::load(
+        &dir.join("model.onnx"),
+        "lm",
+        1,
+        pollen_protocol::ManifestId([0; 32]),
+        &pollen_protocol::manifest::ServingSpec::default(),
+        &pollen_node::serving::GoldenSet::default(),
+        &limits,
+    )
+    .expect("load");
+    let lm = LmModel::new(
+        &m,
+        &dir.join("tokenizer.json"),
+        &dir.join("generation.json"),
+        &limits,
+    )
+    .expect("a language model");
+    let prompt = lm_prompt(&lm);
+    let executor = pollen_node::serving::lm::executor(threads);
+    let run = |new: usize| {
+        pollen_node::serving::lm::with_executor(executor.clone(), || {
+            let t = Instant::now();
+            let mut cache = lm.new_cache();
+            let logits = lm.feed(&mut cache, &prompt).expect("prefill");
+            let mut tok = argmax(&logits).expect("token") as u32;
+            let ttft = t.elapsed();
+            let t = Instant::now();
+            for _ in 1..new {
+                let logits = lm.feed(&mut cache, &[tok]).expect("step");
+                tok = argmax(&logits).expect("token") as u32;
+            }
+            (
+                ttft.as_secs_f64() * 1e3,
+                (new - 1) as f64 / t.elapsed().as_secs_f64(),
+            )
+        })
+    };
+    run(8);
+    let runs: Vec<(f64, f64)> = (0..LM_RUNS).map(|_| run(LM_NEW)).collect();
+    (
+        (
+            median(runs.iter().map(|r| r.0).collect()),
+            median(runs.iter().map(|r| r.1).collect()),
+        ),
+        prompt,
+    )
+}
+
+/// onnxruntime on the same graph: (figures, peak RSS MiB).
+fn lm_ort(dir: &Path, threads: usize) -> (LmFigures, f64) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/slm/bench_ort.py");
+    let out = std::process::Command::new("python3")
+        .arg(script)
+        .arg(dir)
+        .args(["--threads", &threads.to_string(), "--runs", &LM_RUNS.to_string()])
+        .output()
+        .expect("python3 with onnxruntime");
+    assert!(
+        out.status.success(),
+        "bench_ort.py: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON line");
+    let f = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+    ((f("ttft_ms"), f("decode_tok_s")), f("peak_rss_mb"))
+}
+
+/// A node serving `dir` with `threads` generation threads: (figures, time from the
+/// release complete on disk to the first token, VmHWM MiB, VmRSS MiB).
+fn lm_node(dir: &Path, threads: usize, prompt: &[u32]) -> (LmFigures, Duration, f64, f64) {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let op = Operator::new(&tmp.path().join("op"), false);
+    let config = tmp.path().join("node.toml");
+    std::fs::write(&config, format!("generation_threads = {threads}\n")).expect("config");
+    let node = Node::start(
+        &tmp.path().join("n"),
+        &[
+            "--trust".to_string(),
+            op.trust_file.display().to_string(),
+            "--config".into(),
+            config.display().to_string(),
+        ],
+    );
+    pollen_tests::Pollen::in_dir(tmp.path())
+        .run([
+            "publish".to_string(),
+            "--lm".into(),
+            dir.display().to_string(),
+            "--channel".into(),
+            "lm".into(),
+            "--version".into(),
+            "1".into(),
+            "--key".into(),
+            op.dir.join("publisher.key").display().to_string(),
+            "--node".into(),
+            node.url(),
+        ])
+        .success();
+    let complete = Instant::now();
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let url = format!("{}/v1/completions", node.url());
+    let body = |max: usize, stream: bool| {
+        serde_json::json!({
+            "model": "lm", "prompt": prompt, "max_tokens": max, "temperature": 0,
+            "ignore_eos": true, "stream": stream, "stream_options": {"include_usage": true},
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let r = agent.post(&url).send_json(body(1, false)).expect("post");
+        if r.status() == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the model never served");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let to_first_token = complete.elapsed();
+    let mut runs = Vec::new();
+    for _ in 0..LM_RUNS + 1 {
+        let t = Instant::now();
+        let mut r = agent.post(&url).send_json(body(LM_NEW, true)).expect("post");
+        assert_eq!(r.status(), 200);
+        let reader = std::io::BufReader::new(r.body_mut().as_reader());
+        let (mut first, mut tokens) = (None, 0u64);
+        for line in std::io::BufRead::lines(reader) {
+            let line = line.expect("stream");
+            let Some(data) = line.strip_prefix("data: ") else {
+                continue;
+            };
+            if data == "[DONE]" {
+                break;
+            }
+            let v: serde_json::Value = serde_json::from_str(data).expect("event");
+            if first.is_none() && v["choices"][0]["text"].as_str().is_some_and(|s| !s.is_empty())
+            {
+                first = Some(t.elapsed());
+            }
+            if let Some(n) = v["usage"]["completion_tokens"].as_u64() {
+                tokens = n;
+            }
+        }
+        let (end, first) = (t.elapsed(), first.expect("a token"));
+        assert_eq!(tokens, LM_NEW as u64);
+        runs.push((
+            first.as_secs_f64() * 1e3,
+            (tokens - 1) as f64 / (end - first).as_secs_f64(),
+        ));
+    }
+    runs.remove(0);
+    let kib = |key: &str| {
+        std::fs::read_to_string(format!("/proc/{}/status", node.pid()))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with(key))
+                    .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+            })
+            .unwrap_or(0.0)
+    };
+    (
+        (
+            median(runs.iter().map(|r| r.0).collect()),
+            median(runs.iter().map(|r| r.1).collect()),
+        ),
+        to_first_token,
+        kib("VmHWM:") / 1024.0,
+        kib("VmRSS:") / 1024.0,
+    )
+}
+
+fn lm(dir: &Path) {
+    let variants: Vec<PathBuf> = if dir.join("model.onnx").is_file() {
+        vec![dir.to_path_buf()]
+    } else {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+            .expect("DIR")
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.join("model.onnx").is_file())
+            .collect();
+        v.sort();
+        v
+    };
+    println!(
+        "\n== language model: {LM_PROMPT}-token prompt, {LM_NEW} new tokens (greedy, EOS ignored), \
+         median of {LM_RUNS}"
+    );
+    println!(
+        "{:<8} {:>3} {:<22} {:>9} {:>9} {:>9}",
+        "variant", "thr", "runtime", "TTFT ms", "tok/s", "vs ort"
+    );
+    for v in &variants {
+        let name = v.file_name().and_then(|n| n.to_str()).unwrap_or("?");
+        for threads in [1, 2] {
+            let (ort, ort_rss) = lm_ort(v, threads);
+            let ((dt, dd), prompt) = lm_direct(v, threads);
+            let ((nt, nd), first, hwm, rss) = lm_node(v, threads, &prompt);
+            let row = |what: &str, t: f64, d: f64| {
+                println!(
+                    "{name:<8} {threads:>3} {what:<22} {t:>9.1} {d:>9.1} {:>9.2}",
+                    d / ort.1
+                );
+            };
+            row("onnxruntime (python)", ort.0, ort.1);
+            row("tract direct", dt, dd);
+            row("pollen node, HTTP", nt, nd);
+            println!(
+                "{name:<8} {threads:>3} HTTP adds {:.1}% to the decode time; node RSS {rss:.0} MiB \
+                 (peak {hwm:.0}) vs onnxruntime peak {ort_rss:.0} MiB: {:.2}x; complete on disk \
+                 to first token {:.2} s",
+                (dd / nd - 1.0) * 100.0,
+                rss / ort_rss,
+                first.as_secs_f64()
+            );
+        }
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let what = args.first().map(String::as_str).unwrap_or("all");
@@ -366,6 +621,11 @@ fn main() {
         "verify" => verify(mib.unwrap_or(256)),
         "transfer" => transfer(mib.unwrap_or(1024)),
         "serve" => serve(),
+        "lm" => lm(Path::new(
+            args.get(1)
+                .map(String::as_str)
+                .expect("pollen-bench lm DIR"),
+        )),
         "all" => {
             verify(256);
             serve();

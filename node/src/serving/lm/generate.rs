@@ -25,6 +25,8 @@ pub struct Job {
     pub prompt: Vec<u32>,
     /// Most tokens to generate.
     pub max_tokens: usize,
+    /// Go on past end-of-sequence tokens (they are generated, not shown).
+    pub ignore_eos: bool,
     /// Sampling.
     pub sampling: Sampling,
     /// Text that ends the generation (not included in the answer).
@@ -89,7 +91,8 @@ pub fn generate(
         let token = sample(&mut logits, &job.sampling, &mut rng);
         generated += 1;
         first.get_or_insert_with(Instant::now);
-        if model.eos.contains(&token) {
+        let eos = model.eos.contains(&token);
+        if eos && !job.ignore_eos {
             finish = Finish::Stop;
             break;
         }
