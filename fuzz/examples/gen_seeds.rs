@@ -82,6 +82,7 @@ fn main() {
         latency_p50_us: 1200,
         latency_p99_us: 9000,
         timestamp: UnixTime::from_secs(3_100),
+        lm: None,
     };
     let r_ok = Signed::sign(&report_body(HealthStatus::Ok), &[&node]);
     let r_fail = Signed::sign(

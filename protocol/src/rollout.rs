@@ -10,7 +10,7 @@
 
 use crate::cert::SignedNodeCert;
 use crate::ids::{Channel, ManifestId, NodeId};
-use crate::signing::{Domain, Signed, SignedBody};
+use crate::signing::{Domain, Signed, SignedBody, SignedError};
 use crate::time::UnixTime;
 use alloc::collections::BTreeMap;
 use core::time::Duration;
@@ -234,6 +234,51 @@ pub struct HealthReportBody {
     pub latency_p99_us: u32,
     /// Node's wall clock when it made the report.
     pub timestamp: UnixTime,
+    /// For a language model: its generations over the window (format 2; `None` encodes
+    /// exactly as reports did before, so older nodes still read them). Its latencies
+    /// above are then times to first token.
+    pub lm: Option<LmHealth>,
+}
+
+/// What a language model's generations did over a report window.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LmHealth {
+    /// Generations that ran.
+    pub generations: u64,
+    /// Tokens generated after each generation's first (decode steps).
+    pub decode_tokens: u64,
+    /// Decode speed over the window, thousandths of a token per second.
+    pub decode_millitokens_per_s: u64,
+}
+
+/// Format 1 of [`HealthReportBody`], as it is encoded.
+#[derive(Serialize)]
+struct HealthReportBodyV1Ref<'a> {
+    node: &'a NodeId,
+    channel: &'a Channel,
+    version: u64,
+    manifest: &'a ManifestId,
+    status: &'a HealthStatus,
+    requests: u64,
+    errors: u64,
+    latency_p50_us: u32,
+    latency_p99_us: u32,
+    timestamp: UnixTime,
+}
+
+/// Format 1 of [`HealthReportBody`], as it is decoded.
+#[derive(Deserialize)]
+struct HealthReportBodyV1 {
+    node: NodeId,
+    channel: Channel,
+    version: u64,
+    manifest: ManifestId,
+    status: HealthStatus,
+    requests: u64,
+    errors: u64,
+    latency_p50_us: u32,
+    latency_p99_us: u32,
+    timestamp: UnixTime,
 }
 
 impl SignedBody for HealthReportBody {
@@ -245,6 +290,55 @@ impl SignedBody for HealthReportBody {
             return Err("failure detail too long".into());
         }
         Ok(())
+    }
+
+    /// Format 1 bytes without `lm`, format 2 with it.
+    fn encode(&self) -> Vec<u8> {
+        let bytes = match &self.lm {
+            Some(_) => postcard::to_allocvec(self),
+            None => postcard::to_allocvec(&HealthReportBodyV1Ref {
+                node: &self.node,
+                channel: &self.channel,
+                version: self.version,
+                manifest: &self.manifest,
+                status: &self.status,
+                requests: self.requests,
+                errors: self.errors,
+                latency_p50_us: self.latency_p50_us,
+                latency_p99_us: self.latency_p99_us,
+                timestamp: self.timestamp,
+            }),
+        };
+        // postcard encoding of our own types into a Vec cannot fail.
+        bytes.expect("postcard encoding into a Vec")
+    }
+
+    /// Format 2, else format 1; the bytes must be exactly what `encode` gives.
+    fn decode(bytes: &[u8]) -> Result<Self, SignedError> {
+        let body = match postcard::from_bytes::<HealthReportBody>(bytes) {
+            Ok(b) => b,
+            Err(_) => {
+                let v1: HealthReportBodyV1 = postcard::from_bytes(bytes)
+                    .map_err(|e| SignedError::Malformed(e.to_string()))?;
+                HealthReportBody {
+                    node: v1.node,
+                    channel: v1.channel,
+                    version: v1.version,
+                    manifest: v1.manifest,
+                    status: v1.status,
+                    requests: v1.requests,
+                    errors: v1.errors,
+                    latency_p50_us: v1.latency_p50_us,
+                    latency_p99_us: v1.latency_p99_us,
+                    timestamp: v1.timestamp,
+                    lm: None,
+                }
+            }
+        };
+        if body.encode() != bytes {
+            return Err(SignedError::NonCanonical);
+        }
+        Ok(body)
     }
 }
 
@@ -745,6 +839,32 @@ mod tests {
         }
     }
 
+    /// Reports without language-model figures keep the bytes older nodes read; with them
+    /// they round trip; spelling out `lm: None` is not canonical.
+    #[test]
+    fn health_reports_without_lm_figures_keep_format_1() {
+        let key = SigningKey::from_bytes(&[5; 32]);
+        let (_, v1) = report(&key, ManifestId([1; 32]), HealthStatus::Ok, 7);
+        let bytes = v1.encode();
+        let derived = postcard::to_allocvec(&v1).expect("encode");
+        assert_eq!(derived.len(), bytes.len() + 1, "format 2 adds only the tag");
+        assert_eq!(HealthReportBody::decode(&bytes).expect("format 1"), v1);
+        assert!(matches!(
+            HealthReportBody::decode(&derived),
+            Err(SignedError::NonCanonical)
+        ));
+        let v2 = HealthReportBody {
+            lm: Some(LmHealth {
+                generations: 3,
+                decode_tokens: 381,
+                decode_millitokens_per_s: 25_400,
+            }),
+            ..v1
+        };
+        let signed = Signed::sign(&v2, &[&key]);
+        assert_eq!(signed.decode_body().expect("format 2"), v2);
+    }
+
     fn report(
         key: &SigningKey,
         version_id: ManifestId,
@@ -762,6 +882,7 @@ mod tests {
             latency_p50_us: 100,
             latency_p99_us: 300,
             timestamp: UnixTime(ts),
+            lm: None,
         };
         (
             HealthReport {

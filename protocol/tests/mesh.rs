@@ -611,6 +611,7 @@ fn uncertified_node_is_refused_and_receives_nothing() {
         latency_p50_us: 0,
         latency_p99_us: 0,
         timestamp: h.wall(),
+        lm: None,
     };
     let report = HealthReport {
         signed: Signed::sign(&body, &[&outsider]),
@@ -836,6 +837,7 @@ fn two_thousand_reports_give_every_node_the_same_sample_and_decision() {
             latency_p50_us: 300,
             latency_p99_us: 900,
             timestamp: T0.plus(Duration::from_millis(1_000 + u64::from(i) * 7 % 5_000)),
+            lm: None,
         };
         reports.push((
             HealthReport {
@@ -1217,6 +1219,7 @@ fn a_report_with_more_than_one_signature_is_refused_unverified() {
         latency_p50_us: 0,
         latency_p99_us: 0,
         timestamp: h.wall(),
+        lm: None,
     };
     let padded = HealthReport {
         signed: Signed::sign(&body, &[&key, &SigningKey::from_bytes(&[44; 32]), &key]),

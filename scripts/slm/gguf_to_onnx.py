@@ -25,7 +25,11 @@ and OUTDIR/conversion.json with what was measured.
 - golden_prompts.json: three short chat prompts, 16 greedy tokens each (fewer when the
   model ends with EOS, which is then the last token) from onnxruntime on the float model,
   KV cache step by step.
-- int8: quantize_dynamic (QInt8 weights per output channel; DynamicQuantizeLinear +
+- int8 (--int8 weights, the default): every weight MatMul's matrix stored as int8 with a
+  float scale per output column, DequantizeLinear before the MatMul; activations stay
+  float, so the answers are nearly the float model's and tract (which folds the
+  dequantisation at load) runs it at float speed from a quarter of the file.
+- int8 (--int8 dynamic): quantize_dynamic (QInt8 weights per output channel; DynamicQuantizeLinear +
   MatMulInteger, standard ONNX domain) on every weight MatMul, output projection
   included, except the down_proj MatMuls whose input has activation outliers (peak over
   rms above --outlier-ratio, 100, on the golden prompts in the numpy reference): the
@@ -56,7 +60,7 @@ import onnx
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from llama_onnx import build_llama  # noqa: E402
+from llama_onnx import build_llama, weight_only_int8  # noqa: E402
 from ort_lm import OrtLM, check_against_reference, reference_logits, save_tokenizer  # noqa: E402
 
 GOLDEN = ["What is the capital of France?", "Name the three primary colors.",
@@ -185,6 +189,11 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads")
     ap.add_argument("--tol", type=float, default=1e-4, help="graph vs numpy, relative to the largest |logit|")
     ap.add_argument("--skip-int8", action="store_true")
+    ap.add_argument("--int8", choices=["weights", "dynamic"], default="weights",
+                    help="weights: int8 weights per output channel, dequantised before each MatMul "
+                         "(tract folds them at load: float speed, a quarter of the file); dynamic: "
+                         "onnxruntime's quantize_dynamic (MatMulInteger, which tract 0.23 runs ~7x "
+                         "slower than float)")
     ap.add_argument("--outlier-ratio", type=float, default=100.0,
                     help="int8: keep float each down_proj whose input peak/rms on the golden prompts exceeds this")
     ap.add_argument("--no-unpermute", action="store_true", help="keep q/k rows as stored (for checking)")
@@ -269,12 +278,17 @@ def main() -> int:
         t0 = time.perf_counter()
         tmp = int8 / "model.tmp.onnx"
         f = onnx.load(str(fp32 / "model.onnx"), load_external_data=False)
-        exclude = [n.name for n in f.graph.node if n.op_type == "MatMul"
-                   and n.input[1].removesuffix(".weight_t") in keep_float]
-        quantize_dynamic(fp32 / "model.onnx", tmp, op_types_to_quantize=["MatMul"], per_channel=True,
-                         weight_type=QuantType.QInt8, nodes_to_exclude=exclude)
-        q = onnx.load(str(tmp))
-        tmp.unlink()
+        if a.int8 == "weights":
+            q = weight_only_int8(onnx.load(str(fp32 / "model.onnx")))
+            report["int8_float_matmuls"] = []
+        else:
+            exclude = [n.name for n in f.graph.node if n.op_type == "MatMul"
+                       and n.input[1].removesuffix(".weight_t") in keep_float]
+            quantize_dynamic(fp32 / "model.onnx", tmp, op_types_to_quantize=["MatMul"], per_channel=True,
+                             weight_type=QuantType.QInt8, nodes_to_exclude=exclude)
+            q = onnx.load(str(tmp))
+            tmp.unlink()
+        report["int8_kind"] = a.int8
         used = {n.domain for n in q.graph.node}
         if used - {"", "ai.onnx"}:
             raise SystemExit(f"int8 model uses non-standard domains {used}")
@@ -319,7 +333,7 @@ def main() -> int:
     if "int8_golden" in report:
         print(f"int8 decode {report['int8_decode_tok_s']} tok/s, golden {report['int8_golden']} -> min_agreement "
               f"{report['int8_min_agreement']}; answer {report['int8_france_answer']!r}; "
-              f"float down_proj: {[k.split('.')[2] for k in keep_float]}")
+              f"float down_proj: {[k.split('.')[2] for k in report['int8_float_matmuls']]}")
     print(f"times: read+dequantise {report['read_dequantise_s']} s, build {report['build_onnx_s']} s, "
           f"quantise {report.get('quantise_s')} s, total {report['total_s']} s; peak RSS {report['peak_rss_mb']} MB")
     ok = (max(ref["max_diff_prefill"], ref["max_diff_cached"]) <= ref["tol"] and ref["argmax_equal"]

@@ -262,3 +262,36 @@ def read_llama(path) -> tuple[dict, dict[str, np.ndarray]]:
         else:
             weights[t.name] = arr
     return config, weights
+
+
+def weight_only_int8(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Store every MatMul weight (an initializer [in, out]) as int8 with one float scale
+    per output column (symmetric, zero point 0), restored by DequantizeLinear(axis=1)
+    before the MatMul. Activations stay float: a runtime may fold the dequantisation into
+    float weights at load (tract does), so the file is about 4x smaller and the answers
+    nearly the float model's, where dynamic activation quantisation loses more."""
+    inits = {i.name: i for i in model.graph.initializer}
+    users: dict[str, int] = {}
+    for n in model.graph.node:
+        for x in n.input:
+            users[x] = users.get(x, 0) + 1
+    new_nodes = []
+    for n in model.graph.node:
+        w = n.input[1] if n.op_type == "MatMul" and len(n.input) == 2 else None
+        if w in inits and users.get(w) == 1 and len(inits[w].dims) == 2:
+            arr = numpy_helper.to_array(inits[w]).astype(np.float32)
+            scale = np.abs(arr).max(axis=0) / 127.0
+            scale[scale == 0] = 1.0
+            q = np.clip(np.rint(arr / scale), -127, 127).astype(np.int8)
+            model.graph.initializer.remove(inits[w])
+            model.graph.initializer.extend([
+                numpy_helper.from_array(q, w + "_q"),
+                numpy_helper.from_array(scale.astype(np.float32), w + "_scale"),
+            ])
+            new_nodes.append(helper.make_node(
+                "DequantizeLinear", [w + "_q", w + "_scale"], [w], name=w + "_dequantize", axis=1))
+        new_nodes.append(n)
+    del model.graph.node[:]
+    model.graph.node.extend(new_nodes)
+    return model
+

@@ -461,6 +461,7 @@ impl Actor {
             latency_p50_us: w.p50_us,
             latency_p99_us: w.p99_us,
             timestamp: unix_now().unwrap_or_default(),
+            lm: w.lm_health(),
         };
         let report = HealthReport {
             signed: Signed::sign(&body, &[&self.secret]),

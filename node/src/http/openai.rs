@@ -26,9 +26,9 @@
 #![allow(clippy::result_large_err)]
 
 use crate::handle::AppState;
-use crate::serving::lm::{self, LmModel};
 use crate::serving::lm::chat::Message;
 use crate::serving::lm::generate::{self, Done, Finish, Job, Sampling};
+use crate::serving::lm::{self, LmModel};
 use crate::serving::{LoadedModel, Outcome, ServeError};
 use axum::Router;
 use axum::body::{Body, Bytes};
@@ -497,7 +497,14 @@ async fn complete(h: AppState, headers: HeaderMap, body: Body, kind: Kind) -> Re
     };
     let (tx, rx) = mpsc::channel::<Piece>(STREAM_BUFFER);
     let executor = h.generations.executor.clone();
-    spawn_generation(h.clone(), model.clone(), job, tx, (admitted, running), executor);
+    spawn_generation(
+        h.clone(),
+        model.clone(),
+        job,
+        tx,
+        (admitted, running),
+        executor,
+    );
     let stream = p.stream.unwrap_or(false);
     let usage = p.stream_options.as_ref().is_some_and(|o| o.include_usage);
     let meta = Meta {
@@ -549,6 +556,11 @@ fn spawn_generation(
         };
         // A generation's health latency is its time to first token.
         model.health.record(ttft, outcome);
+        if let Ok(d) = &result {
+            model
+                .health
+                .record_generation(d.completion_tokens.saturating_sub(1) as u64, d.decode);
+        }
         h.metrics
             .generation(&model.channel, model.version, result.as_ref().ok(), outcome);
         let _ = tx.blocking_send(Piece::End(result));

@@ -34,6 +34,13 @@ pub struct WindowStats {
     pub p50_us: u32,
     /// 99th percentile, µs.
     pub p99_us: u32,
+    /// Language-model generations that ran (their latencies above are times to first
+    /// token).
+    pub generations: u64,
+    /// Their tokens after the first (decode steps).
+    pub decode_tokens: u64,
+    /// Time those decode steps took, µs.
+    pub decode_us: u64,
 }
 
 /// The health a serving window amounts to: a crash loop when the runtime panicked
@@ -84,6 +91,9 @@ struct Counts {
     errors: u64,
     /// Runtime panics.
     panics: u64,
+    generations: u64,
+    decode_tokens: u64,
+    decode_us: u64,
 }
 
 impl Default for Counts {
@@ -93,6 +103,9 @@ impl Default for Counts {
             requests: 0,
             errors: 0,
             panics: 0,
+            generations: 0,
+            decode_tokens: 0,
+            decode_us: 0,
         }
     }
 }
@@ -124,6 +137,15 @@ impl HealthWindow {
         }
     }
 
+    /// Count a language-model generation that ran: its tokens after the first and the
+    /// time they took (its request is counted by [`HealthWindow::record`]).
+    pub fn record_generation(&self, decode_tokens: u64, decode: std::time::Duration) {
+        let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        g.generations += 1;
+        g.decode_tokens += decode_tokens;
+        g.decode_us += u64::try_from(decode.as_micros()).unwrap_or(u64::MAX);
+    }
+
     /// The window's figures; the window starts again empty.
     pub fn take(&self) -> WindowStats {
         let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
@@ -132,6 +154,9 @@ impl HealthWindow {
             requests,
             errors,
             panics,
+            generations,
+            decode_tokens,
+            decode_us,
         } = std::mem::take(&mut *g);
         drop(g);
         let answered: u64 = buckets.iter().sum();
@@ -155,7 +180,23 @@ impl HealthWindow {
             panics,
             p50_us: pct(0.5),
             p99_us: pct(0.99),
+            generations,
+            decode_tokens,
+            decode_us,
         }
+    }
+}
+
+impl WindowStats {
+    /// The language-model part of a health report: `None` without generations.
+    pub fn lm_health(&self) -> Option<pollen_protocol::rollout::LmHealth> {
+        (self.generations > 0).then(|| pollen_protocol::rollout::LmHealth {
+            generations: self.generations,
+            decode_tokens: self.decode_tokens,
+            decode_millitokens_per_s: (self.decode_tokens as u128 * 1_000_000_000)
+                .checked_div(u128::from(self.decode_us))
+                .map_or(0, |v| u64::try_from(v).unwrap_or(u64::MAX)),
+        })
     }
 }
 

@@ -52,6 +52,7 @@ impl Harness {
             latency_p50_us: 200,
             latency_p99_us: 900,
             timestamp: at,
+            lm: None,
         };
         HealthReport {
             signed: Signed::sign(&body, &[&self.nodes[i].key]),

@@ -441,6 +441,7 @@ mod tests {
             latency_p50_us: 1,
             latency_p99_us: 1,
             timestamp: UnixTime::from_secs(1),
+            lm: None,
         };
         HealthReport {
             signed: Signed::sign(&body, &[&key]),

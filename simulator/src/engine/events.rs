@@ -27,6 +27,7 @@ impl Sim {
             latency_p50_us: 0,
             latency_p99_us: 0,
             timestamp: T0.plus(Duration::from_micros(self.now)),
+            lm: None,
         };
         let report = HealthReport {
             signed: Signed::sign(&body, &[&node.key]),

@@ -435,7 +435,12 @@ fn lm_ort(dir: &Path, threads: usize) -> (LmFigures, f64) {
     let out = std::process::Command::new("python3")
         .arg(script)
         .arg(dir)
-        .args(["--threads", &threads.to_string(), "--runs", &LM_RUNS.to_string()])
+        .args([
+            "--threads",
+            &threads.to_string(),
+            "--runs",
+            &LM_RUNS.to_string(),
+        ])
         .output()
         .expect("python3 with onnxruntime");
     assert!(
@@ -504,7 +509,10 @@ fn lm_node(dir: &Path, threads: usize, prompt: &[u32]) -> (LmFigures, Duration, 
     let mut runs = Vec::new();
     for _ in 0..LM_RUNS + 1 {
         let t = Instant::now();
-        let mut r = agent.post(&url).send_json(body(LM_NEW, true)).expect("post");
+        let mut r = agent
+            .post(&url)
+            .send_json(body(LM_NEW, true))
+            .expect("post");
         assert_eq!(r.status(), 200);
         let reader = std::io::BufReader::new(r.body_mut().as_reader());
         let (mut first, mut tokens) = (None, 0u64);
@@ -517,7 +525,10 @@ fn lm_node(dir: &Path, threads: usize, prompt: &[u32]) -> (LmFigures, Duration, 
                 break;
             }
             let v: serde_json::Value = serde_json::from_str(data).expect("event");
-            if first.is_none() && v["choices"][0]["text"].as_str().is_some_and(|s| !s.is_empty())
+            if first.is_none()
+                && v["choices"][0]["text"]
+                    .as_str()
+                    .is_some_and(|s| !s.is_empty())
             {
                 first = Some(t.elapsed());
             }
@@ -621,6 +632,13 @@ fn main() {
         "verify" => verify(mib.unwrap_or(256)),
         "transfer" => transfer(mib.unwrap_or(1024)),
         "serve" => serve(),
+        "lm-direct" => {
+            let dir = Path::new(args.get(1).map(String::as_str).expect("DIR"));
+            for t in [1, 2] {
+                let ((ttft, tok_s), _) = lm_direct(dir, t);
+                println!("threads {t}: ttft {ttft:.1} ms, decode {tok_s:.1} tok/s");
+            }
+        }
         "lm" => lm(Path::new(
             args.get(1)
                 .map(String::as_str)
