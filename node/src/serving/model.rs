@@ -669,6 +669,12 @@ impl LoadedModel {
             .map_err(|e| (ErrorClass::Unavailable, format!("{}: {e}", path.display())))?;
         let prepared =
             onnx::prepare(bytes, &spec.consts).map_err(|e| (ErrorClass::LoadError, e))?;
+        if prepared.dequantized > 0 {
+            tracing::info!(
+                "{channel} version {version}: {} dequantised weights made float at load",
+                prepared.dequantized
+            );
+        }
         let graph = prepared.graph;
         let facts = input_facts(&graph, spec).map_err(|e| (ErrorClass::LoadError, e))?;
         let bytes = Arc::new(prepared.bytes);

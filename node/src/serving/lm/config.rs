@@ -82,10 +82,9 @@ impl GenerationConfig {
             return Err("generation.json: eos_tokens names at least one token".into());
         }
         let d = c.defaults;
-        if !(d.temperature.is_finite() && d.temperature >= 0.0)
-            || !(d.top_p > 0.0 && d.top_p <= 1.0)
-            || d.max_tokens == 0
-        {
+        let temperature_ok = d.temperature.is_finite() && d.temperature >= 0.0;
+        let top_p_ok = d.top_p > 0.0 && d.top_p <= 1.0;
+        if !temperature_ok || !top_p_ok || d.max_tokens == 0 {
             return Err("generation.json: bad sampling defaults".into());
         }
         Ok(c)

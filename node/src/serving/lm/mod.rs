@@ -7,7 +7,7 @@
 //! once like any model ([`crate::serving::LoadedModel`], symbolic lengths); [`LmModel`]
 //! drives that same runnable one token per step, the cache held by the generation.
 //!
-//! * [`config`]: `generation.json`.
+//! * [`config`]: the generation config, `generation.json`.
 //! * [`chat`]: chat templates (Jinja, fuel-bounded).
 //! * [`engine`]: [`LmModel`]: the cache, tokenisation, golden prompts.
 //! * [`generate`]: one generation: sampling, stop strings, streaming, cancellation.
