@@ -208,6 +208,7 @@ impl Actor {
                     started.elapsed() - read - trial - load
                 );
                 loaded.keep_golden(golden);
+                crate::serving::model::release_freed_memory();
                 Ok(Arc::new(loaded))
             }));
             let result = attempt.unwrap_or_else(|_| {

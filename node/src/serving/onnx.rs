@@ -20,7 +20,7 @@
 //! panicking on malformed input.
 
 use pollen_protocol::manifest::{DType, TensorData};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 /// ONNX `TensorProto.DataType` of a data type (`None` for BYTES: ONNX strings are not
 /// served).
@@ -715,25 +715,27 @@ fn rewrite(
     let mut rest = Vec::with_capacity(model.len() + 64);
     let mut known: Vec<(String, f64)> = Vec::new();
     let graph_bytes = graph_field(&top)?;
+    let graph_fields = fields(graph_bytes)?;
     let mut inits: BTreeMap<String, &[u8]> = BTreeMap::new();
-    for f in fields(graph_bytes)? {
+    for f in &graph_fields {
         match f.num {
-            1 => nodes.push(bytes_of(&f)?.to_vec()),
+            1 => nodes.push(bytes_of(f)?.to_vec()),
             5 => {
-                let t = bytes_of(&f)?;
+                let t = bytes_of(f)?;
                 if let (Some(v), Some(name)) = (scalar_of_tensor(t), tensor_name(t)) {
                     known.push((name, v));
                 }
                 if let Some(name) = tensor_name(t) {
                     inits.insert(name, t);
                 }
-                rest.extend_from_slice(f.raw);
             }
-            _ => rest.extend_from_slice(f.raw),
+            _ => {}
         }
     }
     let mut dequantized = 0;
     let mut kept = Vec::with_capacity(nodes.len());
+    let mut floats = Vec::new();
+    let mut consumed: Vec<String> = Vec::new();
     for n in nodes {
         let node = parse_node(&n, MAX_DEPTH)?;
         let folded = (node.op_type == "DequantizeLinear"
@@ -742,12 +744,31 @@ fn rewrite(
             .flatten();
         match folded {
             Some(t) => {
-                put_bytes(5, &tensor_proto(&t)?, &mut rest);
+                put_bytes(5, &tensor_proto(&t)?, &mut floats);
+                consumed.extend(node.inputs);
                 dequantized += 1;
             }
             None => kept.push(n),
         }
     }
+    // The 8-bit tensors nothing else reads are left out: the float ones replace them.
+    let mut used = BTreeSet::new();
+    for n in &kept {
+        inputs_of(&parse_node(n, MAX_DEPTH)?, &mut used);
+    }
+    for f in graph_fields.iter().filter(|f| f.num == 12) {
+        used.insert(parse_value_info(bytes_of(f)?)?.name);
+    }
+    let dropped: BTreeSet<&String> = consumed.iter().filter(|c| !used.contains(*c)).collect();
+    for f in &graph_fields {
+        match f.num {
+            1 => {}
+            5 if tensor_name(bytes_of(f)?).is_some_and(|n| dropped.contains(&n)) => {}
+            _ => rest.extend_from_slice(f.raw),
+        }
+    }
+    rest.extend_from_slice(&floats);
+    drop(floats);
     let mut nodes = kept;
     for n in &mut nodes {
         let node = parse_node(n, MAX_DEPTH)?;
@@ -777,6 +798,18 @@ fn rewrite(
         }
     }
     Some((out, folded, dequantized))
+}
+
+/// Every tensor name `node` reads, in its subgraphs too (which may read names of the
+/// graphs around them).
+fn inputs_of(node: &Node, into: &mut BTreeSet<String>) {
+    into.extend(node.inputs.iter().cloned());
+    for g in &node.subgraphs {
+        for n in &g.nodes {
+            inputs_of(n, into);
+        }
+        into.extend(g.outputs.iter().map(|o| o.name.clone()));
+    }
 }
 
 /// [`dequantized`] for the node's one output.
@@ -1407,6 +1440,14 @@ mod tests {
             .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
             .collect();
         assert_eq!(got, [0.5, -0.5, 1.5, -1.0, 63.5, -31.75]);
+        assert!(
+            fields(graph_field(&top).unwrap())
+                .unwrap()
+                .into_iter()
+                .filter(|f| f.num == 5)
+                .all(|f| tensor_name(bytes_of(&f).unwrap()).as_deref() != Some("w_q")),
+            "the int8 weights nothing reads any more are left out"
+        );
         // With zero points (w - zero) * scale.
         let p = prepare(dequantize_model(Some([1, -1])), &[]).expect("prepares");
         assert_eq!(p.dequantized, 1);
