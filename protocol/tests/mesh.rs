@@ -1246,3 +1246,75 @@ fn a_report_with_more_than_one_signature_is_refused_unverified() {
     let s = h.nodes[0].mesh.sample(&mid).expect("sample");
     assert_eq!(s.counts().failed, 0, "it counts nowhere");
 }
+
+/// A release of two variants: nodes fetch only the variant their device chooses, and the
+/// publisher, which runs the default variant, keeps and seeds the other one it was given,
+/// so a device of the other class finds a source.
+#[test]
+fn nodes_fetch_only_their_variant_and_the_publisher_seeds_the_others() {
+    use pollen_protocol::manifest::{DeviceProfile, DeviceRequirements, FileEntry, Variant};
+    use rand_chacha::ChaCha8Rng;
+    use rand_core::SeedableRng;
+    let op = Operator::new(11, 1, None);
+    let mut h = Harness::new(4, Config::default(), LinkModel::default(), 11, T0);
+    // Node 3 is a weak device.
+    let weak = Config {
+        device: DeviceProfile {
+            device_class: Some("weak".into()),
+            ..DeviceProfile::default()
+        },
+        ..Config::default()
+    };
+    let id = h.nodes[3].id();
+    h.nodes[3].mesh = pollen_protocol::Mesh::new(
+        id,
+        weak,
+        ChaCha8Rng::seed_from_u64(3),
+        pollen_protocol::Now::new(Instant::ZERO, T0),
+    );
+    h.install_trust(&op.trust);
+    h.connect_random(6);
+    let fp32 = random_file_spec(8 * 16 * 1024, 16 * 1024, 1);
+    let int8 = random_file_spec(2 * 16 * 1024, 16 * 1024, 2);
+    let mut body = manifest_body(
+        "vision.defects",
+        1,
+        fp32.clone(),
+        RolloutPlan::immediate(),
+        T0,
+    );
+    body.artifact.variants.push(Variant {
+        name: "int8".into(),
+        requires: DeviceRequirements {
+            device_classes: vec!["weak".into()],
+            ..DeviceRequirements::default()
+        },
+        files: vec![FileEntry {
+            name: "model.onnx".into(),
+            spec: int8.clone(),
+        }],
+    });
+    let m = Signed::sign(&body, &op.signers(1));
+    h.publish(0, &m, &[&fp32, &int8]).unwrap();
+    h.run_for(Duration::from_secs(120));
+    for i in 1..3 {
+        assert!(h.has_file(i, &fp32), "node {i} holds its fp32 variant");
+        assert!(
+            !h.has_file(i, &int8),
+            "node {i} never fetched the int8 variant"
+        );
+        assert_eq!(h.nodes[i].active.get(&vision()).map(|a| a.0), Some(1));
+    }
+    assert!(
+        h.has_file(3, &int8),
+        "the weak node got its int8 variant from the publisher: {}",
+        h.nodes[3].mesh.debug_file(&int8.content_id)
+    );
+    assert!(!h.has_file(3, &fp32), "the weak node never fetched fp32");
+    assert_eq!(h.nodes[3].active.get(&vision()).map(|a| a.0), Some(1));
+    let live = h.nodes[0].mesh.live_files();
+    assert!(
+        live.contains(&fp32.content_id) && live.contains(&int8.content_id),
+        "the publisher keeps both variants"
+    );
+}
