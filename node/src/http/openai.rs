@@ -395,30 +395,25 @@ enum Piece {
 }
 
 async fn complete(h: AppState, headers: HeaderMap, body: Body, kind: Kind) -> Response {
-    let declared = super::declared_length(&headers);
-    if declared.is_some_and(|n| n > MAX_BODY as u64) {
-        return oai_error(
+    let too_large = || {
+        oai_error(
             StatusCode::PAYLOAD_TOO_LARGE,
             "invalid_request_error",
             None,
             None,
             format!("request body over {MAX_BODY} bytes"),
-        );
+        )
+    };
+    let declared = super::declared_length(&headers);
+    if declared.is_some_and(|n| n > MAX_BODY as u64) {
+        return too_large();
     }
     let bytes =
         match tokio::time::timeout(BODY_TIMEOUT, super::v2::read_body(body, MAX_BODY, declared))
             .await
         {
             Ok(Ok(b)) => b,
-            Ok(Err(super::v2::BodyError::TooLarge)) => {
-                return oai_error(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "invalid_request_error",
-                    None,
-                    None,
-                    format!("request body over {MAX_BODY} bytes"),
-                );
-            }
+            Ok(Err(super::v2::BodyError::TooLarge)) => return too_large(),
             Ok(Err(e)) => {
                 return bad_request(None, format!("request body could not be read: {e:?}"));
             }
