@@ -491,15 +491,7 @@ async fn complete(h: AppState, headers: HeaderMap, body: Body, kind: Kind) -> Re
         );
     };
     let (tx, rx) = mpsc::channel::<Piece>(STREAM_BUFFER);
-    let executor = h.generations.executor.clone();
-    spawn_generation(
-        h.clone(),
-        model.clone(),
-        job,
-        tx,
-        (admitted, running),
-        executor,
-    );
+    spawn_generation(h.clone(), model.clone(), job, tx, (admitted, running));
     let stream = p.stream.unwrap_or(false);
     let usage = p.stream_options.as_ref().is_some_and(|o| o.include_usage);
     let meta = Meta {
@@ -531,13 +523,12 @@ fn spawn_generation(
     job: Job,
     tx: mpsc::Sender<Piece>,
     permits: (OwnedSemaphorePermit, OwnedSemaphorePermit),
-    executor: lm::Executor,
 ) {
     tokio::task::spawn_blocking(move || {
         let _permits = permits;
         let started = Instant::now();
         let Some(lm) = model.lm() else { return };
-        let result = lm::with_executor(executor, || {
+        let result = lm::with_executor(h.generations.executor.clone(), || {
             generate::generate(lm, &job, &mut |delta| match delta {
                 Some(d) => tx.blocking_send(Piece::Text(d.to_string())).is_ok(),
                 None => !tx.is_closed(),

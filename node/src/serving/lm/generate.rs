@@ -84,10 +84,12 @@ pub fn generate(
     let mut first = None::<Instant>;
     let mut ids: Vec<u32> = Vec::new();
     let mut text = Text::new(&job.stop);
-    let room = model.config.context_length.saturating_sub(job.prompt.len());
+    let limit = job
+        .max_tokens
+        .min(model.config.context_length.saturating_sub(job.prompt.len()));
     let mut finish = Finish::Length;
     let mut generated = 0;
-    while generated < job.max_tokens.min(room) {
+    while generated < limit {
         let token = sample(&mut logits, &job.sampling, &mut rng);
         generated += 1;
         first.get_or_insert_with(Instant::now);
@@ -106,17 +108,13 @@ pub fn generate(
             finish = Finish::Stop;
             break;
         }
-        if generated == job.max_tokens.min(room) {
+        if generated == limit {
             break;
         }
         logits = model.feed(&mut cache, &[token])?;
     }
-    if finish == Finish::Length
-        && let Some(rest) = text.flush()
-    {
-        sink(Some(&rest));
-    }
-    if finish == Finish::Stop
+    // What was held back is final now, unless a stop string cut the text there.
+    if finish != Finish::Cancelled
         && !text.stopped
         && let Some(rest) = text.flush()
     {
