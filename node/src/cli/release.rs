@@ -110,12 +110,11 @@ pub struct ReleaseArgs {
 }
 
 /// The serving spec of `--input` and `--const`, checked against the model graph (the
-/// first file); `None` when neither is given.
-fn serving_spec(a: &ReleaseArgs) -> Result<Option<ServingSpec>> {
+/// first file of the first variant); `None` when neither is given.
+fn serving_spec(a: &ReleaseArgs, variants: &[VariantDir]) -> Result<Option<ServingSpec>> {
     if a.inputs.is_empty() && a.consts.is_empty() {
         return Ok(None);
     }
-    let variants = variant_dirs(a)?;
     let model = variants
         .first()
         .and_then(|v| v.files.first())
@@ -386,8 +385,8 @@ pub fn build_release(
         None => None,
     };
     let keys = load_keys(&a.key)?;
-    let serving = serving_spec(a)?;
     let dirs = variant_dirs(a)?;
+    let serving = serving_spec(a, &dirs)?;
     let lm = match dirs.iter().any(|v| v.lm) {
         true => Some(lm_spec(&dirs)?),
         false => None,
