@@ -378,27 +378,11 @@ fn lm_prompt(lm: &pollen_node::serving::lm::LmModel) -> Vec<u32> {
 
 /// tract through [`LmModel`] in this process, with `threads` threads for its products.
 fn lm_direct(dir: &Path, threads: usize) -> (LmFigures, Vec<u32>) {
-    use pollen_node::serving::lm::LmModel;
-    use pollen_node::serving::lm::engine::argmax;
+    use pollen_node::serving::lm::engine::{argmax, load_dir};
     let limits = pollen_node::serving::ServingLimits::new(u64::MAX / 4);
-    let m = pollen_node::serving::LoadedModel::load(
-        &dir.join("model.onnx"),
-        "lm",
-        1,
-        pollen_protocol::ManifestId([0; 32]),
-        &pollen_protocol::manifest::ServingSpec::default(),
-        &pollen_node::serving::GoldenSet::default(),
-        &limits,
-    )
-    .expect("load");
-    let lm = LmModel::new(
-        &m,
-        &dir.join("tokenizer.json"),
-        &dir.join("generation.json"),
-        &limits,
-    )
-    .expect("a language model");
-    let prompt = lm_prompt(&lm);
+    let m = load_dir(dir, &limits).expect("a language model");
+    let lm = m.lm().expect("attached");
+    let prompt = lm_prompt(lm);
     let executor = pollen_node::serving::lm::executor(threads);
     let run = |new: usize| {
         pollen_node::serving::lm::with_executor(executor.clone(), || {

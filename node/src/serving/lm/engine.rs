@@ -51,8 +51,6 @@ pub struct LmModel {
     io: Io,
     /// Vocabulary size (the logits' last dimension).
     pub vocab: usize,
-    /// Bytes of key-value cache per token of context.
-    pub kv_bytes_per_token: u64,
 }
 
 impl std::fmt::Debug for LmModel {
@@ -265,13 +263,7 @@ impl LmModel {
             bos,
             io,
             vocab,
-            kv_bytes_per_token,
         })
-    }
-
-    /// Whether the model has a chat template (`/v1/chat/completions` needs one).
-    pub fn has_chat_template(&self) -> bool {
-        self.template.is_some()
     }
 
     /// Render a chat with the model's template.
@@ -447,6 +439,32 @@ impl LmModel {
     }
 }
 
+/// A language model's variant directory (`model.onnx`, `tokenizer.json`,
+/// `generation.json`) loaded as the node loads a release of it, outside any release: the
+/// graph with the language model attached (for tools, benchmarks and tests).
+pub fn load_dir(
+    dir: &Path,
+    limits: &crate::serving::ServingLimits,
+) -> Result<LoadedModel, (ErrorClass, String)> {
+    let mut m = LoadedModel::load(
+        &dir.join("model.onnx"),
+        "lm",
+        1,
+        pollen_protocol::ids::ManifestId([0; 32]),
+        &pollen_protocol::manifest::ServingSpec::default(),
+        &crate::serving::GoldenSet::default(),
+        limits,
+    )?;
+    let lm = LmModel::new(
+        &m,
+        &dir.join(pollen_protocol::manifest::LM_TOKENIZER_FILE),
+        &dir.join(pollen_protocol::manifest::LM_CONFIG_FILE),
+        limits,
+    )?;
+    m.attach_lm(lm);
+    Ok(m)
+}
+
 /// What the golden prompts showed.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct Agreement {
@@ -492,9 +510,8 @@ fn log_prob(logits: &[f32], i: usize) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::serving::{GoldenSet, ServingLimits};
-    use pollen_protocol::ids::ManifestId;
-    use pollen_protocol::manifest::{GoldenPrompt, ServingSpec};
+    use crate::serving::ServingLimits;
+    use pollen_protocol::manifest::GoldenPrompt;
 
     /// A language model's variant directory (`model.onnx`, `tokenizer.json`,
     /// `generation.json`, `golden_prompts.json`), loaded as the node loads it and checked
@@ -506,23 +523,8 @@ mod tests {
         let dir = std::path::PathBuf::from(std::env::var("POLLEN_LM_DIR").expect("POLLEN_LM_DIR"));
         let limits = ServingLimits::new(8 << 30);
         let started = std::time::Instant::now();
-        let m = LoadedModel::load(
-            &dir.join("model.onnx"),
-            "lm",
-            1,
-            ManifestId([0; 32]),
-            &ServingSpec::default(),
-            &GoldenSet::default(),
-            &limits,
-        )
-        .expect("loads");
-        let lm = LmModel::new(
-            &m,
-            &dir.join("tokenizer.json"),
-            &dir.join("generation.json"),
-            &limits,
-        )
-        .expect("a language model");
+        let m = load_dir(&dir, &limits).expect("a language model");
+        let lm = m.lm().expect("attached");
         println!("loaded in {:.2?}: {lm:?}", started.elapsed());
         let golden: serde_json::Value =
             serde_json::from_slice(&std::fs::read(dir.join("golden_prompts.json")).unwrap())
