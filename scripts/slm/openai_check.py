@@ -9,7 +9,9 @@ the node greedily (temperature 0) for the chat completion, once whole and once s
 and for the raw completion of the rendered prompt; each answer must be the text
 onnxruntime gave, with its finish reason and token counts. Also checks `models.list()`,
 a stop sequence, seeded sampling (the same seed twice gives the same text), and that a
-prompt past the context and an unknown model are refused with the right status. Prints
+prompt past the context, an unknown model, bad parameters, a token outside the
+vocabulary and a body over 4 MiB are refused with the right status while the node goes
+on answering. Prints
 one line per check; exits 1 on the first failure.
 """
 
@@ -122,6 +124,32 @@ def main():
         fail("temperature 5 was answered")
     except openai.BadRequestError as e:
         print(f"ok bad temperature: {e.message[:60]}")
+    for what, call in [
+        ("a token id outside the vocabulary",
+         lambda: client.completions.create(model=a.model, prompt=[10**9], max_tokens=4)),
+        ("n = 2", lambda: client.chat.completions.create(
+            model=a.model, messages=p["messages"], n=2, max_tokens=4)),
+        ("five stop strings", lambda: client.chat.completions.create(
+            model=a.model, messages=p["messages"], stop=["a", "b", "c", "d", "e"], max_tokens=4)),
+    ]:
+        try:
+            call()
+            fail(f"{what} was answered")
+        except openai.BadRequestError as e:
+            print(f"ok {what} refused: {e.message[:60]}")
+    try:
+        client.completions.create(model=a.model, prompt="x" * (5 << 20), max_tokens=4)
+        fail("a 5 MiB body was answered")
+    except openai.APIStatusError as e:
+        if e.status_code != 413:
+            fail(f"a 5 MiB body: {e.status_code}")
+        print("ok a 5 MiB body refused with 413")
+    # Nothing was lost: the node still answers as before.
+    r = client.chat.completions.create(
+        model=a.model, messages=p["messages"], temperature=0, max_tokens=32)
+    if r.choices[0].message.content != p["text"]:
+        fail(f"after the refusals: {r.choices[0].message.content!r}")
+    print("ok still serving after the refusals")
     print("all checks passed")
 
 
