@@ -413,6 +413,37 @@ fn lm_direct(dir: &Path, threads: usize) -> (LmFigures, Vec<u32>) {
     )
 }
 
+/// The variant's golden prompts (`golden_prompts.json`, as `pollen publish` reads it)
+/// scored through tract: greedy agreement and mean log-likelihood.
+fn lm_golden(dir: &Path) {
+    use pollen_protocol::manifest::{GoldenPrompt, LmSpec};
+    let Ok(bytes) = std::fs::read(dir.join("golden_prompts.json")) else {
+        return;
+    };
+    let golden: serde_json::Value = serde_json::from_slice(&bytes).expect("golden_prompts.json");
+    let spec = LmSpec {
+        golden_prompts: golden["prompts"]
+            .as_array()
+            .expect("prompts")
+            .iter()
+            .map(|p| GoldenPrompt {
+                prompt: p["prompt"].as_str().expect("prompt").into(),
+                continuation: serde_json::from_value(p["continuation"].clone()).expect("ids"),
+            })
+            .collect(),
+        min_agreement: vec![0.0],
+    };
+    let limits = pollen_node::serving::ServingLimits::new(u64::MAX / 4);
+    let m = pollen_node::serving::lm::engine::load_dir(dir, &limits).expect("a language model");
+    let a = m.lm().expect("attached").score(&spec).expect("scored");
+    println!(
+        "golden prompts: {} of {} tokens agree, mean log-likelihood {:.4}",
+        a.agreed,
+        a.total,
+        a.log_likelihood / a.total as f64
+    );
+}
+
 /// onnxruntime on the same graph: (figures, peak RSS MiB).
 fn lm_ort(dir: &Path, threads: usize) -> (LmFigures, f64) {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/slm/bench_ort.py");
@@ -618,10 +649,16 @@ fn main() {
         "serve" => serve(),
         "lm-direct" => {
             let dir = Path::new(args.get(1).map(String::as_str).expect("DIR"));
-            for t in [1, 2] {
+            // POLLEN_BENCH_THREADS=N: one thread count only (for a profiler).
+            let counts: Vec<usize> = match std::env::var("POLLEN_BENCH_THREADS") {
+                Ok(n) => vec![n.parse().expect("POLLEN_BENCH_THREADS: a number")],
+                Err(_) => vec![1, 2],
+            };
+            for t in counts {
                 let ((ttft, tok_s), _) = lm_direct(dir, t);
                 println!("threads {t}: ttft {ttft:.1} ms, decode {tok_s:.1} tok/s");
             }
+            lm_golden(dir);
         }
         "lm" => lm(Path::new(
             args.get(1)
