@@ -269,7 +269,10 @@ mod tests {
                 *e = (ver, at);
             }
         }
-        latest.into_iter().map(|(id, (_, at))| (id, at as f64 / 1e6)).collect()
+        latest
+            .into_iter()
+            .map(|(id, (_, at))| (id, at as f64 / 1e6))
+            .collect()
     }
 
     /// One seed serving N receivers that do not share among themselves is the
@@ -286,7 +289,10 @@ mod tests {
                 net.start(0, flow(&[up, down]), &mut out);
             }
             for (id, secs) in ends(&out) {
-                assert!((secs - n as f64).abs() < 1e-3, "n={n}: flow {id} ends at {secs}");
+                assert!(
+                    (secs - n as f64).abs() < 1e-3,
+                    "n={n}: flow {id} ends at {secs}"
+                );
             }
         }
     }
@@ -296,7 +302,11 @@ mod tests {
     #[test]
     fn a_flow_through_a_chain_runs_at_its_narrowest_link() {
         let mut net = Net::default();
-        let chain = [net.add_resource(4e6), net.add_resource(1e6), net.add_resource(2e6)];
+        let chain = [
+            net.add_resource(4e6),
+            net.add_resource(1e6),
+            net.add_resource(2e6),
+        ];
         let mut out = Vec::new();
         let mut f = flow(&chain);
         f.latency = 20_000;

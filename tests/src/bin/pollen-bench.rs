@@ -649,6 +649,14 @@ fn main() {
         "serve" => serve(),
         "lm-direct" => {
             let dir = Path::new(args.get(1).map(String::as_str).expect("DIR"));
+            let t = Instant::now();
+            let limits = pollen_node::serving::ServingLimits::new(u64::MAX / 4);
+            drop(pollen_node::serving::lm::engine::load_dir(dir, &limits).expect("an LM"));
+            println!(
+                "load {:.2} s, peak RSS {} MiB",
+                t.elapsed().as_secs_f64(),
+                vm_hwm_kib(std::process::id()) / 1024
+            );
             // POLLEN_BENCH_THREADS=N: one thread count only (for a profiler).
             let counts: Vec<usize> = match std::env::var("POLLEN_BENCH_THREADS") {
                 Ok(n) => vec![n.parse().expect("POLLEN_BENCH_THREADS: a number")],
