@@ -39,6 +39,11 @@ pub struct Config {
     pub max_files: usize,
     /// Penalty score at which a peer is disconnected.
     pub disconnect_score: u32,
+    /// One penalty point is forgiven per this much time, so what bans a peer is misconduct
+    /// at a rate, not a lifetime total: a peer on a slow or flaky link that times out now
+    /// and then is never banned for it, while 100 points at once still ban at once.
+    /// Zero: penalties never decay.
+    pub penalty_decay: Duration,
     /// Most pending pulls (`IHave`s waiting for their delay).
     pub max_pending_wants: usize,
     /// After the local store fails to keep a chunk (full disk), downloads pause this long.
@@ -81,6 +86,9 @@ impl Default for Config {
             max_channels: 256,
             max_files: 1024,
             disconnect_score: 100,
+            // A timed-out request (2 points) is forgiven in a minute, a corrupt chunk (40)
+            // in 20 minutes.
+            penalty_decay: Duration::from_secs(30),
             max_pending_wants: 1024,
             prefetch: true,
             max_pinned: 256,

@@ -168,6 +168,8 @@ pub struct Mesh<R> {
     catch_up_until: Option<Instant>,
     /// The wall clock of the latest call (for penalties raised outside an input).
     last_wall: UnixTime,
+    /// The monotonic time of the last input (penalties decay by it).
+    last_mono: Instant,
 }
 
 impl<R: Rng> Mesh<R> {
@@ -201,6 +203,7 @@ impl<R: Rng> Mesh<R> {
             },
             catch_up_until: None,
             last_wall: now.wall,
+            last_mono: now.mono,
         }
     }
 
@@ -258,6 +261,7 @@ impl<R: Rng> Mesh<R> {
     /// Feed one input. Drain [`Mesh::poll_output`] afterwards.
     pub fn handle(&mut self, now: Now, input: Input) {
         self.last_wall = now.wall;
+        self.last_mono = now.mono;
         let hint = match &input {
             Input::Received {
                 from,
@@ -278,13 +282,13 @@ impl<R: Rng> Mesh<R> {
             }
             Input::ChunkStored { from, file, index } => {
                 let (x, mut cx) = self.exchange_cx();
-                if x.on_chunk_stored(&mut cx, from, file, index) {
+                if x.on_chunk_stored(&mut cx, now.mono, from, file, index) {
                     self.refresh_all(now);
                 }
             }
             Input::ChunkReceived { from, file, index } => {
                 let (x, mut cx) = self.exchange_cx();
-                x.on_chunk_received(&mut cx, from, file, index);
+                x.on_chunk_received(&mut cx, now.mono, from, file, index);
             }
             Input::ChunkFailed {
                 from,
@@ -318,6 +322,7 @@ impl<R: Rng> Mesh<R> {
     /// Run timers that are due. Calling it early does nothing.
     pub fn handle_timeout(&mut self, now: Now) {
         self.last_wall = now.wall;
+        self.last_mono = now.mono;
         // Requests past their deadline: each cancelled and its peer penalised, in turn
         // (a ban drops the peer's other requests before they time out).
         while let Some(id) = self.timers.pop_due_request(now.mono) {
@@ -407,8 +412,11 @@ impl<R: Rng> Mesh<R> {
 
     /// Penalise `peer` (see [`PeerTable::penalise`]); a ban forgets it in every part now.
     fn penalise(&mut self, peer: NodeId, points: u32, reason: String) {
-        if self.peers.penalise(peer, points, reason, &mut self.outputs) {
-            self.on_peer_down(Now::new(Instant::ZERO, self.last_wall), peer);
+        if self
+            .peers
+            .penalise(peer, points, reason, self.last_mono, &mut self.outputs)
+        {
+            self.on_peer_down(Now::new(self.last_mono, self.last_wall), peer);
         }
     }
 

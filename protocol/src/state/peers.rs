@@ -21,6 +21,9 @@ pub(super) struct Peer {
     pub(super) rtt: Option<Duration>,
     /// Penalty points; at `disconnect_score` it is disconnected.
     pub(super) score: u32,
+    /// Decay of `score` is counted from here ([`Config::penalty_decay`]); `None` while
+    /// the score is 0.
+    pub(super) scored_at: Option<Instant>,
     /// Random tie-break among otherwise equal peers.
     pub(super) salt: u64,
     /// Refused by fleet rules: nothing is sent to or accepted from it.
@@ -49,6 +52,8 @@ pub(super) struct PeerTable {
     max_peers: usize,
     /// [`Config::disconnect_score`]: penalty points at which a peer is disconnected.
     disconnect_score: u32,
+    /// [`Config::penalty_decay`]: time per penalty point forgiven.
+    penalty_decay: Duration,
 }
 
 impl PeerTable {
@@ -59,6 +64,7 @@ impl PeerTable {
             site: config.site.clone(),
             max_peers: config.max_peers,
             disconnect_score: config.disconnect_score,
+            penalty_decay: config.penalty_decay,
         }
     }
 
@@ -97,6 +103,7 @@ impl PeerTable {
             site: None,
             rtt: None,
             score: 0,
+            scored_at: None,
             salt,
             refused,
             digest_answered: None,
@@ -115,23 +122,41 @@ impl PeerTable {
         true
     }
 
-    /// Add `points` to `peer`'s score and push `PeerPenalised`; at `disconnect_score`, also
-    /// push a `Disconnect` and return true: the caller must then forget the peer in every
-    /// part at once (nothing more is sent to or accepted from it). Zero points, or an
-    /// unknown peer, do nothing.
+    /// At `now`, forgive what `penalty_decay` forgives of `peer`'s score since it was last
+    /// counted, add `points` and push `PeerPenalised`; at `disconnect_score`, also push a
+    /// `Disconnect` and return true: the caller must then forget the peer in every part at
+    /// once (nothing more is sent to or accepted from it). Zero points, or an unknown peer,
+    /// do nothing.
     pub(super) fn penalise(
         &mut self,
         peer: NodeId,
         points: u32,
         reason: String,
+        now: Instant,
         out: &mut VecDeque<Output>,
     ) -> bool {
         if points == 0 {
             return false;
         }
+        let decay = self.penalty_decay;
         let Some(p) = self.map.get_mut(&peer) else {
             return false;
         };
+        if let Some(since) = p.scored_at
+            && !decay.is_zero()
+        {
+            let forgiven = now.saturating_duration_since(since).as_nanos() / decay.as_nanos();
+            let forgiven = u32::try_from(forgiven).unwrap_or(u32::MAX);
+            p.score = p.score.saturating_sub(forgiven);
+            if p.score > 0 {
+                // The part of a step already run counts towards the next point (no
+                // overflow: decay × forgiven is at most the time elapsed).
+                p.scored_at = Some(since + decay * forgiven);
+            }
+        }
+        if p.score == 0 {
+            p.scored_at = Some(now);
+        }
         p.score = p.score.saturating_add(points);
         let score = p.score;
         out.push_back(Output::Event(Event::PeerPenalised {
@@ -234,7 +259,9 @@ mod tests {
     use crate::io::{Event, Output, PeerInfo};
     use crate::state::Config;
     use crate::state::testkit::{add_mesh_peer, mesh, peer};
+    use crate::time::Instant;
     use alloc::collections::VecDeque;
+    use core::time::Duration;
     use rand_chacha::ChaCha8Rng;
     use rand_core::SeedableRng;
 
@@ -267,17 +294,22 @@ mod tests {
         let mut rng = ChaCha8Rng::seed_from_u64(1);
         up(&mut t, &mut rng, 1, None);
         let mut out = VecDeque::new();
-        assert!(!t.penalise(peer(1), 0, "nothing".into(), &mut out));
-        assert!(!t.penalise(peer(9), 50, "unknown".into(), &mut out));
+        let t0 = Instant::ZERO;
+        assert!(!t.penalise(peer(1), 0, "nothing".into(), t0, &mut out));
+        assert!(!t.penalise(peer(9), 50, "unknown".into(), t0, &mut out));
         assert!(out.is_empty(), "zero points or unknown peer: nothing");
         let limit = Config::default().disconnect_score;
-        assert!(!t.penalise(peer(1), limit - 1, "bad".into(), &mut out));
+        assert!(!t.penalise(peer(1), limit - 1, "bad".into(), t0, &mut out));
         assert_eq!(t[&peer(1)].score, limit - 1);
         assert!(matches!(
             out.pop_front(),
             Some(Output::Event(Event::PeerPenalised { score, .. })) if score == limit - 1
         ));
-        assert!(t.penalise(peer(1), 1, "worse".into(), &mut out), "banned");
+        let soon = t0 + Config::default().penalty_decay / 2;
+        assert!(
+            t.penalise(peer(1), 1, "worse".into(), soon, &mut out),
+            "banned"
+        );
         assert!(matches!(
             out.pop_front(),
             Some(Output::Event(Event::PeerPenalised { .. }))
@@ -286,6 +318,72 @@ mod tests {
             matches!(out.pop_front(), Some(Output::Disconnect { peer: p, .. }) if p == peer(1))
         );
         assert!(t.contains(&peer(1)), "the router forgets it, in every part");
+    }
+
+    /// A point is forgiven per `penalty_decay`: a peer timing out (2 points) once a minute
+    /// for hours is never banned, one timing out 50 times in a minute is, and a spread of
+    /// penalties decays evenly (part of a step carries over).
+    #[test]
+    fn penalties_decay_so_a_rate_bans_and_a_trickle_does_not() {
+        let decay = Config::default().penalty_decay;
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        let mut t = table(None, 8);
+        up(&mut t, &mut rng, 1, None);
+        up(&mut t, &mut rng, 2, None);
+        let mut out = VecDeque::new();
+        let mut now = Instant::ZERO;
+        for _ in 0..600 {
+            assert!(!t.penalise(peer(1), 2, "timed out".into(), now, &mut out));
+            now = now + decay * 2;
+        }
+        assert!(t[&peer(1)].score <= 2, "{}", t[&peer(1)].score);
+        let burst = (0..50).map(|i| {
+            t.penalise(
+                peer(2),
+                2,
+                "timed out".into(),
+                now + decay * i / 100,
+                &mut out,
+            )
+        });
+        assert_eq!(
+            burst.filter(|b| *b).count(),
+            1,
+            "banned once the burst reaches 100"
+        );
+        // 10 points, then 1.5 steps later 1 more: 9 + 1 = 10, and the half step carries.
+        let mut t = table(None, 8);
+        up(&mut t, &mut rng, 3, None);
+        t.penalise(peer(3), 10, "a".into(), Instant::ZERO, &mut out);
+        t.penalise(
+            peer(3),
+            1,
+            "b".into(),
+            Instant::ZERO + decay * 3 / 2,
+            &mut out,
+        );
+        assert_eq!(t[&peer(3)].score, 10);
+        t.penalise(peer(3), 1, "c".into(), Instant::ZERO + decay * 2, &mut out);
+        assert_eq!(
+            t[&peer(3)].score,
+            10,
+            "the carried half step made a whole one"
+        );
+        // Zero decay: a lifetime total, as before.
+        let mut t = PeerTable::new(&Config {
+            penalty_decay: Duration::ZERO,
+            ..Config::default()
+        });
+        up(&mut t, &mut rng, 4, None);
+        t.penalise(peer(4), 10, "a".into(), Instant::ZERO, &mut out);
+        t.penalise(
+            peer(4),
+            1,
+            "b".into(),
+            Instant::ZERO + decay * 1000,
+            &mut out,
+        );
+        assert_eq!(t[&peer(4)].score, 11);
     }
 
     #[test]

@@ -187,6 +187,7 @@ fn place_peer(
             site: site.map(Into::into),
             rtt: None,
             score: 0,
+            scored_at: None,
             salt: u64::from(i),
             refused: false,
             digest_answered: None,

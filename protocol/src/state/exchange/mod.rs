@@ -24,6 +24,7 @@ use crate::time::{Instant, Now};
 use crate::wire::{Message, RejectReason};
 use alloc::collections::{BTreeMap, BTreeSet, VecDeque};
 use alloc::sync::Arc;
+use core::time::Duration;
 use rand_core::Rng;
 
 /// The largest chunk index remembered for a file this node does not know yet (its
@@ -163,7 +164,24 @@ pub(super) struct Exchange {
     requests: BTreeMap<u64, Request>,
     /// The id of the next chunk request.
     next_request: u64,
+    /// How fast each connected peer has been serving us (no entry: not measured yet):
+    /// sizes request deadlines ([`Exchange::request_deadline`]).
+    served: BTreeMap<NodeId, Service>,
 }
+
+/// How fast a peer serves our chunk requests: the time a KiB of chunk took, from when it
+/// could start (its request was sent, or the peer's previous chunk arrived) to its
+/// arrival, smoothed over the last few chunks.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Service {
+    /// Nanoseconds per KiB.
+    pub(super) nanos_per_kib: u64,
+    /// When its last chunk arrived.
+    pub(super) last: Instant,
+}
+
+/// Most a measured link stretches a request's deadline, in request timeouts.
+const MAX_DEADLINE_FACTOR: u32 = 10;
 
 impl Default for Exchange {
     fn default() -> Self {
@@ -173,6 +191,7 @@ impl Default for Exchange {
             asked: BTreeMap::new(),
             requests: BTreeMap::new(),
             next_request: 1,
+            served: BTreeMap::new(),
         }
     }
 }
@@ -286,6 +305,7 @@ impl Exchange {
     pub(super) fn forget_refused(&mut self, peer: &NodeId) {
         self.haves.remove(peer);
         self.asked.remove(peer);
+        self.served.remove(peer);
     }
 
     /// Our chunk requests in flight to `peer`.
@@ -332,6 +352,75 @@ impl Exchange {
             }
         }
         self.asked.remove(&peer);
+        self.served.remove(&peer);
+    }
+
+    /// Bytes of chunk `index` of `file` (0 for an unknown file).
+    fn chunk_bytes(&self, file: &ContentId, index: u32) -> u64 {
+        self.files.get(file).map_or(0, |f| {
+            let spec = f.spec();
+            let size = spec.chunk_size.bytes();
+            spec.size
+                .saturating_sub(u64::from(index).saturating_mul(size))
+                .min(size)
+        })
+    }
+
+    /// `peer` served a request sent at `sent` with `bytes` arriving at `now`: fold it into
+    /// its [`Service`]. The chunk could start once it was asked and the peer's previous
+    /// chunk had arrived, so requests queued behind others do not count their wait.
+    fn observe(&mut self, peer: NodeId, sent: Instant, now: Instant, bytes: u64) {
+        let start = match self.served.get(&peer) {
+            Some(s) if s.last > sent => s.last,
+            _ => sent,
+        };
+        let took =
+            u64::try_from(now.saturating_duration_since(start).as_nanos()).unwrap_or(u64::MAX);
+        let sample = took.saturating_mul(1024) / bytes.max(1);
+        let nanos_per_kib = match self.served.get(&peer) {
+            Some(s) => (s.nanos_per_kib.saturating_mul(3).saturating_add(sample)) / 4,
+            None => sample,
+        };
+        self.served.insert(
+            peer,
+            Service {
+                nanos_per_kib,
+                last: now,
+            },
+        );
+    }
+
+    /// The deadline of a request for `bytes` sent to `peer` at `now`: the configured
+    /// `request_timeout`, or, where the peer was measured slower than that allows, twice
+    /// the time its measured rate needs for this chunk and the ones queued before it
+    /// (at most [`MAX_DEADLINE_FACTOR`] timeouts). A seed on a slow or shared uplink is
+    /// then waited for, not timed out and penalised again and again.
+    pub(super) fn request_deadline(
+        &self,
+        config: &Config,
+        peer: &NodeId,
+        now: Instant,
+        bytes: u64,
+    ) -> Instant {
+        let base = config.request_timeout;
+        let Some(s) = self.served.get(peer) else {
+            return now + base;
+        };
+        let queued = self.inflight(peer) as u64 + 1;
+        let nanos = s
+            .nanos_per_kib
+            .saturating_mul(bytes.div_ceil(1024))
+            .saturating_mul(queued)
+            .saturating_mul(2);
+        now + base
+            .max(Duration::from_nanos(nanos))
+            .min(base * MAX_DEADLINE_FACTOR)
+    }
+
+    /// Service measured for `peer`, if any.
+    #[cfg(test)]
+    pub(super) fn service(&self, peer: &NodeId) -> Option<Service> {
+        self.served.get(peer).copied()
     }
 
     pub(super) fn announce_files_to<R: Rng>(&mut self, cx: &mut Ctx<'_, R>, peer: NodeId) {
@@ -470,10 +559,12 @@ impl Exchange {
     pub(super) fn finish_requests<R: Rng>(
         &mut self,
         cx: &mut Ctx<'_, R>,
+        now: Instant,
         from: Option<NodeId>,
         file: ContentId,
         index: u32,
     ) {
+        let bytes = self.chunk_bytes(&file, index);
         let ids: Vec<u64> = self
             .files
             .get(&file)
@@ -486,6 +577,8 @@ impl Exchange {
                 self.forget_request(cx, id, &r);
                 if Some(r.peer) != from {
                     cx.send(r.peer, Message::Cancel { id });
+                } else if cx.peers.contains(&r.peer) {
+                    self.observe(r.peer, r.sent, now, bytes);
                 }
             }
         }
@@ -576,11 +669,12 @@ impl Exchange {
     pub(super) fn on_chunk_received<R: Rng>(
         &mut self,
         cx: &mut Ctx<'_, R>,
+        now: Instant,
         from: NodeId,
         file: ContentId,
         index: u32,
     ) {
-        self.finish_requests(cx, Some(from), file, index);
+        self.finish_requests(cx, now, Some(from), file, index);
         if let Some(f) = self.files.get_mut(&file)
             && index < f.total()
             && !f.have.get(index)
@@ -597,6 +691,20 @@ impl Exchange {
         id: u64,
     ) -> Option<NodeId> {
         let req = self.requests.remove(&id)?;
+        // Slower than measured, or never measured: assume the link is at least twice as
+        // slow as it would have had to be (like TCP's backed-off retransmission timer).
+        let bytes = self.chunk_bytes(&req.file, req.index);
+        let waited = u64::try_from(req.deadline.saturating_duration_since(req.sent).as_nanos())
+            .unwrap_or(u64::MAX);
+        let queued = self.inflight(&req.peer).max(1) as u64;
+        let floor = waited.saturating_mul(1024) / bytes.max(1) / queued;
+        if cx.peers.contains(&req.peer) {
+            let s = self.served.entry(req.peer).or_insert(Service {
+                nanos_per_kib: 0,
+                last: req.sent,
+            });
+            s.nanos_per_kib = s.nanos_per_kib.saturating_mul(2).max(floor);
+        }
         self.forget_request(cx, id, &req);
         cx.send(req.peer, Message::Cancel { id });
         Some(req.peer)
@@ -608,11 +716,12 @@ impl Exchange {
     pub(super) fn on_chunk_stored<R: Rng>(
         &mut self,
         cx: &mut Ctx<'_, R>,
+        now: Instant,
         from: Option<NodeId>,
         file: ContentId,
         index: u32,
     ) -> bool {
-        self.finish_requests(cx, from, file, index);
+        self.finish_requests(cx, now, from, file, index);
         let Some(f) = self.files.get_mut(&file) else {
             return false;
         };
@@ -765,6 +874,7 @@ mod tests {
     use crate::io::{ChunkFailure, Event, Output};
     use crate::state::config::{PENALTY_CORRUPT, PENALTY_MINOR};
     use crate::state::testkit::{add_peer, at, bench, peer};
+    use crate::time::Instant;
     use crate::wire::Message;
 
     #[test]
@@ -822,6 +932,72 @@ mod tests {
         assert_eq!(b.exchange.inflight(&peer(1)), 0);
     }
 
+    /// Request deadlines follow the rate measured on the link: the configured timeout until
+    /// a peer is measured, or while it is fast; for a slow one twice the measured time of
+    /// this chunk and those queued before it, at most ten timeouts; a timeout at least
+    /// doubles the estimate. Chunks of 16 KiB here.
+    #[test]
+    fn request_deadlines_follow_the_rate_measured_on_the_link() {
+        use core::time::Duration;
+        let (mut b, f) = bench(8, None);
+        add_peer(&mut b, 1, None, f, &[0, 1, 2, 3, 4, 5, 6, 7]);
+        add_peer(&mut b, 2, None, f, &[0, 1, 2, 3, 4, 5, 6, 7]);
+        let timeout = b.config.request_timeout;
+        let bytes = b.exchange.chunk_bytes(&f, 0);
+        assert_eq!(bytes, 16 * 1024);
+        let deadline = |b: &super::super::testkit::Bench, p: u8, ms: u64| {
+            let t = b
+                .exchange
+                .request_deadline(&b.config, &peer(p), at(ms).mono, bytes);
+            t.saturating_duration_since(at(ms).mono)
+        };
+        assert_eq!(deadline(&b, 1, 0), timeout, "not measured yet");
+        // Two chunks asked at once arrive 10 s and 20 s later: 10 s each, the second
+        // counted from the first's arrival.
+        b.request(at(0), peer(1), f, 0);
+        b.request(at(0), peer(1), f, 1);
+        let (x, mut cx) = b.cx();
+        x.on_chunk_received(&mut cx, at(10_000).mono, peer(1), f, 0);
+        x.on_chunk_received(&mut cx, at(20_000).mono, peer(1), f, 1);
+        let per_kib = b
+            .exchange
+            .service(&peer(1))
+            .expect("measured")
+            .nanos_per_kib;
+        assert_eq!(per_kib, 10_000_000_000 / 16);
+        assert_eq!(
+            deadline(&b, 1, 20_000),
+            timeout,
+            "2 x 10 s is under the timeout"
+        );
+        // One chunk in flight ahead: 2 x (1 + 1) x 10 s.
+        b.request(at(20_000), peer(1), f, 2);
+        assert_eq!(deadline(&b, 1, 20_000), Duration::from_secs(40));
+        // That request (sent with nothing ahead: the 30 s timeout) times out: the estimate
+        // becomes at least double, and at least the 30 s the chunk was waited for.
+        let id = b.timers.pop_due_request(at(600_000).mono).expect("armed");
+        let (x, mut cx) = b.cx();
+        assert_eq!(x.timeout_request(&mut cx, id), Some(peer(1)));
+        let after = b.exchange.service(&peer(1)).unwrap().nanos_per_kib;
+        assert_eq!(after, (2 * per_kib).max(30_000_000_000 / 16));
+        assert_eq!(deadline(&b, 1, 60_000), Duration::from_secs(60));
+        for _ in 0..4 {
+            b.request(at(60_000), peer(1), f, 3);
+            let id = b
+                .timers
+                .pop_due_request(at(10_000_000).mono)
+                .expect("armed");
+            let (x, mut cx) = b.cx();
+            x.timeout_request(&mut cx, id);
+        }
+        assert_eq!(deadline(&b, 1, 60_000), timeout * 10, "capped");
+        // A fast peer keeps the configured timeout.
+        b.request(at(0), peer(2), f, 4);
+        let (x, mut cx) = b.cx();
+        x.on_chunk_received(&mut cx, at(10).mono, peer(2), f, 4);
+        assert_eq!(deadline(&b, 2, 10), timeout);
+    }
+
     #[test]
     fn a_gone_peer_leaves_availability_and_its_requests() {
         let (mut b, f) = bench(4, None);
@@ -855,13 +1031,16 @@ mod tests {
         b.request(at(0), peer(2), f, 0);
         b.out.clear();
         let (x, mut cx) = b.cx();
-        assert!(!x.on_chunk_stored(&mut cx, Some(peer(1)), f, 0));
+        assert!(!x.on_chunk_stored(&mut cx, Instant::ZERO, Some(peer(1)), f, 0));
         assert!(x.requests.is_empty());
         assert!(
-            !x.on_chunk_stored(&mut cx, None, f, 0),
+            !x.on_chunk_stored(&mut cx, Instant::ZERO, None, f, 0),
             "a second time: nothing"
         );
-        assert!(x.on_chunk_stored(&mut cx, None, f, 1), "complete: refresh");
+        assert!(
+            x.on_chunk_stored(&mut cx, Instant::ZERO, None, f, 1),
+            "complete: refresh"
+        );
         let out: Vec<Output> = b.out.drain(..).collect();
         assert!(
             matches!(&out[0], Output::Send { to, msg: Message::Cancel { .. } } if *to == peer(2)),

@@ -236,7 +236,8 @@ impl Exchange {
     ) {
         let id = self.next_request;
         self.next_request += 1;
-        let deadline = now.mono + cx.config.request_timeout;
+        let bytes = self.chunk_bytes(&file, index);
+        let deadline = self.request_deadline(cx.config, &peer, now.mono, bytes);
         self.requests.insert(
             id,
             Request {
