@@ -355,29 +355,27 @@ impl Exchange {
         self.served.remove(&peer);
     }
 
-    /// Bytes of chunk `index` of `file` (0 for an unknown file).
+    /// Bytes of chunk `index` of `file` (0 for an unknown file or chunk).
     fn chunk_bytes(&self, file: &ContentId, index: u32) -> u64 {
-        self.files.get(file).map_or(0, |f| {
-            let spec = f.spec();
-            let size = spec.chunk_size.bytes();
-            spec.size
-                .saturating_sub(u64::from(index).saturating_mul(size))
-                .min(size)
-        })
+        self.files
+            .get(file)
+            .and_then(|f| f.spec().chunk_len(u64::from(index)).ok())
+            .unwrap_or(0)
     }
 
     /// `peer` served a request sent at `sent` with `bytes` arriving at `now`: fold it into
     /// its [`Service`]. The chunk could start once it was asked and the peer's previous
     /// chunk had arrived, so requests queued behind others do not count their wait.
     fn observe(&mut self, peer: NodeId, sent: Instant, now: Instant, bytes: u64) {
-        let start = match self.served.get(&peer) {
+        let before = self.served.get(&peer).copied();
+        let start = match before {
             Some(s) if s.last > sent => s.last,
             _ => sent,
         };
         let took =
             u64::try_from(now.saturating_duration_since(start).as_nanos()).unwrap_or(u64::MAX);
         let sample = took.saturating_mul(1024) / bytes.max(1);
-        let nanos_per_kib = match self.served.get(&peer) {
+        let nanos_per_kib = match before {
             Some(s) => (s.nanos_per_kib.saturating_mul(3).saturating_add(sample)) / 4,
             None => sample,
         };
@@ -564,7 +562,6 @@ impl Exchange {
         file: ContentId,
         index: u32,
     ) {
-        let bytes = self.chunk_bytes(&file, index);
         let ids: Vec<u64> = self
             .files
             .get(&file)
@@ -578,6 +575,7 @@ impl Exchange {
                 if Some(r.peer) != from {
                     cx.send(r.peer, Message::Cancel { id });
                 } else if cx.peers.contains(&r.peer) {
+                    let bytes = self.chunk_bytes(&file, index);
                     self.observe(r.peer, r.sent, now, bytes);
                 }
             }
