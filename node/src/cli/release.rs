@@ -7,6 +7,7 @@ use pollen_keys::golden;
 use pollen_keys::load_key_file;
 use pollen_keys::manifest::{self as mf, NewManifest};
 use pollen_keys::time::{days, parse_duration};
+use pollen_node::serving::lm::config::{GOLDEN_PROMPTS_FILE, GoldenPromptsFile};
 use pollen_node::serving::onnx;
 use pollen_protocol::manifest::{
     Channel, DeviceRequirements, GoldenPrompt, InputFact, LM_CONFIG_FILE, LM_TOKENIZER_FILE,
@@ -267,9 +268,6 @@ pub fn hashed_bytes(a: &ReleaseArgs) -> u64 {
         .unwrap_or(0)
 }
 
-/// The golden prompts a language model's directory holds.
-const GOLDEN_PROMPTS_FILE: &str = "golden_prompts.json";
-
 /// `class=C1+C2,memory=MIB,cpu=F1+F2` (any of the three).
 fn parse_requires(s: &str) -> Result<DeviceRequirements> {
     let mut r = DeviceRequirements::default();
@@ -288,36 +286,18 @@ fn parse_requires(s: &str) -> Result<DeviceRequirements> {
     Ok(r)
 }
 
-/// `golden_prompts.json`: `{"min_agreement": F, "prompts": [{"prompt", "continuation"}]}`.
-#[derive(Debug, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-struct GoldenPromptsFile {
-    min_agreement: f32,
-    prompts: Vec<GoldenPromptJson>,
-}
-
-#[derive(Debug, PartialEq, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-struct GoldenPromptJson {
-    prompt: String,
-    continuation: Vec<u32>,
-}
-
 /// The language-model spec of the variants' golden prompts: one set of prompts for the
 /// release (every variant that has the file must have the same prompts), one bound per
 /// variant.
 fn lm_spec(variants: &[VariantDir]) -> Result<LmSpec> {
     let mut spec = LmSpec::default();
-    let mut prompts: Option<Vec<GoldenPromptJson>> = None;
+    let mut prompts: Option<Vec<GoldenPrompt>> = None;
     for v in variants {
         let Some(path) = &v.golden_prompts else {
             spec.min_agreement.push(0.0);
             continue;
         };
-        let bytes =
-            std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-        let f: GoldenPromptsFile =
-            serde_json::from_slice(&bytes).with_context(|| format!("{}", path.display()))?;
+        let f = GoldenPromptsFile::read(path).map_err(anyhow::Error::msg)?;
         spec.min_agreement.push(f.min_agreement);
         match &prompts {
             None => prompts = Some(f.prompts),
@@ -337,13 +317,7 @@ fn lm_spec(variants: &[VariantDir]) -> Result<LmSpec> {
             "every variant of a language model with golden prompts needs its golden_prompts.json"
         );
     }
-    spec.golden_prompts = prompts
-        .into_iter()
-        .map(|p| GoldenPrompt {
-            prompt: p.prompt,
-            continuation: p.continuation,
-        })
-        .collect();
+    spec.golden_prompts = prompts;
     Ok(spec)
 }
 

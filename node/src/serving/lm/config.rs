@@ -1,7 +1,66 @@
 //! A language model's generation config (`generation.json` in each variant): special
-//! tokens, the chat template, the context length and the default sampling.
+//! tokens, the chat template, the context length and the default sampling; and the
+//! variant's golden prompts (`golden_prompts.json`).
 
+use pollen_protocol::manifest::{GoldenPrompt, LmSpec};
 use serde::Deserialize;
+use std::path::Path;
+
+/// The golden prompts of a variant's directory, which `pollen publish` puts in the
+/// manifest: `{"min_agreement": F, "prompts": [{"prompt", "continuation"}]}`.
+pub const GOLDEN_PROMPTS_FILE: &str = "golden_prompts.json";
+
+/// `golden_prompts.json`, read.
+#[derive(Debug)]
+pub struct GoldenPromptsFile {
+    /// Share of the expected tokens this variant must agree on.
+    pub min_agreement: f32,
+    /// The prompts and their expected greedy continuations.
+    pub prompts: Vec<GoldenPrompt>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GoldenPromptsJson {
+    min_agreement: f32,
+    prompts: Vec<GoldenPromptJson>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GoldenPromptJson {
+    prompt: String,
+    continuation: Vec<u32>,
+}
+
+impl GoldenPromptsFile {
+    /// Read and parse `path`; the error names the file.
+    pub fn read(path: &Path) -> Result<Self, String> {
+        let bytes =
+            std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let f: GoldenPromptsJson =
+            serde_json::from_slice(&bytes).map_err(|e| format!("{}: {e}", path.display()))?;
+        Ok(GoldenPromptsFile {
+            min_agreement: f.min_agreement,
+            prompts: f
+                .prompts
+                .into_iter()
+                .map(|p| GoldenPrompt {
+                    prompt: p.prompt,
+                    continuation: p.continuation,
+                })
+                .collect(),
+        })
+    }
+
+    /// The spec of a release of this one variant.
+    pub fn spec(&self) -> LmSpec {
+        LmSpec {
+            golden_prompts: self.prompts.clone(),
+            min_agreement: vec![self.min_agreement],
+        }
+    }
+}
 
 /// Largest generation config, bytes (the chat template is the large part).
 pub const MAX_CONFIG_BYTES: u64 = 256 * 1024;
@@ -94,6 +153,42 @@ impl GenerationConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A golden-prompts file reads into the spec of its variant; an unknown field, a
+    /// token id that is not one, or a missing file is an error naming the file.
+    #[test]
+    fn golden_prompts_files_are_read_strictly() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(GOLDEN_PROMPTS_FILE);
+        std::fs::write(
+            &path,
+            r#"{"min_agreement": 0.9, "prompts": [{"prompt": "Hi", "continuation": [1, 2]}]}"#,
+        )
+        .unwrap();
+        let spec = GoldenPromptsFile::read(&path).unwrap().spec();
+        assert_eq!(spec.min_agreement, vec![0.9]);
+        assert_eq!(
+            spec.golden_prompts,
+            vec![GoldenPrompt {
+                prompt: "Hi".into(),
+                continuation: vec![1, 2]
+            }]
+        );
+        for bad in [
+            r#"{"min_agreement": 0.9, "prompts": [{"prompt": "Hi", "continuation": [1], "x": 1}]}"#,
+            r#"{"min_agreement": 0.9, "prompts": [{"prompt": "Hi", "continuation": [-1]}]}"#,
+            r#"{"min_agreement": 0.9}"#,
+        ] {
+            std::fs::write(&path, bad).unwrap();
+            let e = GoldenPromptsFile::read(&path).unwrap_err();
+            assert!(e.starts_with(&path.display().to_string()), "{e}");
+        }
+        let e = GoldenPromptsFile::read(&dir.path().join("none.json")).unwrap_err();
+        assert!(
+            e.starts_with("cannot read") && e.contains("none.json"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn configs_are_checked() {

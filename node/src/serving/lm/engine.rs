@@ -511,7 +511,6 @@ fn log_prob(logits: &[f32], i: usize) -> f64 {
 mod tests {
     use super::*;
     use crate::serving::ServingLimits;
-    use pollen_protocol::manifest::GoldenPrompt;
 
     /// A language model's variant directory (`model.onnx`, `tokenizer.json`,
     /// `generation.json`, `golden_prompts.json`), loaded as the node loads it and checked
@@ -526,21 +525,11 @@ mod tests {
         let m = load_dir(&dir, &limits).expect("a language model");
         let lm = m.lm().expect("attached");
         println!("loaded in {:.2?}: {lm:?}", started.elapsed());
-        let golden: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(dir.join("golden_prompts.json")).unwrap())
-                .unwrap();
-        let spec = LmSpec {
-            golden_prompts: golden["prompts"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|p| GoldenPrompt {
-                    prompt: p["prompt"].as_str().unwrap().into(),
-                    continuation: serde_json::from_value(p["continuation"].clone()).unwrap(),
-                })
-                .collect(),
-            min_agreement: vec![golden["min_agreement"].as_f64().unwrap() as f32],
-        };
+        let golden = crate::serving::lm::config::GoldenPromptsFile::read(
+            &dir.join(crate::serving::lm::config::GOLDEN_PROMPTS_FILE),
+        )
+        .expect("golden prompts");
+        let spec = golden.spec();
         let started = std::time::Instant::now();
         let a = lm.check_golden(&spec, 0).expect("agrees");
         println!(
