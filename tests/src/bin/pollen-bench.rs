@@ -376,11 +376,15 @@ fn lm_prompt(lm: &pollen_node::serving::lm::LmModel) -> Vec<u32> {
     ids.iter().copied().cycle().take(LM_PROMPT).collect()
 }
 
-/// tract through [`LmModel`] in this process, with `threads` threads for its products.
-fn lm_direct(dir: &Path, threads: usize) -> (LmFigures, Vec<u32>) {
-    use pollen_node::serving::lm::engine::{argmax, load_dir};
+/// A language model's variant directory, loaded as the node loads it.
+fn lm_load(dir: &Path) -> pollen_node::serving::LoadedModel {
     let limits = pollen_node::serving::ServingLimits::new(u64::MAX / 4);
-    let m = load_dir(dir, &limits).expect("a language model");
+    pollen_node::serving::lm::engine::load_dir(dir, &limits).expect("a language model")
+}
+
+/// tract through [`LmModel`] in this process, with `threads` threads for its products.
+fn lm_direct(m: &pollen_node::serving::LoadedModel, threads: usize) -> (LmFigures, Vec<u32>) {
+    use pollen_node::serving::lm::engine::argmax;
     let lm = m.lm().expect("attached");
     let prompt = lm_prompt(lm);
     let executor = pollen_node::serving::lm::executor(threads);
@@ -415,27 +419,18 @@ fn lm_direct(dir: &Path, threads: usize) -> (LmFigures, Vec<u32>) {
 
 /// The variant's golden prompts (`golden_prompts.json`, as `pollen publish` reads it)
 /// scored through tract: greedy agreement and mean log-likelihood.
-fn lm_golden(dir: &Path) {
-    use pollen_protocol::manifest::{GoldenPrompt, LmSpec};
-    let Ok(bytes) = std::fs::read(dir.join("golden_prompts.json")) else {
+fn lm_golden(dir: &Path, m: &pollen_node::serving::LoadedModel) {
+    use pollen_node::serving::lm::config::{GOLDEN_PROMPTS_FILE, GoldenPromptsFile};
+    let path = dir.join(GOLDEN_PROMPTS_FILE);
+    if !path.is_file() {
         return;
-    };
-    let golden: serde_json::Value = serde_json::from_slice(&bytes).expect("golden_prompts.json");
-    let spec = LmSpec {
-        golden_prompts: golden["prompts"]
-            .as_array()
-            .expect("prompts")
-            .iter()
-            .map(|p| GoldenPrompt {
-                prompt: p["prompt"].as_str().expect("prompt").into(),
-                continuation: serde_json::from_value(p["continuation"].clone()).expect("ids"),
-            })
-            .collect(),
-        min_agreement: vec![0.0],
-    };
-    let limits = pollen_node::serving::ServingLimits::new(u64::MAX / 4);
-    let m = pollen_node::serving::lm::engine::load_dir(dir, &limits).expect("a language model");
-    let a = m.lm().expect("attached").score(&spec).expect("scored");
+    }
+    let golden = GoldenPromptsFile::read(&path).expect("golden prompts");
+    let a = m
+        .lm()
+        .expect("attached")
+        .score(&golden.spec())
+        .expect("scored");
     println!(
         "golden prompts: {} of {} tokens agree, mean log-likelihood {:.4}",
         a.agreed,
@@ -602,9 +597,10 @@ fn lm(dir: &Path) {
     );
     for v in &variants {
         let name = v.file_name().and_then(|n| n.to_str()).unwrap_or("?");
+        let m = lm_load(v);
         for threads in [1, 2] {
             let (ort, ort_rss) = lm_ort(v, threads);
-            let ((dt, dd), prompt) = lm_direct(v, threads);
+            let ((dt, dd), prompt) = lm_direct(&m, threads);
             let ((nt, nd), first, hwm, rss) = lm_node(v, threads, &prompt);
             let row = |what: &str, t: f64, d: f64| {
                 println!(
@@ -650,8 +646,7 @@ fn main() {
         "lm-direct" => {
             let dir = Path::new(args.get(1).map(String::as_str).expect("DIR"));
             let t = Instant::now();
-            let limits = pollen_node::serving::ServingLimits::new(u64::MAX / 4);
-            drop(pollen_node::serving::lm::engine::load_dir(dir, &limits).expect("an LM"));
+            let m = lm_load(dir);
             println!(
                 "load {:.2} s, peak RSS {} MiB",
                 t.elapsed().as_secs_f64(),
@@ -663,10 +658,10 @@ fn main() {
                 Err(_) => vec![1, 2],
             };
             for t in counts {
-                let ((ttft, tok_s), _) = lm_direct(dir, t);
+                let ((ttft, tok_s), _) = lm_direct(&m, t);
                 println!("threads {t}: ttft {ttft:.1} ms, decode {tok_s:.1} tok/s");
             }
-            lm_golden(dir);
+            lm_golden(dir, &m);
         }
         "lm" => lm(Path::new(
             args.get(1)
