@@ -169,5 +169,6 @@ impl Pollen {
     }
 }
 
+pub mod bed;
 pub mod mesh;
 pub mod onnxgen;

@@ -1,0 +1,253 @@
+//! The multi-site test bed (`pollen_tests::bed`): its links checked on their own, then real
+//! `pollen run` processes in sites joined by shaped, delayed WAN links.
+//!
+//! What CI runs is sized to take seconds per test; `POLLEN_BED_FULL=1` runs the issue's
+//! full sizes (3 sites × 6 nodes, 64 MiB). Skipped, with a message, only where network
+//! namespaces cannot be created.
+
+use pollen_tests::bed::{self, Bed, Site, Watch, in_netns};
+use pollen_tests::mesh::{Node, Operator, test_bytes};
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream, UdpSocket};
+use std::time::{Duration, Instant};
+
+fn full() -> bool {
+    std::env::var_os("POLLEN_BED_FULL").is_some()
+}
+
+/// Time of a TCP handshake from node (0,0) to node (1,0): one round trip.
+fn connect_time(b: &Bed, port: u16) -> Option<Duration> {
+    let dst = format!("{}:{port}", b.node_ip(1, 0));
+    in_netns(&b.node_ns(0, 0), || {
+        let t = Instant::now();
+        let addr = dst.parse().expect("addr");
+        TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+            .ok()
+            .map(|_| t.elapsed())
+    })
+}
+
+#[test]
+fn links_have_their_latency_loss_and_rate_and_can_be_cut() {
+    let mut a = Site::new("a", 1, 20.0, Duration::from_millis(20));
+    a.wan_up = 100e6 / 8.0;
+    let b_site = Site::new("b", 1, 20.0, Duration::from_millis(30));
+    let Some(b) = Bed::new(vec![a, b_site], 1) else {
+        return;
+    };
+    // A listener in site b that drains every connection and counts the bytes.
+    let (ns1, ip1) = (b.node_ns(1, 0), b.node_ip(1, 0));
+    let listener = in_netns(&ns1, || {
+        TcpListener::bind((ip1.as_str(), 9000)).expect("bind")
+    });
+    let server = std::thread::spawn(move || {
+        let mut total = Vec::new();
+        for s in listener.incoming().take(3) {
+            let mut s = s.expect("accept");
+            s.set_read_timeout(Some(Duration::from_secs(10)))
+                .expect("timeout");
+            let mut buf = vec![0u8; 1 << 16];
+            let mut n = 0usize;
+            while let Ok(k) = s.read(&mut buf) {
+                if k == 0 {
+                    break;
+                }
+                n += k;
+            }
+            total.push(n);
+        }
+        total
+    });
+    // Latency: 2 × (20 + 30) ms round trip.
+    let rtt = connect_time(&b, 9000).expect("connect");
+    assert!(
+        rtt >= Duration::from_millis(99) && rtt < Duration::from_millis(160),
+        "round trip {rtt:?}, want ~100 ms"
+    );
+    // Rate: 4 MiB into site b over its 20 Mbit/s downlink.
+    let dst = format!("{ip1}:9000");
+    let (took, into_b) = {
+        let before = b.wan_bytes(1).0;
+        let took = in_netns(&b.node_ns(0, 0), || {
+            let mut s = TcpStream::connect(&dst).expect("connect");
+            let t = Instant::now();
+            s.write_all(&vec![7u8; 4 << 20]).expect("send");
+            s.shutdown(std::net::Shutdown::Write).expect("shutdown");
+            let mut end = [0u8; 1];
+            let _ = s.read(&mut end); // the server closes after reading everything
+            t.elapsed()
+        });
+        (took, b.wan_bytes(1).0 - before)
+    };
+    let link = 20e6 / 8.0;
+    let rate = (4 << 20) as f64 / took.as_secs_f64();
+    eprintln!(
+        "rtt {rtt:?}; 4 MiB in {took:?} = {:.2} Mbit/s ({:.2} of the link); {into_b} bytes into site b",
+        rate * 8.0 / 1e6,
+        rate / link
+    );
+    assert!(
+        rate / link > 0.6 && rate / link < 1.05,
+        "4 MiB at {:.2} of a 20 Mbit/s link",
+        rate / link
+    );
+    assert!(
+        (4 << 20..(4 << 20) * 11 / 10).contains(&into_b),
+        "{into_b} bytes counted into site b"
+    );
+    // A cut link: nothing gets through; restored: it works again.
+    b.set_wan(1, false);
+    assert!(
+        connect_time(&b, 9000).is_none(),
+        "connected across a cut link"
+    );
+    b.set_wan(1, true);
+    assert!(
+        connect_time(&b, 9000).is_some(),
+        "the restored link is dead"
+    );
+    // Joined before the bed goes: the last connection's FIN is still in the delay line.
+    let got = server.join().expect("server");
+    assert_eq!(got.iter().filter(|&&n| n == 4 << 20).count(), 1, "{got:?}");
+}
+
+#[test]
+fn delay_line_loses_packets_at_the_sites_rates() {
+    let mut a = Site::new("a", 1, 100.0, Duration::from_millis(5));
+    a.wan_loss = 0.1;
+    let mut c = Site::new("c", 1, 100.0, Duration::from_millis(5));
+    c.wan_loss = 0.1;
+    c.wan_jitter = Duration::from_millis(4);
+    let Some(b) = Bed::new(vec![a, c], 7) else {
+        return;
+    };
+    let ip1 = b.node_ip(1, 0);
+    let rx = in_netns(&b.node_ns(1, 0), || {
+        UdpSocket::bind((ip1.as_str(), 9001)).expect("bind")
+    });
+    rx.set_read_timeout(Some(Duration::from_millis(500)))
+        .expect("timeout");
+    const N: u32 = 4000;
+    // Receive while sending: a socket buffer holds only a few hundred small datagrams.
+    let receiver = std::thread::spawn(move || {
+        let (mut got, mut last, mut reordered) = (0u32, None, 0u32);
+        let mut buf = [0u8; 16];
+        while let Ok(n) = rx.recv(&mut buf) {
+            assert_eq!(n, 4);
+            let k = u32::from_be_bytes(buf[..4].try_into().expect("4 bytes"));
+            if last.is_some_and(|l| k < l) {
+                reordered += 1;
+            }
+            last = Some(k);
+            got += 1;
+        }
+        (got, reordered)
+    });
+    let dst = format!("{ip1}:9001");
+    in_netns(&b.node_ns(0, 0), || {
+        let tx = UdpSocket::bind("0.0.0.0:0").expect("bind");
+        for k in 0..N {
+            tx.send_to(&k.to_be_bytes(), &dst).expect("send");
+            if k % 20 == 19 {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+    });
+    let (got, reordered) = receiver.join().expect("receiver");
+    // Each packet crosses both sites' links: kept with probability 0.9 × 0.9.
+    let kept = f64::from(got) / f64::from(N);
+    eprintln!("kept {kept:.3} of {N} datagrams; {:?}", b.delayline_stats());
+    assert!(
+        (kept - 0.81).abs() < 0.04,
+        "kept {kept:.3}, want 0.81 ± 0.04"
+    );
+    assert_eq!(reordered, 0, "jitter reordered packets between two sites");
+}
+
+/// A release on 3 sites (the publisher's and two more) at 40 ms and 20 Mbit/s from the
+/// core: every node completes; times per site and WAN bytes per site are printed.
+#[test]
+fn three_sites_get_a_release_over_shaped_wan_links() {
+    let (nodes, size) = if full() { (6, 64 << 20) } else { (3, 8 << 20) };
+    let sites = ["hq", "north", "south"]
+        .map(|n| Site::new(n, nodes, 20.0, Duration::from_millis(40)))
+        .to_vec();
+    let Some(b) = Bed::new(sites, 3) else {
+        return;
+    };
+    let tmp = tempfile::tempdir().expect("tmp");
+    let op = Operator::new(&tmp.path().join("op"), false);
+    let trust = vec!["--trust".to_string(), op.trust_file.display().to_string()];
+    let nodes = b.start_nodes(tmp.path(), 0, &trust);
+    let file = tmp.path().join("model.bin");
+    std::fs::write(&file, test_bytes(size, 11)).expect("write");
+    bed::wait_meshed(&nodes, Duration::from_secs(60));
+    let watched: Vec<&Node> = nodes.iter().flatten().skip(1).collect();
+    let before: Vec<(u64, u64)> = (0..3).map(|i| b.wan_bytes(i)).collect();
+    let w = Watch::new(&watched, "bed.model", 1);
+    bed::publish(&op, &nodes[0][0], &file, "bed.model", 1, 1 << 20);
+    let times = w.wait(Duration::from_secs(if full() { 600 } else { 180 }));
+    let per_site = nodes[0].len() - 1;
+    for (i, site) in b.sites.iter().enumerate() {
+        let range = if i == 0 {
+            0..per_site
+        } else {
+            per_site + (i - 1) * nodes[i].len()..per_site + i * nodes[i].len()
+        };
+        let t = &times[range];
+        let (into, out) = b.wan_bytes(i);
+        eprintln!(
+            "site {}: t50 {:?} t90 {:?} t100 {:?}; WAN in {:.3}, out {:.3} of the artifact",
+            site.name,
+            bed::quantile(t, 0.5),
+            bed::quantile(t, 0.9),
+            bed::quantile(t, 1.0),
+            (into - before[i].0) as f64 / size as f64,
+            (out - before[i].1) as f64 / size as f64
+        );
+    }
+    for n in &watched {
+        eprintln!(
+            "  {}: from other sites {:.2}, same site {:.2} artifacts; duplicates {}",
+            n.dir.file_name().unwrap_or_default().display(),
+            bed::metric(n, "pollen_bytes_received_total{class=\"other\"}") / size as f64,
+            bed::metric(n, "pollen_bytes_received_total{class=\"same_site\"}") / size as f64,
+            bed::metric(n, "pollen_chunks_duplicate_total")
+        );
+    }
+    for (k, t) in times.iter().enumerate() {
+        if t.is_none() {
+            let s = bed::status(watched[k]);
+            panic!(
+                "node {k} never completed: peers (site, chunks from each) {:?}\nchannels {:?}\nlog tail:\n{}",
+                s.as_ref().map(|s| s
+                    .peers
+                    .iter()
+                    .map(|p| (p.site.clone(), p.chunks_from))
+                    .collect::<Vec<_>>()),
+                s.map(|s| s.channels),
+                watched[k]
+                    .log()
+                    .lines()
+                    .rev()
+                    .take(15)
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            );
+        }
+    }
+    // Measured on this bed: 1.9–3.5 artifacts into a 3-node site: every node fetches much
+    // of the file over the WAN itself, and the endgame (a request older than 2 s is asked
+    // again elsewhere) duplicates WAN chunks. The goal of about one copy is not met yet.
+    // The bound checked is what the protocol promises today: a node asks for a chunk at
+    // most twice, so takes at most two copies (plus 10% for headers and control).
+    for i in 1..3 {
+        let into = (b.wan_bytes(i).0 - before[i].0) as f64 / size as f64;
+        let bound = nodes[i].len() as f64 * 2.0 * 1.1;
+        assert!(
+            into <= bound,
+            "site {}: {into:.3} artifacts over its WAN link (bound {bound})",
+            b.sites[i].name
+        );
+    }
+}
