@@ -25,6 +25,12 @@ pub struct Config {
     pub request_timeout: Duration,
     /// In the endgame, a request older than this is duplicated to another peer.
     pub endgame_after: Duration,
+    /// The WAN share rule: on a site, each chunk no site peer holds is fetched over the WAN
+    /// by one member of the site (see `Exchange::wan_members`). It is lifted for a file
+    /// once the site has made no progress on it for this long (or twice the slowest WAN
+    /// chunk measured, if longer) while this node has nothing in flight for it. Zero
+    /// turns the rule off.
+    pub wan_share_grace: Duration,
     /// Anti-entropy period (one random peer per period).
     pub anti_entropy_interval: Duration,
     /// Rollout evaluation period while a rollout is in progress.
@@ -79,6 +85,7 @@ impl Default for Config {
             max_inflight_per_seed: 1,
             request_timeout: Duration::from_secs(30),
             endgame_after: Duration::from_secs(2),
+            wan_share_grace: Duration::from_secs(2),
             anti_entropy_interval: Duration::from_secs(20),
             rollout_tick: Duration::from_secs(1),
             report_sample_size: 256,

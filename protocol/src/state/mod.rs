@@ -232,6 +232,7 @@ impl<R: Rng> Mesh<R> {
     /// The exchange, and what it borrows from its siblings for one call.
     fn exchange_cx(&mut self) -> (&mut Exchange, Ctx<'_, R>) {
         let cx = Ctx {
+            me: self.id,
             peers: &mut self.peers,
             timers: &mut self.timers,
             config: &self.config,

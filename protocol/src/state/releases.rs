@@ -193,8 +193,11 @@ impl<R: Rng> Mesh<R> {
             &mut events,
         );
         let target = chan.target(&self.id);
+        let mut newly = Vec::new();
         for (cid, want) in chan.wanted_files(target, self.config.prefetch) {
-            self.exchange.want(&cid, want);
+            if self.exchange.want(&cid, want) {
+                newly.push(cid);
+            }
         }
         chan.switch_active(
             name,
@@ -205,6 +208,10 @@ impl<R: Rng> Mesh<R> {
         );
         for e in events {
             self.emit(e);
+        }
+        for cid in newly {
+            let (x, mut cx) = self.exchange_cx();
+            x.announce_interest(&mut cx, cid);
         }
     }
 }

@@ -66,6 +66,8 @@ fn tracked_file(chunks: u32) -> (ContentId, FileState) {
         wanted: true,
         pending: BTreeSet::new(),
         superseed: None,
+        site_held: (0, Instant::ZERO),
+        wan_open: false,
     };
     (cid, state)
 }
@@ -117,6 +119,7 @@ impl Bench {
     /// The exchange and its borrows, as the router hands them over.
     pub(super) fn cx(&mut self) -> (&mut Exchange, Ctx<'_, ChaCha8Rng>) {
         let cx = Ctx {
+            me: peer(0),
             peers: &mut self.peers,
             timers: &mut self.timers,
             config: &self.config,

@@ -54,6 +54,11 @@ pub(super) struct FileState {
     pub(super) pending: BTreeSet<u32>,
     /// Initial seeding of a file nobody else has (see [`SuperSeed`]).
     pub(super) superseed: Option<SuperSeed>,
+    /// What this site holds of the file (chunks here or announced by a site peer), as last
+    /// counted, and since when: the WAN share rule lifts when it stops growing.
+    pub(super) site_held: (u32, Instant),
+    /// The WAN share rule is lifted for this file (see `Exchange::wan_owned`).
+    pub(super) wan_open: bool,
 }
 
 impl FileState {
@@ -198,6 +203,8 @@ impl Default for Exchange {
 
 /// What one exchange call borrows from its siblings, and the queue its outputs go to.
 pub(super) struct Ctx<'a, R> {
+    /// This node.
+    pub(super) me: NodeId,
     /// The peer table (announced chunks, requests in flight per peer, sites).
     pub(super) peers: &'a mut PeerTable,
     /// Request deadlines and the store back-off.
@@ -273,6 +280,8 @@ impl Exchange {
                 wanted: false,
                 pending: BTreeSet::new(),
                 superseed: None,
+                site_held: (0, Instant::ZERO),
+                wan_open: false,
             };
             for h in self.haves.values_mut() {
                 if let Some(b) = h.get_mut(&cid) {
@@ -292,9 +301,41 @@ impl Exchange {
     }
 
     /// Mark `file` wanted if `want` (a file stays wanted once it is).
-    pub(super) fn want(&mut self, file: &ContentId, want: bool) {
+    /// Returns true when this made the file wanted (it was not).
+    pub(super) fn want(&mut self, file: &ContentId, want: bool) -> bool {
         if let Some(f) = self.files.get_mut(file) {
+            let was = f.wanted;
             f.wanted |= want;
+            return !was && f.wanted;
+        }
+        false
+    }
+
+    /// Tell the peers on this node's site that it wants `file` (its bitfield, maybe empty):
+    /// they count it among the site's members for the WAN share rule
+    /// ([`Exchange::wan_members`]) before it holds any chunk.
+    pub(super) fn announce_interest<R: Rng>(&mut self, cx: &mut Ctx<'_, R>, file: ContentId) {
+        let Some(f) = self.files.get(&file) else {
+            return;
+        };
+        if cx.config.site.is_none() || f.superseed.is_some() {
+            return;
+        }
+        let chunks = f.have.clone();
+        let peers: Vec<NodeId> = cx
+            .peers
+            .iter()
+            .filter(|(_, p)| cx.peers.on_site(p))
+            .map(|(id, _)| *id)
+            .collect();
+        for p in peers {
+            cx.send(
+                p,
+                Message::Have {
+                    file,
+                    chunks: chunks.clone(),
+                },
+            );
         }
     }
 
@@ -422,10 +463,17 @@ impl Exchange {
     }
 
     pub(super) fn announce_files_to<R: Rng>(&mut self, cx: &mut Ctx<'_, R>, peer: NodeId) {
+        // A peer on this site also hears the files this node wants and holds nothing of
+        // yet (the WAN share rule's members).
+        let same_site =
+            cx.config.site.is_some() && cx.peers.get(&peer).is_some_and(|p| cx.peers.on_site(p));
         let list: Vec<(ContentId, Bitfield)> = self
             .files
             .iter()
-            .filter(|(_, f)| f.have.count() > 0 && f.superseed.is_none())
+            .filter(|(_, f)| {
+                (f.have.count() > 0 || (same_site && f.wanted && !f.complete()))
+                    && f.superseed.is_none()
+            })
             .map(|(k, f)| (*k, f.have.clone()))
             .collect();
         for (file, chunks) in list {

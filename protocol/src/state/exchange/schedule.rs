@@ -4,7 +4,7 @@ use crate::ids::{ContentId, NodeId};
 use crate::state::exchange::Request;
 use crate::state::exchange::{Ctx, Exchange};
 use crate::state::timers::Timer;
-use crate::time::Now;
+use crate::time::{Instant, Now};
 use crate::wire::Message;
 use core::time::Duration;
 use rand_core::Rng;
@@ -45,18 +45,35 @@ impl Exchange {
             return;
         }
         let avail = f.avail.get(index as usize).copied().unwrap_or(0);
-        if bits.count() == f.total() && avail > f.seeds {
-            // A seed serves only chunks no other peer can (see pick_chunk).
-            return;
+        if bits.count() == f.total() {
+            // A seed serves only chunks no other peer we may ask can (see pick_chunk).
+            let others = if cx.peers.remote(p) {
+                avail > f.seeds
+            } else {
+                self.site_partial_holders(cx, &peer, &file)
+                    .get(index as usize / 8)
+                    .is_some_and(|b| b & (1 << (index % 8)) != 0)
+            };
+            if others {
+                return;
+            }
         }
-        // Across a WAN link: one at a time, and only what no peer on this site has.
-        if cx.peers.remote(p)
-            && (self.inflight(&peer) >= cx.config.max_inflight_per_seed
+        // Across a WAN link: one at a time, only what no peer on this site has, and only
+        // what this node fetches for the site.
+        if cx.peers.remote(p) {
+            if self.inflight(&peer) >= cx.config.max_inflight_per_seed
                 || cx.peers.iter().any(|(qid, q)| {
                     cx.peers.on_site(q) && self.announced(qid, &file).is_some_and(|b| b.get(index))
-                }))
-        {
-            return;
+                })
+            {
+                return;
+            }
+            let local = self.site_holds(cx, &file);
+            if let Some(members) = self.wan_members(cx, now.mono, &file, &local)
+                && wan_owner(&members, &file, index) != cx.me
+            {
+                return;
+            }
         }
         self.request(cx, now, peer, file, index);
     }
@@ -127,6 +144,17 @@ impl Exchange {
         file: &ContentId,
     ) -> Option<u32> {
         let p = cx.peers.get(peer)?;
+        let remote = cx.peers.remote(p);
+        // A peer on another site is behind a WAN link: ask it only for chunks no peer on
+        // this site has (those come over the LAN), one at a time, and of those only the
+        // ones this node fetches for its site.
+        let (local, members) = if remote {
+            let local = self.site_holds(cx, file);
+            let members = self.wan_members(cx, now.mono, file, &local);
+            (local, members)
+        } else {
+            (Vec::new(), None)
+        };
         let bits = self.announced(peer, file)?;
         let f = self.files.get(file)?;
         let n = f.total();
@@ -134,31 +162,21 @@ impl Exchange {
             return None;
         }
         let is_seed = bits.count() == n;
+        // A seed on this site serves only what no other peer on this site can: a partial
+        // holder across the WAN does not count, as chunks this site holds are not asked
+        // across the WAN (that would leave such a chunk with no source at all).
+        let site_partial = if is_seed && !remote {
+            self.site_partial_holders(cx, peer, file)
+        } else {
+            Vec::new()
+        };
         // Keep few requests queued at a seed: what it uploads twice is wasted on its uplink.
         if is_seed && self.inflight(peer) >= cx.config.max_inflight_per_seed {
             return None;
         }
-        // A peer on another site is behind a WAN link: ask it only for chunks no peer on
-        // this site has (those come over the LAN), one at a time.
-        let remote = cx.peers.remote(p);
         if remote && self.inflight(peer) >= cx.config.max_inflight_per_seed {
             return None;
         }
-        let local: Vec<u8> = if remote {
-            let mut u = vec![0u8; f.have.as_bytes().len()];
-            for (qid, q) in cx.peers.iter() {
-                if cx.peers.on_site(q)
-                    && let Some(b) = self.announced(qid, file)
-                {
-                    for (x, y) in u.iter_mut().zip(b.as_bytes()) {
-                        *x |= *y;
-                    }
-                }
-            }
-            u
-        } else {
-            Vec::new()
-        };
         // Chunk order from a random start; a byte (8 chunks) where the peer has nothing this
         // node lacks is skipped at once.
         let (pb, hb) = (bits.as_bytes(), f.have.as_bytes());
@@ -180,9 +198,20 @@ impl Exchange {
             if cand & (1 << (i % 8)) == 0 || f.inflight.contains_key(&i) || f.pending.contains(&i) {
                 continue;
             }
+            if let Some(m) = &members
+                && wan_owner(m, file, i) != cx.me
+            {
+                continue;
+            }
             let avail = f.avail[i as usize];
             // Seeds serve only chunks no non-seed peer can.
-            if is_seed && avail.saturating_sub(f.seeds) > 0 {
+            if is_seed
+                && if remote {
+                    avail.saturating_sub(f.seeds) > 0
+                } else {
+                    site_partial.get(b).is_some_and(|x| x & (1 << (i % 8)) != 0)
+                }
+            {
                 continue;
             }
             if best.is_none_or(|(a, _)| avail < a) {
@@ -206,7 +235,12 @@ impl Exchange {
         if any_free_missing {
             return None;
         }
-        // Endgame: every missing chunk is in flight; duplicate old requests.
+        // Endgame: every missing chunk is in flight; duplicate old requests (not over the
+        // WAN while the share rule holds: a WAN chunk takes long, and its copy would cross
+        // the site's link twice).
+        if members.is_some() {
+            return None;
+        }
         let mut pick = None;
         for (i, ids) in &f.inflight {
             if !bits.get(*i) || ids.len() >= 2 {
@@ -224,6 +258,114 @@ impl Exchange {
             }
         }
         pick
+    }
+
+    /// The chunks of `file` held by peers on this site (other than `except`) that do not
+    /// hold all of it, as bitfield bytes.
+    fn site_partial_holders<R>(
+        &self,
+        cx: &Ctx<'_, R>,
+        except: &NodeId,
+        file: &ContentId,
+    ) -> Vec<u8> {
+        let len = self.files.get(file).map_or(0, |f| f.have.as_bytes().len());
+        let mut u = vec![0u8; len];
+        for (qid, q) in cx.peers.iter() {
+            if qid != except
+                && cx.peers.on_site(q)
+                && let Some(b) = self.announced(qid, file)
+                && b.count() < b.len()
+            {
+                for (x, y) in u.iter_mut().zip(b.as_bytes()) {
+                    *x |= *y;
+                }
+            }
+        }
+        u
+    }
+
+    /// The chunks of `file` some usable peer on this site announced, as bitfield bytes.
+    fn site_holds<R>(&self, cx: &Ctx<'_, R>, file: &ContentId) -> Vec<u8> {
+        let len = self.files.get(file).map_or(0, |f| f.have.as_bytes().len());
+        let mut u = vec![0u8; len];
+        for (qid, q) in cx.peers.iter() {
+            if cx.peers.on_site(q)
+                && let Some(b) = self.announced(qid, file)
+            {
+                for (x, y) in u.iter_mut().zip(b.as_bytes()) {
+                    *x |= *y;
+                }
+            }
+        }
+        u
+    }
+
+    /// The WAN share rule, for sites without a gateway: of the chunks of `file` no peer on
+    /// this site holds, each is fetched over the WAN by one member of the site only, and
+    /// reaches the others over the LAN. Members are this node and the site peers that
+    /// announced the file; a chunk's fetcher is the member with the highest rendezvous
+    /// score for it ([`wan_owner`]), so nodes that see different members still agree on
+    /// the chunks of the members they share. Returns the members, or None when the rule
+    /// does not apply: no site, `wan_share_grace` zero, or lifted for this file.
+    ///
+    /// A fetcher may never come (it cannot reach the WAN, it left, or views differ): the
+    /// rule is lifted for the file once what the site holds of it (`local` with this
+    /// node's own chunks) has not grown for the grace, while this node has no request in
+    /// flight for it. Lifted, it stays so until the file completes.
+    pub(in crate::state) fn wan_members<R>(
+        &mut self,
+        cx: &Ctx<'_, R>,
+        now: Instant,
+        file: &ContentId,
+        local: &[u8],
+    ) -> Option<Vec<NodeId>> {
+        if cx.config.site.is_none() || cx.config.wan_share_grace.is_zero() {
+            return None;
+        }
+        let chunk_kib = self
+            .files
+            .get(file)
+            .map_or(0, |f| u64::from(f.spec().chunk_size.get()).div_ceil(1024));
+        // Twice the slowest chunk a WAN peer has been measured to take.
+        let slowest = cx
+            .peers
+            .iter()
+            .filter(|(_, p)| cx.peers.remote(p))
+            .filter_map(|(id, _)| self.served.get(id))
+            .map(|s| s.nanos_per_kib.saturating_mul(chunk_kib))
+            .max()
+            .unwrap_or(0);
+        let grace = cx
+            .config
+            .wan_share_grace
+            .max(Duration::from_nanos(slowest.saturating_mul(2)));
+        let f = self.files.get_mut(file)?;
+        if f.wan_open {
+            return None;
+        }
+        let held: u32 = f
+            .have
+            .as_bytes()
+            .iter()
+            .zip(local.iter().chain(core::iter::repeat(&0)))
+            .map(|(a, b)| (a | b).count_ones())
+            .sum();
+        if held != f.site_held.0 || f.site_held.1 == Instant::ZERO {
+            f.site_held = (held, now);
+        } else if f.inflight.is_empty()
+            && f.pending.is_empty()
+            && now.saturating_duration_since(f.site_held.1) >= grace
+        {
+            f.wan_open = true;
+            return None;
+        }
+        let mut members = vec![cx.me];
+        for (qid, q) in cx.peers.iter() {
+            if cx.peers.on_site(q) && self.announced(qid, file).is_some() {
+                members.push(*qid);
+            }
+        }
+        Some(members)
     }
 
     pub(in crate::state) fn request<R: Rng>(
@@ -257,6 +399,30 @@ impl Exchange {
         }
         cx.send(peer, Message::Request { id, file, index });
     }
+}
+
+/// The member of `members` that fetches chunk `index` of `file` over the WAN for its site:
+/// the highest rendezvous score (a hash of member, file and chunk), ties to the lower id.
+pub(in crate::state) fn wan_owner(members: &[NodeId], file: &ContentId, index: u32) -> NodeId {
+    let f = u64::from_le_bytes(file.0[..8].try_into().unwrap_or_default());
+    let salt = f.rotate_left(29) ^ u64::from(index).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    let mut best = (0u64, members[0]);
+    for m in members {
+        let k = u64::from_le_bytes(m.0[..8].try_into().unwrap_or_default());
+        let s = splitmix(k ^ salt);
+        if s > best.0 || (s == best.0 && *m < best.1) {
+            best = (s, *m);
+        }
+    }
+    best.1
+}
+
+/// SplitMix64's finaliser: a fixed, well-mixed 64-bit hash.
+fn splitmix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
 }
 
 #[cfg(test)]
@@ -330,6 +496,67 @@ mod tests {
         // The same rule for a single announced chunk.
         m.schedule_one(at(0), peer(2), f, 5);
         assert!(requests(&mut m).iter().all(|r| r.1 == 4));
+    }
+
+    #[test]
+    fn wan_owner_gives_each_chunk_one_member_and_keeps_it_when_others_leave() {
+        use super::wan_owner;
+        let (_, f) = bench(1, None);
+        let members = [peer(0), peer(1), peer(2)];
+        let mut owned = [0u32; 3];
+        for i in 0..300 {
+            let o = wan_owner(&members, &f, i);
+            let k = members.iter().position(|m| *m == o).expect("a member");
+            owned[k] += 1;
+            // Rendezvous: a member that does not own the chunk leaving changes nothing, and
+            // the order members are listed in does not matter.
+            let gone = members[(k + 1) % 3];
+            let rest: Vec<_> = members.iter().copied().filter(|m| *m != gone).collect();
+            assert_eq!(wan_owner(&rest, &f, i), o);
+            let rev: Vec<_> = members.iter().rev().copied().collect();
+            assert_eq!(wan_owner(&rev, &f, i), o);
+        }
+        for n in owned {
+            assert!((60..=140).contains(&n), "shares {owned:?} of 300 chunks");
+        }
+    }
+
+    #[test]
+    fn a_site_fetches_each_chunk_over_the_wan_once_until_it_stalls() {
+        use super::wan_owner;
+        let (mut m, f) = bench(32, Some("lan"));
+        // Peer 1 is on this site and wants the file (it announced an empty bitfield);
+        // peers 2 and 3 across the WAN hold all of it.
+        add_peer(&mut m, 1, Some("lan"), f, &[]);
+        let all: Vec<u32> = (0..32).collect();
+        add_peer(&mut m, 2, Some("far"), f, &all);
+        add_peer(&mut m, 3, Some("far"), f, &all);
+        let members = [peer(0), peer(1)];
+        let mine: Vec<u32> = all
+            .iter()
+            .copied()
+            .filter(|c| wan_owner(&members, &f, *c) == peer(0))
+            .collect();
+        assert!(!mine.is_empty() && mine.len() < 32, "{mine:?}");
+        // Only this node's chunks are asked across the WAN, while the site progresses.
+        for t in 0..mine.len() as u64 {
+            let now = at(1 + t * 500);
+            let c = m.pick_chunk(now, &peer(2), &f).expect("a chunk of mine");
+            assert!(mine.contains(&c), "asked the WAN for {c}, peer 1's");
+            m.request(now, peer(2), f, c);
+            let (x, mut cx) = m.cx();
+            x.on_chunk_stored(&mut cx, now.mono, Some(peer(2)), f, c);
+            let _ = requests(&mut m);
+        }
+        // Every chunk of mine is here; peer 1 never brings its own: the site stalls.
+        let grace = m.config.wan_share_grace.as_millis() as u64;
+        let t = 1 + mine.len() as u64 * 500;
+        assert_eq!(m.pick_chunk(at(t), &peer(2), &f), None);
+        assert_eq!(m.pick_chunk(at(t + grace - 1), &peer(2), &f), None);
+        // Past the grace with nothing in flight, the rule is lifted for this file.
+        let c = m.pick_chunk(at(t + grace), &peer(2), &f).expect("lifted");
+        assert!(!mine.contains(&c));
+        assert!(m.exchange.files_mut()[&f].wan_open);
     }
 
     #[test]

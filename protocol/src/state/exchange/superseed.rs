@@ -75,7 +75,9 @@ impl Exchange {
         }
     }
 
-    /// Reveal every super-seeded file without a first upload for [`SUPERSEED_STALL`].
+    /// Reveal every super-seeded file without a first upload for [`SUPERSEED_STALL`], or
+    /// whose every chunk some peer already holds (it left this node once, or reached that
+    /// peer another way: peers also fetch from each other across sites).
     pub(in crate::state) fn reveal_stalled<R: Rng>(&mut self, cx: &mut Ctx<'_, R>, now: Now) {
         let stalled: Vec<ContentId> = self
             .files
@@ -83,6 +85,7 @@ impl Exchange {
             .filter(|(_, f)| {
                 f.superseed.as_ref().is_some_and(|s| {
                     now.mono.saturating_duration_since(s.progress) >= SUPERSEED_STALL
+                        || f.avail.iter().all(|a| *a > 0)
                 })
             })
             .map(|(k, _)| *k)
@@ -93,13 +96,25 @@ impl Exchange {
     }
 
     /// Super-seeding: show `peer` the next share of the chunks not uploaded yet (an equal
-    /// part for each current peer).
+    /// part for each current peer). In a mesh of several sites every peer is shown the
+    /// whole file instead: each site fetches a chunk over the WAN once by the WAN share
+    /// rule (see `Exchange::wan_members`), which needs every member of a site to see the
+    /// same chunks here (a share is seen by one peer only), and this node's own site
+    /// counts it as a member that will fetch its part, which a seed never does. The seed
+    /// rule (a seed is asked only for what no other peer has, one chunk at a time) still
+    /// spares its uplink.
     pub(in crate::state) fn announce_share<R: Rng>(
         &mut self,
         cx: &mut Ctx<'_, R>,
         peer: NodeId,
         file: ContentId,
     ) {
+        let sites = cx.config.site.is_some() && cx.peers.iter().any(|(_, p)| cx.peers.remote(p));
+        if sites && let Some(f) = self.files.get(&file) {
+            let chunks = f.have.clone();
+            cx.send(peer, Message::Have { file, chunks });
+            return;
+        }
         let npeers = cx.peers.len().max(1) as u32;
         let Some(f) = self.files.get_mut(&file) else {
             return;
@@ -142,6 +157,34 @@ mod tests {
     use crate::io::Output;
     use crate::state::testkit::{add_peer, at, bench, peer};
     use crate::wire::Message;
+
+    #[test]
+    fn in_a_mesh_of_sites_every_peer_sees_the_whole_file() {
+        let (mut m, f) = bench(10, Some("hq"));
+        add_peer(&mut m, 1, Some("hq"), f, &[]);
+        add_peer(&mut m, 2, Some("edge"), f, &[]);
+        let fs = m.exchange.files_mut().get_mut(&f).unwrap();
+        for i in 0..10 {
+            fs.have.set(i);
+        }
+        fs.superseed = Some(SuperSeed {
+            served: Bitfield::new(10),
+            cursor: 0,
+            progress: at(0).mono,
+        });
+        m.announce_share(peer(1), f);
+        m.announce_share(peer(2), f);
+        let shown: Vec<u32> = core::iter::from_fn(|| m.poll_output())
+            .filter_map(|o| match o {
+                Output::Send {
+                    msg: Message::Have { chunks, .. },
+                    ..
+                } => Some(chunks.count()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(shown, [10, 10]);
+    }
 
     #[test]
     fn shares_split_the_unserved_chunks_between_peers() {
