@@ -239,6 +239,19 @@ impl Actor {
         result: Result<Arc<LoadedModel>, (ErrorClass, String)>,
     ) {
         self.activating.remove(&manifest);
+        // Two activations of a channel can overlap (a restart restores the release it
+        // served while a newer one arrives): the one that finishes last must not displace
+        // the release the core has moved on to since.
+        let now_active = self.mesh.active(&channel);
+        if result.is_ok()
+            && let Some((v, id)) = now_active
+            && id != manifest
+        {
+            tracing::info!(
+                "{channel} version {version} passed its checks, but version {v} serves now: not swapped in"
+            );
+            return;
+        }
         match result {
             Ok(model) => {
                 tracing::info!("{channel} version {version} passed its checks and serves");
