@@ -101,6 +101,25 @@ pub fn summarize(sim: &Sim) -> Summary {
                 f.insert(format!("v{v}.complete.{name}"), t);
             }
         }
+        // Per site (for comparison with the test bed): completion times of the site's
+        // honest receivers. Not in the table (see `headline`).
+        for (si, site) in sites.iter().enumerate() {
+            let members: Vec<usize> = receivers
+                .iter()
+                .copied()
+                .filter(|&k| facts[k].site as usize == si)
+                .collect();
+            let times: Vec<u64> = members
+                .iter()
+                .filter(|&&k| r.complete[k] != NEVER)
+                .map(|&k| r.complete[k] - r.published)
+                .collect();
+            for (q, name) in [(0.5, "p50"), (0.9, "p90"), (1.0, "p100")] {
+                if let Some(t) = pct_time(times.clone(), members.len(), q) {
+                    f.insert(format!("sites.{}.v{v}.{name}", site.name), t);
+                }
+            }
+        }
         let nn = receivers.len() as f64;
         let u_s = facts[p].up_bps;
         let d_min = receivers
@@ -222,6 +241,9 @@ pub fn summarize(sim: &Sim) -> Summary {
                 hops.iter().copied().fold(0.0, f64::max),
             );
         }
+    }
+    for s in &sites {
+        f.insert(format!("sites.{}.wan_in_bytes", s.name), s.wan_in as f64);
     }
     // WAN bytes per site over the artifact bytes published.
     if sites.len() > 1 && total_bytes > 0 {
