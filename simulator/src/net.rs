@@ -275,6 +275,66 @@ mod tests {
             .collect()
     }
 
+    /// Conservation: flows of 1 MB arriving every 0.3 s on a 1 MB/s link, each also on its
+    /// own wide downlink, run by a small event loop (completions in time order, stale
+    /// versions skipped, as the engine does): the link never delivers more than its
+    /// capacity, whatever the arrivals. Pins the model against moving bytes faster than a
+    /// link can.
+    #[test]
+    fn a_link_never_carries_more_than_its_capacity() {
+        let mut net = Net::default();
+        let link = net.add_resource(1e6);
+        let downs = [0.6e6, 0.6e6, 0.6e6].map(|c| net.add_resource(c));
+        let mut heap = std::collections::BinaryHeap::new();
+        let mut ver = std::collections::BTreeMap::new();
+        let mut delivered = 0.0f64;
+        let mut next_arrival = 0u64;
+        let mut started = 0;
+        let push = |heap: &mut std::collections::BinaryHeap<_>,
+                    ver: &mut std::collections::BTreeMap<FlowId, u32>,
+                    out: Vec<Reschedule>| {
+            for (id, v, at) in out {
+                ver.insert(id, v);
+                heap.push(std::cmp::Reverse((at, id, v)));
+            }
+        };
+        loop {
+            let next_done = heap.peek().map(|std::cmp::Reverse((at, _, _))| *at);
+            let arrival = (started < 40).then_some(next_arrival);
+            let now = match (next_done, arrival) {
+                (Some(d), Some(a)) if a < d => a,
+                (Some(d), _) => d,
+                (None, Some(a)) => a,
+                (None, None) => break,
+            };
+            if arrival == Some(now) && next_done.is_none_or(|d| now < d) {
+                let mut out = Vec::new();
+                // Three receivers whose own downlinks (0.6 MB/s) bind some flows below
+                // their share of the link.
+                net.start(now, flow(&[link, downs[started % 3]]), &mut out);
+                push(&mut heap, &mut ver, out);
+                started += 1;
+                next_arrival += 100_000;
+                continue;
+            }
+            let std::cmp::Reverse((at, id, v)) = heap.pop().expect("peeked");
+            if ver.get(&id) != Some(&v) {
+                continue;
+            }
+            let mut out = Vec::new();
+            let f = net.finish(at, id, &mut out).expect("in flight");
+            delivered += f.total;
+            ver.remove(&id);
+            push(&mut heap, &mut ver, out);
+            // Bytes delivered by `at` fit in the link's capacity since the first arrival.
+            assert!(
+                delivered <= at as f64 * 1.0 + 1.0,
+                "{delivered} bytes delivered by {at} µs on a 1 MB/s link"
+            );
+        }
+        assert_eq!(delivered, 40e6);
+    }
+
     /// One seed serving N receivers that do not share among themselves is the
     /// client-server case: the seed's uplink C splits N ways and every copy of F bytes
     /// ends at N·F/C, whatever the receivers' downlinks (here 10x the uplink).
