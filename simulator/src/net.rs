@@ -73,6 +73,11 @@ pub struct Net {
     free: Vec<FlowId>,
     stamp: Vec<u32>,
     epoch: u32,
+    /// The last version each flow slot used: a slot's next flow continues from it, so a
+    /// stale completion of the flow that held the slot before can never match the new
+    /// one (it did: a reused slot restarted at version 1, an old event at version 1 then
+    /// ended the new flow early, moving its bytes faster than any link allows).
+    last_ver: Vec<u32>,
 }
 
 /// A completion to (re)schedule: flow, version, time.
@@ -108,14 +113,18 @@ impl Net {
     pub fn start(&mut self, now: u64, mut flow: Flow, out: &mut Vec<Reschedule>) -> FlowId {
         flow.last = now;
         flow.done = 0.0;
+        flow.rate = 0.0;
         let id = match self.free.pop() {
             Some(id) => id,
             None => {
                 self.flows.push(None);
                 self.stamp.push(0);
+                self.last_ver.push(0);
                 (self.flows.len() - 1) as FlowId
             }
         };
+        let base = self.last_ver[id as usize];
+        flow.ver = base;
         for &r in &flow.res[..flow.nres as usize] {
             self.res[r as usize].flows.push(id);
         }
@@ -125,12 +134,12 @@ impl Net {
         self.update_around(now, &res[..n as usize], out);
         // The new flow itself always gets a rate (its resources may have skipped).
         let f = self.flows[id as usize].as_ref().expect("present");
-        if f.ver == 0 {
+        if f.ver == base {
             let rate = self.rate_of(f);
             let f = self.flows[id as usize].as_mut().expect("present");
             f.rate = rate;
-            f.ver = 1;
-            out.push((id, 1, now + (f.total / rate).ceil() as u64 + f.latency));
+            f.ver = base.wrapping_add(1);
+            out.push((id, f.ver, now + (f.total / rate).ceil() as u64 + f.latency));
         }
         id
     }
@@ -146,6 +155,7 @@ impl Net {
                 v.swap_remove(p);
             }
         }
+        self.last_ver[id as usize] = flow.ver;
         self.free.push(id);
         self.update_around(now, &flow.res[..flow.nres as usize], out);
         Some(flow)
@@ -175,7 +185,8 @@ impl Net {
                 let f = self.flows[id as usize].as_mut().expect("present");
                 f.done = (f.done + f.rate * (now - f.last) as f64).min(f.total);
                 f.last = now;
-                if rate == f.rate && f.ver > 0 {
+                // A new flow has rate 0 until it gets its first one here.
+                if rate == f.rate {
                     continue;
                 }
                 f.rate = rate;
@@ -333,6 +344,29 @@ mod tests {
             );
         }
         assert_eq!(delivered, 40e6);
+    }
+
+    /// A flow slot reused by a new flow never hands it a version the old flow's events
+    /// carried: a stale completion of the old flow cannot end the new one.
+    #[test]
+    fn a_reused_flow_slot_never_repeats_a_version() {
+        let mut net = Net::default();
+        let link = net.add_resource(1e6);
+        let mut out = Vec::new();
+        let a = net.start(0, flow(&[link]), &mut out);
+        // A second flow halves the first one's rate: the first gets a new version.
+        let b = net.start(0, flow(&[link]), &mut out);
+        net.finish(2_000_000, b, &mut out);
+        net.finish(2_000_000, a, &mut out);
+        let old: Vec<u32> = out.iter().filter(|r| r.0 == a).map(|r| r.1).collect();
+        assert!(old.len() >= 2, "{out:?}");
+        let mut out2 = Vec::new();
+        let c = net.start(3_000_000, flow(&[link]), &mut out2);
+        assert!(c == a || c == b);
+        let was: Vec<u32> = out.iter().filter(|r| r.0 == c).map(|r| r.1).collect();
+        for (_, v, _) in out2.iter().filter(|r| r.0 == c) {
+            assert!(!was.contains(v), "version {v} of slot {c} reused: {was:?}");
+        }
     }
 
     /// One seed serving N receivers that do not share among themselves is the
