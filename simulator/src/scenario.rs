@@ -96,6 +96,17 @@ fn one_usize() -> usize {
     1
 }
 
+impl SiteSpec {
+    /// The name of copy `c` of this site: `name-c` when `count` > 1, else `name`.
+    pub fn instance_name(&self, c: usize) -> String {
+        if self.count > 1 {
+            format!("{}-{c}", self.name)
+        } else {
+            self.name.clone()
+        }
+    }
+}
+
 /// Peer selection: random peers on the node's own site and on others.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -153,6 +153,11 @@ fn sweep_stale() {
     }
 }
 
+/// Give `dev` in namespace `ns` the address `cidr`.
+fn addr(ns: &str, cidr: &str, dev: &str) {
+    must(&["ip", "-n", ns, "addr", "add", cidr, "dev", dev]);
+}
+
 /// tbf on `dev` in `ns` at `rate` bytes/s: a burst of 5 ms of the rate (at least two
 /// full frames) and a queue of at most 50 ms of it.
 fn shape(ns: &str, dev: &str, rate: f64) {
@@ -273,27 +278,9 @@ impl Bed {
             "ip", "-n", &sn, "link", "add", "name", "wan", "type", "veth", "peer", "name", &rdev,
             "netns", &r,
         ]);
-        must(&[
-            "ip",
-            "-n",
-            &sn,
-            "addr",
-            "add",
-            &format!("10.78.{i}.2/30"),
-            "dev",
-            "wan",
-        ]);
+        addr(&sn, &format!("10.78.{i}.2/30"), "wan");
         must(&["ip", "-n", &sn, "link", "set", "wan", "up"]);
-        must(&[
-            "ip",
-            "-n",
-            &r,
-            "addr",
-            "add",
-            &format!("10.78.{i}.1/30"),
-            "dev",
-            &rdev,
-        ]);
+        addr(&r, &format!("10.78.{i}.1/30"), &rdev);
         must(&["ip", "-n", &r, "link", "set", &rdev, "up"]);
         shape(&sn, "wan", s.wan_up);
         shape(&r, &rdev, s.wan_down);
@@ -322,16 +309,7 @@ impl Bed {
             "net.ipv4.ip_forward=1",
         ]);
         must(&["ip", "-n", &sn, "link", "add", "br0", "type", "bridge"]);
-        must(&[
-            "ip",
-            "-n",
-            &sn,
-            "addr",
-            "add",
-            &format!("10.77.{i}.1/24"),
-            "dev",
-            "br0",
-        ]);
+        addr(&sn, &format!("10.77.{i}.1/24"), "br0");
         must(&["ip", "-n", &sn, "link", "set", "br0", "up"]);
         must(&[
             "ip",
@@ -370,16 +348,7 @@ impl Bed {
             ]);
             must(&["ip", "-n", &sn, "link", "set", &port, "master", "br0"]);
             must(&["ip", "-n", &sn, "link", "set", &port, "up"]);
-            must(&[
-                "ip",
-                "-n",
-                &nn,
-                "addr",
-                "add",
-                &format!("{}/24", self.node_ip(i, j)),
-                "dev",
-                "eth0",
-            ]);
+            addr(&nn, &format!("{}/24", self.node_ip(i, j)), "eth0");
             must(&["ip", "-n", &nn, "link", "set", "eth0", "up"]);
             must(&[
                 "ip",

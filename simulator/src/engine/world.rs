@@ -190,11 +190,7 @@ fn sites_and_nodes(
     let interned: Arc<std::sync::Mutex<BTreeMap<ManifestId, Arc<Manifest>>>> = Arc::default();
     for spec in &sc.sites {
         for c in 0..spec.count {
-            let name = if spec.count > 1 {
-                format!("{}-{c}", spec.name)
-            } else {
-                spec.name.clone()
-            };
+            let name = spec.instance_name(c);
             let site = sites.len() as u32;
             let first = nodes.len() as u32;
             for _ in 0..spec.nodes {

@@ -110,13 +110,8 @@ fn bed_sites(sc: &Scenario) -> Vec<Site> {
     let mut out = Vec::new();
     for s in &sc.sites {
         for i in 0..s.count {
-            let name = if s.count > 1 {
-                format!("{}-{i}", s.name)
-            } else {
-                s.name.clone()
-            };
             out.push(Site {
-                name,
+                name: s.instance_name(i),
                 nodes: s.nodes,
                 wan_latency: Duration::from_micros(s.wan_latency.0),
                 wan_jitter: Duration::ZERO,
