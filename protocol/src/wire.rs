@@ -322,7 +322,12 @@ pub fn decode_frame(frame: &[u8]) -> Result<Frame<'_>, WireError> {
             return Ok(Frame::Chunk(header, data));
         }
         K_MANIFEST => Message::Manifest(payload(kind, rest)?),
-        K_PRUNE => Message::Prune,
+        // No payload: bytes after the kind are as non-canonical as trailing bytes after
+        // any other payload.
+        K_PRUNE => {
+            payload::<()>(kind, rest)?;
+            Message::Prune
+        }
         K_TRUST => Message::TrustRoot(payload(kind, rest)?),
         K_REPORTS => Message::Reports(bounded(payload(kind, rest)?)?),
         K_INSTRUCTION => Message::Instruction(payload(kind, rest)?),
@@ -498,6 +503,14 @@ mod tests {
         assert!(decode_frame(&enc).is_err());
         // A non-minimal varint is non-canonical.
         assert!(decode_frame(&[K_CANCEL, 0x83, 0x00]).is_err());
+        // Prune has no payload: any byte after the kind is refused (found by the
+        // wire_decode fuzz target: it decoded, and re-encoded to the kind alone).
+        assert_eq!(
+            decode_frame(&[K_PRUNE]).unwrap(),
+            Frame::Control(Message::Prune)
+        );
+        assert!(decode_frame(&[K_PRUNE, K_PRUNE]).is_err());
+        assert!(decode_frame(&[K_PRUNE, 3, 0, 0xac]).is_err());
         // Bitfield claiming more bits than bytes.
         let bad = body(K_HAVE, &(ContentId([0; 32]), (100u32, vec![0u8; 2])));
         assert!(decode_frame(&bad).is_err());

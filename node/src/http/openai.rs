@@ -26,9 +26,10 @@
 #![allow(clippy::result_large_err)]
 
 use crate::handle::AppState;
+use crate::serving::lm;
 use crate::serving::lm::chat::Message;
+use crate::serving::lm::config::GenerationConfig;
 use crate::serving::lm::generate::{self, Done, Finish, Job, Sampling};
-use crate::serving::lm::{self, LmModel};
 use crate::serving::{LoadedModel, Outcome, ServeError};
 use axum::Router;
 use axum::body::{Body, Bytes};
@@ -237,8 +238,14 @@ enum PromptIn {
     Tokens(Vec<u32>),
 }
 
-/// The prompt of a request.
-fn prompt_of(lm: &LmModel, p: &mut Params, kind: Kind) -> Result<PromptIn, Response> {
+/// The prompt of a request: `render` is the model's chat template
+/// ([`lm::LmModel::render_chat`]), `vocab` its vocabulary size.
+fn prompt_of(
+    render: impl FnOnce(&[Message]) -> Result<String, String>,
+    vocab: usize,
+    p: &mut Params,
+    kind: Kind,
+) -> Result<PromptIn, Response> {
     match kind {
         Kind::Chat => {
             let Some(messages) = p.messages.take() else {
@@ -275,7 +282,7 @@ fn prompt_of(lm: &LmModel, p: &mut Params, kind: Kind) -> Result<PromptIn, Respo
                     })
                 })
                 .collect::<Result<_, _>>()?;
-            lm.render_chat(&messages)
+            render(&messages)
                 .map(PromptIn::Text)
                 .map_err(|e| bad_request(Some("messages"), e))
         }
@@ -285,10 +292,10 @@ fn prompt_of(lm: &LmModel, p: &mut Params, kind: Kind) -> Result<PromptIn, Respo
             Some(Prompt::Tokens(ids)) if ids.is_empty() => {
                 Err(bad_request(Some("prompt"), "the prompt has no tokens"))
             }
-            Some(Prompt::Tokens(ids)) => match ids.iter().find(|t| **t as usize >= lm.vocab) {
+            Some(Prompt::Tokens(ids)) => match ids.iter().find(|t| **t as usize >= vocab) {
                 Some(t) => Err(bad_request(
                     Some("prompt"),
-                    format!("token {t} is not in the vocabulary of {} tokens", lm.vocab),
+                    format!("token {t} is not in the vocabulary of {vocab} tokens"),
                 )),
                 None => Ok(PromptIn::Tokens(ids)),
             },
@@ -301,9 +308,9 @@ fn prompt_of(lm: &LmModel, p: &mut Params, kind: Kind) -> Result<PromptIn, Respo
     }
 }
 
-/// The generation a request asks for, checked against the model.
-fn job_of(lm: &LmModel, p: &Params, prompt: Vec<u32>) -> Result<Job, Response> {
-    let context = lm.config.context_length;
+/// The generation a request asks for, checked against the model's generation config.
+fn job_of(config: &GenerationConfig, p: &Params, prompt: Vec<u32>) -> Result<Job, Response> {
+    let context = config.context_length;
     if p.n.is_some_and(|n| n != 1) {
         return Err(bad_request(Some("n"), "only n = 1 is supported"));
     }
@@ -337,22 +344,22 @@ fn job_of(lm: &LmModel, p: &Params, prompt: Vec<u32>) -> Result<Job, Response> {
                 format!(
                     "This model's maximum context length is {context} tokens; you requested \
                      {} tokens ({} in the prompt, {n} to generate).",
-                    prompt.len() as u64 + n,
+                    (prompt.len() as u64).saturating_add(n),
                     prompt.len()
                 ),
             ));
         }
         Some(n) => n as usize,
-        None => lm.config.defaults.max_tokens.min(room),
+        None => config.defaults.max_tokens.min(room),
     };
-    let temperature = p.temperature.unwrap_or(lm.config.defaults.temperature);
+    let temperature = p.temperature.unwrap_or(config.defaults.temperature);
     if !(temperature.is_finite() && (0.0..=2.0).contains(&temperature)) {
         return Err(bad_request(
             Some("temperature"),
             "temperature is from 0 to 2",
         ));
     }
-    let top_p = p.top_p.unwrap_or(lm.config.defaults.top_p);
+    let top_p = p.top_p.unwrap_or(config.defaults.top_p);
     if !(top_p > 0.0 && top_p <= 1.0) {
         return Err(bad_request(Some("top_p"), "top_p is above 0 and at most 1"));
     }
@@ -456,7 +463,7 @@ async fn complete(h: AppState, headers: HeaderMap, body: Body, kind: Kind) -> Re
             ),
         );
     };
-    let ids = match prompt_of(lm, &mut p, kind) {
+    let ids = match prompt_of(|m| lm.render_chat(m), lm.vocab, &mut p, kind) {
         Ok(PromptIn::Tokens(ids)) => ids,
         Ok(PromptIn::Text(text)) => match lm.encode(&text) {
             Ok(ids) => ids,
@@ -464,7 +471,7 @@ async fn complete(h: AppState, headers: HeaderMap, body: Body, kind: Kind) -> Re
         },
         Err(r) => return r,
     };
-    let job = match job_of(lm, &p, ids) {
+    let job = match job_of(&lm.config, &p, ids) {
         Ok(j) => j,
         Err(r) => {
             model.health.record(Duration::ZERO, Outcome::BadInput);
@@ -726,4 +733,69 @@ fn now_secs() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
+}
+
+/// The request decoding and checks of both endpoints without a loaded model, for the fuzz
+/// targets in `fuzz/` (not an API: it may change with the handlers).
+#[doc(hidden)]
+pub mod fuzzing {
+    use super::*;
+    use crate::serving::lm::chat::ChatTemplate;
+
+    /// Decode `body` as `POST /v1/chat/completions` (`chat`) or `/v1/completions` and
+    /// check it as the handler does, for a model with `config`, chat `template` and `vocab`
+    /// tokens; text prompts stand for one token per byte (no tokenizer here). Returns the
+    /// job with the `stream` and `stream_options.include_usage` flags, or the status of the
+    /// error response.
+    pub fn decode(
+        body: &[u8],
+        chat: bool,
+        config: &GenerationConfig,
+        template: Option<&ChatTemplate>,
+        vocab: usize,
+    ) -> Result<(Job, bool, bool), StatusCode> {
+        let kind = if chat { Kind::Chat } else { Kind::Completion };
+        let mut p: Params = serde_json::from_slice(body).map_err(|_| StatusCode::BAD_REQUEST)?;
+        let render = |m: &[Message]| match template {
+            Some(t) => t.render(
+                m,
+                config.bos_token.as_deref().unwrap_or(""),
+                config.eos_tokens.first().map_or("", String::as_str),
+            ),
+            None => Err("no chat template".to_string()),
+        };
+        let ids = match prompt_of(render, vocab, &mut p, kind).map_err(|r| r.status())? {
+            PromptIn::Tokens(ids) => ids,
+            PromptIn::Text(t) => t.bytes().map(u32::from).collect(),
+        };
+        let job = job_of(config, &p, ids).map_err(|r| r.status())?;
+        let usage = p.stream_options.as_ref().is_some_and(|o| o.include_usage);
+        Ok((job, p.stream.unwrap_or(false), usage))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `max_tokens` past the context is a 400 whatever its size: at `u64::MAX` the
+    /// message's total overflowed (a panic with overflow checks on).
+    #[test]
+    fn max_tokens_past_the_context_is_refused() {
+        let config = GenerationConfig::parse(
+            br#"{"format": 1, "context_length": 16, "eos_tokens": ["</s>"]}"#,
+        )
+        .expect("config");
+        for n in [15, 17, u64::MAX] {
+            let body = format!(r#"{{"model": "m", "prompt": [1, 2], "max_tokens": {n}}}"#);
+            let got = fuzzing::decode(body.as_bytes(), false, &config, None, 100);
+            assert_eq!(got.unwrap_err(), StatusCode::BAD_REQUEST, "max_tokens {n}");
+        }
+        let body = br#"{"model": "m", "prompt": [1, 2], "max_tokens": 14}"#;
+        let (job, stream, _) = fuzzing::decode(body, false, &config, None, 100).expect("fits");
+        assert_eq!(
+            (job.prompt, job.max_tokens, stream),
+            (vec![1, 2], 14, false)
+        );
+    }
 }

@@ -665,8 +665,10 @@ fn dequantized(node: &Node, inits: &BTreeMap<String, &[u8]>, name: &str) -> Opti
             i32::from(b)
         }
     };
-    // Per tensor (one scale), or one scale per index along `axis`.
-    let (period, inner) = if scale.len() == 1 && s_dims.iter().product::<u64>() == 1 {
+    // Per tensor (one scale), or one scale per index along `axis`. Products of dims are
+    // checked: with a zero dimension `x` is empty whatever the others claim.
+    let product = |d: &[u64]| d.iter().try_fold(1u64, |a, d| a.checked_mul(*d));
+    let (period, inner) = if scale.len() == 1 && product(&s_dims) == Some(1) {
         (1, 1)
     } else {
         let rank = dims.len() as i64;
@@ -679,7 +681,7 @@ fn dequantized(node: &Node, inits: &BTreeMap<String, &[u8]>, name: &str) -> Opti
         if axis >= dims.len() || dims[axis] as usize != scale.len() {
             return None;
         }
-        let inner = dims[axis + 1..].iter().product::<u64>() as usize;
+        let inner = usize::try_from(product(&dims[axis + 1..])?).ok()?;
         (scale.len(), inner)
     };
     let mut data = Vec::with_capacity(elements * 4);
@@ -1451,6 +1453,47 @@ mod tests {
         // With zero points (w - zero) * scale.
         let p = prepare(dequantize_model(Some([1, -1])), &[]).expect("prepares");
         assert_eq!(p.dequantized, 1);
+    }
+
+    /// Dimensions whose product overflows u64 in a `DequantizeLinear`'s scale, or after
+    /// a zero dimension of its input (so that the input is empty and passes the element
+    /// count): not the simple case, left alone. Both overflowed (a panic with overflow
+    /// checks on).
+    #[test]
+    fn dequantize_with_overflowing_dims_is_left_alone() {
+        let t = |name: &str, elem: i64, dims: &[u64], raw: &[u8]| {
+            let mut b = Vec::new();
+            for d in dims {
+                put_int(1, *d, &mut b);
+            }
+            put_int(2, elem as u64, &mut b);
+            put_bytes(8, name.as_bytes(), &mut b);
+            put_bytes(9, raw, &mut b);
+            b
+        };
+        let huge = 1u64 << 32;
+        for (x_dims, s_dims, scale) in [
+            // One scale value whose dims claim 2^64 elements.
+            (vec![2u64], vec![huge, huge], 1f32.to_le_bytes().to_vec()),
+            // No scale values along axis 0 (of size 0); the dims after it overflow.
+            (vec![0, huge, huge], vec![0], vec![]),
+        ] {
+            let x = vec![1u8; x_dims.iter().product::<u64>() as usize];
+            let m = model(&graph(
+                &[node(
+                    "DequantizeLinear",
+                    "",
+                    &["x_q", "scale"],
+                    &["y"],
+                    &[Attr::Int("axis", 0)],
+                )],
+                &[t("x_q", 3, &x_dims, &x), t("scale", 1, &s_dims, &scale)],
+                &[],
+                &[value_info("y", Some(1), None)],
+            ));
+            let p = prepare(m, &[]).expect("prepares");
+            assert_eq!(p.dequantized, 0, "{x_dims:?} {s_dims:?}");
+        }
     }
 
     fn zipmap_model() -> Vec<u8> {

@@ -38,8 +38,12 @@ impl GoldenPromptsFile {
     pub fn read(path: &Path) -> Result<Self, String> {
         let bytes =
             std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-        let f: GoldenPromptsJson =
-            serde_json::from_slice(&bytes).map_err(|e| format!("{}: {e}", path.display()))?;
+        Self::parse(&bytes).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    /// Parse the bytes of a `golden_prompts.json` (the error does not name the file).
+    pub fn parse(bytes: &[u8]) -> Result<Self, String> {
+        let f: GoldenPromptsJson = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
         Ok(GoldenPromptsFile {
             min_agreement: f.min_agreement,
             prompts: f
