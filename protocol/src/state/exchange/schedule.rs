@@ -1,5 +1,6 @@
 //! The chunk scheduler: which chunk to ask which peer for.
 
+use crate::bitfield::Bitfield;
 use crate::ids::{ContentId, NodeId};
 use crate::state::exchange::Request;
 use crate::state::exchange::{Ctx, Exchange};
@@ -68,8 +69,9 @@ impl Exchange {
             {
                 return;
             }
-            let local = self.site_holds(cx, &file);
-            if let Some(members) = self.wan_members(cx, now.mono, &file, &local)
+            // The site's progress is sampled by `pick_chunk` (every schedule pass and
+            // tick), not here: this runs for every chunk a peer announces.
+            if let Some(members) = self.wan_members(cx, &file)
                 && wan_owner(&members, &file, index) != cx.me
             {
                 return;
@@ -150,8 +152,8 @@ impl Exchange {
         // ones this node fetches for its site.
         let (local, members) = if remote {
             let local = self.site_holds(cx, file);
-            let members = self.wan_members(cx, now.mono, file, &local);
-            (local, members)
+            self.note_site_progress(cx, now.mono, file, &local);
+            (local, self.wan_members(cx, file))
         } else {
             (Vec::new(), None)
         };
@@ -268,29 +270,28 @@ impl Exchange {
         except: &NodeId,
         file: &ContentId,
     ) -> Vec<u8> {
-        let len = self.files.get(file).map_or(0, |f| f.have.as_bytes().len());
-        let mut u = vec![0u8; len];
-        for (qid, q) in cx.peers.iter() {
-            if qid != except
-                && cx.peers.on_site(q)
-                && let Some(b) = self.announced(qid, file)
-                && b.count() < b.len()
-            {
-                for (x, y) in u.iter_mut().zip(b.as_bytes()) {
-                    *x |= *y;
-                }
-            }
-        }
-        u
+        self.site_union(cx, file, |q, b| q != except && b.count() < b.len())
     }
 
     /// The chunks of `file` some usable peer on this site announced, as bitfield bytes.
     fn site_holds<R>(&self, cx: &Ctx<'_, R>, file: &ContentId) -> Vec<u8> {
+        self.site_union(cx, file, |_, _| true)
+    }
+
+    /// The union of what the usable peers on this site that pass `keep` announced of
+    /// `file`, as bitfield bytes.
+    fn site_union<R>(
+        &self,
+        cx: &Ctx<'_, R>,
+        file: &ContentId,
+        keep: impl Fn(&NodeId, &Bitfield) -> bool,
+    ) -> Vec<u8> {
         let len = self.files.get(file).map_or(0, |f| f.have.as_bytes().len());
         let mut u = vec![0u8; len];
         for (qid, q) in cx.peers.iter() {
             if cx.peers.on_site(q)
                 && let Some(b) = self.announced(qid, file)
+                && keep(qid, b)
             {
                 for (x, y) in u.iter_mut().zip(b.as_bytes()) {
                     *x |= *y;
@@ -306,26 +307,65 @@ impl Exchange {
     /// announced the file; a chunk's fetcher is the member with the highest rendezvous
     /// score for it ([`wan_owner`]), so nodes that see different members still agree on
     /// the chunks of the members they share. Returns the members, or None when the rule
-    /// does not apply: no site, `wan_share_grace` zero, or lifted for this file.
-    ///
-    /// A fetcher may never come (it cannot reach the WAN, it left, or views differ): the
-    /// rule is lifted for the file once what the site holds of it (`local` with this
-    /// node's own chunks) has not grown for the grace, while this node has no request in
-    /// flight for it. Lifted, it stays so until the file completes.
+    /// does not apply: no site, `wan_share_grace` zero, or lifted for this file (see
+    /// [`Exchange::note_site_progress`]).
     pub(in crate::state) fn wan_members<R>(
+        &self,
+        cx: &Ctx<'_, R>,
+        file: &ContentId,
+    ) -> Option<Vec<NodeId>> {
+        if cx.config.site.is_none() || cx.config.wan_share_grace.is_zero() {
+            return None;
+        }
+        if self.files.get(file)?.wan_open {
+            return None;
+        }
+        let mut members = vec![cx.me];
+        for (qid, q) in cx.peers.iter() {
+            if cx.peers.on_site(q) && self.announced(qid, file).is_some() {
+                members.push(*qid);
+            }
+        }
+        Some(members)
+    }
+
+    /// A fetcher may never come (it cannot reach the WAN, it left, or views differ): the
+    /// WAN share rule is lifted for `file` once what the site holds of it (`local`, with
+    /// this node's own chunks) has not grown for `wan_share_grace` (or twice the slowest
+    /// WAN chunk measured, if longer) while this node has no request in flight for it.
+    /// Lifted, it stays so until the file completes.
+    pub(in crate::state) fn note_site_progress<R>(
         &mut self,
         cx: &Ctx<'_, R>,
         now: Instant,
         file: &ContentId,
         local: &[u8],
-    ) -> Option<Vec<NodeId>> {
+    ) {
         if cx.config.site.is_none() || cx.config.wan_share_grace.is_zero() {
-            return None;
+            return;
         }
-        let chunk_kib = self
-            .files
-            .get(file)
-            .map_or(0, |f| u64::from(f.spec().chunk_size.get()).div_ceil(1024));
+        let Some(f) = self.files.get_mut(file) else {
+            return;
+        };
+        if f.wan_open {
+            return;
+        }
+        let held: u32 = f
+            .have
+            .as_bytes()
+            .iter()
+            .zip(local.iter().chain(core::iter::repeat(&0)))
+            .map(|(a, b)| (a | b).count_ones())
+            .sum();
+        if held != f.site_held.0 || f.site_held.1 == Instant::ZERO {
+            f.site_held = (held, now);
+            return;
+        }
+        if !f.inflight.is_empty() || !f.pending.is_empty() {
+            return;
+        }
+        let chunk_kib = u64::from(f.spec().chunk_size.get()).div_ceil(1024);
+        let since = f.site_held.1;
         // Twice the slowest chunk a WAN peer has been measured to take.
         let slowest = cx
             .peers
@@ -339,33 +379,11 @@ impl Exchange {
             .config
             .wan_share_grace
             .max(Duration::from_nanos(slowest.saturating_mul(2)));
-        let f = self.files.get_mut(file)?;
-        if f.wan_open {
-            return None;
-        }
-        let held: u32 = f
-            .have
-            .as_bytes()
-            .iter()
-            .zip(local.iter().chain(core::iter::repeat(&0)))
-            .map(|(a, b)| (a | b).count_ones())
-            .sum();
-        if held != f.site_held.0 || f.site_held.1 == Instant::ZERO {
-            f.site_held = (held, now);
-        } else if f.inflight.is_empty()
-            && f.pending.is_empty()
-            && now.saturating_duration_since(f.site_held.1) >= grace
+        if now.saturating_duration_since(since) >= grace
+            && let Some(f) = self.files.get_mut(file)
         {
             f.wan_open = true;
-            return None;
         }
-        let mut members = vec![cx.me];
-        for (qid, q) in cx.peers.iter() {
-            if cx.peers.on_site(q) && self.announced(qid, file).is_some() {
-                members.push(*qid);
-            }
-        }
-        Some(members)
     }
 
     pub(in crate::state) fn request<R: Rng>(
