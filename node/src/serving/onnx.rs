@@ -1376,19 +1376,22 @@ mod tests {
     use super::build::*;
     use super::*;
 
+    /// A TensorProto of `elem` type and `dims` holding `raw` bytes.
+    fn raw_proto(name: &str, elem: i64, dims: &[u64], raw: &[u8]) -> Vec<u8> {
+        let mut b = Vec::new();
+        for d in dims {
+            put_int(1, *d, &mut b);
+        }
+        put_int(2, elem as u64, &mut b);
+        put_bytes(8, name.as_bytes(), &mut b);
+        put_bytes(9, raw, &mut b);
+        b
+    }
+
     /// `y = x @ DequantizeLinear(w_q, scale, axis=1)`, with int8 `w_q` `[3, 2]` and one
     /// scale per output column.
     fn dequantize_model(zero: Option<[i8; 2]>) -> Vec<u8> {
-        let t = |name: &str, elem: i64, dims: &[u64], raw: &[u8]| {
-            let mut b = Vec::new();
-            for d in dims {
-                put_int(1, *d, &mut b);
-            }
-            put_int(2, elem as u64, &mut b);
-            put_bytes(8, name.as_bytes(), &mut b);
-            put_bytes(9, raw, &mut b);
-            b
-        };
+        let t = raw_proto;
         let w: [i8; 6] = [1, -2, 3, -4, 127, -127];
         let scale: Vec<u8> = [0.5f32, 0.25]
             .iter()
@@ -1461,16 +1464,7 @@ mod tests {
     /// checks on).
     #[test]
     fn dequantize_with_overflowing_dims_is_left_alone() {
-        let t = |name: &str, elem: i64, dims: &[u64], raw: &[u8]| {
-            let mut b = Vec::new();
-            for d in dims {
-                put_int(1, *d, &mut b);
-            }
-            put_int(2, elem as u64, &mut b);
-            put_bytes(8, name.as_bytes(), &mut b);
-            put_bytes(9, raw, &mut b);
-            b
-        };
+        let t = raw_proto;
         let huge = 1u64 << 32;
         for (x_dims, s_dims, scale) in [
             // One scale value whose dims claim 2^64 elements.

@@ -154,34 +154,44 @@ impl Exchange {
 mod tests {
     use super::SuperSeed;
     use crate::bitfield::Bitfield;
+    use crate::ids::ContentId;
     use crate::io::Output;
-    use crate::state::testkit::{add_peer, at, bench, peer};
+    use crate::state::testkit::{Bench, add_peer, at, bench, peer};
     use crate::wire::Message;
+
+    /// Start super-seeding `f` (of `chunks` chunks) on `m` and announce a share to each of
+    /// `peers`: the bitfields shown, in order.
+    fn shown_to(m: &mut Bench, f: ContentId, chunks: u32, peers: &[u8]) -> Vec<Bitfield> {
+        m.exchange.files_mut().get_mut(&f).unwrap().superseed = Some(SuperSeed {
+            served: Bitfield::new(chunks),
+            cursor: 0,
+            progress: at(0).mono,
+        });
+        for p in peers {
+            m.announce_share(peer(*p), f);
+        }
+        core::iter::from_fn(|| m.poll_output())
+            .filter_map(|o| match o {
+                Output::Send {
+                    msg: Message::Have { chunks, .. },
+                    ..
+                } => Some(chunks),
+                _ => None,
+            })
+            .collect()
+    }
 
     #[test]
     fn in_a_mesh_of_sites_every_peer_sees_the_whole_file() {
         let (mut m, f) = bench(10, Some("hq"));
         add_peer(&mut m, 1, Some("hq"), f, &[]);
         add_peer(&mut m, 2, Some("edge"), f, &[]);
-        let fs = m.exchange.files_mut().get_mut(&f).unwrap();
         for i in 0..10 {
-            fs.have.set(i);
+            m.exchange.files_mut().get_mut(&f).unwrap().have.set(i);
         }
-        fs.superseed = Some(SuperSeed {
-            served: Bitfield::new(10),
-            cursor: 0,
-            progress: at(0).mono,
-        });
-        m.announce_share(peer(1), f);
-        m.announce_share(peer(2), f);
-        let shown: Vec<u32> = core::iter::from_fn(|| m.poll_output())
-            .filter_map(|o| match o {
-                Output::Send {
-                    msg: Message::Have { chunks, .. },
-                    ..
-                } => Some(chunks.count()),
-                _ => None,
-            })
+        let shown: Vec<u32> = shown_to(&mut m, f, 10, &[1, 2])
+            .iter()
+            .map(Bitfield::count)
             .collect();
         assert_eq!(shown, [10, 10]);
     }
@@ -191,23 +201,7 @@ mod tests {
         let (mut m, f) = bench(10, None);
         add_peer(&mut m, 1, None, f, &[]);
         add_peer(&mut m, 2, None, f, &[]);
-        let fs = m.exchange.files_mut().get_mut(&f).unwrap();
-        fs.superseed = Some(SuperSeed {
-            served: Bitfield::new(10),
-            cursor: 0,
-            progress: at(0).mono,
-        });
-        m.announce_share(peer(1), f);
-        m.announce_share(peer(2), f);
-        let shares: Vec<Bitfield> = core::iter::from_fn(|| m.poll_output())
-            .filter_map(|o| match o {
-                Output::Send {
-                    msg: Message::Have { chunks, .. },
-                    ..
-                } => Some(chunks),
-                _ => None,
-            })
-            .collect();
+        let shares = shown_to(&mut m, f, 10, &[1, 2]);
         assert_eq!(shares.len(), 2);
         assert_eq!((shares[0].count(), shares[1].count()), (5, 5));
         assert!(
