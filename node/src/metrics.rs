@@ -80,6 +80,8 @@ pub struct Metrics {
     pub store_errors: AtomicU64,
     /// Connections established through a relay (/p2p-circuit).
     pub relayed_connections: AtomicU64,
+    /// Peers whose Pollen streams moved from a relayed connection to a direct one.
+    pub moved_off_relay: AtomicU64,
     /// Inbound pollen streams closed at once: the peer had as many as it may.
     pub streams_refused: AtomicU64,
     /// Inbound pollen streams closed because a Hello or a frame was late.
@@ -267,6 +269,20 @@ impl Metrics {
             "Chunk frames dropped: no request of ours to that peer had their id.",
             "counter",
             self.chunks_unsolicited.load(Ordering::Relaxed),
+        );
+        g(
+            &mut s,
+            "pollen_relayed_connections_total",
+            "Connections established through a relay (/p2p-circuit).",
+            "counter",
+            self.relayed_connections.load(Ordering::Relaxed),
+        );
+        g(
+            &mut s,
+            "pollen_moved_off_relay_total",
+            "Peers whose pollen streams moved from a relayed connection to a direct one.",
+            "counter",
+            self.moved_off_relay.load(Ordering::Relaxed),
         );
         g(
             &mut s,

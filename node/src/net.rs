@@ -36,7 +36,7 @@ use pollen_protocol::ids::{ContentId, NodeId};
 use pollen_protocol::wire::{self, ChunkHeader, Frame, Hello, KIND_CHUNK, Message, frame_cap};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 
@@ -211,6 +211,8 @@ pub enum NetEvent {
         peer: PeerId,
         /// What it said.
         hello: Hello,
+        /// The reader task it came from (see [`ReaderShared::next_reader`]).
+        reader: u64,
     },
     /// A control message.
     Message {
@@ -257,6 +259,9 @@ pub enum NetEvent {
         /// For our outbound stream: the generation of the connection record it served
         /// (a stale writer's close must not tear down a newer connection).
         writer_gen: Option<u64>,
+        /// For the peer's inbound stream: its reader (a stale reader's close must not
+        /// tear down a newer connection either).
+        reader: Option<u64>,
     },
 }
 
@@ -365,6 +370,7 @@ async fn closed(events: &mpsc::Sender<NetEvent>, peer: PeerId, generation: u64) 
         .send(NetEvent::StreamClosed {
             peer,
             writer_gen: Some(generation),
+            reader: None,
         })
         .await;
 }
@@ -558,6 +564,9 @@ pub struct ReaderShared {
     pub streams_per_peer: usize,
     /// Peers with inbound pollen streams at once.
     pub max_peers: usize,
+    /// Numbers the reader tasks, so the actor can tell a stream's reader from an older
+    /// one of the same peer.
+    pub next_reader: Arc<AtomicU64>,
 }
 
 impl ReaderShared {
@@ -580,6 +589,7 @@ impl ReaderShared {
             budget: Arc::new(Semaphore::new(FRAME_BUDGET)),
             streams_per_peer: cfg.max_connections_per_peer as usize + 1,
             max_peers: cfg.max_connections.max(1) as usize,
+            next_reader: Arc::new(AtomicU64::new(0)),
         }
     }
 }
@@ -691,6 +701,7 @@ async fn read_frame<S: AsyncRead + Unpin>(
 /// the peer breaks the protocol or misses a deadline.
 async fn read_frames<S: AsyncRead + Unpin>(
     peer: PeerId,
+    reader: u64,
     stream: &mut S,
     shared: &ReaderShared,
 ) -> ReadEnd {
@@ -715,7 +726,11 @@ async fn read_frames<S: AsyncRead + Unpin>(
                 if shared.my_site.is_some() && hello.site == shared.my_site {
                     same = PeerClass::SameSite;
                 }
-                NetEvent::Hello { peer, hello }
+                NetEvent::Hello {
+                    peer,
+                    hello,
+                    reader,
+                }
             }
             Ok(_) if first => return ReadEnd::Malformed("the first frame must be a Hello".into()),
             Ok(Frame::Chunk(header, data)) => {
@@ -745,7 +760,8 @@ async fn run_reader(
     shared: ReaderShared,
     slot: StreamSlot,
 ) {
-    match read_frames(peer, &mut stream, &shared).await {
+    let reader = shared.next_reader.fetch_add(1, Ordering::Relaxed);
+    match read_frames(peer, reader, &mut stream, &shared).await {
         ReadEnd::Closed => {}
         ReadEnd::Malformed(error) => {
             let _ = shared
@@ -769,6 +785,7 @@ async fn run_reader(
         .send(NetEvent::StreamClosed {
             peer,
             writer_gen: None,
+            reader: Some(reader),
         })
         .await;
 }
@@ -899,6 +916,7 @@ mod tests {
             budget: Arc::new(Semaphore::new(budget)),
             streams_per_peer: 3,
             max_peers: 2,
+            next_reader: Arc::new(AtomicU64::new(0)),
         };
         (s, rx)
     }
@@ -938,7 +956,7 @@ mod tests {
         // A claim past the Hello cap is refused at once, before any body byte.
         let (tx, mut st) = stream();
         tx.unbounded_send(Ok(vec![0, 0x10, 0, 0, 0x01])).unwrap();
-        let end = within(read_frames(peer, &mut st, &s)).await;
+        let end = within(read_frames(peer, 0, &mut st, &s)).await;
         assert!(
             matches!(&end, ReadEnd::Malformed(e) if e.contains("exceeds")),
             "{end:?}"
@@ -955,7 +973,7 @@ mod tests {
         for first in [framed(&Message::Cancel { id: 1 }.encode()), framed(&chunk)] {
             let (tx, mut st) = stream();
             tx.unbounded_send(Ok(first)).unwrap();
-            let end = within(read_frames(peer, &mut st, &s)).await;
+            let end = within(read_frames(peer, 0, &mut st, &s)).await;
             assert_eq!(
                 end,
                 ReadEnd::Malformed("the first frame must be a Hello".into())
@@ -969,7 +987,7 @@ mod tests {
         let (_tx, mut st) = stream();
         let t = Instant::now();
         assert_eq!(
-            within(read_frames(PeerId::random(), &mut st, &s)).await,
+            within(read_frames(PeerId::random(), 0, &mut st, &s)).await,
             ReadEnd::TimedOut("Hello")
         );
         assert!(t.elapsed() < Duration::from_secs(2));
@@ -985,7 +1003,8 @@ mod tests {
         tx.unbounded_send(Ok(claim)).unwrap();
         tx.unbounded_send(Ok(vec![0; 300 << 10])).unwrap();
         let budget = s.budget.clone();
-        let reader = tokio::spawn(async move { read_frames(PeerId::random(), &mut st, &s).await });
+        let reader =
+            tokio::spawn(async move { read_frames(PeerId::random(), 0, &mut st, &s).await });
         assert!(matches!(
             within(rx.recv()).await,
             Some(NetEvent::Hello { .. })
@@ -1004,7 +1023,8 @@ mod tests {
         let (s, mut rx) = shared(quick(), FRAME_BUDGET);
         let (tx, mut st) = stream();
         tx.unbounded_send(Ok(hello())).unwrap();
-        let reader = tokio::spawn(async move { read_frames(PeerId::random(), &mut st, &s).await });
+        let reader =
+            tokio::spawn(async move { read_frames(PeerId::random(), 0, &mut st, &s).await });
         assert!(matches!(
             within(rx.recv()).await,
             Some(NetEvent::Hello { .. })
@@ -1054,7 +1074,7 @@ mod tests {
             tx.unbounded_send(Ok(hello())).unwrap();
             let s = s.clone();
             readers.push(tokio::spawn(async move {
-                read_frames(PeerId::random(), &mut st, &s).await
+                read_frames(PeerId::random(), 0, &mut st, &s).await
             }));
             assert!(matches!(
                 within(rx.recv()).await,

@@ -409,6 +409,55 @@ impl Bed {
         )
     }
 
+    /// Bytes through node `j` of site `i`'s network interface: (received, sent).
+    pub fn node_bytes(&self, i: usize, j: usize) -> (u64, u64) {
+        let out = Command::new("ip")
+            .args([
+                "-n",
+                &self.node_ns(i, j),
+                "-s",
+                "-j",
+                "link",
+                "show",
+                "dev",
+                "eth0",
+            ])
+            .output()
+            .expect("ip link show");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("ip -j output");
+        let st = &v[0]["stats64"];
+        (
+            st["rx"]["bytes"].as_u64().unwrap_or(0),
+            st["tx"]["bytes"].as_u64().unwrap_or(0),
+        )
+    }
+
+    /// Drop (`blocked = true`) or pass again what site `i` sends to node `j` of site `k`
+    /// directly (after the site's NAT, if any): a firewall between them. Replies to
+    /// connections the node opens are blocked too (they come from the same address).
+    pub fn block(&self, i: usize, k: usize, j: usize, blocked: bool) {
+        let op = if blocked { "-I" } else { "-D" };
+        let src = format!("10.78.{i}.2");
+        let dst = self.node_ip(k, j);
+        for (s, d) in [(&src, &dst), (&dst, &src)] {
+            must(&[
+                "ip",
+                "netns",
+                "exec",
+                &self.router(),
+                "iptables",
+                op,
+                "FORWARD",
+                "-s",
+                s,
+                "-d",
+                d,
+                "-j",
+                "DROP",
+            ]);
+        }
+    }
+
     /// The delay line's counters (`forwarded`, `lost`, `overflow`, …), as last written.
     pub fn delayline_stats(&self) -> serde_json::Value {
         std::fs::read(&self.stats_file)
@@ -449,11 +498,14 @@ impl Bed {
 
     /// Start `pollen run` on every node: site names as `--site`, `args` for all (trust
     /// root, …), every node but the first of site `seed_site` bootstrapped from that one.
-    /// Data directories under `dir/<site>-<j>`. Returns the nodes per site.
+    /// Where a site is behind NAT, that first node is a relay and nothing else (started
+    /// with `--relay-server` and without `args`: it holds no model), and the NAT'd sites'
+    /// nodes listen through it. Data directories under `dir/<site>-<j>`. Returns the nodes
+    /// per site.
     pub fn start_nodes(&self, dir: &Path, seed_site: usize, args: &[String]) -> Vec<Vec<Node>> {
         let mut out: Vec<Vec<Node>> = self.sites.iter().map(|_| vec![]).collect();
-        let start = |i: usize, j: usize, extra: &[String]| {
-            let mut a = args.to_vec();
+        let start = |i: usize, j: usize, common: &[String], extra: &[String]| {
+            let mut a = common.to_vec();
             a.extend(["--site".to_string(), self.sites[i].name.clone()]);
             a.extend(extra.iter().cloned());
             Node::start_in(
@@ -465,15 +517,11 @@ impl Bed {
             )
         };
         let relay = self.sites.iter().any(|s| s.nat);
-        let first = start(
-            seed_site,
-            0,
-            &(if relay {
-                vec!["--relay-server".to_string()]
-            } else {
-                vec![]
-            }),
-        );
+        let first = if relay {
+            start(seed_site, 0, &[], &["--relay-server".to_string()])
+        } else {
+            start(seed_site, 0, args, &[])
+        };
         let boot = vec!["--bootstrap".to_string(), first.addr()];
         out[seed_site].push(first);
         // Start the rest in parallel: each start waits for its node to listen.
@@ -482,9 +530,12 @@ impl Bed {
                 .flat_map(|i| (0..self.sites[i].nodes).map(move |j| (i, j)))
                 .filter(|&(i, j)| !(i == seed_site && j == 0))
                 .map(|(i, j)| {
-                    let boot = &boot;
+                    let mut extra = boot.clone();
+                    if self.sites[i].nat {
+                        extra.extend(["--relay".to_string(), boot[1].clone()]);
+                    }
                     let start = &start;
-                    sc.spawn(move || (i, start(i, j, boot)))
+                    sc.spawn(move || (i, start(i, j, args, &extra)))
                 })
                 .collect();
             hs.into_iter()

@@ -255,3 +255,118 @@ fn three_sites_get_a_release_over_shaped_wan_links() {
         );
     }
 }
+
+/// A site behind NAT whose nodes first reach the publisher only through a relay (a
+/// firewall blocks the direct path). Once the direct path opens, the streams move to a
+/// direct connection, and a release then crosses the relay as a trickle of control
+/// traffic, not as chunks.
+#[test]
+fn a_natted_site_moves_bulk_traffic_off_the_relay_once_a_direct_path_exists() {
+    let size = 8 << 20;
+    let hq = Site::new("hq", 2, 20.0, Duration::from_millis(20));
+    let mut branch = Site::new("branch", 2, 20.0, Duration::from_millis(20));
+    branch.nat = true;
+    let Some(b) = Bed::new(vec![hq, branch], 5) else {
+        return;
+    };
+    // hq-0 is the relay (it holds no model); hq-1 publishes.
+    b.block(1, 0, 1, true);
+    let tmp = tempfile::tempdir().expect("tmp");
+    let keep = std::env::var_os("POLLEN_BED_KEEP").is_some();
+    if keep {
+        eprintln!("keeping {}", tmp.path().display());
+    }
+    let op = Operator::new(&tmp.path().join("op"), false);
+    let trust = vec!["--trust".to_string(), op.trust_file.display().to_string()];
+    let nodes = b.start_nodes(tmp.path(), 0, &trust);
+    let publisher = &nodes[0][1];
+    let pub_id = bed::status(publisher).expect("status").node_id;
+    let link_to_publisher = |n: &Node| {
+        bed::status(n).and_then(|s| {
+            s.peers
+                .iter()
+                .find(|p| p.node_id == pub_id)
+                .map(|p| p.relayed)
+        })
+    };
+    let wait_for = |what: &str, secs: u64, ok: &dyn Fn(&Node) -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        for n in &nodes[1] {
+            while !ok(n) {
+                assert!(
+                    Instant::now() < deadline,
+                    "{}: {what}: link to the publisher {:?}\nlog tail:\n{}",
+                    n.dir.display(),
+                    link_to_publisher(n),
+                    n.log()
+                        .lines()
+                        .rev()
+                        .take(20)
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                );
+                std::thread::sleep(Duration::from_millis(250));
+            }
+        }
+    };
+    wait_for("reached through the relay", 60, &|n: &Node| {
+        link_to_publisher(n) == Some(true)
+    });
+    // The direct path opens: the branch's nodes dial the publisher directly on their
+    // next try, and the streams move over.
+    let opened = Instant::now();
+    b.block(1, 0, 1, false);
+    wait_for("off the relay", 90, &|n: &Node| {
+        link_to_publisher(n) == Some(false)
+    });
+    eprintln!(
+        "streams off the relay {:?} after the path opened",
+        opened.elapsed()
+    );
+    for n in nodes.iter().flatten() {
+        eprintln!(
+            "  {}: moved off the relay {}, relayed connections {}",
+            n.dir.file_name().unwrap_or_default().display(),
+            bed::metric(n, "pollen_moved_off_relay_total"),
+            bed::metric(n, "pollen_relayed_connections_total")
+        );
+    }
+    let moved: f64 = nodes[1]
+        .iter()
+        .map(|n| bed::metric(n, "pollen_moved_off_relay_total"))
+        .sum();
+    assert!(
+        moved >= 1.0,
+        "no branch node moved its streams off the relay"
+    );
+    let file = tmp.path().join("model.bin");
+    std::fs::write(&file, test_bytes(size, 21)).expect("write");
+    let relay_before = b.node_bytes(0, 0).1;
+    let wan_before = b.wan_bytes(1).0;
+    let branch_nodes: Vec<&Node> = nodes[1].iter().collect();
+    let w = Watch::new(&branch_nodes, "bed.model", 1);
+    bed::publish(&op, publisher, &file, "bed.model", 1, 1 << 20);
+    let times = w.wait(Duration::from_secs(120));
+    if keep {
+        let _ = tmp.keep();
+    }
+    let relayed = (b.node_bytes(0, 0).1 - relay_before) as f64 / size as f64;
+    let into = (b.wan_bytes(1).0 - wan_before) as f64 / size as f64;
+    eprintln!(
+        "branch t100 {:?}; the relay sent {relayed:.4} of the artifact, WAN into the branch {into:.3}",
+        bed::quantile(&times, 1.0)
+    );
+    assert!(
+        times.iter().all(Option::is_some),
+        "branch incomplete: {times:?}"
+    );
+    assert!(
+        into >= 0.95,
+        "the branch got {into:.3} artifacts over its WAN"
+    );
+    // Before the move every chunk to the branch crossed the relay (≥ 1 artifact).
+    assert!(
+        relayed < 0.05,
+        "the relay carried {relayed:.3} of the artifact after the direct path opened"
+    );
+}

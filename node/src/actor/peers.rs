@@ -6,6 +6,7 @@ use super::Actor;
 use super::swarm::SHORT_BAN;
 use crate::net::{NetEvent, PeerSender};
 use libp2p::PeerId;
+use libp2p::swarm::ConnectionId;
 use pollen_protocol::ids::{ContentId, NodeId};
 use pollen_protocol::io::{Input, PeerInfo};
 use pollen_protocol::wire::Hello;
@@ -16,6 +17,8 @@ use std::sync::atomic::Ordering;
 /// in flight per peer; the rest are recent ones it gave up on, whose late answers are
 /// still worth taking.
 const MAX_REQUESTED: usize = 256;
+/// Direct addresses remembered per peer (see [`PeerConn::direct_addrs`]).
+pub(super) const MAX_DIRECT_ADDRS: usize = 8;
 
 /// One connected peer (however many libp2p connections it has).
 pub(super) struct PeerConn {
@@ -25,12 +28,28 @@ pub(super) struct PeerConn {
     pub(super) since: std::time::Instant,
     /// The peer's node id (from its ed25519 peer id).
     pub(super) node: NodeId,
-    /// The connection runs through a relay.
+    /// The Pollen streams run through a relay.
     pub(super) relayed: bool,
+    /// The peer's relayed connections (at most `max_connections_per_peer`).
+    pub(super) relayed_conns: Vec<ConnectionId>,
+    /// The peer's direct connections (at most `max_connections_per_peer`).
+    pub(super) direct_conns: Vec<ConnectionId>,
+    /// Moving off the relay: the relayed connections are closing, and the writer starts
+    /// on the direct one once they are gone (see `Actor::move_off_relay`).
+    pub(super) moving: bool,
+    /// The peer's direct (non-relay) addresses, from identify (at most
+    /// [`MAX_DIRECT_ADDRS`]): dialled now and then while the streams are relayed.
+    pub(super) direct_addrs: Vec<libp2p::Multiaddr>,
+    /// When a direct connection was last tried.
+    pub(super) direct_tried: Option<std::time::Instant>,
+    /// Direct connections tried after the first (the wait between tries doubles).
+    pub(super) direct_tries: u32,
     /// Queues to the peer's writer task, once its outbound stream is open.
     pub(super) sender: Option<PeerSender>,
     /// The peer's Hello, once received.
     pub(super) hello: Option<Hello>,
+    /// The reader task the Hello came from: only its close ends the connection.
+    pub(super) reader: Option<u64>,
     /// Both of the above arrived and the core heard `PeerUp`.
     pub(super) up: bool,
     /// Chunk requests sent to the peer and not answered yet, by request id (the most
@@ -53,9 +72,14 @@ impl Actor {
                     self.maybe_up(peer);
                 }
             }
-            NetEvent::Hello { peer, hello } => {
+            NetEvent::Hello {
+                peer,
+                hello,
+                reader,
+            } => {
                 if let Some(c) = self.peers.get_mut(&peer) {
                     c.hello = Some(hello);
+                    c.reader = Some(reader);
                     self.maybe_up(peer);
                 }
             }
@@ -88,11 +112,28 @@ impl Actor {
                     self.ban_peer(peer, SHORT_BAN);
                 }
             },
-            NetEvent::StreamClosed { peer, writer_gen } => {
-                // The writer of an older connection record: nothing to do with this one.
-                if writer_gen
-                    .is_some_and(|g| self.peers.get(&peer).is_some_and(|c| c.generation != g))
+            NetEvent::StreamClosed {
+                peer,
+                writer_gen,
+                reader,
+            } => {
+                // The writer of an older connection record, or a reader other than the one
+                // the record's Hello came from (an older stream, one that closed before
+                // its Hello): nothing to do with this record.
+                let current = self.peers.get(&peer).is_some_and(|c| {
+                    writer_gen.is_none_or(|g| c.generation == g)
+                        && reader.is_none_or(|r| c.reader == Some(r))
+                });
+                if !current {
+                    return;
+                }
+                if self
+                    .peers
+                    .get(&peer)
+                    .is_some_and(|c| c.relayed && !c.direct_conns.is_empty())
                 {
+                    // The relayed connection went first while a direct one is up.
+                    self.move_off_relay(peer);
                     return;
                 }
                 if self.peers.contains_key(&peer) && self.swarm.is_connected(&peer) {

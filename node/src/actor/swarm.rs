@@ -1,12 +1,12 @@
 //! The libp2p swarm: listen addresses, connections opening and closing, discovery (mDNS,
 //! Kademlia, identify), relays, dialling and bans of misbehaving peers.
 
-use super::peers::PeerConn;
+use super::peers::{MAX_DIRECT_ADDRS, PeerConn};
 use super::{Actor, HELLO_TIMEOUT};
 use crate::net::{self, BehaviourEvent};
 use libp2p::core::ConnectedPoint;
 use libp2p::multiaddr::Protocol;
-use libp2p::swarm::SwarmEvent;
+use libp2p::swarm::{ConnectionId, SwarmEvent};
 use libp2p::{Multiaddr, PeerId, identify, kad, mdns};
 use pollen_protocol::ids::NodeId;
 use pollen_protocol::io::Input;
@@ -19,6 +19,11 @@ const BAN: Duration = Duration::from_secs(600);
 /// How long a peer that sent garbage before its Hello is refused. Short: keys cost
 /// nothing, so this only stops a broken peer from reconnecting in a loop.
 pub(super) const SHORT_BAN: Duration = Duration::from_secs(60);
+/// Wait before the second try of a direct connection to a peer whose streams run through
+/// a relay; it doubles after each try, up to [`DIRECT_RETRY_MAX`].
+const DIRECT_RETRY: Duration = Duration::from_secs(10);
+/// Longest wait between two tries of a direct connection.
+const DIRECT_RETRY_MAX: Duration = Duration::from_secs(320);
 /// Most banned peers remembered.
 const MAX_BANS: usize = 4096;
 
@@ -54,15 +59,17 @@ impl Actor {
             }
             SwarmEvent::ConnectionEstablished {
                 peer_id,
+                connection_id,
                 num_established,
                 endpoint,
                 ..
-            } => self.on_connected(peer_id, num_established.get(), &endpoint),
+            } => self.on_connected(peer_id, connection_id, num_established.get(), &endpoint),
             SwarmEvent::ConnectionClosed {
                 peer_id,
+                connection_id,
                 num_established,
                 ..
-            } => self.on_disconnected(peer_id, num_established),
+            } => self.on_disconnected(peer_id, connection_id, num_established),
             SwarmEvent::Behaviour(ev) => self.on_behaviour(ev),
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
                 tracing::debug!("dial {peer_id:?} failed: {error}");
@@ -74,8 +81,15 @@ impl Actor {
     }
 
     /// A connection is up: refuse banned and non-ed25519 peers, listen through it if it is
-    /// a relay, and start the Pollen streams on the first connection to a peer.
-    fn on_connected(&mut self, peer_id: PeerId, num_established: u32, endpoint: &ConnectedPoint) {
+    /// a relay, and start the Pollen streams on the first connection to a peer. A direct
+    /// connection to a peer whose streams run through a relay takes them over.
+    fn on_connected(
+        &mut self,
+        peer_id: PeerId,
+        conn: ConnectionId,
+        num_established: u32,
+        endpoint: &ConnectedPoint,
+    ) {
         if let Some(until) = self.banned.get(&peer_id) {
             if *until > std::time::Instant::now() {
                 let _ = self.swarm.disconnect_peer_id(peer_id);
@@ -114,39 +128,129 @@ impl Actor {
                 .kad
                 .add_address(&peer_id, endpoint.get_remote_address().clone());
         }
-        if num_established == 1 || !self.peers.contains_key(&peer_id) {
-            self.peers.insert(
-                peer_id,
-                PeerConn {
-                    generation: self.next_gen,
-                    since: std::time::Instant::now(),
-                    node,
-                    relayed: endpoint.is_relayed(),
-                    sender: None,
-                    hello: None,
-                    up: false,
-                    requested: Default::default(),
-                },
+        let relayed = endpoint.is_relayed();
+        if let Some(c) = self.peers.get_mut(&peer_id)
+            && num_established > 1
+        {
+            if relayed {
+                c.relayed_conns.push(conn);
+                if !c.relayed {
+                    // The streams already run direct: the relay would only carry noise.
+                    let _ = self.swarm.close_connection(conn);
+                }
+            } else {
+                c.direct_conns.push(conn);
+                if c.relayed {
+                    self.move_off_relay(peer_id);
+                }
+            }
+            return;
+        }
+        self.peers.insert(
+            peer_id,
+            PeerConn {
+                generation: self.next_gen,
+                since: std::time::Instant::now(),
+                node,
+                relayed,
+                relayed_conns: if relayed { vec![conn] } else { vec![] },
+                direct_conns: if relayed { vec![] } else { vec![conn] },
+                moving: false,
+                direct_addrs: vec![],
+                direct_tried: None,
+                direct_tries: 0,
+                sender: None,
+                hello: None,
+                reader: None,
+                up: false,
+                requested: Default::default(),
+            },
+        );
+        self.by_node.insert(node, peer_id);
+        self.next_gen += 1;
+        self.spawn_writer(peer_id);
+    }
+
+    /// Open our stream to `peer` for its current connection record (a task: it reports
+    /// `OutboundReady`).
+    fn spawn_writer(&mut self, peer_id: PeerId) {
+        let Some(c) = self.peers.get(&peer_id) else {
+            return;
+        };
+        let hello = Hello {
+            site: self.cfg.site.clone(),
+            cert: self.cert.clone(),
+        };
+        tokio::spawn(net::run_writer(
+            self.control.clone(),
+            peer_id,
+            hello,
+            self.writer.clone(),
+            self.net_tx.clone(),
+            c.generation,
+        ));
+    }
+
+    /// A direct connection came up to a peer whose Pollen streams run through a relay:
+    /// close the relayed connections and, once they are gone, open the streams again on
+    /// the direct one (the peer does the same on its side). Until then the core sees the
+    /// peer down, so nothing it asks for is lost on a closing stream. Without this, a
+    /// peer first reached through a relay would send every chunk through it for as long
+    /// as both stay connected.
+    pub(super) fn move_off_relay(&mut self, peer_id: PeerId) {
+        let Some(c) = self.peers.get_mut(&peer_id) else {
+            return;
+        };
+        tracing::info!("{peer_id}: direct connection; moving the pollen streams off the relay");
+        let was_up = c.up;
+        c.relayed = false;
+        c.moving = true;
+        c.generation = self.next_gen;
+        self.next_gen += 1;
+        c.since = std::time::Instant::now();
+        c.sender = None;
+        c.hello = None;
+        c.reader = None;
+        c.up = false;
+        c.requested.clear();
+        let node = c.node;
+        let closing = c.relayed_conns.clone();
+        self.metrics.moved_off_relay.fetch_add(1, Ordering::Relaxed);
+        for &id in &closing {
+            let _ = self.swarm.close_connection(id);
+        }
+        if closing.is_empty() {
+            // Already gone (the peer closed it first): nothing to wait for.
+            if let Some(c) = self.peers.get_mut(&peer_id) {
+                c.moving = false;
+            }
+            self.spawn_writer(peer_id);
+        }
+        if was_up {
+            self.metrics.peers.store(
+                self.peers.values().filter(|p| p.up).count() as u64,
+                Ordering::Relaxed,
             );
-            self.by_node.insert(node, peer_id);
-            let hello = Hello {
-                site: self.cfg.site.clone(),
-                cert: self.cert.clone(),
-            };
-            tokio::spawn(net::run_writer(
-                self.control.clone(),
-                peer_id,
-                hello,
-                self.writer.clone(),
-                self.net_tx.clone(),
-                self.next_gen,
-            ));
-            self.next_gen += 1;
+            self.handle(Input::PeerDown { peer: node });
         }
     }
 
     /// A connection closed: when it was the peer's last, the core hears `PeerDown`.
-    fn on_disconnected(&mut self, peer_id: PeerId, num_established: u32) {
+    fn on_disconnected(&mut self, peer_id: PeerId, conn: ConnectionId, num_established: u32) {
+        if num_established > 0 {
+            let Some(c) = self.peers.get_mut(&peer_id) else {
+                return;
+            };
+            c.relayed_conns.retain(|&id| id != conn);
+            c.direct_conns.retain(|&id| id != conn);
+            if c.moving && c.relayed_conns.is_empty() {
+                c.moving = false;
+                self.spawn_writer(peer_id);
+            } else if c.relayed && c.relayed_conns.is_empty() && !c.direct_conns.is_empty() {
+                // The streams' relayed connection closed (the peer moved first): move too.
+                self.move_off_relay(peer_id);
+            }
+        }
         if num_established == 0 {
             if let Some(c) = self.peers.remove(&peer_id) {
                 self.by_node.remove(&c.node);
@@ -165,6 +269,15 @@ impl Actor {
     fn on_behaviour(&mut self, ev: BehaviourEvent) {
         match ev {
             BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. }) => {
+                if let Some(c) = self.peers.get_mut(&peer_id) {
+                    c.direct_addrs = info
+                        .listen_addrs
+                        .iter()
+                        .filter(|a| !a.iter().any(|p| matches!(p, Protocol::P2pCircuit)))
+                        .take(MAX_DIRECT_ADDRS)
+                        .cloned()
+                        .collect();
+                }
                 for a in info.listen_addrs {
                     self.swarm.behaviour_mut().kad.add_address(&peer_id, a);
                 }
@@ -287,11 +400,50 @@ impl Actor {
             tracing::debug!("{p}: no pollen handshake in {HELLO_TIMEOUT:?}; disconnecting");
             let _ = self.swarm.disconnect_peer_id(p);
         }
+        self.try_direct();
         if self.peers.len() < self.cfg.target_peers && self.swarm.connected_peers().count() > 0 {
             self.swarm
                 .behaviour_mut()
                 .kad
                 .get_closest_peers(PeerId::random());
+        }
+    }
+
+    /// Dial peers whose streams run through a relay at the direct addresses they announce,
+    /// backing off from [`DIRECT_RETRY`] to [`DIRECT_RETRY_MAX`] per peer (a NAT'd peer's
+    /// private addresses never answer): hole punching (DCUtR) tries only when the
+    /// relayed connection opens, and a path that opens later (a firewall rule lifted, a
+    /// NAT that learned a mapping) would otherwise never be used. Failed dials cost a
+    /// connection attempt each; a direct connection takes the streams over
+    /// ([`Actor::move_off_relay`]).
+    fn try_direct(&mut self) {
+        let now = std::time::Instant::now();
+        let due: Vec<(PeerId, Vec<Multiaddr>)> = self
+            .peers
+            .iter_mut()
+            .filter(|(_, c)| {
+                let wait = DIRECT_RETRY
+                    .saturating_mul(1 << c.direct_tries.min(16))
+                    .min(DIRECT_RETRY_MAX);
+                c.relayed
+                    && !c.direct_addrs.is_empty()
+                    && c.direct_tried.is_none_or(|t| now.duration_since(t) >= wait)
+            })
+            .map(|(p, c)| {
+                if c.direct_tried.is_some() {
+                    c.direct_tries += 1;
+                }
+                c.direct_tried = Some(now);
+                (*p, c.direct_addrs.clone())
+            })
+            .collect();
+        for (peer, addrs) in due {
+            tracing::debug!("{peer}: streams relayed; trying a direct connection");
+            let opts = libp2p::swarm::dial_opts::DialOpts::peer_id(peer)
+                .condition(libp2p::swarm::dial_opts::PeerCondition::Always)
+                .addresses(addrs)
+                .build();
+            let _ = self.swarm.dial(opts);
         }
     }
 
