@@ -370,3 +370,68 @@ fn a_natted_site_moves_bulk_traffic_off_the_relay_once_a_direct_path_exists() {
         "the relay carried {relayed:.3} of the artifact after the direct path opened"
     );
 }
+
+/// A site whose WAN link goes down a second into a release and stays down long enough
+/// for its connections across the WAN to die (30 s; 120 s with `POLLEN_BED_FULL`): when
+/// the link returns, its nodes reconnect and finish, and the site fetches the release
+/// over the WAN about once in all (what it had before the cut is not fetched again).
+#[test]
+fn a_site_offline_during_a_release_catches_up_with_one_wan_copy() {
+    let size = 8 << 20;
+    let sites = vec![
+        Site::new("hq", 2, 20.0, Duration::from_millis(20)),
+        Site::new("far", 3, 20.0, Duration::from_millis(40)),
+    ];
+    let Some(b) = Bed::new(sites, 9) else {
+        return;
+    };
+    let tmp = tempfile::tempdir().expect("tmp");
+    let keep = std::env::var_os("POLLEN_BED_KEEP").is_some();
+    if keep {
+        eprintln!("keeping {}", tmp.path().display());
+    }
+    let op = Operator::new(&tmp.path().join("op"), false);
+    let trust = vec!["--trust".to_string(), op.trust_file.display().to_string()];
+    let nodes = b.start_nodes(tmp.path(), 0, &trust);
+    bed::wait_meshed(&nodes, Duration::from_secs(60));
+    let file = tmp.path().join("model.bin");
+    std::fs::write(&file, test_bytes(size, 31)).expect("write");
+    let far: Vec<&Node> = nodes[1].iter().collect();
+    let wan_before = b.wan_bytes(1).0;
+    let w = Watch::new(&far, "bed.model", 1);
+    let start = w.start;
+    bed::publish(&op, &nodes[0][0], &file, "bed.model", 1, 1 << 20);
+    std::thread::sleep(Duration::from_secs(1));
+    b.set_wan(1, false);
+    let cut_at = (b.wan_bytes(1).0 - wan_before) as f64 / size as f64;
+    let offline = Duration::from_secs(if full() { 120 } else { 30 });
+    std::thread::sleep(offline);
+    let during = w.times();
+    b.set_wan(1, true);
+    let restored = Instant::now();
+    let times = w.wait(Duration::from_secs(180));
+    if keep {
+        let _ = tmp.keep();
+    }
+    let into = (b.wan_bytes(1).0 - wan_before) as f64 / size as f64;
+    let back = restored.duration_since(start);
+    let t100 = bed::quantile(&times, 1.0);
+    eprintln!(
+        "far site: {cut_at:.3} artifacts in before the cut; offline {offline:?}; t100 {t100:?} after the publish, {:?} after the link returned; WAN into the site {into:.3} artifacts",
+        t100.map(|t| t.saturating_sub(back)),
+    );
+    assert!(
+        during.iter().all(Option::is_none),
+        "a node completed with its site offline: {during:?}"
+    );
+    assert!(
+        times.iter().all(Option::is_some),
+        "far site incomplete: {times:?}"
+    );
+    // One copy and what retries and the lost in-flight requests cost; 1.5 is the bound
+    // the 3-site test's figures (1.10-1.47) sit under.
+    assert!(
+        into <= 1.5,
+        "{into:.3} artifacts over the far site's WAN link"
+    );
+}
