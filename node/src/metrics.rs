@@ -82,6 +82,10 @@ pub struct Metrics {
     pub relayed_connections: AtomicU64,
     /// Peers whose Pollen streams moved from a relayed connection to a direct one.
     pub moved_off_relay: AtomicU64,
+    /// Penalties the core gave peers (timeouts, bad frames, corrupt chunks).
+    pub peer_penalties: AtomicU64,
+    /// Peers disconnected and refused for misconduct (their penalties reached the limit).
+    pub peers_banned: AtomicU64,
     /// Inbound pollen streams closed at once: the peer had as many as it may.
     pub streams_refused: AtomicU64,
     /// Inbound pollen streams closed because a Hello or a frame was late.
@@ -283,6 +287,20 @@ impl Metrics {
             "Peers whose pollen streams moved from a relayed connection to a direct one.",
             "counter",
             self.moved_off_relay.load(Ordering::Relaxed),
+        );
+        g(
+            &mut s,
+            "pollen_peer_penalties_total",
+            "Penalties given to peers (timeouts, bad frames, corrupt chunks).",
+            "counter",
+            self.peer_penalties.load(Ordering::Relaxed),
+        );
+        g(
+            &mut s,
+            "pollen_peers_banned_total",
+            "Peers disconnected and refused for misconduct.",
+            "counter",
+            self.peers_banned.load(Ordering::Relaxed),
         );
         g(
             &mut s,

@@ -453,6 +453,7 @@ impl Actor {
             }
             Output::Disconnect { peer, reason } => {
                 tracing::warn!("disconnecting {}: {reason}", peer.short());
+                self.metrics.peers_banned.fetch_add(1, Ordering::Relaxed);
                 self.ban(&peer);
             }
             Output::Event(e) => self.on_event(e),
@@ -651,6 +652,7 @@ impl Actor {
                 score,
             } => {
                 tracing::warn!("peer {} penalised ({score}): {reason}", peer.short());
+                self.metrics.peer_penalties.fetch_add(1, Ordering::Relaxed);
             }
             _ => {}
         }
