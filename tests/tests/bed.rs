@@ -4,8 +4,8 @@
 //! What CI runs is sized to take seconds per test (the partition, 50 s, is the longest);
 //! `POLLEN_BED_ALL=1` adds the scenarios that take a minute or more (a site offline,
 //! loss and jitter against a clean run), and `POLLEN_BED_FULL=1` runs everything at the
-//! issue's full sizes (3 sites × 6 nodes, 64 MiB; 120 s offline; 32 MiB through loss). Skipped, with a message, only where network
-//! namespaces cannot be created.
+//! issue's full sizes (3 sites × 6 nodes, 64 MiB; 120 s offline; 32 MiB through loss).
+//! Skipped, with a message, only where network namespaces cannot be created.
 
 use pollen_protocol::NodeId;
 use pollen_protocol::manifest::Channel;
