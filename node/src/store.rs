@@ -217,6 +217,12 @@ pub struct NodeState {
     /// reports the failure again instead of trying the release again. Bounded by the
     /// releases kept.
     pub failed: BTreeMap<String, FailedActivation>,
+    /// Releases whose activation was cut short by the process stopping, by manifest id
+    /// (hex), with how often: the first time the release is tried again (a power cut or
+    /// a `kill -9` is no verdict on a model), the second it counts as failed here (a model
+    /// that kills the node while loading crashes it twice at most). Bounded by the
+    /// releases kept.
+    pub interrupted: BTreeMap<String, u32>,
 }
 
 /// Why a release failed to activate on this node.

@@ -291,29 +291,48 @@ impl Actor {
         }
     }
 
-    /// At start, after the restore: releases whose activation was under way when the
-    /// process stopped (their markers are still on disk) count as failed here, and every
-    /// release that failed here is reported failed again, so the core never chooses it on
-    /// this node and the previous version serves.
+    /// At start, after the restore: a release whose activation was under way when the
+    /// process stopped (its marker is still on disk) is tried again the first time and
+    /// counts as failed here the second ([`NodeState::interrupted`]); every release that
+    /// failed here is reported failed again, so the core never chooses it on this node
+    /// and the previous version serves.
+    ///
+    /// [`NodeState::interrupted`]: crate::store::NodeState::interrupted
     pub(super) fn recover_failed_activations(&mut self) {
         match self.store.activating() {
             Ok(ids) => {
                 for id in ids {
-                    self.error(format!(
-                        "release {} was being activated when the node stopped: it counts as failed here",
-                        id.short()
-                    ));
-                    self.state
-                        .failed
-                        .entry(id.to_hex())
-                        .or_insert(FailedActivation {
-                            class: ErrorClass::CrashLoop,
-                            detail: "the node stopped while activating this release".into(),
-                        });
+                    let times = self.state.interrupted.entry(id.to_hex()).or_insert(0);
+                    *times += 1;
+                    if *times >= 2 {
+                        self.error(format!(
+                            "release {} was being activated when the node stopped, for the second time: it counts as failed here",
+                            id.short()
+                        ));
+                        self.state
+                            .failed
+                            .entry(id.to_hex())
+                            .or_insert(FailedActivation {
+                                class: ErrorClass::CrashLoop,
+                                detail: "the node stopped twice while activating this release"
+                                    .into(),
+                            });
+                    } else {
+                        tracing::warn!(
+                            "release {} was being activated when the node stopped: trying it once more \
+                             (a second time counts it failed here)",
+                            id.short()
+                        );
+                    }
                     if let Err(e) = self.store.clear_activating(&id) {
                         tracing::warn!("activation marker for {} not removed: {e}", id.short());
                     }
                 }
+                let mesh = &self.mesh;
+                self.state.interrupted.retain(|hex, _| {
+                    hex.parse::<ManifestId>()
+                        .is_ok_and(|id| mesh.manifest(&id).is_some())
+                });
                 self.save_state();
             }
             Err(e) => tracing::warn!("activation markers unreadable: {e}"),
