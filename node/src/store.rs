@@ -1893,6 +1893,7 @@ mod tests {
                     detail: "too big".into(),
                 },
             )]),
+            interrupted: BTreeMap::from([(m1.to_hex(), 1)]),
         };
         {
             let store = open(&dir);

@@ -36,6 +36,9 @@ const EXPLAINED: &[(&str, &str)] = &[
     ("was halted", "the operator halted a staged release"),
 ];
 
+/// Minutes since the start, resident KiB, open descriptors, threads.
+type Sample = (f64, u64, u64, u64);
+
 /// One sample of a process: resident KiB, open descriptors, threads.
 fn sample(pid: u32) -> Option<(u64, u64, u64)> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -211,7 +214,7 @@ fn soak() {
 
     let start = Instant::now();
     let end = start + Duration::from_secs(minutes * 60);
-    let mut samples: BTreeMap<(usize, usize), Vec<(f64, u64, u64, u64)>> = BTreeMap::new();
+    let mut samples: BTreeMap<(usize, usize), Vec<Sample>> = BTreeMap::new();
     let mut next_sample = start;
     let mut version = 1u64;
     let mut last_active = 1u64; // what the plan ends on so far
