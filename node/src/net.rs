@@ -517,9 +517,9 @@ pub struct ReadDeadlines {
     /// From the stream's arrival to the end of its first frame (the Hello). Honest peers
     /// write their Hello as soon as the stream is open.
     pub hello: Duration,
-    /// A later frame must be whole `grace + length / min_rate` after its first byte.
-    /// There is no limit on the wait for that first byte: a quiet peer is not a stalled
-    /// one.
+    /// A later frame must be whole `grace + length / min_rate` after its first byte, and
+    /// no two of its reads may be more than `grace` apart (a stalled peer). There is no
+    /// limit on the wait for that first byte: a quiet peer is not a stalled one.
     pub grace: Duration,
     /// Bytes per second (see `grace`).
     pub min_rate: u64,
@@ -530,12 +530,16 @@ pub struct ReadDeadlines {
 impl ReadDeadlines {
     /// The defaults: 10 s for the Hello; `grace` the core's chunk request timeout, so a
     /// chunk that answers a request in time always meets its deadline; a minimum rate of
-    /// 1 MiB/s on top, which gives the largest chunk frame (16 MiB) 46 s.
+    /// 16 KiB/s on top. A frame's buffer grows only as its bytes arrive, so a slow frame
+    /// holds little of the budget and the rate can be low: a 1 MiB chunk frame may take
+    /// 94 s, enough for one of several connections sharing a 2 Mbit/s uplink with 5% loss
+    /// (the core stretches its request deadlines on such links too); a stalled one is cut
+    /// after `grace` without a byte.
     pub fn new(request_timeout: Duration) -> Self {
         ReadDeadlines {
             hello: Duration::from_secs(10),
             grace: request_timeout,
-            min_rate: 1 << 20,
+            min_rate: 16 << 10,
         }
     }
 
@@ -623,6 +627,7 @@ async fn read_body<S: AsyncRead + Unpin>(
     kind: u8,
     len: usize,
     budget: &Arc<Semaphore>,
+    stall: Duration,
 ) -> Result<(Vec<u8>, FrameBytes), ReadEnd> {
     let take = |n: usize| {
         let budget = budget.clone();
@@ -649,7 +654,10 @@ async fn read_body<S: AsyncRead + Unpin>(
             let end = (filled + READ_PIECE).min(len).min(buf.capacity());
             buf.resize(end, 0);
         }
-        let n = stream.read(&mut buf[filled..]).await.map_err(io_end)?;
+        let n = tokio::time::timeout(stall, stream.read(&mut buf[filled..]))
+            .await
+            .map_err(|_| ReadEnd::TimedOut("frame"))?
+            .map_err(io_end)?;
         if n == 0 {
             return Err(ReadEnd::Closed);
         }
@@ -692,7 +700,8 @@ async fn read_frame<S: AsyncRead + Unpin>(
         )));
     }
     let body_by = hello_by.unwrap_or(started + shared.deadlines.frame(len));
-    tokio::time::timeout_at(body_by, read_body(stream, kind, len, &shared.budget))
+    let stall = shared.deadlines.grace;
+    tokio::time::timeout_at(body_by, read_body(stream, kind, len, &shared.budget, stall))
         .await
         .unwrap_or(Err(ReadEnd::TimedOut(what)))
 }
@@ -1016,6 +1025,60 @@ mod tests {
         assert_eq!(within(reader).await.unwrap(), ReadEnd::TimedOut("frame"));
         assert_eq!(budget.available_permits(), FRAME_BUDGET);
         drop(tx);
+    }
+
+    /// A frame that arrives slowly but steadily is read whole, past the grace alone; one
+    /// whose bytes stop for longer than the grace is cut though its rate deadline is far.
+    #[tokio::test]
+    async fn a_slow_frame_is_read_and_a_stalled_one_cut_before_its_rate_deadline() {
+        let deadlines = ReadDeadlines {
+            hello: Duration::from_millis(200),
+            grace: Duration::from_millis(300),
+            min_rate: 16 << 10,
+        };
+        let chunk = wire::encode_chunk_frame(
+            &ChunkHeader {
+                id: 1,
+                file: ContentId([0; 32]),
+                index: 0,
+            },
+            &vec![7; 64 << 10],
+        );
+        let framed_chunk = framed(&chunk);
+        for stalled in [false, true] {
+            let (s, mut rx) = shared(deadlines, FRAME_BUDGET);
+            let (tx, mut st) = stream();
+            tx.unbounded_send(Ok(hello())).unwrap();
+            let reader =
+                tokio::spawn(async move { read_frames(PeerId::random(), 0, &mut st, &s).await });
+            assert!(matches!(
+                within(rx.recv()).await,
+                Some(NetEvent::Hello { .. })
+            ));
+            // 64 KiB in 16 pieces 60 ms apart: about 1 s, past the grace (0.3 s), inside
+            // grace + length / rate (4.3 s). Stalled: 0.5 s without a byte halfway.
+            let t = Instant::now();
+            for (k, piece) in framed_chunk.chunks(framed_chunk.len() / 16 + 1).enumerate() {
+                if stalled && k == 8 {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    break;
+                }
+                tx.unbounded_send(Ok(piece.to_vec())).unwrap();
+                tokio::time::sleep(Duration::from_millis(60)).await;
+            }
+            if stalled {
+                assert_eq!(within(reader).await.unwrap(), ReadEnd::TimedOut("frame"));
+                assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+            } else {
+                assert!(matches!(
+                    within(rx.recv()).await,
+                    Some(NetEvent::Chunk { .. })
+                ));
+                assert!(t.elapsed() > deadlines.grace * 2, "{:?}", t.elapsed());
+                drop(tx);
+                assert_eq!(within(reader).await.unwrap(), ReadEnd::Closed);
+            }
+        }
     }
 
     #[tokio::test]
