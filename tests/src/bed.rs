@@ -458,6 +458,24 @@ impl Bed {
         }
     }
 
+    /// Set a network sysctl (e.g. `net.ipv4.tcp_retries2`) in every node's namespace
+    /// (they are per namespace).
+    pub fn node_sysctl(&self, key: &str, value: &str) {
+        for (i, site) in self.sites.iter().enumerate() {
+            for j in 0..site.nodes {
+                must(&[
+                    "ip",
+                    "netns",
+                    "exec",
+                    &self.node_ns(i, j),
+                    "sysctl",
+                    "-qw",
+                    &format!("{key}={value}"),
+                ]);
+            }
+        }
+    }
+
     /// The delay line's counters (`forwarded`, `lost`, `overflow`, …), as last written.
     pub fn delayline_stats(&self) -> serde_json::Value {
         std::fs::read(&self.stats_file)

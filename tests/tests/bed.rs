@@ -466,6 +466,68 @@ fn a_site_offline_during_a_release_catches_up_with_one_wan_copy() {
     );
 }
 
+/// A site cut off long enough for its connections across the WAN to die (TCP here gives
+/// up after 4 retransmissions, a few seconds, where a default kernel takes about 15
+/// minutes: an outage of hours, compressed), while a release goes out: when the link
+/// returns, the site's nodes find the rest of the mesh again by themselves (their LAN
+/// peers keep them from being alone, so only a node that looks for peers while it has
+/// fewer than it wants gets back) and fetch the release.
+#[test]
+fn a_site_whose_wan_connections_died_reconnects_and_catches_up() {
+    if !long_ones("a_site_whose_wan_connections_died_reconnects_and_catches_up") {
+        return;
+    }
+    let _serial = serial();
+    let sites = vec![
+        Site::new("hq", 2, 20.0, Duration::from_millis(20)),
+        Site::new("far", 3, 20.0, Duration::from_millis(40)),
+    ];
+    let Some(b) = Bed::new(sites, 17) else {
+        return;
+    };
+    b.node_sysctl("net.ipv4.tcp_retries2", "4");
+    let tmp = tempfile::tempdir().expect("tmp");
+    let op = Operator::new(&tmp.path().join("op"), false);
+    let trust = vec!["--trust".to_string(), op.trust_file.display().to_string()];
+    let nodes = b.start_nodes(tmp.path(), 0, &trust);
+    bed::wait_meshed(&nodes, Duration::from_secs(60));
+    let far: Vec<&Node> = nodes[1].iter().collect();
+    let wan_peers = |n: &Node| {
+        bed::status(n).map_or(0, |s| s.peers.iter().filter(|p| p.site != s.site).count())
+    };
+    b.set_wan(1, false);
+    let cut = Instant::now();
+    // The connections across the cut die (the far site's nodes keep only LAN peers).
+    for n in &far {
+        while wan_peers(n) > 0 {
+            assert!(
+                cut.elapsed() < Duration::from_secs(120),
+                "{}: WAN connections never died",
+                n.dir.display()
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+    eprintln!("WAN connections gone {:?} after the cut", cut.elapsed());
+    let file = tmp.path().join("model.bin");
+    std::fs::write(&file, test_bytes(4 << 20, 33)).expect("write");
+    bed::publish(&op, &nodes[0][0], &file, "bed.model", 1, 1 << 20);
+    std::thread::sleep(Duration::from_secs(30));
+    let w = Watch::new(&far, "bed.model", 1);
+    b.set_wan(1, true);
+    let times = w.wait(Duration::from_secs(150));
+    eprintln!(
+        "far site after the link returned: t50 {:?}, t100 {:?}; WAN peers {:?}",
+        bed::quantile(&times, 0.5),
+        bed::quantile(&times, 1.0),
+        far.iter().map(|n| wan_peers(n)).collect::<Vec<_>>()
+    );
+    assert!(
+        times.iter().all(Option::is_some),
+        "the far site never caught up: {times:?}"
+    );
+}
+
 /// One release from site `hq` (2 nodes) to site `far` (3 nodes) on 20 Mbit/s links, with
 /// `far`'s WAN link given `loss` and `jitter`: the far site's t100 after the publish.
 fn far_site_time(size: usize, loss: f64, jitter: Duration, seed: u64) -> Option<Duration> {

@@ -922,7 +922,11 @@ impl Actor {
                     self.persist.send_next(permit);
                 }
                 _ = redial.tick() => {
-                    if self.peers.is_empty() {
+                    // Not only when alone: a site cut off for hours keeps its LAN peers,
+                    // and by the time its link returns its routing table may have lost
+                    // every address across the WAN (each failed dial drops one); the
+                    // bootstrap peers and a fresh lookup find the mesh again.
+                    if self.peers.len() < self.cfg.target_peers {
                         self.bootstrap();
                     }
                 }
