@@ -930,6 +930,23 @@ mod tests {
         (s, rx)
     }
 
+    /// A reader task on a test stream, once it has handed the peer's Hello to the actor:
+    /// the stream's feed and the task.
+    async fn reader_past_hello(
+        s: ReaderShared,
+        rx: &mut mpsc::Receiver<NetEvent>,
+    ) -> (Feed, tokio::task::JoinHandle<ReadEnd>) {
+        let (tx, mut st) = stream();
+        tx.unbounded_send(Ok(hello())).unwrap();
+        let reader =
+            tokio::spawn(async move { read_frames(PeerId::random(), 0, &mut st, &s).await });
+        assert!(matches!(
+            within(rx.recv()).await,
+            Some(NetEvent::Hello { .. })
+        ));
+        (tx, reader)
+    }
+
     fn quick() -> ReadDeadlines {
         ReadDeadlines {
             hello: Duration::from_millis(200),
@@ -1047,14 +1064,7 @@ mod tests {
         let framed_chunk = framed(&chunk);
         for stalled in [false, true] {
             let (s, mut rx) = shared(deadlines, FRAME_BUDGET);
-            let (tx, mut st) = stream();
-            tx.unbounded_send(Ok(hello())).unwrap();
-            let reader =
-                tokio::spawn(async move { read_frames(PeerId::random(), 0, &mut st, &s).await });
-            assert!(matches!(
-                within(rx.recv()).await,
-                Some(NetEvent::Hello { .. })
-            ));
+            let (tx, reader) = reader_past_hello(s, &mut rx).await;
             // 64 KiB in 16 pieces 60 ms apart: about 1 s, past the grace (0.3 s), inside
             // grace + length / rate (4.3 s). Stalled: 0.5 s without a byte halfway.
             let t = Instant::now();
@@ -1084,14 +1094,7 @@ mod tests {
     #[tokio::test]
     async fn a_quiet_peer_after_its_hello_is_not_closed() {
         let (s, mut rx) = shared(quick(), FRAME_BUDGET);
-        let (tx, mut st) = stream();
-        tx.unbounded_send(Ok(hello())).unwrap();
-        let reader =
-            tokio::spawn(async move { read_frames(PeerId::random(), 0, &mut st, &s).await });
-        assert!(matches!(
-            within(rx.recv()).await,
-            Some(NetEvent::Hello { .. })
-        ));
+        let (tx, reader) = reader_past_hello(s, &mut rx).await;
         tokio::time::sleep(Duration::from_millis(600)).await;
         assert!(
             !reader.is_finished(),

@@ -37,6 +37,30 @@ fn long_ones(test: &str) -> bool {
     on
 }
 
+/// Real nodes on a bed, started under a fresh operator's trust root (with `extra`
+/// arguments; the first node of site 0 bootstraps the rest) and meshed. Fields drop in
+/// order: the nodes before the bed. `POLLEN_BED_KEEP=1` keeps the data directories.
+struct Meshed {
+    nodes: Vec<Vec<Node>>,
+    op: Operator,
+    tmp: tempfile::TempDir,
+    b: Bed,
+}
+
+fn meshed(b: Bed, extra: &[&str]) -> Meshed {
+    let mut tmp = tempfile::tempdir().expect("tmp");
+    if std::env::var_os("POLLEN_BED_KEEP").is_some() {
+        eprintln!("keeping {}", tmp.path().display());
+        tmp.disable_cleanup(true);
+    }
+    let op = Operator::new(&tmp.path().join("op"), false);
+    let mut args = vec!["--trust".to_string(), op.trust_file.display().to_string()];
+    args.extend(extra.iter().map(|a| a.to_string()));
+    let nodes = b.start_nodes(tmp.path(), 0, &args);
+    bed::wait_meshed(&nodes, Duration::from_secs(60));
+    Meshed { nodes, op, tmp, b }
+}
+
 /// Time of a TCP handshake from node (0,0) to node (1,0): one round trip.
 fn connect_time(b: &Bed, port: u16) -> Option<Duration> {
     let dst = format!("{}:{port}", b.node_ip(1, 0));
@@ -415,16 +439,9 @@ fn a_site_offline_during_a_release_catches_up_with_one_wan_copy() {
     let Some(b) = Bed::new(sites, 9) else {
         return;
     };
-    let tmp = tempfile::tempdir().expect("tmp");
-    let keep = std::env::var_os("POLLEN_BED_KEEP").is_some();
-    if keep {
-        eprintln!("keeping {}", tmp.path().display());
-    }
-    let op = Operator::new(&tmp.path().join("op"), false);
-    let trust = vec!["--trust".to_string(), op.trust_file.display().to_string()];
-    let nodes = b.start_nodes(tmp.path(), 0, &trust);
-    bed::wait_meshed(&nodes, Duration::from_secs(60));
-    let file = tmp.path().join("model.bin");
+    let m = meshed(b, &[]);
+    let (b, nodes, op) = (&m.b, &m.nodes, &m.op);
+    let file = m.tmp.path().join("model.bin");
     std::fs::write(&file, test_bytes(size, 31)).expect("write");
     let far: Vec<&Node> = nodes[1].iter().collect();
     let wan_before = b.wan_bytes(1).0;
@@ -440,9 +457,6 @@ fn a_site_offline_during_a_release_catches_up_with_one_wan_copy() {
     b.set_wan(1, true);
     let restored = Instant::now();
     let times = w.wait(Duration::from_secs(180));
-    if keep {
-        let _ = tmp.keep();
-    }
     let into = (b.wan_bytes(1).0 - wan_before) as f64 / size as f64;
     let back = restored.duration_since(start);
     let t100 = bed::quantile(&times, 1.0);
@@ -486,11 +500,8 @@ fn a_site_whose_wan_connections_died_reconnects_and_catches_up() {
         return;
     };
     b.node_sysctl("net.ipv4.tcp_retries2", "4");
-    let tmp = tempfile::tempdir().expect("tmp");
-    let op = Operator::new(&tmp.path().join("op"), false);
-    let trust = vec!["--trust".to_string(), op.trust_file.display().to_string()];
-    let nodes = b.start_nodes(tmp.path(), 0, &trust);
-    bed::wait_meshed(&nodes, Duration::from_secs(60));
+    let m = meshed(b, &[]);
+    let (b, nodes, op) = (&m.b, &m.nodes, &m.op);
     let far: Vec<&Node> = nodes[1].iter().collect();
     let wan_peers = |n: &Node| {
         bed::status(n).map_or(0, |s| s.peers.iter().filter(|p| p.site != s.site).count())
@@ -509,7 +520,7 @@ fn a_site_whose_wan_connections_died_reconnects_and_catches_up() {
         }
     }
     eprintln!("WAN connections gone {:?} after the cut", cut.elapsed());
-    let file = tmp.path().join("model.bin");
+    let file = m.tmp.path().join("model.bin");
     std::fs::write(&file, test_bytes(4 << 20, 33)).expect("write");
     bed::publish(&op, &nodes[0][0], &file, "bed.model", 1, 1 << 20);
     std::thread::sleep(Duration::from_secs(30));
@@ -535,13 +546,9 @@ fn far_site_time(size: usize, loss: f64, jitter: Duration, seed: u64) -> Option<
     let mut far = Site::new("far", 3, 20.0, Duration::from_millis(40));
     far.wan_loss = loss;
     far.wan_jitter = jitter;
-    let b = Bed::new(vec![hq, far], seed)?;
-    let tmp = tempfile::tempdir().expect("tmp");
-    let op = Operator::new(&tmp.path().join("op"), false);
-    let trust = vec!["--trust".to_string(), op.trust_file.display().to_string()];
-    let nodes = b.start_nodes(tmp.path(), 0, &trust);
-    bed::wait_meshed(&nodes, Duration::from_secs(60));
-    let file = tmp.path().join("model.bin");
+    let m = meshed(Bed::new(vec![hq, far], seed)?, &[]);
+    let (nodes, op) = (&m.nodes, &m.op);
+    let file = m.tmp.path().join("model.bin");
     std::fs::write(&file, test_bytes(size, seed)).expect("write");
     let far: Vec<&Node> = nodes[1].iter().collect();
     let w = Watch::new(&far, "bed.model", 1);
@@ -593,12 +600,9 @@ fn a_slow_lossy_site_is_used_not_banned() {
     let Some(b) = Bed::new(vec![field, hq], 43) else {
         return;
     };
-    let tmp = tempfile::tempdir().expect("tmp");
-    let op = Operator::new(&tmp.path().join("op"), false);
-    let trust = vec!["--trust".to_string(), op.trust_file.display().to_string()];
-    let nodes = b.start_nodes(tmp.path(), 0, &trust);
-    bed::wait_meshed(&nodes, Duration::from_secs(60));
-    let file = tmp.path().join("model.bin");
+    let m = meshed(b, &[]);
+    let (b, nodes, op) = (&m.b, &m.nodes, &m.op);
+    let file = m.tmp.path().join("model.bin");
     std::fs::write(&file, test_bytes(size, 43)).expect("write");
     let hq: Vec<&Node> = nodes[1].iter().collect();
     let w = Watch::new(&hq, "bed.model", 1);
@@ -678,16 +682,8 @@ fn a_partition_during_a_staged_rollout_heals_into_one_rollout() {
     let Some(b) = Bed::new(sites, 13) else {
         return;
     };
-    let tmp = tempfile::tempdir().expect("tmp");
-    let op = Operator::new(&tmp.path().join("op"), false);
-    let args = vec![
-        "--trust".to_string(),
-        op.trust_file.display().to_string(),
-        "--health-interval".to_string(),
-        "2s".to_string(),
-    ];
-    let nodes = b.start_nodes(tmp.path(), 0, &args);
-    bed::wait_meshed(&nodes, Duration::from_secs(60));
+    let m = meshed(b, &["--health-interval", "2s"]);
+    let (b, nodes, op, tmp) = (&m.b, &m.nodes, &m.op, &m.tmp);
     let all: Vec<&Node> = nodes.iter().flatten().collect();
     let publisher = &nodes[0][0];
     let publish = |v: u64, model: &str, golden: &str, extra: &[&str]| {
