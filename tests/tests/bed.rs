@@ -447,7 +447,7 @@ fn a_site_offline_during_a_release_catches_up_with_one_wan_copy() {
     let wan_before = b.wan_bytes(1).0;
     let w = Watch::new(&far, "bed.model", 1);
     let start = w.start;
-    bed::publish(&op, &nodes[0][0], &file, "bed.model", 1, 1 << 20);
+    bed::publish(op, &nodes[0][0], &file, "bed.model", 1, 1 << 20);
     std::thread::sleep(Duration::from_secs(1));
     b.set_wan(1, false);
     let cut_at = (b.wan_bytes(1).0 - wan_before) as f64 / size as f64;
@@ -522,7 +522,7 @@ fn a_site_whose_wan_connections_died_reconnects_and_catches_up() {
     eprintln!("WAN connections gone {:?} after the cut", cut.elapsed());
     let file = m.tmp.path().join("model.bin");
     std::fs::write(&file, test_bytes(4 << 20, 33)).expect("write");
-    bed::publish(&op, &nodes[0][0], &file, "bed.model", 1, 1 << 20);
+    bed::publish(op, &nodes[0][0], &file, "bed.model", 1, 1 << 20);
     std::thread::sleep(Duration::from_secs(30));
     let w = Watch::new(&far, "bed.model", 1);
     b.set_wan(1, true);
@@ -552,7 +552,7 @@ fn far_site_time(size: usize, loss: f64, jitter: Duration, seed: u64) -> Option<
     std::fs::write(&file, test_bytes(size, seed)).expect("write");
     let far: Vec<&Node> = nodes[1].iter().collect();
     let w = Watch::new(&far, "bed.model", 1);
-    bed::publish(&op, &nodes[0][0], &file, "bed.model", 1, 1 << 20);
+    bed::publish(op, &nodes[0][0], &file, "bed.model", 1, 1 << 20);
     let times = w.wait(Duration::from_secs(300));
     let banned: f64 = nodes
         .iter()
@@ -606,7 +606,7 @@ fn a_slow_lossy_site_is_used_not_banned() {
     std::fs::write(&file, test_bytes(size, 43)).expect("write");
     let hq: Vec<&Node> = nodes[1].iter().collect();
     let w = Watch::new(&hq, "bed.model", 1);
-    bed::publish(&op, &nodes[0][0], &file, "bed.model", 1, 256 << 10);
+    bed::publish(op, &nodes[0][0], &file, "bed.model", 1, 256 << 10);
     let times = w.wait(Duration::from_secs(if full() { 900 } else { 300 }));
     let (into, _) = b.wan_bytes(1);
     let mut penalties = 0.0;
