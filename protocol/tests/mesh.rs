@@ -1318,3 +1318,47 @@ fn nodes_fetch_only_their_variant_and_the_publisher_seeds_the_others() {
         "the publisher keeps both variants"
     );
 }
+
+/// A publisher pins what it publishes, right after the publish (as the node does). With
+/// every older release pinned, trimming the channel to `retained_versions` once removed
+/// the release just published: the fifth publish on a node vanished from its publisher
+/// (found by the soak: the publisher never served it, and a rollback to it failed). The
+/// newest release is never trimmed.
+#[test]
+fn a_publisher_keeps_every_release_it_publishes_past_the_retained_count() {
+    let (mut h, op) = harness(4, 61);
+    let keep = Config::default().retained_versions as u64;
+    for v in 1..=keep + 3 {
+        let spec = random_file_spec(40_000 + v as usize * 1000, 16 * 1024, 60 + v);
+        let m = sign(
+            &op,
+            "vision.defects",
+            v,
+            &spec,
+            RolloutPlan::immediate(),
+            h.wall(),
+        );
+        h.publish(0, &m, &[&spec]).unwrap();
+        h.command(
+            0,
+            Command::Pin(pollen_protocol::ids::ManifestId(m.body_hash())),
+        )
+        .unwrap();
+        assert!(
+            h.nodes[0].mesh.release(&vision(), v).is_some(),
+            "v{v}: the publisher dropped the release it just published"
+        );
+        h.run_for(Duration::from_secs(20));
+        for i in 0..4 {
+            assert_eq!(
+                h.nodes[i].active.get(&vision()).map(|a| a.0),
+                Some(v),
+                "node {i} after v{v}"
+            );
+        }
+    }
+    // Everything it published is still there to roll back to.
+    for v in 1..=keep + 3 {
+        assert!(h.nodes[0].mesh.release(&vision(), v).is_some(), "v{v} kept");
+    }
+}

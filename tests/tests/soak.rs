@@ -105,8 +105,11 @@ fn soak() {
     let Some(b) = Bed::new(vec![hq, far], 77) else {
         return;
     };
-    let tmp = tempfile::tempdir().expect("tmp");
+    let mut tmp = tempfile::tempdir().expect("tmp");
     eprintln!("soak for {minutes} min in {}", tmp.path().display());
+    if std::env::var_os("POLLEN_BED_KEEP").is_some() {
+        tmp.disable_cleanup(true);
+    }
     let op = Operator::new(&tmp.path().join("op"), false);
     let args = vec![
         "--trust".to_string(),

@@ -121,7 +121,9 @@ impl<R: Rng> Mesh<R> {
     }
 
     /// Keep at most `retained_versions` releases per channel, never the active or the
-    /// previous one.
+    /// previous one, nor the newest (a publisher pins what it publishes only after the
+    /// publish: with every older release pinned, the release just published was the one
+    /// trimmed).
     pub(super) fn trim_channel(&mut self, channel: &Channel) {
         let keep = self.config.retained_versions.max(2);
         let Some(c) = self.channels.get_mut(channel) else {
@@ -133,6 +135,7 @@ impl<R: Rng> Mesh<R> {
             .chain(c.previous.iter())
             .map(|a| a.0)
             .chain(c.pinned_version)
+            .chain(c.releases.keys().next_back().copied())
             .collect();
         protected.extend(
             c.releases
