@@ -394,42 +394,16 @@ impl Bed {
         shape(&self.node_ns(i, j), "eth0", rate);
     }
 
-    /// Bytes that crossed site `i`'s WAN link: (into the site, out of it).
+    /// Bytes that crossed site `i`'s WAN link: (into the site, out of it). The router's
+    /// end of the link sends what goes into the site.
     pub fn wan_bytes(&self, i: usize) -> (u64, u64) {
-        let out = Command::new("ip")
-            .args(["-n", &self.router(), "-s", "-j", "link", "show", "dev"])
-            .arg(format!("s{i}"))
-            .output()
-            .expect("ip link show");
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("ip -j output");
-        let st = &v[0]["stats64"];
-        (
-            st["tx"]["bytes"].as_u64().unwrap_or(0),
-            st["rx"]["bytes"].as_u64().unwrap_or(0),
-        )
+        let (rx, tx) = link_bytes(&self.router(), &format!("s{i}"));
+        (tx, rx)
     }
 
     /// Bytes through node `j` of site `i`'s network interface: (received, sent).
     pub fn node_bytes(&self, i: usize, j: usize) -> (u64, u64) {
-        let out = Command::new("ip")
-            .args([
-                "-n",
-                &self.node_ns(i, j),
-                "-s",
-                "-j",
-                "link",
-                "show",
-                "dev",
-                "eth0",
-            ])
-            .output()
-            .expect("ip link show");
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("ip -j output");
-        let st = &v[0]["stats64"];
-        (
-            st["rx"]["bytes"].as_u64().unwrap_or(0),
-            st["tx"]["bytes"].as_u64().unwrap_or(0),
-        )
+        link_bytes(&self.node_ns(i, j), "eth0")
     }
 
     /// Drop (`blocked = true`) or pass again what site `i` sends to node `j` of site `k`
@@ -584,6 +558,20 @@ impl Drop for Bed {
         }
         let _ = std::fs::remove_file(&self.stats_file);
     }
+}
+
+/// Bytes device `dev` in namespace `ns` has counted: (received, sent).
+fn link_bytes(ns: &str, dev: &str) -> (u64, u64) {
+    let out = Command::new("ip")
+        .args(["-n", ns, "-s", "-j", "link", "show", "dev", dev])
+        .output()
+        .expect("ip link show");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("ip -j output");
+    let st = &v[0]["stats64"];
+    (
+        st["rx"]["bytes"].as_u64().unwrap_or(0),
+        st["tx"]["bytes"].as_u64().unwrap_or(0),
+    )
 }
 
 /// Run `f` on a thread inside network namespace `ns` (a thread's namespace is its own:

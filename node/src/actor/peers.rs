@@ -161,10 +161,7 @@ impl Actor {
             s.same_site.store(same, Ordering::Relaxed);
         }
         let node = c.node;
-        self.metrics.peers.store(
-            self.peers.values().filter(|p| p.up).count() as u64,
-            Ordering::Relaxed,
-        );
+        self.count_peers();
         let rtt = None;
         self.handle(Input::PeerUp {
             peer: node,
@@ -174,6 +171,14 @@ impl Actor {
                 cert: hello.cert,
             },
         });
+    }
+
+    /// Publish the number of peers that are up in `/metrics`.
+    pub(super) fn count_peers(&self) {
+        self.metrics.peers.store(
+            self.peers.values().filter(|p| p.up).count() as u64,
+            Ordering::Relaxed,
+        );
     }
 
     /// Remember that chunk request `id` for chunk `index` of `file` went to `node`.

@@ -227,10 +227,7 @@ impl Actor {
             self.spawn_writer(peer_id);
         }
         if was_up {
-            self.metrics.peers.store(
-                self.peers.values().filter(|p| p.up).count() as u64,
-                Ordering::Relaxed,
-            );
+            self.count_peers();
             self.handle(Input::PeerDown { peer: node });
         }
     }
@@ -258,10 +255,7 @@ impl Actor {
                     self.handle(Input::PeerDown { peer: c.node });
                 }
             }
-            self.metrics.peers.store(
-                self.peers.values().filter(|p| p.up).count() as u64,
-                Ordering::Relaxed,
-            );
+            self.count_peers();
         }
     }
 
