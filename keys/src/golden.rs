@@ -21,7 +21,7 @@
 //! the check's own `tolerance` and `rtol` its entry in `ServingSpec::golden_rtol`. For
 //! test data directories the defaults are [`DEFAULT_ATOL`] and [`DEFAULT_RTOL`].
 
-use crate::onnx_pb::{GraphIo, ValueKind, dtype_of_onnx, graph_io, read_tensor};
+use crate::onnx_pb::{GraphIo, ValueKind, dtype_of_onnx, graph_io, read_map_sequence, read_tensor};
 use anyhow::{Context, Result, bail};
 use pollen_protocol::chunking::spec_for_bytes;
 use pollen_protocol::manifest::{
@@ -65,12 +65,15 @@ impl Role {
 /// N), or `dir` itself a data set holding `input_K.pb` files. Each `.pb` is a serialised
 /// `TensorProto` of any fixed-size element type and shape ([`read_tensor`]); a tensor is
 /// named by its `name`, else by its position `K` among the graph inputs (initializers
-/// left out) or outputs of `model`, the ONNX file. Files named otherwise (such as
+/// left out) or outputs of `model`, the ONNX file. The output of a `ZipMap` (a
+/// `SequenceProto` of maps, as onnxruntime and the ONNX tools write it) is read as the
+/// probability tensor the node serves in its place: one row per map, one column per class
+/// label in the ZipMap's order ([`read_map_sequence`]). Files named otherwise (such as
 /// `zipmap_output_0_as_tensor.pb`) are ignored. Every check gets `atol` as its
 /// tolerance.
 ///
 /// Refused, naming the file: a name the model does not have, a tensor where the model has
-/// a sequence, map or optional value, an element type other than the model's, a gap in
+/// a sequence, map or optional value (other than a ZipMap's), an element type other than the model's, a gap in
 /// the numbering, a data set without outputs, more than [`MAX_GOLDEN`] data sets, or
 /// more than [`MAX_GOLDEN_FILE`] bytes of tensors.
 pub fn golden_from_dir(dir: &Path, model: &Path, atol: f32) -> Result<Vec<GoldenCheck>> {
@@ -199,6 +202,12 @@ fn read_pb(
     let t = match read_tensor(&bytes) {
         Ok(t) => t,
         Err(e) => {
+            if role == Role::Output
+                && let Some(t) = zipmap_output(&bytes, k, io)?
+            {
+                *budget = budget.saturating_sub(t.data.len() as u64);
+                return Ok(t);
+            }
             // A sequence or map in the model explains an unreadable file best.
             if let Some(v) = values.get(k)
                 && !matches!(v.kind, ValueKind::Tensor(_))
@@ -249,6 +258,36 @@ fn read_pb(
         shape: t.shape,
         data: t.data,
     })
+}
+
+/// A `ZipMap` output's golden data, a sequence of maps (label to probability, one map per
+/// row), as the probability tensor the node serves for it (`None` if output `k` or the
+/// sequence's name is not a ZipMap's output).
+fn zipmap_output(bytes: &[u8], k: usize, io: &GraphIo) -> Result<Option<TensorData>> {
+    let Some(name) = io
+        .outputs
+        .get(k)
+        .filter(|v| v.kind == ValueKind::Sequence)
+        .map(|v| v.name.clone())
+    else {
+        return Ok(None);
+    };
+    let Some(labels) = io.zipmap(&name) else {
+        return Ok(None);
+    };
+    let (seq_name, t) =
+        read_map_sequence(bytes, labels).with_context(|| format!("the ZipMap output {name:?}"))?;
+    if let Some(n) = seq_name
+        && n != name
+    {
+        bail!("the sequence is named {n:?}, but output {k} of the model is {name:?}");
+    }
+    Ok(Some(TensorData {
+        name,
+        dtype: t.dtype,
+        shape: t.shape,
+        data: t.data,
+    }))
 }
 
 /// Put `checks` in the manifest `body`, with relative tolerance `rtol` for every check
@@ -472,6 +511,97 @@ mod tests {
         let one = golden_from_dir(&root.join("test_data_set_10"), &model, 0.0).expect("one set");
         assert_eq!(one.len(), 1);
         assert_eq!(one[0].inputs, checks[1].inputs);
+    }
+
+    #[test]
+    fn a_zipmaps_sequence_of_maps_is_read_as_the_probability_tensor_served() {
+        use crate::onnx_pb::pbw::*;
+        let dir = tempfile::tempdir().expect("tmp");
+        // x -> Identity -> y -> ZipMap(labels "b", "a") -> s
+        let mut seq = Vec::new();
+        put_bytes(4, &tensor_type(1), &mut seq);
+        let mut attr = Vec::new();
+        put_bytes(1, b"classlabels_strings", &mut attr);
+        put_bytes(9, b"b", &mut attr);
+        put_bytes(9, b"a", &mut attr);
+        let mut zipmap = Vec::new();
+        put_bytes(1, b"y", &mut zipmap);
+        put_bytes(2, b"s", &mut zipmap);
+        put_bytes(4, b"ZipMap", &mut zipmap);
+        put_bytes(5, &attr, &mut zipmap);
+        let mut g = Vec::new();
+        put_bytes(1, b"\x0a\x01x\x12\x01y\x22\x08Identity", &mut g);
+        put_bytes(1, &zipmap, &mut g);
+        put_bytes(11, &value("x", &tensor_type(1)), &mut g);
+        put_bytes(12, &value("y", &tensor_type(1)), &mut g);
+        put_bytes(12, &value("s", &seq), &mut g);
+        let mut m = Vec::new();
+        put_uint(1, 7, &mut m);
+        put_bytes(7, &g, &mut m);
+        let model = dir.path().join("model.onnx");
+        std::fs::write(&model, m).expect("model");
+        // onnxruntime's order: keys sorted ("a", "b"), not the labels' order.
+        let map = |a: f32, b: f32| {
+            let mut values = Vec::new();
+            put_uint(2, 1, &mut values);
+            for v in [a, b] {
+                put_bytes(3, &pb(None, 1, &[], &v.to_le_bytes()), &mut values);
+            }
+            let mut m = Vec::new();
+            put_uint(2, 8, &mut m);
+            put_bytes(4, b"a", &mut m);
+            put_bytes(4, b"b", &mut m);
+            put_bytes(5, &values, &mut m);
+            m
+        };
+        let sequence = |maps: &[Vec<u8>]| {
+            let mut s = Vec::new();
+            put_bytes(1, b"s", &mut s);
+            put_uint(2, 4, &mut s);
+            for m in maps {
+                put_bytes(6, m, &mut s);
+            }
+            s
+        };
+        let set = dir.path().join("test_data_set_0");
+        let x = pb(Some("x"), 1, &[2, 2], &[0; 16]);
+        let y = pb(Some("y"), 1, &[2, 2], &[0; 16]);
+        write_set(
+            &set,
+            &[
+                ("input_0.pb", x.clone()),
+                ("output_0.pb", y.clone()),
+                ("output_1.pb", sequence(&[map(0.25, 0.75), map(0.9, 0.1)])),
+            ],
+        );
+        let checks = golden_from_dir(&set, &model, 0.0).expect("golden");
+        let s = &checks[0].expected[1];
+        assert_eq!(
+            (s.name.as_str(), s.dtype, &s.shape[..]),
+            ("s", DType::F32, &[2u64, 2][..])
+        );
+        let got: Vec<f32> = s
+            .data
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .collect();
+        // Columns in the ZipMap's label order: "b", then "a".
+        assert_eq!(got, [0.75, 0.25, 0.1, 0.9]);
+        // A map without one of the labels is refused, naming it.
+        let mut partial = Vec::new();
+        put_bytes(4, b"a", &mut partial);
+        put_bytes(4, b"c", &mut partial);
+        let mut values = Vec::new();
+        for v in [0.5f32, 0.5] {
+            put_bytes(3, &pb(None, 1, &[], &v.to_le_bytes()), &mut values);
+        }
+        put_bytes(5, &values, &mut partial);
+        write_set(&set, &[("output_1.pb", sequence(&[partial]))]);
+        let e = golden_from_dir(&set, &model, 0.0).expect_err("refused");
+        assert!(
+            format!("{e:#}").contains("no key for the ZipMap's label"),
+            "{e:#}"
+        );
     }
 
     #[test]

@@ -388,6 +388,155 @@ pub struct GraphIo {
     pub inputs: Vec<GraphValue>,
     /// Outputs.
     pub outputs: Vec<GraphValue>,
+    /// The class labels of each `ZipMap` that produces an output, by output name: the
+    /// node serves such an output as the probability tensor the ZipMap wraps, one column
+    /// per label in this order.
+    pub zipmaps: Vec<(String, ZipLabels)>,
+}
+
+impl GraphIo {
+    /// The labels of the ZipMap producing output `name`.
+    pub fn zipmap(&self, name: &str) -> Option<&ZipLabels> {
+        self.zipmaps.iter().find(|(n, _)| n == name).map(|(_, l)| l)
+    }
+}
+
+/// A ZipMap's class labels (`classlabels_int64s` or `classlabels_strings`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ZipLabels {
+    /// Integer labels.
+    Ints(Vec<i64>),
+    /// String labels.
+    Strings(Vec<String>),
+}
+
+impl ZipLabels {
+    fn len(&self) -> usize {
+        match self {
+            ZipLabels::Ints(v) => v.len(),
+            ZipLabels::Strings(v) => v.len(),
+        }
+    }
+}
+
+/// `(outputs, labels)` of a `NodeProto` if it is a `ZipMap` (any domain spelling).
+fn zipmap_node(b: &[u8]) -> Option<(Vec<String>, ZipLabels)> {
+    let (mut op, mut outputs) = (None, Vec::new());
+    let (mut ints, mut strings) = (Vec::new(), Vec::new());
+    for (f, v) in fields(b)? {
+        match (f, v) {
+            (2, Value::Bytes(o)) => outputs.push(String::from_utf8(o.to_vec()).ok()?),
+            (4, Value::Bytes(o)) => op = Some(o),
+            (5, Value::Bytes(a)) => {
+                let attr = fields(a)?;
+                let name = attr.iter().find_map(|(f, v)| match (f, v) {
+                    (1, Value::Bytes(n)) => Some(*n),
+                    _ => None,
+                });
+                for (f, v) in attr {
+                    match (name, f) {
+                        (Some(b"classlabels_int64s"), 8) => push_varints(v, &mut ints)?,
+                        (Some(b"classlabels_strings"), 9) => match v {
+                            Value::Bytes(s) => strings.push(String::from_utf8(s.to_vec()).ok()?),
+                            _ => return None,
+                        },
+                        _ => {}
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    if op != Some(b"ZipMap".as_slice()) {
+        return None;
+    }
+    let labels = if strings.is_empty() {
+        ZipLabels::Ints(ints.into_iter().map(|v| v as i64).collect())
+    } else {
+        ZipLabels::Strings(strings)
+    };
+    Some((outputs, labels))
+}
+
+/// Most maps in a golden sequence, and most keys in one map: far past any classifier's
+/// batch and classes, and small enough that a hostile file costs little.
+const MAX_MAPS: usize = 1 << 20;
+
+/// Read a serialised `SequenceProto` of `MapProto`s (what onnxruntime and the ONNX
+/// tools write for a `ZipMap` output: one map per input row, class label to
+/// probability) as the probability tensor the node serves in its place: FLOAT, one row
+/// per map, one column per label of `labels` in order. Returns the sequence's name (if
+/// any) and the tensor. Refused: another kind of sequence, a map whose keys are not
+/// exactly the labels, a value that is not one float.
+pub fn read_map_sequence(bytes: &[u8], labels: &ZipLabels) -> Result<(Option<String>, PbTensor)> {
+    let malformed = || anyhow!("not a SequenceProto of maps: malformed protobuf");
+    let (mut name, mut maps) = (None, Vec::new());
+    for (f, v) in fields(bytes).ok_or_else(malformed)? {
+        match (f, v) {
+            (1, Value::Bytes(n)) if !n.is_empty() => {
+                name = Some(String::from_utf8(n.to_vec()).context("the name is not UTF-8")?)
+            }
+            (6, Value::Bytes(m)) => maps.push(m),
+            (3 | 4 | 5 | 7, _) => bail!("a sequence of something other than maps"),
+            _ => {}
+        }
+    }
+    if maps.len() > MAX_MAPS {
+        bail!("{} maps in one sequence, at most {MAX_MAPS}", maps.len());
+    }
+    let columns = labels.len();
+    let mut data = Vec::with_capacity(maps.len().saturating_mul(columns).saturating_mul(4));
+    for (row, m) in maps.iter().enumerate() {
+        let (mut ints, mut strings, mut values) = (Vec::new(), Vec::new(), None);
+        for (f, v) in fields(m).ok_or_else(malformed)? {
+            match f {
+                3 => push_varints(v, &mut ints).ok_or_else(malformed)?,
+                4 => match v {
+                    Value::Bytes(s) => strings.push(s),
+                    _ => return Err(malformed()),
+                },
+                5 => match v {
+                    Value::Bytes(s) => values = Some(s),
+                    _ => return Err(malformed()),
+                },
+                _ => {}
+            }
+        }
+        let mut tensors = Vec::new();
+        for (f, v) in fields(values.unwrap_or_default()).ok_or_else(malformed)? {
+            if let (3, Value::Bytes(t)) = (f, v) {
+                tensors.push(t);
+            }
+        }
+        let keys = ints.len().max(strings.len());
+        if keys != tensors.len() || keys != columns || keys > MAX_MAPS {
+            bail!(
+                "map {row} has {keys} keys and {} values; the ZipMap has {columns} labels",
+                tensors.len()
+            );
+        }
+        for c in 0..columns {
+            let at = match labels {
+                ZipLabels::Ints(l) => ints.iter().position(|k| *k as i64 == l[c]),
+                ZipLabels::Strings(l) => strings.iter().position(|k| *k == l[c].as_bytes()),
+            }
+            .ok_or_else(|| anyhow!("map {row} has no key for the ZipMap's label {c}"))?;
+            let t = read_tensor(tensors[at]).with_context(|| format!("map {row}, value {at}"))?;
+            let v = match (t.dtype, t.data.len()) {
+                (DType::F32, 4) => f32::from_le_bytes(t.data[..4].try_into()?),
+                (DType::F64, 8) => f64::from_le_bytes(t.data[..8].try_into()?) as f32,
+                _ => bail!("map {row}, value {at} is not one float"),
+            };
+            data.extend_from_slice(&v.to_le_bytes());
+        }
+    }
+    let tensor = PbTensor {
+        name: name.clone(),
+        dtype: DType::F32,
+        shape: vec![maps.len() as u64, columns as u64],
+        data,
+    };
+    Ok((name, tensor))
 }
 
 /// Longest `ValueInfoProto` or tensor name read from a model file.
@@ -527,6 +676,7 @@ fn graph_io_from<R: Read + Seek>(r: R, len: u64) -> Result<GraphIo> {
     let mut inputs = Vec::new();
     let mut outputs = Vec::new();
     let mut inits = std::collections::BTreeSet::new();
+    let mut zipmaps = Vec::new();
     let mut graphs = 0;
     // The name (field 8) of a TensorProto ending at `end`, skipping its data.
     fn tensor_name<R: Read + Seek>(w: &mut FileWalker<R>, end: u64) -> Result<Option<String>> {
@@ -555,6 +705,13 @@ fn graph_io_from<R: Read + Seek>(r: R, len: u64) -> Result<GraphIo> {
                     list.push(v);
                 }
                 5 => inits.extend(tensor_name(w, end)?),
+                // A node small enough to be a ZipMap (large ones are Constants and the
+                // like): read whole, its integer labels may be unpacked varints.
+                1 if len <= MAX_SMALL_FIELD => {
+                    if let Some((outs, labels)) = zipmap_node(&w.read(len)?) {
+                        zipmaps.extend(outs.into_iter().map(|o| (o, labels.clone())));
+                    }
+                }
                 15 => {
                     // SparseTensorProto.values (1) carries the name.
                     let mut name = None;
@@ -578,7 +735,12 @@ fn graph_io_from<R: Read + Seek>(r: R, len: u64) -> Result<GraphIo> {
         bail!("no graph");
     }
     inputs.retain(|v| !inits.contains(&v.name));
-    Ok(GraphIo { inputs, outputs })
+    zipmaps.retain(|(o, _)| outputs.iter().any(|v| &v.name == o));
+    Ok(GraphIo {
+        inputs,
+        outputs,
+        zipmaps,
+    })
 }
 
 /// A tiny protobuf writer for tests: fields, TensorProtos, models with named graph

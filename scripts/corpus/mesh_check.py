@@ -208,6 +208,8 @@ def main():
     ap.add_argument("--only")
     ap.add_argument("--runs", type=int, default=10)
     ap.add_argument("--timeout", type=int, default=300)
+    ap.add_argument("--min-served", type=int, default=0,
+                    help="fail when fewer models serve and match (a regression)")
     ap.add_argument("--no-golden", action="store_true",
                     help="publish without golden checks (to compare)")
     a = ap.parse_args()
@@ -354,6 +356,9 @@ def main():
     shutil.rmtree(root, ignore_errors=True)
     if wrong:
         print("served wrong: " + ", ".join(wrong), file=sys.stderr)
+        sys.exit(1)
+    if len(served) < a.min_served:
+        print(f"only {len(served)} served, {a.min_served} expected", file=sys.stderr)
         sys.exit(1)
 
 

@@ -43,5 +43,5 @@ fn no_onnx_node_test_case_is_served_wrong() {
     let (cases, served) = (s["cases"].as_u64().unwrap(), s["served"].as_u64().unwrap());
     assert!(cases > 1_500, "only {cases} cases exported");
     // A floor under today's figure, so that a change that refuses much more shows.
-    assert!(served > 950, "only {served} of {cases} cases served");
+    assert!(served >= 985, "only {served} of {cases} cases served");
 }

@@ -635,9 +635,10 @@ fn op_hint(graph: &Graph, op: &str) -> String {
             .into(),
         _ if ml => format!(
             "of the ai.onnx.ml operators tract runs only LinearClassifier, LinearRegressor, \
-             Normalizer, TreeEnsembleClassifier and CategoryMapper; convert the model to \
-             standard ONNX operators (e.g. hummingbird for tree ensembles), or leave {op} out \
-             of the exported graph"
+             Normalizer, TreeEnsembleClassifier and CategoryMapper, and Pollen writes Scaler \
+             and TreeEnsembleRegressor (SUM or AVERAGE, no post-transform) with those; \
+             convert the model to standard ONNX operators (e.g. hummingbird for tree \
+             ensembles), or leave {op} out of the exported graph"
         ),
         _ => format!("export the model with operators tract implements, without {op}"),
     }
@@ -686,6 +687,9 @@ impl LoadedModel {
                 "{channel} version {version}: {} dequantised weights made float at load",
                 prepared.dequantized
             );
+        }
+        for r in &prepared.rewritten {
+            tracing::info!("{channel} version {version}: {r}");
         }
         let graph = prepared.graph;
         let facts = input_facts(&graph, spec).map_err(|e| (ErrorClass::LoadError, e))?;
@@ -1380,7 +1384,9 @@ mod tests {
 
     mod generated {
         use super::*;
-        use crate::serving::onnx::build::{Attr, graph, model, node, value_info};
+        use crate::serving::onnx::build::{
+            Attr, graph, model, node, seq_of_maps_value_info, value_info,
+        };
         use crate::serving::onnx::tensor_proto;
 
         const F32: Option<i64> = Some(1);
@@ -1681,7 +1687,7 @@ mod tests {
                 ],
                 &[],
                 &[value_info("X", F32, Some(&[Err(""), Ok(3)]))],
-                &[value_info("output_probability", None, None)],
+                &[seq_of_maps_value_info("output_probability")],
             );
             let m = load(&model(&g), &ServingSpec::default(), &limits()).expect("load");
             assert_eq!(m.outputs[0].name, "output_probability");
@@ -1699,10 +1705,93 @@ mod tests {
         }
 
         #[test]
-        fn an_operator_tract_lacks_is_refused_naming_the_node_and_operator() {
+        fn a_scaler_is_served_as_the_sub_and_mul_it_defines() {
+            let g = graph(
+                &[node(
+                    "Scaler",
+                    "ai.onnx.ml",
+                    &["X"],
+                    &["variable"],
+                    &[
+                        Attr::Floats("offset", vec![1.0, -2.0]),
+                        Attr::Floats("scale", vec![2.0, 0.5]),
+                    ],
+                )],
+                &[],
+                &[value_info("X", F32, Some(&[Err(""), Ok(2)]))],
+                &[value_info("variable", F32, Some(&[Err(""), Ok(2)]))],
+            );
+            let m = load(&model(&g), &ServingSpec::default(), &limits()).expect("load");
+            let out = m
+                .infer(&[f32s("X", &[2, 2], &[1., 0., 3., 4.])])
+                .expect("run");
+            assert_eq!(out[0].shape, [2, 2]);
+            assert_eq!(values(&out[0]), [0., 1., 4., 3.]);
+        }
+
+        /// Two stumps on feature 0 (`x <= 0.5` goes to leaf 1, else leaf 2) with leaf
+        /// weights (1, 2) and (10, 20), base value 0.5, aggregated by `aggregate`.
+        fn tree_regressor(aggregate: &str) -> Vec<u8> {
             let g = graph(
                 &[node(
                     "TreeEnsembleRegressor",
+                    "ai.onnx.ml",
+                    &["X"],
+                    &["variable"],
+                    &[
+                        Attr::Int("n_targets", 1),
+                        Attr::Str("aggregate_function", aggregate),
+                        Attr::Floats("base_values", vec![0.5]),
+                        Attr::Ints("nodes_treeids", vec![0, 0, 0, 1, 1, 1]),
+                        Attr::Ints("nodes_nodeids", vec![0, 1, 2, 0, 1, 2]),
+                        Attr::Ints("nodes_featureids", vec![0, 0, 0, 0, 0, 0]),
+                        Attr::Floats("nodes_values", vec![0.5, 0., 0., 0.5, 0., 0.]),
+                        Attr::Strings(
+                            "nodes_modes",
+                            vec!["BRANCH_LEQ", "LEAF", "LEAF", "BRANCH_LEQ", "LEAF", "LEAF"],
+                        ),
+                        Attr::Ints("nodes_truenodeids", vec![1, 0, 0, 1, 0, 0]),
+                        Attr::Ints("nodes_falsenodeids", vec![2, 0, 0, 2, 0, 0]),
+                        Attr::Ints("target_treeids", vec![0, 0, 1, 1]),
+                        Attr::Ints("target_nodeids", vec![1, 2, 1, 2]),
+                        Attr::Ints("target_ids", vec![0, 0, 0, 0]),
+                        Attr::Floats("target_weights", vec![1., 2., 10., 20.]),
+                    ],
+                )],
+                &[],
+                &[value_info("X", F32, Some(&[Err(""), Ok(2)]))],
+                &[value_info("variable", F32, Some(&[Err(""), Ok(1)]))],
+            );
+            model(&g)
+        }
+
+        #[test]
+        fn a_tree_ensemble_regressor_is_served_through_tracts_classifier() {
+            let x = f32s("X", &[2, 2], &[0., 9., 1., 9.]);
+            let m = load(&tree_regressor("SUM"), &ServingSpec::default(), &limits()).expect("load");
+            assert_eq!(m.outputs[0].datatype, DType::F32);
+            let out = m.infer(std::slice::from_ref(&x)).expect("run");
+            assert_eq!(out[0].shape, [2, 1]);
+            assert_eq!(values(&out[0]), [11.5, 22.5]);
+            // AVERAGE divides the trees' sum, then adds the base value (onnxruntime's rule).
+            let m = load(
+                &tree_regressor("AVERAGE"),
+                &ServingSpec::default(),
+                &limits(),
+            )
+            .expect("load");
+            let out = m.infer(&[x]).expect("run");
+            assert_eq!(values(&out[0]), [6.0, 11.5]);
+            // MAX is not written as a classifier: tract's refusal names the operator.
+            let e = load(&tree_regressor("MAX"), &ServingSpec::default(), &limits()).unwrap_err();
+            assert_eq!(e.0, ErrorClass::UnsupportedOp, "{}", e.1);
+        }
+
+        #[test]
+        fn an_operator_tract_lacks_is_refused_naming_the_node_and_operator() {
+            let g = graph(
+                &[node(
+                    "SVMRegressor",
                     "ai.onnx.ml",
                     &["X"],
                     &["variable"],
@@ -1715,8 +1804,7 @@ mod tests {
             let e = load(&model(&g), &ServingSpec::default(), &limits()).unwrap_err();
             assert_eq!(e.0, ErrorClass::UnsupportedOp, "{}", e.1);
             assert!(
-                e.1.contains("TreeEnsembleRegressor_variable")
-                    && e.1.contains("ai.onnx.ml:TreeEnsembleRegressor"),
+                e.1.contains("SVMRegressor_variable") && e.1.contains("ai.onnx.ml:SVMRegressor"),
                 "{}",
                 e.1
             );

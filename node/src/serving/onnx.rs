@@ -12,7 +12,9 @@
 //!   branch it takes (tract types both branches of an `If` alike, so it refuses one whose
 //!   branches differ even when the condition is constant); and a `ZipMap` at a graph
 //!   output (scikit-learn's default export) becomes an `Identity`, so the output is the
-//!   probability tensor the ZipMap wraps.
+//!   probability tensor the ZipMap wraps; `ai.onnx.ml` operators tract lacks but
+//!   scikit-learn exports (`Scaler`, `TreeEnsembleRegressor`) become ones it has
+//!   (the `ml` module).
 //! * [`declare_const`], [`check_declared`]: what `pollen publish --const` and `--input`
 //!   check against the file.
 //!
@@ -21,6 +23,8 @@
 
 use pollen_protocol::manifest::{DType, TensorData};
 use std::collections::{BTreeMap, BTreeSet};
+
+mod ml;
 
 /// ONNX `TensorProto.DataType` of a data type (`None` for BYTES: ONNX strings are not
 /// served).
@@ -540,6 +544,8 @@ pub struct Prepared {
     /// dequantises 8-bit weights on every run otherwise: 5x slower than float for a
     /// language model's matrix-vector products).
     pub dequantized: usize,
+    /// `ai.onnx.ml` nodes written with operators tract has, one line each.
+    pub rewritten: Vec<String>,
 }
 
 /// Make `consts` initializers of the model (checked: each is a graph input of the same
@@ -582,23 +588,26 @@ pub fn prepare(model: Vec<u8>, consts: &[TensorData]) -> Result<Prepared, String
         .nodes
         .iter()
         .any(|n| n.op_type == "DequantizeLinear" && n.inputs.len() >= 2);
-    if consts.is_empty() && zipmaps.is_empty() && !dequantize {
+    let ml = graph.nodes.iter().any(ml::is_rewritable);
+    let int64_out = graph.outputs.iter().any(|o| o.elem == Some(INT64));
+    if consts.is_empty() && zipmaps.is_empty() && !dequantize && !ml && !int64_out {
         return Ok(Prepared {
             bytes: model,
             graph,
             zipmaps,
             folded: Vec::new(),
             dequantized: 0,
+            rewritten: Vec::new(),
         });
     }
-    let (bytes, folded, dequantized) =
-        rewrite(&model, consts, &zipmaps).ok_or("the ONNX model does not parse")?;
+    let r = rewrite(&model, consts, &zipmaps).ok_or("the ONNX model does not parse")?;
     Ok(Prepared {
-        bytes,
+        bytes: r.bytes,
         graph,
         zipmaps,
-        folded,
-        dequantized,
+        folded: r.folded,
+        dequantized: r.dequantized,
+        rewritten: r.rewritten,
     })
 }
 
@@ -707,11 +716,15 @@ fn names(v: &[ValueInfo]) -> String {
         .join(", ")
 }
 
-fn rewrite(
-    model: &[u8],
-    consts: &[TensorData],
-    zipmaps: &[ZipMapStripped],
-) -> Option<(Vec<u8>, Vec<String>, usize)> {
+/// What [`rewrite`] made: the model's bytes and what changed (see [`Prepared`]).
+struct Rewritten {
+    bytes: Vec<u8>,
+    folded: Vec<String>,
+    dequantized: usize,
+    rewritten: Vec<String>,
+}
+
+fn rewrite(model: &[u8], consts: &[TensorData], zipmaps: &[ZipMapStripped]) -> Option<Rewritten> {
     let top = fields(model)?;
     let mut nodes: Vec<Vec<u8>> = Vec::new();
     let mut rest = Vec::with_capacity(model.len() + 64);
@@ -735,6 +748,7 @@ fn rewrite(
         }
     }
     let mut dequantized = 0;
+    let mut rewritten = Vec::new();
     let mut kept = Vec::with_capacity(nodes.len());
     let mut floats = Vec::new();
     let mut consumed: Vec<String> = Vec::new();
@@ -744,13 +758,18 @@ fn rewrite(
             && (node.domain.is_empty() || node.domain == "ai.onnx"))
             .then(|| dequantized_of(&node, &inits))
             .flatten();
-        match folded {
-            Some(t) => {
-                put_bytes(5, &tensor_proto(&t)?, &mut floats);
-                consumed.extend(node.inputs);
-                dequantized += 1;
+        if let Some(t) = folded {
+            put_bytes(5, &tensor_proto(&t)?, &mut floats);
+            consumed.extend(node.inputs);
+            dequantized += 1;
+        } else if let Some(e) = ml::expand(&n, &node) {
+            kept.extend(e.nodes);
+            for t in &e.initializers {
+                put_bytes(5, t, &mut floats);
             }
-            None => kept.push(n),
+            rewritten.push(e.note);
+        } else {
+            kept.push(n);
         }
     }
     // The 8-bit tensors nothing else reads are left out: the float ones replace them.
@@ -766,6 +785,16 @@ fn rewrite(
         match f.num {
             1 => {}
             5 if tensor_name(bytes_of(f)?).is_some_and(|n| dropped.contains(&n)) => {}
+            // A ZipMap's output is declared a sequence of maps: it is now a float tensor
+            // (tract would take the sequence type for a tensor of another type).
+            12 => {
+                let name = parse_value_info(bytes_of(f)?)?.name;
+                if zipmaps.iter().any(|z| z.output == name) {
+                    put_bytes(12, &float_tensor_value(&name), &mut rest);
+                } else {
+                    rest.extend_from_slice(f.raw);
+                }
+            }
             _ => rest.extend_from_slice(f.raw),
         }
     }
@@ -785,6 +814,16 @@ fn rewrite(
         }
     }
     let folded = fold_ifs(&mut nodes, &mut rest, &known)?;
+    let int64_outputs: Vec<String> = graph_fields
+        .iter()
+        .filter(|f| f.num == 12)
+        .filter_map(|f| parse_value_info(bytes_of(f)?))
+        .filter(|v| v.elem == Some(INT64))
+        .map(|v| v.name)
+        .collect();
+    for out in &int64_outputs {
+        cast_int64_output(&mut nodes, &mut rest, out)?;
+    }
     let mut graph =
         Vec::with_capacity(rest.len() + nodes.iter().map(|n| n.len() + 8).sum::<usize>());
     for n in &nodes {
@@ -799,7 +838,12 @@ fn rewrite(
             out.extend_from_slice(f.raw);
         }
     }
-    Some((out, folded, dequantized))
+    Some(Rewritten {
+        bytes: out,
+        folded,
+        dequantized,
+        rewritten,
+    })
 }
 
 /// Every tensor name `node` reads, in its subgraphs too (which may read names of the
@@ -820,6 +864,78 @@ fn dequantized_of(node: &Node, inits: &BTreeMap<String, &[u8]>) -> Option<Tensor
         [out] => dequantized(node, inits, out),
         _ => None,
     }
+}
+
+/// ONNX's INT64 element type.
+const INT64: i64 = 7;
+
+/// tract 0.23 computes INT64 values as dimensions (`TDim`) where it can (every
+/// `Cast(to=INT64)`, `Shape`, ...), and its API returns no `TDim` tensor: a model with such a
+/// graph output cannot load. When a node produces the INT64 graph output `out`, it writes
+/// a renamed tensor instead (its readers follow), and a `CastLike` of an INT64 constant
+/// (which tract types from the constant, so as INT64) writes `out`. Left alone when a
+/// subgraph reads `out` from the graph around it.
+fn cast_int64_output(nodes: &mut Vec<Vec<u8>>, rest: &mut Vec<u8>, out: &str) -> Option<()> {
+    let parsed: Vec<Node> = nodes
+        .iter()
+        .map(|n| parse_node(n, MAX_DEPTH))
+        .collect::<Option<_>>()?;
+    if !parsed.iter().any(|n| n.outputs.iter().any(|o| o == out)) {
+        return Some(()); // a graph input or an initializer
+    }
+    let mut nested = BTreeSet::new();
+    for n in parsed.iter().filter(|n| !n.subgraphs.is_empty()) {
+        let mut inner = BTreeSet::new();
+        inputs_of(n, &mut inner);
+        nested.extend(inner.into_iter().filter(|i| !n.inputs.contains(i)));
+    }
+    if nested.contains(out) {
+        return Some(());
+    }
+    let renamed = format!("{out}.pollen.tdim");
+    let zero = format!("{out}.pollen.int64");
+    for (n, node) in nodes.iter_mut().zip(&parsed) {
+        if !node.inputs.iter().chain(&node.outputs).any(|i| i == out) {
+            continue;
+        }
+        let mut b = Vec::with_capacity(n.len() + 16);
+        for f in fields(n)? {
+            match f.num {
+                1 | 2 if bytes_of(&f)? == out.as_bytes() => {
+                    put_bytes(f.num, renamed.as_bytes(), &mut b)
+                }
+                _ => b.extend_from_slice(f.raw),
+            }
+        }
+        *n = b;
+    }
+    let t = TensorData {
+        name: zero.clone(),
+        dtype: DType::I64,
+        shape: Vec::new(),
+        data: 0i64.to_le_bytes().to_vec(),
+    };
+    put_bytes(5, &tensor_proto(&t)?, rest);
+    let mut cast = Vec::new();
+    put_bytes(1, renamed.as_bytes(), &mut cast);
+    put_bytes(1, zero.as_bytes(), &mut cast);
+    put_bytes(2, out.as_bytes(), &mut cast);
+    put_bytes(3, format!("{out}.pollen.cast").as_bytes(), &mut cast);
+    put_bytes(4, b"CastLike", &mut cast);
+    nodes.push(cast);
+    Some(())
+}
+
+/// A `ValueInfoProto` of a FLOAT tensor of unknown shape.
+fn float_tensor_value(name: &str) -> Vec<u8> {
+    let mut tensor = Vec::new();
+    put_int(1, 1, &mut tensor);
+    let mut typ = Vec::new();
+    put_bytes(1, &tensor, &mut typ);
+    let mut v = Vec::new();
+    put_bytes(1, name.as_bytes(), &mut v);
+    put_bytes(2, &typ, &mut v);
+    v
 }
 
 /// An `Identity` node `output = input`.
@@ -1241,6 +1357,12 @@ pub(crate) mod build {
         Ints(&'a str, Vec<i64>),
         /// A tensor (`Constant`).
         Tensor(&'a str, Vec<u8>),
+        /// A list of floats.
+        Floats(&'a str, Vec<f32>),
+        /// A list of strings.
+        Strings(&'a str, Vec<&'a str>),
+        /// A string.
+        Str(&'a str, &'a str),
     }
 
     /// A node: operator, domain, inputs, outputs, attributes.
@@ -1292,10 +1414,53 @@ pub(crate) mod build {
                     put_bytes(5, t, &mut ab);
                     put_int(20, 4, &mut ab);
                 }
+                Attr::Floats(name, v) => {
+                    // Unpacked, as some exporters write them (the reader takes both).
+                    put_bytes(1, name.as_bytes(), &mut ab);
+                    for x in v {
+                        super::put_varint((7 << 3) | 5, &mut ab);
+                        ab.extend_from_slice(&x.to_le_bytes());
+                    }
+                    put_int(20, 6, &mut ab);
+                }
+                Attr::Strings(name, v) => {
+                    put_bytes(1, name.as_bytes(), &mut ab);
+                    for x in v {
+                        put_bytes(9, x.as_bytes(), &mut ab);
+                    }
+                    put_int(20, 8, &mut ab);
+                }
+                Attr::Str(name, v) => {
+                    put_bytes(1, name.as_bytes(), &mut ab);
+                    put_bytes(4, v.as_bytes(), &mut ab);
+                    put_int(20, 3, &mut ab);
+                }
             }
             put_bytes(5, &ab, &mut n);
         }
         n
+    }
+
+    /// A value that is a sequence of maps from INT64 to FLOAT (a ZipMap's output, as
+    /// skl2onnx declares it).
+    pub fn seq_of_maps_value_info(name: &str) -> Vec<u8> {
+        let mut tensor = Vec::new();
+        put_int(1, 1, &mut tensor);
+        let mut value_type = Vec::new();
+        put_bytes(1, &tensor, &mut value_type);
+        let mut map = Vec::new();
+        put_int(1, 7, &mut map);
+        put_bytes(2, &value_type, &mut map);
+        let mut map_type = Vec::new();
+        put_bytes(5, &map, &mut map_type);
+        let mut seq = Vec::new();
+        put_bytes(1, &map_type, &mut seq);
+        let mut typ = Vec::new();
+        put_bytes(4, &seq, &mut typ);
+        let mut vi = Vec::new();
+        put_bytes(1, name.as_bytes(), &mut vi);
+        put_bytes(2, &typ, &mut vi);
+        vi
     }
 
     /// A tensor value: `elem` type, `dims` (`Err(name)` for a symbolic one, `None` for an
@@ -1642,10 +1807,18 @@ mod tests {
         assert_eq!(p.folded, ["If_y"]);
         let after = parse_graph(&p.bytes).expect("a model");
         assert!(after.nodes.iter().all(|n| n.op_type != "If"));
-        let last = after.nodes.last().expect("nodes");
+        // The branch's last node, then the cast of the INT64 output (see
+        // cast_int64_output).
+        let [.., branch, cast] = after.nodes.as_slice() else {
+            panic!("nodes")
+        };
         assert_eq!(
-            (last.inputs.as_slice(), last.outputs.as_slice()),
-            (&["o".to_string()][..], &["y".to_string()][..])
+            (branch.inputs.as_slice(), branch.outputs.as_slice()),
+            (&["o".to_string()][..], &["y.pollen.tdim".to_string()][..])
+        );
+        assert_eq!(
+            (cast.op_type.as_str(), cast.outputs.as_slice()),
+            ("CastLike", &["y".to_string()][..])
         );
         // A condition reusing its inputs down a long chain costs a bounded number of
         // evaluations (2^60 without the bound), and is left to tract.
