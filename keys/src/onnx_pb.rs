@@ -595,6 +595,10 @@ impl<R: Read + Seek> FileWalker<R> {
     ) -> Result<()> {
         while self.pos < end {
             let key = self.varint()?;
+            if key >> 3 == 0 {
+                // No message has a field 0: a file of zeros is refused at once, not walked.
+                bail!("field number 0: not a protobuf message");
+            }
             match key & 7 {
                 0 => {
                     self.varint()?;

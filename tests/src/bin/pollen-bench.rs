@@ -181,6 +181,25 @@ fn transfer(mib: usize) {
         });
         let d = t.elapsed();
         p2p.push(gib_s(size, d));
+        // The peak includes the activation that follows: the file is tried as a model
+        // (and refused: it is not one).
+        let s = dl.wait(Duration::from_secs(120), "activation tried", |s| {
+            s.channels
+                .iter()
+                .flat_map(|c| &c.releases)
+                .any(|r| r.version == 1 && r.state != "LOADING")
+        });
+        if round == 0 {
+            let r = s
+                .channels
+                .iter()
+                .flat_map(|c| &c.releases)
+                .find(|r| r.version == 1);
+            println!(
+                "  activation on the downloader: {}",
+                r.map_or(String::new(), |r| format!("{} {}", r.state, r.reason))
+            );
+        }
         seed_rss = seed_rss.max(vm_hwm_kib(seeder.pid()));
         dl_rss = dl_rss.max(vm_hwm_kib(dl.pid()));
         let (su, ss) = cpu_secs(seeder.pid());
