@@ -162,6 +162,12 @@ fn on_the_bed(sc: &Scenario, sites: Vec<Site>, seed: u64) -> Result<Figures> {
     if let Some(up) = sc.publisher.upload {
         b.shape_node_up(pub_site, 0, up.0);
     }
+    // POLLEN_BED_SYSCTL=key=value,...: network sysctls for every node (to test a cause).
+    for kv in std::env::var("POLLEN_BED_SYSCTL").unwrap_or_default().split(',') {
+        if let Some((k, v)) = kv.split_once('=') {
+            b.node_sysctl(k, v);
+        }
+    }
     let tmp = tempfile::tempdir()?;
     let op = Operator::new(&tmp.path().join("op"), false);
     let trust = vec!["--trust".to_string(), op.trust_file.display().to_string()];
