@@ -485,7 +485,9 @@ pub fn read_map_sequence(bytes: &[u8], labels: &ZipLabels) -> Result<(Option<Str
         bail!("{} maps in one sequence, at most {MAX_MAPS}", maps.len());
     }
     let columns = labels.len();
-    let mut data = Vec::with_capacity(maps.len().saturating_mul(columns).saturating_mul(4));
+    // Each value read takes more bytes in the file than its 4 here: the file bounds this.
+    let want = maps.len().saturating_mul(columns).saturating_mul(4);
+    let mut data = Vec::with_capacity(want.min(bytes.len()));
     for (row, m) in maps.iter().enumerate() {
         let (mut ints, mut strings, mut values) = (Vec::new(), Vec::new(), None);
         for (f, v) in fields(m).ok_or_else(malformed)? {

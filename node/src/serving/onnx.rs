@@ -820,6 +820,7 @@ fn rewrite(model: &[u8], consts: &[TensorData], zipmaps: &[ZipMapStripped]) -> O
         .filter_map(|f| parse_value_info(bytes_of(f)?))
         .filter(|v| v.elem == Some(INT64))
         .map(|v| v.name)
+        .take(MAX_INT64_OUTPUTS)
         .collect();
     for out in &int64_outputs {
         cast_int64_output(&mut nodes, &mut rest, out)?;
@@ -868,6 +869,11 @@ fn dequantized_of(node: &Node, inits: &BTreeMap<String, &[u8]>) -> Option<Tensor
 
 /// ONNX's INT64 element type.
 const INT64: i64 = 7;
+
+/// Most INT64 graph outputs [`cast_int64_output`] handles (each pass reads every node): a
+/// hostile file with thousands of them costs no more than this; the rest are left to
+/// tract.
+const MAX_INT64_OUTPUTS: usize = 64;
 
 /// tract 0.23 computes INT64 values as dimensions (`TDim`) where it can (every
 /// `Cast(to=INT64)`, `Shape`, ...), and its API returns no `TDim` tensor: a model with such a

@@ -163,7 +163,10 @@ fn on_the_bed(sc: &Scenario, sites: Vec<Site>, seed: u64) -> Result<Figures> {
         b.shape_node_up(pub_site, 0, up.0);
     }
     // POLLEN_BED_SYSCTL=key=value,...: network sysctls for every node (to test a cause).
-    for kv in std::env::var("POLLEN_BED_SYSCTL").unwrap_or_default().split(',') {
+    for kv in std::env::var("POLLEN_BED_SYSCTL")
+        .unwrap_or_default()
+        .split(',')
+    {
         if let Some((k, v)) = kv.split_once('=') {
             b.node_sysctl(k, v);
         }
