@@ -202,7 +202,9 @@ fn scaler(node: &Node, attrs: &[Attr<'_>]) -> Option<Expansion> {
         .map(floats)
         .unwrap_or(Some(Vec::new()))?;
     let name = node.display_name();
-    let mut steps: Vec<(&str, Option<(String, Vec<f32>)>)> = vec![("Cast", None)];
+    // Each step: the operator and the initializer it reads (name, values), if any.
+    type Step = (&'static str, Option<(String, Vec<f32>)>);
+    let mut steps: Vec<Step> = vec![("Cast", None)];
     if !offset.is_empty() {
         steps.push(("Sub", Some((format!("{y}.pollen.offset"), offset))));
     }
