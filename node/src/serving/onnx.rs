@@ -922,13 +922,14 @@ fn cast_int64_output(nodes: &mut Vec<Vec<u8>>, rest: &mut Vec<u8>, out: &str) ->
         data: 0i64.to_le_bytes().to_vec(),
     };
     put_bytes(5, &tensor_proto(&t)?, rest);
-    let mut cast = Vec::new();
-    put_bytes(1, renamed.as_bytes(), &mut cast);
-    put_bytes(1, zero.as_bytes(), &mut cast);
-    put_bytes(2, out.as_bytes(), &mut cast);
-    put_bytes(3, format!("{out}.pollen.cast").as_bytes(), &mut cast);
-    put_bytes(4, b"CastLike", &mut cast);
-    nodes.push(cast);
+    nodes.push(node_proto(
+        "CastLike",
+        "",
+        &[&renamed, &zero],
+        &[out],
+        &format!("{out}.pollen.cast"),
+        &[],
+    ));
     Some(())
 }
 
@@ -944,14 +945,37 @@ fn float_tensor_value(name: &str) -> Vec<u8> {
     v
 }
 
+/// A `NodeProto`: operator, domain (`""` for the default), inputs, outputs, name and
+/// encoded `AttributeProto`s.
+fn node_proto(
+    op: &str,
+    domain: &str,
+    inputs: &[&str],
+    outputs: &[&str],
+    name: &str,
+    attrs: &[Vec<u8>],
+) -> Vec<u8> {
+    let mut n = Vec::new();
+    for i in inputs {
+        put_bytes(1, i.as_bytes(), &mut n);
+    }
+    for o in outputs {
+        put_bytes(2, o.as_bytes(), &mut n);
+    }
+    put_bytes(3, name.as_bytes(), &mut n);
+    put_bytes(4, op.as_bytes(), &mut n);
+    if !domain.is_empty() {
+        put_bytes(7, domain.as_bytes(), &mut n);
+    }
+    for a in attrs {
+        put_bytes(5, a, &mut n);
+    }
+    n
+}
+
 /// An `Identity` node `output = input`.
 fn identity(input: &str, output: &str, name: &str) -> Vec<u8> {
-    let mut n = Vec::new();
-    put_bytes(1, input.as_bytes(), &mut n);
-    put_bytes(2, output.as_bytes(), &mut n);
-    put_bytes(3, name.as_bytes(), &mut n);
-    put_bytes(4, b"Identity", &mut n);
-    n
+    node_proto("Identity", "", &[input], &[output], name, &[])
 }
 
 /// Most `If` nodes folded in one model (each fold may bring nested ones to the top).
@@ -1379,72 +1403,60 @@ pub(crate) mod build {
         outputs: &[&str],
         attrs: &[Attr<'_>],
     ) -> Vec<u8> {
-        let mut n = Vec::new();
-        for i in inputs {
-            put_bytes(1, i.as_bytes(), &mut n);
-        }
-        for o in outputs {
-            put_bytes(2, o.as_bytes(), &mut n);
-        }
-        put_bytes(
-            3,
-            format!("{op}_{}", outputs.first().unwrap_or(&"")).as_bytes(),
-            &mut n,
-        );
-        put_bytes(4, op.as_bytes(), &mut n);
-        if !domain.is_empty() {
-            put_bytes(7, domain.as_bytes(), &mut n);
-        }
-        for a in attrs {
-            let mut ab = Vec::new();
-            match a {
-                Attr::Graph(name, g) => {
-                    put_bytes(1, name.as_bytes(), &mut ab);
-                    put_bytes(6, g, &mut ab);
-                    put_int(20, 5, &mut ab);
-                }
-                Attr::Int(name, v) => {
-                    put_bytes(1, name.as_bytes(), &mut ab);
-                    put_int(3, *v as u64, &mut ab);
-                    put_int(20, 2, &mut ab);
-                }
-                Attr::Ints(name, v) => {
-                    put_bytes(1, name.as_bytes(), &mut ab);
-                    for x in v {
-                        put_int(8, *x as u64, &mut ab);
+        let attrs: Vec<Vec<u8>> = attrs
+            .iter()
+            .map(|a| {
+                let mut ab = Vec::new();
+                match a {
+                    Attr::Graph(name, g) => {
+                        put_bytes(1, name.as_bytes(), &mut ab);
+                        put_bytes(6, g, &mut ab);
+                        put_int(20, 5, &mut ab);
                     }
-                    put_int(20, 7, &mut ab);
-                }
-                Attr::Tensor(name, t) => {
-                    put_bytes(1, name.as_bytes(), &mut ab);
-                    put_bytes(5, t, &mut ab);
-                    put_int(20, 4, &mut ab);
-                }
-                Attr::Floats(name, v) => {
-                    // Unpacked, as some exporters write them (the reader takes both).
-                    put_bytes(1, name.as_bytes(), &mut ab);
-                    for x in v {
-                        super::put_varint((7 << 3) | 5, &mut ab);
-                        ab.extend_from_slice(&x.to_le_bytes());
+                    Attr::Int(name, v) => {
+                        put_bytes(1, name.as_bytes(), &mut ab);
+                        put_int(3, *v as u64, &mut ab);
+                        put_int(20, 2, &mut ab);
                     }
-                    put_int(20, 6, &mut ab);
-                }
-                Attr::Strings(name, v) => {
-                    put_bytes(1, name.as_bytes(), &mut ab);
-                    for x in v {
-                        put_bytes(9, x.as_bytes(), &mut ab);
+                    Attr::Ints(name, v) => {
+                        put_bytes(1, name.as_bytes(), &mut ab);
+                        for x in v {
+                            put_int(8, *x as u64, &mut ab);
+                        }
+                        put_int(20, 7, &mut ab);
                     }
-                    put_int(20, 8, &mut ab);
+                    Attr::Tensor(name, t) => {
+                        put_bytes(1, name.as_bytes(), &mut ab);
+                        put_bytes(5, t, &mut ab);
+                        put_int(20, 4, &mut ab);
+                    }
+                    Attr::Floats(name, v) => {
+                        // Unpacked, as some exporters write them (the reader takes both).
+                        put_bytes(1, name.as_bytes(), &mut ab);
+                        for x in v {
+                            super::put_varint((7 << 3) | 5, &mut ab);
+                            ab.extend_from_slice(&x.to_le_bytes());
+                        }
+                        put_int(20, 6, &mut ab);
+                    }
+                    Attr::Strings(name, v) => {
+                        put_bytes(1, name.as_bytes(), &mut ab);
+                        for x in v {
+                            put_bytes(9, x.as_bytes(), &mut ab);
+                        }
+                        put_int(20, 8, &mut ab);
+                    }
+                    Attr::Str(name, v) => {
+                        put_bytes(1, name.as_bytes(), &mut ab);
+                        put_bytes(4, v.as_bytes(), &mut ab);
+                        put_int(20, 3, &mut ab);
+                    }
                 }
-                Attr::Str(name, v) => {
-                    put_bytes(1, name.as_bytes(), &mut ab);
-                    put_bytes(4, v.as_bytes(), &mut ab);
-                    put_int(20, 3, &mut ab);
-                }
-            }
-            put_bytes(5, &ab, &mut n);
-        }
-        n
+                ab
+            })
+            .collect();
+        let name = format!("{op}_{}", outputs.first().unwrap_or(&""));
+        super::node_proto(op, domain, inputs, outputs, &name, &attrs)
     }
 
     /// A value that is a sequence of maps from INT64 to FLOAT (a ZipMap's output, as

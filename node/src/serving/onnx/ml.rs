@@ -14,7 +14,9 @@
 //! A node these do not cover (`MIN` or `MAX` aggregates, a regressor post-transform,
 //! attributes given as tensors) is left as it is, and tract's refusal names it.
 
-use super::{Field, Node, Wire, bytes_of, fields, ints_of, put_bytes, put_int, tensor_proto};
+use super::{
+    Field, Node, Wire, bytes_of, fields, ints_of, node_proto, put_bytes, put_int, tensor_proto,
+};
 use pollen_protocol::manifest::{DType, TensorData};
 use std::collections::BTreeSet;
 
@@ -148,33 +150,6 @@ fn attr_floats(name: &str, v: &[f32]) -> Vec<u8> {
     put_bytes(7, &packed, &mut out);
     put_int(20, 6, &mut out); // FLOATS
     out
-}
-
-/// A `NodeProto`.
-fn node_proto(
-    op: &str,
-    domain: &str,
-    inputs: &[&str],
-    outputs: &[&str],
-    name: &str,
-    attrs: &[Vec<u8>],
-) -> Vec<u8> {
-    let mut n = Vec::new();
-    for i in inputs {
-        put_bytes(1, i.as_bytes(), &mut n);
-    }
-    for o in outputs {
-        put_bytes(2, o.as_bytes(), &mut n);
-    }
-    put_bytes(3, name.as_bytes(), &mut n);
-    put_bytes(4, op.as_bytes(), &mut n);
-    if !domain.is_empty() {
-        put_bytes(7, domain.as_bytes(), &mut n);
-    }
-    for a in attrs {
-        put_bytes(5, a, &mut n);
-    }
-    n
 }
 
 fn f32_tensor(name: &str, v: &[f32]) -> Option<Vec<u8>> {
