@@ -2,12 +2,13 @@
 //! file is the publisher's, signed through its content id; a node must not panic on it):
 //! `serving::onnx::parse_graph` and `prepare` (constants made initializers, `If` nodes they
 //! decide folded, `ZipMap` outputs stripped, 8-bit `DequantizeLinear` of initializers
-//! computed), and what `pollen publish` does with a graph (`declare_const`).
+//! computed, `Scaler` and `TreeEnsembleRegressor` rewritten, INT64 outputs cast back), and
+//! what `pollen publish` does with a graph (`declare_const`).
 //!
 //! Checks: nothing panics. For a graph that parses: `onnx_graph_outputs` names its
 //! outputs; each input's declaration renders; a constant `declare_const` accepts is one
 //! element of the input's type; `prepare` without constants returns the bytes unchanged
-//! unless there is a ZipMap or DequantizeLinear to rewrite; whatever `prepare` returns
+//! unless there is something above to rewrite; whatever `prepare` returns
 //! carries the original graph, parses again, and no longer has the constants as inputs.
 #![no_main]
 
@@ -58,10 +59,12 @@ fuzz_target!(|data: &[u8]| {
         }
     }
 
-    let rewrites = g
-        .nodes
-        .iter()
-        .any(|n| n.op_type == "ZipMap" || (n.op_type == "DequantizeLinear" && n.inputs.len() >= 2));
+    let rewrites = g.nodes.iter().any(|n| {
+        n.op_type == "ZipMap"
+            || (n.op_type == "DequantizeLinear" && n.inputs.len() >= 2)
+            || (n.domain == "ai.onnx.ml"
+                && matches!(n.op_type.as_str(), "Scaler" | "TreeEnsembleRegressor"))
+    }) || g.outputs.iter().any(|o| o.elem == Some(7)); // INT64 outputs are cast back
     for consts in [&[][..], &consts[..]] {
         let Ok(p) = prepare(data.to_vec(), consts) else {
             continue;
