@@ -25,11 +25,50 @@ pub fn parse_hex32(s: &str) -> Option<[u8; 32]> {
     Some(out)
 }
 
+/// 32 bytes as four big-endian words (their order is the bytes' order).
+#[inline]
+fn words(b: &[u8; 32]) -> [u64; 4] {
+    let w = |i: usize| {
+        u64::from_be_bytes([
+            b[i],
+            b[i + 1],
+            b[i + 2],
+            b[i + 3],
+            b[i + 4],
+            b[i + 5],
+            b[i + 6],
+            b[i + 7],
+        ])
+    };
+    [w(0), w(8), w(16), w(24)]
+}
+
 macro_rules! id32 {
     ($(#[$m:meta])* $name:ident) => {
         $(#[$m])*
-        #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+        #[derive(Clone, Copy, Eq, Hash, Serialize, Deserialize)]
         pub struct $name(pub [u8; 32]);
+
+        // Compared as four big-endian words: the bytes' lexicographic order, without a
+        // call to memcmp per comparison (17% of the simulator's time at 10k nodes went
+        // to these in the core's binary searches and maps).
+        impl PartialEq for $name {
+            fn eq(&self, o: &Self) -> bool {
+                words(&self.0) == words(&o.0)
+            }
+        }
+
+        impl Ord for $name {
+            fn cmp(&self, o: &Self) -> core::cmp::Ordering {
+                words(&self.0).cmp(&words(&o.0))
+            }
+        }
+
+        impl PartialOrd for $name {
+            fn partial_cmp(&self, o: &Self) -> Option<core::cmp::Ordering> {
+                Some(self.cmp(o))
+            }
+        }
 
         impl $name {
             /// The raw bytes.
@@ -174,5 +213,31 @@ impl fmt::Display for Channel {
 impl fmt::Debug for Channel {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{:?}", self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_order_as_their_bytes() {
+        // Pairs that differ in one byte at every position, both ways, and equal ones.
+        let base = [0x5au8; 32];
+        for i in 0..32 {
+            for delta in [1u8, 0x80] {
+                let mut b = base;
+                b[i] = b[i].wrapping_add(delta);
+                let (x, y) = (ContentId(base), ContentId(b));
+                assert_eq!(x.cmp(&y), base.cmp(&b), "byte {i} + {delta}");
+                assert_eq!(y.cmp(&x), b.cmp(&base));
+                assert_eq!(x == y, base == b);
+            }
+        }
+        assert_eq!(ContentId(base), ContentId(base));
+        assert_eq!(
+            ContentId(base).cmp(&ContentId(base)),
+            core::cmp::Ordering::Equal
+        );
     }
 }
