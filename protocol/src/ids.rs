@@ -46,7 +46,7 @@ fn words(b: &[u8; 32]) -> [u64; 4] {
 macro_rules! id32 {
     ($(#[$m:meta])* $name:ident) => {
         $(#[$m])*
-        #[derive(Clone, Copy, Eq, Hash, Serialize, Deserialize)]
+        #[derive(Clone, Copy, Eq, Serialize, Deserialize)]
         pub struct $name(pub [u8; 32]);
 
         // Compared as four big-endian words: the bytes' lexicographic order, without a
@@ -55,6 +55,13 @@ macro_rules! id32 {
         impl PartialEq for $name {
             fn eq(&self, o: &Self) -> bool {
                 words(&self.0) == words(&o.0)
+            }
+        }
+
+        // As derived: the bytes (equal ids, equal hashes).
+        impl core::hash::Hash for $name {
+            fn hash<H: core::hash::Hasher>(&self, state: &mut H) {
+                self.0.hash(state)
             }
         }
 
