@@ -36,7 +36,7 @@ use super::shapes::{CacheError, ShapeCache};
 use pollen_protocol::ids::ManifestId;
 use pollen_protocol::manifest::{DType, Dim as DeclDim, GoldenCheck, ServingSpec, TensorData};
 use pollen_protocol::rollout::ErrorClass;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -192,6 +192,46 @@ struct Shaped {
     outputs: Vec<IoSpec>,
 }
 
+/// Plans prepared per input shape beside a symbolic one (see [`Engine::Symbolic`]).
+struct Faster {
+    cache: ShapeCache<Shaped>,
+    /// Shapes requested once and not prepared (most recent last, at most [`SEEN`]): a
+    /// shape is prepared when it comes a second time, so one-off shapes cost no
+    /// preparation.
+    seen: Mutex<VecDeque<Vec<Vec<usize>>>>,
+}
+
+/// Shapes [`Faster`] remembers having seen once.
+const SEEN: usize = 64;
+
+impl Faster {
+    fn new(cache: ShapeCache<Shaped>) -> Self {
+        Faster {
+            cache,
+            seen: Mutex::new(VecDeque::new()),
+        }
+    }
+
+    /// The plan for `shapes` if it is prepared; otherwise start preparing it in the
+    /// background if this shape came before, and give `None`.
+    fn plan(&self, shapes: &[Vec<usize>]) -> Option<Arc<Shaped>> {
+        if let Some(p) = self.cache.ready(shapes) {
+            return Some(p);
+        }
+        let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(at) = seen.iter().position(|s| s == shapes) {
+            seen.remove(at);
+            drop(seen);
+            return self.cache.get(shapes, Some(Duration::ZERO)).ok();
+        }
+        if seen.len() >= SEEN {
+            seen.pop_front();
+        }
+        seen.push_back(shapes.to_vec());
+        None
+    }
+}
+
 /// How a loaded model runs.
 enum Engine {
     /// One runnable for every shape, symbols kept; output facts to size a run before it.
@@ -201,7 +241,7 @@ enum Engine {
         /// Set when plans prepared per input shape measured faster at load (see
         /// [`LoadedModel::prefer_shaped`]): a request whose shapes have a plan runs it,
         /// others run the symbolic plan while theirs is prepared in the background.
-        faster: Option<ShapeCache<Shaped>>,
+        faster: Option<Faster>,
     },
     /// Prepared per concrete input shapes.
     PerShape(ShapeCache<Shaped>),
@@ -836,13 +876,15 @@ impl LoadedModel {
             return;
         }
         if let Engine::Symbolic { faster, .. } = &mut self.engine {
-            *faster = Some(cache);
+            *faster = Some(Faster::new(cache));
         }
         let shaped = best(self);
         let gain = shaped.map_or(0.0, |s| symbolic.as_secs_f64() / s.as_secs_f64().max(1e-9));
         if gain >= SHAPED_GAIN {
             tracing::info!(
-                "{} version {}: plans prepared per input shape run {gain:.1}x faster than                  the symbolic one ({symbolic:?} against {shaped:?} on the golden inputs);                  each shape requested gets one, prepared in the background",
+                "{} version {}: plans prepared per input shape run {gain:.1}x faster than \
+                 the symbolic one ({symbolic:?} against {shaped:?} on the golden inputs); \
+                 each shape requested twice gets one, prepared in the background",
                 self.channel,
                 self.version
             );
@@ -919,7 +961,8 @@ impl LoadedModel {
         match &self.engine {
             Engine::Symbolic { faster: None, .. } => None,
             Engine::Symbolic {
-                faster: Some(c), ..
+                faster: Some(Faster { cache: c, .. }),
+                ..
             }
             | Engine::PerShape(c) => Some((c.specialisations(), c.cached())),
         }
@@ -1101,9 +1144,9 @@ impl LoadedModel {
                 }
                 check_sizes(&sizes, self.limits.budget).map_err(ServeError::BadInput)?;
                 // A shape's own plan if it is ready; else this request runs the symbolic
-                // one, and asking started the shape's preparation in the background.
-                if let Some(cache) = faster
-                    && let Ok(shaped) = cache.get(&shapes, Some(Duration::ZERO))
+                // one (and a shape seen before starts its preparation in the background).
+                if let Some(f) = faster
+                    && let Some(shaped) = f.plan(&shapes)
                 {
                     return run_tract(&shaped.runnable, ordered, &shaped.outputs);
                 }
@@ -1616,12 +1659,15 @@ mod tests {
             let Engine::Symbolic { faster, .. } = &mut m.engine else {
                 panic!("symbolic")
             };
-            *faster = Some(cache);
+            *faster = Some(Faster::new(cache));
             let x = f32s("x", &[3, 4], &[1.; 12]);
-            // The first request of a shape is served at once (symbolic plan) and starts
-            // the shape's preparation.
+            // A shape's first request is served (symbolic plan) and prepares nothing; its
+            // second starts the shape's preparation, and is served at once too.
             let first = m.infer(std::slice::from_ref(&x)).expect("served");
             assert_eq!(values(&first[0])[8..], [2., 3., 4., 5.]);
+            assert_eq!(m.specialisations(), Some((0, 0)));
+            let second = m.infer(std::slice::from_ref(&x)).expect("served");
+            assert_eq!(values(&second[0]), values(&first[0]));
             let deadline = Instant::now() + Duration::from_secs(30);
             while m.specialisations() != Some((1, 1)) {
                 assert!(Instant::now() < deadline, "{:?}", m.specialisations());

@@ -189,6 +189,17 @@ impl<T: Send + Sync + 'static> ShapeCache<T> {
         outcome
     }
 
+    /// The model prepared for `key` if it is ready now (marked used); starts nothing.
+    pub fn ready(&self, key: &[Vec<usize>]) -> Option<Arc<T>> {
+        let mut st = self.inner.lock();
+        st.tick += 1;
+        let tick = st.tick;
+        let e = st.entries.iter_mut().find(|e| e.key == key)?;
+        let ready = e.cell.get()?.as_ref().ok()?.clone();
+        e.used = tick;
+        Some(ready)
+    }
+
     /// Preparations started since the model was loaded (failed ones included).
     pub fn specialisations(&self) -> u64 {
         self.inner.made.load(Ordering::Relaxed)
