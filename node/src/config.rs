@@ -142,7 +142,9 @@ pub struct NodeConfig {
     pub max_connections: u32,
     /// Established connections per peer.
     pub max_connections_per_peer: u32,
-    /// Peers to keep.
+    /// Peers to dial from what the WAN discovery finds (Kademlia, the bootstrap). Every
+    /// peer mDNS finds on the LAN is dialled whatever this says, within
+    /// `max_connections`.
     pub target_peers: usize,
     /// Inference threads, the node's own (0: one per CPU): at most this many inferences
     /// run at once.

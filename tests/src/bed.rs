@@ -686,12 +686,32 @@ pub fn wait_meshed(nodes: &[Vec<Node>], timeout: Duration) {
                 if ok {
                     break;
                 }
-                assert!(
-                    Instant::now() < deadline,
-                    "node {} never met its site: {:?}",
-                    n.dir.display(),
-                    s.map(|s| s.peers.iter().map(|p| p.site.clone()).collect::<Vec<_>>())
-                );
+                if Instant::now() >= deadline {
+                    // Which of its site's nodes it does not see, and whether they see it.
+                    let me = s.as_ref().map(|s| s.node_id.clone()).unwrap_or_default();
+                    let missing: Vec<String> = site
+                        .iter()
+                        .filter_map(|o| status(o))
+                        .filter(|o| o.node_id != me)
+                        .filter(|o| {
+                            s.as_ref()
+                                .is_none_or(|s| s.peers.iter().all(|p| p.node_id != o.node_id))
+                        })
+                        .map(|o| {
+                            let sees = o.peers.iter().any(|p| p.node_id == me);
+                            format!(
+                                "{} ({} peers; sees this one: {sees})",
+                                o.node_id,
+                                o.peers.len()
+                            )
+                        })
+                        .collect();
+                    panic!(
+                        "node {} never met its site: peers' sites {:?}; missing {missing:?}",
+                        n.dir.display(),
+                        s.map(|s| s.peers.iter().map(|p| p.site.clone()).collect::<Vec<_>>())
+                    );
+                }
                 std::thread::sleep(Duration::from_millis(200));
             }
         }

@@ -112,6 +112,10 @@ pub struct Actor {
     peers: BTreeMap<PeerId, PeerConn>,
     /// The peer behind each node id of `peers`.
     by_node: BTreeMap<NodeId, PeerId>,
+    /// Peers mDNS found on the LAN (until it says they expired), with an address and when
+    /// they were last dialled: [`Actor::discovery_tick`] dials again those not connected,
+    /// so a LAN peer lost once is not lost for good (at most `max_connections`).
+    lan: BTreeMap<PeerId, (Multiaddr, Option<std::time::Instant>)>,
     /// Peers disconnected for misbehaving, refused until the given time.
     banned: BTreeMap<PeerId, std::time::Instant>,
     /// Given to stream tasks: frames and chunks from peers.
@@ -305,6 +309,7 @@ impl Actor {
             origin,
             me,
             peers: BTreeMap::new(),
+            lan: BTreeMap::new(),
             by_node: BTreeMap::new(),
             banned: BTreeMap::new(),
             net_tx,

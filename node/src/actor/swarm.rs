@@ -14,6 +14,9 @@ use pollen_protocol::wire::Hello;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+/// How often a LAN peer mDNS found, and not connected, is dialled again.
+const LAN_REDIAL: Duration = Duration::from_secs(10);
+
 /// How long a disconnected misbehaving peer is refused.
 const BAN: Duration = Duration::from_secs(600);
 /// How long a peer that sent garbage before its Hello is refused. Short: keys cost
@@ -277,14 +280,31 @@ impl Actor {
                 }
             }
             BehaviourEvent::Mdns(mdns::Event::Discovered(list)) => {
+                // Every peer on the LAN is dialled, whatever `target_peers` says (that
+                // bound is for peers found across the WAN): site peers are where chunks
+                // come from cheaply, and WAN peers found first must not crowd them out.
+                // `max_connections` still bounds them.
+                let now = std::time::Instant::now();
                 for (peer, addr) in list {
                     self.swarm
                         .behaviour_mut()
                         .kad
                         .add_address(&peer, addr.clone());
-                    if !self.swarm.is_connected(&peer) && self.peers.len() < self.cfg.target_peers {
+                    let connected = self.swarm.is_connected(&peer);
+                    if self.lan.len() < self.cfg.max_connections as usize
+                        || self.lan.contains_key(&peer)
+                    {
+                        self.lan
+                            .insert(peer, (addr.clone(), (!connected).then_some(now)));
+                    }
+                    if !connected {
                         let _ = self.swarm.dial(addr);
                     }
+                }
+            }
+            BehaviourEvent::Mdns(mdns::Event::Expired(list)) => {
+                for (peer, _) in list {
+                    self.lan.remove(&peer);
                 }
             }
             BehaviourEvent::Kad(kad::Event::RoutingUpdated {
@@ -395,6 +415,21 @@ impl Actor {
             let _ = self.swarm.disconnect_peer_id(p);
         }
         self.try_direct();
+        // LAN peers not connected (a connection that broke, a dial that failed), again
+        // every LAN_REDIAL at most.
+        let now = std::time::Instant::now();
+        let mut redial = Vec::new();
+        for (peer, (addr, last)) in &mut self.lan {
+            if !self.swarm.is_connected(peer)
+                && last.is_none_or(|t| now.duration_since(t) >= LAN_REDIAL)
+            {
+                *last = Some(now);
+                redial.push(addr.clone());
+            }
+        }
+        for addr in redial {
+            let _ = self.swarm.dial(addr);
+        }
         if self.peers.len() < self.cfg.target_peers && self.swarm.connected_peers().count() > 0 {
             self.swarm
                 .behaviour_mut()

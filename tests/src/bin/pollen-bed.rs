@@ -202,6 +202,30 @@ fn on_the_bed(sc: &Scenario, sites: Vec<Site>, seed: u64) -> Result<Figures> {
         release.chunk.0,
     );
     let times = w.wait(Duration::from_micros(sc.duration.0).min(Duration::from_secs(1800)));
+    // Chunks each site's nodes took from peers of other sites, against the release's
+    // chunks: the payload alone (the WAN byte counts include every header and control
+    // message), and how it spreads over the site's nodes.
+    let chunks = release.size.0.div_ceil(release.chunk.0).max(1);
+    println!("bed: chunks fetched over the WAN into each site, over the release's {chunks}");
+    for (i, ns) in nodes.iter().enumerate() {
+        let name = &b.sites[i].name;
+        let per_node: Vec<u64> = ns
+            .iter()
+            .map(|n| {
+                n.status()
+                    .peers
+                    .iter()
+                    .filter(|p| p.site.as_ref().is_some_and(|s| s != name))
+                    .map(|p| p.chunks_from)
+                    .sum()
+            })
+            .collect();
+        let total: u64 = per_node.iter().sum();
+        println!(
+            "  {name}: {:.3} copies; per node {per_node:?}",
+            total as f64 / chunks as f64
+        );
+    }
     let mut out = Figures::new();
     for (i, site) in b.sites.iter().enumerate() {
         let t: Vec<Option<Duration>> = watched
