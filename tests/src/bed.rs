@@ -691,7 +691,7 @@ pub fn wait_meshed(nodes: &[Vec<Node>], timeout: Duration) {
                     let me = s.as_ref().map(|s| s.node_id.clone()).unwrap_or_default();
                     let missing: Vec<String> = site
                         .iter()
-                        .filter_map(|o| status(o))
+                        .filter_map(status)
                         .filter(|o| o.node_id != me)
                         .filter(|o| {
                             s.as_ref()
