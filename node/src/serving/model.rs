@@ -850,7 +850,7 @@ impl LoadedModel {
 
     /// A model tract optimises with symbolic dimensions may still run faster from a plan
     /// prepared for concrete shapes (tract folds more: PP-OCRv6's recogniser 2.2x). Time
-    /// both on the golden check's inputs (best of three runs each, after one to warm);
+    /// both on the golden check's inputs (the best of four runs each, the first warming);
     /// where the shaped plan is at least [`SHAPED_GAIN`] times faster, keep `cache`:
     /// requests then run their shape's plan once it is prepared (in the background, never
     /// waited for). A model without golden checks keeps the symbolic plan alone.
