@@ -852,8 +852,9 @@ impl LoadedModel {
     /// prepared for concrete shapes (tract folds more: PP-OCRv6's recogniser 2.2x). Time
     /// both on the golden check's inputs (the best of four runs each, the first warming);
     /// where the shaped plan is at least [`SHAPED_GAIN`] times faster, keep `cache`:
-    /// requests then run their shape's plan once it is prepared (in the background, never
-    /// waited for). A model without golden checks keeps the symbolic plan alone.
+    /// requests then run their shape's plan once it is prepared (in the background, from
+    /// the shape's second request; never waited for). A model without golden checks keeps
+    /// the symbolic plan alone.
     fn prefer_shaped(&mut self, cache: ShapeCache<Shaped>, check: &GoldenCheck) {
         let inputs: Vec<Tensor> = check.inputs.iter().map(tensor_of).collect();
         let best = |m: &Self| {
