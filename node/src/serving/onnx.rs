@@ -589,8 +589,14 @@ pub fn prepare(model: Vec<u8>, consts: &[TensorData]) -> Result<Prepared, String
         .iter()
         .any(|n| n.op_type == "DequantizeLinear" && n.inputs.len() >= 2);
     let ml = graph.nodes.iter().any(ml::is_rewritable);
-    let int64_out = graph.outputs.iter().any(|o| o.elem == Some(INT64));
-    if consts.is_empty() && zipmaps.is_empty() && !dequantize && !ml && !int64_out {
+    let int64_outputs: BTreeSet<&str> = graph
+        .outputs
+        .iter()
+        .filter(|o| o.elem == Some(INT64))
+        .map(|o| o.name.as_str())
+        .take(MAX_INT64_OUTPUTS)
+        .collect();
+    if consts.is_empty() && zipmaps.is_empty() && !dequantize && !ml && int64_outputs.is_empty() {
         return Ok(Prepared {
             bytes: model,
             graph,
@@ -600,7 +606,8 @@ pub fn prepare(model: Vec<u8>, consts: &[TensorData]) -> Result<Prepared, String
             rewritten: Vec::new(),
         });
     }
-    let r = rewrite(&model, consts, &zipmaps).ok_or("the ONNX model does not parse")?;
+    let r =
+        rewrite(&model, consts, &zipmaps, &int64_outputs).ok_or("the ONNX model does not parse")?;
     Ok(Prepared {
         bytes: r.bytes,
         graph,
@@ -724,7 +731,12 @@ struct Rewritten {
     rewritten: Vec<String>,
 }
 
-fn rewrite(model: &[u8], consts: &[TensorData], zipmaps: &[ZipMapStripped]) -> Option<Rewritten> {
+fn rewrite(
+    model: &[u8],
+    consts: &[TensorData],
+    zipmaps: &[ZipMapStripped],
+    int64_outputs: &BTreeSet<&str>,
+) -> Option<Rewritten> {
     let top = fields(model)?;
     let mut nodes: Vec<Vec<u8>> = Vec::new();
     let mut rest = Vec::with_capacity(model.len() + 64);
@@ -814,17 +826,7 @@ fn rewrite(model: &[u8], consts: &[TensorData], zipmaps: &[ZipMapStripped]) -> O
         }
     }
     let folded = fold_ifs(&mut nodes, &mut rest, &known)?;
-    let int64_outputs: Vec<String> = graph_fields
-        .iter()
-        .filter(|f| f.num == 12)
-        .filter_map(|f| parse_value_info(bytes_of(f)?))
-        .filter(|v| v.elem == Some(INT64))
-        .map(|v| v.name)
-        .take(MAX_INT64_OUTPUTS)
-        .collect();
-    for out in &int64_outputs {
-        cast_int64_output(&mut nodes, &mut rest, out)?;
-    }
+    cast_int64_outputs(&mut nodes, &mut rest, int64_outputs)?;
     let mut graph =
         Vec::with_capacity(rest.len() + nodes.iter().map(|n| n.len() + 8).sum::<usize>());
     for n in &nodes {
@@ -870,66 +872,82 @@ fn dequantized_of(node: &Node, inits: &BTreeMap<String, &[u8]>) -> Option<Tensor
 /// ONNX's INT64 element type.
 const INT64: i64 = 7;
 
-/// Most INT64 graph outputs [`cast_int64_output`] handles (each pass reads every node): a
-/// hostile file with thousands of them costs no more than this; the rest are left to
-/// tract.
+/// Most INT64 graph outputs [`cast_int64_outputs`] casts back (two nodes and a constant
+/// each): a hostile file with thousands of them adds no more than this; the rest are left
+/// to tract.
 const MAX_INT64_OUTPUTS: usize = 64;
 
 /// tract 0.23 computes INT64 values as dimensions (`TDim`) where it can (every
 /// `Cast(to=INT64)`, `Shape`, ...), and its API returns no `TDim` tensor: a model with such a
-/// graph output cannot load. When a node produces the INT64 graph output `out`, it writes
-/// a renamed tensor instead (its readers follow), and a `CastLike` of an INT64 constant
-/// (which tract types from the constant, so as INT64) writes `out`. Left alone when a
-/// subgraph reads `out` from the graph around it.
-fn cast_int64_output(nodes: &mut Vec<Vec<u8>>, rest: &mut Vec<u8>, out: &str) -> Option<()> {
+/// graph output cannot load. For each INT64 graph output `out` (of `outputs`) a node
+/// produces, that node writes a renamed tensor instead (its readers follow), and a
+/// `CastLike` of an INT64 constant (which tract types from the constant, so as INT64)
+/// writes `out`. An output a subgraph reads from the graph around it is left alone. One
+/// pass over the nodes, whatever the number of outputs.
+fn cast_int64_outputs(
+    nodes: &mut Vec<Vec<u8>>,
+    rest: &mut Vec<u8>,
+    outputs: &BTreeSet<&str>,
+) -> Option<()> {
+    if outputs.is_empty() {
+        return Some(());
+    }
     let parsed: Vec<Node> = nodes
         .iter()
         .map(|n| parse_node(n, MAX_DEPTH))
         .collect::<Option<_>>()?;
-    if !parsed.iter().any(|n| n.outputs.iter().any(|o| o == out)) {
-        return Some(()); // a graph input or an initializer
-    }
     let mut nested = BTreeSet::new();
     for n in parsed.iter().filter(|n| !n.subgraphs.is_empty()) {
         let mut inner = BTreeSet::new();
         inputs_of(n, &mut inner);
         nested.extend(inner.into_iter().filter(|i| !n.inputs.contains(i)));
     }
-    if nested.contains(out) {
-        return Some(());
-    }
-    let renamed = format!("{out}.pollen.tdim");
-    let zero = format!("{out}.pollen.int64");
+    // Produced by a node (not a graph input or an initializer), read by no subgraph.
+    let cast: BTreeSet<&str> = parsed
+        .iter()
+        .flat_map(|n| &n.outputs)
+        .map(String::as_str)
+        .filter(|o| outputs.contains(o) && !nested.contains(*o))
+        .collect();
+    let renamed = |out: &str| format!("{out}.pollen.tdim");
     for (n, node) in nodes.iter_mut().zip(&parsed) {
-        if !node.inputs.iter().chain(&node.outputs).any(|i| i == out) {
+        if !node
+            .inputs
+            .iter()
+            .chain(&node.outputs)
+            .any(|i| cast.contains(i.as_str()))
+        {
             continue;
         }
         let mut b = Vec::with_capacity(n.len() + 16);
         for f in fields(n)? {
-            match f.num {
-                1 | 2 if bytes_of(&f)? == out.as_bytes() => {
-                    put_bytes(f.num, renamed.as_bytes(), &mut b)
+            match (f.num, std::str::from_utf8(bytes_of(&f).unwrap_or_default())) {
+                (1 | 2, Ok(name)) if cast.contains(name) => {
+                    put_bytes(f.num, renamed(name).as_bytes(), &mut b)
                 }
                 _ => b.extend_from_slice(f.raw),
             }
         }
         *n = b;
     }
-    let t = TensorData {
-        name: zero.clone(),
-        dtype: DType::I64,
-        shape: Vec::new(),
-        data: 0i64.to_le_bytes().to_vec(),
-    };
-    put_bytes(5, &tensor_proto(&t)?, rest);
-    nodes.push(node_proto(
-        "CastLike",
-        "",
-        &[&renamed, &zero],
-        &[out],
-        &format!("{out}.pollen.cast"),
-        &[],
-    ));
+    for out in cast {
+        let zero = format!("{out}.pollen.int64");
+        let t = TensorData {
+            name: zero.clone(),
+            dtype: DType::I64,
+            shape: Vec::new(),
+            data: 0i64.to_le_bytes().to_vec(),
+        };
+        put_bytes(5, &tensor_proto(&t)?, rest);
+        nodes.push(node_proto(
+            "CastLike",
+            "",
+            &[&renamed(out), &zero],
+            &[out],
+            &format!("{out}.pollen.cast"),
+            &[],
+        ));
+    }
     Some(())
 }
 
