@@ -811,19 +811,6 @@ impl LoadedModel {
                 ),
             );
         }
-        let shaped = (matches!(engine, Engine::Symbolic { .. })
-            && !facts.iter().all(InputFact::is_fixed))
-        .then(|| {
-            shape_cache(
-                &bytes,
-                &facts,
-                &graph,
-                spec,
-                budget,
-                capacity,
-                unsupported.clone(),
-            )
-        });
         let mut m = LoadedModel {
             channel: channel.to_string(),
             version,
@@ -842,7 +829,20 @@ impl LoadedModel {
             lm: None,
         };
         m.warm(golden.checks.first())?;
-        if let (Some(cache), Some(check)) = (shaped, golden.checks.first()) {
+        if let Some(check) = golden.checks.first()
+            && matches!(m.engine, Engine::Symbolic { .. })
+            && !m.facts.iter().all(InputFact::is_fixed)
+        {
+            let unsupported = m.unsupported.clone();
+            let cache = shape_cache(
+                &bytes,
+                &m.facts,
+                &graph,
+                spec,
+                budget,
+                capacity,
+                unsupported,
+            );
             m.prefer_shaped(cache, check);
         }
         Ok(m)
