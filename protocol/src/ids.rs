@@ -28,19 +28,8 @@ pub fn parse_hex32(s: &str) -> Option<[u8; 32]> {
 /// 32 bytes as four big-endian words (their order is the bytes' order).
 #[inline]
 fn words(b: &[u8; 32]) -> [u64; 4] {
-    let w = |i: usize| {
-        u64::from_be_bytes([
-            b[i],
-            b[i + 1],
-            b[i + 2],
-            b[i + 3],
-            b[i + 4],
-            b[i + 5],
-            b[i + 6],
-            b[i + 7],
-        ])
-    };
-    [w(0), w(8), w(16), w(24)]
+    let (w, _) = b.as_chunks::<8>();
+    [0, 1, 2, 3].map(|i| u64::from_be_bytes(w[i]))
 }
 
 macro_rules! id32 {
