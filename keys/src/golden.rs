@@ -73,9 +73,9 @@ impl Role {
 /// tolerance.
 ///
 /// Refused, naming the file: a name the model does not have, a tensor where the model has
-/// a sequence, map or optional value (other than a ZipMap's), an element type other than the model's, a gap in
-/// the numbering, a data set without outputs, more than [`MAX_GOLDEN`] data sets, or
-/// more than [`MAX_GOLDEN_FILE`] bytes of tensors.
+/// a sequence, map or optional value (other than a ZipMap's), an element type other than
+/// the model's, a gap in the numbering, a data set without outputs, more than
+/// [`MAX_GOLDEN`] data sets, or more than [`MAX_GOLDEN_FILE`] bytes of tensors.
 pub fn golden_from_dir(dir: &Path, model: &Path, atol: f32) -> Result<Vec<GoldenCheck>> {
     if !(atol.is_finite() && atol >= 0.0) {
         bail!("the absolute tolerance must be a finite non-negative number");
