@@ -593,6 +593,33 @@ pub fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
     })
 }
 
+/// Pins the calling thread to the CPU it is running on.
+///
+/// Why: a packet a thread sends into a veth or writes into a TUN device is queued on the
+/// current CPU's backlog, so a thread that moves between CPUs between two packets can
+/// have them delivered out of order. The delay line and the tests that count reordering
+/// pin their packet-writing thread; nodes are left to the scheduler, as on a real host.
+#[allow(unsafe_code)]
+pub fn pin_to_current_cpu() -> std::io::Result<()> {
+    // SAFETY: sched_getcpu takes no arguments; a negative result is an error.
+    let cpu = unsafe { libc::sched_getcpu() };
+    if cpu < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: cpu_set_t is plain data; CPU_ZERO/CPU_SET write within it, and
+    // sched_setaffinity(0, ...) reads it for the calling thread only.
+    let rc = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_ZERO(&mut set);
+        libc::CPU_SET(cpu as usize, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Completion times of one release on a set of nodes, polled from their status every
 /// 100 ms from when the watch starts.
 #[derive(Debug)]

@@ -184,6 +184,7 @@ fn delay_line_loses_packets_at_the_sites_rates() {
             assert_eq!(n, 4);
             let k = u32::from_be_bytes(buf[..4].try_into().expect("4 bytes"));
             if last.is_some_and(|l| k < l) {
+                eprintln!("datagram {k} arrived after {last:?}");
                 reordered += 1;
             }
             last = Some(k);
@@ -193,6 +194,7 @@ fn delay_line_loses_packets_at_the_sites_rates() {
     });
     let dst = format!("{ip1}:9001");
     in_netns(&b.node_ns(0, 0), || {
+        pollen_tests::bed::pin_to_current_cpu().expect("pin the sender");
         let tx = UdpSocket::bind("0.0.0.0:0").expect("bind");
         for k in 0..N {
             tx.send_to(&k.to_be_bytes(), &dst).expect("send");
@@ -209,7 +211,15 @@ fn delay_line_loses_packets_at_the_sites_rates() {
         (kept - 0.81).abs() < 0.04,
         "kept {kept:.3}, want 0.81 ± 0.04"
     );
-    assert_eq!(reordered, 0, "jitter reordered packets between two sites");
+    // Had the delay line let jitter (±4 ms, on bursts of 20 datagrams 2 ms apart) reorder
+    // them, about half of each burst would arrive out of order: thousands. The kernel
+    // itself reorders a datagram now and then (about 1 run in 100 saw one, mid-stream:
+    // a shaped veth's queue can be drained on either CPU into that CPU's backlog), as
+    // real paths do.
+    assert!(
+        reordered <= 3,
+        "jitter reordered {reordered} datagrams between two sites"
+    );
 }
 
 /// A release on 3 sites (the publisher's and two more) at 40 ms and 20 Mbit/s from the

@@ -16,7 +16,9 @@
 //! ± a uniform jitter) and lost with probability `1 − (1 − loss(A))(1 − loss(B))`:
 //! every site hangs off a core on its own WAN link, as in `pollen-sim`. Jitter never
 //! reorders packets between the same two sites (a packet leaves no earlier than the one
-//! before it), as on a real path. The queue is bounded (`MAX_QUEUED` packets,
+//! before it), as on a real path; the process pins itself to one CPU so that what it
+//! writes enters one CPU's queues in order (the kernel's shaped veths can still reorder
+//! a packet now and then, as real paths do). The queue is bounded (`MAX_QUEUED` packets,
 //! `MAX_QUEUED_BYTES`); past it packets are dropped and counted. `--stats FILE` is
 //! rewritten every second with the counters as JSON. Exits on SIGTERM/SIGINT or when
 //! the device goes away; the device (not persistent) goes with it.
