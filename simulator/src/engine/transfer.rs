@@ -262,10 +262,15 @@ impl Sim {
         self.reschedule(out);
     }
 
-    /// Schedule the new completion times the network model computed.
+    /// Schedule the new completion times the network model computed. A time computed
+    /// before a later change to the same flow (a cancel's reschedules come after the next
+    /// upload it started) is stale: it must not replace the flow's newer entry.
     fn reschedule(&mut self, out: Vec<Reschedule>) {
         for (id, ver, at) in out {
-            self.push(at, Ev::FlowDone { id, ver });
+            let current = self.net.flows.get(id as usize).and_then(|f| f.as_ref());
+            if current.is_some_and(|f| f.ver == ver) {
+                self.queue.set(id, at, Ev::FlowDone { id, ver });
+            }
         }
     }
 
@@ -291,6 +296,7 @@ impl Sim {
     fn cancel_flow(&mut self, id: FlowId) {
         let mut out = Vec::new();
         if let Some(f) = self.net.finish(self.now, id, &mut out) {
+            self.queue.unset(id);
             self.next_upload(f.from);
             self.by_req.remove(&(f.from, f.req));
             self.stats.cancelled += 1;
