@@ -14,6 +14,7 @@ use core::marker::PhantomData;
 use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
 
 /// Most signatures an envelope may carry; more is malformed.
 pub const MAX_SIGNATURES: usize = 16;
@@ -152,11 +153,15 @@ pub fn decode_canonical<T: Serialize + DeserializeOwned>(bytes: &[u8]) -> Result
 }
 
 /// A signed object of kind `T`: the body bytes exactly as signed, and signatures.
+///
+/// Both are shared, not copied, between clones: gossip sends one manifest to every peer
+/// on the tree, and each copy was a deep one (the simulator held 14 per node in flight at
+/// a release's peak, 885 bytes each). The wire form is the same as two `Vec`s.
 #[derive(Serialize, Deserialize)]
 #[serde(bound = "")]
 pub struct Signed<T> {
-    body: Vec<u8>,
-    signatures: Vec<SignatureEntry>,
+    body: Arc<[u8]>,
+    signatures: Arc<[SignatureEntry]>,
     #[serde(skip)]
     _kind: PhantomData<fn() -> T>,
 }
@@ -196,8 +201,8 @@ impl<T: SignedBody> Signed<T> {
     pub fn sign(body: &T, keys: &[&SigningKey]) -> Self {
         let bytes = body.encode();
         let mut s = Signed {
-            body: bytes,
-            signatures: Vec::new(),
+            body: bytes.into(),
+            signatures: Arc::new([]),
             _kind: PhantomData,
         };
         for k in keys {
@@ -210,11 +215,17 @@ impl<T: SignedBody> Signed<T> {
     pub fn add_signature(&mut self, key: &SigningKey) {
         let pk = PublicKey::from(key);
         let sig = key.sign(&signing_message(T::DOMAIN, &self.body));
-        self.signatures.retain(|e| e.key != pk);
-        self.signatures.push(SignatureEntry {
+        let mut v: Vec<SignatureEntry> = self
+            .signatures
+            .iter()
+            .filter(|e| e.key != pk)
+            .cloned()
+            .collect();
+        v.push(SignatureEntry {
             key: pk,
             sig: SigBytes(sig.to_bytes()),
         });
+        self.signatures = v.into();
     }
 
     /// Decode and validate the body. Errors on non-canonical bytes or broken rules.
@@ -229,7 +240,7 @@ impl<T: SignedBody> Signed<T> {
     pub fn valid_signers(&self, mut authorised: impl FnMut(&PublicKey) -> bool) -> Vec<PublicKey> {
         let msg = signing_message(T::DOMAIN, &self.body);
         let mut ok: Vec<PublicKey> = Vec::new();
-        for e in &self.signatures {
+        for e in self.signatures.iter() {
             if ok.contains(&e.key) || !authorised(&e.key) {
                 continue;
             }
@@ -282,15 +293,23 @@ impl<T> Signed<T> {
     /// Build an envelope from raw parts (tests, and adversaries in the harness).
     pub fn from_parts(body: Vec<u8>, signatures: Vec<SignatureEntry>) -> Self {
         Signed {
-            body,
-            signatures,
+            body: body.into(),
+            signatures: signatures.into(),
             _kind: PhantomData,
         }
     }
 
     /// Keep only the signatures `keep` accepts (used to cap envelopes before relaying).
-    pub fn retain_signatures(&mut self, keep: impl FnMut(&SignatureEntry) -> bool) {
-        self.signatures.retain(keep);
+    pub fn retain_signatures(&mut self, mut keep: impl FnMut(&SignatureEntry) -> bool) {
+        let kept: Vec<SignatureEntry> = self
+            .signatures
+            .iter()
+            .filter(|e| keep(e))
+            .cloned()
+            .collect();
+        if kept.len() != self.signatures.len() {
+            self.signatures = kept.into();
+        }
     }
 }
 

@@ -311,3 +311,34 @@ fn channel_names_and_manifest_rules() {
     );
     let _ = ContentId([0; 32]);
 }
+
+/// The envelope's wire form is a length-prefixed body, then a length-prefixed list of
+/// (key, signature): what it was when both were `Vec`s, so nodes of either build agree.
+/// Clones share the bytes, and adding a signature to a clone leaves the original alone.
+#[test]
+fn envelope_bytes_are_two_sequences_and_clones_share_them() {
+    let (a, b) = (key(1), key(2));
+    let s = Signed::sign(&body("models", 1, 3), &[&a]);
+    let bytes = s.to_bytes();
+    let body_len = s.body_bytes().len();
+    let mut want = Vec::new();
+    let mut n = body_len;
+    while n >= 0x80 {
+        want.push((n as u8) | 0x80);
+        n >>= 7;
+    }
+    want.push(n as u8);
+    want.extend_from_slice(s.body_bytes());
+    want.push(1);
+    want.extend_from_slice(&pk(&a).0);
+    want.push(64);
+    want.extend_from_slice(&s.signatures()[0].sig.0);
+    assert_eq!(bytes, want);
+
+    let mut c = s.clone();
+    assert!(core::ptr::eq(c.body_bytes(), s.body_bytes()));
+    c.add_signature(&b);
+    assert_eq!((s.signatures().len(), c.signatures().len()), (1, 2));
+    let (back, _) = Signed::<ManifestBody>::from_bytes(&c.to_bytes()).expect("decodes");
+    assert_eq!(back, c);
+}
