@@ -257,10 +257,22 @@ def main() -> int:
         (int8 / f).write_bytes((fp32 / f).read_bytes())
     lm8 = OrtLM(int8)
     q_score = lm8.golden(golden)
-    min8 = float(np.floor((q_score["agreement"] - 0.1) * 20) / 20)
-    write_json(int8 / "golden_prompts.json", {"min_agreement": max(min8, 0.5), "prompts": golden_prompts})
-    if q_score["agreement"] < max(min8, 0.5):
-        raise SystemExit("int8 agreement below its own bound")
+    # The int8 variant's bound comes from the agreement onnxruntime measured where the
+    # expected file was written, less 0.1. A check keeps that bound: onnxruntime's int8
+    # kernels differ per CPU (on AVX2 without VNNI its u8 x s8 products go through
+    # VPMADDUBSW, whose int16 pair sums saturate, as its quantisation docs warn), so the
+    # same model agreed 0.966 on the machine that wrote the file and 0.797 on an AVX2-only
+    # EPYC. The node's own golden check (tract) is what the bound is for.
+    if a.check:
+        min8 = float(json.loads(a.expected.read_text())["int8_min_agreement"])
+    else:
+        min8 = max(float(np.floor((q_score["agreement"] - 0.1) * 20) / 20), 0.5)
+    write_json(int8 / "golden_prompts.json", {"min_agreement": min8, "prompts": golden_prompts})
+    if q_score["agreement"] < min8:
+        if not a.check:
+            raise SystemExit("int8 agreement below its own bound")
+        print(f"note: onnxruntime's int8 agreement here is {q_score['agreement']:.3f}, under the "
+              f"bound {min8} (its int8 kernels on this CPU; the node's check is tract's)", file=sys.stderr)
 
     int8_ops = sorted({n.op_type for n in q.graph.node} - {n.op_type for n in onnx.load(str(fp32 / "model.onnx")).graph.node})
     hashes = {f"{d.name}/{f}": sha256(d / f) for d in (fp32, int8) for f in FILES}
@@ -271,7 +283,7 @@ def main() -> int:
                      f"({tok.id_to_token(x_tok)!r}): prompt {eos_prompt} stops at EOS, the others run to the limit"),
         "reference_check": ref,
         "golden_fp32": fp_score, "golden_int8": q_score,
-        "int8_min_agreement": max(min8, 0.5), "int8_new_ops": int8_ops,
+        "int8_min_agreement": min8, "int8_new_ops": int8_ops,
         "min_top1_margin_fp32": min(margins),
         "prompts": expected_prompts, "sha256": hashes,
     }
@@ -296,7 +308,7 @@ def main() -> int:
         d, f = k.split("/")
         print(f"{k:<26}{(a.outdir / d / f).stat().st_size:>12,}  {v[:16]}")
     print(f"golden agreement: fp32 {fp_score['agreement']:.3f}, int8 {q_score['agreement']:.3f} "
-          f"(int8 min_agreement {max(min8, 0.5)}); mean log-likelihood fp32 {fp_score['mean_logp']:.4f}, "
+          f"(int8 min_agreement {min8}); mean log-likelihood fp32 {fp_score['mean_logp']:.4f}, "
           f"int8 {q_score['mean_logp']:.4f}, diff {q_score['mean_logp'] - fp_score['mean_logp']:+.4f}")
     for p in expected_prompts:
         print(f"  {'EOS' if p['stopped_at_eos'] else 'max'} {len(p['greedy_ids']):>2} tokens: {p['text']!r}")
