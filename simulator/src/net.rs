@@ -99,6 +99,15 @@ impl Net {
         self.flows.len() - self.free.len()
     }
 
+    /// Flow `id` is in progress at version `ver` (a completion computed for it is not
+    /// stale).
+    pub fn is_current(&self, id: FlowId, ver: u32) -> bool {
+        self.flows
+            .get(id as usize)
+            .and_then(|f| f.as_ref())
+            .is_some_and(|f| f.ver == ver)
+    }
+
     fn rate_of(&self, f: &Flow) -> f64 {
         f.res[..f.nres as usize]
             .iter()

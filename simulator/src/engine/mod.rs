@@ -94,7 +94,7 @@ enum Ev {
 /// Two kinds of entries share the order: plain events, and keyed ones, at most one per key
 /// (a flow's completion). Moving a keyed entry replaces it in place: a flow whose rate
 /// changes a hundred times leaves no stale events behind to be popped and skipped (they
-/// were 18% of a 10,000-node run's time, and most of its queue).
+/// were 42% of the events speed-10k-64m popped, 55% of lan-1000's).
 #[derive(Debug)]
 struct TimedQueue<E> {
     heap: BinaryHeap<Reverse<Timed<E>>>,
@@ -172,11 +172,9 @@ impl<E> TimedQueue<E> {
             self.pos[k] = last as u32;
             self.sift_up(last);
         } else {
-            // Later in time or sequence than before, never earlier in sequence: only the
-            // time can move it up.
+            // The new time may be earlier or later than the old one.
             self.keyed[at as usize].0 = entry;
-            self.sift_up(at as usize);
-            self.sift_down(self.pos[k] as usize);
+            self.resift(at as usize);
         }
     }
 
@@ -195,10 +193,15 @@ impl<E> TimedQueue<E> {
         let (entry, key) = self.keyed.pop().expect("not empty");
         self.pos[key as usize] = NOT_QUEUED;
         if at < self.keyed.len() {
-            self.sift_up(at);
-            self.sift_down(self.pos[self.keyed[at].1 as usize] as usize);
+            self.resift(at);
         }
         entry
+    }
+
+    /// Restore the heap order around the entry at `at`, whose time changed either way.
+    fn resift(&mut self, at: usize) {
+        let at = self.sift_up(at);
+        self.sift_down(at);
     }
 
     fn swap_keyed(&mut self, a: usize, b: usize) {
@@ -207,7 +210,8 @@ impl<E> TimedQueue<E> {
         self.pos[self.keyed[b].1 as usize] = b as u32;
     }
 
-    fn sift_up(&mut self, mut at: usize) {
+    /// Move the entry at `at` up to its place; returns where it ended.
+    fn sift_up(&mut self, mut at: usize) -> usize {
         while at > 0 {
             let parent = (at - 1) / 2;
             if self.keyed[at].0 >= self.keyed[parent].0 {
@@ -216,6 +220,7 @@ impl<E> TimedQueue<E> {
             self.swap_keyed(at, parent);
             at = parent;
         }
+        at
     }
 
     fn sift_down(&mut self, mut at: usize) {

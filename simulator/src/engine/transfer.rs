@@ -267,8 +267,7 @@ impl Sim {
     /// upload it started) is stale: it must not replace the flow's newer entry.
     fn reschedule(&mut self, out: Vec<Reschedule>) {
         for (id, ver, at) in out {
-            let current = self.net.flows.get(id as usize).and_then(|f| f.as_ref());
-            if current.is_some_and(|f| f.ver == ver) {
+            if self.net.is_current(id, ver) {
                 self.queue.set(id, at, Ev::FlowDone { id, ver });
             }
         }
@@ -308,11 +307,11 @@ impl Sim {
         self.reschedule(out);
     }
 
-    /// `Ev::FlowDone`: unless stale, the chunk arrived: the receiver's core gets it as
-    /// stored, or as failed if the sender corrupts chunks.
+    /// `Ev::FlowDone`: the chunk arrived: the receiver's core gets it as stored, or as
+    /// failed if the sender corrupts chunks. (A queued completion is always its flow's
+    /// latest; the version is checked all the same.)
     pub(super) fn flow_done(&mut self, id: FlowId, ver: u32) {
-        let current = self.net.flows.get(id as usize).and_then(|f| f.as_ref());
-        if current.is_none_or(|f| f.ver != ver) {
+        if !self.net.is_current(id, ver) {
             return;
         }
         let mut out = Vec::new();
