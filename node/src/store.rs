@@ -1133,12 +1133,34 @@ impl Store {
     /// neither a registered download nor a blob, [`StoreError::BlobSize`] if the blob's size
     /// disagrees with the spec.
     pub fn read_chunk(&self, spec: &FileSpec, index: u32) -> Result<Vec<u8>> {
+        let mut buf = Vec::new();
+        self.read_chunk_into(spec, index, &mut buf, 0)?;
+        Ok(buf)
+    }
+
+    /// [`Store::read_chunk`] into `buf` from byte `at`: `buf` grows (zeroed) only if it is
+    /// shorter than `at` plus the chunk, so a buffer used again is not zeroed again.
+    /// Returns the chunk's length. The uploader reads into pooled buffers, with the
+    /// frame's length and header in front of the chunk.
+    pub fn read_chunk_into(
+        &self,
+        spec: &FileSpec,
+        index: u32,
+        buf: &mut Vec<u8>,
+        at: usize,
+    ) -> Result<usize> {
         let cid = spec.content_id;
         let not_present = StoreError::NotPresent { file: cid, index };
         let Ok(len) = spec.chunk_len(u64::from(index)) else {
             return Err(not_present);
         };
+        let len = len as usize;
         let offset = spec.chunk_offset(u64::from(index));
+        if buf.len() < at + len {
+            buf.reserve_exact(at + len - buf.len());
+            buf.resize(at + len, 0);
+        }
+        let dst = &mut buf[at..at + len];
         if let Some(p) = self.registered(&cid) {
             let closed = read_lock(&p.closed);
             if !*closed {
@@ -1146,11 +1168,10 @@ impl Store {
                 if !lock(&p.bits).durable.get(index) {
                     return Err(not_present);
                 }
-                let mut buf = vec![0u8; len as usize];
                 p.file
-                    .read_exact_at(&mut buf, offset)
+                    .read_exact_at(dst, offset)
                     .map_err(|e| io_error(&p.part_path, e))?;
-                return Ok(buf);
+                return Ok(len);
             }
         }
         let path = self.blob_path(&cid);
@@ -1163,10 +1184,9 @@ impl Store {
         };
         let meta = f.metadata().map_err(|e| io_error(&path, e))?;
         self.check_blob_size(spec, &meta)?;
-        let mut buf = vec![0u8; len as usize];
-        f.read_exact_at(&mut buf, offset)
+        f.read_exact_at(dst, offset)
             .map_err(|e| io_error(&path, e))?;
-        Ok(buf)
+        Ok(len)
     }
 
     // ----- imports -----

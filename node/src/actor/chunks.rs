@@ -88,7 +88,7 @@ impl Actor {
         &mut self,
         peer: PeerId,
         header: pollen_protocol::wire::ChunkHeader,
-        frame: Vec<u8>,
+        frame: crate::net::FrameBuf,
         offset: usize,
         bytes: FrameBytes,
     ) {

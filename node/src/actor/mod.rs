@@ -274,6 +274,7 @@ impl Actor {
             limiter: RateLimiter::new(cfg.upload_limit),
             metrics: metrics.clone(),
             corrupt: cfg.test_corrupt_chunks,
+            pool: net::BufPool::new(),
         };
         let state = store.load_state().context("cannot read node state")?;
         let cert = match &cfg.cert {
@@ -870,15 +871,14 @@ impl Actor {
 
     /// Run until `shutdown` resolves.
     pub async fn run(mut self, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
-        tokio::spawn(net::run_acceptor(
-            self.control.clone(),
-            ReaderShared::new(
-                self.net_tx.clone(),
-                self.metrics.clone(),
-                &self.cfg,
-                self.deadlines,
-            ),
-        ));
+        let readers = ReaderShared::new(
+            self.net_tx.clone(),
+            self.metrics.clone(),
+            &self.cfg,
+            self.deadlines,
+            self.writer.pool.clone(),
+        );
+        tokio::spawn(net::run_acceptor(self.control.clone(), readers));
         self.bootstrap();
         let mut discovery = tokio::time::interval(Duration::from_secs(5));
         let mut redial = tokio::time::interval(Duration::from_secs(30));

@@ -19,6 +19,9 @@
 //! with `spawn_blocking`, and received chunks go to the actor, which verifies and writes
 //! them on the blocking pool.
 
+pub mod buf;
+pub mod mux;
+
 use crate::config::NodeConfig;
 use crate::metrics::{Metrics, PeerClass};
 use crate::store::Store;
@@ -39,6 +42,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+
+pub use buf::{BufPool, FrameBuf};
 
 /// Pollen's libp2p protocol id (the wire version is in it).
 pub const PROTOCOL_ID: StreamProtocol = StreamProtocol::new(wire::PROTOCOL_ID);
@@ -104,10 +109,11 @@ pub fn peer_id_of(node: &NodeId) -> Option<PeerId> {
     Some(libp2p::identity::PublicKey::from(ed).to_peer_id())
 }
 
+/// Bytes a TCP connection reads from its socket at a time (see [`build_swarm`]).
+pub const TCP_READ_BUFFER: usize = 256 << 10;
+
 /// Build the swarm.
 pub fn build_swarm(key: Keypair, cfg: &NodeConfig) -> Result<Swarm<Behaviour>> {
-    let mut yamux_cfg = yamux::Config::default();
-    yamux_cfg.set_max_num_streams(64);
     let mdns_on = cfg.mdns;
     let relay_on = cfg.relay_server;
     let relay_cfg = relay::Config {
@@ -122,12 +128,24 @@ pub fn build_swarm(key: Keypair, cfg: &NodeConfig) -> Result<Swarm<Behaviour>> {
         .with_max_pending_outgoing(Some(64));
     let swarm = libp2p::SwarmBuilder::with_existing_identity(key)
         .with_tokio()
-        .with_tcp(
-            tcp::Config::default().nodelay(true),
-            noise::Config::new,
-            move || yamux_cfg.clone(),
-        )?
         .with_quic()
+        .with_other_transport(|key| {
+            // TCP as `with_tcp` builds it, but read through a buffer: noise reads the
+            // socket 8 KiB at a time, so a bulk transfer made 128 reads per MiB, each of
+            // which acknowledges data back to the sender.
+            use libp2p::Transport as _;
+            let noise = noise::Config::new(key)?;
+            let tcp = tcp::tokio::Transport::new(tcp::Config::default().nodelay(true));
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(
+                libp2p::Transport::map(tcp, |conn, _| {
+                    futures::io::BufReader::with_capacity(TCP_READ_BUFFER, conn)
+                })
+                .upgrade(libp2p::core::upgrade::Version::V1Lazy)
+                .authenticate(noise)
+                .multiplex(mux::Yamux::new(64)),
+            )
+        })
+        .map_err(|e| anyhow::anyhow!("building the TCP transport: {e}"))?
         .with_relay_client(noise::Config::new, yamux::Config::default)?
         .with_behaviour(|key, relay_client| {
             let id = key.public().to_peer_id();
@@ -230,7 +248,7 @@ pub enum NetEvent {
         /// Header.
         header: ChunkHeader,
         /// The whole frame body.
-        frame: Vec<u8>,
+        frame: FrameBuf,
         /// Where the chunk bytes start.
         offset: usize,
         /// The frame's share of the frame budget, held until the chunk is written.
@@ -330,6 +348,9 @@ pub struct WriterShared {
     pub metrics: Arc<Metrics>,
     /// Test only: corrupt every chunk sent.
     pub corrupt: bool,
+    /// Buffers for chunk frames, taken for each upload and given back once it is written
+    /// (shared with the readers: what is idle stays within [`buf::POOL_BYTES`]).
+    pub pool: Arc<BufPool>,
 }
 
 fn class(same: &AtomicBool) -> PeerClass {
@@ -344,8 +365,28 @@ fn class(same: &AtomicBool) -> PeerClass {
 /// closed (so it cannot hold an upload slot or the control queue forever).
 const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
 
-async fn write_frame(stream: &mut libp2p::Stream, parts: &[&[u8]]) -> std::io::Result<usize> {
-    match tokio::time::timeout(WRITE_TIMEOUT, write_frame_inner(stream, parts)).await {
+/// Where an upload buffer's chunk bytes start: room for the frame's length (4 bytes), kind
+/// and largest header in front of them.
+const UPLOAD_HEAD: usize = 4 + 1 + wire::MAX_CHUNK_HEADER;
+
+/// Put the length and header of a chunk frame in front of the `len` chunk bytes at
+/// `buf[UPLOAD_HEAD..]`; returns the whole frame, length prefix included.
+fn chunk_frame_in<'a>(buf: &'a mut [u8], header: &ChunkHeader, len: usize) -> &'a [u8] {
+    let prefix = wire::encode_chunk_prefix(header);
+    let start = UPLOAD_HEAD - prefix.len() - 4;
+    buf[start..start + 4].copy_from_slice(&((prefix.len() + len) as u32).to_be_bytes());
+    buf[start + 4..UPLOAD_HEAD].copy_from_slice(&prefix);
+    &buf[start..UPLOAD_HEAD + len]
+}
+
+/// Write a whole frame (its length prefix included) and flush.
+async fn write_raw(stream: &mut libp2p::Stream, frame: &[u8]) -> std::io::Result<usize> {
+    let write = async {
+        stream.write_all(frame).await?;
+        stream.flush().await?;
+        Ok(frame.len())
+    };
+    match tokio::time::timeout(WRITE_TIMEOUT, write).await {
         Ok(r) => r,
         Err(_) => Err(std::io::Error::new(
             std::io::ErrorKind::TimedOut,
@@ -354,14 +395,13 @@ async fn write_frame(stream: &mut libp2p::Stream, parts: &[&[u8]]) -> std::io::R
     }
 }
 
-async fn write_frame_inner(stream: &mut libp2p::Stream, parts: &[&[u8]]) -> std::io::Result<usize> {
-    let len: usize = parts.iter().map(|p| p.len()).sum();
-    stream.write_all(&(len as u32).to_be_bytes()).await?;
-    for p in parts {
-        stream.write_all(p).await?;
-    }
-    stream.flush().await?;
-    Ok(4 + len)
+/// Write a frame body (length-prefixed here) in one write: each write to a yamux stream
+/// becomes at least one yamux frame, so the 4-byte length is not written on its own.
+async fn write_frame(stream: &mut libp2p::Stream, body: &[u8]) -> std::io::Result<usize> {
+    let mut frame = Vec::with_capacity(4 + body.len());
+    frame.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    frame.extend_from_slice(body);
+    write_raw(stream, &frame).await
 }
 
 /// Tell the actor that the writer of connection record `generation` ended.
@@ -376,7 +416,8 @@ async fn closed(events: &mpsc::Sender<NetEvent>, peer: PeerId, generation: u64) 
 }
 
 /// Open our stream to `peer`, send `hello`, and run the writer until the actor drops the
-/// sender or the stream fails. Reports `OutboundReady` then `StreamClosed`.
+/// sender or the stream fails. Reports `OutboundReady` then `StreamClosed`; reports nothing
+/// if `peer` does not speak the protocol (the actor's Hello timeout disconnects it).
 pub async fn run_writer(
     mut control: libp2p_stream::Control,
     peer: PeerId,
@@ -392,6 +433,13 @@ pub async fn run_writer(
     .await
     {
         Ok(Ok(s)) => s,
+        Ok(Err(libp2p_stream::OpenStreamError::UnsupportedProtocol(_))) => {
+            // A plain libp2p peer (a DHT client, a crawler): it may still be using the
+            // node's Kademlia or identify. Its connection is left to the actor's Hello
+            // timeout instead of being cut while its queries are in flight.
+            tracing::debug!(%peer, "does not speak {PROTOCOL_ID}");
+            return;
+        }
         Ok(Err(e)) => {
             tracing::debug!(%peer, "cannot open pollen stream: {e}");
             closed(&events, peer, generation).await;
@@ -403,7 +451,7 @@ pub async fn run_writer(
             return;
         }
     };
-    if write_frame(&mut stream, &[&Message::Hello(hello).encode()])
+    if write_frame(&mut stream, &Message::Hello(hello).encode())
         .await
         .is_err()
     {
@@ -439,7 +487,7 @@ pub async fn run_writer(
                 out = crx.recv() => match out {
                     None => return Ok(()),
                     Some(Out::Frame(f)) => {
-                        let written = write_frame(&mut stream, &[&f]).await;
+                        let written = write_frame(&mut stream, &f).await;
                         queued.fetch_sub(f.len(), Ordering::Relaxed);
                         shared.metrics.bytes_out(class(&same_site), written? as u64);
                     }
@@ -460,10 +508,20 @@ pub async fn run_writer(
                         let store = shared.store.clone();
                         let spec = job.spec.clone();
                         let index = job.index;
-                        let data = tokio::task::spawn_blocking(move || store.read_chunk(&spec, index)).await;
-                        let mut data = match data {
-                            Ok(Ok(d)) => d,
-                            Ok(Err(e)) => {
+                        // The chunk is read into a pooled buffer at `UPLOAD_HEAD`, the
+                        // frame's length and header go in front, and the frame leaves in
+                        // one write (pages used before; no small writes for the header).
+                        let chunk_len = job.spec.chunk_len(u64::from(index)).unwrap_or(0) as usize;
+                        let mut buf = shared.pool.take(UPLOAD_HEAD + chunk_len);
+                        let read = tokio::task::spawn_blocking(move || {
+                            let r = store.read_chunk_into(&spec, index, &mut buf, UPLOAD_HEAD);
+                            (r, buf)
+                        })
+                        .await;
+                        let (len, mut upload) = match read {
+                            Ok((Ok(len), buf)) => (len, buf),
+                            Ok((Err(e), buf)) => {
+                                shared.pool.give(buf);
                                 tracing::warn!(%peer, "cannot read chunk {index} of {}: {e}", job.spec.content_id.short());
                                 continue;
                             }
@@ -472,15 +530,16 @@ pub async fn run_writer(
                                 continue;
                             }
                         };
-                        if shared.corrupt && !data.is_empty() {
-                            data[0] ^= 0xff;
+                        if shared.corrupt && len > 0 {
+                            upload[UPLOAD_HEAD] ^= 0xff;
                         }
                         if let Some(l) = &shared.limiter {
-                            l.acquire(data.len()).await;
+                            l.acquire(len).await;
                         }
                         let header = ChunkHeader { id: job.id, file: job.spec.content_id, index };
-                        let prefix = wire::encode_chunk_prefix(&header);
-                        let n = write_frame(&mut stream, &[&prefix, &data]).await?;
+                        let frame = chunk_frame_in(&mut upload, &header, len);
+                        let n = write_raw(&mut stream, frame).await?;
+                        shared.pool.give(upload);
                         shared.metrics.bytes_out(class(&same_site), n as u64);
                         shared.metrics.chunks_uploaded.fetch_add(1, Ordering::Relaxed);
                     }
@@ -571,18 +630,22 @@ pub struct ReaderShared {
     /// Numbers the reader tasks, so the actor can tell a stream's reader from an older
     /// one of the same peer.
     pub next_reader: Arc<AtomicU64>,
+    /// Buffers for large frames, reused once the frame is dropped.
+    pub pool: Arc<BufPool>,
 }
 
 impl ReaderShared {
     /// Readers for a node with `max_connections` connections in all and
     /// `max_connections_per_peer` per peer. A peer writes on one stream of its own per
     /// connection record; one more per peer lets a reconnecting peer in while the stream
-    /// of its old connection is still being torn down.
+    /// of its old connection is still being torn down. `pool` is the node's one pool of
+    /// chunk-sized buffers, shared with the writers ([`WriterShared::pool`]).
     pub fn new(
         events: mpsc::Sender<NetEvent>,
         metrics: Arc<Metrics>,
         cfg: &NodeConfig,
         deadlines: ReadDeadlines,
+        pool: Arc<BufPool>,
     ) -> Self {
         ReaderShared {
             events,
@@ -594,6 +657,7 @@ impl ReaderShared {
             streams_per_peer: cfg.max_connections_per_peer as usize + 1,
             max_peers: cfg.max_connections.max(1) as usize,
             next_reader: Arc::new(AtomicU64::new(0)),
+            pool,
         }
     }
 }
@@ -620,15 +684,18 @@ fn io_end(e: std::io::Error) -> ReadEnd {
     ReadEnd::Closed
 }
 
-/// Read `len` bytes of frame body (kind byte first, given) into a buffer that grows as the
-/// bytes arrive, taking what it allocates from `budget`.
+/// Read `len` bytes of frame body (kind byte first, given) into a buffer whose bytes are
+/// taken from `budget` as they arrive (doubling from [`FIRST_ALLOC`]). A frame of
+/// [`buf::POOLED_MIN`] bytes or more is read into a buffer from `pool`, whose bytes from
+/// an earlier frame are read over without being zeroed again.
 async fn read_body<S: AsyncRead + Unpin>(
     stream: &mut S,
     kind: u8,
     len: usize,
     budget: &Arc<Semaphore>,
     stall: Duration,
-) -> Result<(Vec<u8>, FrameBytes), ReadEnd> {
+    pool: &Arc<BufPool>,
+) -> Result<(FrameBuf, FrameBytes), ReadEnd> {
     let take = |n: usize| {
         let budget = budget.clone();
         async move {
@@ -641,20 +708,32 @@ async fn read_body<S: AsyncRead + Unpin>(
     };
     let first = len.min(FIRST_ALLOC);
     let mut permit = take(first).await?;
-    let mut buf = Vec::with_capacity(first);
-    buf.push(kind);
+    let mut allowed = first;
+    let pooled = (len >= buf::POOLED_MIN).then(|| pool.clone());
+    let mut buf = match &pooled {
+        Some(pool) => pool.take(len),
+        None => Vec::with_capacity(first),
+    };
+    // `buf[..buf.len()]` is initialised: read over it; zero only past it.
+    match buf.first_mut() {
+        Some(b) => *b = kind,
+        None => buf.push(kind),
+    }
     let mut filled = 1;
     while filled < len {
-        if filled == buf.len() {
-            if buf.len() == buf.capacity() {
-                let target = (buf.capacity() * 2).min(len);
-                permit.merge(take(target - buf.capacity()).await?);
-                buf.reserve_exact(target - buf.len());
-            }
-            let end = (filled + READ_PIECE).min(len).min(buf.capacity());
-            buf.resize(end, 0);
+        if filled == allowed {
+            let target = (allowed * 2).min(len);
+            permit.merge(take(target - allowed).await?);
+            allowed = target;
         }
-        let n = tokio::time::timeout(stall, stream.read(&mut buf[filled..]))
+        if filled >= buf.len() {
+            if buf.capacity() < allowed {
+                buf.reserve_exact(allowed - buf.len());
+            }
+            buf.resize((filled + READ_PIECE).min(allowed), 0);
+        }
+        let upto = buf.len().min(allowed);
+        let n = tokio::time::timeout(stall, stream.read(&mut buf[filled..upto]))
             .await
             .map_err(|_| ReadEnd::TimedOut("frame"))?
             .map_err(io_end)?;
@@ -663,7 +742,10 @@ async fn read_body<S: AsyncRead + Unpin>(
         }
         filled += n;
     }
-    Ok((buf, FrameBytes { _permit: permit }))
+    Ok((
+        FrameBuf::new(buf, len, pooled),
+        FrameBytes { _permit: permit },
+    ))
 }
 
 /// Read one frame: header and body. The first frame of a stream must be whole by
@@ -673,7 +755,7 @@ async fn read_frame<S: AsyncRead + Unpin>(
     stream: &mut S,
     shared: &ReaderShared,
     hello_by: Option<tokio::time::Instant>,
-) -> Result<(Vec<u8>, FrameBytes), ReadEnd> {
+) -> Result<(FrameBuf, FrameBytes), ReadEnd> {
     let mut head = [0u8; 5];
     let mut read = 0;
     if hello_by.is_none() {
@@ -701,7 +783,8 @@ async fn read_frame<S: AsyncRead + Unpin>(
     }
     let body_by = hello_by.unwrap_or(started + shared.deadlines.frame(len));
     let stall = shared.deadlines.grace;
-    tokio::time::timeout_at(body_by, read_body(stream, kind, len, &shared.budget, stall))
+    let body = read_body(stream, kind, len, &shared.budget, stall, &shared.pool);
+    tokio::time::timeout_at(body_by, body)
         .await
         .unwrap_or(Err(ReadEnd::TimedOut(what)))
 }
@@ -926,6 +1009,7 @@ mod tests {
             streams_per_peer: 3,
             max_peers: 2,
             next_reader: Arc::new(AtomicU64::new(0)),
+            pool: BufPool::new(),
         };
         (s, rx)
     }
