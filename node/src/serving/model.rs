@@ -1985,6 +1985,135 @@ mod tests {
             assert_eq!(e.0, ErrorClass::UnsupportedOp, "{}", e.1);
         }
 
+        /// `DequantizeLinear(QuantizeLinear(x))` (scale 0.1, zero point 128), a Softmax,
+        /// and the probabilities quantised to 1/255 and back: a QDQ classifier's head.
+        fn qdq_softmax_model() -> Vec<u8> {
+            let g = graph(
+                &[
+                    node("QuantizeLinear", "", &["x", "s1", "z1"], &["xq"], &[]),
+                    node("DequantizeLinear", "", &["xq", "s1", "z1"], &["xd"], &[]),
+                    node("Softmax", "", &["xd"], &["p"], &[Attr::Int("axis", 1)]),
+                    node("QuantizeLinear", "", &["p", "s2", "z2"], &["pq"], &[]),
+                    node("DequantizeLinear", "", &["pq", "s2", "z2"], &["y"], &[]),
+                ],
+                &[
+                    init("s1", DType::F32, &[], 0.1f32.to_le_bytes().to_vec()),
+                    init("z1", DType::U8, &[], vec![128]),
+                    init("s2", DType::F32, &[], (1f32 / 255.).to_le_bytes().to_vec()),
+                    init("z2", DType::U8, &[], vec![0]),
+                ],
+                &[value_info("x", F32, Some(&[Ok(1), Ok(4)]))],
+                &[value_info("y", F32, Some(&[Ok(1), Ok(4)]))],
+            );
+            model(&g)
+        }
+
+        #[test]
+        fn a_softmax_between_dequantize_and_quantize_answers_probabilities() {
+            let m = load(&qdq_softmax_model(), &ServingSpec::default(), &limits()).expect("load");
+            let out = m
+                .infer(&[f32s("x", &[1, 4], &[1., -1., 0., 0.5])])
+                .expect("run");
+            // tract's integer softmax answered 1.0 for all four.
+            let e: Vec<f32> = [1f32, -1., 0., 0.5].iter().map(|v| v.exp()).collect();
+            let sum: f32 = e.iter().sum();
+            let got = values(&out[0]);
+            for (g, e) in got.iter().zip(&e) {
+                assert!((g - e / sum).abs() <= 0.5 / 255. + 1e-6, "{got:?}");
+            }
+        }
+
+        /// A two-class forest in scikit-learn's form: every weight for class id 0 (tract's
+        /// two-class layout, probabilities `[1 - s, s]`), one stump on feature 0 with
+        /// `s = 0.2` for `x <= 0.5` and `0.9` above, labels 3 and 7.
+        fn binary_classifier() -> Vec<u8> {
+            let g = graph(
+                &[node(
+                    "TreeEnsembleClassifier",
+                    "ai.onnx.ml",
+                    &["X"],
+                    &["label", "probabilities"],
+                    &[
+                        Attr::Ints("classlabels_int64s", vec![3, 7]),
+                        Attr::Ints("nodes_treeids", vec![0, 0, 0]),
+                        Attr::Ints("nodes_nodeids", vec![0, 1, 2]),
+                        Attr::Ints("nodes_featureids", vec![0, 0, 0]),
+                        Attr::Floats("nodes_values", vec![0.5, 0., 0.]),
+                        Attr::Strings("nodes_modes", vec!["BRANCH_LEQ", "LEAF", "LEAF"]),
+                        Attr::Ints("nodes_truenodeids", vec![1, 0, 0]),
+                        Attr::Ints("nodes_falsenodeids", vec![2, 0, 0]),
+                        Attr::Ints("class_treeids", vec![0, 0]),
+                        Attr::Ints("class_nodeids", vec![1, 2]),
+                        Attr::Ints("class_ids", vec![0, 0]),
+                        Attr::Floats("class_weights", vec![0.2, 0.9]),
+                    ],
+                )],
+                &[],
+                &[value_info("X", F32, Some(&[Err(""), Ok(1)]))],
+                &[
+                    value_info("label", Some(7), Some(&[Err("")])),
+                    value_info("probabilities", F32, Some(&[Err(""), Ok(2)])),
+                ],
+            );
+            model(&g)
+        }
+
+        #[test]
+        fn a_two_class_tree_classifier_labels_by_its_probabilities() {
+            let m = load(&binary_classifier(), &ServingSpec::default(), &limits()).expect("load");
+            let out = m.infer(&[f32s("X", &[2, 1], &[0., 1.])]).expect("run");
+            let labels: Vec<i64> = out[0]
+                .data
+                .chunks(8)
+                .map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")))
+                .collect();
+            let p = values(&out[1]);
+            assert!(
+                (p[0] - 0.8).abs() < 1e-6 && (p[3] - 0.9).abs() < 1e-6,
+                "{p:?}"
+            );
+            // tract's own label was 3 for both (the first class whenever s > 0).
+            assert_eq!(labels, [3, 7]);
+        }
+
+        /// A three-class `LinearClassifier` over `[N, 2]` with `coefficients` floats.
+        fn linear_classifier(coefficients: usize) -> Vec<u8> {
+            let g = graph(
+                &[node(
+                    "LinearClassifier",
+                    "ai.onnx.ml",
+                    &["X"],
+                    &["label", "scores"],
+                    &[
+                        Attr::Ints("classlabels_ints", vec![0, 1, 2]),
+                        Attr::Floats("coefficients", vec![0.5; coefficients]),
+                        Attr::Floats("intercepts", vec![0.0; 3]),
+                    ],
+                )],
+                &[],
+                &[value_info("X", F32, Some(&[Err(""), Ok(2)]))],
+                &[
+                    value_info("label", Some(7), Some(&[Err("")])),
+                    value_info("scores", F32, Some(&[Err(""), Ok(3)])),
+                ],
+            );
+            model(&g)
+        }
+
+        #[test]
+        fn a_linear_classifier_whose_coefficients_do_not_fit_its_input_is_refused() {
+            // onnxruntime's own logreg_iris.onnx: 12 coefficients, 3 classes, 2 features.
+            let e = load(&linear_classifier(12), &ServingSpec::default(), &limits()).unwrap_err();
+            assert_eq!(e.0, ErrorClass::LoadError, "{}", e.1);
+            assert!(
+                e.1.contains("12 coefficients for 3 classes")
+                    && e.1.contains("'X' has 2 features (6 expected)"),
+                "{}",
+                e.1
+            );
+            load(&linear_classifier(6), &ServingSpec::default(), &limits()).expect("load");
+        }
+
         #[test]
         fn an_operator_tract_lacks_is_refused_naming_the_node_and_operator() {
             let g = graph(

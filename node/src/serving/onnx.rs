@@ -14,7 +14,8 @@
 //!   output (scikit-learn's default export) becomes an `Identity`, so the output is the
 //!   probability tensor the ZipMap wraps; `ai.onnx.ml` operators tract lacks but
 //!   scikit-learn exports (`Scaler`, `TreeEnsembleRegressor`) become ones it has
-//!   (the `ml` module).
+//!   (the `ml` module); a `Softmax` fed by a `DequantizeLinear` reads a float copy of
+//!   its input, which keeps tract off its integer softmax (wrong in 0.23.9).
 //! * [`declare_const`], [`check_declared`]: what `pollen publish --const` and `--input`
 //!   check against the file.
 //!
@@ -574,6 +575,7 @@ pub fn prepare(model: Vec<u8>, consts: &[TensorData]) -> Result<Prepared, String
             ));
         }
     }
+    check_classifiers(&model, &graph)?;
     let zipmaps: Vec<ZipMapStripped> = graph
         .nodes
         .iter()
@@ -616,6 +618,38 @@ pub fn prepare(model: Vec<u8>, consts: &[TensorData]) -> Result<Prepared, String
         dequantized: r.dequantized,
         rewritten: r.rewritten,
     })
+}
+
+/// Refuse a top-level `LinearClassifier` whose coefficients do not fit the features of
+/// the graph input it reads (see [`ml::check_linear_classifier`]).
+fn check_classifiers(model: &[u8], graph: &Graph) -> Result<(), String> {
+    if !graph.nodes.iter().any(|n| n.op_type == "LinearClassifier") {
+        return Ok(());
+    }
+    let Some(top) = fields(model) else {
+        return Ok(());
+    };
+    let Some(graph_fields) = graph_field(&top).and_then(fields) else {
+        return Ok(());
+    };
+    for f in graph_fields.iter().filter(|f| f.num == 1) {
+        let Some(raw) = bytes_of(f) else { continue };
+        let Some(node) = parse_node(raw, MAX_DEPTH) else {
+            continue;
+        };
+        let features = node
+            .inputs
+            .first()
+            .and_then(|x| graph.input(x))
+            .and_then(|i| match i.dims.as_deref()?.last()? {
+                OnnxDim::Value(v) => u64::try_from(*v).ok(),
+                _ => None,
+            });
+        if let Some(features) = features {
+            ml::check_linear_classifier(raw, &node, features)?;
+        }
+    }
+    Ok(())
 }
 
 /// An initializer's dims, element type and raw little-endian data (`None` for data held
@@ -784,6 +818,7 @@ fn rewrite(
             kept.push(n);
         }
     }
+    rewritten.extend(float_softmax_inputs(&mut kept, &inits)?);
     // The 8-bit tensors nothing else reads are left out: the float ones replace them.
     let mut used = BTreeSet::new();
     for n in &kept {
@@ -859,6 +894,114 @@ fn inputs_of(node: &Node, into: &mut BTreeSet<String>) {
         }
         into.extend(g.outputs.iter().map(|o| o.name.clone()));
     }
+}
+
+/// Most `Softmax` nodes [`float_softmax_inputs`] rewrites in one model (a transformer has
+/// one per layer; the rest are left to tract).
+const MAX_FLOAT_SOFTMAX: usize = 256;
+
+/// tract 0.23.9 runs a `Softmax` whose input comes from a `DequantizeLinear` (of an
+/// activation, not a weight) as its integer softmax when a `QuantizeLinear` follows, and
+/// that answers 1.0 for every element (a classifier's two probabilities both 1.0, an
+/// attention's weights all 1.0). Each such `Softmax` reads instead its own float copy of
+/// the input, `Mul(Sub(Cast(x), Cast(zero_point)), scale)`: what `DequantizeLinear`
+/// computes, bit for bit, written with operators tract keeps in float. Only per-tensor
+/// quantisation (a scalar scale and zero point from initializers) is covered; any other
+/// form is left to tract and its golden checks. Returns one note per rewritten node.
+fn float_softmax_inputs(
+    nodes: &mut Vec<Vec<u8>>,
+    inits: &BTreeMap<String, &[u8]>,
+) -> Option<Vec<String>> {
+    let parsed: Vec<Node> = nodes
+        .iter()
+        .map(|n| parse_node(n, MAX_DEPTH))
+        .collect::<Option<_>>()?;
+    let default_domain = |n: &Node| n.domain.is_empty() || n.domain == "ai.onnx";
+    let scalar_init = |name: &str| inits.get(name).and_then(|t| scalar_of_tensor(t));
+    let mut producers: BTreeMap<&str, &Node> = BTreeMap::new();
+    for n in &parsed {
+        if n.op_type == "DequantizeLinear"
+            && default_domain(n)
+            && let [out] = n.outputs.as_slice()
+        {
+            producers.insert(out, n);
+        }
+    }
+    let mut notes = Vec::new();
+    let mut extra: Vec<(usize, Vec<Vec<u8>>)> = Vec::new();
+    for (i, sm) in parsed.iter().enumerate() {
+        if notes.len() >= MAX_FLOAT_SOFTMAX {
+            break;
+        }
+        if sm.op_type != "Softmax" || !default_domain(sm) {
+            continue;
+        }
+        let Some(dq) = sm.inputs.first().and_then(|x| producers.get(x.as_str())) else {
+            continue;
+        };
+        let (x, scale) = match dq.inputs.as_slice() {
+            [x, s] | [x, s, _] => (x, s),
+            _ => continue,
+        };
+        let zero = dq.inputs.get(2).filter(|z| !z.is_empty());
+        if scalar_init(scale).is_none() || zero.is_some_and(|z| scalar_init(z).is_none()) {
+            continue;
+        }
+        let p = format!("{}.pollen.float{i}", sm.display_name());
+        let to_float = |input: &str, what: &str| {
+            node_proto(
+                "Cast",
+                "",
+                &[input],
+                &[&format!("{p}.{what}")],
+                &format!("{p}.cast_{what}"),
+                &[ml::attr_int("to", 1)],
+            )
+        };
+        let mut pre = vec![to_float(x, "x")];
+        let mut current = format!("{p}.x");
+        if let Some(z) = zero {
+            pre.push(to_float(z, "zero"));
+            pre.push(node_proto(
+                "Sub",
+                "",
+                &[&current, &format!("{p}.zero")],
+                &[&format!("{p}.centred")],
+                &format!("{p}.sub"),
+                &[],
+            ));
+            current = format!("{p}.centred");
+        }
+        pre.push(node_proto(
+            "Mul",
+            "",
+            &[&current, scale],
+            &[&format!("{p}.value")],
+            &format!("{p}.mul"),
+            &[],
+        ));
+        // The Softmax's first input becomes the float copy.
+        nodes[i] = with_first_name(&nodes[i], NODE_INPUT, &format!("{p}.value"))?;
+        notes.push(format!(
+            "Softmax '{}' reads DequantizeLinear '{}' as float (Cast, Sub, Mul): tract 0.23 \
+             answers 1.0 for every element of its integer softmax",
+            sm.display_name(),
+            dq.display_name()
+        ));
+        extra.push((i, pre));
+    }
+    // Each float copy goes just before its Softmax (the file's order stays topological).
+    if !extra.is_empty() {
+        let mut pre: BTreeMap<usize, Vec<Vec<u8>>> = extra.into_iter().collect();
+        let old = std::mem::take(nodes);
+        for (i, n) in old.into_iter().enumerate() {
+            if let Some(p) = pre.remove(&i) {
+                nodes.extend(p);
+            }
+            nodes.push(n);
+        }
+    }
+    Some(notes)
 }
 
 /// [`dequantized`] for the node's one output.
@@ -989,6 +1132,26 @@ fn node_proto(
         put_bytes(5, a, &mut n);
     }
     n
+}
+
+/// `NodeProto` fields of input and output names.
+pub(super) const NODE_INPUT: u64 = 1;
+pub(super) const NODE_OUTPUT: u64 = 2;
+
+/// The `NodeProto` `raw` with its first name in field `field` (its first input or first
+/// output) replaced by `name`; every other field as it was.
+pub(super) fn with_first_name(raw: &[u8], field: u64, name: &str) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(raw.len() + name.len());
+    let mut first = true;
+    for f in fields(raw)? {
+        if f.num == field && first {
+            put_bytes(field, name.as_bytes(), &mut out);
+            first = false;
+        } else {
+            out.extend_from_slice(f.raw);
+        }
+    }
+    Some(out)
 }
 
 /// An `Identity` node `output = input`.

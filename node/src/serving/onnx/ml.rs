@@ -11,11 +11,23 @@
 //!   added, as onnxruntime does). Without a post-transform, the classifier's scores are
 //!   exactly the regressor's sums: per target, the leaves' weights plus the base value.
 //!
+//! * `TreeEnsembleClassifier` with two classes and the weights of one (scikit-learn's
+//!   binary forests): tract computes the probabilities `[1 - s, s]` right but takes the
+//!   label from the scores before that layout (`[s, 0]`), so the label is the first class
+//!   whenever `s > 0`. The classifier is kept; its label comes from `ArgMax` over its
+//!   probabilities, gathered from the class labels (onnxruntime's rule: the second class
+//!   when `s > 0.5`). Only with integer labels and weights that are not negative
+//!   (onnxruntime reads negative ones differently).
+//!
+//! * `LinearClassifier` is checked, not rewritten: one whose coefficients do not fit the
+//!   features of the graph input it reads is refused, naming the numbers.
+//!
 //! A node these do not cover (`MIN` or `MAX` aggregates, a regressor post-transform,
 //! attributes given as tensors) is left as it is, and tract's refusal names it.
 
 use super::{
-    Field, Node, Wire, bytes_of, fields, ints_of, node_proto, put_bytes, put_int, tensor_proto,
+    Field, NODE_OUTPUT, Node, Wire, bytes_of, fields, ints_of, node_proto, put_bytes, put_int,
+    tensor_proto, with_first_name,
 };
 use pollen_protocol::manifest::{DType, TensorData};
 use std::collections::BTreeSet;
@@ -25,7 +37,11 @@ const ML: &str = "ai.onnx.ml";
 
 /// Whether [`expand`] may replace `node`.
 pub(super) fn is_rewritable(node: &Node) -> bool {
-    node.domain == ML && matches!(node.op_type.as_str(), "Scaler" | "TreeEnsembleRegressor")
+    node.domain == ML
+        && matches!(
+            node.op_type.as_str(),
+            "Scaler" | "TreeEnsembleRegressor" | "TreeEnsembleClassifier"
+        )
 }
 
 /// What replaces one node: nodes in order (the last writes the node's output) and the
@@ -49,6 +65,7 @@ pub(super) fn expand(raw: &[u8], node: &Node) -> Option<Expansion> {
     match node.op_type.as_str() {
         "Scaler" => scaler(node, &attrs),
         "TreeEnsembleRegressor" => tree_regressor(node, &attrs),
+        "TreeEnsembleClassifier" => binary_classifier_label(raw, node, &attrs),
         _ => None,
     }
 }
@@ -125,7 +142,8 @@ fn renamed(a: &Attr<'_>, name: &str) -> Vec<u8> {
     out
 }
 
-fn attr_int(name: &str, v: i64) -> Vec<u8> {
+/// An `AttributeProto` of one integer.
+pub(super) fn attr_int(name: &str, v: i64) -> Vec<u8> {
     let mut out = Vec::new();
     put_bytes(1, name.as_bytes(), &mut out);
     put_int(3, v as u64, &mut out);
@@ -351,4 +369,114 @@ fn tree_regressor(node: &Node, attrs: &[Attr<'_>]) -> Option<Expansion> {
              as TreeEnsembleClassifier and Gather"
         ),
     })
+}
+
+/// A two-class `TreeEnsembleClassifier` in tract's binary layout (every weight for one
+/// class id, 0) with its label from `ArgMax` over the probabilities (see the module's doc).
+fn binary_classifier_label(raw: &[u8], node: &Node, attrs: &[Attr<'_>]) -> Option<Expansion> {
+    let [label, probabilities] = node.outputs.as_slice() else {
+        return None;
+    };
+    if label.is_empty() || probabilities.is_empty() {
+        return None;
+    }
+    let labels = ints(find(attrs, "classlabels_int64s")?)?;
+    if labels.len() != 2 || find(attrs, "classlabels_strings").is_some() {
+        return None;
+    }
+    if ints(find(attrs, "class_ids")?)?.iter().any(|c| *c != 0)
+        || floats(find(attrs, "class_weights")?)?
+            .iter()
+            .any(|w| w.is_nan() || *w < 0.0)
+    {
+        return None;
+    }
+    let name = node.display_name();
+    let unused = format!("{label}.pollen.tract_label");
+    let (classes, winner) = (
+        format!("{label}.pollen.classes"),
+        format!("{label}.pollen.argmax"),
+    );
+    // The node as it is, its label output renamed (nothing reads it).
+    let kept = with_first_name(raw, NODE_OUTPUT, &unused)?;
+    let nodes = vec![
+        kept,
+        node_proto(
+            "ArgMax",
+            "",
+            &[probabilities],
+            &[&winner],
+            &format!("{name}.pollen.argmax"),
+            &[attr_int("axis", 1), attr_int("keepdims", 0)],
+        ),
+        node_proto(
+            "Gather",
+            "",
+            &[&classes, &winner],
+            &[label],
+            &format!("{name}.pollen.label"),
+            &[attr_int("axis", 0)],
+        ),
+    ];
+    let initializers = vec![tensor_proto(&TensorData {
+        name: classes,
+        dtype: DType::I64,
+        shape: vec![2],
+        data: labels.iter().flat_map(|l| l.to_le_bytes()).collect(),
+    })?];
+    Some(Expansion {
+        nodes,
+        initializers,
+        note: format!(
+            "ai.onnx.ml TreeEnsembleClassifier '{name}' (two classes): label from ArgMax \
+             over its probabilities (tract 0.23 takes it from the scores before its \
+             two-class layout)"
+        ),
+    })
+}
+
+/// A `LinearClassifier` fed straight by a graph input of `features` features must hold
+/// one row of coefficients per class (or one row for two classes, the binary form). A
+/// file that does not is inconsistent: runtimes read its coefficients differently
+/// (onnxruntime and tract give different answers to the same sample file), so it is
+/// refused naming the numbers instead of failing its golden checks later.
+pub(super) fn check_linear_classifier(
+    raw: &[u8],
+    node: &Node,
+    features: u64,
+) -> Result<(), String> {
+    if node.domain != ML || node.op_type != "LinearClassifier" || features == 0 {
+        return Ok(());
+    }
+    let Some(attrs) = attributes(raw) else {
+        return Ok(());
+    };
+    let Some(coefficients) = find(&attrs, "coefficients").and_then(floats) else {
+        return Ok(());
+    };
+    // LinearClassifier names its labels `classlabels_ints` or `classlabels_strings`.
+    let classes = match (
+        find(&attrs, "classlabels_ints"),
+        find(&attrs, "classlabels_strings"),
+    ) {
+        (Some(a), _) => ints(a).map_or(0, |v| v.len()) as u64,
+        (None, Some(a)) => a.fields.iter().filter(|f| f.num == 9).count() as u64,
+        (None, None) => 0,
+    };
+    let n = coefficients.len() as u64;
+    let rows_ok = n.is_multiple_of(features) && {
+        let rows = n / features;
+        rows == classes || (classes == 2 && rows == 1)
+    };
+    if classes == 0 || rows_ok {
+        return Ok(());
+    }
+    Err(format!(
+        "node '{}' (ai.onnx.ml:LinearClassifier): {n} coefficients for {classes} classes, \
+         but its input '{}' has {features} features ({} expected); the file is \
+         inconsistent, and runtimes read such a file differently: re-export the model",
+        node.display_name(),
+        node.inputs.first().map_or("", String::as_str),
+        classes * features
+    ))
 }
