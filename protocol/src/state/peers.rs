@@ -17,6 +17,9 @@ use rand_core::Rng;
 pub(super) struct Peer {
     /// Its site (LAN), as it announced: same-site peers are asked first.
     pub(super) site: Option<String>,
+    /// `site` equals this node's site (both may be `None`): kept with `site`, because the
+    /// scheduler asks it for every peer on every pass.
+    pub(super) same_site: bool,
     /// Measured round-trip time: lower is asked first.
     pub(super) rtt: Option<Duration>,
     /// Penalty points; at `disconnect_score` it is disconnected.
@@ -70,12 +73,12 @@ impl PeerTable {
 
     /// Is `p` on another site (behind a WAN link)? Unknown sites count as local.
     pub(super) fn remote(&self, p: &Peer) -> bool {
-        self.site.is_some() && p.site.is_some() && p.site != self.site
+        self.site.is_some() && p.site.is_some() && !p.same_site
     }
 
     /// Is `q` a usable peer on this node's site?
     pub(super) fn on_site(&self, q: &Peer) -> bool {
-        q.site == self.site && !q.refused
+        q.same_site && !q.refused
     }
 
     /// Admit `peer` (or refresh its site and RTT if already connected). A full table, or
@@ -101,6 +104,7 @@ impl PeerTable {
         let salt = rng.next_u64();
         let entry = self.map.entry(peer).or_insert(Peer {
             site: None,
+            same_site: false,
             rtt: None,
             score: 0,
             scored_at: None,
@@ -108,6 +112,7 @@ impl PeerTable {
             refused,
             digest_answered: None,
         });
+        entry.same_site = info.site == self.site;
         entry.site = info.site;
         entry.rtt = info.rtt;
         entry.refused = refused;
@@ -219,7 +224,8 @@ impl PeerTable {
 
     /// Put `peer` in the table as is (tests place peers by hand).
     #[cfg(test)]
-    pub(super) fn insert(&mut self, id: NodeId, peer: Peer) {
+    pub(super) fn insert(&mut self, id: NodeId, mut peer: Peer) {
+        peer.same_site = peer.site == self.site;
         self.map.insert(id, peer);
     }
 

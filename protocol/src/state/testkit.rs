@@ -188,6 +188,7 @@ fn place_peer(
         peer(i),
         Peer {
             site: site.map(Into::into),
+            same_site: false, // set by insert
             rtt: None,
             score: 0,
             scored_at: None,

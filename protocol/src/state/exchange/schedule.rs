@@ -94,7 +94,7 @@ impl Exchange {
         if self.files.values().all(|f| !f.wanted || f.complete()) {
             return;
         }
-        let my_site = cx.config.site.clone();
+        let has_site = cx.config.site.is_some();
         // Peers with free slots, best first: same site, lower RTT, random salt.
         let mut order: Vec<(bool, Duration, u64, NodeId)> = cx
             .peers
@@ -103,7 +103,7 @@ impl Exchange {
                 self.inflight(id) < max && self.haves.get(*id).is_some_and(|h| !h.is_empty())
             })
             .map(|(id, p)| {
-                let same = my_site.is_some() && p.site == my_site;
+                let same = has_site && p.same_site;
                 (!same, p.rtt.unwrap_or(Duration::from_secs(1)), p.salt, *id)
             })
             .collect();
