@@ -181,6 +181,11 @@ fn main() {
             cert: None,
         }),
         Message::Prune,
+        Message::Fetching {
+            file,
+            index: 2,
+            millis: 30_000,
+        },
     ];
     let mut stream = Vec::new();
     for (i, m) in msgs.iter().enumerate() {

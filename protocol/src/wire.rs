@@ -144,6 +144,18 @@ pub enum Message {
     /// Gossip tree repair (plumtree): the sender got a payload from us that it already
     /// had, so we send it only `IHave`s from now on (until it pulls with `Want`).
     Prune,
+    /// The sender, a peer on the receiver's site, has asked a peer on another site for
+    /// this chunk (the WAN share rule): site peers leave it to the sender for a while
+    /// rather than fetch it across the site's WAN link again. A hint: a node that does not
+    /// know this kind ignores it.
+    Fetching {
+        /// File.
+        file: ContentId,
+        /// Chunk index.
+        index: u32,
+        /// How long the sender's request may take, milliseconds (its deadline).
+        millis: u32,
+    },
     /// A kind this version does not know: ignored.
     Unknown(u8),
 }
@@ -220,6 +232,7 @@ const K_REJECT: u8 = 12;
 const K_CERT: u8 = 13;
 const K_HELLO: u8 = 14;
 const K_PRUNE: u8 = 15;
+const K_FETCHING: u8 = 16;
 
 /// The cap for a frame of `kind`.
 pub fn frame_cap(kind: u8) -> usize {
@@ -256,6 +269,11 @@ impl Message {
             Message::Certificate(c) => body(K_CERT, c),
             Message::Hello(h) => body(K_HELLO, h),
             Message::Prune => vec![K_PRUNE],
+            Message::Fetching {
+                file,
+                index,
+                millis,
+            } => body(K_FETCHING, &(file, index, millis)),
             Message::Unknown(k) => vec![*k],
         }
     }
@@ -358,6 +376,14 @@ pub fn decode_frame(frame: &[u8]) -> Result<Frame<'_>, WireError> {
         K_HAVE_CHUNK => {
             let (file, index) = payload(kind, rest)?;
             Message::HaveChunk { file, index }
+        }
+        K_FETCHING => {
+            let (file, index, millis) = payload(kind, rest)?;
+            Message::Fetching {
+                file,
+                index,
+                millis,
+            }
         }
         K_REQUEST => {
             let (id, file, index) = payload(kind, rest)?;
@@ -474,6 +500,11 @@ mod tests {
             Message::Reject {
                 id: 1,
                 reason: RejectReason::Busy,
+            },
+            Message::Fetching {
+                file: ContentId([5; 32]),
+                index: 70_000,
+                millis: 30_000,
             },
         ];
         for m in msgs {

@@ -111,7 +111,10 @@ impl SiteSpec {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PeerSpec {
-    /// Peers each node dials on its own site (mDNS would find them all; it keeps a few).
+    /// Peers each node dials on its own site. The node dials every LAN peer mDNS finds, up
+    /// to `max_connections` (256): the site's size, up to 256, is what it does; fewer bound
+    /// the simulator's cost (every chunk a node gets is announced to each peer), and then
+    /// each node's WAN share rule sees part of its site only.
     pub lan_degree: usize,
     /// Peers each node dials on other sites (Kademlia / bootstrap).
     pub wan_degree: usize,

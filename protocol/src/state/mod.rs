@@ -470,6 +470,14 @@ impl<R: Rng> Mesh<R> {
                 let penalty = x.on_have_chunk(&mut cx, from, file, index);
                 self.penalise_for(penalty);
             }
+            Message::Fetching {
+                file,
+                index,
+                millis,
+            } => {
+                let (x, cx) = self.exchange_cx();
+                x.on_fetching(&cx, now.mono, from, file, index, millis);
+            }
             Message::Request { id, file, index } => {
                 let (x, mut cx) = self.exchange_cx();
                 x.superseed_served(&mut cx, now, file, index);

@@ -68,6 +68,8 @@ fn tracked_file(chunks: u32) -> (ContentId, FileState) {
         superseed: None,
         site_held: (0, Instant::ZERO),
         wan_open: false,
+        fetch_hints: Vec::new(),
+        hints_until: 0,
     };
     (cid, state)
 }

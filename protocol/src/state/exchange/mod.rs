@@ -59,6 +59,12 @@ pub(super) struct FileState {
     pub(super) site_held: (u32, Instant),
     /// The WAN share rule is lifted for this file (see `Exchange::wan_owned`).
     pub(super) wan_open: bool,
+    /// Per chunk, until when (seconds of [`Instant`], rounded up) a site peer said its
+    /// request for it across the WAN may run, and how many such hints were honoured
+    /// ([`Exchange::on_fetching`]); empty until the first hint.
+    pub(super) fetch_hints: Vec<(u32, u8)>,
+    /// The latest of `fetch_hints`: until then a member is fetching for the site.
+    pub(super) hints_until: u32,
 }
 
 impl FileState {
@@ -71,6 +77,18 @@ impl FileState {
     pub(super) fn complete(&self) -> bool {
         self.have.count() == self.have.len()
     }
+    /// A site peer said it is fetching chunk `index` across the WAN, and its request may
+    /// still be running at `now`.
+    pub(super) fn hinted(&self, index: u32, now: Instant) -> bool {
+        self.fetch_hints
+            .get(index as usize)
+            .is_some_and(|(until, _)| secs(now) < *until)
+    }
+}
+
+/// `t` in whole seconds, for fetch hints (136 years fit).
+pub(super) fn secs(t: Instant) -> u32 {
+    u32::try_from(t.as_micros() / 1_000_000).unwrap_or(u32::MAX)
 }
 
 /// A chunk request in flight: chunk `index` of `file`, asked of `peer`.
@@ -188,6 +206,11 @@ pub(super) struct Service {
 /// Most a measured link stretches a request's deadline, in request timeouts.
 const MAX_DEADLINE_FACTOR: u32 = 10;
 
+/// Most fetch hints honoured per chunk ([`Exchange::on_fetching`]): each holds this node's
+/// own WAN request for the chunk back for at most [`MAX_DEADLINE_FACTOR`] request
+/// timeouts, so a site peer that hints and never fetches delays a chunk by a bounded time.
+const MAX_FETCH_HINTS: u8 = 2;
+
 impl Default for Exchange {
     fn default() -> Self {
         Exchange {
@@ -282,6 +305,8 @@ impl Exchange {
                 superseed: None,
                 site_held: (0, Instant::ZERO),
                 wan_open: false,
+                fetch_hints: Vec::new(),
+                hints_until: 0,
             };
             for h in self.haves.values_mut() {
                 if let Some(b) = h.get_mut(&cid) {
@@ -541,6 +566,47 @@ impl Exchange {
             }
         }
         None
+    }
+
+    /// A site peer says it asked a peer on another site for chunk `index` of `file`, with
+    /// a request that may run `millis`: this node leaves the chunk to it meanwhile (a
+    /// chunk crosses the site's WAN link once, also while members see different members,
+    /// or after the share rule was lifted), and the rule is not lifted while such a
+    /// request may run. Ignored from a peer off this site, for a file not wanted here, a
+    /// chunk held or out of range, and past [`MAX_FETCH_HINTS`] for the chunk; the span is
+    /// capped at [`MAX_DEADLINE_FACTOR`] request timeouts. Site peers are trusted with
+    /// this as with their `Have`s; the caps bound what a lying one can hold back.
+    pub(super) fn on_fetching<R>(
+        &mut self,
+        cx: &Ctx<'_, R>,
+        now: Instant,
+        from: NodeId,
+        file: ContentId,
+        index: u32,
+        millis: u32,
+    ) {
+        if !cx.peers.get(&from).is_some_and(|p| cx.peers.on_site(p)) {
+            return;
+        }
+        let Some(f) = self.files.get_mut(&file) else {
+            return;
+        };
+        if !f.wanted || index >= f.total() || f.have.get(index) {
+            return;
+        }
+        if f.fetch_hints.is_empty() {
+            f.fetch_hints = alloc::vec![(0, 0); f.total() as usize];
+        }
+        let (until, count) = &mut f.fetch_hints[index as usize];
+        if *count >= MAX_FETCH_HINTS {
+            return;
+        }
+        *count += 1;
+        let span = Duration::from_millis(u64::from(millis))
+            .min(cx.config.request_timeout * MAX_DEADLINE_FACTOR);
+        let end = secs(now + span).saturating_add(1);
+        *until = (*until).max(end);
+        f.hints_until = f.hints_until.max(end);
     }
 
     pub(super) fn on_have_chunk<R: Rng>(

@@ -63,6 +63,7 @@ impl Exchange {
         // what this node fetches for the site.
         if cx.peers.remote(p) {
             if self.inflight(&peer) >= cx.config.max_inflight_per_seed
+                || f.hinted(index, now.mono)
                 || cx.peers.iter().any(|(qid, q)| {
                     cx.peers.on_site(q) && self.announced(qid, &file).is_some_and(|b| b.get(index))
                 })
@@ -197,7 +198,11 @@ impl Exchange {
                 continue;
             }
             k += 1;
-            if cand & (1 << (i % 8)) == 0 || f.inflight.contains_key(&i) || f.pending.contains(&i) {
+            if cand & (1 << (i % 8)) == 0
+                || f.inflight.contains_key(&i)
+                || f.pending.contains(&i)
+                || (remote && f.hinted(i, now.mono))
+            {
                 continue;
             }
             if let Some(m) = &members
@@ -364,6 +369,12 @@ impl Exchange {
         if !f.inflight.is_empty() || !f.pending.is_empty() {
             return;
         }
+        // A member's request across the WAN may still run (its fetch hint): the site is
+        // at work, however long a chunk takes on a link many members share.
+        if super::secs(now) < f.hints_until {
+            f.site_held.1 = now;
+            return;
+        }
         let chunk_kib = u64::from(f.spec().chunk_size.get()).div_ceil(1024);
         let since = f.site_held.1;
         // Twice the slowest chunk a WAN peer has been measured to take.
@@ -411,6 +422,30 @@ impl Exchange {
         cx.timers.set_request(deadline, id);
         if cx.peers.contains(&peer) {
             *self.asked.entry(peer).or_default() += 1;
+        }
+        // Across the WAN, under the share rule: tell the site (see `on_fetching`).
+        if cx.config.site.is_some()
+            && !cx.config.wan_share_grace.is_zero()
+            && cx.peers.get(&peer).is_some_and(|p| cx.peers.remote(p))
+        {
+            let millis = u32::try_from(deadline.saturating_duration_since(now.mono).as_millis())
+                .unwrap_or(u32::MAX);
+            let site: Vec<NodeId> = cx
+                .peers
+                .iter()
+                .filter(|(_, q)| cx.peers.on_site(q))
+                .map(|(id, _)| *id)
+                .collect();
+            for q in site {
+                cx.send(
+                    q,
+                    Message::Fetching {
+                        file,
+                        index,
+                        millis,
+                    },
+                );
+            }
         }
         if let Some(f) = self.files.get_mut(&file) {
             f.inflight.entry(index).or_default().push(id);
@@ -574,6 +609,109 @@ mod tests {
         // Past the grace with nothing in flight, the rule is lifted for this file.
         let c = m.pick_chunk(at(t + grace), &peer(2), &f).expect("lifted");
         assert!(!mine.contains(&c));
+        assert!(m.exchange.files_mut()[&f].wan_open);
+    }
+
+    /// The fetch hints a bench sent: (to, index, millis).
+    fn hints(m: &mut crate::state::testkit::Bench) -> Vec<(crate::ids::NodeId, u32, u32)> {
+        let mut v = Vec::new();
+        while let Some(o) = m.poll_output() {
+            if let crate::io::Output::Send {
+                to,
+                msg: crate::wire::Message::Fetching { index, millis, .. },
+            } = o
+            {
+                v.push((to, index, millis));
+            }
+        }
+        v
+    }
+
+    #[test]
+    fn a_request_across_the_wan_is_hinted_to_the_site_peers_only() {
+        let (mut m, f) = bench(8, Some("lan"));
+        add_peer(&mut m, 1, Some("lan"), f, &[]);
+        add_peer(&mut m, 2, Some("far"), f, &[0, 1, 2, 3, 4, 5, 6, 7]);
+        add_peer(&mut m, 3, Some("lan"), f, &[0]);
+        m.request(at(0), peer(2), f, 5);
+        let timeout = m.config.request_timeout.as_millis() as u32;
+        let mut sent = hints(&mut m);
+        sent.sort();
+        let mut want = vec![(peer(1), 5, timeout), (peer(3), 5, timeout)];
+        want.sort();
+        assert_eq!(sent, want);
+        // A request on the LAN is not hinted.
+        m.request(at(0), peer(3), f, 0);
+        assert!(hints(&mut m).is_empty());
+    }
+
+    #[test]
+    fn a_hinted_chunk_is_left_to_its_fetcher_while_its_request_may_run() {
+        let (mut m, f) = bench(4, Some("lan"));
+        add_peer(&mut m, 1, Some("lan"), f, &[]);
+        add_peer(&mut m, 2, Some("far"), f, &[0, 1, 2, 3]);
+        add_peer(&mut m, 3, Some("far"), f, &[0, 1, 2, 3]);
+        // The rule off (lifted), so every chunk is this node's to fetch but the hinted.
+        m.exchange.files_mut().get_mut(&f).unwrap().wan_open = true;
+        let hint = |m: &mut crate::state::testkit::Bench, from: u8, index: u32, t: u64| {
+            let (x, cx) = m.cx();
+            x.on_fetching(&cx, at(t).mono, peer(from), f, index, 10_000);
+        };
+        for i in [0, 1, 2] {
+            hint(&mut m, 1, i, 0);
+        }
+        // A peer across the WAN cannot hint for this site.
+        hint(&mut m, 2, 3, 0);
+        for _ in 0..20 {
+            assert_eq!(m.pick_chunk(at(5_000), &peer(2), &f), Some(3));
+        }
+        m.schedule_one(at(5_000), peer(3), f, 1);
+        assert!(requests(&mut m).is_empty(), "hinted chunk 1 asked");
+        // Past the hinted span (10 s, rounded up to the second), it is free again.
+        let c = m.pick_chunk(at(11_001), &peer(2), &f).unwrap();
+        assert!(c < 4);
+        // A second hint for a chunk holds it back again; a third is past the cap.
+        hint(&mut m, 1, 0, 12_000);
+        for _ in 0..20 {
+            assert_ne!(m.pick_chunk(at(13_000), &peer(2), &f), Some(0));
+        }
+        hint(&mut m, 1, 0, 24_000);
+        assert!(
+            (0..50).any(|_| m.pick_chunk(at(25_000), &peer(2), &f) == Some(0)),
+            "a hint past the cap honoured"
+        );
+    }
+
+    #[test]
+    fn the_share_rule_holds_while_a_members_request_across_the_wan_may_run() {
+        let (mut m, f) = bench(32, Some("lan"));
+        add_peer(&mut m, 1, Some("lan"), f, &[]);
+        let all: Vec<u32> = (0..32).collect();
+        add_peer(&mut m, 2, Some("far"), f, &all);
+        // Peer 1 fetches a chunk it owns across a slow link: 60 s, far past the grace.
+        let members = [peer(0), peer(1)];
+        let theirs = all
+            .iter()
+            .copied()
+            .find(|c| super::wan_owner(&members, &f, *c) == peer(1))
+            .unwrap();
+        let (x, cx) = m.cx();
+        x.on_fetching(&cx, at(0).mono, peer(1), f, theirs, 60_000);
+        // This node has taken all of its own chunks (marked held): it is idle.
+        for c in all
+            .iter()
+            .filter(|c| super::wan_owner(&members, &f, **c) == peer(0))
+        {
+            m.exchange.files_mut().get_mut(&f).unwrap().have.set(*c);
+        }
+        let grace = m.config.wan_share_grace.as_millis() as u64;
+        for t in [1, grace + 1, 30_000, 60_000] {
+            assert_eq!(m.pick_chunk(at(t), &peer(2), &f), None, "at {t} ms");
+            assert!(!m.exchange.files_mut()[&f].wan_open, "lifted at {t} ms");
+        }
+        // Its request has run out and the site made no progress for the grace: lifted.
+        assert_eq!(m.pick_chunk(at(61_001), &peer(2), &f), None);
+        assert!(m.pick_chunk(at(61_001 + grace), &peer(2), &f).is_some());
         assert!(m.exchange.files_mut()[&f].wan_open);
     }
 
