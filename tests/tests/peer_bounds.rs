@@ -126,14 +126,8 @@ impl Attacker {
     }
 }
 
-fn framed(body: &[u8]) -> Vec<u8> {
-    let mut f = (body.len() as u32).to_be_bytes().to_vec();
-    f.extend_from_slice(body);
-    f
-}
-
 fn hello() -> Vec<u8> {
-    framed(
+    wire::length_prefixed(
         &Message::Hello(Hello {
             site: None,
             cert: None,
@@ -476,7 +470,8 @@ fn chunk_frames_nobody_asked_for_are_dropped_unread() {
                 file: content,
                 index,
             };
-            let f = framed(&wire::encode_chunk_frame(&header, &vec![0xab; 64 << 10]));
+            let f =
+                wire::length_prefixed(&wire::encode_chunk_frame(&header, &vec![0xab; 64 << 10]));
             assert!(send(&mut stream, &f).await, "the node closed the stream");
         }
     });

@@ -981,14 +981,8 @@ mod tests {
             .expect("no answer in 5 s")
     }
 
-    fn framed(body: &[u8]) -> Vec<u8> {
-        let mut f = (body.len() as u32).to_be_bytes().to_vec();
-        f.extend_from_slice(body);
-        f
-    }
-
     fn hello() -> Vec<u8> {
-        framed(
+        wire::length_prefixed(
             &Message::Hello(Hello {
                 site: None,
                 cert: None,
@@ -1080,7 +1074,10 @@ mod tests {
             },
             b"x",
         );
-        for first in [framed(&Message::Cancel { id: 1 }.encode()), framed(&chunk)] {
+        for first in [
+            wire::length_prefixed(&Message::Cancel { id: 1 }.encode()),
+            wire::length_prefixed(&chunk),
+        ] {
             let (tx, mut st) = stream();
             tx.unbounded_send(Ok(first)).unwrap();
             let end = within(read_frames(peer, 0, &mut st, &s)).await;
@@ -1145,7 +1142,7 @@ mod tests {
             },
             &vec![7; 64 << 10],
         );
-        let framed_chunk = framed(&chunk);
+        let framed_chunk = wire::length_prefixed(&chunk);
         for stalled in [false, true] {
             let (s, mut rx) = shared(deadlines, FRAME_BUDGET);
             let (tx, reader) = reader_past_hello(s, &mut rx).await;
@@ -1185,7 +1182,7 @@ mod tests {
             "closed a stream with no frame in progress"
         );
         // A frame sent slowly within its deadline is read.
-        let f = framed(&Message::Cancel { id: 9 }.encode());
+        let f = wire::length_prefixed(&Message::Cancel { id: 9 }.encode());
         tx.unbounded_send(Ok(f[..2].to_vec())).unwrap();
         tokio::time::sleep(Duration::from_millis(100)).await;
         tx.unbounded_send(Ok(f[2..].to_vec())).unwrap();
@@ -1202,7 +1199,7 @@ mod tests {
 
     #[tokio::test]
     async fn frames_hold_the_budget_until_handled_and_readers_wait_for_it() {
-        let chunk = framed(&wire::encode_chunk_frame(
+        let chunk = wire::length_prefixed(&wire::encode_chunk_frame(
             &ChunkHeader {
                 id: 1,
                 file: ContentId([0; 32]),
