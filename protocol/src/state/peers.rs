@@ -81,6 +81,15 @@ impl PeerTable {
         q.same_site && !q.refused
     }
 
+    /// The usable peers on this node's site ([`PeerTable::on_site`]), in id order.
+    pub(super) fn site_peers(&self) -> Vec<NodeId> {
+        self.map
+            .iter()
+            .filter(|(_, q)| self.on_site(q))
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
     /// Admit `peer` (or refresh its site and RTT if already connected). A full table, or
     /// `refused(&info)` (fleet rules), pushes a `Disconnect` and returns false; a refused
     /// peer that was connected is dropped from the table. One salt is drawn from `rng`

@@ -347,13 +347,7 @@ impl Exchange {
             return;
         }
         let chunks = f.have.clone();
-        let peers: Vec<NodeId> = cx
-            .peers
-            .iter()
-            .filter(|(_, p)| cx.peers.on_site(p))
-            .map(|(id, _)| *id)
-            .collect();
-        for p in peers {
+        for p in cx.peers.site_peers() {
             cx.send(
                 p,
                 Message::Have {

@@ -424,19 +424,12 @@ impl Exchange {
             *self.asked.entry(peer).or_default() += 1;
         }
         // Across the WAN, under the share rule: tell the site (see `on_fetching`).
-        if cx.config.site.is_some()
-            && !cx.config.wan_share_grace.is_zero()
+        if !cx.config.wan_share_grace.is_zero()
             && cx.peers.get(&peer).is_some_and(|p| cx.peers.remote(p))
         {
             let millis = u32::try_from(deadline.saturating_duration_since(now.mono).as_millis())
                 .unwrap_or(u32::MAX);
-            let site: Vec<NodeId> = cx
-                .peers
-                .iter()
-                .filter(|(_, q)| cx.peers.on_site(q))
-                .map(|(id, _)| *id)
-                .collect();
-            for q in site {
+            for q in cx.peers.site_peers() {
                 cx.send(
                     q,
                     Message::Fetching {
