@@ -566,10 +566,11 @@ impl Exchange {
     /// a request that may run `millis`: this node leaves the chunk to it meanwhile (a
     /// chunk crosses the site's WAN link once, also while members see different members,
     /// or after the share rule was lifted), and the rule is not lifted while such a
-    /// request may run. Ignored from a peer off this site, for a file not wanted here, a
-    /// chunk held or out of range, and past [`MAX_FETCH_HINTS`] for the chunk; the span is
-    /// capped at [`MAX_DEADLINE_FACTOR`] request timeouts. Site peers are trusted with
-    /// this as with their `Have`s; the caps bound what a lying one can hold back.
+    /// request may run. Ignored on a node without a site, from a peer off this site, for a
+    /// file not wanted here, a chunk held or out of range, and past [`MAX_FETCH_HINTS`] for
+    /// the chunk; the span is capped at [`MAX_DEADLINE_FACTOR`] request timeouts. Site
+    /// peers are trusted with this as with their `Have`s; the caps bound what a lying one
+    /// can hold back.
     pub(super) fn on_fetching<R>(
         &mut self,
         cx: &Ctx<'_, R>,
@@ -579,7 +580,9 @@ impl Exchange {
         index: u32,
         millis: u32,
     ) {
-        if !cx.peers.get(&from).is_some_and(|p| cx.peers.on_site(p)) {
+        // Without a site of its own, a node has no share rule (and a site-less peer would
+        // count as on its site).
+        if cx.config.site.is_none() || !cx.peers.get(&from).is_some_and(|p| cx.peers.on_site(p)) {
             return;
         }
         let Some(f) = self.files.get_mut(&file) else {

@@ -676,6 +676,16 @@ mod tests {
     }
 
     #[test]
+    fn a_node_without_a_site_keeps_no_fetch_hints() {
+        let (mut m, f) = bench(4, None);
+        add_peer(&mut m, 1, None, f, &[]);
+        let (x, cx) = m.cx();
+        x.on_fetching(&cx, at(0).mono, peer(1), f, 2, 10_000);
+        let st = &m.exchange.files_mut()[&f];
+        assert!(st.fetch_hints.is_empty() && st.hints_until == 0);
+    }
+
+    #[test]
     fn the_share_rule_holds_while_a_members_request_across_the_wan_may_run() {
         let (mut m, f) = bench(32, Some("lan"));
         add_peer(&mut m, 1, Some("lan"), f, &[]);
