@@ -118,6 +118,12 @@ pub struct PeerSpec {
     pub lan_degree: usize,
     /// Peers each node dials on other sites (Kademlia / bootstrap).
     pub wan_degree: usize,
+    /// The node's own rule instead of `wan_degree`: dial distinct peers on other sites
+    /// until the node has this many peers in all, its LAN peers counted, as `pollen run`
+    /// does with its `target_peers` (16). A site of 6 in three sites of 6 then peers with
+    /// every node; a site of 200 dials none across the WAN beyond the ring.
+    #[serde(default)]
+    pub target_peers: Option<usize>,
 }
 
 impl Default for PeerSpec {
@@ -125,6 +131,7 @@ impl Default for PeerSpec {
         PeerSpec {
             lan_degree: 6,
             wan_degree: 2,
+            target_peers: None,
         }
     }
 }

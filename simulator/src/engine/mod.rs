@@ -292,8 +292,9 @@ pub struct Sim {
     sites: Vec<SiteState>,
     /// Resources and flows.
     pub net: Net,
-    /// The flow carrying each chunk upload in progress, by (sender, request id).
-    by_req: HashMap<(u32, u64), FlowId>,
+    /// The flow carrying each chunk upload in progress, by (sender, receiver, request id):
+    /// request ids are the receiver's own, so two receivers can use the same one.
+    by_req: HashMap<(u32, u32, u64), FlowId>,
     /// Node index by node id.
     ids: HashMap<NodeId, u32>,
     /// Releases, in scenario order.
@@ -392,9 +393,11 @@ impl Sim {
                         self.send_chunk(i, j, id, file, index);
                     }
                 }
-                Output::CancelChunk { id, .. } => {
+                Output::CancelChunk { to, id } => {
                     self.trace(i, 3);
-                    self.cancel_upload(i, id);
+                    if let Some(&j) = self.ids.get(&to) {
+                        self.cancel_upload(i, j, id);
+                    }
                 }
                 Output::Disconnect { peer, .. } => {
                     self.trace(i, 4);

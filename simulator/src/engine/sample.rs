@@ -90,6 +90,8 @@ pub struct SiteFacts {
     pub name: String,
     /// Bytes received over its WAN link.
     pub wan_in: u64,
+    /// Bytes sent over its WAN link.
+    pub wan_out: u64,
     /// WAN downlink capacity, bytes/s.
     pub wan_down_bps: f64,
     /// It holds the publisher.
@@ -196,6 +198,7 @@ impl Sim {
             .map(|(i, s)| SiteFacts {
                 name: s.name.clone(),
                 wan_in: s.wan_in,
+                wan_out: s.wan_out,
                 wan_down_bps: self.net.res[s.wan_down as usize].cap * 1e6,
                 has_publisher: i as u32 == ps,
             })

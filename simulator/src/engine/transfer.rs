@@ -207,12 +207,16 @@ impl Sim {
         }
     }
 
-    /// Node `i`'s core cancels its upload `req`: cut the flow, or drop it from the queue.
-    pub(super) fn cancel_upload(&mut self, i: u32, req: u64) {
-        if let Some(f) = self.by_req.get(&(i, req)).copied() {
+    /// Node `i`'s core cancels its upload `req` to `j`: cut the flow, or drop it from the
+    /// queue. (Keyed by the receiver too: a cancel matched on the id alone cut another
+    /// receiver's transfer that had the same id, which then waited out its deadline.)
+    pub(super) fn cancel_upload(&mut self, i: u32, j: u32, req: u64) {
+        if let Some(f) = self.by_req.get(&(i, j, req)).copied() {
             self.cancel_flow(f);
         } else {
-            self.nodes[i as usize].upload_queue.retain(|q| q.req != req);
+            self.nodes[i as usize]
+                .upload_queue
+                .retain(|q| !(q.req == req && q.to == j));
         }
     }
 
@@ -257,7 +261,7 @@ impl Sim {
         let mut out = Vec::new();
         let id = self.net.start(self.now, flow, &mut out);
         self.nodes[from as usize].uploads += 1;
-        self.by_req.insert((from, req), id);
+        self.by_req.insert((from, to, req), id);
         self.stats.peak_flows = self.stats.peak_flows.max(self.net.active());
         self.reschedule(out);
     }
@@ -297,7 +301,7 @@ impl Sim {
         if let Some(f) = self.net.finish(self.now, id, &mut out) {
             self.queue.unset(id);
             self.next_upload(f.from);
-            self.by_req.remove(&(f.from, f.req));
+            self.by_req.remove(&(f.from, f.to, f.req));
             self.stats.cancelled += 1;
             self.count_bytes(f.from, f.to, f.done as u64, true);
             if f.from == self.publisher {
@@ -320,7 +324,7 @@ impl Sim {
         };
         self.reschedule(out);
         self.next_upload(f.from);
-        self.by_req.remove(&(f.from, f.req));
+        self.by_req.remove(&(f.from, f.to, f.req));
         self.count_bytes(f.from, f.to, f.total as u64, true);
         if f.from == self.publisher {
             self.stats.publisher_upload += f.total as u64;

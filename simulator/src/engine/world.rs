@@ -283,7 +283,9 @@ fn gateways(sc: &Scenario, n: usize) -> (Vec<bool>, Vec<u32>) {
 
 /// The peer graph as (low, high) node pairs: `lan_degree` random peers on the node's site,
 /// `wan_degree` elsewhere (from gateways only, to gateways only), and a ring inside each
-/// site and between sites that keeps the graph connected.
+/// site and between sites that keeps the graph connected. With `target_peers` (the node's
+/// rule): every site peer when `lan_degree` covers the site, and distinct WAN peers up to
+/// the target.
 fn peer_graph(
     sc: &Scenario,
     sites: &[SiteState],
@@ -297,23 +299,56 @@ fn peer_graph(
         let s = &sites[nodes[i as usize].site as usize];
         let (lo, hi) = s.nodes;
         let local = (hi - lo) as usize;
-        for _ in 0..sc.peers.lan_degree.min(local.saturating_sub(1)) {
-            let j = lo + pick(rng, local) as u32;
-            if j != i {
-                edges.insert((i.min(j), i.max(j)));
+        let lan = sc.peers.lan_degree.min(local.saturating_sub(1));
+        if sc.peers.target_peers.is_some() && lan + 1 == local {
+            // The node's rule, on a site it can peer with whole: every site peer.
+            for j in lo..hi {
+                if j != i {
+                    edges.insert((i.min(j), i.max(j)));
+                }
+            }
+        } else {
+            for _ in 0..lan {
+                let j = lo + pick(rng, local) as u32;
+                if j != i {
+                    edges.insert((i.min(j), i.max(j)));
+                }
             }
         }
         if sites.len() > 1 {
             if !gateway[i as usize] {
                 continue;
             }
-            for _ in 0..sc.peers.wan_degree {
-                // A WAN peer: any node of another site, or one of its gateways.
-                let j = if gateways.is_empty() {
-                    pick(rng, n) as u32
+            let pool = if gateways.is_empty() {
+                n
+            } else {
+                gateways.len()
+            };
+            // A WAN peer: any node of another site, or one of its gateways.
+            let draw = |rng: &mut ChaCha8Rng| {
+                if gateways.is_empty() {
+                    pick(rng, pool) as u32
                 } else {
-                    gateways[pick(rng, gateways.len())]
-                };
+                    gateways[pick(rng, pool)]
+                }
+            };
+            if let Some(target) = sc.peers.target_peers {
+                // The node's rule: distinct WAN peers until it has `target` in all.
+                let want = target.saturating_sub(lan).min(pool);
+                let mut got = BTreeSet::new();
+                for _ in 0..want * 8 {
+                    if got.len() == want {
+                        break;
+                    }
+                    let j = draw(rng);
+                    if nodes[j as usize].site != nodes[i as usize].site && got.insert(j) {
+                        edges.insert((i.min(j), i.max(j)));
+                    }
+                }
+                continue;
+            }
+            for _ in 0..sc.peers.wan_degree {
+                let j = draw(rng);
                 if nodes[j as usize].site != nodes[i as usize].site {
                     edges.insert((i.min(j), i.max(j)));
                 }
@@ -662,5 +697,107 @@ impl Sim {
         for k in self.site_nodes(site) {
             self.refresh_links(k);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sites(count: usize, nodes: usize, target: Option<usize>) -> Sim {
+        let text = format!(
+            "name = \"t\"\nduration = \"1s\"\n\
+             [[sites]]\nname = \"s\"\ncount = {count}\nnodes = {nodes}\n\
+             lan_latency = \"1ms\"\nwan_latency = \"40ms\"\nwan_up = \"20Mbit\"\n\
+             wan_down = \"20Mbit\"\nnode_up = \"1Gbit\"\nnode_down = \"1Gbit\"\n\
+             [publisher]\nsite = \"s\"\n\
+             [[releases]]\nat = \"0s\"\nversion = 1\nsize = \"1MiB\"\n\
+             [peers]\nlan_degree = 256\nwan_degree = 2\n{}",
+            target.map_or(String::new(), |t| format!("target_peers = {t}\n"))
+        );
+        let sc: Scenario = toml::from_str(&text).expect("scenario");
+        sc.validate().expect("valid");
+        Sim::new(sc, 1, false)
+    }
+
+    /// (LAN peers, WAN peers) of node `i`.
+    fn degree(sim: &Sim, i: usize) -> (usize, usize) {
+        let site = sim.nodes[i].site;
+        let lan = sim.nodes[i]
+            .adj
+            .iter()
+            .filter(|e| sim.nodes[e.peer as usize].site == site)
+            .count();
+        (lan, sim.nodes[i].adj.len() - lan)
+    }
+
+    /// The node's rule (`target_peers`): on three sites of six every node has its 5 site
+    /// peers and dials 11 of the 12 across the WAN (16 in all), so with the dials of others
+    /// nearly every pair peers, as `pollen run` does there; the default (`wan_degree` 2
+    /// random draws) leaves most nodes with two or three WAN peers.
+    #[test]
+    fn target_peers_gives_a_small_mesh_nearly_every_peer() {
+        let sim = sites(3, 6, Some(16));
+        let mut wan = 0;
+        for i in 0..18 {
+            let (l, w) = degree(&sim, i);
+            assert_eq!(l, 5, "node {i}");
+            assert!((11..=12).contains(&w), "node {i}: {w} WAN peers");
+            wan += w;
+        }
+        assert!(wan >= 18 * 12 - 4, "{wan} WAN peer ends");
+        let sim = sites(3, 6, None);
+        let wan: usize = (0..18).map(|i| degree(&sim, i).1).sum();
+        assert!(wan < 18 * 6, "{wan} WAN peer ends");
+    }
+
+    /// On sites larger than the target a node dials no WAN peer of its own: what it has
+    /// across the WAN are the peers that dialled it and the ring between sites.
+    #[test]
+    fn target_peers_on_large_sites_dials_nothing_across_the_wan() {
+        let sim = sites(3, 20, Some(16));
+        for i in 0..60 {
+            let (lan, wan) = degree(&sim, i);
+            assert_eq!(lan, 19, "node {i}");
+            assert!(wan <= 2, "node {i}: {wan} WAN peers");
+        }
+    }
+
+    /// Request ids are the receiver's own: when two receivers use the same id with one
+    /// sender and one cancels, only its transfer is cut, running or queued. (The engine
+    /// matched a cancel on the id alone and cut the other's transfer, which then waited out
+    /// its deadline: 27-60 s tails on three sites of six.)
+    #[test]
+    fn a_cancel_cuts_only_its_own_receivers_transfer() {
+        let mut sim = sites(1, 4, None);
+        let file = pollen_protocol::ContentId([7; 32]);
+        sim.files.insert(
+            file,
+            super::super::PublishedFile {
+                size: 4 << 20,
+                chunk: 1 << 20,
+                release: 0,
+            },
+        );
+        sim.upload_slots = 2;
+        // Node 0 sends chunk 0 to 1 and 2 under the same id 5; 3's id 5 waits in the queue.
+        sim.send_chunk(0, 1, 5, file, 0);
+        sim.send_chunk(0, 2, 5, file, 0);
+        sim.send_chunk(0, 3, 5, file, 1);
+        sim.send_chunk(0, 1, 6, file, 1);
+        sim.cancel_upload(0, 1, 5);
+        let mut running: Vec<(u32, u64)> = sim
+            .net
+            .flows
+            .iter()
+            .flatten()
+            .map(|f| (f.to, f.req))
+            .collect();
+        running.sort();
+        // 1's flow cut freed a slot: the first queued send (3's) took it.
+        assert_eq!(running, vec![(2, 5), (3, 5)]);
+        sim.cancel_upload(0, 1, 6);
+        assert!(sim.nodes[0].upload_queue.is_empty());
+        assert_eq!(sim.net.active(), 2);
     }
 }
