@@ -292,9 +292,6 @@ pub struct Sim {
     sites: Vec<SiteState>,
     /// Resources and flows.
     pub net: Net,
-    /// The flow carrying each chunk upload in progress, by (sender, receiver, request id):
-    /// request ids are the receiver's own, so two receivers can use the same one.
-    by_req: HashMap<(u32, u32, u64), FlowId>,
     /// Node index by node id.
     ids: HashMap<NodeId, u32>,
     /// Releases, in scenario order.

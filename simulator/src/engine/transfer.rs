@@ -192,10 +192,12 @@ impl Sim {
     }
 
     /// Node `i`'s core sends chunk `index` of `file` to `j`: start it if an upload slot is
-    /// free, else queue it.
+    /// free and nothing is on its way to `j`, else queue it. (The node writes the chunks for
+    /// one peer one after the other on its stream, up to `max_concurrent_uploads` peers at
+    /// once: a receiver's requests are served in turn, not side by side.)
     pub(super) fn send_chunk(&mut self, i: u32, j: u32, req: u64, file: ContentId, index: u32) {
         let node = &mut self.nodes[i as usize];
-        if node.uploads < self.upload_slots {
+        if node.uploads < self.upload_slots && !node.sending_to.contains(&j) {
             self.start_flow(i, j, req, file, index);
         } else if node.upload_queue.len() < UPLOAD_QUEUE_MAX {
             node.upload_queue.push_back(QueuedChunk {
@@ -207,17 +209,14 @@ impl Sim {
         }
     }
 
-    /// Node `i`'s core cancels its upload `req` to `j`: cut the flow, or drop it from the
-    /// queue. (Keyed by the receiver too: a cancel matched on the id alone cut another
-    /// receiver's transfer that had the same id, which then waited out its deadline.)
+    /// Node `i`'s core cancels its upload `req` to `j`: dropped if it waits in the queue.
+    /// One already on its way runs to its end, as on the node, whose writer cannot call
+    /// back a chunk frame it started (the receiver takes it if it still needs the chunk).
+    /// (Matched by the receiver too: request ids are the receiver's own.)
     pub(super) fn cancel_upload(&mut self, i: u32, j: u32, req: u64) {
-        if let Some(f) = self.by_req.get(&(i, j, req)).copied() {
-            self.cancel_flow(f);
-        } else {
-            self.nodes[i as usize]
-                .upload_queue
-                .retain(|q| !(q.req == req && q.to == j));
-        }
+        self.nodes[i as usize]
+            .upload_queue
+            .retain(|q| !(q.req == req && q.to == j));
     }
 
     /// Start the flow carrying a chunk from `from` to `to` (over both sites' WAN links
@@ -259,9 +258,10 @@ impl Sim {
             corrupt: a.corrupt,
         };
         let mut out = Vec::new();
-        let id = self.net.start(self.now, flow, &mut out);
-        self.nodes[from as usize].uploads += 1;
-        self.by_req.insert((from, to, req), id);
+        self.net.start(self.now, flow, &mut out);
+        let node = &mut self.nodes[from as usize];
+        node.uploads += 1;
+        node.sending_to.push(to);
         self.stats.peak_flows = self.stats.peak_flows.max(self.net.active());
         self.reschedule(out);
     }
@@ -277,21 +277,35 @@ impl Sim {
         }
     }
 
-    /// An upload slot of `node` freed: start its next queued send that can still go.
-    fn next_upload(&mut self, node: u32) {
+    /// `node`'s upload to `to` ended: start the queued sends that can go now (oldest
+    /// first, each to a receiver nothing is on its way to), while slots are free; sends
+    /// to peers it can no longer reach are dropped.
+    fn next_upload(&mut self, node: u32, to: u32) {
         let x = &mut self.nodes[node as usize];
         x.uploads = x.uploads.saturating_sub(1);
-        while let Some(QueuedChunk {
-            to,
-            req,
-            file,
-            index,
-        }) = self.nodes[node as usize].upload_queue.pop_front()
-        {
-            if self.linked(node, to) {
-                self.start_flow(node, to, req, file, index);
+        if let Some(p) = x.sending_to.iter().position(|&r| r == to) {
+            x.sending_to.swap_remove(p);
+        }
+        let mut k = 0;
+        while self.nodes[node as usize].uploads < self.upload_slots {
+            let x = &self.nodes[node as usize];
+            let Some(q) = x
+                .upload_queue
+                .iter()
+                .skip(k)
+                .position(|q| !x.sending_to.contains(&q.to))
+            else {
                 break;
+            };
+            let at = k + q;
+            let q = self.nodes[node as usize]
+                .upload_queue
+                .remove(at)
+                .expect("found above");
+            if self.linked(node, q.to) {
+                self.start_flow(node, q.to, q.req, q.file, q.index);
             }
+            k = at;
         }
     }
 
@@ -300,8 +314,7 @@ impl Sim {
         let mut out = Vec::new();
         if let Some(f) = self.net.finish(self.now, id, &mut out) {
             self.queue.unset(id);
-            self.next_upload(f.from);
-            self.by_req.remove(&(f.from, f.to, f.req));
+            self.next_upload(f.from, f.to);
             self.stats.cancelled += 1;
             self.count_bytes(f.from, f.to, f.done as u64, true);
             if f.from == self.publisher {
@@ -323,8 +336,7 @@ impl Sim {
             return;
         };
         self.reschedule(out);
-        self.next_upload(f.from);
-        self.by_req.remove(&(f.from, f.to, f.req));
+        self.next_upload(f.from, f.to);
         self.count_bytes(f.from, f.to, f.total as u64, true);
         if f.from == self.publisher {
             self.stats.publisher_upload += f.total as u64;
