@@ -264,6 +264,10 @@ pub struct ProtocolSpec {
     /// Chunk requests in flight per peer.
     #[serde(default)]
     pub max_inflight_per_peer: Option<usize>,
+    /// Chunk requests a node keeps in flight across the WAN, all peers together
+    /// (default 2).
+    #[serde(default)]
+    pub max_inflight_wan: Option<usize>,
     /// Anti-entropy period.
     #[serde(default)]
     pub anti_entropy_interval: Option<Dur>,

@@ -21,6 +21,13 @@ pub struct Config {
     /// Chunk requests in flight to a peer that holds the whole file, while other peers hold
     /// parts of it (seeds should push new chunks, not the same ones to everybody).
     pub max_inflight_per_seed: usize,
+    /// Chunk requests in flight across the WAN (to peers on other sites), all peers
+    /// together. A site's members share one WAN link: two chunks a member keep a 20 Mbit/s
+    /// link busy (a 1 MiB chunk takes 0.4 s of it, a round trip 0.1 s), where more only
+    /// queue, arrive later, time out, and leave other sites no time to see what it fetches
+    /// and pick other chunks. A lone member on a fast long link is held to two chunks per
+    /// round trip.
+    pub max_inflight_wan: usize,
     /// A request unanswered for this long is retried elsewhere.
     pub request_timeout: Duration,
     /// In the endgame, a request older than this is duplicated to another peer.
@@ -83,6 +90,7 @@ impl Default for Config {
             max_peers: 512,
             max_inflight_per_peer: 4,
             max_inflight_per_seed: 1,
+            max_inflight_wan: 2,
             request_timeout: Duration::from_secs(30),
             endgame_after: Duration::from_secs(2),
             wan_share_grace: Duration::from_secs(2),

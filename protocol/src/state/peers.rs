@@ -90,6 +90,22 @@ impl PeerTable {
             .collect()
     }
 
+    /// The usable peers on other sites than this node's, but for `except` and the peers
+    /// on its site, in id order.
+    pub(super) fn remote_peers(&self, except: &NodeId) -> Vec<NodeId> {
+        let their = self.map.get(except).and_then(|p| p.site.clone());
+        self.map
+            .iter()
+            .filter(|(id, q)| {
+                *id != except
+                    && self.remote(q)
+                    && !q.refused
+                    && (their.is_none() || q.site != their)
+            })
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
     /// Admit `peer` (or refresh its site and RTT if already connected). A full table, or
     /// `refused(&info)` (fleet rules), pushes a `Disconnect` and returns false; a refused
     /// peer that was connected is dropped from the table. One salt is drawn from `rng`

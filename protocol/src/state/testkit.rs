@@ -70,6 +70,7 @@ fn tracked_file(chunks: u32) -> (ContentId, FileState) {
         wan_open: false,
         fetch_hints: Vec::new(),
         hints_until: 0,
+        elsewhere: Vec::new(),
     };
     (cid, state)
 }

@@ -163,6 +163,9 @@ fn core_config(sc: &Scenario) -> Config {
     if let Some(v) = sc.protocol.max_inflight_per_peer {
         cfg.max_inflight_per_peer = v;
     }
+    if let Some(v) = sc.protocol.max_inflight_wan {
+        cfg.max_inflight_wan = v.max(1);
+    }
     if let Some(v) = sc.protocol.anti_entropy_interval {
         cfg.anti_entropy_interval = Duration::from_micros(v.0);
     }

@@ -65,6 +65,11 @@ pub(super) struct FileState {
     pub(super) fetch_hints: Vec<(u32, u8)>,
     /// The latest of `fetch_hints`: until then a member is fetching for the site.
     pub(super) hints_until: u32,
+    /// Per chunk, until when (seconds, as `fetch_hints`) a peer on another site said it
+    /// asked for it across the WAN: asked across the WAN from here only after the chunks
+    /// no other site is fetching, so two sites do not pull the same chunk through one
+    /// uplink at once. Empty until the first such hint.
+    pub(super) elsewhere: Vec<u32>,
 }
 
 impl FileState {
@@ -83,6 +88,13 @@ impl FileState {
         self.fetch_hints
             .get(index as usize)
             .is_some_and(|(until, _)| secs(now) < *until)
+    }
+
+    /// Another site said it is fetching chunk `index` across the WAN, lately enough.
+    pub(super) fn fetched_elsewhere(&self, index: u32, now: Instant) -> bool {
+        self.elsewhere
+            .get(index as usize)
+            .is_some_and(|until| secs(now) < *until)
     }
 }
 
@@ -307,6 +319,7 @@ impl Exchange {
                 wan_open: false,
                 fetch_hints: Vec::new(),
                 hints_until: 0,
+                elsewhere: Vec::new(),
             };
             for h in self.haves.values_mut() {
                 if let Some(b) = h.get_mut(&cid) {
@@ -562,15 +575,18 @@ impl Exchange {
         None
     }
 
-    /// A site peer says it asked a peer on another site for chunk `index` of `file`, with
-    /// a request that may run `millis`: this node leaves the chunk to it meanwhile (a
-    /// chunk crosses the site's WAN link once, also while members see different members,
-    /// or after the share rule was lifted), and the rule is not lifted while such a
-    /// request may run. Ignored on a node without a site, from a peer off this site, for a
-    /// file not wanted here, a chunk held or out of range, and past [`MAX_FETCH_HINTS`] for
-    /// the chunk; the span is capped at [`MAX_DEADLINE_FACTOR`] request timeouts. Site
-    /// peers are trusted with this as with their `Have`s; the caps bound what a lying one
-    /// can hold back.
+    /// A peer says it asked a peer on another site for chunk `index` of `file`, with a
+    /// request that may run `millis`. From a site peer: this node leaves the chunk to it
+    /// meanwhile (a chunk crosses the site's WAN link once, also while members see
+    /// different members, or after the share rule was lifted), and the rule is not lifted
+    /// while such a request may run. From a peer on another site: this node asks the WAN
+    /// for that chunk after the others meanwhile (the two sites would pull it through the
+    /// same uplink at once). Ignored on a node without a site, from a peer whose site is
+    /// unknown, for a file not wanted here, a chunk held or out of range, and from a site
+    /// peer past [`MAX_FETCH_HINTS`] for the chunk; the span is capped at
+    /// [`MAX_DEADLINE_FACTOR`] request timeouts. Site peers are trusted with this as with
+    /// their `Have`s, and the caps bound what a lying one can hold back; a peer on another
+    /// site can only move a chunk to the end of this node's WAN order.
     pub(super) fn on_fetching<R>(
         &mut self,
         cx: &Ctx<'_, R>,
@@ -582,13 +598,31 @@ impl Exchange {
     ) {
         // Without a site of its own, a node has no share rule (and a site-less peer would
         // count as on its site).
-        if cx.config.site.is_none() || !cx.peers.get(&from).is_some_and(|p| cx.peers.on_site(p)) {
+        let Some(p) = cx.peers.get(&from) else {
+            return;
+        };
+        if cx.config.site.is_none() {
             return;
         }
+        let on_site = cx.peers.on_site(p);
+        let remote = cx.peers.remote(p);
         let Some(f) = self.files.get_mut(&file) else {
             return;
         };
-        if !f.wanted || index >= f.total() || f.have.get(index) {
+        if !f.wanted || index >= f.total() || f.have.get(index) || !(on_site || remote) {
+            return;
+        }
+        if remote {
+            // Another site's fetch only orders this node's picks (a lying peer can delay a
+            // chunk to the end of the order, not withhold it): a time per chunk, no count.
+            if f.elsewhere.is_empty() {
+                f.elsewhere = alloc::vec![0; f.total() as usize];
+            }
+            let span = Duration::from_millis(u64::from(millis))
+                .min(cx.config.request_timeout * MAX_DEADLINE_FACTOR);
+            let end = secs(now + span).saturating_add(1);
+            let until = &mut f.elsewhere[index as usize];
+            *until = (*until).max(end);
             return;
         }
         if f.fetch_hints.is_empty() {

@@ -180,11 +180,21 @@ impl Exchange {
         if remote && self.inflight(peer) >= cx.config.max_inflight_per_seed {
             return None;
         }
+        if remote
+            && self
+                .requests
+                .values()
+                .filter(|r| cx.peers.get(&r.peer).is_some_and(|q| cx.peers.remote(q)))
+                .count()
+                >= cx.config.max_inflight_wan
+        {
+            return None;
+        }
         // Chunk order from a random start; a byte (8 chunks) where the peer has nothing this
         // node lacks is skipped at once.
         let (pb, hb) = (bits.as_bytes(), f.have.as_bytes());
         let start = (cx.rng.next_u64() % u64::from(n)) as u32;
-        let mut best: Option<(u16, u32)> = None;
+        let mut best: Option<((bool, u16), u32)> = None;
         let mut k = 0u32;
         while k < n {
             let i = (start + k) % n;
@@ -221,8 +231,10 @@ impl Exchange {
             {
                 continue;
             }
-            if best.is_none_or(|(a, _)| avail < a) {
-                best = Some((avail, i));
+            // Across the WAN, chunks another site is not fetching come first.
+            let key = (remote && f.fetched_elsewhere(i, now.mono), avail);
+            if best.is_none_or(|(a, _)| key < a) {
+                best = Some((key, i));
             }
         }
         if let Some((_, i)) = best {
@@ -429,7 +441,14 @@ impl Exchange {
         {
             let millis = u32::try_from(deadline.saturating_duration_since(now.mono).as_millis())
                 .unwrap_or(u32::MAX);
-            for q in cx.peers.site_peers() {
+            // The site leaves the chunk to this node; the other sites' peers ask the
+            // WAN for other chunks first (the source's uplink carries it once).
+            for q in cx
+                .peers
+                .site_peers()
+                .into_iter()
+                .chain(cx.peers.remote_peers(&peer))
+            {
                 cx.send(
                     q,
                     Message::Fetching {
@@ -621,21 +640,78 @@ mod tests {
     }
 
     #[test]
-    fn a_request_across_the_wan_is_hinted_to_the_site_peers_only() {
+    fn a_request_across_the_wan_is_hinted_to_the_site_and_the_other_sites() {
         let (mut m, f) = bench(8, Some("lan"));
         add_peer(&mut m, 1, Some("lan"), f, &[]);
         add_peer(&mut m, 2, Some("far"), f, &[0, 1, 2, 3, 4, 5, 6, 7]);
         add_peer(&mut m, 3, Some("lan"), f, &[0]);
+        add_peer(&mut m, 4, Some("far"), f, &[]);
+        add_peer(&mut m, 5, Some("other"), f, &[]);
         m.request(at(0), peer(2), f, 5);
         let timeout = m.config.request_timeout.as_millis() as u32;
         let mut sent = hints(&mut m);
         sent.sort();
-        let mut want = vec![(peer(1), 5, timeout), (peer(3), 5, timeout)];
+        // Not to the source's site: its peers hold the chunk or fetch it from the source
+        // over their LAN.
+        let mut want = vec![
+            (peer(1), 5, timeout),
+            (peer(3), 5, timeout),
+            (peer(5), 5, timeout),
+        ];
         want.sort();
         assert_eq!(sent, want);
         // A request on the LAN is not hinted.
         m.request(at(0), peer(3), f, 0);
         assert!(hints(&mut m).is_empty());
+    }
+
+    /// A chunk another site said it is fetching across the WAN is asked across the WAN
+    /// from here last (two sites would pull it through the same uplink), for the span of
+    /// that site's request; the LAN is not affected.
+    #[test]
+    fn a_chunk_another_site_fetches_is_asked_across_the_wan_last() {
+        let (mut m, f) = bench(4, Some("lan"));
+        add_peer(&mut m, 2, Some("far"), f, &[0, 1, 2, 3]);
+        add_peer(&mut m, 5, Some("other"), f, &[]);
+        add_peer(&mut m, 6, Some("far"), f, &[0, 1, 2, 3]);
+        m.exchange.files_mut().get_mut(&f).unwrap().wan_open = true;
+        for i in [0, 1, 2] {
+            let (x, cx) = m.cx();
+            x.on_fetching(&cx, at(0).mono, peer(5), f, i, 10_000);
+        }
+        // Not a site hint: nothing is held back for this site.
+        assert!(m.exchange.files_mut()[&f].fetch_hints.is_empty());
+        for _ in 0..20 {
+            assert_eq!(m.pick_chunk(at(1_000), &peer(2), &f), Some(3));
+        }
+        // Past the span, in any order again.
+        assert!((0..50).any(|_| m.pick_chunk(at(12_000), &peer(2), &f) != Some(3)));
+        // Only an order: with chunk 3 in flight, the others are asked across the WAN.
+        m.request(at(1_000), peer(2), f, 3);
+        let c = m.pick_chunk(at(1_000), &peer(6), &f);
+        assert!(c.is_some_and(|c| c < 3), "{c:?}");
+    }
+
+    /// At most `max_inflight_wan` requests are in flight across the WAN, to all peers on
+    /// other sites together; the LAN is not counted.
+    #[test]
+    fn requests_across_the_wan_are_capped_in_total() {
+        let (mut m, f) = bench(8, Some("lan"));
+        add_peer(&mut m, 1, Some("lan"), f, &[7]);
+        for p in [2, 3, 4] {
+            add_peer(&mut m, p, Some("far"), f, &[0, 1, 2, 3, 4, 5, 6, 7]);
+        }
+        m.exchange.files_mut().get_mut(&f).unwrap().wan_open = true;
+        assert_eq!(m.config.max_inflight_wan, 2);
+        m.request(at(0), peer(2), f, 1);
+        assert!(m.pick_chunk(at(0), &peer(3), &f).is_some());
+        m.request(at(0), peer(3), f, 2);
+        assert_eq!(m.pick_chunk(at(0), &peer(4), &f), None);
+        assert_eq!(
+            m.pick_chunk(at(0), &peer(1), &f),
+            Some(7),
+            "the LAN is not capped"
+        );
     }
 
     #[test]
