@@ -264,8 +264,11 @@ pub struct ProtocolSpec {
     /// Chunk requests in flight per peer.
     #[serde(default)]
     pub max_inflight_per_peer: Option<usize>,
-    /// Chunk requests a node keeps in flight across the WAN, all peers together
-    /// (default 2).
+    /// Chunk requests a site keeps in flight across the WAN, split among the members
+    /// fetching for it (default 8).
+    #[serde(default)]
+    pub site_inflight_wan: Option<usize>,
+    /// The least a member keeps in flight across the WAN under the share rule (default 2).
     #[serde(default)]
     pub max_inflight_wan: Option<usize>,
     /// Anti-entropy period.

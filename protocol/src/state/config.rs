@@ -21,12 +21,16 @@ pub struct Config {
     /// Chunk requests in flight to a peer that holds the whole file, while other peers hold
     /// parts of it (seeds should push new chunks, not the same ones to everybody).
     pub max_inflight_per_seed: usize,
-    /// Chunk requests in flight across the WAN (to peers on other sites), all peers
-    /// together. A site's members share one WAN link: two chunks a member keep a 20 Mbit/s
-    /// link busy (a 1 MiB chunk takes 0.4 s of it, a round trip 0.1 s), where more only
-    /// queue, arrive later, time out, and leave other sites no time to see what it fetches
-    /// and pick other chunks. A lone member on a fast long link is held to two chunks per
-    /// round trip.
+    /// Chunk requests a site keeps in flight across the WAN (to peers on other sites), all
+    /// its members together: under the WAN share rule each member keeps
+    /// `site_inflight_wan / members` (at least `max_inflight_wan`), a node fetching alone
+    /// (the rule lifted, or one gateway) all of it. The members share one WAN link: a few
+    /// chunks keep it busy (a 1 MiB chunk takes 0.4 s of a 20 Mbit/s link, a round trip
+    /// 0.1 s), where more only queue, arrive later, time out, and leave other sites no time
+    /// to see what is fetched and pick other chunks.
+    pub site_inflight_wan: usize,
+    /// The least a member of a site keeps in flight across the WAN under the share rule
+    /// (see `site_inflight_wan`).
     pub max_inflight_wan: usize,
     /// A request unanswered for this long is retried elsewhere.
     pub request_timeout: Duration,
@@ -90,6 +94,7 @@ impl Default for Config {
             max_peers: 512,
             max_inflight_per_peer: 4,
             max_inflight_per_seed: 1,
+            site_inflight_wan: 8,
             max_inflight_wan: 2,
             request_timeout: Duration::from_secs(30),
             endgame_after: Duration::from_secs(2),

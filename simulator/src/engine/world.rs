@@ -166,6 +166,9 @@ fn core_config(sc: &Scenario) -> Config {
     if let Some(v) = sc.protocol.max_inflight_wan {
         cfg.max_inflight_wan = v.max(1);
     }
+    if let Some(v) = sc.protocol.site_inflight_wan {
+        cfg.site_inflight_wan = v.max(1);
+    }
     if let Some(v) = sc.protocol.anti_entropy_interval {
         cfg.anti_entropy_interval = Duration::from_micros(v.0);
     }

@@ -180,15 +180,16 @@ impl Exchange {
         if remote && self.inflight(peer) >= cx.config.max_inflight_per_seed {
             return None;
         }
-        if remote
-            && self
+        if remote {
+            let cap = wan_cap(cx.config, members.as_ref().map(Vec::len));
+            let wan = self
                 .requests
                 .values()
                 .filter(|r| cx.peers.get(&r.peer).is_some_and(|q| cx.peers.remote(q)))
-                .count()
-                >= cx.config.max_inflight_wan
-        {
-            return None;
+                .count();
+            if wan >= cap {
+                return None;
+            }
         }
         // Chunk order from a random start; a byte (8 chunks) where the peer has nothing this
         // node lacks is skipped at once.
@@ -466,6 +467,17 @@ impl Exchange {
     }
 }
 
+/// Chunk requests a node keeps in flight across the WAN: the site's share
+/// (`site_inflight_wan`) split among the `members` fetching for it under the share rule,
+/// at least `max_inflight_wan` each; all of it when the node fetches alone (`None`: the
+/// rule is lifted or does not apply).
+pub(in crate::state) fn wan_cap(config: &crate::state::Config, members: Option<usize>) -> usize {
+    let site = config.site_inflight_wan.max(1);
+    members.map_or(site, |m| {
+        site.div_ceil(m.max(1)).max(config.max_inflight_wan.max(1))
+    })
+}
+
 /// The member of `members` that fetches chunk `index` of `file` over the WAN for its site:
 /// the highest rendezvous score (a hash of member, file and chunk), ties to the lower id.
 pub(in crate::state) fn wan_owner(members: &[NodeId], file: &ContentId, index: u32) -> NodeId {
@@ -492,6 +504,7 @@ fn splitmix(mut z: u64) -> u64 {
 
 #[cfg(test)]
 mod tests {
+    use super::wan_cap;
     use crate::state::testkit::{add_peer, at, bench, peer, requests};
 
     #[test]
@@ -692,7 +705,20 @@ mod tests {
         assert!(c.is_some_and(|c| c < 3), "{c:?}");
     }
 
-    /// At most `max_inflight_wan` requests are in flight across the WAN, to all peers on
+    /// The site's WAN requests split among its members, at least two each; a node
+    /// fetching alone has the site's share.
+    #[test]
+    fn the_sites_wan_requests_are_split_among_its_members() {
+        let c = crate::state::Config::default();
+        assert_eq!((c.site_inflight_wan, c.max_inflight_wan), (8, 2));
+        assert_eq!(wan_cap(&c, None), 8);
+        assert_eq!(wan_cap(&c, Some(1)), 8);
+        assert_eq!(wan_cap(&c, Some(3)), 3);
+        assert_eq!(wan_cap(&c, Some(6)), 2);
+        assert_eq!(wan_cap(&c, Some(200)), 2);
+    }
+
+    /// A node keeps at most its cap of requests in flight across the WAN, to all peers on
     /// other sites together; the LAN is not counted.
     #[test]
     fn requests_across_the_wan_are_capped_in_total() {
@@ -701,8 +727,9 @@ mod tests {
         for p in [2, 3, 4] {
             add_peer(&mut m, p, Some("far"), f, &[0, 1, 2, 3, 4, 5, 6, 7]);
         }
+        // The rule lifted: this node fetches alone, with the site's whole share.
         m.exchange.files_mut().get_mut(&f).unwrap().wan_open = true;
-        assert_eq!(m.config.max_inflight_wan, 2);
+        m.config.site_inflight_wan = 2;
         m.request(at(0), peer(2), f, 1);
         assert!(m.pick_chunk(at(0), &peer(3), &f).is_some());
         m.request(at(0), peer(3), f, 2);
