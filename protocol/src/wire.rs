@@ -144,9 +144,10 @@ pub enum Message {
     /// Gossip tree repair (plumtree): the sender got a payload from us that it already
     /// had, so we send it only `IHave`s from now on (until it pulls with `Want`).
     Prune,
-    /// The sender, a peer on the receiver's site, has asked a peer on another site for
-    /// this chunk (the WAN share rule): site peers leave it to the sender for a while
-    /// rather than fetch it across the site's WAN link again. A hint: a node that does not
+    /// The sender has asked a peer on another site for this chunk. Sent to the sender's
+    /// site peers, which leave the chunk to it for a while rather than fetch it across the
+    /// site's WAN link again (the WAN share rule), and to its peers on third sites, which
+    /// ask the WAN for the chunk after the others meanwhile. A hint: a node that does not
     /// know this kind ignores it.
     Fetching {
         /// File.

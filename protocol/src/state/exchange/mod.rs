@@ -612,15 +612,15 @@ impl Exchange {
         if !f.wanted || index >= f.total() || f.have.get(index) || !(on_site || remote) {
             return;
         }
+        let span = Duration::from_millis(u64::from(millis))
+            .min(cx.config.request_timeout * MAX_DEADLINE_FACTOR);
+        let end = secs(now + span).saturating_add(1);
         if remote {
             // Another site's fetch only orders this node's picks (a lying peer can delay a
             // chunk to the end of the order, not withhold it): a time per chunk, no count.
             if f.elsewhere.is_empty() {
                 f.elsewhere = alloc::vec![0; f.total() as usize];
             }
-            let span = Duration::from_millis(u64::from(millis))
-                .min(cx.config.request_timeout * MAX_DEADLINE_FACTOR);
-            let end = secs(now + span).saturating_add(1);
             let until = &mut f.elsewhere[index as usize];
             *until = (*until).max(end);
             return;
@@ -633,9 +633,6 @@ impl Exchange {
             return;
         }
         *count += 1;
-        let span = Duration::from_millis(u64::from(millis))
-            .min(cx.config.request_timeout * MAX_DEADLINE_FACTOR);
-        let end = secs(now + span).saturating_add(1);
         *until = (*until).max(end);
         f.hints_until = f.hints_until.max(end);
     }
