@@ -788,6 +788,26 @@ mod tests {
         assert!(st.fetch_hints.is_empty() && st.hints_until == 0);
     }
 
+    /// A hint for a chunk past the file's end, from a peer whose site is unknown, or from
+    /// a peer not connected is dropped: nothing is kept, nothing is held back.
+    #[test]
+    fn hints_out_of_range_or_from_unknown_peers_keep_nothing() {
+        let (mut m, f) = bench(4, Some("lan"));
+        add_peer(&mut m, 1, Some("lan"), f, &[]);
+        add_peer(&mut m, 2, Some("far"), f, &[]);
+        add_peer(&mut m, 3, None, f, &[]);
+        let (x, cx) = m.cx();
+        for from in [1, 2] {
+            x.on_fetching(&cx, at(0).mono, peer(from), f, 4, 10_000);
+            x.on_fetching(&cx, at(0).mono, peer(from), f, u32::MAX, 10_000);
+        }
+        x.on_fetching(&cx, at(0).mono, peer(3), f, 1, 10_000);
+        x.on_fetching(&cx, at(0).mono, peer(9), f, 1, 10_000);
+        let st = &m.exchange.files_mut()[&f];
+        assert!(st.fetch_hints.is_empty() && st.hints_until == 0);
+        assert!(st.elsewhere.is_empty());
+    }
+
     #[test]
     fn the_share_rule_holds_while_a_members_request_across_the_wan_may_run() {
         let (mut m, f) = bench(32, Some("lan"));
