@@ -871,7 +871,14 @@ impl Exchange {
         }
         f.have.set(index);
         let (have, total) = (f.have.count(), f.total());
-        let peers: Vec<NodeId> = cx.peers.ids().copied().collect();
+        // A peer that announced the chunk hears nothing: it will not ask for it, so what
+        // others hold of it means nothing to it.
+        let peers: Vec<NodeId> = cx
+            .peers
+            .ids()
+            .filter(|p| !self.announced(p, &file).is_some_and(|b| b.get(index)))
+            .copied()
+            .collect();
         for p in peers {
             cx.send(p, Message::HaveChunk { file, index });
         }
@@ -1160,6 +1167,29 @@ mod tests {
             b.timers.pop_due_request(at(600_000).mono).is_none(),
             "timer stopped"
         );
+    }
+
+    #[test]
+    fn a_stored_chunk_is_announced_only_to_peers_that_did_not_announce_it() {
+        let (mut b, f) = bench(4, None);
+        add_peer(&mut b, 1, None, f, &[0, 1, 2, 3]);
+        add_peer(&mut b, 2, None, f, &[2]);
+        add_peer(&mut b, 3, None, f, &[]);
+        let (x, mut cx) = b.cx();
+        x.on_chunk_stored(&mut cx, Instant::ZERO, None, f, 2);
+        x.on_chunk_stored(&mut cx, Instant::ZERO, None, f, 1);
+        let told: Vec<(crate::ids::NodeId, u32)> = b
+            .out
+            .drain(..)
+            .filter_map(|o| match o {
+                Output::Send {
+                    to,
+                    msg: Message::HaveChunk { index, .. },
+                } => Some((to, index)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(told, [(peer(3), 2), (peer(2), 1), (peer(3), 1)]);
     }
 
     #[test]
