@@ -270,6 +270,27 @@ impl<R: Rng> Mesh<R> {
             } => Some((*from, *file, *index)),
             _ => None,
         };
+        // Messages that cannot make a chunk requestable: a peer's request or cancel, a
+        // fetch hint (it only holds chunks back), and gossip that does not carry a
+        // manifest, a report or an instruction. Unless handling one dropped a peer or a
+        // request (a penalty), no schedule pass follows it; time-based changes (a hint
+        // expiring, endgame) wait for the next tick or chunk event. A seeding node gets
+        // a request per chunk it uploads: this is most of its passes.
+        let passive = matches!(
+            &input,
+            Input::Received {
+                msg: Message::Request { .. }
+                    | Message::Cancel { .. }
+                    | Message::Fetching { .. }
+                    | Message::IHave(_)
+                    | Message::Want(_)
+                    | Message::Digest(_)
+                    | Message::Prune
+                    | Message::Unknown(_),
+                ..
+            }
+        );
+        let before = (self.peers.len(), self.exchange.request_count());
         match input {
             Input::PeerUp { peer, info } => self.on_peer_up(now, peer, info),
             Input::PeerDown { peer } => self.on_peer_down(now, peer),
@@ -313,6 +334,7 @@ impl<R: Rng> Mesh<R> {
                 let (x, mut cx) = self.exchange_cx();
                 x.schedule_one(&mut cx, now, peer, file, index);
             }
+            None if passive && before == (self.peers.len(), self.exchange.request_count()) => {}
             None => {
                 let (x, mut cx) = self.exchange_cx();
                 x.schedule(&mut cx, now);
@@ -618,5 +640,46 @@ impl<R: Rng> Mesh<R> {
                 Ok(())
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testkit::{add_mesh_peer, at, mesh, peer};
+    use crate::io::{Input, Output};
+    use crate::wire::Message;
+
+    #[test]
+    fn inputs_that_cannot_make_a_chunk_requestable_run_no_schedule_pass() {
+        let (mut m, f) = mesh(4, None);
+        // Placed by hand: chunks 0 and 1 are requestable, but no pass has run yet.
+        add_mesh_peer(&mut m, 1, None, f, &[0, 1]);
+        let asked = |m: &mut super::testkit::TestMesh| {
+            core::iter::from_fn(|| m.poll_output())
+                .filter(|o| {
+                    matches!(
+                        o,
+                        Output::Send {
+                            msg: Message::Request { .. },
+                            ..
+                        }
+                    )
+                })
+                .count()
+        };
+        for msg in [
+            Message::Cancel { id: 9 },
+            Message::Fetching {
+                file: f,
+                index: 3,
+                millis: 100,
+            },
+            Message::IHave(Vec::new()),
+        ] {
+            m.handle(at(1), Input::Received { from: peer(1), msg });
+        }
+        assert_eq!(asked(&mut m), 0);
+        m.handle_timeout(at(2));
+        assert_eq!(asked(&mut m), 2, "the next pass asks for both");
     }
 }

@@ -382,6 +382,11 @@ impl Exchange {
     }
 
     /// Our chunk requests in flight to `peer`.
+    /// Chunk requests in flight, to all peers.
+    pub(super) fn request_count(&self) -> usize {
+        self.requests.len()
+    }
+
     pub(super) fn inflight(&self, peer: &NodeId) -> usize {
         self.asked.get(peer).copied().unwrap_or(0)
     }
