@@ -235,8 +235,6 @@ impl Actor {
             u64::from_le_bytes(b)
         });
         let core_cfg = CoreConfig {
-            // Enough requests in flight to keep a LAN link busy at 1 MiB chunks.
-            max_inflight_per_peer: 8,
             site: cfg.site.clone(),
             device: DeviceProfile {
                 device_class: cfg.device_class.clone(),
