@@ -381,12 +381,12 @@ impl Exchange {
         self.served.remove(peer);
     }
 
-    /// Our chunk requests in flight to `peer`.
     /// Chunk requests in flight, to all peers.
     pub(super) fn request_count(&self) -> usize {
         self.requests.len()
     }
 
+    /// Our chunk requests in flight to `peer`.
     pub(super) fn inflight(&self, peer: &NodeId) -> usize {
         self.asked.get(peer).copied().unwrap_or(0)
     }
