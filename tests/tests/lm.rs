@@ -290,6 +290,18 @@ fn generations_are_bounded_cancelled_with_their_client_and_survive_a_hot_swap() 
         ),
         "{m}"
     );
+    // A generation frees its place before its answer ends: requests sent back to back,
+    // each on the end of the one before, never find the place taken.
+    for i in 0..10 {
+        let mut r = BufReader::new(post(
+            &a,
+            "/v1/chat/completions",
+            &chat_body("Hi", 4, i % 2 == 0),
+        ));
+        assert_eq!(status_of(&mut r), 200, "back-to-back request {i}");
+        let mut rest = String::new();
+        r.read_to_string(&mut rest).unwrap();
+    }
 
     // Hot swap mid-stream: v2 is published while a v1 stream is under way (its client
     // reads only its first event until v2 serves).

@@ -532,7 +532,6 @@ fn spawn_generation(
     permits: (OwnedSemaphorePermit, OwnedSemaphorePermit),
 ) {
     tokio::task::spawn_blocking(move || {
-        let _permits = permits;
         let started = Instant::now();
         let Some(lm) = model.lm() else { return };
         let result = lm::with_executor(h.generations.executor.clone(), || {
@@ -556,6 +555,9 @@ fn spawn_generation(
         }
         h.metrics
             .generation(&model.channel, model.version, result.as_ref().ok(), outcome);
+        // The places are free before the client can see the end: a client that sends its
+        // next request on the answer must not find its own generation still holding one.
+        drop(permits);
         let _ = tx.blocking_send(Piece::End(result));
     });
 }
