@@ -33,6 +33,7 @@
 
 pub mod classify;
 pub mod golden;
+pub mod half;
 pub mod health;
 pub mod kserve;
 pub mod lm;

@@ -737,12 +737,7 @@ impl LoadedModel {
             .map_err(|e| (ErrorClass::Unavailable, format!("{}: {e}", path.display())))?;
         let prepared =
             onnx::prepare(bytes, &spec.consts).map_err(|e| (ErrorClass::LoadError, e))?;
-        if prepared.dequantized > 0 {
-            tracing::info!(
-                "{channel} version {version}: {} dequantised weights made float at load",
-                prepared.dequantized
-            );
-        }
+        let half = prepared.dequantized > 0;
         for r in &prepared.rewritten {
             tracing::info!("{channel} version {version}: {r}");
         }
@@ -760,13 +755,23 @@ impl LoadedModel {
             let (bytes, facts, graph) = (bytes.clone(), facts.clone(), graph.clone());
             let (spec, unsupported) = (spec.clone(), unsupported.clone());
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
-                build_engine(&bytes, &facts, &graph, &spec, budget, capacity, unsupported)
+                build_engine(
+                    &bytes,
+                    &facts,
+                    &graph,
+                    &spec,
+                    budget,
+                    capacity,
+                    unsupported,
+                    half,
+                )
             }))
         };
         let Built {
             engine,
             outputs,
             probe_failure,
+            half,
         } = match attempt {
             Ok(r) => r?,
             Err(_) => {
@@ -791,6 +796,19 @@ impl LoadedModel {
                     ),
                 ),
             });
+        }
+        if prepared.dequantized > 0 {
+            let held = match half {
+                Some((n, b)) => format!(
+                    "; {n} weight matrices held as float16 ({:.1} MB)",
+                    b as f64 / 1e6
+                ),
+                None => "; weights held as float32".into(),
+            };
+            tracing::info!(
+                "{channel} version {version}: {} dequantised weights made float at load{held}",
+                prepared.dequantized
+            );
         }
         let inputs: Vec<IoSpec> = facts.iter().map(InputFact::io_spec).collect();
         if matches!(engine, Engine::Symbolic { .. }) {
@@ -1233,9 +1251,22 @@ struct Built {
     outputs: Vec<IoSpec>,
     /// For a model prepared per shape whose probes all failed: why.
     probe_failure: Option<(ErrorClass, String)>,
+    /// Weight matrices held as float16 ([`super::half`]): how many, and their bytes.
+    half: Option<(u64, u64)>,
 }
 
-/// Build how the model runs: symbolic if tract can, else per shape.
+/// A model prepared with symbolic dimensions.
+struct Symbolic {
+    runnable: Runnable,
+    output_facts: Vec<Fact>,
+    outputs: Vec<IoSpec>,
+    half: Option<(u64, u64)>,
+}
+
+/// Build how the model runs: symbolic if tract can, else per shape. With `half`, weight
+/// matrices of a symbolic model are held as float16 ([`super::half`]), or as float32
+/// when tract cannot prepare the model so.
+#[allow(clippy::too_many_arguments)]
 fn build_engine(
     bytes: &Arc<Vec<u8>>,
     facts: &[InputFact],
@@ -1244,31 +1275,68 @@ fn build_engine(
     budget: u64,
     capacity: usize,
     unsupported: Arc<Mutex<Option<String>>>,
+    half: bool,
 ) -> Result<Built, (ErrorClass, String)> {
     // The outputs' facts and names are read before the model is consumed by optimising.
-    let symbolic = |ignore_value_info| -> anyhow::Result<(Runnable, Vec<Fact>, Vec<IoSpec>)> {
-        let model = typed_model(bytes, facts, None, ignore_value_info)?;
+    let symbolic = |ignore_value_info, half: bool| -> anyhow::Result<Symbolic> {
+        let mut model = typed_model(bytes, facts, None, ignore_value_info)?;
         let output_facts = (0..model.output_count()?)
             .map(|i| model.output_fact(i))
             .collect::<anyhow::Result<Vec<_>>>()?;
         let outputs = outputs_of(&model, graph).map_err(|(_, e)| anyhow::anyhow!(e))?;
+        let half = if half {
+            model.transform(super::half::HALF_WEIGHTS)?;
+            let count = |p: &str| {
+                model
+                    .property(p)
+                    .and_then(|t| t.convert_to(DatumType::I64))
+                    .ok()
+                    .and_then(|t| t.as_bytes().ok().map(|(_, _, b)| b.to_vec()))
+                    .and_then(|b| b.try_into().ok().map(u64::from_le_bytes))
+                    .unwrap_or(0)
+            };
+            Some((
+                count(super::half::CONVERTED),
+                count(super::half::CONVERTED_BYTES),
+            ))
+        } else {
+            None
+        };
         let runnable = model.into_runnable()?;
-        Ok((runnable, output_facts, outputs))
+        Ok(Symbolic {
+            runnable,
+            output_facts,
+            outputs,
+            half,
+        })
     };
-    let first = match symbolic(false) {
+    let attempt = |ignore_value_info| {
+        if !half {
+            return symbolic(ignore_value_info, false);
+        }
+        symbolic(ignore_value_info, true).or_else(|e| {
+            tracing::info!(
+                "weights kept as float32: tract could not prepare the model with float16 \
+                 ones ({e:#})"
+            );
+            symbolic(ignore_value_info, false)
+        })
+    };
+    let first = match attempt(false) {
         Ok(r) => Ok(r),
         // The file's intermediate shapes may contradict what tract infers.
-        Err(e) => symbolic(true).map_err(|_| e),
+        Err(e) => attempt(true).map_err(|_| e),
     };
     match first {
-        Ok((runnable, output_facts, outputs)) => Ok(Built {
+        Ok(s) => Ok(Built {
             engine: Engine::Symbolic {
-                runnable,
-                output_facts,
+                runnable: s.runnable,
+                output_facts: s.output_facts,
                 faster: None,
             },
-            outputs,
+            outputs: s.outputs,
             probe_failure: None,
+            half: s.half,
         }),
         Err(e) => {
             let (class, msg) = refusal(&e, graph, facts, spec);
@@ -1320,6 +1388,7 @@ fn build_engine(
                 engine: Engine::PerShape(cache),
                 outputs,
                 probe_failure,
+                half: None,
             })
         }
     }

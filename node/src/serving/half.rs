@@ -1,0 +1,223 @@
+//! Weight matrices held as 16-bit floats: what a node does with a model whose file stores
+//! its weights in 8 bits.
+//!
+//! tract 0.23 has no x86 kernel for a matrix product with 8-bit weights and float
+//! activations, so the node folds an ONNX `DequantizeLinear` of int8 weights into float
+//! weights when it prepares the graph ([`super::onnx::prepare`]). As 32-bit floats those
+//! take four times the file's bytes, and a language model's decoding, which streams every
+//! weight once per token, runs at float speed. tract does have kernels that take float16
+//! weights against float32 activations (`f16f32` packing: the weights are widened in
+//! registers and products accumulate in float32), so the node holds those weights as
+//! float16 instead: half the memory and half the bytes read per token.
+//!
+//! Nothing of what the file says is lost: an int8 value times its scale rounds to float16
+//! with a relative error of at most 2⁻¹¹, under a thousandth of the int8 step it came from.
+//! The rule is per model (its file dequantises weights), and it takes every float weight
+//! matrix that feeds only matrix products, so a float matrix the publisher left beside the
+//! int8 ones (an output layer, say) is rounded to float16 too: the model is a quantised
+//! variant, and its golden checks run on what the node serves.
+//!
+//! The rewrite is a tract model transform, registered under [`HALF_WEIGHTS`] and run
+//! through the `tract` facade's `Model::transform`. It records how many matrices and bytes
+//! it converted as model properties ([`CONVERTED`], [`CONVERTED_BYTES`]).
+
+use tract_core::internal::*;
+use tract_core::ops::einsum::EinSum;
+use tract_core::ops::konst::Const;
+use tract_core::transform::ModelTransform;
+
+/// The transform's name in tract's registry.
+pub const HALF_WEIGHTS: &str = "pollen_half_weights";
+/// Model property: matrices converted (an `i64` scalar).
+pub const CONVERTED: &str = "pollen.half_weights.matrices";
+/// Model property: bytes the converted matrices take as float16 (an `i64` scalar).
+pub const CONVERTED_BYTES: &str = "pollen.half_weights.bytes";
+
+/// Smallest matrix converted, in elements: below it the saving is nothing and a
+/// product's setup dominates.
+const MIN_ELEMENTS: usize = 4096;
+
+/// Largest magnitude float16 holds.
+const F16_MAX: f32 = 65504.0;
+
+/// Float32 constants of rank 2 or more, of at least [`MIN_ELEMENTS`] finite values within
+/// float16's range, whose every consumer is a float matrix product (`EinSum` without
+/// quantisation parameters), become float16 constants; the products keep their float32
+/// activations and outputs.
+#[derive(Debug, Default)]
+pub struct HalfWeights;
+
+impl ModelTransform for HalfWeights {
+    fn name(&self) -> StaticName {
+        HALF_WEIGHTS.into()
+    }
+
+    fn transform(&self, model: &mut TypedModel) -> TractResult<()> {
+        let mut matrices = 0i64;
+        let mut bytes = 0i64;
+        for id in 0..model.nodes.len() {
+            let node = &model.nodes[id];
+            let Some(k) = node.op_as::<Const>() else {
+                continue;
+            };
+            let t = k.val();
+            if t.datum_type() != f32::datum_type()
+                || t.rank() < 2
+                || t.len() < MIN_ELEMENTS
+                || !t.is_plain()
+            {
+                continue;
+            }
+            let succ = &node.outputs[0].successors;
+            let products_only = !succ.is_empty()
+                && succ.iter().all(|s| {
+                    model.nodes[s.node]
+                        .op_as::<EinSum>()
+                        .is_some_and(|e| e.q_params.is_none())
+                });
+            if !products_only
+                || !t
+                    .try_as_plain_ram()?
+                    .as_slice::<f32>()?
+                    .iter()
+                    .all(|v| v.abs() <= F16_MAX)
+            {
+                continue;
+            }
+            let half = t.cast_to::<f16>()?.into_owned().into_arc_tensor();
+            let op = Const::new(half)?;
+            let fact = op.output_facts(&[])?.remove(0);
+            bytes += (t.len() * 2) as i64;
+            matrices += 1;
+            model.nodes[id].op = Box::new(op);
+            model.nodes[id].outputs[0].fact = fact;
+        }
+        model
+            .properties
+            .insert(CONVERTED.into(), rctensor0(matrices));
+        model
+            .properties
+            .insert(CONVERTED_BYTES.into(), rctensor0(bytes));
+        Ok(())
+    }
+}
+
+register_simple_model_transform!("pollen_half_weights", HalfWeights);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `y = x · w` with `x` `[1, k]` from the caller and `w` `[k, n]` a constant.
+    fn product(w: Tensor, also_added: bool) -> TractResult<TypedModel> {
+        let (k, w_cols) = (w.shape()[0], w.shape()[1]);
+        let mut model = TypedModel::default();
+        let x = model.add_source("x", f32::fact([1, k]))?;
+        let w = model.add_const("w", w)?;
+        let mut y = model.wire_node(
+            "mm",
+            EinSum::new("mk,kn->mn".parse()?, f32::datum_type()),
+            &[x, w],
+        )?;
+        if also_added {
+            // The same constant also read by something other than a product (with a
+            // caller's input, so the sum is not folded into a constant).
+            let z = model.add_source("z", f32::fact([k, w_cols]))?;
+            let sum = model.wire_node("sum", tract_core::ops::math::add(), &[w, z])?;
+            y.push(sum[0]);
+        }
+        model.select_output_outlets(&y)?;
+        model.into_decluttered()
+    }
+
+    fn weights(k: usize, n: usize, scale: f32) -> Tensor {
+        let v: Vec<f32> = (0..k * n)
+            .map(|i| ((i * 7919 % 255) as f32 - 127.0) * scale)
+            .collect();
+        Tensor::from_shape(&[k, n], &v).unwrap()
+    }
+
+    fn const_types(model: &TypedModel) -> Vec<DatumType> {
+        model
+            .nodes
+            .iter()
+            .filter_map(|n| n.op_as::<Const>())
+            .map(|c| c.val().datum_type())
+            .collect()
+    }
+
+    fn run(model: TypedModel, x: &Tensor) -> Vec<f32> {
+        let out = model
+            .into_optimized()
+            .unwrap()
+            .into_runnable()
+            .unwrap()
+            .run(tvec!(x.clone().into_tvalue()))
+            .unwrap();
+        out[0]
+            .try_as_plain_ram()
+            .unwrap()
+            .as_slice::<f32>()
+            .unwrap()
+            .to_vec()
+    }
+
+    #[test]
+    fn a_product_s_weights_become_half_and_its_answers_stay_within_float16_rounding() {
+        let (k, n) = (256, 64);
+        let x: Vec<f32> = (0..k).map(|i| ((i % 13) as f32 - 6.0) / 6.0).collect();
+        let x = Tensor::from_shape(&[1, k], &x).unwrap();
+        let w = weights(k, n, 0.01);
+        let float = run(product(w.clone(), false).unwrap(), &x);
+        let mut model = product(w, false).unwrap();
+        HalfWeights.transform(&mut model).unwrap();
+        assert_eq!(const_types(&model), vec![f16::datum_type()]);
+        assert_eq!(
+            *model.properties[CONVERTED]
+                .try_as_plain_ram()
+                .unwrap()
+                .to_scalar::<i64>()
+                .unwrap(),
+            1
+        );
+        assert_eq!(
+            *model.properties[CONVERTED_BYTES]
+                .try_as_plain_ram()
+                .unwrap()
+                .to_scalar::<i64>()
+                .unwrap(),
+            (k * n * 2) as i64
+        );
+        // The product still gives float32.
+        assert_eq!(model.output_fact(0).unwrap().datum_type, f32::datum_type());
+        let half = run(model, &x);
+        let scale = float.iter().fold(0f32, |m, v| m.max(v.abs()));
+        for (a, b) in float.iter().zip(&half) {
+            // k products, each weight off by at most 2^-11 of itself.
+            assert!((a - b).abs() <= 1e-3 * scale, "{a} against {b}");
+        }
+    }
+
+    #[test]
+    fn weights_read_by_anything_but_a_product_or_out_of_float16_range_stay_float32() {
+        let mut shared = product(weights(256, 64, 0.01), true).unwrap();
+        HalfWeights.transform(&mut shared).unwrap();
+        assert_eq!(const_types(&shared), vec![f32::datum_type()]);
+        assert_eq!(
+            *shared.properties[CONVERTED]
+                .try_as_plain_ram()
+                .unwrap()
+                .to_scalar::<i64>()
+                .unwrap(),
+            0
+        );
+
+        let mut large = product(weights(256, 64, 1000.0), false).unwrap();
+        HalfWeights.transform(&mut large).unwrap();
+        assert_eq!(const_types(&large), vec![f32::datum_type()]);
+
+        let mut small = product(weights(16, 16, 0.01), false).unwrap();
+        HalfWeights.transform(&mut small).unwrap();
+        assert_eq!(const_types(&small), vec![f32::datum_type()]);
+    }
+}
