@@ -734,10 +734,18 @@ fn dequantized(node: &Node, inits: &BTreeMap<String, &[u8]>, name: &str) -> Opti
         let inner = usize::try_from(product(&dims[axis + 1..])?).ok()?;
         (scale.len(), inner)
     };
-    let mut data = Vec::with_capacity(elements * 4);
-    for (i, b) in x.iter().enumerate() {
-        let c = (i / inner) % period;
-        data.extend_from_slice(&(((value(*b) - zero[c]) as f32) * scale[c]).to_le_bytes());
+    // Element i takes scale (i / inner) % period: walked as runs of `inner` elements, one
+    // scale each, `period` runs to a block (no division per element: a language model
+    // has some 10^8 of them).
+    let mut data = vec![0u8; elements * 4];
+    let mut out = data.chunks_exact_mut(4);
+    for block in x.chunks((period * inner).max(1)) {
+        for (c, run) in block.chunks(inner.max(1)).enumerate() {
+            let (z, s) = (zero[c], scale[c]);
+            for (b, o) in run.iter().zip(&mut out) {
+                o.copy_from_slice(&(((value(*b) - z) as f32) * s).to_le_bytes());
+            }
+        }
     }
     Some(TensorData {
         name: name.to_string(),
@@ -1755,19 +1763,23 @@ mod tests {
     /// `y = x @ DequantizeLinear(w_q, scale, axis=1)`, with int8 `w_q` `[3, 2]` and one
     /// scale per output column.
     fn dequantize_model(zero: Option<[i8; 2]>) -> Vec<u8> {
+        dequantize_model_along(1, &[0.5, 0.25], zero.as_ref().map(|z| &z[..]))
+    }
+
+    /// `y = x @ DequantizeLinear(w_q, scale, zero, axis)`, with int8 `w_q` `[3, 2]`.
+    fn dequantize_model_along(axis: i64, scales: &[f32], zero: Option<&[i8]>) -> Vec<u8> {
         let t = raw_proto;
         let w: [i8; 6] = [1, -2, 3, -4, 127, -127];
-        let scale: Vec<u8> = [0.5f32, 0.25]
-            .iter()
-            .flat_map(|v| v.to_le_bytes())
-            .collect();
+        let scale: Vec<u8> = scales.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let n = scales.len() as u64;
         let mut inits = vec![
             t("w_q", 3, &[3, 2], &w.map(|v| v as u8)),
-            t("scale", 1, &[2], &scale),
+            t("scale", 1, &[n], &scale),
         ];
         let mut dq_inputs = vec!["w_q", "scale"];
         if let Some(z) = zero {
-            inits.push(t("zero", 3, &[2], &z.map(|v| v as u8)));
+            let z: Vec<u8> = z.iter().map(|v| *v as u8).collect();
+            inits.push(t("zero", 3, &[n], &z));
             dq_inputs.push("zero");
         }
         let f32s = |name, dims: &[Result<i64, &str>]| value_info(name, Some(1), Some(dims));
@@ -1778,7 +1790,7 @@ mod tests {
                     "",
                     &dq_inputs,
                     &["w"],
-                    &[Attr::Int("axis", 1)],
+                    &[Attr::Int("axis", axis)],
                 ),
                 node("MatMul", "", &["x", "w"], &["y"], &[]),
             ],
@@ -1820,6 +1832,33 @@ mod tests {
         // With zero points (w - zero) * scale.
         let p = prepare(dequantize_model(Some([1, -1])), &[]).expect("prepares");
         assert_eq!(p.dequantized, 1);
+        assert_eq!(w_of(&p.bytes), [0.0, -0.25, 1.0, -0.75, 63.0, -31.5]);
+        // One scale per row (axis 0: runs of two elements share one), and one per tensor.
+        let p = prepare(
+            dequantize_model_along(0, &[1.0, 0.5, 0.25], Some(&[0, 1, -1])),
+            &[],
+        )
+        .expect("prepares");
+        assert_eq!(w_of(&p.bytes), [1.0, -2.0, 1.0, -2.5, 32.0, -31.5]);
+        let p = prepare(dequantize_model_along(1, &[2.0], None), &[]).expect("prepares");
+        assert_eq!(w_of(&p.bytes), [2.0, -4.0, 6.0, -8.0, 254.0, -254.0]);
+    }
+
+    /// The float initializer `w` of a prepared model.
+    fn w_of(bytes: &[u8]) -> Vec<f32> {
+        let top = fields(bytes).unwrap();
+        let w = fields(graph_field(&top).unwrap())
+            .unwrap()
+            .into_iter()
+            .filter(|f| f.num == 5)
+            .map(|f| bytes_of(&f).unwrap())
+            .find(|t| tensor_name(t).as_deref() == Some("w"))
+            .expect("w is an initializer");
+        let (_, elem, raw) = raw_tensor(w).unwrap();
+        assert_eq!(elem, 1);
+        raw.chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .collect()
     }
 
     /// Dimensions whose product overflows u64 in a `DequantizeLinear`'s scale, or after
