@@ -13,15 +13,18 @@
 //! Nothing of what the file says is lost: an int8 value times its scale rounds to float16
 //! with a relative error of at most 2⁻¹¹, under a thousandth of the int8 step it came from.
 //! The rule is per model (its file dequantises weights), and it takes every float weight
-//! matrix that feeds only matrix products, so a float matrix the publisher left beside the
-//! int8 ones (an output layer, say) is rounded to float16 too: the model is a quantised
-//! variant, and its golden checks run on what the node serves.
+//! matrix that feeds only matrix products and row lookups (an embedding table, whose rows
+//! are widened to float32 as they are gathered), so a float matrix the publisher left
+//! beside the int8 ones is rounded to float16 too: the model is a quantised variant, and
+//! its golden checks run on what the node serves.
 //!
 //! The rewrite is a tract model transform, registered under [`HALF_WEIGHTS`] and run
 //! through the `tract` facade's `Model::transform`. It records how many matrices and bytes
 //! it converted as model properties ([`CONVERTED`], [`CONVERTED_BYTES`]).
 
 use tract_core::internal::*;
+use tract_core::ops::array::Gather;
+use tract_core::ops::cast::cast;
 use tract_core::ops::einsum::EinSum;
 use tract_core::ops::konst::Const;
 use tract_core::transform::ModelTransform;
@@ -40,10 +43,11 @@ const MIN_ELEMENTS: usize = 4096;
 /// Largest magnitude float16 holds.
 const F16_MAX: f32 = 65504.0;
 
-/// Float32 constants of rank 2 or more, of at least [`MIN_ELEMENTS`] finite values within
+/// Float32 constants of rank 2 or more, of at least [`MIN_ELEMENTS`] values within
 /// float16's range, whose every consumer is a float matrix product (`EinSum` without
-/// quantisation parameters), become float16 constants; the products keep their float32
-/// activations and outputs.
+/// quantisation parameters) or a `Gather` of their rows, become float16 constants; the
+/// products keep their float32 activations and outputs, and each `Gather` is followed by
+/// a cast of its rows to float32.
 #[derive(Debug, Default)]
 pub struct HalfWeights;
 
@@ -55,6 +59,7 @@ impl ModelTransform for HalfWeights {
     fn transform(&self, model: &mut TypedModel) -> TractResult<()> {
         let mut matrices = 0i64;
         let mut bytes = 0i64;
+        let mut lookups = Vec::new();
         for id in 0..model.nodes.len() {
             let node = &model.nodes[id];
             let Some(k) = node.op_as::<Const>() else {
@@ -69,13 +74,14 @@ impl ModelTransform for HalfWeights {
                 continue;
             }
             let succ = &node.outputs[0].successors;
-            let products_only = !succ.is_empty()
-                && succ.iter().all(|s| {
-                    model.nodes[s.node]
-                        .op_as::<EinSum>()
-                        .is_some_and(|e| e.q_params.is_none())
-                });
-            if !products_only
+            let product = |s: &InletId| {
+                model.nodes[s.node]
+                    .op_as::<EinSum>()
+                    .is_some_and(|e| e.q_params.is_none())
+            };
+            let lookup = |s: &InletId| s.slot == 0 && model.nodes[s.node].op_is::<Gather>();
+            if succ.is_empty()
+                || !succ.iter().all(|s| product(s) || lookup(s))
                 || !t
                     .try_as_plain_ram()?
                     .as_slice::<f32>()?
@@ -84,6 +90,7 @@ impl ModelTransform for HalfWeights {
             {
                 continue;
             }
+            lookups.extend(succ.iter().filter(|s| lookup(s)).map(|s| s.node));
             let half = t.cast_to::<f16>()?.into_owned().into_arc_tensor();
             let op = Const::new(half)?;
             let fact = op.output_facts(&[])?.remove(0);
@@ -91,6 +98,21 @@ impl ModelTransform for HalfWeights {
             matrices += 1;
             model.nodes[id].op = Box::new(op);
             model.nodes[id].outputs[0].fact = fact;
+        }
+        // A row lookup (an embedding) now gathers float16 rows: widened right after, so
+        // what follows sees the float32 it saw.
+        for id in lookups {
+            let node = model.node(id).clone();
+            let mut patch = TypedModelPatch::default();
+            let inputs = patch.taps(model, &node.inputs)?;
+            let rows = patch.wire_node(&node.name, node.op.clone(), &inputs)?;
+            let widened = patch.wire_node(
+                format!("{}.float32", node.name),
+                cast(f32::datum_type()),
+                &rows,
+            )?;
+            patch.shunt_outside(model, id.into(), widened[0])?;
+            patch.apply(model)?;
         }
         model
             .properties
@@ -196,6 +218,30 @@ mod tests {
             // k products, each weight off by at most 2^-11 of itself.
             assert!((a - b).abs() <= 1e-3 * scale, "{a} against {b}");
         }
+    }
+
+    #[test]
+    fn a_lookup_table_becomes_half_and_its_rows_are_widened_back_to_float32() -> TractResult<()> {
+        let table = weights(512, 16, 0.01);
+        let mut model = TypedModel::default();
+        let ids = model.add_source("ids", i64::fact([3]))?;
+        let t = model.add_const("table", table.clone())?;
+        let rows = model.wire_node("rows", Gather::new(0), &[t, ids])?;
+        model.select_output_outlets(&rows)?;
+        let model = model.into_decluttered()?;
+        let ids = tensor1(&[0i64, 7, 511]);
+        let float = run(model.clone(), &ids);
+        let mut half = model;
+        HalfWeights.transform(&mut half)?;
+        half.declutter()?;
+        assert_eq!(const_types(&half), vec![f16::datum_type()]);
+        assert_eq!(half.output_fact(0)?.datum_type, f32::datum_type());
+        let got = run(half, &ids);
+        assert_eq!(float.len(), got.len());
+        for (a, b) in float.iter().zip(&got) {
+            assert!((a - b).abs() <= a.abs() / 2048.0, "{a} against {b}");
+        }
+        Ok(())
     }
 
     #[test]

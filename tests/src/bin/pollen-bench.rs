@@ -120,11 +120,16 @@ fn tcp_copy(src: &Path, dst: &Path) -> Duration {
 }
 
 fn vm_hwm_kib(pid: u32) -> u64 {
+    status_kib(pid, "VmHWM:")
+}
+
+/// A `/proc/PID/status` field in KiB (`VmHWM:`, `VmRSS:`), 0 if unreadable.
+fn status_kib(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
             s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
+                .find(|l| l.starts_with(field))
                 .and_then(|l| l.split_whitespace().nth(1))
                 .and_then(|v| v.parse().ok())
         })
@@ -697,10 +702,12 @@ fn main() {
             let dir = Path::new(args.get(1).map(String::as_str).expect("DIR"));
             let t = Instant::now();
             let m = lm_load(dir);
+            pollen_node::serving::model::release_freed_memory();
             println!(
-                "load {:.2} s, peak RSS {} MiB",
+                "load {:.2} s, peak RSS {} MiB, resident after the load {} MiB",
                 t.elapsed().as_secs_f64(),
-                vm_hwm_kib(std::process::id()) / 1024
+                vm_hwm_kib(std::process::id()) / 1024,
+                status_kib(std::process::id(), "VmRSS:") / 1024
             );
             // POLLEN_BENCH_THREADS=N: one thread count only (for a profiler).
             let counts: Vec<usize> = match std::env::var("POLLEN_BENCH_THREADS") {
