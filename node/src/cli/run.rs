@@ -78,6 +78,7 @@ pub struct RunArgs {
 
 /// `pollen run`: start a node and serve until Ctrl-C or SIGTERM.
 pub fn run(a: RunArgs) -> Result<()> {
+    pollen_node::serving::model::restart_with_huge_pages();
     let mut cfg = match &a.config {
         Some(p) => NodeConfig::from_file(p)?,
         None => NodeConfig::default(),

@@ -84,6 +84,48 @@ pub fn release_freed_memory() {
     }
 }
 
+/// glibc's malloc tunable that asks for transparent huge pages (`madvise`) on the memory
+/// malloc takes from the kernel.
+const HUGE_PAGES_TUNABLE: &str = "glibc.malloc.hugetlb";
+
+/// Make this process one whose malloc backs its memory with transparent huge pages, by
+/// executing itself again with `glibc.malloc.hugetlb=1` added to `GLIBC_TUNABLES` (glibc
+/// reads its tunables only when a process starts). Call it first thing, before the
+/// process has done anything it would do twice.
+///
+/// Why: a language model reads every weight once per token, and with 4 KiB pages a
+/// third of a gigabyte of weights costs a TLB miss every 4 KiB. SmolLM2 int8 decodes 5-8%
+/// faster with it (40.5 against 43.6 tokens/s at one thread); the resident memory after a
+/// load grows by about 20 MiB (pages rounded to 2 MiB). On a system whose transparent
+/// huge pages are `never`, or with another libc, the tunable does nothing.
+///
+/// Returns (the process runs on as it is) when `GLIBC_TUNABLES` already names the tunable
+/// (`glibc.malloc.hugetlb=0` turns it off), when this is not Linux with glibc, or when the
+/// executable cannot be executed again (its file was replaced, say).
+pub fn restart_with_huge_pages() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        use std::os::unix::process::CommandExt;
+        let current = std::env::var("GLIBC_TUNABLES").unwrap_or_default();
+        if current.contains(HUGE_PAGES_TUNABLE) {
+            return;
+        }
+        let Ok(exe) = std::env::current_exe() else {
+            return;
+        };
+        let tunables = if current.is_empty() {
+            format!("{HUGE_PAGES_TUNABLE}=1")
+        } else {
+            format!("{current}:{HUGE_PAGES_TUNABLE}=1")
+        };
+        let e = std::process::Command::new(exe)
+            .args(std::env::args_os().skip(1))
+            .env("GLIBC_TUNABLES", tunables)
+            .exec();
+        eprintln!("warning: running without huge pages: executing this program again failed: {e}");
+    }
+}
+
 /// An input or output of a loaded model.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct IoSpec {

@@ -498,6 +498,8 @@ fn lm_golden(dir: &Path, m: &pollen_node::serving::LoadedModel) {
 fn lm_ort(dir: &Path, threads: usize) -> (LmFigures, f64) {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/slm/bench_ort.py");
     let out = std::process::Command::new("python3")
+        // onnxruntime as a user runs it: without the huge pages the node gives itself.
+        .env_remove("GLIBC_TUNABLES")
         .arg(script)
         .arg(dir)
         .args([
@@ -699,15 +701,27 @@ fn main() {
         "transfer" => transfer(mib.unwrap_or(1024)),
         "serve" => serve(),
         "lm-direct" => {
+            // tract direct, in the memory the node gives it.
+            pollen_node::serving::model::restart_with_huge_pages();
             let dir = Path::new(args.get(1).map(String::as_str).expect("DIR"));
             let t = Instant::now();
             let m = lm_load(dir);
             pollen_node::serving::model::release_freed_memory();
+            let huge = std::fs::read_to_string("/proc/self/smaps_rollup")
+                .ok()
+                .and_then(|s| {
+                    s.lines()
+                        .find(|l| l.starts_with("AnonHugePages:"))
+                        .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+                })
+                .unwrap_or(0);
             println!(
-                "load {:.2} s, peak RSS {} MiB, resident after the load {} MiB",
+                "load {:.2} s, peak RSS {} MiB, resident after the load {} MiB ({} MiB in \
+                 huge pages)",
                 t.elapsed().as_secs_f64(),
                 vm_hwm_kib(std::process::id()) / 1024,
-                status_kib(std::process::id(), "VmRSS:") / 1024
+                status_kib(std::process::id(), "VmRSS:") / 1024,
+                huge / 1024
             );
             // POLLEN_BENCH_THREADS=N: one thread count only (for a profiler).
             let counts: Vec<usize> = match std::env::var("POLLEN_BENCH_THREADS") {
@@ -720,11 +734,15 @@ fn main() {
             }
             lm_golden(dir, &m);
         }
-        "lm" => lm(Path::new(
-            args.get(1)
-                .map(String::as_str)
-                .expect("pollen-bench lm DIR"),
-        )),
+        "lm" => {
+            // tract direct in the memory the node gives it (the node restarts itself so).
+            pollen_node::serving::model::restart_with_huge_pages();
+            lm(Path::new(
+                args.get(1)
+                    .map(String::as_str)
+                    .expect("pollen-bench lm DIR"),
+            ))
+        }
         "all" => {
             verify(256);
             serve();
