@@ -159,6 +159,15 @@ mod tests {
         Tensor::from_shape(&[k, n], &v).unwrap()
     }
 
+    /// A count [`HalfWeights`] recorded.
+    fn property(model: &TypedModel, name: &str) -> i64 {
+        *model.properties[name]
+            .try_as_plain_ram()
+            .unwrap()
+            .to_scalar::<i64>()
+            .unwrap()
+    }
+
     fn const_types(model: &TypedModel) -> Vec<DatumType> {
         model
             .nodes
@@ -194,22 +203,8 @@ mod tests {
         let mut model = product(w, false).unwrap();
         HalfWeights.transform(&mut model).unwrap();
         assert_eq!(const_types(&model), vec![f16::datum_type()]);
-        assert_eq!(
-            *model.properties[CONVERTED]
-                .try_as_plain_ram()
-                .unwrap()
-                .to_scalar::<i64>()
-                .unwrap(),
-            1
-        );
-        assert_eq!(
-            *model.properties[CONVERTED_BYTES]
-                .try_as_plain_ram()
-                .unwrap()
-                .to_scalar::<i64>()
-                .unwrap(),
-            (k * n * 2) as i64
-        );
+        assert_eq!(property(&model, CONVERTED), 1);
+        assert_eq!(property(&model, CONVERTED_BYTES), (k * n * 2) as i64);
         // The product still gives float32.
         assert_eq!(model.output_fact(0).unwrap().datum_type, f32::datum_type());
         let half = run(model, &x);
@@ -249,14 +244,7 @@ mod tests {
         let mut shared = product(weights(256, 64, 0.01), true).unwrap();
         HalfWeights.transform(&mut shared).unwrap();
         assert_eq!(const_types(&shared), vec![f32::datum_type()]);
-        assert_eq!(
-            *shared.properties[CONVERTED]
-                .try_as_plain_ram()
-                .unwrap()
-                .to_scalar::<i64>()
-                .unwrap(),
-            0
-        );
+        assert_eq!(property(&shared, CONVERTED), 0);
 
         let mut large = product(weights(256, 64, 1000.0), false).unwrap();
         HalfWeights.transform(&mut large).unwrap();

@@ -1806,21 +1806,8 @@ mod tests {
         assert_eq!(p.dequantized, 1);
         let g = parse_graph(&p.bytes).expect("parses");
         assert!(g.nodes.iter().all(|n| n.op_type != "DequantizeLinear"));
+        assert_eq!(w_of(&p.bytes), [0.5, -0.5, 1.5, -1.0, 63.5, -31.75]);
         let top = fields(&p.bytes).unwrap();
-        let w = fields(graph_field(&top).unwrap())
-            .unwrap()
-            .into_iter()
-            .filter(|f| f.num == 5)
-            .map(|f| bytes_of(&f).unwrap())
-            .find(|t| tensor_name(t).as_deref() == Some("w"))
-            .expect("w is an initializer");
-        let (dims, elem, raw) = raw_tensor(w).unwrap();
-        assert_eq!((dims, elem), (vec![3, 2], 1));
-        let got: Vec<f32> = raw
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-            .collect();
-        assert_eq!(got, [0.5, -0.5, 1.5, -1.0, 63.5, -31.75]);
         assert!(
             fields(graph_field(&top).unwrap())
                 .unwrap()
@@ -1844,7 +1831,7 @@ mod tests {
         assert_eq!(w_of(&p.bytes), [2.0, -4.0, 6.0, -8.0, 254.0, -254.0]);
     }
 
-    /// The float initializer `w` of a prepared model.
+    /// The float initializer `w` of a prepared model (checked to be float `[3, 2]`).
     fn w_of(bytes: &[u8]) -> Vec<f32> {
         let top = fields(bytes).unwrap();
         let w = fields(graph_field(&top).unwrap())
@@ -1854,8 +1841,8 @@ mod tests {
             .map(|f| bytes_of(&f).unwrap())
             .find(|t| tensor_name(t).as_deref() == Some("w"))
             .expect("w is an initializer");
-        let (_, elem, raw) = raw_tensor(w).unwrap();
-        assert_eq!(elem, 1);
+        let (dims, elem, raw) = raw_tensor(w).unwrap();
+        assert_eq!((dims, elem), (vec![3, 2], 1), "float [3, 2]");
         raw.chunks_exact(4)
             .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
             .collect()
