@@ -1331,11 +1331,9 @@ fn build_engine(
             let count = |p: &str| {
                 model
                     .property(p)
-                    .and_then(|t| t.convert_to(DatumType::I64))
                     .ok()
-                    .and_then(|t| t.as_bytes().ok().map(|(_, _, b)| b.to_vec()))
-                    .and_then(|b| b.try_into().ok().map(u64::from_le_bytes))
-                    .unwrap_or(0)
+                    .and_then(|t| t.as_slice::<i64>().ok()?.first().copied())
+                    .map_or(0, |n| n as u64)
             };
             Some((
                 count(super::half::CONVERTED),

@@ -633,24 +633,15 @@ fn lm_node(dir: &Path, threads: usize, prompt: &[u32]) -> NodeLm {
     }
     runs.remove(0);
     let served_decode = served() - served_from;
-    let kib = |key: &str| {
-        std::fs::read_to_string(format!("/proc/{}/status", node.pid()))
-            .ok()
-            .and_then(|s| {
-                s.lines()
-                    .find(|l| l.starts_with(key))
-                    .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-            })
-            .unwrap_or(0.0)
-    };
+    let mib = |field: &str| status_kib(node.pid(), field) as f64 / 1024.0;
     NodeLm {
         figures: (
             median(runs.iter().map(|r| r.0).collect()),
             median(runs.iter().map(|r| r.1).collect()),
         ),
         to_first_token,
-        hwm: kib("VmHWM:") / 1024.0,
-        rss: kib("VmRSS:") / 1024.0,
+        hwm: mib("VmHWM:"),
+        rss: mib("VmRSS:"),
         http_added: client_decode / served_decode - 1.0,
     }
 }
