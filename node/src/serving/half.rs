@@ -18,9 +18,14 @@
 //! beside the int8 ones is rounded to float16 too: the model is a quantised variant, and
 //! its golden checks run on what the node serves.
 //!
+//! A matrix whose values are exactly the file's int8 values times a scale, read only by
+//! products of the plain `x · w` form, is held as int8 instead, one byte per weight
+//! ([`super::int8`]); float16 is for what that leaves.
+//!
 //! The rewrite is a tract model transform, registered under [`HALF_WEIGHTS`] and run
 //! through the `tract` facade's `Model::transform`. It records how many matrices and bytes
-//! it converted as model properties ([`CONVERTED`], [`CONVERTED_BYTES`]).
+//! it converted as model properties ([`CONVERTED`], [`CONVERTED_BYTES`], [`INT8`],
+//! [`INT8_BYTES`]).
 
 use tract_core::internal::*;
 use tract_core::ops::array::Gather;
@@ -29,12 +34,18 @@ use tract_core::ops::einsum::EinSum;
 use tract_core::ops::konst::Const;
 use tract_core::transform::ModelTransform;
 
+use super::int8::{Int8Matrix, Int8Product, ProductForm, product_form};
+
 /// The transform's name in tract's registry.
 pub const HALF_WEIGHTS: &str = "pollen_half_weights";
 /// Model property: matrices converted (an `i64` scalar).
 pub const CONVERTED: &str = "pollen.half_weights.matrices";
 /// Model property: bytes the converted matrices take as float16 (an `i64` scalar).
 pub const CONVERTED_BYTES: &str = "pollen.half_weights.bytes";
+/// Model property: matrices held as int8 (an `i64` scalar).
+pub const INT8: &str = "pollen.int8_weights.matrices";
+/// Model property: bytes the int8 matrices take, scales included (an `i64` scalar).
+pub const INT8_BYTES: &str = "pollen.int8_weights.bytes";
 
 /// Smallest matrix converted, in elements: below it the saving is nothing and a
 /// product's setup dominates.
@@ -43,11 +54,12 @@ const MIN_ELEMENTS: usize = 4096;
 /// Largest magnitude float16 holds.
 const F16_MAX: f32 = 65504.0;
 
-/// Float32 constants of rank 2 or more, of at least [`MIN_ELEMENTS`] values within
-/// float16's range, whose every consumer is a float matrix product (`EinSum` without
-/// quantisation parameters) or a `Gather` of their rows, become float16 constants; the
-/// products keep their float32 activations and outputs, and each `Gather` is followed by
-/// a cast of its rows to float32.
+/// Float32 constants of rank 2 or more, of at least [`MIN_ELEMENTS`] values, whose every
+/// consumer is a float matrix product (`EinSum` without quantisation parameters) or a
+/// `Gather` of their rows: a matrix of int8 values times scales read only by `x · w`
+/// products ([`product_form`]) has those products replaced by [`Int8Product`]s; any other
+/// within float16's range becomes a float16 constant, the products keeping their float32
+/// activations and outputs, and each `Gather` followed by a cast of its rows to float32.
 #[derive(Debug, Default)]
 pub struct HalfWeights;
 
@@ -59,7 +71,9 @@ impl ModelTransform for HalfWeights {
     fn transform(&self, model: &mut TypedModel) -> TractResult<()> {
         let mut matrices = 0i64;
         let mut bytes = 0i64;
+        let (mut int8, mut int8_bytes) = (0i64, 0i64);
         let mut lookups = Vec::new();
+        let mut int8_products = Vec::new();
         for id in 0..model.nodes.len() {
             let node = &model.nodes[id];
             let Some(k) = node.op_as::<Const>() else {
@@ -80,13 +94,21 @@ impl ModelTransform for HalfWeights {
                     .is_some_and(|e| e.q_params.is_none())
             };
             let lookup = |s: &InletId| s.slot == 0 && model.nodes[s.node].op_is::<Gather>();
-            if succ.is_empty()
-                || !succ.iter().all(|s| product(s) || lookup(s))
-                || !t
-                    .try_as_plain_ram()?
-                    .as_slice::<f32>()?
-                    .iter()
-                    .all(|v| v.abs() <= F16_MAX)
+            if succ.is_empty() || !succ.iter().all(|s| product(s) || lookup(s)) {
+                continue;
+            }
+            if let Some((w, products)) = int8_matrix(model, t, succ)? {
+                int8 += 1;
+                int8_bytes += w.bytes() as i64;
+                let w = Arc::new(w);
+                int8_products.extend(products.into_iter().map(|p| (p, w.clone())));
+                continue;
+            }
+            if !t
+                .try_as_plain_ram()?
+                .as_slice::<f32>()?
+                .iter()
+                .all(|v| v.abs() <= F16_MAX)
             {
                 continue;
             }
@@ -98,6 +120,14 @@ impl ModelTransform for HalfWeights {
             matrices += 1;
             model.nodes[id].op = Box::new(op);
             model.nodes[id].outputs[0].fact = fact;
+        }
+        for ((id, x, form), w) in int8_products {
+            let name = model.node(id).name.clone();
+            let mut patch = TypedModelPatch::default();
+            let x = patch.tap_model(model, x)?;
+            let y = patch.wire_node(name, Int8Product { w, form }, &[x])?;
+            patch.shunt_outside(model, id.into(), y[0])?;
+            patch.apply(model)?;
         }
         // A row lookup (an embedding) now gathers float16 rows: widened right after, so
         // what follows sees the float32 it saw.
@@ -120,8 +150,51 @@ impl ModelTransform for HalfWeights {
         model
             .properties
             .insert(CONVERTED_BYTES.into(), rctensor0(bytes));
+        model.properties.insert(INT8.into(), rctensor0(int8));
+        model
+            .properties
+            .insert(INT8_BYTES.into(), rctensor0(int8_bytes));
         Ok(())
     }
+}
+
+/// `t` as an int8 matrix, with the products that read it (node, its activations' outlet,
+/// its layout), when `t` has rank 2, every consumer in `succ` is an `x · w` product
+/// ([`product_form`]) summing over the same axis of `t`, and `t` is int8 values times
+/// scales ([`Int8Matrix::exact`]).
+fn int8_matrix(
+    model: &TypedModel,
+    t: &Tensor,
+    succ: &[InletId],
+) -> TractResult<Option<(Int8Matrix, Vec<(usize, OutletId, ProductForm)>)>> {
+    if t.rank() != 2 || succ.is_empty() {
+        return Ok(None);
+    }
+    let mut k_axis = None;
+    let mut products = Vec::new();
+    for s in succ {
+        let node = &model.nodes[s.node];
+        let Some(e) = node.op_as::<EinSum>() else {
+            return Ok(None);
+        };
+        if node.inputs.len() != 2 || s.slot > 1 {
+            return Ok(None);
+        }
+        let x = node.inputs[1 - s.slot];
+        let fact = model.outlet_fact(x)?;
+        let Some(form) = product_form(e, s.slot, fact.shape.dims()) else {
+            return Ok(None);
+        };
+        if fact.datum_type != f32::datum_type() || k_axis.is_some_and(|a| a != form.k_axis) {
+            return Ok(None);
+        }
+        k_axis = Some(form.k_axis);
+        products.push((s.node, x, form));
+    }
+    let Some(k) = k_axis else {
+        return Ok(None);
+    };
+    Ok(Int8Matrix::exact(t, k).map(|w| (w, products)))
 }
 
 register_simple_model_transform!("pollen_half_weights", HalfWeights);
@@ -152,9 +225,10 @@ mod tests {
         model.into_decluttered()
     }
 
+    /// Float weights that are not int8 values times a scale (which [`super::int8`] takes).
     fn weights(k: usize, n: usize, scale: f32) -> Tensor {
         let v: Vec<f32> = (0..k * n)
-            .map(|i| ((i * 7919 % 255) as f32 - 127.0) * scale)
+            .map(|i| ((i * 7919 % 255) as f32 - 127.3) * scale)
             .collect();
         Tensor::from_shape(&[k, n], &v).unwrap()
     }

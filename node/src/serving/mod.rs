@@ -35,6 +35,7 @@ pub mod classify;
 pub mod golden;
 pub mod half;
 pub mod health;
+pub mod int8;
 pub mod kserve;
 pub mod lm;
 pub mod model;
@@ -43,6 +44,7 @@ pub mod pool;
 pub mod registry;
 pub mod shapes;
 pub mod states;
+pub mod team;
 pub mod trial;
 
 pub use golden::GoldenSet;

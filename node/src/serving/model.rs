@@ -841,9 +841,12 @@ impl LoadedModel {
         }
         if prepared.dequantized > 0 {
             let held = match half {
-                Some((n, b)) => format!(
-                    "; {n} weight matrices held as float16 ({:.1} MB)",
-                    b as f64 / 1e6
+                Some(h) => format!(
+                    "; {} weight matrices held as int8 ({:.1} MB), {} as float16 ({:.1} MB)",
+                    h.int8.0,
+                    h.int8.1 as f64 / 1e6,
+                    h.half.0,
+                    h.half.1 as f64 / 1e6
                 ),
                 None => "; weights held as float32".into(),
             };
@@ -1293,8 +1296,8 @@ struct Built {
     outputs: Vec<IoSpec>,
     /// For a model prepared per shape whose probes all failed: why.
     probe_failure: Option<(ErrorClass, String)>,
-    /// Weight matrices held as float16 ([`super::half`]): how many, and their bytes.
-    half: Option<(u64, u64)>,
+    /// Weight matrices held narrower than float32 ([`super::half`]).
+    half: Option<Narrowed>,
 }
 
 /// A model prepared with symbolic dimensions.
@@ -1302,12 +1305,20 @@ struct Symbolic {
     runnable: Runnable,
     output_facts: Vec<Fact>,
     outputs: Vec<IoSpec>,
-    half: Option<(u64, u64)>,
+    half: Option<Narrowed>,
+}
+
+/// Weight matrices held as int8 ([`super::int8`]) and as float16 ([`super::half`]): how
+/// many of each, and their bytes.
+#[derive(Debug, Clone, Copy)]
+struct Narrowed {
+    int8: (u64, u64),
+    half: (u64, u64),
 }
 
 /// Build how the model runs: symbolic if tract can, else per shape. With `half`, weight
-/// matrices of a symbolic model are held as float16 ([`super::half`]), or as float32
-/// when tract cannot prepare the model so.
+/// matrices of a symbolic model are held as int8 or float16 ([`super::half`]), or as
+/// float32 when tract cannot prepare the model so.
 #[allow(clippy::too_many_arguments)]
 fn build_engine(
     bytes: &Arc<Vec<u8>>,
@@ -1335,10 +1346,13 @@ fn build_engine(
                     .and_then(|t| t.as_slice::<i64>().ok()?.first().copied())
                     .map_or(0, |n| n as u64)
             };
-            Some((
-                count(super::half::CONVERTED),
-                count(super::half::CONVERTED_BYTES),
-            ))
+            Some(Narrowed {
+                int8: (count(super::half::INT8), count(super::half::INT8_BYTES)),
+                half: (
+                    count(super::half::CONVERTED),
+                    count(super::half::CONVERTED_BYTES),
+                ),
+            })
         } else {
             None
         };
@@ -1356,7 +1370,7 @@ fn build_engine(
         }
         symbolic(ignore_value_info, true).or_else(|e| {
             tracing::info!(
-                "weights kept as float32: tract could not prepare the model with float16 \
+                "weights kept as float32: tract could not prepare the model with int8 or float16 \
                  ones ({e:#})"
             );
             symbolic(ignore_value_info, false)
@@ -2129,6 +2143,83 @@ mod tests {
             let got = values(&out[0]);
             for (g, e) in got.iter().zip(&e) {
                 assert!((g - e / sum).abs() <= 0.5 / 255. + 1e-6, "{got:?}");
+            }
+        }
+
+        /// `y = x · (q · s)`: int8 weights `q` `[64, 96]` with a scale per output column,
+        /// restored by `DequantizeLinear(axis=1)` before the `MatMul` (how a quantised
+        /// variant stores its weights), `x` `[N, 64]`.
+        fn int8_weights_model() -> (Vec<u8>, Vec<f32>) {
+            let (k, n) = (64usize, 96usize);
+            let q: Vec<i8> = (0..k * n)
+                .map(|i| {
+                    if i / n == i % n % k {
+                        127 // every column reaches 127, as a symmetric quantiser's does
+                    } else {
+                        ((i * 7919 % 253) as i32 - 126) as i8
+                    }
+                })
+                .collect();
+            let scales: Vec<f32> = (0..n).map(|j| 0.002 + 0.0001 * j as f32).collect();
+            let w: Vec<f32> = (0..k * n).map(|i| q[i] as f32 * scales[i % n]).collect();
+            let g = graph(
+                &[
+                    node(
+                        "DequantizeLinear",
+                        "",
+                        &["q", "s"],
+                        &["w"],
+                        &[Attr::Int("axis", 1)],
+                    ),
+                    node("MatMul", "", &["x", "w"], &["y"], &[]),
+                ],
+                &[
+                    init(
+                        "q",
+                        DType::I8,
+                        &[k as u64, n as u64],
+                        q.iter().map(|v| *v as u8).collect(),
+                    ),
+                    init(
+                        "s",
+                        DType::F32,
+                        &[n as u64],
+                        scales.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                    ),
+                ],
+                &[value_info("x", F32, Some(&[Err("N"), Ok(k as i64)]))],
+                &[value_info("y", F32, Some(&[Err("N"), Ok(n as i64)]))],
+            );
+            (model(&g), w)
+        }
+
+        /// The int8 matrix is served by the node's own product ([`super::super::int8`]),
+        /// which computes what the file says to float32 rounding, for one row (a decoding
+        /// step's kernel) and several (a prompt's); float16 weights would be off by up to
+        /// 2^-11 of each weight.
+        #[test]
+        fn int8_weights_are_multiplied_as_the_file_says_one_row_or_several() {
+            let (bytes, w) = int8_weights_model();
+            let m = load(&bytes, &ServingSpec::default(), &limits()).expect("load");
+            for rows in [1usize, 3] {
+                let x: Vec<f32> = (0..rows * 64)
+                    .map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0)
+                    .collect();
+                let out = m.infer(&[f32s("x", &[rows, 64], &x)]).expect("run");
+                assert_eq!(out[0].shape, [rows, 96]);
+                let got = values(&out[0]);
+                for r in 0..rows {
+                    for j in 0..96 {
+                        let want: f64 = (0..64)
+                            .map(|i| f64::from(x[r * 64 + i]) * f64::from(w[i * 96 + j]))
+                            .sum();
+                        let g = f64::from(got[r * 96 + j]);
+                        assert!(
+                            (g - want).abs() <= 1e-6 * (1.0 + want.abs()),
+                            "{rows} rows, [{r}, {j}]: {g} against {want}"
+                        );
+                    }
+                }
             }
         }
 
