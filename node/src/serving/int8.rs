@@ -40,6 +40,10 @@ use super::team::Team;
 /// microseconds) a split costs more than it saves.
 const TEAM_MACS: usize = 1 << 16;
 
+/// Parts a decoding step's product is cut into per thread: enough that a thread that
+/// starts late takes fewer, few enough that taking one costs nothing.
+const PARTS_PER_THREAD: usize = 4;
+
 /// Largest int8 magnitude a symmetric quantiser uses.
 const Q_MAX: f32 = 127.0;
 
@@ -349,19 +353,15 @@ fn product(w: &Int8Matrix, xs: &[f32], ys: &mut [f32]) -> TractResult<()> {
             Executor::MultiThread(pool) => pool.current_num_threads(),
             _ => 1,
         };
-        let parts = if w.rows * w.depth < TEAM_MACS {
-            1
-        } else {
-            threads.min(groups)
-        };
-        if parts <= 1 {
+        if threads <= 1 || w.rows * w.depth < TEAM_MACS {
             decode_groups(&x, w.group_lines(0..groups), w.steps, &mut sums);
         } else {
-            // Contiguous runs of groups, one per part.
-            let per = groups.div_ceil(parts);
+            // Contiguous runs of groups, PARTS_PER_THREAD per thread, taken as threads
+            // come free.
+            let per = groups.div_ceil(threads * PARTS_PER_THREAD);
             let shares: Vec<Mutex<&mut [f32]>> =
                 sums.chunks_mut(per * GROUP).map(Mutex::new).collect();
-            Team::global().run(shares.len(), &|part| {
+            Team::global().run(threads, shares.len(), &|part| {
                 let mut out = shares[part].lock().unwrap_or_else(|e| e.into_inner());
                 let first = part * per;
                 let lines = w.group_lines(first..first + out.len() / GROUP);

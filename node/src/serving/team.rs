@@ -15,7 +15,7 @@
 
 use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
 use std::ptr;
-use std::sync::atomic::{AtomicBool, AtomicPtr, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::{self, Thread};
 use std::time::{Duration, Instant};
@@ -35,10 +35,33 @@ pub struct Team {
     post: Mutex<()>,
 }
 
-/// A part posted to a helper, on the poster's stack until `done`.
-struct Job {
+/// A product's parts, on the poster's stack until every helper is done with it: each
+/// thread takes the next part not yet taken until none is left, so a helper that starts
+/// late or runs slower takes fewer.
+struct Work {
     f: *const (dyn Fn(usize) + Sync),
-    part: usize,
+    parts: usize,
+    next: AtomicUsize,
+}
+
+impl Work {
+    /// Run parts until none is left.
+    #[allow(unsafe_code)] // calls the poster's function, alive until the poster returns
+    fn drain(&self) {
+        loop {
+            let part = self.next.fetch_add(1, Ordering::Relaxed);
+            if part >= self.parts {
+                return;
+            }
+            // SAFETY: the poster keeps `f` alive until every job on this work is done.
+            unsafe { (*self.f)(part) };
+        }
+    }
+}
+
+/// One helper's share of a [`Work`].
+struct Job {
+    work: *const Work,
     done: AtomicBool,
     panic: Mutex<Option<Box<dyn std::any::Any + Send>>>,
 }
@@ -61,27 +84,32 @@ impl Team {
         })
     }
 
-    /// Run `f(0)`, …, `f(parts - 1)`: part 0 on the caller's thread, the others on up to
-    /// `parts - 1` helpers (started on first use), or all on the caller's thread when
-    /// another product holds the team or a helper cannot be started. Returns when every
-    /// part has; a panic in a part resumes in the caller.
+    /// Run `f(0)`, …, `f(parts - 1)` on the caller's thread and up to `threads - 1`
+    /// helpers (started on first use), each taking the next part not yet taken; all on the
+    /// caller's thread when another product holds the team or no helper can be started.
+    /// Returns when every part has run; a panic in a part resumes in the caller.
     #[allow(unsafe_code)] // hands helpers a pointer to `f` and waits until they are done
-    pub fn run(&self, parts: usize, f: &(dyn Fn(usize) + Sync)) {
+    pub fn run(&self, threads: usize, parts: usize, f: &(dyn Fn(usize) + Sync)) {
         let Ok(_posting) = self.post.try_lock() else {
             (0..parts).for_each(f);
             return;
         };
-        let helpers = self.helpers(parts.saturating_sub(1));
+        let helpers = self.helpers(threads.min(parts).saturating_sub(1));
         // SAFETY: the lifetime is erased so a helper can hold the pointer; every job
         // is waited for below before this function returns, and a helper does not touch
-        // a job after it sets `done`.
+        // a job or its work after it sets `done`.
         let f_static: *const (dyn Fn(usize) + Sync) = unsafe {
             std::mem::transmute::<&(dyn Fn(usize) + Sync), &'static (dyn Fn(usize) + Sync)>(f)
         };
-        let jobs: Vec<Job> = (0..helpers.len())
-            .map(|i| Job {
-                f: f_static,
-                part: i + 1,
+        let work = Work {
+            f: f_static,
+            parts,
+            next: AtomicUsize::new(0),
+        };
+        let jobs: Vec<Job> = helpers
+            .iter()
+            .map(|_| Job {
+                work: ptr::from_ref(&work),
                 done: AtomicBool::new(false),
                 panic: Mutex::new(None),
             })
@@ -94,10 +122,11 @@ impl Team {
                 helper.thread.unpark();
             }
         }
-        let mine = catch_unwind(AssertUnwindSafe(|| {
-            f(0);
-            (helpers.len() + 1..parts).for_each(f);
-        }));
+        let mine = catch_unwind(AssertUnwindSafe(|| work.drain()));
+        if mine.is_err() {
+            // Leave the helpers nothing more to start.
+            work.next.store(parts, Ordering::Relaxed);
+        }
         let started = Instant::now();
         for job in &jobs {
             while !job.done.load(Ordering::Acquire) {
@@ -152,10 +181,11 @@ impl Helper {
         loop {
             let job = self.slot.swap(ptr::null_mut(), Ordering::SeqCst);
             if !job.is_null() {
-                // SAFETY: the poster keeps the job and its function alive until `done`.
+                // SAFETY: the poster keeps the job and its work alive until `done`.
                 let job = unsafe { &*job };
-                let f = unsafe { &*job.f };
-                if let Err(p) = catch_unwind(AssertUnwindSafe(|| f(job.part))) {
+                let work = unsafe { &*job.work };
+                if let Err(p) = catch_unwind(AssertUnwindSafe(|| work.drain())) {
+                    work.next.store(work.parts, Ordering::Relaxed);
                     *job.panic.lock().unwrap_or_else(|e| e.into_inner()) = Some(p);
                 }
                 // The last touch of the job: the poster may free it from here on.
@@ -185,7 +215,6 @@ impl Helper {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::AtomicUsize;
 
     #[test]
     fn every_part_runs_once_and_the_caller_waits_for_all() {
@@ -193,10 +222,10 @@ mod tests {
             helpers: Mutex::new(Vec::new()),
             post: Mutex::new(()),
         };
-        for parts in [1, 2, 3, 5] {
+        for (threads, parts) in [(1, 1), (2, 1), (2, 2), (2, 8), (3, 5), (4, 3)] {
             let counts: Vec<AtomicUsize> = (0..parts).map(|_| AtomicUsize::new(0)).collect();
             for _ in 0..200 {
-                team.run(parts, &|p| {
+                team.run(threads, parts, &|p| {
                     counts[p].fetch_add(1, Ordering::Relaxed);
                 });
             }
@@ -205,7 +234,7 @@ mod tests {
         // Helpers that parked are woken.
         thread::sleep(IDLE * 3);
         let ran = AtomicUsize::new(0);
-        team.run(3, &|_| {
+        team.run(3, 3, &|_| {
             ran.fetch_add(1, Ordering::Relaxed);
         });
         assert_eq!(ran.load(Ordering::Relaxed), 3);
@@ -218,7 +247,7 @@ mod tests {
             post: Mutex::new(()),
         };
         let r = catch_unwind(AssertUnwindSafe(|| {
-            team.run(2, &|p| {
+            team.run(2, 64, &|p| {
                 if p == 1 {
                     panic!("part 1");
                 }
@@ -226,7 +255,7 @@ mod tests {
         }));
         assert!(r.is_err());
         let ran = AtomicUsize::new(0);
-        team.run(2, &|_| {
+        team.run(2, 2, &|_| {
             ran.fetch_add(1, Ordering::Relaxed);
         });
         assert_eq!(ran.load(Ordering::Relaxed), 2);
@@ -239,11 +268,12 @@ mod tests {
             post: Mutex::new(()),
         });
         let inner = AtomicUsize::new(0);
-        team.run(2, &|p| {
+        // Whichever thread takes part 0 posts again.
+        team.run(2, 2, &|p| {
             if p == 0 {
                 // The team is held: these run on this thread.
                 let me = thread::current().id();
-                team.run(3, &|_| {
+                team.run(3, 3, &|_| {
                     assert_eq!(thread::current().id(), me);
                     inner.fetch_add(1, Ordering::Relaxed);
                 });
