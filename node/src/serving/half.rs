@@ -34,7 +34,7 @@ use tract_core::ops::einsum::EinSum;
 use tract_core::ops::konst::Const;
 use tract_core::transform::ModelTransform;
 
-use super::int8::{Int8Matrix, Int8Product, ProductForm, product_form};
+use super::int8::{PackedMatrix, PackedProduct, ProductForm, product_form};
 
 /// The transform's name in tract's registry.
 pub const HALF_WEIGHTS: &str = "pollen_half_weights";
@@ -57,7 +57,7 @@ const F16_MAX: f32 = 65504.0;
 /// Float32 constants of rank 2 or more, of at least [`MIN_ELEMENTS`] values, whose every
 /// consumer is a float matrix product (`EinSum` without quantisation parameters) or a
 /// `Gather` of their rows: a matrix of int8 values times scales read only by `x · w`
-/// products ([`product_form`]) has those products replaced by [`Int8Product`]s; any other
+/// products ([`product_form`]) has those products replaced by [`PackedProduct`]s; any other
 /// within float16's range becomes a float16 constant, the products keeping their float32
 /// activations and outputs, and each `Gather` followed by a cast of its rows to float32.
 #[derive(Debug, Default)]
@@ -121,14 +121,7 @@ impl ModelTransform for HalfWeights {
             model.nodes[id].op = Box::new(op);
             model.nodes[id].outputs[0].fact = fact;
         }
-        for ((id, x, form), w) in int8_products {
-            let name = model.node(id).name.clone();
-            let mut patch = TypedModelPatch::default();
-            let x = patch.tap_model(model, x)?;
-            let y = patch.wire_node(name, Int8Product { w, form }, &[x])?;
-            patch.shunt_outside(model, id.into(), y[0])?;
-            patch.apply(model)?;
-        }
+        wire_packed(model, int8_products)?;
         // A row lookup (an embedding) now gathers float16 rows: widened right after, so
         // what follows sees the float32 it saw.
         for id in lookups {
@@ -161,12 +154,27 @@ impl ModelTransform for HalfWeights {
 /// `t` as an int8 matrix, with the products that read it (node, its activations' outlet,
 /// its layout), when `t` has rank 2, every consumer in `succ` is an `x · w` product
 /// ([`product_form`]) summing over the same axis of `t`, and `t` is int8 values times
-/// scales ([`Int8Matrix::exact`]).
+/// scales ([`PackedMatrix::exact`]).
 fn int8_matrix(
     model: &TypedModel,
     t: &Tensor,
     succ: &[InletId],
-) -> TractResult<Option<(Int8Matrix, Vec<(usize, OutletId, ProductForm)>)>> {
+) -> TractResult<Option<(PackedMatrix, Products)>> {
+    Ok(products(model, t, succ)?
+        .and_then(|(k, products)| PackedMatrix::exact(t, k).map(|w| (w, products))))
+}
+
+/// The products that read a constant: node, activations' outlet, layout.
+type Products = Vec<(usize, OutletId, ProductForm)>;
+
+/// The axis of `t` summed over and the products that read it, when `t` has rank 2 and
+/// every consumer in `succ` is an `x · w` product ([`product_form`]) of float32
+/// activations summing over the same axis of `t`.
+fn products(
+    model: &TypedModel,
+    t: &Tensor,
+    succ: &[InletId],
+) -> TractResult<Option<(usize, Products)>> {
     if t.rank() != 2 || succ.is_empty() {
         return Ok(None);
     }
@@ -191,13 +199,82 @@ fn int8_matrix(
         k_axis = Some(form.k_axis);
         products.push((s.node, x, form));
     }
-    let Some(k) = k_axis else {
-        return Ok(None);
-    };
-    Ok(Int8Matrix::exact(t, k).map(|w| (w, products)))
+    Ok(k_axis.map(|k| (k, products)))
+}
+
+/// Replace `products`' nodes by [`PackedProduct`]s of `w`.
+fn wire_packed(
+    model: &mut TypedModel,
+    products: Vec<((usize, OutletId, ProductForm), Arc<PackedMatrix>)>,
+) -> TractResult<()> {
+    for ((id, x, form), w) in products {
+        let name = model.node(id).name.clone();
+        let mut patch = TypedModelPatch::default();
+        let x = patch.tap_model(model, x)?;
+        let y = patch.wire_node(name, PackedProduct { w, form }, &[x])?;
+        patch.shunt_outside(model, id.into(), y[0])?;
+        patch.apply(model)?;
+    }
+    Ok(())
 }
 
 register_simple_model_transform!("pollen_half_weights", HalfWeights);
+
+/// The transform's name in tract's registry.
+pub const FLOAT_WEIGHTS: &str = "pollen_float_weights";
+/// Model property: float32 matrices packed for [`PackedProduct`]s (an `i64` scalar).
+pub const FLOAT: &str = "pollen.float_weights.matrices";
+/// Model property: bytes they take (an `i64` scalar).
+pub const FLOAT_BYTES: &str = "pollen.float_weights.bytes";
+
+/// For a language model in float32: every float32 constant of rank 2 and at least
+/// [`MIN_ELEMENTS`] values read only by `x · w` products ([`product_form`]) has them
+/// replaced by [`PackedProduct`]s of the same float32 weights, so that a decoding step's
+/// matrix-vector products split across the generation's threads on a spinning team
+/// ([`super::team`]) rather than on tract's pool, whose sleeping threads each product
+/// would wake. The weights and what is computed do not change, only the order of each
+/// sum's float32 additions.
+#[derive(Debug, Default)]
+pub struct FloatWeights;
+
+impl ModelTransform for FloatWeights {
+    fn name(&self) -> StaticName {
+        FLOAT_WEIGHTS.into()
+    }
+
+    fn transform(&self, model: &mut TypedModel) -> TractResult<()> {
+        let (mut count, mut bytes) = (0i64, 0i64);
+        let mut packed = Vec::new();
+        for id in 0..model.nodes.len() {
+            let node = &model.nodes[id];
+            let Some(k) = node.op_as::<Const>() else {
+                continue;
+            };
+            let t = k.val();
+            if t.datum_type() != f32::datum_type() || t.len() < MIN_ELEMENTS || !t.is_plain() {
+                continue;
+            }
+            let Some((k_axis, products)) = products(model, t, &node.outputs[0].successors)? else {
+                continue;
+            };
+            let Some(w) = PackedMatrix::float(t, k_axis) else {
+                continue;
+            };
+            count += 1;
+            bytes += w.bytes() as i64;
+            let w = Arc::new(w);
+            packed.extend(products.into_iter().map(|p| (p, w.clone())));
+        }
+        wire_packed(model, packed)?;
+        model.properties.insert(FLOAT.into(), rctensor0(count));
+        model
+            .properties
+            .insert(FLOAT_BYTES.into(), rctensor0(bytes));
+        Ok(())
+    }
+}
+
+register_simple_model_transform!("pollen_float_weights", FloatWeights);
 
 #[cfg(test)]
 mod tests {

@@ -9,7 +9,7 @@
 //! float16 ([`super::half`]) reads two, this op reads one.
 //!
 //! The node recovers the int8 values from the folded floats, exactly
-//! ([`Int8Matrix::exact`]): a matrix qualifies only when every value is an integer in
+//! ([`PackedMatrix::exact`]): a matrix qualifies only when every value is an integer in
 //! [-127, 127] times its row's scale (or one scale for the whole matrix), to float32
 //! rounding; anything else (asymmetric zero points, float weights) is left to
 //! [`super::half`]. The product then computes what the file says:
@@ -61,14 +61,26 @@ const GROUP: usize = 4;
 #[repr(C, align(64))]
 struct Line([i8; STEP * GROUP]);
 
-/// A weight matrix as int8 values and a float32 scale per output row.
+/// Sixteen float32 weights of each row of a group: four cache lines.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct FloatLine([f32; STEP * GROUP]);
+
+/// A weight matrix's values: int8 with a float32 scale per output row, or float32.
+#[derive(Clone)]
+enum Values {
+    Int8 { lines: Vec<Line>, scales: Vec<f32> },
+    Float(Vec<FloatLine>),
+}
+
+/// A weight matrix as int8 values and a float32 scale per output row, or as float32.
 ///
 /// The values are stored in the order the decoding kernel reads them, one stream: rows
 /// in groups of [`GROUP`], each group a run of cache lines ([`Line`]) of [`STEP`] values
 /// per row; a last partial group and the depth past the last whole step are padded with
 /// zeros.
 #[derive(Clone)]
-pub struct Int8Matrix {
+pub struct PackedMatrix {
     /// Outputs (`n`).
     rows: usize,
     /// Inputs summed over (`k`).
@@ -76,23 +88,21 @@ pub struct Int8Matrix {
     /// Lines per group: the depth in steps, rounded up.
     steps: usize,
     /// Group `g`, step `c` at `g * steps + c`.
-    lines: Vec<Line>,
-    /// One per row.
-    scales: Vec<f32>,
+    values: Values,
 }
 
-impl std::fmt::Debug for Int8Matrix {
+impl std::fmt::Debug for PackedMatrix {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Int8Matrix({}x{})", self.rows, self.depth)
+        write!(f, "PackedMatrix({}x{})", self.rows, self.depth)
     }
 }
 
-impl Int8Matrix {
+impl PackedMatrix {
     /// The int8 matrix whose values times their scales are `w` (rank 2, float32), summed
     /// over its axis `k_axis`, with a scale per output row, or else one for the whole
     /// matrix; `None` when `w` is not such a matrix to float32 rounding. The scale is the
     /// largest magnitude over 127, as a symmetric quantiser chose it.
-    pub fn exact(w: &Tensor, k_axis: usize) -> Option<Int8Matrix> {
+    pub fn exact(w: &Tensor, k_axis: usize) -> Option<PackedMatrix> {
         if w.datum_type() != f32::datum_type() || w.rank() != 2 || k_axis > 1 {
             return None;
         }
@@ -150,29 +160,112 @@ impl Int8Matrix {
                 lines[g * steps + k / STEP].0[r * STEP + k % STEP] = v;
             }
         }
-        Some(Int8Matrix {
+        Some(PackedMatrix {
             rows,
             depth,
             steps,
-            lines,
-            scales,
+            values: Values::Int8 { lines, scales },
+        })
+    }
+
+    /// `w` (rank 2, float32) as it is, summed over its axis `k_axis`.
+    pub fn float(w: &Tensor, k_axis: usize) -> Option<PackedMatrix> {
+        if w.datum_type() != f32::datum_type() || w.rank() != 2 || k_axis > 1 {
+            return None;
+        }
+        let plain = w.try_as_plain_ram().ok()?;
+        let v = plain.as_slice::<f32>().ok()?;
+        let (depth, rows) = (w.shape()[k_axis], w.shape()[1 - k_axis]);
+        let steps = depth.div_ceil(STEP);
+        let mut lines = vec![FloatLine([0.0; STEP * GROUP]); rows.div_ceil(GROUP) * steps];
+        for n in 0..rows {
+            let (g, r) = (n / GROUP, n % GROUP);
+            for k in 0..depth {
+                let x = if k_axis == 0 {
+                    v[k * rows + n]
+                } else {
+                    v[n * depth + k]
+                };
+                lines[g * steps + k / STEP].0[r * STEP + k % STEP] = x;
+            }
+        }
+        Some(PackedMatrix {
+            rows,
+            depth,
+            steps,
+            values: Values::Float(lines),
         })
     }
 
     /// Bytes held: the values (padding included) and the scales.
     pub fn bytes(&self) -> usize {
-        self.lines.len() * std::mem::size_of::<Line>() + self.scales.len() * 4
+        match &self.values {
+            Values::Int8 { lines, scales } => {
+                lines.len() * std::mem::size_of::<Line>() + scales.len() * 4
+            }
+            Values::Float(lines) => lines.len() * std::mem::size_of::<FloatLine>(),
+        }
     }
 
     /// The int8 value of row `n` at depth `k`.
     #[cfg(test)]
     fn value(&self, n: usize, k: usize) -> i8 {
-        self.lines[n / GROUP * self.steps + k / STEP].0[n % GROUP * STEP + k % STEP]
+        match &self.values {
+            Values::Int8 { lines, .. } => {
+                lines[n / GROUP * self.steps + k / STEP].0[n % GROUP * STEP + k % STEP]
+            }
+            Values::Float(_) => panic!("float values"),
+        }
     }
 
-    /// The lines of groups `groups`.
-    fn group_lines(&self, groups: std::ops::Range<usize>) -> &[Line] {
-        &self.lines[groups.start * self.steps..groups.end * self.steps]
+    /// The lines and scales of int8 values.
+    #[cfg(test)]
+    fn int8(&self) -> (&[Line], &[f32]) {
+        match &self.values {
+            Values::Int8 { lines, scales } => (lines, scales),
+            Values::Float(_) => panic!("float values"),
+        }
+    }
+
+    /// The weights of group `g`'s rows into `panel` (rows `stride` apart, `stride` at
+    /// least the padded depth), as float32: `q · s` for int8.
+    fn widen_group(&self, g: usize, panel: &mut [f32], stride: usize) {
+        let lines = g * self.steps..(g + 1) * self.steps;
+        for r in 0..GROUP {
+            let row = &mut panel[r * stride..][..self.steps * STEP];
+            match &self.values {
+                Values::Int8 { lines: l, scales } => {
+                    let s = scales.get(g * GROUP + r).copied().unwrap_or(0.0);
+                    for (c, line) in l[lines.clone()].iter().enumerate() {
+                        let values = &line.0[r * STEP..(r + 1) * STEP];
+                        for (d, &v) in row[c * STEP..][..STEP].iter_mut().zip(values) {
+                            *d = v as f32 * s;
+                        }
+                    }
+                }
+                Values::Float(l) => {
+                    for (c, line) in l[lines.clone()].iter().enumerate() {
+                        row[c * STEP..][..STEP].copy_from_slice(&line.0[r * STEP..(r + 1) * STEP]);
+                    }
+                }
+            }
+        }
+    }
+
+    /// `out` = the products of `x` (padded to whole steps) with the rows of groups
+    /// `groups` (a value per row of those groups).
+    fn decode(&self, x: &[f32], groups: std::ops::Range<usize>, out: &mut [f32]) {
+        let first = groups.start;
+        let lines = groups.start * self.steps..groups.end * self.steps;
+        match &self.values {
+            Values::Int8 { lines: l, scales } => {
+                decode_groups(x, &l[lines], self.steps, out);
+                for (y, s) in out.iter_mut().zip(&scales[first * GROUP..]) {
+                    *y *= s;
+                }
+            }
+            Values::Float(l) => decode_float_groups(x, &l[lines], self.steps, out),
+        }
     }
 }
 
@@ -253,35 +346,39 @@ pub fn product_form(product: &EinSum, w_slot: usize, x_shape: &[TDim]) -> Option
     }
 }
 
-/// `y[.., n] = Σₖ x[.., k] · w[n, k]` with `w` an [`Int8Matrix`]: float32 in and out, the
+/// `y[.., n] = Σₖ x[.., k] · w[n, k]` with `w` an [`PackedMatrix`]: float32 in and out, the
 /// output laid out as `form` says.
 #[derive(Clone, Debug)]
-pub struct Int8Product {
-    pub w: Arc<Int8Matrix>,
+pub struct PackedProduct {
+    pub w: Arc<PackedMatrix>,
     pub form: ProductForm,
 }
 
-impl PartialEq for Int8Product {
+impl PartialEq for PackedProduct {
     fn eq(&self, other: &Self) -> bool {
         Arc::ptr_eq(&self.w, &other.w) && self.form == other.form
     }
 }
 
-impl Eq for Int8Product {}
+impl Eq for PackedProduct {}
 
-impl Op for Int8Product {
+impl Op for PackedProduct {
     fn name(&self) -> StaticName {
-        "PollenInt8Product".into()
+        "PollenPackedProduct".into()
     }
 
     fn info(&self) -> TractResult<Vec<String>> {
-        Ok(vec![format!("{}x{} int8", self.w.rows, self.w.depth)])
+        let kind = match self.w.values {
+            Values::Int8 { .. } => "int8",
+            Values::Float(_) => "float32",
+        };
+        Ok(vec![format!("{}x{} {kind}", self.w.rows, self.w.depth)])
     }
 
     op_as_typed_op!();
 }
 
-impl EvalOp for Int8Product {
+impl EvalOp for PackedProduct {
     op_out_of_plan!();
 
     fn eval(&self, _ctx: &EvalContext<'_>, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
@@ -289,13 +386,13 @@ impl EvalOp for Int8Product {
         let w = &*self.w;
         ensure!(
             x.datum_type() == f32::datum_type() && x.rank() >= 1,
-            "PollenInt8Product takes float32 activations, not {:?} of rank {}",
+            "PollenPackedProduct takes float32 activations, not {:?} of rank {}",
             x.datum_type(),
             x.rank()
         );
         ensure!(
             x.shape()[x.rank() - 1] == w.depth,
-            "PollenInt8Product: activations of {:?} against weights of depth {}",
+            "PollenPackedProduct: activations of {:?} against weights of depth {}",
             x.shape(),
             w.depth
         );
@@ -312,7 +409,7 @@ impl EvalOp for Int8Product {
     }
 }
 
-impl TypedOp for Int8Product {
+impl TypedOp for PackedProduct {
     as_op!();
 
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
@@ -337,7 +434,7 @@ impl TypedOp for Int8Product {
 
 /// `ys` (`[m, rows]`) from `xs` (`[m, depth]`), split across the current tract executor's
 /// threads.
-fn product(w: &Int8Matrix, xs: &[f32], ys: &mut [f32]) -> TractResult<()> {
+fn product(w: &PackedMatrix, xs: &[f32], ys: &mut [f32]) -> TractResult<()> {
     if w.depth == 0 || w.rows == 0 {
         return Ok(());
     }
@@ -354,7 +451,7 @@ fn product(w: &Int8Matrix, xs: &[f32], ys: &mut [f32]) -> TractResult<()> {
             _ => 1,
         };
         if threads <= 1 || w.rows * w.depth < TEAM_MACS {
-            decode_groups(&x, w.group_lines(0..groups), w.steps, &mut sums);
+            w.decode(&x, 0..groups, &mut sums);
         } else {
             // Contiguous runs of groups, PARTS_PER_THREAD per thread, taken as threads
             // come free.
@@ -364,13 +461,10 @@ fn product(w: &Int8Matrix, xs: &[f32], ys: &mut [f32]) -> TractResult<()> {
             Team::global().run(threads, shares.len(), &|part| {
                 let mut out = shares[part].lock().unwrap_or_else(|e| e.into_inner());
                 let first = part * per;
-                let lines = w.group_lines(first..first + out.len() / GROUP);
-                decode_groups(&x, lines, w.steps, &mut out);
+                w.decode(&x, first..first + out.len() / GROUP, &mut out);
             });
         }
-        for ((y, sum), s) in ys.iter_mut().zip(&sums).zip(&w.scales) {
-            *y = sum * s;
-        }
+        ys.copy_from_slice(&sums[..w.rows]);
         Ok(())
     } else {
         // Group-major, so that each thread widens only its own groups.
@@ -429,29 +523,44 @@ fn portable_decode(x: &[f32], lines: &[Line], steps: usize, out: &mut [f32]) {
     }
 }
 
+/// [`decode_groups`] for float32 weights.
+#[allow(unsafe_code)] // calls the AVX2 kernel once the CPU is known to have it
+fn decode_float_groups(x: &[f32], lines: &[FloatLine], steps: usize, out: &mut [f32]) {
+    assert!(x.len() >= steps * STEP && lines.len() * GROUP >= out.len() * steps);
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has AVX2 and FMA (checked above); the sizes are as asserted.
+        unsafe { avx2::decode_float(x, lines, steps, out) };
+        return;
+    }
+    for (g, sums) in out.chunks_exact_mut(GROUP).enumerate() {
+        let group = &lines[g * steps..(g + 1) * steps];
+        for (r, sum) in sums.iter_mut().enumerate() {
+            let mut acc = [[0f32; 8]; 2];
+            for (c, line) in group.iter().enumerate() {
+                for (h, lanes) in acc.iter_mut().enumerate() {
+                    for (l, lane) in lanes.iter_mut().enumerate() {
+                        let j = h * 8 + l;
+                        *lane += x[c * STEP + j] * line.0[r * STEP + j];
+                    }
+                }
+            }
+            *sum = (0..8).map(|l| acc[0][l] + acc[1][l]).sum();
+        }
+    }
+}
+
 /// Activation rows `xs` (`[m, depth]`) against the groups of weight rows from `first`,
 /// into `out` (per group, `[m, GROUP]`): each group widened once to float32 (`q · s`, the
 /// file's weights) and passed by every activation row while it sits in the first-level
 /// cache.
-fn prompt_groups(w: &Int8Matrix, xs: &[f32], first: usize, out: &mut [f32]) {
+fn prompt_groups(w: &PackedMatrix, xs: &[f32], first: usize, out: &mut [f32]) {
     let k = w.depth;
     let m = xs.len() / k;
     let stride = w.steps * STEP;
     let mut panel = vec![0f32; GROUP * stride];
     for (g, block) in out.chunks_exact_mut(m * GROUP).enumerate() {
-        let g = first + g;
-        for (c, line) in w.group_lines(g..g + 1).iter().enumerate() {
-            for r in 0..GROUP {
-                let s = w.scales.get(g * GROUP + r).copied().unwrap_or(0.0);
-                let values = &line.0[r * STEP..(r + 1) * STEP];
-                for (d, &v) in panel[r * stride + c * STEP..][..STEP]
-                    .iter_mut()
-                    .zip(values)
-                {
-                    *d = v as f32 * s;
-                }
-            }
-        }
+        w.widen_group(first + g, &mut panel, stride);
         let mut i = 0;
         while i < m {
             let pair = (i + 1 < m) as usize;
@@ -505,7 +614,7 @@ fn tile(x0: &[f32], x1: &[f32], panel: &[f32], k: usize, stride: usize) -> [[f32
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)] // SIMD intrinsics and raw-pointer loads within checked bounds
 mod avx2 {
-    use super::{GROUP, Line, STEP};
+    use super::{FloatLine, GROUP, Line, STEP};
     use std::arch::x86_64::*;
 
     /// Sum of the eight lanes.
@@ -563,6 +672,50 @@ mod avx2 {
                                 p.add(8) as *const __m128i
                             ))),
                         )
+                    };
+                    lo[r] = _mm256_fmadd_ps(x0, w0, lo[r]);
+                    hi[r] = _mm256_fmadd_ps(x1, w1, hi[r]);
+                }
+            }
+            for r in 0..GROUP {
+                sums[r] = hsum(_mm256_add_ps(lo[r], hi[r]));
+            }
+        }
+    }
+
+    /// [`decode`] for float32 weights: four cache lines a step.
+    ///
+    /// # Safety
+    /// As [`decode`]'s.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn decode_float(x: &[f32], lines: &[FloatLine], steps: usize, out: &mut [f32]) {
+        assert!(x.len() >= steps * STEP && lines.len() * GROUP >= out.len() * steps);
+        let xp = x.as_ptr();
+        let end = lines.as_ptr_range().end as *const i8;
+        for (g, sums) in out.chunks_exact_mut(GROUP).enumerate() {
+            let mut lo = [_mm256_setzero_ps(); GROUP];
+            let mut hi = [_mm256_setzero_ps(); GROUP];
+            for c in 0..steps {
+                let line = lines[g * steps + c].0.as_ptr();
+                let ahead = (line as *const i8).wrapping_add(AHEAD * 64);
+                for l in 0..4 {
+                    let p = ahead.wrapping_add(l * 64);
+                    if p < end {
+                        _mm_prefetch::<_MM_HINT_T0>(p);
+                    }
+                }
+                // SAFETY: (c + 1) · STEP <= steps · STEP <= x.len().
+                let (x0, x1) = unsafe {
+                    (
+                        _mm256_loadu_ps(xp.add(c * STEP)),
+                        _mm256_loadu_ps(xp.add(c * STEP + 8)),
+                    )
+                };
+                for r in 0..GROUP {
+                    // SAFETY: a line holds GROUP rows of STEP values, 64-byte aligned.
+                    let (w0, w1) = unsafe {
+                        let p = line.add(r * STEP);
+                        (_mm256_load_ps(p), _mm256_load_ps(p.add(8)))
                     };
                     lo[r] = _mm256_fmadd_ps(x0, w0, lo[r]);
                     hi[r] = _mm256_fmadd_ps(x1, w1, hi[r]);
@@ -691,7 +844,7 @@ mod tests {
         model
             .nodes
             .iter()
-            .filter(|n| n.op_is::<Int8Product>())
+            .filter(|n| n.op_is::<PackedProduct>())
             .count()
     }
 
@@ -707,18 +860,18 @@ mod tests {
                 .collect::<Vec<f32>>()
         })
         .unwrap();
-        let m = Int8Matrix::exact(&t, 0).expect("a scale per output");
+        let m = PackedMatrix::exact(&t, 0).expect("a scale per output");
         assert_eq!((m.rows, m.depth), (24, 40));
         let file = per_row.try_as_plain_ram().unwrap();
         let file = file.as_slice::<f32>().unwrap();
         for n in 0..24 {
             let s = 0.001 * (n + 1) as f32;
-            assert!((m.scales[n] - s).abs() < 1e-9);
+            assert!((m.int8().1[n] - s).abs() < 1e-9);
             for k in 0..40 {
                 assert_eq!(m.value(n, k) as f32, (file[n * 40 + k] / s).round());
             }
         }
-        let again = Int8Matrix::exact(&per_row, 1).expect("the same, stored [n, k]");
+        let again = PackedMatrix::exact(&per_row, 1).expect("the same, stored [n, k]");
         assert!((0..24).all(|n| (0..40).all(|k| again.value(n, k) == m.value(n, k))));
         // Six groups of three lines (40 values a row, padded to 48), and the scales.
         assert_eq!(m.bytes(), 6 * 3 * 64 + 24 * 4);
@@ -730,13 +883,13 @@ mod tests {
             .unwrap()[..64]
             .iter_mut()
             .for_each(|v| *v = (*v / 2.0 / 0.02).round() * 0.02);
-        let m = Int8Matrix::exact(&one, 1).expect("one scale");
-        assert!(m.scales.iter().all(|s| (*s - 0.02).abs() < 1e-9));
+        let m = PackedMatrix::exact(&one, 1).expect("one scale");
+        assert!(m.int8().1.iter().all(|s| (*s - 0.02).abs() < 1e-9));
     }
 
     #[test]
     fn floats_asymmetric_zero_points_and_other_types_are_not_int8() {
-        assert!(Int8Matrix::exact(&floats(&[16, 32], 1), 1).is_none());
+        assert!(PackedMatrix::exact(&floats(&[16, 32], 1), 1).is_none());
         // A zero point: q - 3 for q in [-128, 127], scale 0.01.
         let shifted = Tensor::from_shape(
             &[4, 256],
@@ -745,18 +898,18 @@ mod tests {
                 .collect::<Vec<f32>>(),
         )
         .unwrap();
-        assert!(Int8Matrix::exact(&shifted, 1).is_none());
+        assert!(PackedMatrix::exact(&shifted, 1).is_none());
         let half = int8_times(4, 16, |_| 0.5)
             .cast_to::<f16>()
             .unwrap()
             .into_owned();
-        assert!(Int8Matrix::exact(&half, 1).is_none());
+        assert!(PackedMatrix::exact(&half, 1).is_none());
         let mut inf = int8_times(4, 16, |_| 0.5);
         inf.try_as_plain_ram_mut()
             .unwrap()
             .as_slice_mut::<f32>()
             .unwrap()[3] = f32::INFINITY;
-        assert!(Int8Matrix::exact(&inf, 1).is_none());
+        assert!(PackedMatrix::exact(&inf, 1).is_none());
     }
 
     #[test]
@@ -872,12 +1025,12 @@ mod tests {
 
     #[test]
     fn activations_of_another_depth_are_refused() {
-        let w = Arc::new(Int8Matrix::exact(&int8_times(4, 32, |_| 0.1), 1).unwrap());
+        let w = Arc::new(PackedMatrix::exact(&int8_times(4, 32, |_| 0.1), 1).unwrap());
         let form = ProductForm {
             k_axis: 1,
             out: tvec![Some(0)],
         };
-        let op = Int8Product { w, form };
+        let op = PackedProduct { w, form };
         let x = floats(&[1, 31], 0).into_tvalue();
         let err = op.eval(&EvalContext::out_of_plan(), tvec!(x)).unwrap_err();
         assert!(format!("{err:#}").contains("depth 32"), "{err:#}");
@@ -887,8 +1040,8 @@ mod tests {
     /// on which groups are summed with it.
     #[test]
     fn the_vector_kernel_and_the_portable_loop_agree() {
-        let w = Int8Matrix::exact(&int8_times(11, 83, |r| 0.01 * (r + 1) as f32), 1).unwrap();
-        assert_eq!((w.steps, w.lines.len()), (6, 3 * 6));
+        let w = PackedMatrix::exact(&int8_times(11, 83, |r| 0.01 * (r + 1) as f32), 1).unwrap();
+        assert_eq!((w.steps, w.int8().0.len()), (6, 3 * 6));
         let mut x = floats(&[96], 5)
             .into_plain_array::<f32>()
             .unwrap()
@@ -896,9 +1049,9 @@ mod tests {
             .0;
         x[83..].iter_mut().for_each(|v| *v = 0.0);
         let mut fast = vec![0f32; 12];
-        decode_groups(&x, &w.lines, w.steps, &mut fast);
+        decode_groups(&x, w.int8().0, w.steps, &mut fast);
         let mut slow = vec![0f32; 12];
-        portable_decode(&x, &w.lines, w.steps, &mut slow);
+        portable_decode(&x, w.int8().0, w.steps, &mut slow);
         for n in 0..11 {
             let want: f32 = (0..83).map(|k| x[k] * w.value(n, k) as f32).sum();
             assert!(
@@ -914,7 +1067,7 @@ mod tests {
         }
         assert_eq!(fast[11], 0.0, "the padding row");
         let mut part = vec![0f32; 4];
-        decode_groups(&x, w.group_lines(1..2), w.steps, &mut part);
+        decode_groups(&x, &w.int8().0[w.steps..2 * w.steps], w.steps, &mut part);
         assert_eq!(part, fast[4..8]);
     }
 }

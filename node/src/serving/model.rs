@@ -839,6 +839,16 @@ impl LoadedModel {
                 ),
             });
         }
+        if let Some(h) = half
+            && prepared.dequantized == 0
+        {
+            tracing::info!(
+                "{channel} version {version}: {} float32 weight matrices ({:.1} MB) served by \
+                 the node's own product",
+                h.float.0,
+                h.float.1 as f64 / 1e6
+            );
+        }
         if prepared.dequantized > 0 {
             let held = match half {
                 Some(h) => format!(
@@ -1314,6 +1324,8 @@ struct Symbolic {
 struct Narrowed {
     int8: (u64, u64),
     half: (u64, u64),
+    /// Float32 matrices of a language model packed for the node's product.
+    float: (u64, u64),
 }
 
 /// Build how the model runs: symbolic if tract can, else per shape. With `half`, weight
@@ -1330,6 +1342,7 @@ fn build_engine(
     unsupported: Arc<Mutex<Option<String>>>,
     half: bool,
 ) -> Result<Built, (ErrorClass, String)> {
+    let dequantized = half;
     // The outputs' facts and names are read before the model is consumed by optimising.
     let symbolic = |ignore_value_info, half: bool| -> anyhow::Result<Symbolic> {
         let mut model = typed_model(bytes, facts, None, ignore_value_info)?;
@@ -1338,7 +1351,11 @@ fn build_engine(
             .collect::<anyhow::Result<Vec<_>>>()?;
         let outputs = outputs_of(&model, graph).map_err(|(_, e)| anyhow::anyhow!(e))?;
         let half = if half {
-            model.transform(super::half::HALF_WEIGHTS)?;
+            model.transform(if dequantized {
+                super::half::HALF_WEIGHTS
+            } else {
+                super::half::FLOAT_WEIGHTS
+            })?;
             let count = |p: &str| {
                 model
                     .property(p)
@@ -1352,6 +1369,7 @@ fn build_engine(
                     count(super::half::CONVERTED),
                     count(super::half::CONVERTED_BYTES),
                 ),
+                float: (count(super::half::FLOAT), count(super::half::FLOAT_BYTES)),
             })
         } else {
             None
@@ -1364,6 +1382,9 @@ fn build_engine(
             half,
         })
     };
+    // A float32 language model's weight matrices go to the node's product too
+    // ([`super::half::FloatWeights`]).
+    let half = half || spec.lm.is_some();
     let attempt = |ignore_value_info| {
         if !half {
             return symbolic(ignore_value_info, false);

@@ -451,7 +451,10 @@ pub fn load_dir(
         "lm",
         1,
         pollen_protocol::ids::ManifestId([0; 32]),
-        &pollen_protocol::manifest::ServingSpec::default(),
+        &pollen_protocol::manifest::ServingSpec {
+            lm: Some(Default::default()),
+            ..Default::default()
+        },
         &crate::serving::GoldenSet::default(),
         limits,
     )?;
