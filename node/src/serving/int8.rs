@@ -127,7 +127,7 @@ impl PackedMatrix {
                 } else {
                     (x / scale).round()
                 };
-                if !(i.abs() <= Q_MAX) || (i * scale - x).abs() > x.abs() * EXACT {
+                if i.is_nan() || i.abs() > Q_MAX || (i * scale - x).abs() > x.abs() * EXACT {
                     return false;
                 }
                 *slot = i as i8;
@@ -578,9 +578,14 @@ fn prompt_groups(w: &PackedMatrix, xs: &[f32], first: usize, out: &mut [f32]) {
 
 /// The dots of activation rows `x0` and `x1` (`k` values) with the [`GROUP`] rows of
 /// `panel` (`stride` apart).
-#[allow(unsafe_code)] // calls the AVX2 kernel once the CPU is known to have it
+#[allow(unsafe_code)] // calls a vector kernel once the CPU is known to have it
 fn tile(x0: &[f32], x1: &[f32], panel: &[f32], k: usize, stride: usize) -> [[f32; GROUP]; 2] {
     assert!(x0.len() >= k && x1.len() >= k && stride >= k && panel.len() >= GROUP * stride);
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has AVX-512F (checked above); the sizes are as asserted.
+        return unsafe { avx512::tile(x0, x1, panel, k, stride) };
+    }
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
         // SAFETY: the CPU has AVX2 and FMA (checked above); the sizes are as asserted.
@@ -607,6 +612,61 @@ fn tile(x0: &[f32], x1: &[f32], panel: &[f32], k: usize, stride: usize) -> [[f32
         std::array::from_fn(|r| dot(x0, r)),
         std::array::from_fn(|r| dot(x1, r)),
     ]
+}
+
+/// A prompt's tile in AVX-512 (x86-64 servers): twice the products per instruction of
+/// [`avx2::tile`], as tract's own kernels use where the CPU has it.
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)] // SIMD intrinsics and raw-pointer loads within checked bounds
+mod avx512 {
+    use super::GROUP;
+    use std::arch::x86_64::*;
+
+    /// [`super::avx2::tile`] sixteen lanes wide.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F; `x0`, `x1` hold `k` values, `panel` four rows of `k`
+    /// `stride` apart.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn tile(
+        x0: &[f32],
+        x1: &[f32],
+        panel: &[f32],
+        k: usize,
+        stride: usize,
+    ) -> [[f32; GROUP]; 2] {
+        assert!(x0.len() >= k && x1.len() >= k && stride >= k && panel.len() >= GROUP * stride);
+        let body = k - k % 16;
+        let rows = [0, 1, 2, 3].map(|i| panel[i * stride..].as_ptr());
+        let mut acc = [[_mm512_setzero_ps(); GROUP]; 2];
+        let mut j = 0;
+        while j < body {
+            // SAFETY: j + 16 <= body <= k, within each slice and row.
+            let xs = unsafe {
+                [
+                    _mm512_loadu_ps(x0.as_ptr().add(j)),
+                    _mm512_loadu_ps(x1.as_ptr().add(j)),
+                ]
+            };
+            for r in 0..GROUP {
+                let w = unsafe { _mm512_loadu_ps(rows[r].add(j)) };
+                acc[0][r] = _mm512_fmadd_ps(xs[0], w, acc[0][r]);
+                acc[1][r] = _mm512_fmadd_ps(xs[1], w, acc[1][r]);
+            }
+            j += 16;
+        }
+        let mut out = [[0f32; GROUP]; 2];
+        for (i, x) in [x0, x1].into_iter().enumerate() {
+            for r in 0..GROUP {
+                let mut s = _mm512_reduce_add_ps(acc[i][r]);
+                for t in body..k {
+                    s += x[t] * panel[r * stride + t];
+                }
+                out[i][r] = s;
+            }
+        }
+        out
+    }
 }
 
 /// The kernels in AVX2 and FMA intrinsics (x86-64 CPUs since 2013-2015), selected at run
@@ -1069,5 +1129,85 @@ mod tests {
         let mut part = vec![0f32; 4];
         decode_groups(&x, &w.int8().0[w.steps..2 * w.steps], w.steps, &mut part);
         assert_eq!(part, fast[4..8]);
+    }
+
+    /// Each vector kernel of a prompt's tile answers as the plain sums do.
+    #[test]
+    #[allow(unsafe_code)]
+    fn the_prompt_tiles_agree_with_plain_sums() {
+        let (k, stride) = (83, 96);
+        let x = floats(&[2, k], 3)
+            .into_plain_array::<f32>()
+            .unwrap()
+            .into_raw_vec_and_offset()
+            .0;
+        let panel = floats(&[GROUP, stride], 9)
+            .into_plain_array::<f32>()
+            .unwrap()
+            .into_raw_vec_and_offset()
+            .0;
+        let (x0, x1) = x.split_at(k);
+        let want: Vec<Vec<f32>> = [x0, x1]
+            .iter()
+            .map(|x| {
+                (0..GROUP)
+                    .map(|r| (0..k).map(|t| x[t] * panel[r * stride + t]).sum())
+                    .collect()
+            })
+            .collect();
+        let check = |got: [[f32; GROUP]; 2], what: &str| {
+            for i in 0..2 {
+                for r in 0..GROUP {
+                    assert!(
+                        (got[i][r] - want[i][r]).abs() <= 1e-5,
+                        "{what} [{i}][{r}]: {} against {}",
+                        got[i][r],
+                        want[i][r]
+                    );
+                }
+            }
+        };
+        check(tile(x0, x1, &panel, k, stride), "dispatched");
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
+                // SAFETY: the CPU has AVX2 and FMA.
+                check(unsafe { avx2::tile(x0, x1, &panel, k, stride) }, "avx2");
+            }
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                // SAFETY: the CPU has AVX-512F.
+                check(unsafe { avx512::tile(x0, x1, &panel, k, stride) }, "avx512");
+            }
+        }
+    }
+
+    /// A float32 matrix packed for the product answers as tract's float product does.
+    #[test]
+    fn a_float_matrix_multiplies_as_tract_s_product_does() {
+        use crate::serving::half::{FLOAT, FloatWeights};
+        for x_shape in [vec![1, 70], vec![5, 70]] {
+            let w = floats(&[70, 67], 4);
+            let float = product_model("mk,kn->mn", &x_shape, w);
+            let mut packed = float.clone();
+            FloatWeights.transform(&mut packed).unwrap();
+            assert_eq!(int8_products(&packed), 1);
+            assert_eq!(
+                *packed.properties[FLOAT]
+                    .try_as_plain_ram()
+                    .unwrap()
+                    .to_scalar::<i64>()
+                    .unwrap(),
+                1
+            );
+            let x = floats(&x_shape, 2);
+            let (want, got) = (run(&float, &x), run(&packed, &x));
+            for (a, b) in want.iter().zip(&got) {
+                assert!((a - b).abs() <= 1e-5 * (1.0 + a.abs()), "{a} against {b}");
+            }
+            let threaded = multithread_tract_scope(Executor::multithread(2), || run(&packed, &x));
+            assert_eq!(threaded, got);
+        }
     }
 }
