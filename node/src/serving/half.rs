@@ -277,7 +277,7 @@ impl ModelTransform for FloatWeights {
 register_simple_model_transform!("pollen_float_weights", FloatWeights);
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// `y = x · w` with `x` `[1, k]` from the caller and `w` `[k, n]` a constant.
@@ -328,7 +328,8 @@ mod tests {
             .collect()
     }
 
-    fn run(model: TypedModel, x: &Tensor) -> Vec<f32> {
+    /// `model`'s first output for `x`, optimised as the node runs it.
+    pub(crate) fn run(model: TypedModel, x: &Tensor) -> Vec<f32> {
         let out = model
             .into_optimized()
             .unwrap()

@@ -884,20 +884,7 @@ mod tests {
     }
 
     fn run(model: &TypedModel, x: &Tensor) -> Vec<f32> {
-        let out = model
-            .clone()
-            .into_optimized()
-            .unwrap()
-            .into_runnable()
-            .unwrap()
-            .run(tvec!(x.clone().into_tvalue()))
-            .unwrap();
-        out[0]
-            .try_as_plain_ram()
-            .unwrap()
-            .as_slice::<f32>()
-            .unwrap()
-            .to_vec()
+        crate::serving::half::tests::run(model.clone(), x)
     }
 
     fn int8_products(model: &TypedModel) -> usize {
