@@ -1,5 +1,6 @@
 //! Weight matrices held as int8: the matrix product of float activations with the
-//! 8-bit weights a model's file stores.
+//! 8-bit weights a model's file stores (and, for a float32 language model, with its
+//! float32 weights, packed the same way: [`super::half::FloatWeights`]).
 //!
 //! A quantised variant's file stores each weight matrix as int8 values and a float scale
 //! per output (`DequantizeLinear` before a `MatMul`), which the node folds into float
@@ -25,9 +26,7 @@
 //! rayon pool ([`tract_linalg::multithread`]). Each output's sum runs in one thread in a
 //! fixed order, so the answer does not depend on the thread count.
 
-use std::sync::Arc;
-
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use tract_core::internal::*;
 use tract_core::ops::einsum::EinSum;
@@ -59,12 +58,66 @@ const GROUP: usize = 4;
 /// One cache line of weights: [`STEP`] values of each row of a group, row after row.
 #[derive(Clone, Copy)]
 #[repr(C, align(64))]
-struct Line([i8; STEP * GROUP]);
+struct Lanes<T>([T; STEP * GROUP]);
 
+/// One cache line of int8 weights.
+type Line = Lanes<i8>;
 /// Sixteen float32 weights of each row of a group: four cache lines.
-#[derive(Clone, Copy)]
-#[repr(C, align(64))]
-struct FloatLine([f32; STEP * GROUP]);
+type FloatLine = Lanes<f32>;
+
+/// The values `value(n, k)` of a `rows` × `depth` matrix in the kernels' order: group
+/// `g`, step `c` at `g * steps + c` (`steps` = `depth` in steps, rounded up), zeros past
+/// the last row and the depth.
+fn pack<T: Copy + Default>(
+    rows: usize,
+    depth: usize,
+    value: impl Fn(usize, usize) -> T,
+) -> Vec<Lanes<T>> {
+    let steps = depth.div_ceil(STEP);
+    let mut lines = vec![Lanes([T::default(); STEP * GROUP]); rows.div_ceil(GROUP) * steps];
+    for n in 0..rows {
+        let (g, r) = (n / GROUP, n % GROUP);
+        for k in 0..depth {
+            lines[g * steps + k / STEP].0[r * STEP + k % STEP] = value(n, k);
+        }
+    }
+    lines
+}
+
+/// A rank-2 float32 tensor read as rows of weights: output `n` at depth `k`.
+struct Rows<'a> {
+    v: &'a [f32],
+    rows: usize,
+    depth: usize,
+    k_axis: usize,
+}
+
+impl Rows<'_> {
+    /// The weight of output `n` at depth `k`.
+    #[inline]
+    fn at(&self, n: usize, k: usize) -> f32 {
+        if self.k_axis == 0 {
+            self.v[k * self.rows + n]
+        } else {
+            self.v[n * self.depth + k]
+        }
+    }
+}
+
+/// `f` of `w` read as [`Rows`] summed over its axis `k_axis`; `None` unless `w` is a
+/// rank-2 float32 tensor.
+fn with_rows<R>(w: &Tensor, k_axis: usize, f: impl FnOnce(&Rows<'_>) -> Option<R>) -> Option<R> {
+    if w.datum_type() != f32::datum_type() || w.rank() != 2 || k_axis > 1 {
+        return None;
+    }
+    let plain = w.try_as_plain_ram().ok()?;
+    f(&Rows {
+        v: plain.as_slice::<f32>().ok()?,
+        rows: w.shape()[1 - k_axis],
+        depth: w.shape()[k_axis],
+        k_axis,
+    })
+}
 
 /// A weight matrix's values: int8 with a float32 scale per output row, or float32.
 #[derive(Clone)]
@@ -103,97 +156,47 @@ impl PackedMatrix {
     /// matrix; `None` when `w` is not such a matrix to float32 rounding. The scale is the
     /// largest magnitude over 127, as a symmetric quantiser chose it.
     pub fn exact(w: &Tensor, k_axis: usize) -> Option<PackedMatrix> {
-        if w.datum_type() != f32::datum_type() || w.rank() != 2 || k_axis > 1 {
-            return None;
-        }
-        let plain = w.try_as_plain_ram().ok()?;
-        let v = plain.as_slice::<f32>().ok()?;
-        let (depth, rows) = (w.shape()[k_axis], w.shape()[1 - k_axis]);
-        // Element k of row n.
-        let at = |n: usize, k: usize| {
-            if k_axis == 0 {
-                v[k * rows + n]
-            } else {
-                v[n * depth + k]
-            }
-        };
-        let mut q = vec![0i8; rows * depth];
-        let mut scales = vec![0f32; rows];
-        let quantise = |n: usize, scale: f32, q: &mut [i8]| -> bool {
-            for (k, slot) in q.iter_mut().enumerate() {
-                let x = at(n, k);
-                let i = if scale == 0.0 {
-                    0.0
-                } else {
-                    (x / scale).round()
-                };
-                if i.is_nan() || i.abs() > Q_MAX || (i * scale - x).abs() > x.abs() * EXACT {
-                    return false;
-                }
-                *slot = i as i8;
-            }
-            true
-        };
-        let amax = |n: usize| (0..depth).fold(0f32, |m, k| m.max(at(n, k).abs()));
-        let per_row = (0..rows).all(|n| {
-            let scale = amax(n) / Q_MAX;
-            scales[n] = scale;
-            quantise(n, scale, &mut q[n * depth..(n + 1) * depth])
-        });
-        if !per_row {
-            let scale = (0..rows).fold(0f32, |m, n| m.max(amax(n))) / Q_MAX;
-            for n in 0..rows {
-                scales[n] = scale;
-                if !quantise(n, scale, &mut q[n * depth..(n + 1) * depth]) {
+        with_rows(w, k_axis, |w| {
+            let (rows, depth, at) = (w.rows, w.depth, |n, k| w.at(n, k));
+            // Whether row `n` is int8 values times `scale`.
+            let exact_row = |n: usize, scale: f32| {
+                (0..depth).all(|k| {
+                    let x = at(n, k);
+                    let i = quantised(x, scale);
+                    !i.is_nan() && i.abs() <= Q_MAX && (i * scale - x).abs() <= x.abs() * EXACT
+                })
+            };
+            let amax = |n: usize| (0..depth).fold(0f32, |m, k| m.max(at(n, k).abs()));
+            let mut scales: Vec<f32> = (0..rows).map(|n| amax(n) / Q_MAX).collect();
+            if !(0..rows).all(|n| exact_row(n, scales[n])) {
+                let scale = scales.iter().fold(0f32, |m, s| m.max(*s));
+                if !(0..rows).all(|n| exact_row(n, scale)) {
                     return None;
                 }
+                scales.fill(scale);
             }
-        }
-        if !v.iter().all(|x| x.is_finite()) {
-            return None;
-        }
-        let steps = depth.div_ceil(STEP);
-        let mut lines = vec![Line([0; STEP * GROUP]); rows.div_ceil(GROUP) * steps];
-        for n in 0..rows {
-            let (g, r) = (n / GROUP, n % GROUP);
-            for (k, &v) in q[n * depth..(n + 1) * depth].iter().enumerate() {
-                lines[g * steps + k / STEP].0[r * STEP + k % STEP] = v;
+            if !(0..rows).all(|n| (0..depth).all(|k| at(n, k).is_finite())) {
+                return None;
             }
-        }
-        Some(PackedMatrix {
-            rows,
-            depth,
-            steps,
-            values: Values::Int8 { lines, scales },
+            let lines = pack(rows, depth, |n, k| quantised(at(n, k), scales[n]) as i8);
+            Some(PackedMatrix {
+                rows,
+                depth,
+                steps: depth.div_ceil(STEP),
+                values: Values::Int8 { lines, scales },
+            })
         })
     }
 
     /// `w` (rank 2, float32) as it is, summed over its axis `k_axis`.
     pub fn float(w: &Tensor, k_axis: usize) -> Option<PackedMatrix> {
-        if w.datum_type() != f32::datum_type() || w.rank() != 2 || k_axis > 1 {
-            return None;
-        }
-        let plain = w.try_as_plain_ram().ok()?;
-        let v = plain.as_slice::<f32>().ok()?;
-        let (depth, rows) = (w.shape()[k_axis], w.shape()[1 - k_axis]);
-        let steps = depth.div_ceil(STEP);
-        let mut lines = vec![FloatLine([0.0; STEP * GROUP]); rows.div_ceil(GROUP) * steps];
-        for n in 0..rows {
-            let (g, r) = (n / GROUP, n % GROUP);
-            for k in 0..depth {
-                let x = if k_axis == 0 {
-                    v[k * rows + n]
-                } else {
-                    v[n * depth + k]
-                };
-                lines[g * steps + k / STEP].0[r * STEP + k % STEP] = x;
-            }
-        }
-        Some(PackedMatrix {
-            rows,
-            depth,
-            steps,
-            values: Values::Float(lines),
+        with_rows(w, k_axis, |w| {
+            Some(PackedMatrix {
+                rows: w.rows,
+                depth: w.depth,
+                steps: w.depth.div_ceil(STEP),
+                values: Values::Float(pack(w.rows, w.depth, |n, k| w.at(n, k))),
+            })
         })
     }
 
@@ -266,6 +269,15 @@ impl PackedMatrix {
             }
             Values::Float(l) => decode_float_groups(x, &l[lines], self.steps, out),
         }
+    }
+}
+
+/// `x / scale` rounded: the int8 value of weight `x` (0 for a zero scale).
+fn quantised(x: f32, scale: f32) -> f32 {
+    if scale == 0.0 {
+        0.0
+    } else {
+        (x / scale).round()
     }
 }
 
