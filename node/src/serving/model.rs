@@ -779,7 +779,7 @@ impl LoadedModel {
             .map_err(|e| (ErrorClass::Unavailable, format!("{}: {e}", path.display())))?;
         let prepared =
             onnx::prepare(bytes, &spec.consts).map_err(|e| (ErrorClass::LoadError, e))?;
-        let half = prepared.dequantized > 0;
+        let dequantized = prepared.dequantized > 0;
         for r in &prepared.rewritten {
             tracing::info!("{channel} version {version}: {r}");
         }
@@ -805,7 +805,7 @@ impl LoadedModel {
                     budget,
                     capacity,
                     unsupported,
-                    half,
+                    dequantized,
                 )
             }))
         };
@@ -1328,9 +1328,11 @@ struct Narrowed {
     float: (u64, u64),
 }
 
-/// Build how the model runs: symbolic if tract can, else per shape. With `half`, weight
-/// matrices of a symbolic model are held as int8 or float16 ([`super::half`]), or as
-/// float32 when tract cannot prepare the model so.
+/// Build how the model runs: symbolic if tract can, else per shape. When the file
+/// `dequantized` weights, weight matrices of a symbolic model are held as int8 or float16
+/// ([`super::half::HalfWeights`]); a float32 language model's go to the node's product
+/// ([`super::half::FloatWeights`]); either falls back to tract's float32 when tract
+/// cannot prepare the model so.
 #[allow(clippy::too_many_arguments)]
 fn build_engine(
     bytes: &Arc<Vec<u8>>,
@@ -1340,17 +1342,16 @@ fn build_engine(
     budget: u64,
     capacity: usize,
     unsupported: Arc<Mutex<Option<String>>>,
-    half: bool,
+    dequantized: bool,
 ) -> Result<Built, (ErrorClass, String)> {
-    let dequantized = half;
     // The outputs' facts and names are read before the model is consumed by optimising.
-    let symbolic = |ignore_value_info, half: bool| -> anyhow::Result<Symbolic> {
+    let symbolic = |ignore_value_info, narrow: bool| -> anyhow::Result<Symbolic> {
         let mut model = typed_model(bytes, facts, None, ignore_value_info)?;
         let output_facts = (0..model.output_count()?)
             .map(|i| model.output_fact(i))
             .collect::<anyhow::Result<Vec<_>>>()?;
         let outputs = outputs_of(&model, graph).map_err(|(_, e)| anyhow::anyhow!(e))?;
-        let half = if half {
+        let half = if narrow {
             model.transform(if dequantized {
                 super::half::HALF_WEIGHTS
             } else {
@@ -1382,11 +1383,9 @@ fn build_engine(
             half,
         })
     };
-    // A float32 language model's weight matrices go to the node's product too
-    // ([`super::half::FloatWeights`]).
-    let half = half || spec.lm.is_some();
+    let narrow = dequantized || spec.lm.is_some();
     let attempt = |ignore_value_info| {
-        if !half {
+        if !narrow {
             return symbolic(ignore_value_info, false);
         }
         symbolic(ignore_value_info, true).or_else(|e| {

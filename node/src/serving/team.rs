@@ -75,13 +75,18 @@ struct Helper {
 }
 
 impl Team {
+    /// A team with no helper yet.
+    fn new() -> Team {
+        Team {
+            helpers: Mutex::new(Vec::new()),
+            post: Mutex::new(()),
+        }
+    }
+
     /// The process's team.
     pub fn global() -> &'static Team {
         static TEAM: OnceLock<Team> = OnceLock::new();
-        TEAM.get_or_init(|| Team {
-            helpers: Mutex::new(Vec::new()),
-            post: Mutex::new(()),
-        })
+        TEAM.get_or_init(Team::new)
     }
 
     /// Run `f(0)`, …, `f(parts - 1)` on the caller's thread and up to `threads - 1`
@@ -218,10 +223,7 @@ mod tests {
 
     #[test]
     fn every_part_runs_once_and_the_caller_waits_for_all() {
-        let team = Team {
-            helpers: Mutex::new(Vec::new()),
-            post: Mutex::new(()),
-        };
+        let team = Team::new();
         for (threads, parts) in [(1, 1), (2, 1), (2, 2), (2, 8), (3, 5), (4, 3)] {
             let counts: Vec<AtomicUsize> = (0..parts).map(|_| AtomicUsize::new(0)).collect();
             for _ in 0..200 {
@@ -242,10 +244,7 @@ mod tests {
 
     #[test]
     fn a_panic_in_a_helper_s_part_resumes_in_the_caller_and_the_team_goes_on() {
-        let team = Team {
-            helpers: Mutex::new(Vec::new()),
-            post: Mutex::new(()),
-        };
+        let team = Team::new();
         let r = catch_unwind(AssertUnwindSafe(|| {
             team.run(2, 64, &|p| {
                 if p == 1 {
@@ -263,10 +262,7 @@ mod tests {
 
     #[test]
     fn a_second_poster_runs_its_parts_itself() {
-        let team = Arc::new(Team {
-            helpers: Mutex::new(Vec::new()),
-            post: Mutex::new(()),
-        });
+        let team = Arc::new(Team::new());
         let inner = AtomicUsize::new(0);
         // Whichever thread takes part 0 posts again.
         team.run(2, 2, &|p| {
