@@ -34,7 +34,7 @@ use tract_core::ops::einsum::EinSum;
 use tract_core::ops::konst::Const;
 use tract_core::transform::ModelTransform;
 
-use super::int8::{PackedMatrix, PackedProduct, ProductForm, product_form};
+use super::int8::{PackedMatrix, PackedProduct, ProductReading, product_form};
 
 /// The transform's name in tract's registry.
 pub const HALF_WEIGHTS: &str = "pollen_half_weights";
@@ -152,34 +152,32 @@ impl ModelTransform for HalfWeights {
 }
 
 /// `t` as an int8 matrix, with the products that read it (node, its activations' outlet,
-/// its layout), when `t` has rank 2, every consumer in `succ` is an `x · w` product
-/// ([`product_form`]) summing over the same axis of `t`, and `t` is int8 values times
-/// scales ([`PackedMatrix::exact`]).
+/// its reading), when every consumer in `succ` is an `x · w` product ([`product_form`])
+/// reading `t` the same way, and `t` is int8 values times scales
+/// ([`PackedMatrix::exact`]).
 fn int8_matrix(
     model: &TypedModel,
     t: &Tensor,
     succ: &[InletId],
 ) -> TractResult<Option<(PackedMatrix, Products)>> {
-    Ok(products(model, t, succ)?
-        .and_then(|(k, products)| PackedMatrix::exact(t, k).map(|w| (w, products))))
+    let Some(products) = products(model, t, succ)? else {
+        return Ok(None);
+    };
+    let (matrix, k_axis) = products[0].2.matrix(t)?;
+    Ok(PackedMatrix::exact(&matrix, k_axis).map(|w| (w, products)))
 }
 
-/// The products that read a constant: node, activations' outlet, layout.
-type Products = Vec<(usize, OutletId, ProductForm)>;
+/// The products that read a constant: node, activations' outlet, reading.
+type Products = Vec<(usize, OutletId, ProductReading)>;
 
-/// The axis of `t` summed over and the products that read it, when `t` has rank 2 and
-/// every consumer in `succ` is an `x · w` product ([`product_form`]) of float32
-/// activations summing over the same axis of `t`.
-fn products(
-    model: &TypedModel,
-    t: &Tensor,
-    succ: &[InletId],
-) -> TractResult<Option<(usize, Products)>> {
-    if t.rank() != 2 || succ.is_empty() {
+/// The products that read `t`, when `t` has rank 2 or more and every consumer in `succ`
+/// is an `x · w` product ([`product_form`]) of float32 activations that reads `t` the
+/// same way (the same summed axes and axis of outputs).
+fn products(model: &TypedModel, t: &Tensor, succ: &[InletId]) -> TractResult<Option<Products>> {
+    if t.rank() < 2 || succ.is_empty() {
         return Ok(None);
     }
-    let mut k_axis = None;
-    let mut products = Vec::new();
+    let mut products: Products = Vec::new();
     for s in succ {
         let node = &model.nodes[s.node];
         let Some(e) = node.op_as::<EinSum>() else {
@@ -190,28 +188,39 @@ fn products(
         }
         let x = node.inputs[1 - s.slot];
         let fact = model.outlet_fact(x)?;
-        let Some(form) = product_form(e, s.slot, fact.shape.dims()) else {
+        let Some(reading) = product_form(e, s.slot, fact.shape.dims()) else {
             return Ok(None);
         };
-        if fact.datum_type != f32::datum_type() || k_axis.is_some_and(|a| a != form.k_axis) {
+        let same = |p: &ProductReading| p.w_k == reading.w_k && p.w_n == reading.w_n;
+        if fact.datum_type != f32::datum_type() || !products.iter().all(|p| same(&p.2)) {
             return Ok(None);
         }
-        k_axis = Some(form.k_axis);
-        products.push((s.node, x, form));
+        products.push((s.node, x, reading));
     }
-    Ok(k_axis.map(|k| (k, products)))
+    Ok(Some(products))
 }
 
-/// Replace `products`' nodes by [`PackedProduct`]s of `w`.
+/// Replace `products`' nodes by [`PackedProduct`]s of `w`, each behind the axis changes
+/// that prepare its activations.
 fn wire_packed(
     model: &mut TypedModel,
-    products: Vec<((usize, OutletId, ProductForm), Arc<PackedMatrix>)>,
+    products: Vec<((usize, OutletId, ProductReading), Arc<PackedMatrix>)>,
 ) -> TractResult<()> {
-    for ((id, x, form), w) in products {
+    for ((id, x, reading), w) in products {
         let name = model.node(id).name.clone();
         let mut patch = TypedModelPatch::default();
-        let x = patch.tap_model(model, x)?;
-        let y = patch.wire_node(name, PackedProduct { w, form }, &[x])?;
+        let mut x = patch.tap_model(model, x)?;
+        for (i, op) in reading.x_prep.into_iter().enumerate() {
+            x = patch.wire_node(format!("{name}.prepare.{i}"), op, &[x])?[0];
+        }
+        let y = patch.wire_node(
+            name,
+            PackedProduct {
+                w,
+                form: reading.form,
+            },
+            &[x],
+        )?;
         patch.shunt_outside(model, id.into(), y[0])?;
         patch.apply(model)?;
     }
@@ -227,7 +236,7 @@ pub const FLOAT: &str = "pollen.float_weights.matrices";
 /// Model property: bytes they take (an `i64` scalar).
 pub const FLOAT_BYTES: &str = "pollen.float_weights.bytes";
 
-/// For a language model in float32: every float32 constant of rank 2 and at least
+/// For a language model in float32: every float32 constant of rank 2 or more and at least
 /// [`MIN_ELEMENTS`] values read only by `x · w` products ([`product_form`]) has them
 /// replaced by [`PackedProduct`]s of the same float32 weights, so that a decoding step's
 /// matrix-vector products split across the generation's threads on a spinning team
@@ -254,10 +263,11 @@ impl ModelTransform for FloatWeights {
             if t.datum_type() != f32::datum_type() || t.len() < MIN_ELEMENTS || !t.is_plain() {
                 continue;
             }
-            let Some((k_axis, products)) = products(model, t, &node.outputs[0].successors)? else {
+            let Some(products) = products(model, t, &node.outputs[0].successors)? else {
                 continue;
             };
-            let Some(w) = PackedMatrix::float(t, k_axis) else {
+            let (matrix, k_axis) = products[0].2.matrix(t)?;
+            let Some(w) = PackedMatrix::float(&matrix, k_axis) else {
                 continue;
             };
             count += 1;

@@ -284,10 +284,11 @@ fn quantised(x: f32, scale: f32) -> f32 {
 /// How an `x · w` product lays out its operands and output ([`product_form`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ProductForm {
-    /// The axis of the weights summed over (the other is the output's last).
+    /// The axis of the weights (as a matrix, [`ProductReading::matrix`]) summed over (the
+    /// other is the output's last).
     pub k_axis: usize,
-    /// For each output axis but the last: the activations' axis whose length it has, or
-    /// `None` for an axis of length 1 the product adds.
+    /// For each output axis but the last: the (prepared) activations' axis whose length it
+    /// has, or `None` for an axis of length 1 the product adds.
     pub out: TVec<Option<usize>>,
 }
 
@@ -304,14 +305,48 @@ impl ProductForm {
     }
 }
 
-/// The layout of `product`, whose input `w_slot` is a rank-2 constant, when it is
-/// `y[.., n] = Σₖ x[.., k] · w[k, n]` (or `w[n, k]`) in float32, up to axes of length 1:
-/// `k` is the activations' last axis, `n` the output's last, and every other axis of the
-/// activations passes to the output in its order or (of length 1 in `x_shape`) is
+/// An `x · w` product as [`product_form`] reads it: the weights as a matrix, and how the
+/// activations are brought to `[.., k]` before a [`PackedProduct`] with [`Self::form`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProductReading {
+    /// The weights' axes summed over, in the order their values run along a row of the
+    /// matrix (one for a matrix; several where tract folded a reshape of the activations
+    /// into the weights, as it does with attention's heads before the output projection).
+    pub w_k: TVec<usize>,
+    /// The weights' axis of outputs.
+    pub w_n: usize,
+    /// Axis moves, then at most one reshape, that lay the activations out as `[.., k]`
+    /// with `k` their summed axes in `w_k`'s order, merged; empty when they already are.
+    pub x_prep: TVec<AxisOp>,
+    /// The product on the prepared activations.
+    pub form: ProductForm,
+}
+
+impl ProductReading {
+    /// `w` (whose layout this reading describes) as a matrix of rank 2 and the axis of it
+    /// summed over: `w` itself when it has rank 2, else its summed axes in `w_k`'s order
+    /// merged into the first and its outputs the second.
+    pub fn matrix(&self, w: &Tensor) -> TractResult<(Tensor, usize)> {
+        if w.rank() == 2 {
+            return Ok((w.clone(), self.form.k_axis));
+        }
+        let order: TVec<usize> = self.w_k.iter().copied().chain([self.w_n]).collect();
+        let depth: usize = self.w_k.iter().map(|&a| w.shape()[a]).product();
+        let moved = w.clone().permute_axes(&order)?;
+        Ok((moved.into_shape(&[depth, w.shape()[self.w_n]])?, 0))
+    }
+}
+
+/// The layout of `product`, whose input `w_slot` is a constant, when it is
+/// `y[.., n] = Σₖ x[.., k] · w[k, n]` in float32 up to the layout of its axes: `n` is one
+/// axis of the weights and the output's last; every other axis of the weights is summed
+/// with one of the activations (the depth `k` is those axes together); every other axis of
+/// the activations passes to the output in its order or, of length 1 in `x_shape`, is
 /// dropped; the output may add axes of length 1. tract's decluttering folds such unit
-/// axes into its products. Row-major, the activations are then `[m, k]` and the output
-/// `[m, n]`. `None` for any other product.
-pub fn product_form(product: &EinSum, w_slot: usize, x_shape: &[TDim]) -> Option<ProductForm> {
+/// axes and reshapes into its products. Once prepared ([`ProductReading::x_prep`]), the
+/// activations are row-major `[m, k]` and the output `[m, n]`. `None` for any other
+/// product (a batch axis in the weights, a transposed output, quantised operands).
+pub fn product_form(product: &EinSum, w_slot: usize, x_shape: &[TDim]) -> Option<ProductReading> {
     let axes = &product.axes;
     let x_rank = x_shape.len();
     if product.q_params.is_some()
@@ -324,10 +359,12 @@ pub fn product_form(product: &EinSum, w_slot: usize, x_shape: &[TDim]) -> Option
         return None;
     }
     let x_slot = 1 - w_slot;
-    let last = x_rank - 1;
     let y_rank = axes.rank(InOut::Out(0));
-    let (mut k_axis, mut n_axis) = (None, None);
-    let mut out: TVec<Option<usize>> = tvec![None; y_rank.checked_sub(1)?];
+    let last_y = y_rank.checked_sub(1)?;
+    // Summed axes (weights', activations'), the weights' output axis, passed axes
+    // (activations', output's).
+    let mut ks: Vec<(usize, usize)> = Vec::new();
+    let mut w_n = None;
     let mut passed = Vec::new();
     for axis in axes.iter_all_axes() {
         let (x, w, y) = (
@@ -336,26 +373,55 @@ pub fn product_form(product: &EinSum, w_slot: usize, x_shape: &[TDim]) -> Option
             axis.outputs[0].as_slice(),
         );
         match (x, w, y) {
-            ([xp], [wp], []) if *xp == last && k_axis.is_none() => k_axis = Some(*wp),
-            ([], [wp], [yp]) if *yp == y_rank - 1 && n_axis.is_none() => n_axis = Some(*wp),
-            ([xp], [], [yp]) if *xp < last && *yp < y_rank - 1 => {
-                out[*yp] = Some(*xp);
-                passed.push((*xp, *yp));
-            }
-            ([xp], [], []) if *xp < last && x_shape[*xp].is_one() => {}
-            ([], [], [yp]) if *yp < y_rank - 1 => {}
+            ([xp], [wp], []) => ks.push((*wp, *xp)),
+            ([], [wp], [yp]) if *yp == last_y && w_n.is_none() => w_n = Some(*wp),
+            ([xp], [], [yp]) if *yp < last_y => passed.push((*xp, *yp)),
+            ([xp], [], []) if x_shape[*xp].is_one() => {}
+            ([], [], [yp]) if *yp < last_y => {}
             _ => return None,
         }
+    }
+    let w_n = w_n?;
+    if ks.is_empty() {
+        return None;
     }
     // The passed axes keep their order, so the rows of `x` are the rows of `y`.
     passed.sort_unstable();
     if !passed.windows(2).all(|p| p[0].1 < p[1].1) {
         return None;
     }
-    match (k_axis, n_axis) {
-        (Some(k_axis), Some(n)) if k_axis != n => Some(ProductForm { k_axis, out }),
-        _ => None,
+    ks.sort_unstable();
+    let summed = |a: usize| ks.iter().any(|k| k.1 == a);
+    // The activations' axes once prepared: the others in their order, then the summed
+    // ones in the weights' order.
+    let rest: Vec<usize> = (0..x_rank).filter(|&a| !summed(a)).collect();
+    let target: Vec<usize> = rest.iter().copied().chain(ks.iter().map(|k| k.1)).collect();
+    let mut x_prep = TVec::new();
+    let mut now: Vec<usize> = (0..x_rank).collect();
+    for (to, a) in target.iter().enumerate() {
+        let from = now.iter().position(|c| c == a)?;
+        if from != to {
+            x_prep.push(AxisOp::Move(from, to));
+            let moved = now.remove(from);
+            now.insert(to, moved);
+        }
     }
+    if ks.len() > 1 {
+        let from: TVec<TDim> = ks.iter().map(|k| x_shape[k.1].clone()).collect();
+        let depth: TDim = from.iter().product();
+        x_prep.push(AxisOp::Reshape(rest.len(), from, tvec![depth]));
+    }
+    let mut out: TVec<Option<usize>> = tvec![None; last_y];
+    for (xp, yp) in passed {
+        out[yp] = Some(rest.iter().position(|&a| a == xp)?);
+    }
+    let k_axis = if ks.len() == 1 { ks[0].0 } else { 0 };
+    Some(ProductReading {
+        w_k: ks.iter().map(|k| k.0).collect(),
+        w_n,
+        x_prep,
+        form: ProductForm { k_axis, out },
+    })
 }
 
 /// `y[.., n] = Σₖ x[.., k] · w[n, k]` with `w` an [`PackedMatrix`]: float32 in and out, the
@@ -972,15 +1038,20 @@ mod tests {
     }
 
     #[test]
-    fn only_plain_products_of_the_last_axis_are_taken() {
-        let form = |expr: &str, slot: usize, x: &[usize]| {
+    fn only_plain_products_up_to_their_axes_layout_are_taken() {
+        let reading = |expr: &str, slot: usize, x: &[usize]| {
             let x: TVec<TDim> = x.iter().map(|d| d.to_dim()).collect();
             product_form(
                 &EinSum::new(expr.parse().unwrap(), f32::datum_type()),
                 slot,
                 &x,
             )
-            .map(|f| (f.k_axis, f.out.into_vec()))
+        };
+        let form = |expr: &str, slot: usize, x: &[usize]| {
+            reading(expr, slot, x).map(|r| {
+                assert!(r.x_prep.is_empty(), "{expr}: {:?}", r.x_prep);
+                (r.form.k_axis, r.form.out.into_vec())
+            })
         };
         assert_eq!(form("mk,kn->mn", 1, &[3, 8]), Some((0, vec![Some(0)])));
         assert_eq!(
@@ -996,21 +1067,98 @@ mod tests {
         );
         assert_eq!(form("amk,kn->mn", 1, &[1, 3, 8]), Some((0, vec![Some(1)])));
         // Not when the dropped axis is longer: it is summed.
-        assert_eq!(form("amk,kn->mn", 1, &[2, 3, 8]), None);
-        // The weights on the left of the output, a summed axis not last, a transposed
-        // output, passed axes reordered, a batch axis in the weights.
-        assert_eq!(form("mk,kn->nm", 1, &[3, 8]), None);
-        assert_eq!(form("km,kn->mn", 1, &[8, 3]), None);
-        assert_eq!(form("bmk,kn->mbn", 1, &[2, 3, 8]), None);
-        assert_eq!(form("bmk,bkn->bmn", 1, &[2, 3, 8]), None);
-        assert_eq!(
+        assert!(reading("amk,kn->mn", 1, &[2, 3, 8]).is_none());
+        // The weights on the left of the output, a transposed output, passed axes
+        // reordered, a batch axis in the weights, an axis of the weights alone.
+        assert!(reading("mk,kn->nm", 1, &[3, 8]).is_none());
+        assert!(reading("bmk,kn->mbn", 1, &[2, 3, 8]).is_none());
+        assert!(reading("bmk,bkn->bmn", 1, &[2, 3, 8]).is_none());
+        assert!(reading("mk,kjn->mn", 1, &[3, 8]).is_none());
+        assert!(
             product_form(
                 &EinSum::new("mk,kn->mn".parse().unwrap(), f16::datum_type()),
                 1,
                 &[3.to_dim(), 8.to_dim()]
-            ),
-            None
+            )
+            .is_none()
         );
+        // The summed axis of the activations elsewhere than last: moved there first.
+        let r = reading("km,kn->mn", 1, &[8, 3]).unwrap();
+        assert_eq!(r.x_prep.as_slice(), &[AxisOp::Move(1, 0)]);
+        assert_eq!((r.w_k.as_slice(), r.w_n), (&[0][..], 1));
+        assert_eq!(r.form.out.as_slice(), &[Some(0)]);
+        // Attention's heads folded into the output projection: the activations
+        // `[heads, m, d]` against weights `[heads, d, n]` sum over heads and d.
+        let r = reading("bmk,bkn->amn", 1, &[9, 5, 64]).unwrap();
+        assert_eq!(
+            r.x_prep.as_slice(),
+            &[
+                AxisOp::Move(1, 0),
+                AxisOp::Reshape(1, tvec![9.to_dim(), 64.to_dim()], tvec![576.to_dim()])
+            ]
+        );
+        assert_eq!((r.w_k.as_slice(), r.w_n), (&[0, 1][..], 2));
+        assert_eq!(
+            (r.form.k_axis, r.form.out.as_slice()),
+            (0, &[None, Some(0)][..])
+        );
+        // The weights' summed axes in their own order, whatever the activations' order.
+        let r = reading("mdb,bdn->mn", 1, &[5, 64, 9]).unwrap();
+        assert_eq!(
+            r.x_prep.as_slice(),
+            &[
+                AxisOp::Move(2, 1),
+                AxisOp::Reshape(1, tvec![9.to_dim(), 64.to_dim()], tvec![576.to_dim()])
+            ]
+        );
+        assert_eq!((r.w_k.as_slice(), r.w_n), (&[0, 1][..], 2));
+    }
+
+    /// Weights of rank 3 whose two summed axes tract folded out of the activations'
+    /// reshape (attention's heads before the output projection), and activations whose
+    /// summed axis is not last: the int8 product answers as the float one does.
+    #[test]
+    fn folded_heads_and_moved_activations_are_multiplied_as_int8_too() {
+        let (h, d, n) = (3, 40, 48);
+        for (expr, x_shape) in [
+            ("bmk,bkn->amn", vec![h, 1, d]),
+            ("bmk,bkn->amn", vec![h, 5, d]),
+            ("mkb,bkn->mn", vec![4, d, h]),
+        ] {
+            // [n, h·d] with a scale per output, as [h, d, n].
+            let w = int8_times(n, h * d, |r| 0.002 + 0.0003 * r as f32)
+                .permute_axes(&[1, 0])
+                .unwrap()
+                .into_shape(&[h, d, n])
+                .unwrap();
+            let float = product_model(expr, &x_shape, w);
+            let mut int8 = float.clone();
+            HalfWeights.transform(&mut int8).unwrap();
+            assert_eq!(int8_products(&int8), 1, "{expr} {x_shape:?}");
+            let x = floats(&x_shape, 3);
+            let want = run(&float, &x);
+            let got = run(&int8, &x);
+            assert_eq!(want.len(), got.len());
+            let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+            for (a, b) in want.iter().zip(&got) {
+                assert!(
+                    (a - b).abs() <= 1e-5 * scale,
+                    "{expr} {x_shape:?}: {a} against {b}"
+                );
+            }
+            let mut packed = float.clone();
+            crate::serving::half::FloatWeights
+                .transform(&mut packed)
+                .unwrap();
+            assert_eq!(int8_products(&packed), 1, "{expr} {x_shape:?}");
+            let got = run(&packed, &x);
+            for (a, b) in want.iter().zip(&got) {
+                assert!(
+                    (a - b).abs() <= 1e-5 * scale,
+                    "{expr} float32: {a} against {b}"
+                );
+            }
+        }
     }
 
     /// The product through the node's transform answers as the float product does, for
