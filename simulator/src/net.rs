@@ -443,6 +443,47 @@ mod tests {
         assert!((rate(other) - 1e6).abs() < 1.0, "{}", rate(other));
     }
 
+    /// Why fewer upload slots at a seed slow a whole swarm (lan-200, the publisher limited
+    /// to 1, 2, 4 and 8 concurrent uploads against 16: 3.74, 2.79, 2.10 and 1.75 times the
+    /// bound against 1.65, seeds 1-4): a receiver's downlink is shared by everything it
+    /// downloads, so the seed's flow into it runs at the receiver's share, not at the
+    /// seed's rate. With one upload into a receiver that has three other downloads the
+    /// seed sends at a quarter of its uplink (the publisher's first copy of lan-200 took
+    /// 7.96 s with one slot, 2.53 s with 16); only uploads to several receivers at once
+    /// fill its uplink. Max-min sharing would not change it: there the receiver's link is
+    /// the flows' common bottleneck too.
+    #[test]
+    fn a_seed_sends_at_its_receivers_shares() {
+        let mut net = Net::default();
+        let seed_up = net.add_resource(1e6);
+        let mut out = Vec::new();
+        // Four receivers, each already downloading from three other senders.
+        let receivers: Vec<ResId> = (0..4)
+            .map(|_| {
+                let down = net.add_resource(1e6);
+                for _ in 0..3 {
+                    let up = net.add_resource(1e6);
+                    net.start(0, flow(&[up, down]), &mut out);
+                }
+                down
+            })
+            .collect();
+        let rate = |net: &Net, id: FlowId| net.flows[id as usize].as_ref().unwrap().rate * 1e6;
+        // One upload slot: a quarter of the seed's uplink.
+        let one = net.start(0, flow(&[seed_up, receivers[0]]), &mut out);
+        assert!((rate(&net, one) - 0.25e6).abs() < 1.0);
+        // Four: the uplink is full, each flow still at its receiver's share.
+        let more: Vec<FlowId> = receivers[1..]
+            .iter()
+            .map(|&down| net.start(0, flow(&[seed_up, down]), &mut out))
+            .collect();
+        let sent: f64 = std::iter::once(one)
+            .chain(more)
+            .map(|id| rate(&net, id))
+            .sum();
+        assert!((sent - 1e6).abs() < 4.0, "{sent}");
+    }
+
     /// When one of two flows ends, the other speeds up, and its end moves earlier.
     #[test]
     fn a_finished_flow_frees_its_share() {
