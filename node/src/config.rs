@@ -42,6 +42,9 @@
 //! download_limit = 0
 //! # Chunk uploads in progress at once, across all peers.
 //! max_concurrent_uploads = 16
+//! # Chunk uploads kept waiting for one of them; a request past them is answered Busy
+//! # (the peer asks another holder).
+//! queued_uploads = 2
 //! # Connections: established in total, and per peer.
 //! max_connections = 256
 //! max_connections_per_peer = 2
@@ -138,6 +141,10 @@ pub struct NodeConfig {
     pub download_limit: u64,
     /// Concurrent chunk uploads.
     pub max_concurrent_uploads: usize,
+    /// Chunk uploads kept waiting for a slot (or behind the upload on its way to the same
+    /// peer); a request past them is answered `Busy`, and the peer asks another holder
+    /// (`pollen_protocol::QUEUED_UPLOADS`).
+    pub queued_uploads: usize,
     /// Established connections in total.
     pub max_connections: u32,
     /// Established connections per peer.
@@ -213,6 +220,7 @@ impl Default for NodeConfig {
             upload_limit: 0,
             download_limit: 0,
             max_concurrent_uploads: 16,
+            queued_uploads: pollen_protocol::QUEUED_UPLOADS,
             max_connections: 256,
             max_connections_per_peer: 2,
             target_peers: 16,

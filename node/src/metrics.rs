@@ -74,6 +74,8 @@ pub struct Metrics {
     pub chunks_duplicate: AtomicU64,
     /// Chunks uploaded.
     pub chunks_uploaded: AtomicU64,
+    /// Chunk requests answered `Busy` (uploads taken and `queued_uploads` waiting).
+    pub chunks_busy: AtomicU64,
     /// Manifests accepted.
     pub manifests_accepted: AtomicU64,
     /// Store errors (disk full, IO).
@@ -266,6 +268,13 @@ impl Metrics {
             "Chunks sent to peers.",
             "counter",
             self.chunks_uploaded.load(Ordering::Relaxed),
+        );
+        g(
+            &mut s,
+            "pollen_chunk_requests_busy_total",
+            "Chunk requests answered Busy: every upload taken and queued_uploads waiting.",
+            "counter",
+            self.chunks_busy.load(Ordering::Relaxed),
         );
         g(
             &mut s,

@@ -55,7 +55,7 @@ pub mod harness;
 
 pub use ids::{ContentId, ManifestId, NodeId, PublicKey};
 pub use io::{Command, Event, Input, Output, PeerInfo};
-pub use state::{Config, Mesh};
+pub use state::{Config, Mesh, QUEUED_UPLOADS};
 pub use time::{Instant, Now, UnixTime};
 
 /// Re-exported so drivers use the same signing-key type as the core.

@@ -287,6 +287,10 @@ pub struct ProtocolSpec {
     /// `max_concurrent_uploads`, default 16).
     #[serde(default)]
     pub upload_slots: Option<usize>,
+    /// Chunk sends a node keeps waiting for an upload slot; a request past them is
+    /// answered `Busy` (the node's `queued_uploads`, default 2).
+    #[serde(default)]
+    pub queued_uploads: Option<usize>,
 }
 
 impl Scenario {

@@ -269,6 +269,7 @@ impl Actor {
         let writer = WriterShared {
             store: store.clone(),
             uploads: Arc::new(Semaphore::new(cfg.max_concurrent_uploads)),
+            waiting: Arc::default(),
             limiter: RateLimiter::new(cfg.upload_limit),
             metrics: metrics.clone(),
             corrupt: cfg.test_corrupt_chunks,
@@ -444,9 +445,31 @@ impl Actor {
                 index,
             } => {
                 let Some(spec) = self.spec(&file) else { return };
-                if let Some(s) = self.sender(&to)
-                    && s.chunks.try_send(ChunkJob { id, spec, index }).is_err()
+                let Some(s) = self.sender(&to) else { return };
+                // Every upload taken and `queued_uploads` waiting: the peer is better
+                // served by another holder; it frees the request and asks elsewhere for
+                // a while (`busy_backoff`). (Writers take their permits asynchronously,
+                // so a burst of requests with slots free is queued, not refused.)
+                if self.writer.uploads.available_permits() == 0
+                    && self.writer.waiting.load(Ordering::Relaxed) >= self.cfg.queued_uploads
                 {
+                    let busy = Message::Reject {
+                        id,
+                        reason: pollen_protocol::wire::RejectReason::Busy,
+                    };
+                    if s.send_frame(busy.encode()) {
+                        self.metrics.chunks_busy.fetch_add(1, Ordering::Relaxed);
+                    }
+                    return;
+                }
+                let waiting = net::Waiting::new(&self.writer.waiting);
+                let job = ChunkJob {
+                    id,
+                    spec,
+                    index,
+                    waiting,
+                };
+                if s.chunks.try_send(job).is_err() {
                     tracing::debug!("chunk queue to {} full: request {id} dropped", to.short());
                 }
             }

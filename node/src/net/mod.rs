@@ -301,6 +301,27 @@ pub struct ChunkJob {
     pub spec: Arc<FileSpec>,
     /// Chunk index.
     pub index: u32,
+    /// Counted among the uploads waiting until the writer starts it.
+    pub waiting: Waiting,
+}
+
+/// A chunk upload counted in a shared count of uploads not started yet, until dropped:
+/// when its writer starts it, or when it is cancelled or its peer's writer ends.
+#[derive(Debug)]
+pub struct Waiting(Arc<AtomicUsize>);
+
+impl Waiting {
+    /// Count one more upload waiting in `count`.
+    pub fn new(count: &Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        Waiting(count.clone())
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// The actor's handle on a peer's writer task.
@@ -342,6 +363,8 @@ pub struct WriterShared {
     pub store: Arc<Store>,
     /// Cap on uploads in progress.
     pub uploads: Arc<Semaphore>,
+    /// Uploads queued and not started ([`Waiting`]).
+    pub waiting: Arc<AtomicUsize>,
     /// Upload limiter.
     pub limiter: Option<Arc<RateLimiter>>,
     /// Metrics.
@@ -505,6 +528,7 @@ pub async fn run_writer(
                             continue;
                         }
                         let Ok(_permit) = shared.uploads.clone().acquire_owned().await else { return Ok(()) };
+                        drop(job.waiting);
                         let store = shared.store.clone();
                         let spec = job.spec.clone();
                         let index = job.index;
@@ -961,6 +985,25 @@ pub fn short(c: &ContentId) -> String {
 mod tests {
     use super::*;
     use futures::TryStreamExt;
+
+    /// An upload counts as waiting from its queuing until its ticket is dropped (started,
+    /// cancelled, or its writer gone with the queue), so the Busy rule never sees a
+    /// count that only grows.
+    #[test]
+    fn waiting_uploads_are_counted_until_their_ticket_drops() {
+        let count = Arc::new(AtomicUsize::new(0));
+        let (tx, rx) = mpsc::channel::<Waiting>(4);
+        let a = Waiting::new(&count);
+        tx.try_send(Waiting::new(&count)).unwrap();
+        tx.try_send(Waiting::new(&count)).unwrap();
+        assert_eq!(count.load(Ordering::Relaxed), 3);
+        drop(a);
+        assert_eq!(count.load(Ordering::Relaxed), 2);
+        // A writer that ends drops what its queue still holds.
+        drop(rx);
+        assert_eq!(count.load(Ordering::Relaxed), 0);
+        drop(tx);
+    }
     use futures::channel::mpsc as fmpsc;
     use pollen_protocol::signing::Signed;
     use pollen_protocol::trust::NodeCertBody;

@@ -96,7 +96,7 @@ mod timers;
 #[cfg(test)]
 mod testkit;
 
-pub use config::Config;
+pub use config::{Config, QUEUED_UPLOADS};
 pub use status::{ChannelView, ReleaseRef, ReleaseView};
 
 use config::PENALTY_SEVERE;
@@ -506,9 +506,9 @@ impl<R: Rng> Mesh<R> {
                 x.on_request(&mut cx, from, id, file, index);
             }
             Message::Cancel { id } => self.outputs.push_back(Output::CancelChunk { to: from, id }),
-            Message::Reject { id, .. } => {
+            Message::Reject { id, reason } => {
                 let (x, mut cx) = self.exchange_cx();
-                x.on_reject(&mut cx, from, id);
+                x.on_reject(&mut cx, now.mono, from, id, reason);
             }
             Message::Certificate(c) => {
                 let ok = match &self.trust {

@@ -316,6 +316,8 @@ pub struct Sim {
     sample_every: u64,
     /// Chunk uploads a node runs at once; more wait in its queue.
     upload_slots: u32,
+    /// Sends a node keeps waiting for a slot before it answers requests `Busy`.
+    queued_uploads: usize,
     /// While a manifest is delivered: (release, hops to the receiver), so the
     /// `ManifestAccepted` it causes records its hop count.
     cur_hop: Option<(usize, u16)>,

@@ -192,14 +192,26 @@ impl Sim {
     }
 
     /// Node `i`'s core sends chunk `index` of `file` to `j`: start it if an upload slot is
-    /// free and nothing is on its way to `j`, else queue it. (The node writes the chunks for
+    /// free and nothing is on its way to `j`; else answer `Busy` if every slot is taken
+    /// and `queued_uploads` sends wait; else queue it. (The node writes the chunks for
     /// one peer one after the other on its stream, up to `max_concurrent_uploads` peers at
     /// once: a receiver's requests are served in turn, not side by side.)
     pub(super) fn send_chunk(&mut self, i: u32, j: u32, req: u64, file: ContentId, index: u32) {
         let node = &mut self.nodes[i as usize];
         if node.uploads < self.upload_slots && !node.sending_to.contains(&j) {
             self.start_flow(i, j, req, file, index);
-        } else if node.upload_queue.len() < UPLOAD_QUEUE_MAX {
+        } else if (node.uploads >= self.upload_slots
+            && node.upload_queue.len() >= self.queued_uploads)
+            || node.upload_queue.len() >= UPLOAD_QUEUE_MAX
+        {
+            // As the node does: with every upload taken and `queued_uploads` waiting, a
+            // request is answered `Busy` and goes to a peer with an upload free.
+            let msg = Message::Reject {
+                id: req,
+                reason: pollen_protocol::wire::RejectReason::Busy,
+            };
+            self.send(i, j, msg);
+        } else {
             node.upload_queue.push_back(QueuedChunk {
                 to: j,
                 req,

@@ -471,6 +471,10 @@ impl Sim {
             rows: Vec::new(),
             sample_every,
             upload_slots: sc.protocol.upload_slots.unwrap_or(16).max(1) as u32,
+            queued_uploads: sc
+                .protocol
+                .queued_uploads
+                .unwrap_or(pollen_protocol::QUEUED_UPLOADS),
             cur_hop: None,
             progress: bar,
             late,

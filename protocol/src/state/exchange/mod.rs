@@ -202,6 +202,9 @@ pub(super) struct Exchange {
     /// How fast each connected peer has been serving us (no entry: not measured yet):
     /// sizes request deadlines ([`Exchange::request_deadline`]).
     served: BTreeMap<NodeId, Service>,
+    /// Peers that answered a request `Busy`, and until when they are not asked again
+    /// (connected peers only: an entry leaves with its peer).
+    busy: BTreeMap<NodeId, Instant>,
 }
 
 /// How fast a peer serves our chunk requests: the time a KiB of chunk took, from when it
@@ -232,6 +235,7 @@ impl Default for Exchange {
             requests: BTreeMap::new(),
             next_request: 1,
             served: BTreeMap::new(),
+            busy: BTreeMap::new(),
         }
     }
 }
@@ -379,6 +383,13 @@ impl Exchange {
         self.haves.remove(peer);
         self.asked.remove(peer);
         self.served.remove(peer);
+        self.busy.remove(peer);
+    }
+
+    /// `peer` answered a request `Busy` and is not asked again before `now` plus
+    /// `busy_backoff`.
+    pub(super) fn backing_off(&self, peer: &NodeId, now: Instant) -> bool {
+        self.busy.get(peer).is_some_and(|until| now < *until)
     }
 
     /// Chunk requests in flight, to all peers.
@@ -431,6 +442,7 @@ impl Exchange {
         }
         self.asked.remove(&peer);
         self.served.remove(&peer);
+        self.busy.remove(&peer);
     }
 
     /// Bytes of chunk `index` of `file` (0 for an unknown file or chunk).
@@ -790,8 +802,28 @@ impl Exchange {
         }
     }
 
-    /// A peer refused our request `id`.
-    pub(super) fn on_reject<R: Rng>(&mut self, cx: &mut Ctx<'_, R>, from: NodeId, id: u64) {
+    /// A peer refused our request `id`: `Busy` (its uploads are taken and others wait)
+    /// frees the request and leaves the peer alone for `busy_backoff`, its chunks still
+    /// counted; any other reason means it does not have the chunk after all.
+    pub(super) fn on_reject<R: Rng>(
+        &mut self,
+        cx: &mut Ctx<'_, R>,
+        now: Instant,
+        from: NodeId,
+        id: u64,
+        reason: RejectReason,
+    ) {
+        if reason == RejectReason::Busy {
+            if let Some(r) = self.requests.get(&id)
+                && r.peer == from
+            {
+                let r = self.requests.remove(&id).expect("present");
+                cx.timers.stop_request(r.deadline, id);
+                self.forget_request(cx, id, &r);
+                self.busy.insert(from, now + cx.config.busy_backoff);
+            }
+            return;
+        }
         if let Some(r) = self.requests.get(&id)
             && r.peer == from
         {

@@ -31,7 +31,10 @@ impl Exchange {
         let Some(p) = cx.peers.get(&peer) else {
             return;
         };
-        if self.inflight(&peer) >= cx.config.max_inflight_per_peer || p.refused {
+        if self.inflight(&peer) >= cx.config.max_inflight_per_peer
+            || p.refused
+            || self.backing_off(&peer, now.mono)
+        {
             return;
         }
         let (Some(bits), Some(f)) = (self.announced(&peer, &file), self.files.get(&file)) else {
@@ -101,7 +104,9 @@ impl Exchange {
             .peers
             .iter()
             .filter(|(id, _)| {
-                self.inflight(id) < max && self.haves.get(*id).is_some_and(|h| !h.is_empty())
+                self.inflight(id) < max
+                    && self.haves.get(*id).is_some_and(|h| !h.is_empty())
+                    && !self.backing_off(id, now.mono)
             })
             .map(|(id, p)| {
                 let same = has_site && p.same_site;
@@ -506,6 +511,53 @@ fn splitmix(mut z: u64) -> u64 {
 mod tests {
     use super::wan_cap;
     use crate::state::testkit::{add_peer, at, bench, peer, requests};
+
+    /// A `Busy` answer frees the request; the peer keeps its announced chunks but is not
+    /// asked again until `busy_backoff` has passed. Any other refusal means the peer lacks
+    /// the chunk.
+    #[test]
+    fn a_busy_peer_keeps_its_chunks_and_is_asked_again_after_the_backoff() {
+        use crate::io::Output;
+        use crate::wire::{Message, RejectReason};
+        let (mut m, f) = bench(6, None);
+        add_peer(&mut m, 1, None, f, &[0, 1, 2, 3, 4]);
+        add_peer(&mut m, 2, None, f, &[0, 1, 2, 3, 4]);
+        m.schedule(at(0));
+        let mut sent = Vec::new();
+        while let Some(o) = m.poll_output() {
+            if let Output::Send {
+                to,
+                msg: Message::Request { id, index, .. },
+            } = o
+            {
+                sent.push((to, id, index));
+            }
+        }
+        assert_eq!(sent.len(), 4, "two per peer: {sent:?}");
+        let (_, id, index) = *sent.iter().find(|r| r.0 == peer(1)).expect("one to peer 1");
+        let avail = m.exchange.files()[&f].avail[index as usize];
+        {
+            let (x, mut cx) = m.cx();
+            x.on_reject(&mut cx, at(5).mono, peer(1), id, RejectReason::Busy);
+            assert_eq!(x.inflight(&peer(1)), 1);
+            assert!(x.announced(&peer(1), &f).unwrap().get(index));
+        }
+        assert_eq!(m.exchange.files()[&f].avail[index as usize], avail);
+        // Within the backoff: nothing more for peer 1 (peer 2 has no slot free).
+        m.schedule(at(20));
+        assert!(requests(&mut m).is_empty());
+        // After it: peer 1 is asked again.
+        m.schedule(at(5 + 30 + 1));
+        assert_eq!(
+            requests(&mut m).iter().filter(|r| r.0 == peer(1)).count(),
+            1
+        );
+        // Not found: the peer's announcement of that chunk is dropped.
+        let (_, id2, index2) = *sent.iter().find(|r| r.0 == peer(2)).expect("one to peer 2");
+        let (x, mut cx) = m.cx();
+        x.on_reject(&mut cx, at(40).mono, peer(2), id2, RejectReason::NotFound);
+        assert!(!x.announced(&peer(2), &f).unwrap().get(index2));
+    }
 
     #[test]
     fn pick_chunk_takes_the_rarest_chunk_the_peer_has() {
