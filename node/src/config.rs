@@ -142,8 +142,9 @@ pub struct NodeConfig {
     /// Concurrent chunk uploads.
     pub max_concurrent_uploads: usize,
     /// Chunk uploads kept waiting for a slot (or behind the upload on its way to the same
-    /// peer); a request past them is answered `Busy`, and the peer asks another holder
-    /// (`pollen_protocol::QUEUED_UPLOADS`).
+    /// peer) while every slot is taken; a request past them is answered `Busy`, and the
+    /// peer asks another holder (`pollen_protocol::QUEUED_UPLOADS`). 0: `Busy` whenever
+    /// every slot is taken.
     pub queued_uploads: usize,
     /// Established connections in total.
     pub max_connections: u32,

@@ -436,3 +436,61 @@ fn offline_past_the_trust_roots_expiry_keeps_serving_after_a_restart() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// A seed with one upload slot and no queue answers the requests it cannot serve at once
+/// `Busy`: the downloaders free them, ask each other meanwhile, and come back; every copy
+/// completes byte-identical.
+#[test]
+fn busy_answers_send_requests_elsewhere_and_every_download_completes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let op = Operator::new(&tmp.path().join("op"), false);
+    let config = tmp.path().join("seed.toml");
+    std::fs::write(&config, "max_concurrent_uploads = 1\nqueued_uploads = 0\n").unwrap();
+    let publisher = Node::start(
+        &tmp.path().join("n0"),
+        &args(&op, &["--config", config.to_str().unwrap()]),
+    );
+    let boot = publisher.addr();
+    let nodes: Vec<Node> = (1..4)
+        .map(|i| {
+            Node::start(
+                &tmp.path().join(format!("n{i}")),
+                &args(&op, &["--bootstrap", &boot]),
+            )
+        })
+        .collect();
+    for n in &nodes {
+        n.wait(Duration::from_secs(30), "2 peers", |s| s.peers.len() >= 2);
+    }
+    let (file, data) = write_file(tmp.path(), "model.onnx", 16 * MIB, 7);
+    Pollen::in_dir(tmp.path())
+        .run([
+            "publish",
+            file.to_str().unwrap(),
+            "--channel",
+            "vision.busy",
+            "--version",
+            "1",
+            "--key",
+            op.dir.join("publisher.key").to_str().unwrap(),
+            "--node",
+            &publisher.url(),
+        ])
+        .success();
+    let cid = blake3::hash(&data).to_hex().to_string();
+    for n in &nodes {
+        n.wait(Duration::from_secs(120), "the whole file", |s| {
+            Node::has_release(s, "vision.busy", 1)
+        });
+        assert!(
+            n.wait_blob(&cid, Duration::from_secs(10)) == data,
+            "byte-identical"
+        );
+    }
+    let busy = publisher.metric("pollen_chunk_requests_busy_total");
+    eprintln!("the seed answered {busy} requests Busy");
+    assert!(
+        busy > 0.0,
+        "three downloaders against one slot: some answered Busy"
+    );
+}
