@@ -15,6 +15,31 @@ fn args(op: &Operator, extra: &[&str]) -> Vec<String> {
     v
 }
 
+/// `pollen publish FILE` as version 1 of `channel` through the node at `url`, signed with
+/// the operator's publisher key.
+fn publish_v1(
+    dir: &std::path::Path,
+    op: &Operator,
+    file: &std::path::Path,
+    channel: &str,
+    url: &str,
+) {
+    Pollen::in_dir(dir)
+        .run([
+            "publish",
+            file.to_str().unwrap(),
+            "--channel",
+            channel,
+            "--version",
+            "1",
+            "--key",
+            op.dir.join("publisher.key").to_str().unwrap(),
+            "--node",
+            url,
+        ])
+        .success();
+}
+
 fn write_file(dir: &std::path::Path, name: &str, len: usize, seed: u64) -> (PathBuf, Vec<u8>) {
     let data = test_bytes(len, seed);
     let p = dir.join(name);
@@ -40,19 +65,7 @@ fn five_nodes_share_a_40_mib_file_mostly_peer_to_peer() {
         n.wait(Duration::from_secs(30), "3 peers", |s| s.peers.len() >= 3);
     }
     let (file, data) = write_file(tmp.path(), "model.onnx", 40 * MIB, 1);
-    let out = Pollen::in_dir(tmp.path()).run([
-        "publish",
-        file.to_str().unwrap(),
-        "--channel",
-        "vision.defects",
-        "--version",
-        "1",
-        "--key",
-        op.dir.join("publisher.key").to_str().unwrap(),
-        "--node",
-        &publisher.url(),
-    ]);
-    out.success();
+    publish_v1(tmp.path(), &op, &file, "vision.defects", &publisher.url());
     let cid = blake3::hash(&data).to_hex().to_string();
     let pub_id = publisher.status().node_id;
     for n in &nodes {
@@ -463,20 +476,7 @@ fn busy_answers_send_requests_elsewhere_and_every_download_completes() {
         n.wait(Duration::from_secs(30), "2 peers", |s| s.peers.len() >= 2);
     }
     let (file, data) = write_file(tmp.path(), "model.onnx", 16 * MIB, 7);
-    Pollen::in_dir(tmp.path())
-        .run([
-            "publish",
-            file.to_str().unwrap(),
-            "--channel",
-            "vision.busy",
-            "--version",
-            "1",
-            "--key",
-            op.dir.join("publisher.key").to_str().unwrap(),
-            "--node",
-            &publisher.url(),
-        ])
-        .success();
+    publish_v1(tmp.path(), &op, &file, "vision.busy", &publisher.url());
     let cid = blake3::hash(&data).to_hex().to_string();
     for n in &nodes {
         n.wait(Duration::from_secs(120), "the whole file", |s| {

@@ -985,6 +985,10 @@ pub fn short(c: &ContentId) -> String {
 mod tests {
     use super::*;
     use futures::TryStreamExt;
+    use futures::channel::mpsc as fmpsc;
+    use pollen_protocol::signing::Signed;
+    use pollen_protocol::trust::NodeCertBody;
+    use std::time::Instant;
 
     /// An upload counts as waiting from its queuing until its ticket is dropped (started,
     /// cancelled, or its writer gone with the queue), so the Busy rule never sees a
@@ -1004,10 +1008,6 @@ mod tests {
         assert_eq!(count.load(Ordering::Relaxed), 0);
         drop(tx);
     }
-    use futures::channel::mpsc as fmpsc;
-    use pollen_protocol::signing::Signed;
-    use pollen_protocol::trust::NodeCertBody;
-    use std::time::Instant;
 
     type Feed = fmpsc::UnboundedSender<std::io::Result<Vec<u8>>>;
 

@@ -813,22 +813,15 @@ impl Exchange {
         id: u64,
         reason: RejectReason,
     ) {
-        if reason == RejectReason::Busy {
-            if let Some(r) = self.requests.get(&id)
-                && r.peer == from
-            {
-                let r = self.requests.remove(&id).expect("present");
-                cx.timers.stop_request(r.deadline, id);
-                self.forget_request(cx, id, &r);
-                self.busy.insert(from, now + cx.config.busy_backoff);
-            }
+        if self.requests.get(&id).is_none_or(|r| r.peer != from) {
             return;
         }
-        if let Some(r) = self.requests.get(&id)
-            && r.peer == from
-        {
-            let r = self.requests.remove(&id).expect("present");
-            cx.timers.stop_request(r.deadline, id);
+        let r = self.requests.remove(&id).expect("present");
+        cx.timers.stop_request(r.deadline, id);
+        if reason == RejectReason::Busy {
+            // It has the chunk but no upload free: ask other holders meanwhile.
+            self.busy.insert(from, now + cx.config.busy_backoff);
+        } else {
             // The peer does not have it after all: stop asking it for that chunk.
             if let Some(bits) = self.haves.get_mut(&from).and_then(|h| h.get_mut(&r.file)) {
                 clear_bit(bits, r.index);
@@ -838,8 +831,8 @@ impl Exchange {
             {
                 *a = a.saturating_sub(1);
             }
-            self.forget_request(cx, id, &r);
         }
+        self.forget_request(cx, id, &r);
     }
 
     /// The driver received a chunk and is writing it: no more requests for it.
