@@ -220,14 +220,22 @@ pub(super) fn add_mesh_peer(
 
 /// Drain the outputs: the chunk requests sent, as (peer, index), in order.
 pub(super) fn requests(m: &mut Bench) -> Vec<(NodeId, u32)> {
+    requests_with_ids(m)
+        .into_iter()
+        .map(|(to, _, index)| (to, index))
+        .collect()
+}
+
+/// Drain the outputs: the chunk requests sent, as (peer, request id, index), in order.
+pub(super) fn requests_with_ids(m: &mut Bench) -> Vec<(NodeId, u64, u32)> {
     let mut out = Vec::new();
     while let Some(o) = m.poll_output() {
         if let Output::Send {
             to,
-            msg: Message::Request { index, .. },
+            msg: Message::Request { id, index, .. },
         } = o
         {
-            out.push((to, index));
+            out.push((to, id, index));
         }
     }
     out

@@ -517,22 +517,13 @@ mod tests {
     /// the chunk.
     #[test]
     fn a_busy_peer_keeps_its_chunks_and_is_asked_again_after_the_backoff() {
-        use crate::io::Output;
-        use crate::wire::{Message, RejectReason};
+        use crate::state::testkit::requests_with_ids;
+        use crate::wire::RejectReason;
         let (mut m, f) = bench(6, None);
         add_peer(&mut m, 1, None, f, &[0, 1, 2, 3, 4]);
         add_peer(&mut m, 2, None, f, &[0, 1, 2, 3, 4]);
         m.schedule(at(0));
-        let mut sent = Vec::new();
-        while let Some(o) = m.poll_output() {
-            if let Output::Send {
-                to,
-                msg: Message::Request { id, index, .. },
-            } = o
-            {
-                sent.push((to, id, index));
-            }
-        }
+        let sent = requests_with_ids(&mut m);
         assert_eq!(sent.len(), 4, "two per peer: {sent:?}");
         let (_, id, index) = *sent.iter().find(|r| r.0 == peer(1)).expect("one to peer 1");
         let avail = m.exchange.files()[&f].avail[index as usize];
